@@ -1,0 +1,1 @@
+"""Model loading (HF folder, safetensors, GGUF), the model registry, presets."""

@@ -1,0 +1,1 @@
+"""Canonical fxllm custom ops: schema, reference implementation, fake implementation."""

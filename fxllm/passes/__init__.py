@@ -1,0 +1,1 @@
+"""Graph passes: the pass API and one pass a file."""

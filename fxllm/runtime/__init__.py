@@ -1,0 +1,1 @@
+"""The runtime around the compiled forward: KV cache, scheduler, sampler, engine."""
