@@ -1,1 +1,24 @@
-"""Canonical fxllm custom ops: schema, reference implementation, fake implementation."""
+"""Canonical fxllm custom ops: schema, reference implementation, fake implementation.
+
+Importing this package registers every op under the `torch.ops.fxllm` namespace. Passes target
+these ops; backends (fxllm.backends) provide faster implementations of them.
+"""
+
+from __future__ import annotations
+
+from fxllm.ops.activations import gelu_and_mul, silu_and_mul
+from fxllm.ops.attention import attention, attention_reference
+from fxllm.ops.norms import fused_add_rms_norm, rms_norm, rms_norm_reference
+from fxllm.ops.rotary import rotary_embedding, rotary_embedding_reference
+
+__all__ = [
+    "attention",
+    "attention_reference",
+    "fused_add_rms_norm",
+    "gelu_and_mul",
+    "rms_norm",
+    "rms_norm_reference",
+    "rotary_embedding",
+    "rotary_embedding_reference",
+    "silu_and_mul",
+]

@@ -1,0 +1,46 @@
+"""Graph backends: how a transformed GraphModule becomes a callable (eager, inductor, ...)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch.fx import GraphModule
+
+logger = logging.getLogger(__name__)
+
+GraphBackend = Callable[[GraphModule], Callable[..., object]]
+_GRAPH_BACKENDS: dict[str, GraphBackend] = {}
+
+
+def register_graph_backend(name: str) -> Callable[[GraphBackend], GraphBackend]:
+    """Decorator: register a function that compiles a transformed GraphModule."""
+
+    def decorate(fn: GraphBackend) -> GraphBackend:
+        _GRAPH_BACKENDS[name] = fn
+        return fn
+
+    return decorate
+
+
+def get_graph_backend(name: str) -> GraphBackend:
+    """The graph backend `name`; a clear error lists the registered ones."""
+    try:
+        return _GRAPH_BACKENDS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown compile backend {name!r}; choose one of {sorted(_GRAPH_BACKENDS)}"
+        ) from None
+
+
+@register_graph_backend("eager")
+def eager_backend(gm: GraphModule) -> Callable[..., object]:
+    """Run the transformed graph as it is (debugging, and the fastest start-up)."""
+    return gm
+
+
+@register_graph_backend("inductor")
+def inductor_backend(gm: GraphModule) -> Callable[..., object]:
+    """Compile with Inductor; fxllm ops stay opaque calls into their bound backend."""
+    return torch.compile(gm, backend="inductor", dynamic=True, fullgraph=True)

@@ -1,0 +1,45 @@
+"""RMSNorm ops: `fxllm::rms_norm` and `fxllm::fused_add_rms_norm`.
+
+The reference follows Hugging Face's Llama RMSNorm exactly: normalise in float32, cast back to the
+input dtype, then multiply by the weight. Models that scale by (1 + weight) (Gemma) get the
+offset folded into the weight by the matching pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Plain-torch RMSNorm in Hugging Face Llama's order of operations."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+@torch.library.custom_op("fxllm::rms_norm", mutates_args=())
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last dimension."""
+    return rms_norm_reference(x, weight, eps)
+
+
+@rms_norm.register_fake
+def _rms_norm_fake(x, weight, eps):
+    return torch.empty_like(x, dtype=torch.promote_types(x.dtype, weight.dtype))
+
+
+@torch.library.custom_op("fxllm::fused_add_rms_norm", mutates_args=())
+def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Returns (rms_norm(x + residual), x + residual): one pass instead of two."""
+    summed = x + residual
+    return rms_norm_reference(summed, weight, eps), summed
+
+
+@fused_add_rms_norm.register_fake
+def _fused_add_rms_norm_fake(x, residual, weight, eps):
+    summed = torch.empty_like(
+        torch.empty((), dtype=torch.promote_types(x.dtype, residual.dtype)).expand(x.shape)
+    )
+    out_dtype = torch.promote_types(summed.dtype, weight.dtype)
+    return torch.empty_like(summed, dtype=out_dtype), summed

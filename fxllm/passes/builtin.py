@@ -1,0 +1,13 @@
+"""Imports every built-in pass module so that each registers itself."""
+
+from __future__ import annotations
+
+from fxllm.passes import (  # noqa: F401
+    cleanup,
+    fuse_add_rms_norm,
+    match_attention,
+    match_gated_mlp,
+    match_rms_norm,
+    match_rope,
+    merge_linears,
+)

@@ -1,0 +1,144 @@
+"""Small helpers shared by the passes: node tests, view stripping, metadata refresh."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+logger = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
+
+
+def is_op(node: Any, *targets: Any) -> bool:
+    """True if `node` is a call_function to one of `targets` (OpOverload or OpOverloadPacket)."""
+    if not isinstance(node, Node) or node.op != "call_function":
+        return False
+    for target in targets:
+        if node.target is target:
+            return True
+        packet = getattr(node.target, "overloadpacket", None)
+        if packet is not None and packet is target:
+            return True
+    return False
+
+
+def arg(node: Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument `index` / keyword `name` of a call node."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def val(node: Any) -> Any:
+    """The fake value recorded for a node (a FakeTensor, SymInt, ...), or None."""
+    return node.meta.get("val") if isinstance(node, Node) else None
+
+
+def is_noop_slice(node: Node) -> bool:
+    """A slice that keeps the whole dimension (x[:, :] in Python)."""
+    if not is_op(node, aten.slice):
+        return False
+    src = val(node.args[0])
+    dim = arg(node, 1, "dim", 0)
+    start = arg(node, 2, "start", None)
+    end = arg(node, 3, "end", None)
+    step = arg(node, 4, "step", 1)
+    if src is None or step != 1 or start not in (None, 0):
+        return False
+    if end is None or (isinstance(end, int) and end >= 2**62):
+        return True
+    size = src.shape[dim]
+    return isinstance(end, int) and isinstance(size, int) and end >= size
+
+
+def strip_passthrough(node: Any) -> Any:
+    """Walk back through ops that do not change values: no-op slices, clone, contiguous, alias."""
+    while isinstance(node, Node) and (
+        is_noop_slice(node) or is_op(node, aten.clone, aten.contiguous, aten.alias, aten.detach)
+    ):
+        node = node.args[0]
+    return node
+
+
+def layer_index(node: Node) -> int | None:
+    """The decoder-layer index a node came from, read off its nn_module_stack."""
+    stack = node.meta.get("nn_module_stack") or {}
+    for path, _cls in reversed(list(stack.values())):
+        match = _LAYER_RE.search(str(path))
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def fake_mode_of(gm: GraphModule) -> Any:
+    """The FakeTensorMode that produced the graph's placeholder values, if any."""
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode([val(n) for n in gm.graph.nodes if n.op == "placeholder"])
+
+
+def refresh_meta(gm: GraphModule) -> None:
+    """Fill node.meta['val'] for nodes a rewrite created (passes rely on it).
+
+    Rewrites preserve the values of the nodes they keep, so only nodes without a value are
+    computed, in graph order, by running their target on fake inputs: far cheaper than
+    re-propagating a 2,000-node graph after every pass.
+    """
+    mode = fake_mode_of(gm)
+    if mode is None:
+        return
+    missing = [n for n in gm.graph.nodes if n.op == "call_function" and "val" not in n.meta]
+    if not missing:
+        return
+    prev = mode.allow_non_fake_inputs
+    mode.allow_non_fake_inputs = True
+    try:
+        with mode, mode.shape_env.ignore_fresh_unbacked_symbols() if mode.shape_env else _null():
+            for node in gm.graph.nodes:
+                if node.op == "get_attr" and "val" not in node.meta:
+                    node.meta["val"] = mode.from_tensor(_fetch_attr(gm, node.target), static_shapes=True)
+                elif node.op == "call_function" and "val" not in node.meta:
+                    args, kwargs = torch.fx.map_arg((node.args, node.kwargs), lambda a: a.meta["val"])
+                    node.meta["val"] = node.target(*args, **kwargs)
+    finally:
+        mode.allow_non_fake_inputs = prev
+
+
+def _fetch_attr(gm: GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def users_of(nodes: Iterable[Node]) -> set[Node]:
+    """All users of a set of nodes."""
+    out: set[Node] = set()
+    for node in nodes:
+        out.update(node.users)
+    return out
+
+
+def count_ops(gm: GraphModule) -> dict[str, int]:
+    """Histogram of call_function targets, keyed by a readable name."""
+    counts: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            key = str(node.target)
+            counts[key] = counts.get(key, 0) + 1
+    return counts

@@ -1,0 +1,143 @@
+"""The pass pipeline: one declared list of built-in passes, user passes by stage, a report."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch.fx import GraphModule
+
+from fxllm.passes.graph_utils import refresh_meta
+from fxllm.passes.registry import STAGES, PassContext, PassSpec, registered_passes
+
+logger = logging.getLogger(__name__)
+
+# The built-in pipeline, in order. Stages "quantize", "shard" and "fuse_collectives" have no
+# built-in passes yet; user passes registered there run in stage order all the same.
+BUILTIN_PIPELINE: tuple[str, ...] = (
+    "cleanup",
+    "match_attention",
+    "match_rope",
+    "match_rms_norm",
+    "match_gated_mlp",
+    "fuse_add_rms_norm",
+    "merge_linears",
+    "insert_cached_attention",
+    "gather_logits",
+)
+
+
+class PassError(RuntimeError):
+    """A pass raised; the message names the pass and how to skip it."""
+
+
+@dataclass
+class PassConfig:
+    """Per-pass settings from config.yml (`passes: {name: {enabled, skip_on_error, options}}`)."""
+
+    enabled: bool = True
+    skip_on_error: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassRecord:
+    """One row of the pass report."""
+
+    name: str
+    stage: str
+    status: str  # "ran", "disabled", "failed", "skipped (runtime)"
+    matches: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PassReport:
+    """The per-pass table printed by `report()` and `fxllm compile --explain`."""
+
+    records: list[PassRecord] = field(default_factory=list)
+
+    def matches(self, name: str) -> int:
+        """Matches of the pass `name` (0 if it did not run)."""
+        return sum(r.matches for r in self.records if r.name == name)
+
+    def table(self) -> str:
+        """A fixed-width text table."""
+        lines = [f"{'pass':<26}{'stage':<18}{'status':<20}{'matches':>8}{'ms':>10}"]
+        for r in self.records:
+            lines.append(f"{r.name:<26}{r.stage:<18}{r.status:<20}{r.matches:>8}{r.seconds * 1e3:>10.1f}")
+            lines.extend(f"    note: {note}" for note in r.notes[:5])
+            if len(r.notes) > 5:
+                lines.append(f"    ... {len(r.notes) - 5} more notes")
+        return "\n".join(lines)
+
+
+def load_plugins(module_paths: list[str]) -> None:
+    """Import user modules that register passes, ops or backends (config `plugins:`)."""
+    for path in module_paths:
+        try:
+            importlib.import_module(path)
+        except ImportError as exc:
+            raise ImportError(f"could not import plugin module {path!r} listed in config: {exc}") from exc
+
+
+def ordered_passes() -> list[PassSpec]:
+    """Built-in passes in declared order, each stage followed by its user passes."""
+    import fxllm.passes.builtin  # noqa: F401  (registers the built-in passes)
+
+    specs = {spec.name: spec for spec in registered_passes()}
+    ordered: list[PassSpec] = []
+    for stage in STAGES:
+        ordered += [specs[name] for name in BUILTIN_PIPELINE if name in specs and specs[name].stage == stage]
+        ordered += [s for s in specs.values() if s.stage == stage and s.name not in BUILTIN_PIPELINE]
+    return ordered
+
+
+def run_passes(
+    gm: GraphModule,
+    ctx: PassContext,
+    config: Mapping[str, PassConfig] | None = None,
+    *,
+    include_runtime: bool = False,
+) -> PassReport:
+    """Run the pipeline over `gm` in place; runtime passes only when `include_runtime`."""
+    config = dict(config or {})
+    known = {spec.name for spec in ordered_passes()}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"config names unknown passes {unknown}; registered passes: {sorted(known)}")
+    report = PassReport()
+    for spec in ordered_passes():
+        pass_config = config.get(spec.name, PassConfig())
+        if spec.needs_runtime and not include_runtime:
+            continue
+        if not pass_config.enabled:
+            report.records.append(PassRecord(spec.name, spec.stage, "disabled"))
+            continue
+        ctx.options = dict(pass_config.options)
+        start = time.perf_counter()
+        try:
+            result = spec.fn(gm, ctx)
+        except Exception as exc:
+            if not pass_config.skip_on_error:
+                raise PassError(
+                    f"pass {spec.name!r} failed: {exc}. Set passes.{spec.name}.skip_on_error: true in "
+                    "config.yml to continue without it, or enabled: false to turn it off."
+                ) from exc
+            logger.warning("pass %s failed and was skipped (skip_on_error): %s", spec.name, exc)
+            report.records.append(PassRecord(spec.name, spec.stage, "failed", notes=[str(exc)]))
+            continue
+        if result.graph_changed:
+            gm.graph.lint()
+            refresh_meta(gm)
+        seconds = time.perf_counter() - start
+        logger.debug("pass %s: %d matches in %.1f ms", spec.name, result.num_matches, seconds * 1e3)
+        report.records.append(
+            PassRecord(spec.name, spec.stage, "ran", result.num_matches, seconds, result.notes)
+        )
+    return report
