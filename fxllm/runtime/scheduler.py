@@ -1,0 +1,302 @@
+"""Capacity scheduler: picks which sequences run each step under token, sequence and KV-block limits."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from fxllm.runtime.kv_cache_manager import KVCacheManager
+from fxllm.runtime.sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SchedulerConfig:
+    """Scheduler limits and policy name."""
+
+    policy: str = "max_utilization"
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs={self.max_num_seqs} must be >= 1.")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= 1.")
+
+
+@dataclass
+class ScheduledSequence:
+    """A sequence and how many tokens to compute for it this step, starting at seq.num_computed_tokens."""
+
+    seq: Sequence
+    num_new_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's work: scheduled sequences (decodes first, then prefills) and those preempted."""
+
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        """Total tokens in the flat batch."""
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        """Whether there is nothing to run."""
+        return not self.scheduled
+
+
+class CapacityScheduler:
+    """FCFS scheduler with chunked prefill and recompute preemption; subclass and override the hooks."""
+
+    name: ClassVar[str] = ""
+    # If False, a failed block allocation for a running sequence is a bug (the policy reserved capacity).
+    allow_preemption: ClassVar[bool] = True
+
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+        self.config = config
+        self.kv_cache = kv_cache
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._seqs: dict[int, Sequence] = {}
+
+    # ------------------------------------------------------------------ queue management
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences waiting (new or preempted)."""
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        """Sequences holding KV blocks."""
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        """Whether any sequence is waiting or running."""
+        return bool(self.waiting or self.running)
+
+    def add_sequence(self, seq: Sequence) -> None:
+        """Queue a new sequence; rejects ones that could never be scheduled."""
+        if seq.seq_id in self._seqs:
+            raise ValueError(f"Sequence id {seq.seq_id} is already scheduled; use a unique seq_id.")
+        if seq.status is not SequenceStatus.WAITING or seq.block_table or seq.num_computed_tokens:
+            raise ValueError(f"Sequence {seq.seq_id} must be fresh (WAITING, no blocks, nothing computed).")
+        budget = self.config.max_num_batched_tokens
+        if not self.config.enable_chunked_prefill and seq.num_tokens > budget:
+            raise ValueError(
+                f"Prompt of sequence {seq.seq_id} has {seq.num_tokens} tokens > max_num_batched_tokens="
+                f"{budget}; enable chunked prefill or raise max_num_batched_tokens."
+            )
+        max_blocks = -(-seq.max_num_tokens // self.kv_cache.block_size)
+        if max_blocks > self.kv_cache.num_blocks:
+            raise ValueError(
+                f"Sequence {seq.seq_id} may grow to {seq.max_num_tokens} tokens ({max_blocks} blocks) but the "
+                f"KV cache has {self.kv_cache.num_blocks} blocks; lower max_tokens or enlarge the cache."
+            )
+        self._seqs[seq.seq_id] = seq
+        self.waiting.append(seq)
+
+    def abort_sequence(self, seq_id: int) -> Sequence | None:
+        """Remove a sequence wherever it is, free its blocks and mark it aborted; None if unknown."""
+        seq = self._seqs.get(seq_id)
+        if seq is None:
+            return None
+        self._remove(seq)
+        seq.status = SequenceStatus.FINISHED_ABORTED
+        return seq
+
+    def finish_sequence(self, seq: Sequence) -> None:
+        """Release a sequence the engine marked finished."""
+        if not seq.status.is_finished:
+            raise ValueError(
+                f"Sequence {seq.seq_id} has status {seq.status.name}; set a FINISHED_* status first."
+            )
+        if self._seqs.get(seq.seq_id) is not seq:
+            raise ValueError(f"Sequence {seq.seq_id} is not managed by this scheduler.")
+        self._remove(seq)
+
+    # ------------------------------------------------------------------ policy hooks
+
+    def admission_order(self, waiting: list[Sequence]) -> list[Sequence]:
+        """Order never-run waiting sequences; preempted ones are always resumed first. Default FCFS."""
+        return sorted(waiting, key=lambda s: (s.arrival_time, s.seq_id))
+
+    def can_admit(self, seq: Sequence) -> bool:
+        """Policy capacity check before admitting a waiting sequence (block availability is checked after)."""
+        return True
+
+    def select_victim(self, running: list[Sequence]) -> Sequence:
+        """Pick the sequence to preempt among candidates; default the latest arrival."""
+        return max(running, key=lambda s: (s.arrival_time, s.seq_id))
+
+    # ------------------------------------------------------------------ scheduling
+
+    def schedule(self) -> SchedulerOutput:
+        """Plan one step: running sequences first (preempting if needed), then admit waiting ones."""
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        done: set[int] = set()  # ids scheduled or preempted this step
+
+        # Decodes before running prefills so a long chunked prefill cannot starve token generation.
+        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        prefills = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        prefill_part: list[ScheduledSequence] = []
+        for group, target in ((decodes, out.scheduled), (prefills, prefill_part)):
+            for seq in group:
+                if budget <= 0:
+                    break
+                if seq.seq_id in done:
+                    continue
+                num_new = min(seq.num_uncomputed_tokens, budget)
+                if self._allocate_running(seq, num_new, done, out.preempted):
+                    target.append(ScheduledSequence(seq, num_new))
+                    done.add(seq.seq_id)
+                    budget -= num_new
+
+        # After a preemption memory is tight; admitting new work now would only cause more preemptions.
+        if not out.preempted:
+            budget = self._admit_waiting(budget, prefill_part)
+        out.scheduled.extend(prefill_part)
+        return out
+
+    def _allocate_running(
+        self, seq: Sequence, num_new: int, done: set[int], preempted: list[Sequence]
+    ) -> bool:
+        """Allocate blocks for a running sequence, preempting victims until it fits or is itself preempted."""
+        while not self.kv_cache.allocate(seq, num_new):
+            if not self.allow_preemption:
+                raise RuntimeError(
+                    f"Policy {self.name!r} could not allocate blocks for running sequence {seq.seq_id}; "
+                    "its capacity reservation is wrong."
+                )
+            candidates = [s for s in self.running if s.seq_id not in done]
+            victim = self.select_victim(candidates)
+            if victim not in candidates:
+                raise RuntimeError(f"select_victim returned sequence {victim.seq_id}, not a candidate.")
+            self._preempt(victim)
+            done.add(victim.seq_id)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _admit_waiting(self, budget: int, scheduled: list[ScheduledSequence]) -> int:
+        """Admit waiting sequences head-of-line until one does not fit; returns the remaining budget."""
+        resumed = [s for s in self.waiting if s.status is SequenceStatus.PREEMPTED]
+        fresh = [s for s in self.waiting if s.status is not SequenceStatus.PREEMPTED]
+        ordered = resumed + self.admission_order(fresh)
+        if len(ordered) != len(self.waiting):
+            raise RuntimeError("admission_order must return a permutation of the waiting list.")
+        admitted: set[int] = set()
+        for seq in ordered:
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            if not self.can_admit(seq):
+                break
+            remaining = seq.num_tokens - self.kv_cache.lookup_prefix(seq)
+            if self.config.enable_chunked_prefill:
+                request = min(remaining, budget)
+            elif remaining <= budget:
+                request = remaining
+            else:
+                break
+            if not self.kv_cache.allocate(seq, request):
+                break
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            admitted.add(seq.seq_id)
+            scheduled.append(ScheduledSequence(seq, num_new))
+            budget -= num_new
+        if admitted:
+            self.waiting = deque(s for s in self.waiting if s.seq_id not in admitted)
+        return budget
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a running sequence for recomputation and put it at the front of the waiting queue."""
+        self.kv_cache.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_cached_tokens = 0
+        seq.status = SequenceStatus.PREEMPTED
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        logger.debug("Preempted sequence %d (%d tokens) for recompute.", seq.seq_id, seq.num_tokens)
+
+    def _remove(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.kv_cache.free(seq)
+        self._seqs.pop(seq.seq_id, None)
+
+
+_REGISTRY: dict[str, type[CapacityScheduler]] = {}
+
+
+def register_scheduler(name: str) -> Callable[[type[CapacityScheduler]], type[CapacityScheduler]]:
+    """Class decorator registering a CapacityScheduler subclass under name (unique)."""
+
+    def decorator(cls: type[CapacityScheduler]) -> type[CapacityScheduler]:
+        if not (isinstance(cls, type) and issubclass(cls, CapacityScheduler)):
+            raise TypeError(f"@register_scheduler({name!r}) must decorate a CapacityScheduler subclass.")
+        if name in _REGISTRY:
+            raise ValueError(
+                f"Scheduler policy {name!r} is already registered by {_REGISTRY[name].__qualname__}; "
+                "choose another name."
+            )
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def get_scheduler_class(name: str) -> type[CapacityScheduler]:
+    """Look up a registered policy by name."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ValueError(
+            f"Unknown scheduler policy {name!r}; known policies: {known}. "
+            "Register custom ones with @register_scheduler."
+        ) from None
+
+
+def create_scheduler(config: SchedulerConfig, kv_cache: KVCacheManager) -> CapacityScheduler:
+    """Instantiate the policy named by config.policy."""
+    return get_scheduler_class(config.policy)(config, kv_cache)
+
+
+@register_scheduler("max_utilization")
+class MaxUtilizationScheduler(CapacityScheduler):
+    """Admit whenever blocks are free now; preempt (recompute) the latest arrival when memory runs out."""
+
+
+@register_scheduler("guaranteed_no_evict")
+class GuaranteedNoEvictScheduler(CapacityScheduler):
+    """Admit only if every running sequence can reach its maximum length; never preempts."""
+
+    allow_preemption: ClassVar[bool] = False
+
+    def can_admit(self, seq: Sequence) -> bool:
+        """Check that seq's worst case fits in the free blocks not reserved by running sequences."""
+        kv = self.kv_cache
+        reserved = sum(kv.blocks_needed(s, s.max_num_tokens - s.num_computed_tokens) for s in self.running)
+        hits = kv.prefix_hit_blocks(seq)
+        # Hits on blocks another sequence holds cost nothing; evictable hits leave the free pool like fresh ones.
+        num_shared_hits = sum(1 for b in hits if kv.ref_count(b) > 0)
+        need = -(-seq.max_num_tokens // kv.block_size) - num_shared_hits
+        return need + reserved <= kv.num_free_blocks
