@@ -9,6 +9,7 @@ from __future__ import annotations
 from fxllm.ops.activations import gelu_and_mul, silu_and_mul
 from fxllm.ops.attention import attention, attention_reference
 from fxllm.ops.norms import fused_add_rms_norm, rms_norm, rms_norm_reference
+from fxllm.ops.paged_attention import paged_attention, paged_attention_reference, write_kv_cache
 from fxllm.ops.rotary import rotary_embedding, rotary_embedding_reference
 
 __all__ = [
@@ -16,9 +17,12 @@ __all__ = [
     "attention_reference",
     "fused_add_rms_norm",
     "gelu_and_mul",
+    "paged_attention",
+    "paged_attention_reference",
     "rms_norm",
     "rms_norm_reference",
     "rotary_embedding",
     "rotary_embedding_reference",
     "silu_and_mul",
+    "write_kv_cache",
 ]

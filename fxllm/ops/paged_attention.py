@@ -1,0 +1,148 @@
+"""`fxllm::paged_attention`: attention over a paged KV cache for a flat batch of sequences.
+
+The flat batch holds every scheduled token of every sequence in one dimension: q [T, Hq, D],
+k and v [T, Hkv, D]. Sequence s owns tokens query_start_loc[s]:query_start_loc[s+1]; after this
+step it has seq_lens[s] tokens of context, the new ones last. The op first writes this step's k/v
+into the caches at slot_mapping (slot = block * block_size + offset, -1 = padding, not written),
+then attends each query to its sequence's cached keys, causally.
+
+Caches are [num_blocks, block_size, Hkv, D]. The op writes them in place but declares no
+mutation: nothing else in the graph reads a layer's cache, and declaring it would make the
+compiler functionalise (copy) the whole pool every step. This is the same contract vLLM keeps by
+hiding the cache from the graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+    """Scatter this step's keys/values into the paged caches (slots < 0 are skipped)."""
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    k_flat = k_cache.view(-1, *k_cache.shape[2:])
+    v_flat = v_cache.view(-1, *v_cache.shape[2:])
+    k_flat.index_copy_(0, slots, k[valid].to(k_cache.dtype))
+    v_flat.index_copy_(0, slots, v[valid].to(v_cache.dtype))
+
+
+def _gather_context(cache: Tensor, block_table: Tensor, length: int) -> Tensor:
+    block_size = cache.shape[1]
+    num_blocks = (length + block_size - 1) // block_size
+    return cache[block_table[:num_blocks].long()].flatten(0, 1)[:length]
+
+
+def _attend(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, sliding_window: int, softcap: float, sinks: Tensor | None
+) -> Tensor:
+    """Queries are the last q.shape[0] positions of k/v's context; q [Lq,H,D], k/v [L,Hkv,D]."""
+    from fxllm.ops.attention import attention_reference
+
+    return attention_reference(q[None], k[None], v[None], scale, sliding_window, softcap, sinks)[0]
+
+
+def _decode_batch(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    scale: float,
+    sliding_window: int,
+    softcap: float,
+    sinks: Tensor | None,
+) -> Tensor:
+    """One query per sequence: gather all contexts padded to the longest and attend at once."""
+    num_seqs, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    max_len = int(seq_lens.max())
+    num_blocks = (max_len + block_size - 1) // block_size
+    table = block_tables[:, :num_blocks].long()
+    keys = k_cache[table].flatten(1, 2)[:, :max_len]  # [S, L, Hkv, D]
+    values = v_cache[table].flatten(1, 2)[:, :max_len]
+    group = num_heads // num_kv_heads
+    qg = q.view(num_seqs, num_kv_heads, group, head_dim).float()
+    scores = torch.einsum("skgd,slkd->skgl", qg, keys.float()) * scale
+    if softcap > 0.0:
+        scores = torch.tanh(scores / softcap) * softcap
+    pos = torch.arange(max_len, device=q.device)[None, :]
+    lens = seq_lens.long()[:, None]
+    allowed = pos < lens
+    if sliding_window > 0:
+        allowed = allowed & (lens - 1 - pos < sliding_window)
+    scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
+    if sinks is not None:
+        sink = sinks.float().view(1, num_kv_heads, group, 1).expand(num_seqs, -1, -1, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("skgl,slkd->skgd", probs.to(v_cache.dtype), values)
+    return out.reshape(num_seqs, num_heads, -1).to(q.dtype)
+
+
+def paged_attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slot_mapping: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    query_start_loc: Tensor,
+    scale: float,
+    sliding_window: int = -1,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
+) -> Tensor:
+    """Plain-torch paged attention; the semantics every backend must reproduce."""
+    write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    num_seqs = seq_lens.shape[0]
+    if q.shape[0] == num_seqs:  # every sequence contributes exactly one query: a pure decode step
+        return _decode_batch(
+            q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap, sinks
+        )
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    starts = query_start_loc.tolist()
+    lengths = seq_lens.tolist()
+    for s in range(num_seqs):
+        begin, end = starts[s], starts[s + 1]
+        if end == begin:
+            continue
+        keys = _gather_context(k_cache, block_tables[s], lengths[s])
+        values = _gather_context(v_cache, block_tables[s], lengths[s])
+        out[begin:end] = _attend(q[begin:end], keys, values, scale, sliding_window, softcap, sinks)
+    if starts[-1] < q.shape[0]:
+        out[starts[-1] :] = 0  # padding tokens (CUDA-graph buckets) get a defined value
+    return out
+
+
+@torch.library.custom_op("fxllm::paged_attention", mutates_args=())
+def paged_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slot_mapping: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    query_start_loc: Tensor,
+    scale: float,
+    sliding_window: int = -1,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
+) -> Tensor:
+    """Write k/v into the paged caches, then causal attention per sequence; q [T,Hq,D] -> [T,Hq,Dv]."""
+    return paged_attention_reference(
+        q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc,
+        scale, sliding_window, softcap, sinks,
+    )  # fmt: skip
+
+
+@paged_attention.register_fake
+def _paged_attention_fake(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc,
+                          scale, sliding_window=-1, softcap=0.0, sinks=None):  # fmt: skip
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
