@@ -58,6 +58,20 @@ def _model_dtype_device(model: torch.nn.Module) -> tuple[torch.dtype, torch.devi
     return torch.float32, torch.device("cpu")
 
 
+def _plain_graph_module(gm: GraphModule) -> GraphModule:
+    """Drop export's pytree calling convention so passes can add inputs; forward returns logits."""
+    gm.graph._codegen = torch.fx.graph.CodeGen()
+    gm._forward_pre_hooks.clear()  # export's input-spec check would reject the inputs passes add
+    output = gm.graph.output_node()
+    flat = output.args[0]
+    if isinstance(flat, (tuple, list)):
+        if len(flat) != 1:
+            raise CaptureError(f"expected the captured forward to return logits only, got {len(flat)} outputs")
+        output.args = (flat[0],)
+    gm.recompile()
+    return gm
+
+
 def capture(model: torch.nn.Module, *, max_num_tokens: int | None = None) -> CapturedGraph:
     """Export `model` to one GraphModule with dynamic batch and token dimensions."""
     if not hasattr(model, "config"):
@@ -82,7 +96,7 @@ def capture(model: torch.nn.Module, *, max_num_tokens: int | None = None) -> Cap
         raise CaptureError(
             f"could not capture {type(model).__name__} into one graph: {type(exc).__name__}: {exc}"
         ) from exc
-    gm = exported.module()
+    gm = _plain_graph_module(exported.module())
     normalize_graph(gm)
     seconds = time.perf_counter() - start
     logger.info("captured %s: %d nodes in %.1f s", type(model).__name__, len(gm.graph.nodes), seconds)

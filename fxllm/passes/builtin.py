@@ -5,6 +5,8 @@ from __future__ import annotations
 from fxllm.passes import (  # noqa: F401
     cleanup,
     fuse_add_rms_norm,
+    gather_logits,
+    insert_cached_attention,
     match_attention,
     match_gated_mlp,
     match_rms_norm,

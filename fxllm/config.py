@@ -1,0 +1,139 @@
+"""fxllm's configuration: one dataclass tree, loaded from config.yml and CLI overrides.
+
+Every option has a default that works on a CPU-only machine. Unknown keys are errors that name
+the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from fxllm.passes.pipeline import PassConfig
+from fxllm.runtime.scheduler import SchedulerConfig
+
+
+@dataclass
+class ModelConfig:
+    """Which model, where, in what precision."""
+
+    model: str = "smollm2"  # embedded default, preset name, HF folder or .gguf path
+    device: str = "auto"  # "auto" = cuda if available, else cpu
+    dtype: str = "auto"  # "auto" = bfloat16 on cuda, float32 on cpu
+    max_model_len: int | None = None  # None = the model config's max_position_embeddings (capped by the KV pool)
+    seed: int = 0  # seed for presets' random weights
+    num_layers: int | None = None  # presets only: override the layer count
+
+
+@dataclass
+class CacheConfig:
+    """The paged KV cache pool."""
+
+    block_size: int = 16
+    gpu_memory_fraction: float = 0.85  # of the memory free after loading weights, on CUDA
+    cpu_kv_bytes: int = 512 * 2**20  # the pool's size on the CPU
+    num_blocks: int | None = None  # set to force an exact pool size (tests use tiny pools)
+    enable_prefix_caching: bool = True
+
+
+@dataclass
+class CompileConfig:
+    """How the forward is compiled and which kernels the ops use."""
+
+    backend: str = "inductor"  # "inductor" or "eager"
+    passes: dict[str, PassConfig] = field(default_factory=dict)
+    plugins: list[str] = field(default_factory=list)  # modules to import that register passes/ops/schedulers
+    op_backends: dict[str, str] = field(default_factory=dict)  # op -> backend ("torch", "triton", ...)
+    cuda_graphs: bool = True  # decode steps replay CUDA graphs (GPU only)
+    cuda_graph_batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
+
+
+@dataclass
+class ServerConfig:
+    """The OpenAI-compatible server."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # also read from FXLLM_API_KEY
+    served_model_name: str | None = None  # defaults to model.model
+    max_request_bytes: int = 1 << 20
+    max_n: int = 16
+
+
+@dataclass
+class FxllmConfig:
+    """The whole configuration tree (the structure of config.yml)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+def _build(cls: type, data: Mapping[str, Any], path: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"config: {path or 'top level'} must be a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ValueError(f"config: unknown key {where}{unknown[0]}; known keys here: {', '.join(sorted(names))}")
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        hint = hints[key]
+        sub = f"{path}.{key}" if path else key
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, sub)
+        elif key == "passes":
+            from fxllm.compiler.api import normalize_pass_config
+
+            kwargs[key] = normalize_pass_config(value or {})
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(data: Mapping[str, Any] | None) -> FxllmConfig:
+    """Build the config tree from a nested mapping (config.yml's contents)."""
+    return _build(FxllmConfig, data or {}, "")
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (values parsed as YAML) onto a nested mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value, e.g. scheduler.max_num_seqs=32")
+        dotted, text = item.split("=", 1)
+        node = data
+        *parents, leaf = dotted.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = _parse_scalar(text)
+    return data
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> FxllmConfig:
+    """Load config.yml (if given) and apply `section.key=value` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"config file {file} does not exist")
+        data = yaml.safe_load(file.read_text()) or {}
+    data = apply_overrides(data, overrides or [])
+    config = config_from_dict(data)
+    if config.server.api_key is None and os.environ.get("FXLLM_API_KEY"):
+        config.server.api_key = os.environ["FXLLM_API_KEY"]
+    return config

@@ -1,0 +1,88 @@
+"""Builds an Engine from config: load -> capture -> passes (runtime ones included) -> bind -> compile."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fxllm.backends.registry import bind_op_backends
+from fxllm.compiler.capture import capture
+from fxllm.config import FxllmConfig
+from fxllm.passes.pipeline import PassReport, load_plugins, run_passes
+from fxllm.passes.registry import PassContext
+from fxllm.runtime.engine import Engine, resolve_device_dtype
+from fxllm.runtime.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildInfo:
+    """What start-up did, for logs and `fxllm serve`'s banner."""
+
+    model_name: str
+    device: torch.device
+    dtype: torch.dtype
+    load_seconds: float
+    capture_seconds: float
+    passes_seconds: float
+    pass_report: PassReport
+    op_backends: dict[str, str]
+
+    def summary(self) -> str:
+        """One line per fact, for the start-up log."""
+        counts = {r.name: r.matches for r in self.pass_report.records if r.status == "ran"}
+        return (
+            f"model {self.model_name} on {self.device} ({self.dtype}); load {self.load_seconds:.1f} s, "
+            f"capture {self.capture_seconds:.1f} s, passes {self.passes_seconds:.1f} s; matches {counts}"
+        )
+
+
+def build_engine(
+    config: FxllmConfig, model: torch.nn.Module | None = None, tokenizer: Any = None
+) -> tuple[Engine, BuildInfo]:
+    """Create the engine for `config` (or for an already loaded HF `model`)."""
+    load_plugins(config.compile.plugins)
+    device, dtype = resolve_device_dtype(config.model.device, config.model.dtype)
+    start = time.perf_counter()
+    name = config.model.model
+    if model is None:
+        from fxllm.models import load_model
+
+        loaded = load_model(name, device=device, dtype=dtype, seed=config.model.seed, num_layers=config.model.num_layers)
+        model, tokenizer = loaded.model, loaded.tokenizer if tokenizer is None else tokenizer
+        del loaded  # the graph keeps the weights it needs; merged q/k/v originals must be freed
+    else:
+        name = type(model).__name__ if name == "smollm2" else name
+        model = model.to(device=device, dtype=dtype)
+    load_seconds = time.perf_counter() - start
+    hf_config = model.config
+    max_positions = int(getattr(hf_config, "max_position_embeddings", 0) or 8192)
+    captured = capture(model, max_num_tokens=max_positions)
+    del model
+    start = time.perf_counter()
+    ctx = PassContext(model_config=hf_config, device=device, dtype=dtype)
+    report = run_passes(captured.gm, ctx, config.compile.passes, include_runtime=True)
+    passes_seconds = time.perf_counter() - start
+    chosen = bind_op_backends(device, config.compile.op_backends)
+    runner = ModelRunner(captured.gm, config.compile.backend, device, dtype, config.cache)
+    max_model_len = min(config.model.max_model_len or max_positions, max_positions, runner.capacity_tokens)
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else getattr(hf_config, "eos_token_id", None)
+    if isinstance(eos, list):
+        eos = eos[0]
+    engine = Engine(
+        runner,
+        tokenizer,
+        config.scheduler,
+        enable_prefix_caching=config.cache.enable_prefix_caching,
+        max_model_len=max_model_len,
+        vocab_size=int(hf_config.vocab_size),
+        eos_token_id=eos,
+    )
+    info = BuildInfo(name, device, dtype, load_seconds, captured.seconds, passes_seconds, report, chosen)
+    logger.info("engine ready: %s; KV capacity %d tokens", info.summary(), runner.capacity_tokens)
+    return engine, info

@@ -1,0 +1,269 @@
+"""The engine: one `step()` = schedule -> build inputs -> forward -> sample -> update."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fxllm.runtime.detokenizer import IncrementalDetokenizer, finish_reason_for_token
+from fxllm.runtime.kv_cache_manager import KVCacheManager
+from fxllm.runtime.model_runner import ModelRunner
+from fxllm.runtime.outputs import RequestOutput
+from fxllm.runtime.request import Request, SequenceState
+from fxllm.runtime.sampler import Sampler, SamplingRow, make_generator
+from fxllm.runtime.sampling_params import SamplingParams
+from fxllm.runtime.scheduler import CapacityScheduler, SchedulerConfig, create_scheduler
+from fxllm.runtime.sequence import Sequence, SequenceStatus
+from fxllm.runtime.step_inputs import build_step_inputs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    """Engine counters, as the server's /metrics and `fxllm bench` report them."""
+
+    num_requests: int = 0
+    num_finished: int = 0
+    num_aborted: int = 0
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    num_steps: int = 0
+    num_preemptions: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    prefix_hit_rate: float = 0.0
+    prefix_hit_tokens: int = 0
+    prefix_queried_tokens: int = 0
+
+
+class Engine:
+    """Synchronous engine over a ModelRunner; the async front and LLM API sit on top."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        tokenizer: Any,
+        scheduler_config: SchedulerConfig,
+        *,
+        enable_prefix_caching: bool = True,
+        max_model_len: int,
+        vocab_size: int,
+        eos_token_id: int | None,
+    ) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.eos_token_id = eos_token_id
+        self.kv_cache = KVCacheManager(runner.num_blocks, runner.block_size, enable_prefix_caching)
+        self.scheduler: CapacityScheduler = create_scheduler(scheduler_config, self.kv_cache)
+        self.sampler = Sampler(eos_token_id=eos_token_id)
+        self.requests: dict[str, Request] = {}
+        self._by_seq: dict[int, tuple[Request, SequenceState]] = {}
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+        self.stats = EngineStats()
+
+    # ---- requests -------------------------------------------------------------------------
+    def tokenize(self, prompt: str) -> list[int]:
+        """Token ids of a text prompt with the tokenizer's default special tokens."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass prompt token ids instead of text")
+        return list(self.tokenizer(prompt).input_ids)
+
+    def build_request(
+        self, prompt: str | SequenceABC[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> Request:
+        """Validate and build a request without touching engine state (safe from any thread)."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("the prompt is empty; send at least one token")
+            text, token_ids = prompt, self.tokenize(prompt)
+        else:
+            text, token_ids = None, [int(t) for t in prompt]
+        if not token_ids:
+            raise ValueError("the prompt is empty; send at least one token")
+        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(token_ids)} tokens but this model's context is {self.max_model_len} tokens "
+                "(prompt plus at least one generated token); shorten the prompt"
+            )
+        room = self.max_model_len - len(token_ids)
+        max_tokens = room if params.max_tokens is None else params.max_tokens
+        if max_tokens > room:
+            raise ValueError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the request asks for "
+                f"{len(token_ids) + max_tokens} ({len(token_ids)} in the prompt + {max_tokens} max_tokens); "
+                "lower max_tokens or shorten the prompt"
+            )
+        blocks = -(-(len(token_ids) + max_tokens) // self.kv_cache.block_size)
+        if blocks > self.kv_cache.num_blocks:
+            raise ValueError(
+                f"the request may need {blocks} KV blocks but the pool has {self.kv_cache.num_blocks}; "
+                "lower max_tokens or enlarge the KV cache"
+            )
+        rid = request_id if request_id is not None else f"req-{next(self._request_ids)}"
+        states = []
+        now = time.monotonic()
+        for i in range(params.n):
+            seq = Sequence(next(self._seq_ids), list(token_ids), len(token_ids), max_tokens, now)
+            seed = None if params.seed is None else params.seed + i
+            states.append(
+                SequenceState(
+                    seq=seq,
+                    detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids, params) if self.tokenizer else None,  # type: ignore[arg-type]
+                    generator=make_generator(seed, self.runner.device),
+                    max_tokens=max_tokens,
+                    logprobs=[] if params.logprobs is not None else None,
+                )
+            )
+        return Request(rid, text, token_ids, params, states)
+
+    def add(self, request: Request) -> None:
+        """Queue a built request for scheduling."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        request.metrics.arrival_time = time.monotonic()
+        for state in request.states:
+            self.scheduler.add_sequence(state.seq)
+            self._by_seq[state.seq.seq_id] = (request, state)
+        self.requests[request.request_id] = request
+        self.stats.num_requests += 1
+        self.stats.num_prompt_tokens += len(request.prompt_token_ids)
+
+    def add_request(
+        self, prompt: str | SequenceABC[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        """Validate, build and queue a request; returns its id."""
+        request = self.build_request(prompt, params, request_id)
+        self.add(request)
+        return request.request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks; None if it is unknown or already done."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for state in request.states:
+            if state.finish_reason is None:
+                self.scheduler.abort_sequence(state.seq.seq_id)
+                state.finish_reason = "abort"
+            self._by_seq.pop(state.seq.seq_id, None)
+        self.stats.num_aborted += 1
+        request.metrics.finished_time = time.monotonic()
+        return request.output()
+
+    def has_unfinished(self) -> bool:
+        """Whether any request is still queued or running."""
+        return bool(self.requests)
+
+    # ---- the step ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; returns outputs of requests that progressed."""
+        scheduled = self.scheduler.schedule()
+        self.stats.num_preemptions += len(scheduled.preempted)
+        if scheduled.is_empty:
+            return []
+        inputs = build_step_inputs(scheduled.scheduled, self.runner.block_size, self.runner.device)
+        logits = self.runner.execute(inputs)
+        rows = []
+        states = []
+        for index in inputs.sampled:
+            request, state = self._by_seq[scheduled.scheduled[index].seq.seq_id]
+            seq = state.seq
+            rows.append(SamplingRow(request.params, state.generator, seq.token_ids[: seq.num_prompt_tokens],
+                                    seq.output_token_ids))  # fmt: skip
+            states.append((request, state))
+        sampled = self.sampler(logits, rows) if rows else None
+        for item in scheduled.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            self.kv_cache.cache_full_blocks(item.seq)
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        for j, (request, state) in enumerate(states):
+            assert sampled is not None
+            self._append_token(request, state, sampled.token_ids[j], sampled.logprobs[j], now)
+            touched[request.request_id] = request
+        self.stats.num_steps += 1
+        self._refresh_gauges()
+        outputs = []
+        for request in touched.values():
+            outputs.append(request.output())
+            if request.finished:
+                request.metrics.finished_time = now
+                self.requests.pop(request.request_id, None)
+                self.stats.num_finished += 1
+        return outputs
+
+    def _append_token(self, request: Request, state: SequenceState, token: int, logprobs: Any, now: float) -> None:
+        seq, params = state.seq, request.params
+        if request.metrics.first_token_time is None:
+            request.metrics.first_token_time = now
+            request.metrics.num_cached_tokens = seq.num_cached_tokens
+        elif state.last_token_time is not None:
+            request.metrics.inter_token_latencies.append(now - state.last_token_time)
+        state.last_token_time = now
+        seq.append_token(token)
+        self.stats.num_generated_tokens += 1
+        if state.logprobs is not None and logprobs is not None:
+            for tid, lp in logprobs.items():
+                lp.decoded = self.tokenizer.decode([tid]) if self.tokenizer else None
+                del tid
+            state.logprobs.append(logprobs)
+            state.cumulative_logprob += logprobs[token].logprob
+        reason = finish_reason_for_token(token, seq.num_output_tokens, params, self.eos_token_id, state.max_tokens)
+        det = state.detokenizer
+        if det is not None:
+            if reason is None or reason[0] == "length" or params.include_stop_str_in_output:
+                det.append(token)
+            stop_string = det.check_stop()
+            if reason is None and stop_string is not None:
+                reason = ("stop", stop_string)
+        if reason is not None:
+            state.finish_reason, state.stop_reason = reason
+            seq.status = SequenceStatus.FINISHED_LENGTH if reason[0] == "length" else SequenceStatus.FINISHED_STOPPED
+            self.scheduler.finish_sequence(seq)
+            self._by_seq.pop(seq.seq_id, None)
+        if det is not None:
+            state.streamed_text += det.safe_delta(final=state.finish_reason is not None)
+
+    def _refresh_gauges(self) -> None:
+        kv = self.kv_cache.stats
+        self.stats.num_running = self.scheduler.num_running
+        self.stats.num_waiting = self.scheduler.num_waiting
+        self.stats.kv_usage = kv.usage
+        self.stats.prefix_hit_rate = kv.hit_rate
+        self.stats.prefix_hit_tokens = kv.num_hit_tokens
+        self.stats.prefix_queried_tokens = kv.num_queried_tokens
+
+    def run_until_done(self) -> list[RequestOutput]:
+        """Step until every queued request finishes; returns the final outputs."""
+        finals: list[RequestOutput] = []
+        while self.has_unfinished():
+            finals += [out for out in self.step() if out.finished]
+        return finals
+
+
+def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """'auto' -> cuda/bfloat16 when a GPU is present, else cpu/float32."""
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    if dtype == "auto":
+        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
+    try:
+        return dev, getattr(torch, dtype)
+    except AttributeError:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None

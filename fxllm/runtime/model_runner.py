@@ -1,0 +1,105 @@
+"""Runs the compiled forward over a paged KV cache: pool sizing, allocation, one call per step."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule
+
+from fxllm.compiler.backends import get_graph_backend
+from fxllm.config import CacheConfig
+from fxllm.passes.graph_utils import is_op, val
+from fxllm.passes.insert_cached_attention import kv_cache_input_names
+from fxllm.runtime.step_inputs import StepInputs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KVLayerShape:
+    """One layer's cache geometry."""
+
+    num_kv_heads: int
+    head_dim_k: int
+    head_dim_v: int
+
+
+def kv_layer_shapes(gm: GraphModule) -> list[KVLayerShape]:
+    """Read each paged_attention's key/value head geometry off the graph, in layer order."""
+    shapes = []
+    for node in gm.graph.nodes:
+        if is_op(node, torch.ops.fxllm.paged_attention.default):
+            k_cache, v_cache = node.args[3], node.args[4]
+            k, v = val(node.args[1].args[0]), val(node.args[2].args[0])  # un-squeezed [1, T, Hkv, D]
+            if k is None or v is None:
+                raise RuntimeError(f"no shape recorded for the key/value of {node.name}; run refresh_meta")
+            shapes.append(KVLayerShape(int(k.shape[-2]), int(k.shape[-1]), int(v.shape[-1])))
+            del k_cache, v_cache
+    return shapes
+
+
+def bytes_per_block(shapes: list[KVLayerShape], block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one block takes across every layer's key and value cache."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return sum(block_size * s.num_kv_heads * (s.head_dim_k + s.head_dim_v) * elem for s in shapes)
+
+
+def plan_num_blocks(shapes: list[KVLayerShape], config: CacheConfig, dtype: torch.dtype, device: torch.device) -> int:
+    """How many blocks the pool gets: forced, a CPU byte budget, or a fraction of free GPU memory."""
+    if config.num_blocks is not None:
+        return config.num_blocks
+    per_block = bytes_per_block(shapes, config.block_size, dtype)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        budget = int(free * config.gpu_memory_fraction)
+    else:
+        budget = config.cpu_kv_bytes
+    num_blocks = budget // per_block
+    if num_blocks < 2:
+        raise RuntimeError(
+            f"the KV cache budget ({budget / 2**20:.0f} MiB) holds fewer than 2 blocks of {per_block} bytes; "
+            "raise cache.cpu_kv_bytes / cache.gpu_memory_fraction or lower cache.block_size"
+        )
+    return int(num_blocks)
+
+
+class ModelRunner:
+    """Owns the KV cache pool and calls the compiled graph with each step's inputs."""
+
+    def __init__(
+        self, gm: GraphModule, backend: str, device: torch.device, dtype: torch.dtype, cache_config: CacheConfig
+    ) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.block_size = cache_config.block_size
+        self.layer_shapes = kv_layer_shapes(gm)
+        self.num_blocks = plan_num_blocks(self.layer_shapes, cache_config, dtype, device)
+        self.kv_caches: list[torch.Tensor] = []
+        for shape in self.layer_shapes:
+            for head_dim in (shape.head_dim_k, shape.head_dim_v):
+                self.kv_caches.append(
+                    torch.zeros(self.num_blocks, self.block_size, shape.num_kv_heads, head_dim, dtype=dtype, device=device)
+                )
+        pool_bytes = sum(t.numel() * t.element_size() for t in self.kv_caches)
+        logger.info(
+            "KV cache: %d blocks x %d tokens = %d tokens (%.0f MiB) over %d layers",
+            self.num_blocks, self.block_size, self.capacity_tokens, pool_bytes / 2**20, len(self.layer_shapes),
+        )  # fmt: skip
+        self.graph_module = gm
+        self.input_names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+        self._cache_by_name = dict(zip(kv_cache_input_names(len(self.layer_shapes)), self.kv_caches))
+        self._forward = get_graph_backend(backend)(gm)
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Tokens the whole pool holds."""
+        return self.num_blocks * self.block_size
+
+    @torch.inference_mode()
+    def execute(self, inputs: StepInputs) -> torch.Tensor:
+        """Run one step; returns float32 logits [N, V] for the sampled tokens."""
+        named = {**inputs.named_args(), **self._cache_by_name}
+        logits = self._forward(*[named[name] for name in self.input_names])
+        return logits[0].float()

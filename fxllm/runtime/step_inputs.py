@@ -1,0 +1,86 @@
+"""The step's model inputs: a flat token batch plus attention metadata, built from the schedule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fxllm.runtime.scheduler import ScheduledSequence
+
+
+@dataclass
+class StepInputs:
+    """Everything one forward needs, passed explicitly (no module-global step context)."""
+
+    input_ids: torch.Tensor  # [1, T]
+    position_ids: torch.Tensor  # [1, T]
+    slot_mapping: torch.Tensor  # [T] int64, -1 for padding
+    block_tables: torch.Tensor  # [S, max_blocks] int32
+    seq_lens: torch.Tensor  # [S] int32: context length after this step
+    query_start_loc: torch.Tensor  # [S + 1] int32
+    logits_indices: torch.Tensor  # [N] int64: flat positions whose logits are sampled
+    sampled: list[int]  # indices into the scheduled list of the N sequences that sample
+    num_tokens: int  # real tokens (T may include padding)
+
+    def named_args(self) -> dict[str, torch.Tensor]:
+        """Graph inputs by placeholder name (the runner orders them; KV caches are its own)."""
+        return {
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+            "slot_mapping": self.slot_mapping,
+            "block_tables": self.block_tables,
+            "seq_lens": self.seq_lens,
+            "query_start_loc": self.query_start_loc,
+            "logits_indices": self.logits_indices,
+        }
+
+
+def build_step_inputs(
+    scheduled: list[ScheduledSequence], block_size: int, device: torch.device, pad_tokens_to: int | None = None
+) -> StepInputs:
+    """Lay out the scheduled chunks of every sequence in one token dimension."""
+    tokens: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    seq_lens: list[int] = []
+    starts: list[int] = [0]
+    logits_indices: list[int] = []
+    sampled: list[int] = []
+    max_blocks = max(len(item.seq.block_table) for item in scheduled)
+    tables: list[list[int]] = []
+    for index, item in enumerate(scheduled):
+        seq, begin = item.seq, item.seq.num_computed_tokens
+        end = begin + item.num_new_tokens
+        table = seq.block_table
+        tokens += seq.token_ids[begin:end]
+        positions += range(begin, end)
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(begin, end)]
+        seq_lens.append(end)
+        starts.append(len(tokens))
+        tables.append(table + [0] * (max_blocks - len(table)))
+        if end == seq.num_tokens:  # the chunk reaches the last known token: its logits are sampled
+            logits_indices.append(len(tokens) - 1)
+            sampled.append(index)
+    num_tokens = len(tokens)
+    if pad_tokens_to is not None and pad_tokens_to > num_tokens:
+        pad = pad_tokens_to - num_tokens
+        tokens += [0] * pad
+        positions += [0] * pad
+        slots += [-1] * pad
+
+    def as_tensor(data: list[int] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:
+        tensor = torch.tensor(data, dtype=dtype)
+        return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
+    return StepInputs(
+        input_ids=as_tensor(tokens, torch.long)[None],
+        position_ids=as_tensor(positions, torch.long)[None],
+        slot_mapping=as_tensor(slots, torch.long),
+        block_tables=as_tensor(tables, torch.int32),
+        seq_lens=as_tensor(seq_lens, torch.int32),
+        query_start_loc=as_tensor(starts, torch.int32),
+        logits_indices=as_tensor(logits_indices, torch.long),
+        sampled=sampled,
+        num_tokens=num_tokens,
+    )
