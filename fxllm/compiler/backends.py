@@ -43,4 +43,12 @@ def eager_backend(gm: GraphModule) -> Callable[..., object]:
 @register_graph_backend("inductor")
 def inductor_backend(gm: GraphModule) -> Callable[..., object]:
     """Compile with Inductor; fxllm ops stay opaque calls into their bound backend."""
-    return torch.compile(gm, backend="inductor", dynamic=True, fullgraph=True)
+    compiled = torch.compile(gm, backend="inductor", dynamic=True)
+
+    def run(*args: object) -> object:
+        # Size-oblivious reasoning: a batch of 1 sequence or 1 sampled token must not specialise
+        # (and later recompile) the graph the way sizes 0 and 1 otherwise do.
+        with torch.fx.experimental._config.patch(backed_size_oblivious=True, use_duck_shape=False):
+            return compiled(*args)
+
+    return run

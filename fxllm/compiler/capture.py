@@ -60,16 +60,25 @@ def _model_dtype_device(model: torch.nn.Module) -> tuple[torch.dtype, torch.devi
 
 def _plain_graph_module(gm: GraphModule) -> GraphModule:
     """Drop export's pytree calling convention so passes can add inputs; forward returns logits."""
-    gm.graph._codegen = torch.fx.graph.CodeGen()
-    gm._forward_pre_hooks.clear()  # export's input-spec check would reject the inputs passes add
-    output = gm.graph.output_node()
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    graph._codegen = torch.fx.graph.CodeGen()
+    output = graph.output_node()
     flat = output.args[0]
     if isinstance(flat, (tuple, list)):
         if len(flat) != 1:
             raise CaptureError(f"expected the captured forward to return logits only, got {len(flat)} outputs")
         output.args = (flat[0],)
-    gm.recompile()
-    return gm
+    # A plain GraphModule: export's stateful subclass checks the input spec (which passes extend)
+    # and is not something torch.compile can trace.
+    plain = GraphModule(gm, graph)
+    # Inference only: with parameters requiring grad, AOTAutograd would trace a backward through
+    # fxllm's custom ops, which have none.
+    for param in plain.parameters():
+        param.requires_grad_(False)
+    return plain
 
 
 def capture(model: torch.nn.Module, *, max_num_tokens: int | None = None) -> CapturedGraph:

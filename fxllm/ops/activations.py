@@ -10,24 +10,36 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fxllm.ops.eager import eager_only
+
+
+@eager_only
+def _silu_and_mul_reference(gate: Tensor, up: Tensor) -> Tensor:
+    return F.silu(gate) * up
+
+
+@eager_only
+def _gelu_and_mul_reference(gate: Tensor, up: Tensor, approximate: str) -> Tensor:
+    return F.gelu(gate, approximate=approximate) * up
+
 
 @torch.library.custom_op("fxllm::silu_and_mul", mutates_args=())
 def silu_and_mul(gate: Tensor, up: Tensor) -> Tensor:
     """silu(gate) * up."""
-    return F.silu(gate) * up
+    return _silu_and_mul_reference(gate, up).contiguous()
 
 
 @silu_and_mul.register_fake
 def _silu_and_mul_fake(gate, up):
-    return gate.new_empty(torch.broadcast_shapes(gate.shape, up.shape))
+    return (gate * up).contiguous()  # broadcasts like the reference, without torch.broadcast_shapes
 
 
 @torch.library.custom_op("fxllm::gelu_and_mul", mutates_args=())
 def gelu_and_mul(gate: Tensor, up: Tensor, approximate: str = "none") -> Tensor:
     """gelu(gate, approximate) * up."""
-    return F.gelu(gate, approximate=approximate) * up
+    return _gelu_and_mul_reference(gate, up, approximate).contiguous()
 
 
 @gelu_and_mul.register_fake
 def _gelu_and_mul_fake(gate, up, approximate="none"):
-    return gate.new_empty(torch.broadcast_shapes(gate.shape, up.shape))
+    return (gate * up).contiguous()  # broadcasts like the reference, without torch.broadcast_shapes

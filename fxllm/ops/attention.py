@@ -11,7 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fxllm.ops.eager import eager_only
 
+
+@eager_only
 def attention_reference(
     q: Tensor,
     k: Tensor,

@@ -10,7 +10,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fxllm.ops.eager import eager_only
 
+
+@eager_only
 def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """Plain-torch RMSNorm in Hugging Face Llama's order of operations."""
     xf = x.float()
@@ -20,8 +23,8 @@ def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 @torch.library.custom_op("fxllm::rms_norm", mutates_args=())
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm over the last dimension."""
-    return rms_norm_reference(x, weight, eps)
+    """RMSNorm over the last dimension; the output is contiguous."""
+    return rms_norm_reference(x, weight, eps).contiguous()
 
 
 @rms_norm.register_fake
@@ -32,8 +35,8 @@ def _rms_norm_fake(x, weight, eps):
 @torch.library.custom_op("fxllm::fused_add_rms_norm", mutates_args=())
 def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """Returns (rms_norm(x + residual), x + residual): one pass instead of two."""
-    summed = x + residual
-    return rms_norm_reference(summed, weight, eps), summed
+    summed = (x + residual).contiguous()
+    return rms_norm_reference(summed, weight, eps).contiguous(), summed
 
 
 @fused_add_rms_norm.register_fake

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fxllm.ops.eager import eager_only
+
 
 def write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
     """Scatter this step's keys/values into the paged caches (slots < 0 are skipped)."""
@@ -82,6 +84,7 @@ def _decode_batch(
     return out.reshape(num_seqs, num_heads, -1).to(q.dtype)
 
 
+@eager_only
 def paged_attention_reference(
     q: Tensor,
     k: Tensor,
