@@ -61,6 +61,7 @@ def build_engine(
         model = model.to(device=device, dtype=dtype)
     load_seconds = time.perf_counter() - start
     hf_config = model.config
+    generation_config = getattr(model, "generation_config", None)
     max_positions = int(getattr(hf_config, "max_position_embeddings", 0) or 8192)
     captured = capture(model, max_num_tokens=max_positions)
     del model
@@ -71,7 +72,11 @@ def build_engine(
     chosen = bind_op_backends(device, config.compile.op_backends)
     runner = ModelRunner(captured.gm, config.compile.backend, device, dtype, config.cache)
     max_model_len = min(config.model.max_model_len or max_positions, max_positions, runner.capacity_tokens)
-    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else getattr(hf_config, "eos_token_id", None)
+    # Hugging Face's generate stops at the generation config's EOS (SmolLM2: <|im_end|>), which can
+    # differ from the tokenizer's; follow generate so outputs match it token for token.
+    eos = getattr(generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(tokenizer, "eos_token_id", None) or getattr(hf_config, "eos_token_id", None)
     if isinstance(eos, list):
         eos = eos[0]
     engine = Engine(

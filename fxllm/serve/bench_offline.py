@@ -1,0 +1,126 @@
+"""`fxllm bench`: offline throughput and batch-1 decode latency, fxllm against HF eager in one run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from fxllm.config import FxllmConfig
+from fxllm.llm import LLM
+from fxllm.runtime.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BenchResult:
+    """One measured row: what ran, how many tokens, how fast."""
+
+    system: str  # "fxllm" or "hf-eager"
+    scenario: str  # "batch1-decode" or "throughput-cN"
+    output_tokens: int
+    seconds: float
+    tokens_per_second: float
+
+
+def _random_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    # Skip the first ids: many vocabularies keep special tokens there.
+    return [torch.randint(100, vocab, (length,), generator=generator).tolist() for _ in range(num)]
+
+
+def _fxllm_decode_rate(llm: LLM, prompt: list[int], output_len: int) -> BenchResult:
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    out = llm.generate([prompt], params)[0]
+    metrics = out.metrics
+    assert metrics is not None and metrics.first_token_time is not None and metrics.finished_time is not None
+    decode_seconds = metrics.finished_time - metrics.first_token_time
+    return BenchResult(
+        "fxllm", "batch1-decode", output_len - 1, decode_seconds, (output_len - 1) / decode_seconds
+    )
+
+
+def _fxllm_throughput(llm: LLM, prompts: list[list[int]], output_len: int) -> BenchResult:
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return BenchResult("fxllm", f"throughput-c{len(prompts)}", tokens, seconds, tokens / seconds)
+
+
+@torch.inference_mode()
+def _hf_generate_seconds(model: Any, prompts: list[list[int]], new_tokens: int) -> float:
+    ids = torch.tensor(prompts, device=model.device)
+    start = time.perf_counter()
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                   do_sample=False, pad_token_id=0)  # fmt: skip
+    return time.perf_counter() - start
+
+
+def _hf_results(
+    model: Any, prompt: list[int], prompts: list[list[int]], output_len: int
+) -> list[BenchResult]:
+    _hf_generate_seconds(model, [prompt], 2)  # warm-up
+    first = _hf_generate_seconds(model, [prompt], 1)
+    full = _hf_generate_seconds(model, [prompt], output_len)
+    decode = max(full - first, 1e-9)
+    rows = [BenchResult("hf-eager", "batch1-decode", output_len - 1, decode, (output_len - 1) / decode)]
+    seconds = _hf_generate_seconds(model, prompts, output_len)
+    tokens = len(prompts) * output_len
+    rows.append(BenchResult("hf-eager", f"throughput-c{len(prompts)}", tokens, seconds, tokens / seconds))
+    return rows
+
+
+def run_offline_bench(
+    config: FxllmConfig,
+    *,
+    input_len: int,
+    output_len: int,
+    concurrency: int,
+    skip_hf: bool = False,
+    seed: int = 0,
+) -> list[BenchResult]:
+    """Measure fxllm and (unless skipped) HF eager on the same prompts, model and dtype."""
+    llm = LLM(config.model.model, config=config)
+    vocab = llm.engine.vocab_size
+    prompts = _random_prompts(concurrency, input_len, vocab, seed)
+    logger.info("warming up fxllm (compiles the shapes the benchmark uses)")
+    llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    rows = [_fxllm_decode_rate(llm, prompts[0], output_len), _fxllm_throughput(llm, prompts, output_len)]
+    device = llm.info.device
+    dtype = llm.info.dtype
+    llm.shutdown()
+    del llm
+    if not skip_hf:
+        from fxllm.models import load_model
+
+        hf = load_model(config.model.model, device=device, dtype=dtype, seed=config.model.seed,
+                        num_layers=config.model.num_layers).model  # fmt: skip
+        rows += _hf_results(hf, prompts[0], prompts, output_len)
+    return rows
+
+
+def format_results(rows: list[BenchResult]) -> str:
+    """A table with fxllm/HF ratios per scenario."""
+    lines = [f"{'system':<10}{'scenario':<18}{'tokens':>8}{'seconds':>10}{'tok/s':>10}"]
+    for r in rows:
+        lines.append(
+            f"{r.system:<10}{r.scenario:<18}{r.output_tokens:>8}{r.seconds:>10.2f}{r.tokens_per_second:>10.1f}"
+        )
+    by = {(r.system, r.scenario): r.tokens_per_second for r in rows}
+    for (system, scenario), rate in by.items():
+        if system == "fxllm" and ("hf-eager", scenario) in by:
+            lines.append(f"ratio fxllm/hf {scenario}: {rate / by[('hf-eager', scenario)]:.2f}x")
+    return "\n".join(lines)
+
+
+def results_json(rows: list[BenchResult]) -> str:
+    """Machine-readable results."""
+    return json.dumps([asdict(r) for r in rows], indent=2)
