@@ -137,6 +137,8 @@ def _rewrite(gm: GraphModule, found: _Attention, window: int) -> None:
     for new in (qt, kt, vt, att, out):
         new.meta["nn_module_stack"] = found.anchor.meta.get("nn_module_stack", {})
     found.anchor.replace_all_uses_with(out)
+    # SDPA is tagged nondeterministic (dropout), so dead-code elimination would keep it running.
+    gm.graph.erase_node(found.anchor)
 
 
 @register_pass("match_attention", "match", _builtin=True)

@@ -1,0 +1,168 @@
+"""Compiler core: capture, every built-in pass, numerics against HF eager, the torch.compile backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fxllm.compiler import CaptureError, compile_model
+from fxllm.models import load_model
+
+# Tolerance for float32 logits against HF eager: the fused ops compute the same expressions in the
+# same order (RMSNorm in fp32, softmax in fp32); what differs is GEMM blocking after merging
+# q/k/v and gate/up, and SDPA vs explicit softmax for masked variants. Those reorder float32
+# sums of a few hundred terms: relative error ~1e-6 of logits of magnitude ~10 -> 1e-4 absolute.
+ATOL = 1e-4
+
+TINY = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma2", "tiny-phi3"]
+
+
+def _ids(vocab: int, length: int = 40, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2")
+
+
+def test_smollm2_counts_and_logits(smollm2) -> None:
+    compiled = compile_model(smollm2.model, backend="eager")
+    report = compiled.pass_report
+    assert report.matches("match_attention") == 30
+    assert report.matches("match_rope") == 30
+    assert report.matches("match_rms_norm") == 61
+    assert report.matches("match_gated_mlp") == 30
+    assert report.matches("fuse_add_rms_norm") == 60
+    assert report.matches("merge_linears") == 60
+    ops = compiled.fxllm_op_counts()
+    assert ops["fxllm.attention.default"] == 30
+    assert ops["fxllm.rms_norm.default"] + ops["fxllm.fused_add_rms_norm.default"] == 61
+    ids = _ids(smollm2.model.config.vocab_size, 24, 1)
+    with torch.no_grad():
+        ref = smollm2.model(ids).logits
+    torch.testing.assert_close(compiled(ids), ref, atol=ATOL, rtol=0)
+    assert "match_attention" in compiled.report()
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_architectures_match_hf(name: str) -> None:
+    loaded = load_model(name)
+    model = loaded.model
+    compiled = compile_model(model, backend="eager")
+    layers = model.config.num_hidden_layers
+    assert compiled.pass_report.matches("match_attention") == layers
+    remaining = {k for k in compiled.ops_after if "scaled_dot_product" in k or "softmax" in k}
+    assert not remaining, f"eager attention left in the graph: {remaining}"
+    assert compiled.pass_report.matches("match_rope") == layers
+    for batch, length in ((2, 40), (1, 7)):  # 40 > tiny-mistral's sliding window of 16
+        ids = _ids(model.config.vocab_size, length, batch)
+        with torch.no_grad():
+            ref = model(ids).logits
+        torch.testing.assert_close(compiled(ids), ref, atol=ATOL, rtol=0)
+
+
+def test_sliding_window_is_taken_from_config() -> None:
+    model = load_model("tiny-mistral").model
+    compiled = compile_model(model, backend="eager")
+    windows = {
+        n.args[4] for n in compiled.graph_module.graph.nodes if n.target == torch.ops.fxllm.attention.default
+    }
+    assert windows == {model.config.sliding_window}
+
+
+def test_gemma2_softcap_matched_from_eager_form() -> None:
+    model = load_model("tiny-gemma2").model
+    compiled = compile_model(model, backend="eager")
+    caps = {n.args[5] for n in compiled.graph_module.graph.nodes if n.target == torch.ops.fxllm.attention.default}
+    assert caps == {float(model.config.attn_logit_softcapping)}
+
+
+@pytest.mark.parametrize(
+    ("only", "expected"),
+    [("match_attention", 2), ("match_rope", 2), ("match_rms_norm", 5), ("match_gated_mlp", 2)],
+)
+def test_each_pass_alone_golden_count_and_numerics(only: str, expected: int) -> None:
+    model = load_model("tiny-llama").model
+    switches = {p: p == only for p in ("match_attention", "match_rope", "match_rms_norm", "match_gated_mlp",
+                                       "fuse_add_rms_norm", "merge_linears")}  # fmt: skip
+    compiled = compile_model(model, backend="eager", passes=switches)
+    assert compiled.pass_report.matches(only) == expected
+    ids = _ids(model.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids), model(ids).logits, atol=ATOL, rtol=0)
+
+
+def test_fuse_and_merge_golden_counts() -> None:
+    model = load_model("tiny-llama").model
+    compiled = compile_model(model, backend="eager")
+    assert compiled.pass_report.matches("fuse_add_rms_norm") == 4  # 2 layers x 2 norms after a residual add
+    assert compiled.pass_report.matches("merge_linears") == 4  # q/k/v and gate/up per layer
+    assert compiled.fxllm_op_counts()["fxllm.rms_norm.default"] == 1  # the first norm has no residual
+
+
+def test_disabled_pass_leaves_graph_alone() -> None:
+    model = load_model("tiny-llama").model
+    compiled = compile_model(model, backend="eager", passes={"match_rms_norm": False, "fuse_add_rms_norm": False})
+    assert "fxllm.rms_norm.default" not in compiled.fxllm_op_counts()
+    assert any(r.name == "match_rms_norm" and r.status == "disabled" for r in compiled.pass_report.records)
+
+
+def test_unknown_pass_in_config_is_an_error() -> None:
+    model = load_model("tiny-llama").model
+    with pytest.raises(ValueError, match="unknown passes"):
+        compile_model(model, backend="eager", passes={"no_such_pass": True})
+
+
+def test_inductor_backend_matches_hf() -> None:
+    model = load_model("tiny-llama").model
+    compiled = compile_model(model, backend="inductor")
+    for length in (9, 1, 17):  # several token counts, including 1, without recompiling wrongly
+        ids = _ids(model.config.vocab_size, length, 2)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids), model(ids).logits, atol=ATOL, rtol=0)
+
+
+def test_decorator_forms() -> None:
+    import fxllm
+
+    @fxllm.compile
+    def build() -> torch.nn.Module:
+        return load_model("tiny-llama").model
+
+    @fxllm.compile(backend="eager")
+    def build_eager() -> torch.nn.Module:
+        return load_model("tiny-llama").model
+
+    assert build().backend == "inductor"
+    assert build_eager().backend == "eager"
+
+
+def test_torch_compile_backend_generate_matches_eager() -> None:
+    import fxllm.compiler.dynamo_backend  # noqa: F401  (the entry point also registers it)
+
+    model = load_model("tiny-llama").model
+    ids = _ids(model.config.vocab_size, 12, 1)
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=8, do_sample=False)
+        model.forward = torch.compile(model.forward, backend="fxllm")
+        got = model.generate(ids, max_new_tokens=8, do_sample=False)
+    torch._dynamo.reset()
+    assert torch.equal(ref, got)
+
+
+def test_uncapturable_model_fails_with_reason() -> None:
+    class DataDependent(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = type("Cfg", (), {"max_position_embeddings": 64})()
+            self.emb = torch.nn.Embedding(10, 4)
+
+        def forward(self, input_ids, position_ids, use_cache=False):
+            h = self.emb(input_ids)
+            if h.sum() > 0:  # data-dependent control flow: export cannot capture it
+                h = h * 2
+            return type("Out", (), {"logits": h})()
+
+    with pytest.raises(CaptureError, match="could not capture DataDependent"):
+        compile_model(DataDependent(), backend="eager")
