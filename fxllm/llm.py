@@ -25,7 +25,7 @@ class LLM:
 
     def __init__(
         self,
-        model: str | torch.nn.Module = "smollm2",
+        model: str | torch.nn.Module | None = None,
         *,
         config: FxllmConfig | None = None,
         config_path: str | None = None,
@@ -33,8 +33,9 @@ class LLM:
         tokenizer: Any = None,
     ) -> None:
         self.config = config or load_config(config_path, overrides)
-        if isinstance(model, str):
-            self.config.model.model = model
+        if model is None or isinstance(model, str):
+            if model is not None:
+                self.config.model.model = model
             self.engine, self.build_info = build_engine(self.config)
         else:
             self.engine, self.build_info = build_engine(self.config, model=model, tokenizer=tokenizer)

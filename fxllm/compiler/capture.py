@@ -92,9 +92,11 @@ def capture(model: torch.nn.Module, *, max_num_tokens: int | None = None) -> Cap
     # Example sizes of 2 and 8 avoid export's specialisation of sizes 0 and 1.
     input_ids = torch.zeros(2, 8, dtype=torch.long, device=device)
     position_ids = torch.arange(8, device=device).expand(2, 8)
-    batch = Dim("batch", min=1, max=4096)
-    tokens = Dim("num_tokens", min=1, max=max(limit, 16))
-    dynamic = {"input_ids": {0: batch, 1: tokens}, "position_ids": {0: batch, 1: tokens}}
+    # Dim.DYNAMIC rather than named ranges: on CUDA, kernel-selection code emits guards such as
+    # min(128*T, 512*T) == 128*T that hold for every T but that export's range check cannot
+    # prove. We check below that both dims stayed symbolic.
+    dynamic = {"input_ids": {0: Dim.DYNAMIC, 1: Dim.DYNAMIC}, "position_ids": {0: Dim.DYNAMIC, 1: Dim.DYNAMIC}}
+    del limit
     start = time.perf_counter()
     try:
         with torch.no_grad():
@@ -105,6 +107,9 @@ def capture(model: torch.nn.Module, *, max_num_tokens: int | None = None) -> Cap
         raise CaptureError(
             f"could not capture {type(model).__name__} into one graph: {type(exc).__name__}: {exc}"
         ) from exc
+    first = next(n for n in exported.graph.nodes if n.op == "placeholder" and n.name.startswith("input_ids"))
+    if any(isinstance(size, int) for size in first.meta["val"].shape):
+        raise CaptureError(f"capture specialised the batch or token dimension: {tuple(first.meta['val'].shape)}")
     gm = _plain_graph_module(exported.module())
     normalize_graph(gm)
     seconds = time.perf_counter() - start
