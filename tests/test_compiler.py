@@ -74,7 +74,9 @@ def test_sliding_window_is_taken_from_config() -> None:
 def test_gemma2_softcap_matched_from_eager_form() -> None:
     model = load_model("tiny-gemma2").model
     compiled = compile_model(model, backend="eager")
-    caps = {n.args[5] for n in compiled.graph_module.graph.nodes if n.target == torch.ops.fxllm.attention.default}
+    caps = {
+        n.args[5] for n in compiled.graph_module.graph.nodes if n.target == torch.ops.fxllm.attention.default
+    }
     assert caps == {float(model.config.attn_logit_softcapping)}
 
 
@@ -103,7 +105,9 @@ def test_fuse_and_merge_golden_counts() -> None:
 
 def test_disabled_pass_leaves_graph_alone() -> None:
     model = load_model("tiny-llama").model
-    compiled = compile_model(model, backend="eager", passes={"match_rms_norm": False, "fuse_add_rms_norm": False})
+    compiled = compile_model(
+        model, backend="eager", passes={"match_rms_norm": False, "fuse_add_rms_norm": False}
+    )
     assert "fxllm.rms_norm.default" not in compiled.fxllm_op_counts()
     assert any(r.name == "match_rms_norm" and r.status == "disabled" for r in compiled.pass_report.records)
 
