@@ -1,0 +1,119 @@
+"""Triton kernels for fxllm's canonical ops, registered as the "triton" op backend for CUDA devices.
+
+Importing this package registers rms_norm, fused_add_rms_norm, rotary_embedding, silu_and_mul,
+gelu_and_mul and paged_attention (priority 10, so `bind_op_backends("cuda")` picks them). Without
+triton installed the import still succeeds and registers nothing. For tests on a CPU-only machine,
+TRITON_INTERPRET=1 together with FXLLM_TRITON_ON_CPU=1 makes the backend claim CPU devices too
+(Triton's interpreter runs the same kernels on CPU tensors, slowly).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BACKEND = "triton"
+PRIORITY = 10
+
+
+def supports(device: torch.device) -> bool:
+    """CUDA devices; CPU only when both TRITON_INTERPRET=1 and FXLLM_TRITON_ON_CPU=1 are set."""
+    if device.type == "cuda":
+        return True
+    return (
+        device.type == "cpu"
+        and os.environ.get("TRITON_INTERPRET") == "1"
+        and os.environ.get("FXLLM_TRITON_ON_CPU") == "1"
+    )
+
+
+def patch_interpreter() -> None:
+    """Make Triton 3.6's interpreter run these kernels as the GPU would; tests only, idempotent.
+
+    Called under TRITON_INTERPRET=1 only. (0) torch imports triton as soon as a custom op is defined,
+    often before a test sets TRITON_INTERPRET=1, so triton.language's own @jit helpers (tl.sum,
+    tl.zeros, ...) are compiled-mode functions that the interpreter refuses to call: re-wrap them
+    as interpreted functions. (1) Scalars are shape-(1,) arrays
+    converted with int(), which numpy >= 2.4 rejects, so `range(lo, hi)` over run-time bounds fails
+    (triton#9171, fixed upstream the same way). (2) float32 -> bfloat16 casts truncate, where the GPU
+    rounds to nearest even. (3) tl.dot multiplies bfloat16 operands as raw uint16 bit patterns; the
+    fix upcasts them to float32 (exact, as tensor-core bf16 products are).
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+    from triton.runtime.jit import JITFunction
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder, "_fxllm_patched", False):
+        return
+    original_patch = interpreter._patch_lang_tensor
+    original_cast = builder.cast_impl
+    original_dot = builder.create_dot
+
+    def patch_tensor(tensor, scope):  # type: ignore[no-untyped-def]
+        original_patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    def bf16_to_f32(data):  # type: ignore[no-untyped-def]
+        return (data.astype(np.uint32) << 16).view(np.float32)
+
+    def cast_impl(self, src, dst_type):  # type: ignore[no-untyped-def]
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
+            return interpreter.TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+        return original_cast(self, src, dst_type)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):  # type: ignore[no-untyped-def]
+        if a.dtype.scalar == tl.bfloat16:
+            a = interpreter.TensorHandle(bf16_to_f32(a.data), tl.float32)
+        if b.dtype.scalar == tl.bfloat16:
+            b = interpreter.TensorHandle(bf16_to_f32(b.data), tl.float32)
+        return original_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    for module in (tl, tl.standard, tl.random):
+        for name, obj in list(vars(module).items()):
+            if isinstance(obj, JITFunction):
+                setattr(module, name, interpreter.InterpretedFunction(obj.fn))
+    # tl re-exports the helpers: point its names at the same objects as tl.standard's (the
+    # interpreter recognises sum/max/min reductions by identity with tl.standard's combine functions).
+    for name in dir(tl):
+        for module in (tl.standard, tl.random):
+            if isinstance(getattr(tl, name), interpreter.InterpretedFunction) and hasattr(module, name):
+                setattr(tl, name, getattr(module, name))
+    interpreter._patch_lang_tensor = patch_tensor
+    builder.cast_impl = cast_impl
+    builder.create_dot = create_dot
+    builder._fxllm_patched = True
+
+
+def _register() -> bool:
+    try:
+        import triton  # noqa: F401  (the top-level package, not this one: absolute import)
+    except ImportError:
+        logger.info("triton is not installed: no triton op backends registered")
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        patch_interpreter()
+    import fxllm.ops  # noqa: F401  (ops must exist before backends register for them)
+    from fxllm.backends.registry import register_op_backend
+    from fxllm.backends.triton import activations, norms, paged_attention, rotary
+
+    kernels = {
+        "rms_norm": norms.rms_norm,
+        "fused_add_rms_norm": norms.fused_add_rms_norm,
+        "rotary_embedding": rotary.rotary_embedding,
+        "silu_and_mul": activations.silu_and_mul,
+        "gelu_and_mul": activations.gelu_and_mul,
+        "paged_attention": paged_attention.paged_attention,
+    }
+    for op, fn in kernels.items():
+        register_op_backend(op, BACKEND, fn, supports=supports, priority=PRIORITY)
+    return True
+
+
+AVAILABLE = _register()

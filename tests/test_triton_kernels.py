@@ -1,0 +1,160 @@
+"""Triton kernels vs the reference ops, run on CPU through Triton's interpreter (TRITON_INTERPRET=1).
+
+Tolerances on ||out - ref|| / ||ref|| (see fxllm.backends.triton.selfcheck.TOL): float32 1e-5, since
+every kernel does the reference's float32 operations up to summation order (attention uses IEEE,
+not tf32, dots); bfloat16 1e-2, since one bf16 rounding of the output is ~2e-3 relative and the
+attention kernels also round P to bf16 as the reference does. Outputs are NaN-poisoned first and
+unused cache slots hold NaN, so unwritten outputs and stray reads fail.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+# On a CPU-only machine the kernels run in Triton's interpreter, which triton.jit picks when the kernel
+# modules are imported, so TRITON_INTERPRET=1 is set before that import (and stays set: triton reads it
+# again lazily; nothing else runs Triton kernels on a machine without a GPU). With a GPU the same tests
+# run the compiled kernels on CUDA.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="triton is not installed")
+
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+import fxllm.backends.triton as tb  # noqa: E402
+from fxllm.backends.registry import choose_backend, op_backends  # noqa: E402
+from fxllm.backends.triton import activations, norms, paged_attention, rotary, selfcheck  # noqa: E402
+from fxllm.ops import paged_attention_reference, rms_norm_reference, rotary_embedding_reference  # noqa: E402
+
+if DEVICE == "cpu" and not isinstance(norms._rms_norm_kernel, InterpretedFunction):
+    pytest.skip(
+        "the Triton kernels were imported without TRITON_INTERPRET=1 (another module imported them "
+        "first), so they cannot run on CPU tensors here",
+        allow_module_level=True,
+    )
+
+DTYPES = [torch.float32, torch.bfloat16]
+OPS = (
+    "rms_norm",
+    "fused_add_rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
+    "gelu_and_mul",
+    "paged_attention",
+)
+# Small shapes with block sizes that force several query blocks, KV tiles and KV splits per sequence.
+SMALL_LAUNCH = {"block_m": 16, "block_n": 16, "num_splits": 3}
+
+
+def _assert_ok(result: dict) -> None:
+    assert result["ok"], result
+
+
+def test_registered_for_cuda_only_unless_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert tb.AVAILABLE
+    for op in OPS:
+        assert "triton" in op_backends(op)
+        assert choose_backend(op, torch.device("cuda")) == "triton"
+    monkeypatch.delenv("FXLLM_TRITON_ON_CPU", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert choose_backend("rms_norm", torch.device("cpu")) == "torch"
+    monkeypatch.setenv("FXLLM_TRITON_ON_CPU", "1")
+    assert choose_backend("rms_norm", torch.device("cpu")) == "triton"
+
+
+def test_import_without_triton_registers_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    assert tb._register() is False
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "hidden"), [(5, 96), (3, 256)])
+def test_norms(dtype: torch.dtype, rows: int, hidden: int) -> None:
+    for result in selfcheck.check_norms(DEVICE, dtype, rows, hidden):
+        _assert_ok(result)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_strided(dtype: torch.dtype) -> None:
+    _assert_ok(selfcheck.check_rotary(DEVICE, dtype, batch=2, hq=4, hk=2, seq=5, dim=32))
+    # D/2 = 12 is not a power of 2: masked half-dim tiles.
+    _assert_ok(selfcheck.check_rotary(DEVICE, dtype, batch=1, hq=4, hk=4, seq=3, dim=24))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["silu", "none", "tanh"])
+def test_gated_activations(dtype: torch.dtype, act: str) -> None:
+    _assert_ok(selfcheck.check_gated(DEVICE, dtype, rows=5, inter=80, act=act))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(selfcheck.paged_cases(True, torch.float32, DEVICE)))
+def test_paged_attention(dtype: torch.dtype, case: str) -> None:
+    c = selfcheck.paged_cases(True, dtype, DEVICE)[case]
+    _assert_ok(selfcheck.check_paged(c, case, **SMALL_LAUNCH))
+
+
+@pytest.mark.parametrize("case", ["decode gqa", "prefill chunked gqa +pad"])
+def test_paged_attention_default_launch(case: str) -> None:
+    c = selfcheck.paged_cases(True, torch.float32, DEVICE)[case]
+    _assert_ok(selfcheck.check_paged(c, case))  # block sizes and split count as on the GPU path
+
+
+def test_paged_attention_public_op_strided_q() -> None:
+    c = selfcheck.make_paged_case([4, 1, 9], [4, 30, 9], 8, 2, 32, pad_tokens=2, seed=7, device=DEVICE)
+    tokens = c.q.shape[0]
+    # q as a slice of a fused qkv projection: token stride 3 * Hq * D, not contiguous.
+    qkv = torch.randn(tokens, 3 * 8 * 32, device=DEVICE)
+    q = qkv[:, : 8 * 32].view(tokens, 8, 32)
+    meta = (c.slot_mapping, c.block_tables, c.seq_lens, c.query_start_loc, c.scale)
+    out = paged_attention.paged_attention(q, c.k, c.v, c.k_cache, c.v_cache, *meta)
+    ref = paged_attention_reference(q.contiguous(), c.k, c.v, c.k_cache_ref, c.v_cache_ref, *meta)
+    n = c.num_real
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    assert selfcheck.rel_err(out[:n], ref[:n]) <= 1e-5
+    assert bool((out[n:] == 0).all())
+
+
+def test_public_elementwise_ops_match_reference() -> None:
+    gen = torch.Generator().manual_seed(3)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=gen).to(DEVICE)
+
+    x, w = randn(2, 3, 64), randn(64)
+    assert selfcheck.rel_err(norms.rms_norm(x, w, 1e-5), rms_norm_reference(x, w, 1e-5)) <= 1e-5
+    res = randn(2, 3, 64)
+    normed, summed = norms.fused_add_rms_norm(x, res, w, 1e-5)
+    assert torch.equal(summed, x + res)
+    assert selfcheck.rel_err(normed, rms_norm_reference(x + res, w, 1e-5)) <= 1e-5
+    q, k = randn(2, 4, 5, 16), randn(2, 2, 5, 16)
+    for cos in (randn(1, 1, 5, 16), randn(5, 16)):
+        sin = randn(*cos.shape)
+        out, ref = rotary.rotary_embedding(q, k, cos, sin), rotary_embedding_reference(q, k, cos, sin)
+        assert max(selfcheck.rel_err(o, r) for o, r in zip(out, ref)) <= 1e-5
+    merged = randn(2, 3, 2 * 48)
+    gate, up = merged[..., :48], merged[..., 48:]  # 3-D strided slices: rows collapse by a view
+    silu = activations.silu_and_mul(gate, up)
+    assert selfcheck.rel_err(silu, torch.nn.functional.silu(gate) * up) <= 1e-5
+    gelu = activations.gelu_and_mul(gate, up, "tanh")
+    assert selfcheck.rel_err(gelu, torch.nn.functional.gelu(gate, approximate="tanh") * up) <= 1e-5
+
+
+def test_unsupported_shapes_fall_back_to_reference() -> None:
+    x, w = torch.randn(4, 32, device=DEVICE), torch.randn(32, device=DEVICE)
+    residual = torch.randn(32, device=DEVICE)  # broadcast residual: reference path
+    normed, summed = norms.fused_add_rms_norm(x, residual, w, 1e-6)
+    assert torch.allclose(normed, rms_norm_reference(summed, w, 1e-6))
+    q3, k3, cos = (torch.randn(*s, device=DEVICE) for s in ((4, 5, 16), (2, 5, 16), (5, 16)))
+    out = rotary.rotary_embedding(q3, k3, cos, cos)  # 3-D q: reference path
+    assert torch.allclose(out[0], rotary_embedding_reference(q3, k3, cos, cos)[0])
+
+
+def test_check_all_small() -> None:
+    results = selfcheck.check_all(DEVICE, torch.float32, small=True)
+    assert len(results) >= 13 and all(r["ok"] for r in results), [r for r in results if not r["ok"]]
