@@ -41,8 +41,5 @@ def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) 
 
 @fused_add_rms_norm.register_fake
 def _fused_add_rms_norm_fake(x, residual, weight, eps):
-    summed = torch.empty_like(
-        torch.empty((), dtype=torch.promote_types(x.dtype, residual.dtype)).expand(x.shape)
-    )
-    out_dtype = torch.promote_types(summed.dtype, weight.dtype)
-    return torch.empty_like(summed, dtype=out_dtype), summed
+    summed = (x + residual).contiguous()  # same device, dtype promotion and shape as the real op
+    return torch.empty_like(summed, dtype=torch.promote_types(summed.dtype, weight.dtype)), summed

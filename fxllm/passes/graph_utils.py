@@ -106,9 +106,18 @@ def refresh_meta(gm: GraphModule) -> None:
                     node.meta["val"] = mode.from_tensor(_fetch_attr(gm, node.target), static_shapes=True)
                 elif node.op == "call_function" and "val" not in node.meta:
                     args, kwargs = torch.fx.map_arg((node.args, node.kwargs), lambda a: a.meta["val"])
-                    node.meta["val"] = node.target(*args, **kwargs)
+                    node.meta["val"] = _fake_value(node.target, args, kwargs)
     finally:
         mode.allow_non_fake_inputs = prev
+
+
+def _fake_value(target: Any, args: Any, kwargs: Any) -> Any:
+    """Run `target` on fake inputs. aten.linear is composite: its C++ kernel calls numel() on
+    CUDA (torch 2.11), which symbolic sizes forbid, so its output is built from the shapes."""
+    if target is aten.linear.default:
+        x, weight = args[0], args[1]
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+    return target(*args, **kwargs)
 
 
 def _fetch_attr(gm: GraphModule, target: str) -> Any:
