@@ -22,7 +22,7 @@ def test_overrides_parse_yaml_values() -> None:
 
 
 def test_unknown_key_is_named() -> None:
-    with pytest.raises(ValueError, match="unknown key scheduler.max_num_seq;"):
+    with pytest.raises(ValueError, match=r"unknown key scheduler\.max_num_seq;"):
         config_from_dict({"scheduler": {"max_num_seq": 3}})
 
 
