@@ -158,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fxllm` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "serve":  # serve owns its flags (argparse REMAINDER drops leading --options)
+        from fxllm.serve.server import serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(

@@ -1,0 +1,8 @@
+"""`python -m fxllm.serve [MODEL] --config config.yml --host --port --api-key ...`."""
+
+from __future__ import annotations
+
+from fxllm.serve.serve_cli import serve_main
+
+if __name__ == "__main__":
+    raise SystemExit(serve_main())

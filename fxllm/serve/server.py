@@ -1,0 +1,396 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over fxllm's async engine, run by uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager, suppress
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+
+import fxllm
+from fxllm.config import FxllmConfig
+from fxllm.runtime.outputs import CompletionOutput, RequestOutput
+from fxllm.runtime.sampling_params import SamplingParams
+from fxllm.serve import protocol as P
+from fxllm.serve.errors import (
+    OpenAIError,
+    api_key_guard,
+    bad_request,
+    from_value_error,
+    install_error_handlers,
+    read_json_body,
+)
+from fxllm.serve.metrics import CONTENT_TYPE, ResponseCounter, ServerMetrics
+
+if TYPE_CHECKING:
+    from fxllm.llm import LLM
+
+logger = logging.getLogger(__name__)
+
+GRACEFUL_SHUTDOWN_S = 10
+
+
+async def merge_streams(
+    streams: list[AsyncIterator[RequestOutput]],
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several requests' output streams as (prompt index, output); closing it aborts them all."""
+    if len(streams) == 1:
+        async with aclosing(streams[0]) as only:  # type: ignore[type-var]
+            async for out in only:
+                yield 0, out
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async with aclosing(stream) as s:  # type: ignore[type-var]
+                async for out in s:
+                    queue.put_nowait((i, out))
+            queue.put_nowait((i, None))
+        except Exception as exc:
+            queue.put_nowait((i, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _sse(payload: BaseModel | dict[str, Any]) -> str:
+    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+class OpenAIServing:
+    """Turns OpenAI requests into engine requests and engine outputs into OpenAI responses."""
+
+    def __init__(self, llm: LLM, config: FxllmConfig, metrics: ServerMetrics) -> None:
+        self.llm, self.config, self.metrics = llm, config, metrics
+        self.model_name = config.server.served_model_name or config.model.model
+
+    # ---- validation -------------------------------------------------------------------------
+    def _check(self, req: P.SamplingFields) -> None:
+        if req.model is not None and req.model != self.model_name:
+            raise OpenAIError(404, f"the model {req.model!r} does not exist; this server serves {self.model_name!r}",
+                              param="model", code="model_not_found")  # fmt: skip
+        if req.n > (max_n := self.config.server.max_n):
+            raise bad_request(f"n must be <= {max_n} (server.max_n), got {req.n}", param="n")
+        if req.logit_bias:
+            raise bad_request("logit_bias is not supported", param="logit_bias")
+        if req.unknown_fields():
+            logger.warning("ignoring unknown request fields: %s", ", ".join(req.unknown_fields()))
+
+    def _params(self, req: P.SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        try:
+            return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **req.sampling_kwargs())
+        except ValueError as exc:
+            raise from_value_error(exc) from None
+
+    def _start(
+        self, prompts: list[list[int]], params: SamplingParams, rid: str
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Validate every prompt (400 before anything runs), then stream them through the engine."""
+        ids = [rid if len(prompts) == 1 else f"{rid}-{i}" for i in range(len(prompts))]
+        try:
+            for prompt, request_id in zip(prompts, ids):
+                self.llm.engine.build_request(prompt, params, request_id)  # validation only: no engine state
+        except ValueError as exc:
+            raise from_value_error(exc) from None
+        engine = self.llm.async_engine()
+        return merge_streams([self._observed(engine.generate(p, params, i)) for p, i in zip(prompts, ids)])
+
+    async def _observed(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+        last = None
+        try:
+            async with aclosing(stream) as s:  # type: ignore[type-var]
+                async for last in s:
+                    yield last
+        finally:
+            if last is not None:
+                self.metrics.observe(last)
+
+    async def _collect(
+        self, request: Request, stream: AsyncIterator[tuple[int, RequestOutput]], count: int
+    ) -> list[RequestOutput] | None:
+        """Final outputs per prompt; None (and the requests aborted) if the client went away."""
+        finals: list[RequestOutput | None] = [None] * count
+
+        async def run() -> None:
+            async with aclosing(stream) as s:  # type: ignore[type-var]
+                async for i, out in s:
+                    finals[i] = out
+
+        task = asyncio.create_task(run())
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                task.result()
+                return [f for f in finals if f is not None]
+            if await request.is_disconnected():
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
+                logger.info("client disconnected; request aborted")
+                return None
+
+    async def _stream(
+        self,
+        stream: AsyncIterator[tuple[int, RequestOutput]],
+        n: int,
+        options: P.StreamOptions | None,
+        choice_of: Callable[[int, CompletionOutput, str, int], Any],
+        chunk_of: Callable[[list[Any], P.UsageInfo | None], BaseModel],
+        prologue: tuple[str, ...] = (),
+    ) -> AsyncIterator[str]:
+        """SSE events: deltas of each choice's cumulative text, a usage chunk if asked, then [DONE]."""
+        opts = options or P.StreamOptions()
+        sent_text: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}
+        finished: set[int] = set()
+        latest: dict[int, RequestOutput] = {}
+        for event in prologue:
+            yield event
+        try:
+            async with aclosing(stream) as s:  # type: ignore[type-var]
+                async for i, out in s:
+                    latest[i] = out
+                    for c in out.outputs:
+                        index = i * n + c.index
+                        tok = sent_tokens.get(index, 0)
+                        delta = c.text[sent_text.get(index, 0) :]
+                        new_logprobs = c.logprobs is not None and len(c.token_ids) > tok
+                        if index in finished or not (delta or c.finish_reason or new_logprobs):
+                            continue
+                        usage = P.usage_of(list(latest.values())) if opts.continuous_usage_stats else None
+                        sent_text[index], sent_tokens[index] = len(c.text), len(c.token_ids)
+                        if c.finish_reason is not None:
+                            finished.add(index)
+                        yield _sse(chunk_of([choice_of(index, c, delta, tok)], usage))
+        except OpenAIError as exc:
+            yield _sse(exc.payload())
+        except ValueError as exc:
+            yield _sse(from_value_error(exc).payload())
+        except Exception as exc:
+            logger.exception("generation failed mid-stream")
+            yield _sse(OpenAIError(500, f"generation failed: {type(exc).__name__}: {exc}").payload())
+        if opts.include_usage:
+            yield _sse(chunk_of([], P.usage_of(list(latest.values()))))
+        yield "data: [DONE]\n\n"
+
+    @staticmethod
+    def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+    # ---- /v1/completions -------------------------------------------------------------------
+    async def completions(self, request: Request) -> Response:
+        """POST /v1/completions."""
+        body = await read_json_body(request, self.config.server.max_request_bytes)
+        req = P.CompletionRequest.model_validate_json(body, strict=True)
+        self._check(req)
+        unsupported = {"echo": req.echo, "suffix": req.suffix, "best_of": req.best_of not in (None, req.n)}
+        for name, value in unsupported.items():
+            if value:
+                raise bad_request(f"{name} is not supported", param=name)
+        params = self._params(req, req.max_tokens, req.logprobs)
+        prompts = self._completion_prompts(req.prompt)
+        rid, created, num_top = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.logprobs or 0
+        stream = self._start(prompts, params, rid)
+
+        def choice_of(index: int, c: CompletionOutput, text: str, tok: int) -> P.CompletionChoice:
+            return P.completion_choice(index, c, text, tok, num_top)
+
+        def chunk_of(choices: list[Any], usage: P.UsageInfo | None) -> P.CompletionResponse:
+            return P.CompletionResponse(
+                id=rid, created=created, model=self.model_name, choices=choices, usage=usage
+            )
+
+        if req.stream:
+            return self._sse_response(self._stream(stream, params.n, req.stream_options, choice_of, chunk_of))
+        finals = await self._collect(request, stream, len(prompts))
+        if finals is None:
+            return Response(status_code=499)
+        choices = [
+            choice_of(i * params.n + c.index, c, c.text, 0)
+            for i, out in enumerate(finals)
+            for c in out.outputs
+        ]
+        return JSONResponse(chunk_of(choices, P.usage_of(finals)).model_dump())
+
+    def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+        single = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], int))
+        items: list[Any] = [prompt] if single else list(prompt)
+        if not items:
+            raise bad_request("prompt must not be empty", param="prompt")
+        try:
+            return [self.llm.engine.tokenize(p) if isinstance(p, str) else list(p) for p in items]
+        except ValueError as exc:
+            raise from_value_error(exc) from None
+
+    # ---- /v1/chat/completions --------------------------------------------------------------
+    async def chat(self, request: Request) -> Response:
+        """POST /v1/chat/completions."""
+        body = await read_json_body(request, self.config.server.max_request_bytes)
+        req = P.ChatCompletionRequest.model_validate_json(body, strict=True)
+        self._check(req)
+        if req.tools:
+            raise bad_request("tools are not supported", param="tools")
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            raise bad_request("response_format other than text is not supported", param="response_format")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs requires logprobs=true", param="top_logprobs")
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        num_top = req.top_logprobs or 0
+        params = self._params(req, max_tokens, num_top if req.logprobs else None)
+        try:
+            prompt = self.llm.apply_chat_template(req.conversation())
+        except Exception as exc:  # bad roles, or the template's own raise_exception (jinja2 errors)
+            raise bad_request(str(exc), param="messages") from None
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        stream = self._start([prompt], params, rid)
+
+        def choice_of(index: int, c: CompletionOutput, text: str, tok: int) -> P.ChatChunkChoice:
+            return P.chat_chunk_choice(index, c, text, tok, num_top)
+
+        def chunk_of(choices: list[Any], usage: P.UsageInfo | None) -> P.ChatCompletionChunk:
+            return P.ChatCompletionChunk(
+                id=rid, created=created, model=self.model_name, choices=choices, usage=usage
+            )
+
+        if req.stream:
+            role = P.DeltaMessage(role="assistant", content="")
+            prologue = tuple(
+                _sse(chunk_of([P.ChatChunkChoice(index=i, delta=role)], None)) for i in range(params.n)
+            )
+            return self._sse_response(
+                self._stream(stream, params.n, req.stream_options, choice_of, chunk_of, prologue)
+            )
+        finals = await self._collect(request, stream, 1)
+        if finals is None:
+            return Response(status_code=499)
+        choices = [P.chat_choice(c, num_top) for c in finals[0].outputs]
+        resp = P.ChatCompletionResponse(
+            id=rid, created=created, model=self.model_name, choices=choices, usage=P.usage_of(finals)
+        )
+        return JSONResponse(resp.model_dump())
+
+    def model_card(self) -> P.ModelCard:
+        """This server's one model."""
+        return P.ModelCard(
+            id=self.model_name, root=self.config.model.model, max_model_len=self.llm.engine.max_model_len
+        )
+
+
+def create_app(llm: LLM, config: FxllmConfig) -> FastAPI:
+    """The FastAPI app serving `llm` with OpenAI's API (its engine thread starts with the app)."""
+    metrics = ServerMetrics(config.server.served_model_name or config.model.model)
+    serving = OpenAIServing(llm, config, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        llm.async_engine()
+        yield
+
+    app = FastAPI(title="fxllm", version=fxllm.__version__, lifespan=lifespan)
+    app.state.serving = serving
+    install_error_handlers(app)
+    app.add_middleware(ResponseCounter, metrics=metrics)
+    guarded = [Depends(api_key_guard(config.server.api_key))]
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": fxllm.__version__}
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        metrics.update_engine_gauges(llm.engine)
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models", dependencies=guarded)
+    async def list_models() -> dict[str, Any]:
+        return P.ModelList(data=[serving.model_card()]).model_dump()
+
+    @app.get("/v1/models/{model_id:path}", dependencies=guarded)
+    async def get_model(model_id: str) -> dict[str, Any]:
+        if model_id != serving.model_name:
+            raise OpenAIError(
+                404, f"the model {model_id!r} does not exist", param="model", code="model_not_found"
+            )
+        return serving.model_card().model_dump()
+
+    @app.post("/v1/completions", dependencies=guarded)
+    async def completions(request: Request) -> Response:
+        return await serving.completions(request)
+
+    @app.post("/v1/chat/completions", dependencies=guarded)
+    async def chat_completions(request: Request) -> Response:
+        return await serving.chat(request)
+
+    return app
+
+
+def run_server(llm: LLM, config: FxllmConfig) -> None:
+    """Serve until SIGINT/SIGTERM: uvicorn stops accepting, drains in-flight requests, then the engine stops."""
+    import uvicorn
+
+    from fxllm.serve.serve_cli import log_startup
+
+    app = create_app(llm, config)
+    log_startup(llm, config)
+    log_config = None if logging.getLogger().handlers else uvicorn.config.LOGGING_CONFIG
+    server = config.server
+    uv_config = uvicorn.Config(
+        app,
+        host=server.host,
+        port=server.port,
+        log_config=log_config,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
+    # uvicorn re-raises the signal once drained; turn SIGTERM into KeyboardInterrupt so the engine stops cleanly.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
+    try:
+        uvicorn.Server(uv_config).run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+        llm.shutdown()
+        logger.info("server stopped")
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    """`fxllm serve` / `python -m fxllm.serve`: parse arguments, build the LLM, serve (see serve_cli)."""
+    from fxllm.serve.serve_cli import serve_main as main
+
+    return main(argv)
