@@ -26,7 +26,9 @@ class ModelConfig:
     model: str = "smollm2"  # embedded default, preset name, HF folder or .gguf path
     device: str = "auto"  # "auto" = cuda if available, else cpu
     dtype: str = "auto"  # "auto" = bfloat16 on cuda, float32 on cpu
-    max_model_len: int | None = None  # None = the model config's max_position_embeddings (capped by the KV pool)
+    max_model_len: int | None = (
+        None  # None = the model config's max_position_embeddings (capped by the KV pool)
+    )
     seed: int = 0  # seed for presets' random weights
     num_layers: int | None = None  # presets only: override the layer count
 
@@ -85,7 +87,9 @@ def _build(cls: type, data: Mapping[str, Any], path: str) -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{path}." if path else ""
-        raise ValueError(f"config: unknown key {where}{unknown[0]}; known keys here: {', '.join(sorted(names))}")
+        raise ValueError(
+            f"config: unknown key {where}{unknown[0]}; known keys here: {', '.join(sorted(names))}"
+        )
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         hint = hints[key]
@@ -114,7 +118,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     """Apply `a.b.c=value` overrides (values parsed as YAML) onto a nested mapping."""
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.key=value, e.g. scheduler.max_num_seqs=32")
+            raise ValueError(
+                f"override {item!r} must look like section.key=value, e.g. scheduler.max_num_seqs=32"
+            )
         dotted, text = item.split("=", 1)
         node = data
         *parents, leaf = dotted.strip().split(".")
@@ -124,7 +130,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> FxllmConfig:
+def load_config(
+    path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None
+) -> FxllmConfig:
     """Load config.yml (if given) and apply `section.key=value` overrides."""
     data: dict[str, Any] = {}
     if path is not None:

@@ -56,17 +56,23 @@ class LLM:
             raise RuntimeError("this LLM is serving async requests; use generate_async, not generate")
 
     def generate(
-        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids) at once; outputs in prompt order."""
         self._check_sync()
         batch = [prompts] if isinstance(prompts, str) or _is_token_list(prompts) else list(prompts)
         if not batch:
             raise ValueError("no prompts given")
-        param_list = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(batch)
+        param_list = (
+            list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(batch)
+        )
         if len(param_list) != len(batch):
             raise ValueError(f"{len(param_list)} SamplingParams for {len(batch)} prompts")
-        requests = [self.engine.build_request(p, sp) for p, sp in zip(batch, param_list)]  # validate all first
+        requests = [
+            self.engine.build_request(p, sp) for p, sp in zip(batch, param_list)
+        ]  # validate all first
         for request in requests:
             self.engine.add(request)
         finals = {out.request_id: out for out in self.engine.run_until_done()}
@@ -81,7 +87,9 @@ class LLM:
                 raise ValueError("each message must be a dict with 'role' and 'content'")
             if message["role"] not in ("system", "user", "assistant", "tool"):
                 raise ValueError(f"unknown role {message['role']!r}; use system, user, assistant or tool")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         return list(ids)
 
     def chat(
@@ -98,7 +106,12 @@ class LLM:
         return self._async
 
     async def generate_async(
-        self, prompt: Prompt, params: SamplingParams | None = None, *, stream: bool = True, request_id: str | None = None
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        *,
+        stream: bool = True,
+        request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield cumulative outputs as tokens arrive (stream=True) or only the final one."""
         final = None

@@ -27,7 +27,9 @@ def test_unknown_key_is_named() -> None:
 
 
 def test_pass_config_is_validated() -> None:
-    config = config_from_dict({"compile": {"passes": {"merge_linears": False, "match_rope": {"enabled": True}}}})
+    config = config_from_dict(
+        {"compile": {"passes": {"merge_linears": False, "match_rope": {"enabled": True}}}}
+    )
     assert config.compile.passes["merge_linears"].enabled is False
     with pytest.raises(ValueError, match="unknown keys"):
         config_from_dict({"compile": {"passes": {"match_rope": {"enable": True}}}})

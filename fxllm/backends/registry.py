@@ -72,7 +72,9 @@ def choose_backend(op: str, device: torch.device, preference: str | None = None)
     return max(usable, key=lambda impl: impl.priority).name if usable else REFERENCE
 
 
-def bind_op_backends(device: torch.device | str, preferences: Mapping[str, str] | None = None) -> dict[str, str]:
+def bind_op_backends(
+    device: torch.device | str, preferences: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """Install the chosen implementation of every op for `device`'s type; returns op -> backend."""
     import fxllm.ops  # noqa: F401  (the ops must exist before kernels are registered for them)
 

@@ -69,7 +69,9 @@ def _plain_graph_module(gm: GraphModule) -> GraphModule:
     flat = output.args[0]
     if isinstance(flat, (tuple, list)):
         if len(flat) != 1:
-            raise CaptureError(f"expected the captured forward to return logits only, got {len(flat)} outputs")
+            raise CaptureError(
+                f"expected the captured forward to return logits only, got {len(flat)} outputs"
+            )
         output.args = (flat[0],)
     # A plain GraphModule: export's stateful subclass checks the input spec (which passes extend)
     # and is not something torch.compile can trace.
@@ -95,7 +97,10 @@ def capture(model: torch.nn.Module, *, max_num_tokens: int | None = None) -> Cap
     # Dim.DYNAMIC rather than named ranges: on CUDA, kernel-selection code emits guards such as
     # min(128*T, 512*T) == 128*T that hold for every T but that export's range check cannot
     # prove. We check below that both dims stayed symbolic.
-    dynamic = {"input_ids": {0: Dim.DYNAMIC, 1: Dim.DYNAMIC}, "position_ids": {0: Dim.DYNAMIC, 1: Dim.DYNAMIC}}
+    dynamic = {
+        "input_ids": {0: Dim.DYNAMIC, 1: Dim.DYNAMIC},
+        "position_ids": {0: Dim.DYNAMIC, 1: Dim.DYNAMIC},
+    }
     del limit
     start = time.perf_counter()
     try:
@@ -109,7 +114,9 @@ def capture(model: torch.nn.Module, *, max_num_tokens: int | None = None) -> Cap
         ) from exc
     first = next(n for n in exported.graph.nodes if n.op == "placeholder" and n.name.startswith("input_ids"))
     if any(isinstance(size, int) for size in first.meta["val"].shape):
-        raise CaptureError(f"capture specialised the batch or token dimension: {tuple(first.meta['val'].shape)}")
+        raise CaptureError(
+            f"capture specialised the batch or token dimension: {tuple(first.meta['val'].shape)}"
+        )
     gm = _plain_graph_module(exported.module())
     normalize_graph(gm)
     seconds = time.perf_counter() - start

@@ -32,7 +32,11 @@ def fxllm_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **_: Any)
 
     fake_mode = detect_fake_mode(example_inputs)
     # Re-tracing creates shape facts Dynamo has no source for; they hold by construction.
-    guards = fake_mode.shape_env.suppress_guards() if fake_mode and fake_mode.shape_env else contextlib.nullcontext()
+    guards = (
+        fake_mode.shape_env.suppress_guards()
+        if fake_mode and fake_mode.shape_env
+        else contextlib.nullcontext()
+    )
     with guards:
         traced = make_fx(gm, pre_dispatch=True, tracing_mode="fake" if fake_mode else "real")(*example_inputs)
         normalize_graph(traced)

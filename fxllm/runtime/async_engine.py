@@ -22,7 +22,9 @@ class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._commands: deque[tuple[str, Any]] = deque()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput | Exception]]] = {}
+        self._streams: dict[
+            str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput | Exception]]
+        ] = {}
         self._wakeup = threading.Event()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="fxllm-engine", daemon=True)

@@ -53,7 +53,9 @@ def build_engine(
     if model is None:
         from fxllm.models import load_model
 
-        loaded = load_model(name, device=device, dtype=dtype, seed=config.model.seed, num_layers=config.model.num_layers)
+        loaded = load_model(
+            name, device=device, dtype=dtype, seed=config.model.seed, num_layers=config.model.num_layers
+        )
         model, tokenizer = loaded.model, loaded.tokenizer if tokenizer is None else tokenizer
         del loaded  # the graph keeps the weights it needs; merged q/k/v originals must be freed
     else:

@@ -80,7 +80,10 @@ class Engine:
         return list(self.tokenizer(prompt).input_ids)
 
     def build_request(
-        self, prompt: str | SequenceABC[int], params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: str | SequenceABC[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
     ) -> Request:
         """Validate and build a request without touching engine state (safe from any thread)."""
         params = params or SamplingParams()
@@ -125,7 +128,9 @@ class Engine:
             states.append(
                 SequenceState(
                     seq=seq,
-                    detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids, params) if self.tokenizer else None,  # type: ignore[arg-type]
+                    detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids, params)
+                    if self.tokenizer
+                    else None,  # type: ignore[arg-type]
                     generator=make_generator(seed, self.runner.device),
                     max_tokens=max_tokens,
                     logprobs=[] if params.logprobs is not None else None,
@@ -146,7 +151,10 @@ class Engine:
         self.stats.num_prompt_tokens += len(request.prompt_token_ids)
 
     def add_request(
-        self, prompt: str | SequenceABC[int], params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: str | SequenceABC[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
     ) -> str:
         """Validate, build and queue a request; returns its id."""
         request = self.build_request(prompt, params, request_id)
@@ -209,7 +217,9 @@ class Engine:
                 self.stats.num_finished += 1
         return outputs
 
-    def _append_token(self, request: Request, state: SequenceState, token: int, logprobs: Any, now: float) -> None:
+    def _append_token(
+        self, request: Request, state: SequenceState, token: int, logprobs: Any, now: float
+    ) -> None:
         seq, params = state.seq, request.params
         if request.metrics.first_token_time is None:
             request.metrics.first_token_time = now
@@ -225,7 +235,9 @@ class Engine:
                 del tid
             state.logprobs.append(logprobs)
             state.cumulative_logprob += logprobs[token].logprob
-        reason = finish_reason_for_token(token, seq.num_output_tokens, params, self.eos_token_id, state.max_tokens)
+        reason = finish_reason_for_token(
+            token, seq.num_output_tokens, params, self.eos_token_id, state.max_tokens
+        )
         det = state.detokenizer
         if det is not None:
             if reason is None or reason[0] == "length" or params.include_stop_str_in_output:
@@ -235,7 +247,9 @@ class Engine:
                 reason = ("stop", stop_string)
         if reason is not None:
             state.finish_reason, state.stop_reason = reason
-            seq.status = SequenceStatus.FINISHED_LENGTH if reason[0] == "length" else SequenceStatus.FINISHED_STOPPED
+            seq.status = (
+                SequenceStatus.FINISHED_LENGTH if reason[0] == "length" else SequenceStatus.FINISHED_STOPPED
+            )
             self.scheduler.finish_sequence(seq)
             self._by_seq.pop(seq.seq_id, None)
         if det is not None:
@@ -260,7 +274,9 @@ class Engine:
 
 def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     """'auto' -> cuda/bfloat16 when a GPU is present, else cpu/float32."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
     if dtype == "auto":
         return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
     try:

@@ -46,7 +46,9 @@ def bytes_per_block(shapes: list[KVLayerShape], block_size: int, dtype: torch.dt
     return sum(block_size * s.num_kv_heads * (s.head_dim_k + s.head_dim_v) * elem for s in shapes)
 
 
-def plan_num_blocks(shapes: list[KVLayerShape], config: CacheConfig, dtype: torch.dtype, device: torch.device) -> int:
+def plan_num_blocks(
+    shapes: list[KVLayerShape], config: CacheConfig, dtype: torch.dtype, device: torch.device
+) -> int:
     """How many blocks the pool gets: forced, a CPU byte budget, or a fraction of free GPU memory."""
     if config.num_blocks is not None:
         return config.num_blocks
@@ -69,7 +71,12 @@ class ModelRunner:
     """Owns the KV cache pool and calls the compiled graph with each step's inputs."""
 
     def __init__(
-        self, gm: GraphModule, backend: str, device: torch.device, dtype: torch.dtype, cache_config: CacheConfig
+        self,
+        gm: GraphModule,
+        backend: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        cache_config: CacheConfig,
     ) -> None:
         self.device = device
         self.dtype = dtype
@@ -80,7 +87,14 @@ class ModelRunner:
         for shape in self.layer_shapes:
             for head_dim in (shape.head_dim_k, shape.head_dim_v):
                 self.kv_caches.append(
-                    torch.zeros(self.num_blocks, self.block_size, shape.num_kv_heads, head_dim, dtype=dtype, device=device)
+                    torch.zeros(
+                        self.num_blocks,
+                        self.block_size,
+                        shape.num_kv_heads,
+                        head_dim,
+                        dtype=dtype,
+                        device=device,
+                    )
                 )
         pool_bytes = sum(t.numel() * t.element_size() for t in self.kv_caches)
         logger.info(

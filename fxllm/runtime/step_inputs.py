@@ -37,7 +37,10 @@ class StepInputs:
 
 
 def build_step_inputs(
-    scheduled: list[ScheduledSequence], block_size: int, device: torch.device, pad_tokens_to: int | None = None
+    scheduled: list[ScheduledSequence],
+    block_size: int,
+    device: torch.device,
+    pad_tokens_to: int | None = None,
 ) -> StepInputs:
     """Lay out the scheduled chunks of every sequence in one token dimension."""
     tokens: list[int] = []
