@@ -42,8 +42,10 @@ def eager_backend(gm: GraphModule) -> Callable[..., object]:
 
 @register_graph_backend("inductor")
 def inductor_backend(gm: GraphModule) -> Callable[..., object]:
-    """Compile with Inductor; fxllm ops stay opaque calls into their bound backend."""
-    compiled = torch.compile(gm, backend="inductor", dynamic=True)
+    """Compile with Inductor; ops with a bound kernel stay opaque, reference-only ops are inlined."""
+    from fxllm.compiler.inline_reference import inline_reference_ops
+
+    compiled = torch.compile(inline_reference_ops(gm), backend="inductor", dynamic=True)
 
     def run(*args: object) -> object:
         # Size-oblivious reasoning: a batch of 1 sequence or 1 sampled token must not specialise

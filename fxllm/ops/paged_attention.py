@@ -15,6 +15,7 @@ hiding the cache from the graph.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fxllm.ops.eager import eager_only
@@ -65,15 +66,22 @@ def _decode_batch(
     keys = k_cache[table].flatten(1, 2)[:, :max_len]  # [S, L, Hkv, D]
     values = v_cache[table].flatten(1, 2)[:, :max_len]
     group = num_heads // num_kv_heads
-    qg = q.view(num_seqs, num_kv_heads, group, head_dim).float()
-    scores = torch.einsum("skgd,slkd->skgl", qg, keys.float()) * scale
-    if softcap > 0.0:
-        scores = torch.tanh(scores / softcap) * softcap
     pos = torch.arange(max_len, device=q.device)[None, :]
     lens = seq_lens.long()[:, None]
     allowed = pos < lens
     if sliding_window > 0:
         allowed = allowed & (lens - 1 - pos < sliding_window)
+    if softcap == 0.0 and sinks is None:
+        # SDPA's fused CPU kernel with a padding mask is ~3x faster than the explicit math below.
+        out = F.scaled_dot_product_attention(
+            q[:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2),
+            attn_mask=allowed[:, None, None, :], scale=scale, enable_gqa=True,
+        )  # fmt: skip
+        return out.reshape(num_seqs, num_heads, -1)
+    qg = q.view(num_seqs, num_kv_heads, group, head_dim).float()
+    scores = torch.einsum("skgd,slkd->skgl", qg, keys.float()) * scale
+    if softcap > 0.0:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
     if sinks is not None:
         sink = sinks.float().view(1, num_kv_heads, group, 1).expand(num_seqs, -1, -1, 1)
