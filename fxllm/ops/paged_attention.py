@@ -15,7 +15,6 @@ hiding the cache from the graph.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fxllm.ops.eager import eager_only
@@ -34,7 +33,7 @@ def write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_
 def _gather_context(cache: Tensor, block_table: Tensor, length: int) -> Tensor:
     block_size = cache.shape[1]
     num_blocks = (length + block_size - 1) // block_size
-    return cache[block_table[:num_blocks].long()].flatten(0, 1)[:length]
+    return cache.index_select(0, block_table[:num_blocks].long()).flatten(0, 1)[:length]
 
 
 def _attend(
@@ -57,38 +56,36 @@ def _decode_batch(
     softcap: float,
     sinks: Tensor | None,
 ) -> Tensor:
-    """One query per sequence: gather all contexts padded to the longest and attend at once."""
+    """One query per sequence: gather every context (padded to the longest) and attend at once.
+
+    index_select gathers blocks ~6x faster than advanced indexing on the CPU, and two batched
+    float32 matmuls beat SDPA's fused kernel here (one query row; SDPA is 2-3x slower, bf16 worst).
+    """
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     max_len = int(seq_lens.max())
     num_blocks = (max_len + block_size - 1) // block_size
-    table = block_tables[:, :num_blocks].long()
-    keys = k_cache[table].flatten(1, 2)[:, :max_len]  # [S, L, Hkv, D]
-    values = v_cache[table].flatten(1, 2)[:, :max_len]
+    table = block_tables[:, :num_blocks].reshape(-1).long()
+    padded = num_blocks * block_size
+    keys = k_cache.index_select(0, table).view(num_seqs, padded, num_kv_heads, -1)
+    values = v_cache.index_select(0, table).view(num_seqs, padded, num_kv_heads, -1)
     group = num_heads // num_kv_heads
-    pos = torch.arange(max_len, device=q.device)[None, :]
+    qg = q.view(num_seqs, num_kv_heads, group, head_dim).float()
+    scores = torch.matmul(qg, keys.permute(0, 2, 3, 1).float()) * scale  # [S, Hkv, G, L]
+    if softcap > 0.0:
+        scores = torch.tanh(scores / softcap) * softcap
+    pos = torch.arange(padded, device=q.device)[None, :]
     lens = seq_lens.long()[:, None]
     allowed = pos < lens
     if sliding_window > 0:
         allowed = allowed & (lens - 1 - pos < sliding_window)
-    if softcap == 0.0 and sinks is None:
-        # SDPA's fused CPU kernel with a padding mask is ~3x faster than the explicit math below.
-        out = F.scaled_dot_product_attention(
-            q[:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=allowed[:, None, None, :], scale=scale, enable_gqa=True,
-        )  # fmt: skip
-        return out.reshape(num_seqs, num_heads, -1)
-    qg = q.view(num_seqs, num_kv_heads, group, head_dim).float()
-    scores = torch.einsum("skgd,slkd->skgl", qg, keys.float()) * scale
-    if softcap > 0.0:
-        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
     if sinks is not None:
         sink = sinks.float().view(1, num_kv_heads, group, 1).expand(num_seqs, -1, -1, 1)
         probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     else:
         probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("skgl,slkd->skgd", probs.to(v_cache.dtype), values)
+    out = torch.matmul(probs, values.permute(0, 2, 1, 3).float())  # [S, Hkv, G, Dv]
     return out.reshape(num_seqs, num_heads, -1).to(q.dtype)
 
 
