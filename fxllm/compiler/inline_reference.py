@@ -8,6 +8,7 @@ them with their neighbours into one loop (on the CPU, one C++ kernel). Ops with 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +18,7 @@ from torch.fx import GraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from fxllm.backends.registry import REFERENCE, choose_backend
-from fxllm.passes.graph_utils import fake_mode_of, val
+from fxllm.passes.graph_utils import fake_mode_of, graph_device, val
 
 logger = logging.getLogger(__name__)
 
@@ -44,17 +45,9 @@ def _references() -> dict[str, Callable[..., Any]]:
     }
 
 
-def _graph_device(gm: GraphModule) -> torch.device:
-    for node in gm.graph.nodes:
-        value = val(node)
-        if node.op == "placeholder" and isinstance(value, torch.Tensor):
-            return value.device
-    return torch.device("cpu")
-
-
 def inline_reference_ops(gm: GraphModule) -> GraphModule:
     """Return `gm` re-traced with reference-bound fxllm ops decomposed (or `gm` if none apply)."""
-    device = _graph_device(gm)
+    device = graph_device(gm)
     table = {
         getattr(torch.ops.fxllm, op).default: fn
         for op, fn in _references().items()
@@ -65,15 +58,7 @@ def inline_reference_ops(gm: GraphModule) -> GraphModule:
     if not present or mode is None:
         return gm
     inputs = [val(n) for n in gm.graph.nodes if n.op == "placeholder"]
-    with mode, mode.shape_env.ignore_fresh_unbacked_symbols() if mode.shape_env else _Null():
+    with mode, mode.shape_env.ignore_fresh_unbacked_symbols() if mode.shape_env else contextlib.nullcontext():
         traced = make_fx(gm, decomposition_table=table, tracing_mode="fake", pre_dispatch=True)(*inputs)
     logger.debug("inlined reference ops for %s: %s", device, sorted(str(t) for t in present))
     return traced
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

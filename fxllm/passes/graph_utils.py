@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Iterable
@@ -100,7 +101,10 @@ def refresh_meta(gm: GraphModule) -> None:
     prev = mode.allow_non_fake_inputs
     mode.allow_non_fake_inputs = True
     try:
-        with mode, mode.shape_env.ignore_fresh_unbacked_symbols() if mode.shape_env else _null():
+        with (
+            mode,
+            mode.shape_env.ignore_fresh_unbacked_symbols() if mode.shape_env else contextlib.nullcontext(),
+        ):
             for node in gm.graph.nodes:
                 if node.op == "get_attr" and "val" not in node.meta:
                     node.meta["val"] = mode.from_tensor(_fetch_attr(gm, node.target), static_shapes=True)
@@ -127,12 +131,13 @@ def _fetch_attr(gm: GraphModule, target: str) -> Any:
     return obj
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+def graph_device(gm: GraphModule) -> torch.device:
+    """The device of the graph's first tensor input (cpu when it has none)."""
+    for node in gm.graph.nodes:
+        value = val(node)
+        if node.op == "placeholder" and isinstance(value, torch.Tensor):
+            return value.device
+    return torch.device("cpu")
 
 
 def users_of(nodes: Iterable[Node]) -> set[Node]:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from fxllm.passes.graph_utils import fake_mode_of, is_op, val
+from fxllm.passes.graph_utils import fake_mode_of, graph_device, is_op, val
 from fxllm.passes.registry import PassContext, PassResult, register_pass
 
 METADATA_INPUTS: tuple[str, ...] = ("slot_mapping", "block_tables", "seq_lens", "query_start_loc")
@@ -33,16 +33,8 @@ def add_placeholder(
         with mode.shape_env.ignore_fresh_unbacked_symbols():
             sizes = [mode.shape_env.create_unbacked_symint() if s is None else s for s in shape]
         with mode:
-            node.meta["val"] = torch.empty(sizes, dtype=dtype, device=_device_of(gm))
+            node.meta["val"] = torch.empty(sizes, dtype=dtype, device=graph_device(gm))
     return node
-
-
-def _device_of(gm: GraphModule) -> torch.device:
-    for node in gm.graph.nodes:
-        value = val(node)
-        if node.op == "placeholder" and isinstance(value, torch.Tensor):
-            return value.device
-    return torch.device("cpu")
 
 
 def num_tokens_symbol(gm: GraphModule) -> Any:
