@@ -32,13 +32,15 @@ class BuildInfo:
     passes_seconds: float
     pass_report: PassReport
     op_backends: dict[str, str]
+    warmup_seconds: float = 0.0  # compile of the forward happens here (first call)
 
     def summary(self) -> str:
         """One line per fact, for the start-up log."""
         counts = {r.name: r.matches for r in self.pass_report.records if r.status == "ran"}
         return (
             f"model {self.model_name} on {self.device} ({self.dtype}); load {self.load_seconds:.1f} s, "
-            f"capture {self.capture_seconds:.1f} s, passes {self.passes_seconds:.1f} s; matches {counts}"
+            f"capture {self.capture_seconds:.1f} s, passes {self.passes_seconds:.1f} s, "
+            f"compile + warm-up {self.warmup_seconds:.1f} s; matches {counts}"
         )
 
 
@@ -92,6 +94,9 @@ def build_engine(
         vocab_size=int(hf_config.vocab_size),
         eos_token_id=eos,
     )
-    info = BuildInfo(name, device, dtype, load_seconds, captured.seconds, passes_seconds, report, chosen)
+    logger.info("compiling the forward (%s backend): one warm-up request", config.compile.backend)
+    warmup_seconds = engine.warmup()
+    info = BuildInfo(name, device, dtype, load_seconds, captured.seconds, passes_seconds, report, chosen,
+                     warmup_seconds)  # fmt: skip
     logger.info("engine ready: %s; KV capacity %d tokens", info.summary(), runner.capacity_tokens)
     return engine, info

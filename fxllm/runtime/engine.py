@@ -264,6 +264,18 @@ class Engine:
         self.stats.prefix_hit_tokens = kv.num_hit_tokens
         self.stats.prefix_queried_tokens = kv.num_queried_tokens
 
+    def warmup(self) -> float:
+        """Run one tiny request through prefill and decode so compilation happens now, not on a
+        user's first request; then forget it (stats, prefix cache). Returns the seconds it took."""
+        start = time.perf_counter()
+        self.add_request(
+            [0, 1, 2], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True), "fxllm-warmup"
+        )
+        self.run_until_done()
+        self.kv_cache.reset_prefix_cache()
+        self.stats = EngineStats()
+        return time.perf_counter() - start
+
     def run_until_done(self) -> list[RequestOutput]:
         """Step until every queued request finishes; returns the final outputs."""
         finals: list[RequestOutput] = []
