@@ -170,3 +170,21 @@ def test_uncapturable_model_fails_with_reason() -> None:
 
     with pytest.raises(CaptureError, match="could not capture DataDependent"):
         compile_model(DataDependent(), backend="eager")
+
+
+def test_partial_rotary_matches_rotated_slice_only() -> None:
+    from transformers import AutoModelForCausalLM, Phi3Config
+
+    torch.manual_seed(0)
+    config = Phi3Config(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.5, pad_token_id=0)  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config).eval()
+    compiled = compile_model(model, backend="eager")
+    assert compiled.pass_report.matches("match_rope") == 2
+    rope = [
+        n for n in compiled.graph_module.graph.nodes if n.target == torch.ops.fxllm.rotary_embedding.default
+    ]
+    assert all(n.args[0].meta["val"].shape[-1] == 16 for n in rope)  # half of head_dim 32 rotates
+    ids = _ids(256, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids), model(ids).logits, atol=ATOL, rtol=0)
