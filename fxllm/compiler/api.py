@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -100,10 +100,9 @@ def compile_model(
     *,
     backend: str = "inductor",
     passes: PassesArg = None,
-    max_num_tokens: int | None = None,
 ) -> CompiledModel:
     """Capture `model`, run the pass pipeline (no runtime passes) and compile it."""
-    captured = capture(model, max_num_tokens=max_num_tokens)
+    captured = capture(model)
     start = time.perf_counter()
     gm = captured.gm
     ctx = PassContext(model_config=captured.model_config, device=captured.device, dtype=captured.dtype)
@@ -119,10 +118,9 @@ def compile(
     *,
     backend: str = "inductor",
     passes: PassesArg = None,
-    max_num_tokens: int | None = None,
 ) -> Any:
     """Compile a HF model, a MODEL string, or decorate a function that returns a model."""
-    options = {"backend": backend, "passes": passes, "max_num_tokens": max_num_tokens}
+    options = {"backend": backend, "passes": passes}
     if model is None:
         return lambda fn: compile(fn, **options)
     if isinstance(model, torch.nn.Module):
@@ -144,6 +142,3 @@ def compile(
 
         return build_and_compile
     raise TypeError(f"fxllm.compile takes a model, a model name or a function, not {type(model).__name__}")
-
-
-Decorator = Callable[[Callable[..., torch.nn.Module]], Callable[..., CompiledModel]]

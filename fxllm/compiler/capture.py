@@ -83,14 +83,13 @@ def _plain_graph_module(gm: GraphModule) -> GraphModule:
     return plain
 
 
-def capture(model: torch.nn.Module, *, max_num_tokens: int | None = None) -> CapturedGraph:
+def capture(model: torch.nn.Module) -> CapturedGraph:
     """Export `model` to one GraphModule with dynamic batch and token dimensions."""
     if not hasattr(model, "config"):
         raise CaptureError(f"{type(model).__name__} has no .config: fxllm captures Hugging Face causal LMs")
     model.eval()
     config = model.config
     dtype, device = _model_dtype_device(model)
-    limit = max_num_tokens or int(getattr(config, "max_position_embeddings", 0) or 131072)
     # Example sizes of 2 and 8 avoid export's specialisation of sizes 0 and 1.
     input_ids = torch.zeros(2, 8, dtype=torch.long, device=device)
     position_ids = torch.arange(8, device=device).expand(2, 8)
@@ -101,7 +100,6 @@ def capture(model: torch.nn.Module, *, max_num_tokens: int | None = None) -> Cap
         "input_ids": {0: Dim.DYNAMIC, 1: Dim.DYNAMIC},
         "position_ids": {0: Dim.DYNAMIC, 1: Dim.DYNAMIC},
     }
-    del limit
     start = time.perf_counter()
     try:
         with torch.no_grad():

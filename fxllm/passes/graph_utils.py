@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -138,14 +137,6 @@ def graph_device(gm: GraphModule) -> torch.device:
         if node.op == "placeholder" and isinstance(value, torch.Tensor):
             return value.device
     return torch.device("cpu")
-
-
-def users_of(nodes: Iterable[Node]) -> set[Node]:
-    """All users of a set of nodes."""
-    out: set[Node] = set()
-    for node in nodes:
-        out.update(node.users)
-    return out
 
 
 def count_ops(gm: GraphModule) -> dict[str, int]:

@@ -78,8 +78,7 @@ def register_pass(
     def decorate(fn: PassFn) -> PassFn:
         if name in _PASSES and _PASSES[name].fn is not fn:
             raise ValueError(f"a pass named {name!r} is already registered; pick another name")
-        doc = description or (fn.__doc__ or "").strip().splitlines()[0:1]
-        text = doc if isinstance(doc, str) else (doc[0] if doc else "")
+        text = description or next(iter((fn.__doc__ or "").strip().splitlines()), "")
         _PASSES[name] = PassSpec(name, stage, fn, needs_runtime, _builtin, text)
         return fn
 

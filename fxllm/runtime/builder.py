@@ -67,7 +67,7 @@ def build_engine(
     hf_config = model.config
     generation_config = getattr(model, "generation_config", None)
     max_positions = int(getattr(hf_config, "max_position_embeddings", 0) or 8192)
-    captured = capture(model, max_num_tokens=max_positions)
+    captured = capture(model)
     del model
     start = time.perf_counter()
     ctx = PassContext(model_config=hf_config, device=device, dtype=dtype)

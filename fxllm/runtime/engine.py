@@ -230,9 +230,8 @@ class Engine:
         seq.append_token(token)
         self.stats.num_generated_tokens += 1
         if state.logprobs is not None and logprobs is not None:
-            for tid, lp in logprobs.items():
-                lp.decoded = self.tokenizer.decode([tid]) if self.tokenizer else None
-                del tid
+            for lp in logprobs.values():
+                lp.decoded = self.tokenizer.decode([lp.token_id]) if self.tokenizer else None
             state.logprobs.append(logprobs)
             state.cumulative_logprob += logprobs[token].logprob
         reason = finish_reason_for_token(

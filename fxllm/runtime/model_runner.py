@@ -31,12 +31,10 @@ def kv_layer_shapes(gm: GraphModule) -> list[KVLayerShape]:
     shapes = []
     for node in gm.graph.nodes:
         if is_op(node, torch.ops.fxllm.paged_attention.default):
-            k_cache, v_cache = node.args[3], node.args[4]
             k, v = val(node.args[1].args[0]), val(node.args[2].args[0])  # un-squeezed [1, T, Hkv, D]
             if k is None or v is None:
                 raise RuntimeError(f"no shape recorded for the key/value of {node.name}; run refresh_meta")
             shapes.append(KVLayerShape(int(k.shape[-2]), int(k.shape[-1]), int(v.shape[-1])))
-            del k_cache, v_cache
     return shapes
 
 

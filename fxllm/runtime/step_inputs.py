@@ -15,13 +15,12 @@ class StepInputs:
 
     input_ids: torch.Tensor  # [1, T]
     position_ids: torch.Tensor  # [1, T]
-    slot_mapping: torch.Tensor  # [T] int64, -1 for padding
+    slot_mapping: torch.Tensor  # [T] int64 (the op skips slots < 0)
     block_tables: torch.Tensor  # [S, max_blocks] int32
     seq_lens: torch.Tensor  # [S] int32: context length after this step
     query_start_loc: torch.Tensor  # [S + 1] int32
     logits_indices: torch.Tensor  # [N] int64: flat positions whose logits are sampled
     sampled: list[int]  # indices into the scheduled list of the N sequences that sample
-    num_tokens: int  # real tokens (T may include padding)
 
     def named_args(self) -> dict[str, torch.Tensor]:
         """Graph inputs by placeholder name (the runner orders them; KV caches are its own)."""
@@ -40,7 +39,6 @@ def build_step_inputs(
     scheduled: list[ScheduledSequence],
     block_size: int,
     device: torch.device,
-    pad_tokens_to: int | None = None,
 ) -> StepInputs:
     """Lay out the scheduled chunks of every sequence in one token dimension."""
     tokens: list[int] = []
@@ -65,12 +63,6 @@ def build_step_inputs(
         if end == seq.num_tokens:  # the chunk reaches the last known token: its logits are sampled
             logits_indices.append(len(tokens) - 1)
             sampled.append(index)
-    num_tokens = len(tokens)
-    if pad_tokens_to is not None and pad_tokens_to > num_tokens:
-        pad = pad_tokens_to - num_tokens
-        tokens += [0] * pad
-        positions += [0] * pad
-        slots += [-1] * pad
 
     def as_tensor(data: list[int] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:
         tensor = torch.tensor(data, dtype=dtype)
@@ -85,5 +77,4 @@ def build_step_inputs(
         query_start_loc=as_tensor(starts, torch.int32),
         logits_indices=as_tensor(logits_indices, torch.long),
         sampled=sampled,
-        num_tokens=num_tokens,
     )
