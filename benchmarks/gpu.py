@@ -1,7 +1,10 @@
 """Everything GPU-side in one device call: correctness checks, then timings; prints a table.
 
-Usage (on the GPU machine, from the repo root): PYTHONPATH=. python benchmarks/gpu.py [--out DIR]
+Usage (on the GPU machine, from the repo root):
+    PYTHONPATH=. python3 benchmarks/gpu.py --out $OUT [--skip SECTION] [--only SECTION]
 Writes results.json under --out. Each section is independent: a failure is recorded, not fatal.
+Sections: small_model_bf16, greedy_tokens, triton_selfcheck, llama8b (benchmarks/gpu_llama8b.py),
+and compile_8b (cold/warm compile in fresh processes; only with --only).
 """
 
 from __future__ import annotations
@@ -44,29 +47,39 @@ def check_small_model_bf16() -> dict[str, Any]:
 
 
 def check_greedy_tokens() -> dict[str, Any]:
-    """Greedy generation through the runtime equals HF generate on a small preset (GPU)."""
+    """Greedy generation through the runtime (CUDA graphs on) equals HF generate on a small preset."""
     from fxllm.config import load_config
     from fxllm.llm import LLM
     from fxllm.models import load_model
     from fxllm.runtime.sampling_params import SamplingParams
 
     hf = load_model("tiny-llama", device="cuda", dtype=torch.float32).model
-    config = load_config(None, ["model.model=tiny-llama", "model.device=cuda", "model.dtype=float32",
-                                "compile.backend=eager", "cache.gpu_memory_fraction=0.05"])  # fmt: skip
-    llm = LLM(config=config)
-    prompts = [torch.randint(3, 500, (n,)).tolist() for n in (5, 17, 40, 3)]
-    outs = llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
-    same = []
-    for p, o in zip(prompts, outs):
-        ref = hf.generate(
-            torch.tensor([p], device="cuda"), max_new_tokens=16, min_new_tokens=16, do_sample=False
-        )
-        same.append(ref[0, len(p) :].tolist() == o.outputs[0].token_ids)
-    backends = dict(llm.info.op_backends)
-    llm.shutdown()
-    del llm
-    torch.cuda.empty_cache()
-    return {"equal": same, "pass": all(same), "op_backends": backends}
+    prompts = [torch.randint(3, 500, (n,)).tolist() for n in (5, 17, 40, 3, 9, 64)]
+    lengths = [16, 16, 5, 11, 16, 2]  # the batch shrinks as requests finish: several buckets replay
+    refs = [
+        hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=n, min_new_tokens=n, do_sample=False)[
+            0, len(p) :
+        ].tolist()
+        for p, n in zip(prompts, lengths)
+    ]
+    result: dict[str, Any] = {}
+    for backend in ("eager", "inductor"):
+        config = load_config(None, ["model.model=tiny-llama", "model.device=cuda", "model.dtype=float32",
+                                    f"compile.backend={backend}", "cache.gpu_memory_fraction=0.05"])  # fmt: skip
+        llm = LLM(config=config)
+        params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in lengths]
+        outs = llm.generate(prompts, params)
+        same = [ref == o.outputs[0].token_ids for ref, o in zip(refs, outs)]
+        graphs = llm.engine.runner.decode_graphs
+        result[backend] = {
+            "equal": same, "pass": all(same) and graphs is not None and graphs.num_replays > 0,
+            "graph_replays": graphs.num_replays if graphs else 0,
+            "graph_seconds": llm.info.decode_graph_seconds, "op_backends": dict(llm.info.op_backends),
+        }  # fmt: skip
+        llm.shutdown()
+        del llm
+        torch.cuda.empty_cache()
+    return result
 
 
 def time_compile_8b(cache_dir: str) -> dict[str, Any]:
@@ -106,33 +119,57 @@ def triton_selfcheck() -> Any:
 
 
 def main() -> int:
-    """Run every section; print a table; write results.json."""
+    """Run every section; print a table; write results.json (after each section, so a timeout keeps results)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--skip", action="append", default=[])
+    parser.add_argument("--only", action="append", default=[])
+    parser.add_argument("--budget-s", type=float, default=570.0, help="stop starting scenarios after this")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
+    deadline = time.perf_counter() + args.budget_s
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gpu_llama8b import run_llama8b
+
+    results: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    out_file = Path(args.out) / "results.json"
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        out_file.write_text(json.dumps(results, indent=2, default=str))
+
+    def llama8b() -> dict[str, Any]:
+        partial: dict[str, Any] = {}
+        results["llama8b"] = partial
+
+        def keep(values: dict[str, Any]) -> None:
+            partial.update(values)
+            save()
+
+        return run_llama8b(deadline, keep)
+
     sections = {
         "small_model_bf16": check_small_model_bf16,
         "greedy_tokens": check_greedy_tokens,
         "triton_selfcheck": triton_selfcheck,
+        "llama8b": llama8b,
+        # Not run by default (measured before, slow: two fresh 8B processes); ask with --only compile_8b.
         "compile_8b": lambda: time_compile_8b("/tmp/fxllm-inductor-cache"),
     }
-    results: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
-    for name, fn in sections.items():
+    chosen = args.only or [name for name in sections if name != "compile_8b"]
+    for name in chosen:
         if name in args.skip:
             continue
         start = time.perf_counter()
         try:
-            results[name] = fn()
+            results[name] = sections[name]()
         except Exception:
             # Keep the Python frames: C++ frame dumps from torch errors would crowd them out.
             lines = [ln for ln in traceback.format_exc().splitlines() if not ln.startswith("frame #")]
-            results[name] = {"error": "\n".join(lines)[-6000:]}
+            results[name] = {**(results.get(name) or {}), "error": "\n".join(lines)[-6000:]}
         logger.info("%s done in %.1f s", name, time.perf_counter() - start)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    print(json.dumps(results, indent=1, default=str)[-6000:])
+        save()
+    print(json.dumps(results, indent=1, default=str)[-8000:])
     return 0
 
 

@@ -145,6 +145,32 @@ def test_public_elementwise_ops_match_reference() -> None:
     assert selfcheck.rel_err(gelu, torch.nn.functional.gelu(gate, approximate="tanh") * up) <= 1e-5
 
 
+def test_outputs_have_the_strides_the_fakes_declare() -> None:
+    """Inductor asserts a bound kernel's output strides against the op's fake (an H100 run failed so)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def strides(out: torch.Tensor | tuple[torch.Tensor, ...]) -> list[tuple[int, ...]]:
+        return [t.stride() for t in (out if isinstance(out, tuple) else (out,))]
+
+    x = torch.randn(3, 5, 64, device=DEVICE).transpose(0, 1)  # permuted, dense
+    w = torch.randn(64, device=DEVICE)
+    q = torch.randn(2, 5, 4, 16, device=DEVICE).transpose(1, 2)  # HF's [B, H, T, D] view of [B, T, H, D]
+    k = torch.randn(2, 5, 2, 16, device=DEVICE).transpose(1, 2)
+    cos, sin = torch.randn(2, 1, 5, 16, device=DEVICE), torch.randn(2, 1, 5, 16, device=DEVICE)
+    merged = torch.randn(3, 2 * 48, device=DEVICE)
+    cases = {
+        "rms_norm": (norms.rms_norm, (x, w, 1e-5)),
+        "fused_add_rms_norm": (norms.fused_add_rms_norm, (x, x.clone(), w, 1e-5)),
+        "rotary_embedding": (rotary.rotary_embedding, (q, k, cos, sin)),
+        "silu_and_mul": (activations.silu_and_mul, (merged[:, :48], merged[:, 48:])),
+    }
+    for name, (kernel, args) in cases.items():
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            declared = strides(getattr(torch.ops.fxllm, name)(*fake_args))
+        assert strides(kernel(*args)) == declared, name
+
+
 def test_unsupported_shapes_fall_back_to_reference() -> None:
     x, w = torch.randn(4, 32, device=DEVICE), torch.randn(32, device=DEVICE)
     residual = torch.randn(32, device=DEVICE)  # broadcast residual: reference path

@@ -29,7 +29,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 @rms_norm.register_fake
 def _rms_norm_fake(x, weight, eps):
-    return torch.empty_like(x, dtype=torch.promote_types(x.dtype, weight.dtype))
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))  # contiguous
 
 
 @torch.library.custom_op("fxllm::fused_add_rms_norm", mutates_args=())
@@ -42,4 +42,4 @@ def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) 
 @fused_add_rms_norm.register_fake
 def _fused_add_rms_norm_fake(x, residual, weight, eps):
     summed = (x + residual).contiguous()  # same device, dtype promotion and shape as the real op
-    return torch.empty_like(summed, dtype=torch.promote_types(summed.dtype, weight.dtype)), summed
+    return summed.new_empty(summed.shape, dtype=torch.promote_types(summed.dtype, weight.dtype)), summed

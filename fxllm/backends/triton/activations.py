@@ -72,7 +72,7 @@ def _new_out(gate: Tensor, up: Tensor) -> Tensor:
 def silu_and_mul(gate: Tensor, up: Tensor) -> Tensor:
     """Triton silu(gate) * up."""
     if gate.shape != up.shape or gate.dim() == 0:
-        return F.silu(gate) * up
+        return (F.silu(gate) * up).contiguous()
     out = _new_out(gate, up)
     gated_activation_out(gate, up, out, "silu")
     return out
@@ -81,7 +81,7 @@ def silu_and_mul(gate: Tensor, up: Tensor) -> Tensor:
 def gelu_and_mul(gate: Tensor, up: Tensor, approximate: str = "none") -> Tensor:
     """Triton gelu(gate, approximate) * up."""
     if gate.shape != up.shape or gate.dim() == 0 or approximate not in ("none", "tanh"):
-        return F.gelu(gate, approximate=approximate) * up
+        return (F.gelu(gate, approximate=approximate) * up).contiguous()
     out = _new_out(gate, up)
     gated_activation_out(gate, up, out, approximate)
     return out

@@ -125,7 +125,7 @@ def _supported(x: Tensor, weight: Tensor) -> bool:
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """Triton RMSNorm over the last dimension (HF Llama order of operations)."""
     if not _supported(x, weight):
-        return rms_norm_reference(x, weight, eps)
+        return rms_norm_reference(x, weight, eps).contiguous()
     out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     rms_norm_out(x, weight, eps, out)
     return out
@@ -134,8 +134,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """Triton (rms_norm(x + residual), x + residual) in one pass over memory."""
     if residual.shape != x.shape or not _supported(x, weight):
-        summed = x + residual
-        return rms_norm_reference(summed, weight, eps), summed
+        summed = (x + residual).contiguous()
+        return rms_norm_reference(summed, weight, eps).contiguous(), summed
     sum_dtype = torch.promote_types(x.dtype, residual.dtype)
     summed = torch.empty(x.shape, dtype=sum_dtype, device=x.device)
     out = torch.empty(x.shape, dtype=torch.promote_types(sum_dtype, weight.dtype), device=x.device)

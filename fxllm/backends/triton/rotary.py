@@ -3,8 +3,9 @@
 q and k are taken as 4-D [B, H, T, D] with arbitrary strides on every dim (the transposed views
 Hugging Face attention produces work without a copy); cos and sin are expanded to q's shape
 (stride-0 broadcast, no copy). One program per (b, t) rotates every head of q and then of k in
-[BLOCK_H, D/2] tiles, so cos/sin for that position are read once. Outputs keep q's and k's memory
-layout (empty_like), so downstream transposes stay free. Math in float32, one rounding at the end.
+[BLOCK_H, D/2] tiles, so cos/sin for that position are read once. Outputs are contiguous, as the op's
+fake declares: Inductor asserts a bound kernel's output strides against the fake. Math in float32,
+one rounding at the end.
 """
 
 from __future__ import annotations
@@ -135,10 +136,12 @@ def rotary_embedding_out(
 
 
 def rotary_embedding(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """Triton rotate-half RoPE on q and k; strided q/k handled in-kernel, outputs keep their layout."""
+    """Triton rotate-half RoPE on q and k; strided q/k are read in-kernel, outputs are contiguous."""
     if not _fits(q, k, cos, sin):
-        return rotary_embedding_reference(q, k, cos, sin)
-    q_out = torch.empty_like(q, dtype=torch.promote_types(q.dtype, cos.dtype))
-    k_out = torch.empty_like(k, dtype=torch.promote_types(k.dtype, cos.dtype))
+        q_ref, k_ref = rotary_embedding_reference(q, k, cos, sin)
+        return q_ref.contiguous(), k_ref.contiguous()
+    # Contiguous, as the op's fake says: Inductor asserts a bound kernel's output strides against it.
+    q_out = torch.empty(q.shape, dtype=torch.promote_types(q.dtype, cos.dtype), device=q.device)
+    k_out = torch.empty(k.shape, dtype=torch.promote_types(k.dtype, cos.dtype), device=k.device)
     rotary_embedding_out(q, k, cos, sin, q_out, k_out)
     return q_out, k_out

@@ -1,0 +1,174 @@
+"""Section `llama8b` of benchmarks/gpu.py: the Llama-3.1-8B preset (bf16, random weights) end to end.
+
+In one process: HF eager (logits, batch-1 decode, batched throughput), `fxllm.compile` (time and
+logits vs HF), then the fxllm engine (start-up broken down, batch-1 decode, offline throughput
+scenarios). Every scenario checks the time left first and records a skip instead of overrunning.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("fxllm.gpu.llama8b")
+
+PRESET = "llama-3.1-8b"
+# Weights-over-bandwidth limit of batch-1 decode on an H100 SXM, as stated in issue 5.
+BATCH1_LIMIT_TOK_S = 188.0
+# (requests, input tokens, output tokens): issue 5's offline throughput scenarios. 128/2048 and
+# 2048/128 use fewer requests so that the whole section fits one device call; the count is recorded.
+THROUGHPUT_SCENARIOS = [(1000, 128, 128), (128, 128, 2048), (256, 2048, 128)]
+
+
+def _prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(100, vocab, (length,), generator=gen).tolist() for _ in range(num)]
+
+
+@torch.inference_mode()
+def _hf_generate_seconds(model: Any, prompts: list[list[int]], new_tokens: int) -> float:
+    ids = torch.tensor(prompts, device="cuda")
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _hf_section(model: Any, vocab: int) -> dict[str, Any]:
+    prompt = _prompts(1, 128, vocab, 1)
+    _hf_generate_seconds(model, prompt, 2)  # warm-up
+    first = _hf_generate_seconds(model, prompt, 1)
+    full = _hf_generate_seconds(model, prompt, 65)
+    batch = _prompts(64, 128, vocab, 2)
+    seconds = _hf_generate_seconds(model, batch, 128)
+    return {
+        "batch1_decode_tok_s": 64 / (full - first),
+        "throughput_64x128x128_tok_s": 64 * 128 / seconds,
+        "throughput_64x128x128_seconds": seconds,
+    }
+
+
+@torch.inference_mode()
+def _compile_section(model: Any, vocab: int) -> dict[str, Any]:
+    from fxllm.compiler import compile_model
+
+    ids = torch.tensor(_prompts(1, 128, vocab, 3), device="cuda")
+    ref = model(ids).logits.float()
+    start = time.perf_counter()
+    compiled = compile_model(model, backend="inductor")
+    got = compiled(ids).float()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    rel = ((got - ref).norm() / ref.norm()).item()
+    top1 = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    return {"compile_seconds_incl_first_call": seconds, "logits_rel_err": rel, "top1_agreement": top1,
+            "max_abs_err": (got - ref).abs().max().item(), "ref_logit_std": ref.std().item()}  # fmt: skip
+
+
+def _replay_ms(runner: Any, bucket_size: int, iters: int = 50) -> float | None:
+    """GPU time of one captured decode graph (no host work): the step's device-side floor."""
+    graphs = runner.decode_graphs
+    bucket = next((b for b in graphs.buckets if b.size == bucket_size), None) if graphs else None
+    if bucket is None or bucket.graph is None:
+        return None
+    bucket.graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        bucket.graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def _engine_section(deadline: float, save: Callable[[dict[str, Any]], None], out: dict[str, Any]) -> None:
+    from fxllm.config import load_config
+    from fxllm.llm import LLM
+    from fxllm.runtime.sampling_params import SamplingParams
+
+    config = load_config(None, [f"model.model={PRESET}", "model.device=cuda", "model.dtype=bfloat16",
+                                "model.max_model_len=4096", "scheduler.max_num_seqs=256",
+                                "scheduler.max_num_batched_tokens=8192"])  # fmt: skip
+    start = time.perf_counter()
+    llm = LLM(config=config)
+    info = llm.info
+    out["engine_start"] = {
+        "total_seconds": time.perf_counter() - start, "load": info.load_seconds, "capture": info.capture_seconds,
+        "passes": info.passes_seconds, "compile_and_warmup": info.warmup_seconds,
+        "cuda_graphs": info.decode_graph_seconds, "graph_batch_sizes": list(info.decode_graph_sizes),
+        "kv_capacity_tokens": llm.engine.runner.capacity_tokens, "op_backends": dict(info.op_backends),
+    }  # fmt: skip
+    save(out)
+    vocab = llm.engine.vocab_size
+    greedy = SamplingParams(max_tokens=257, temperature=0, ignore_eos=True)
+    llm.generate(
+        [_prompts(1, 128, vocab, 4)[0]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    )
+    res = llm.generate([_prompts(1, 128, vocab, 5)[0]], greedy)[0]
+    metrics = res.metrics
+    assert metrics is not None and metrics.first_token_time is not None and metrics.finished_time is not None
+    rate = 256 / (metrics.finished_time - metrics.first_token_time)
+    replay = _replay_ms(llm.engine.runner, 1)
+    out["batch1_decode"] = {
+        "tok_s": rate, "fraction_of_limit": rate / BATCH1_LIMIT_TOK_S, "limit_tok_s": BATCH1_LIMIT_TOK_S,
+        "graph_replay_ms": replay, "step_ms": 1000 / rate,
+    }  # fmt: skip
+    for size in (64, 256):
+        out["batch1_decode"][f"graph_replay_ms_b{size}"] = _replay_ms(llm.engine.runner, size)
+    save(out)
+    for index, (num, input_len, output_len) in enumerate(THROUGHPUT_SCENARIOS):
+        key = f"throughput_{num}x{input_len}x{output_len}"
+        left = deadline - time.perf_counter()
+        if left < 60:
+            out[key] = {"skipped": f"only {left:.0f} s of the device call left"}
+            continue
+        prompts = _prompts(num, input_len, vocab, 10 + index)  # no prefix shared across scenarios
+        params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+        steps_before = llm.engine.stats.num_steps
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        seconds = time.perf_counter() - start
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        out[key] = {"output_tok_s": tokens / seconds, "seconds": seconds, "output_tokens": tokens,
+                    "steps": llm.engine.stats.num_steps - steps_before,
+                    "preemptions": llm.engine.stats.num_preemptions}  # fmt: skip
+        graphs = llm.engine.runner.decode_graphs
+        if graphs is not None:
+            out[key]["graph_replays_total"] = graphs.num_replays
+            out[key]["too_large_total"] = graphs.num_too_large
+        save(out)
+    llm.shutdown()
+
+
+def run_llama8b(deadline: float, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """HF eager, fxllm.compile and the engine on the 8B preset; `save` is called as results come in."""
+    from fxllm.models import load_model
+
+    out: dict[str, Any] = {}
+    start = time.perf_counter()
+    model = load_model(PRESET, device="cuda", dtype=torch.bfloat16, seed=0).model
+    out["hf_load_seconds"] = time.perf_counter() - start
+    vocab = int(model.config.vocab_size)
+    out["hf_eager"] = _hf_section(model, vocab)
+    save(out)
+    out["fxllm_compile"] = _compile_section(model, vocab)
+    save(out)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    _engine_section(deadline, save, out)
+    hf_b1 = out["hf_eager"]["batch1_decode_tok_s"]
+    hf_tp = out["hf_eager"]["throughput_64x128x128_tok_s"]
+    out["ratios"] = {"batch1_decode_vs_hf": out["batch1_decode"]["tok_s"] / hf_b1}
+    tp = out.get("throughput_1000x128x128", {}).get("output_tok_s")
+    if tp:
+        out["ratios"]["throughput_1000x128x128_vs_hf_batch64"] = tp / hf_tp
+    return out
