@@ -53,7 +53,10 @@ class CompileConfig:
     plugins: list[str] = field(default_factory=list)  # modules to import that register passes/ops/schedulers
     op_backends: dict[str, str] = field(default_factory=dict)  # op -> backend ("torch", "triton", ...)
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (GPU only)
-    cuda_graph_batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
+    # Decode buckets, capped at scheduler.max_num_seqs; a step pads up to the next bucket.
+    cuda_graph_batch_sizes: list[int] = field(
+        default_factory=lambda: [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
+    )
 
 
 @dataclass

@@ -33,6 +33,8 @@ class BuildInfo:
     pass_report: PassReport
     op_backends: dict[str, str]
     warmup_seconds: float = 0.0  # compile of the forward happens here (first call)
+    decode_graph_seconds: float = 0.0  # capturing the CUDA graphs of the decode buckets
+    decode_graph_sizes: tuple[int, ...] = ()
 
     def summary(self) -> str:
         """One line per fact, for the start-up log."""
@@ -40,8 +42,16 @@ class BuildInfo:
         return (
             f"model {self.model_name} on {self.device} ({self.dtype}); load {self.load_seconds:.1f} s, "
             f"capture {self.capture_seconds:.1f} s, passes {self.passes_seconds:.1f} s, "
-            f"compile + warm-up {self.warmup_seconds:.1f} s; matches {counts}"
+            f"compile + warm-up {self.warmup_seconds:.1f} s, CUDA graphs {self.decode_graph_seconds:.1f} s "
+            f"(decode batch sizes {list(self.decode_graph_sizes)}); matches {counts}"
         )
+
+
+def decode_bucket_sizes(configured: list[int], max_num_seqs: int) -> list[int]:
+    """Configured sizes capped at the scheduler's batch limit (a larger bucket could never be used)."""
+    if not configured or min(configured) < 1:
+        raise ValueError(f"compile.cuda_graph_batch_sizes must be positive integers, got {configured}")
+    return sorted({min(size, max_num_seqs) for size in configured})
 
 
 def build_engine(
@@ -98,5 +108,10 @@ def build_engine(
     warmup_seconds = engine.warmup()
     info = BuildInfo(name, device, dtype, load_seconds, captured.seconds, passes_seconds, report, chosen,
                      warmup_seconds)  # fmt: skip
+    if device.type == "cuda" and config.compile.cuda_graphs:
+        sizes = decode_bucket_sizes(config.compile.cuda_graph_batch_sizes, config.scheduler.max_num_seqs)
+        logger.info("capturing CUDA graphs for decode batch sizes %s", sizes)
+        info.decode_graph_seconds = runner.enable_decode_graphs(sizes, max_model_len, capture=True)
+        info.decode_graph_sizes = tuple(sizes)
     logger.info("engine ready: %s; KV capacity %d tokens", info.summary(), runner.capacity_tokens)
     return engine, info

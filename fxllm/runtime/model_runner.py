@@ -12,6 +12,7 @@ from fxllm.compiler.backends import get_graph_backend
 from fxllm.config import CacheConfig
 from fxllm.passes.graph_utils import is_op, val
 from fxllm.passes.insert_cached_attention import kv_cache_input_names
+from fxllm.runtime.cuda_graphs import DecodeGraphs
 from fxllm.runtime.step_inputs import StepInputs
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,17 @@ class ModelRunner:
         self.input_names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
         self._cache_by_name = dict(zip(kv_cache_input_names(len(self.layer_shapes)), self.kv_caches))
         self._forward = get_graph_backend(backend)(gm)
+        self.decode_graphs: DecodeGraphs | None = None
+
+    def enable_decode_graphs(self, batch_sizes: list[int], max_model_len: int, *, capture: bool) -> float:
+        """Set up decode buckets (CUDA graphs when `capture`, else padded eager); returns seconds taken."""
+        max_blocks = -(-max_model_len // self.block_size)
+        self.decode_graphs = DecodeGraphs(
+            self._forward, self.input_names, self._cache_by_name, batch_sizes, max_blocks, self.device,
+            capture=capture,
+        )  # fmt: skip
+        with torch.inference_mode():
+            return self.decode_graphs.capture_all()
 
     @property
     def capacity_tokens(self) -> int:
@@ -112,6 +124,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> torch.Tensor:
         """Run one step; returns float32 logits [N, V] for the sampled tokens."""
+        if self.decode_graphs is not None and self.decode_graphs.accepts(inputs):
+            return self.decode_graphs.run(inputs).float()
         named = {**inputs.named_args(), **self._cache_by_name}
         logits = self._forward(*[named[name] for name in self.input_names])
         return logits[0].float()
