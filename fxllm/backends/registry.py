@@ -79,6 +79,8 @@ def bind_op_backends(
     import fxllm.ops  # noqa: F401  (the ops must exist before kernels are registered for them)
 
     device = torch.device(device)
+    if device.type == "cpu":
+        from fxllm.backends import cpu  # noqa: F401  (registers the C++ CPU kernels)
     preferences = dict(preferences or {})
     unknown = sorted(set(preferences) - set(_IMPLS) - _known_ops())
     if unknown:

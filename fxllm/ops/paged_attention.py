@@ -107,12 +107,32 @@ def paged_attention_reference(
 ) -> Tensor:
     """Plain-torch paged attention; the semantics every backend must reproduce."""
     write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    return attend_cached(
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, v.shape[-1],
+        scale, sliding_window, softcap, sinks,
+    )  # fmt: skip
+
+
+def attend_cached(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    query_start_loc: Tensor,
+    head_dim_v: int,
+    scale: float,
+    sliding_window: int,
+    softcap: float,
+    sinks: Tensor | None,
+) -> Tensor:
+    """The attention half of the op, after this step's k/v are in the caches (backends reuse it)."""
     num_seqs = seq_lens.shape[0]
     if q.shape[0] == num_seqs:  # every sequence contributes exactly one query: a pure decode step
         return _decode_batch(
             q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap, sinks
         )
-    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    out = q.new_empty((*q.shape[:-1], head_dim_v))
     starts = query_start_loc.tolist()
     lengths = seq_lens.tolist()
     for s in range(num_seqs):

@@ -1,0 +1,31 @@
+"""C++ kernels for fxllm's ops on the CPU, registered as the "cpu" op backend.
+
+Importing this package registers paged_attention (priority 5, so `bind_op_backends("cpu")` picks it
+over the reference). The kernels compile on first use through Inductor's C++ code cache, the same
+compiler Inductor needs for the rest of the CPU graph; if that fails the op falls back to the
+reference, so registration never breaks a run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BACKEND = "cpu"
+PRIORITY = 5
+
+
+def supports(device: torch.device) -> bool:
+    """CPU devices only."""
+    return device.type == "cpu"
+
+
+def _register() -> None:
+    import fxllm.ops  # noqa: F401  (ops must exist before backends register for them)
+    from fxllm.backends.cpu import paged_attention
+    from fxllm.backends.registry import register_op_backend
+
+    register_op_backend("paged_attention", BACKEND, paged_attention.paged_attention, supports=supports,
+                        priority=PRIORITY)  # fmt: skip
+
+
+_register()

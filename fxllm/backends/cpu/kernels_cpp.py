@@ -1,0 +1,194 @@
+"""C++ source of the CPU paged-attention kernels (compiled at first use by Inductor's C++ code cache).
+
+Plain C++ with OpenMP and no PyTorch headers, so it compiles in about a second. Scalars are float32
+(dtype code 0) or bfloat16 (code 1, stored as uint16); everything is computed in float32.
+"""
+
+from __future__ import annotations
+
+_COMMON = r"""
+// Inductor builds with -fno-tree-loop-vectorize and -fmath-errno (its own kernels vectorise by hand);
+// these kernels are plain loops, so turn the loop vectoriser back on for this file.
+#pragma GCC optimize("tree-loop-vectorize", "no-math-errno")
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+static inline float load_f(const float* p, int64_t i) { return p[i]; }
+static inline float load_f(const uint16_t* p, int64_t i) {
+    uint32_t bits = uint32_t(p[i]) << 16;
+    float out;
+    std::memcpy(&out, &bits, 4);
+    return out;
+}
+static inline void store_f(float* p, int64_t i, float v) { p[i] = v; }
+static inline void store_f(uint16_t* p, int64_t i, float v) {
+    uint32_t bits;
+    std::memcpy(&bits, &v, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) { p[i] = uint16_t((bits >> 16) | 0x40u); return; }  // NaN stays NaN
+    bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even, as torch's float -> bfloat16 cast
+    p[i] = uint16_t(bits >> 16);
+}
+"""
+
+WRITE_KV_SOURCE = (
+    _COMMON
+    + r"""
+// Copy row t of k/v ([T, row] with token strides k_stride/v_stride) to slot slots[t]; slots < 0 are skipped.
+template <typename T>
+static void write_rows(const T* k, const T* v, T* k_cache, T* v_cache, const int64_t* slots, int64_t num_tokens,
+                       int64_t k_stride, int64_t v_stride, int64_t k_row, int64_t v_row) {
+    for (int64_t t = 0; t < num_tokens; ++t) {
+        int64_t slot = slots[t];
+        if (slot < 0) continue;
+        std::memcpy(k_cache + slot * k_row, k + t * k_stride, k_row * sizeof(T));
+        std::memcpy(v_cache + slot * v_row, v + t * v_stride, v_row * sizeof(T));
+    }
+}
+
+void kernel(int64_t dtype, const void* k, const void* v, void* k_cache, void* v_cache, const int64_t* slots,
+            int64_t num_tokens, int64_t k_stride, int64_t v_stride, int64_t k_row, int64_t v_row) {
+    if (dtype == 0)
+        write_rows((const float*)k, (const float*)v, (float*)k_cache, (float*)v_cache, slots, num_tokens,
+                   k_stride, v_stride, k_row, v_row);
+    else
+        write_rows((const uint16_t*)k, (const uint16_t*)v, (uint16_t*)k_cache, (uint16_t*)v_cache, slots,
+                   num_tokens, k_stride, v_stride, k_row, v_row);
+}
+"""
+)
+
+DECODE_SOURCE = (
+    _COMMON
+    + r"""
+#include <omp.h>
+
+// exp for x <= 0 (softmax after subtracting the max) in plain arithmetic, so the loop vectorises
+// (libm's expf does not here); relative error ~2e-7, and it flushes to 0 below -87.
+static inline float exp_nonpositive(float x) {
+    x = x < -87.f ? -87.f : x;
+    float n = std::nearbyint(x * 1.44269504088896341f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    int32_t bits = (int32_t(n) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+// One sequence, one KV head: its `group` query heads attend to the sequence's first `len` cached tokens.
+// HD > 0 fixes head_dim == head_dim_v at compile time, so the per-row loops unroll into registers.
+template <typename T, int HD>
+static void attend_one(const T* q, const T* k_cache, const T* v_cache, const int32_t* table, int64_t len,
+                       T* out, int64_t group, int64_t head_dim_rt, int64_t head_dim_v_rt, int64_t num_kv_heads,
+                       int64_t head, int64_t block_size, float scale, int64_t window, float softcap,
+                       const float* sinks, std::vector<float>& work) {
+    const int64_t head_dim = HD > 0 ? HD : head_dim_rt;
+    const int64_t head_dim_v = HD > 0 ? HD : head_dim_v_rt;
+    int64_t start = window > 0 ? (len - window > 0 ? len - window : 0) : 0;
+    int64_t n = len - start;
+    work.resize(group * head_dim + group * n + head_dim_v);
+    float* qf = work.data();
+    float* scores = qf + group * head_dim;
+    float* acc = scores + group * n;
+    for (int64_t i = 0; i < group * head_dim; ++i) qf[i] = load_f(q, i);
+    int64_t k_token = num_kv_heads * head_dim, v_token = num_kv_heads * head_dim_v;
+    for (int64_t g = 0; g < group; ++g) {
+        const float* qg = qf + g * head_dim;
+        float* sg = scores + g * n;
+        for (int64_t t = start; t < len; ++t) {
+            int64_t slot = int64_t(table[t / block_size]) * block_size + t % block_size;
+            const T* k = k_cache + slot * k_token + head * head_dim;
+            float sum = 0.f;
+            #pragma omp simd reduction(+ : sum)
+            for (int64_t d = 0; d < head_dim; ++d) sum += qg[d] * load_f(k, d);
+            sum *= scale;
+            if (softcap > 0.f) sum = std::tanh(sum / softcap) * softcap;
+            sg[t - start] = sum;
+        }
+    }
+    for (int64_t g = 0; g < group; ++g) {
+        float* sg = scores + g * n;
+        float m = sinks ? sinks[g] : -INFINITY;
+        #pragma omp simd reduction(max : m)
+        for (int64_t i = 0; i < n; ++i) m = sg[i] > m ? sg[i] : m;
+        float total = sinks ? exp_nonpositive(sinks[g] - m) : 0.f;
+        #pragma omp simd reduction(+ : total)
+        for (int64_t i = 0; i < n; ++i) {
+            sg[i] = exp_nonpositive(sg[i] - m);
+            total += sg[i];
+        }
+        #pragma omp simd
+        for (int64_t d = 0; d < head_dim_v; ++d) acc[d] = 0.f;
+        for (int64_t t = start; t < len; ++t) {
+            int64_t slot = int64_t(table[t / block_size]) * block_size + t % block_size;
+            const T* v = v_cache + slot * v_token + head * head_dim_v;
+            float p = sg[t - start];
+            #pragma omp simd
+            for (int64_t d = 0; d < head_dim_v; ++d) acc[d] += p * load_f(v, d);
+        }
+        float inv = total > 0.f ? 1.f / total : 0.f;
+        for (int64_t d = 0; d < head_dim_v; ++d) store_f(out, g * head_dim_v + d, acc[d] * inv);
+    }
+}
+
+template <typename T>
+static void decode(const T* q, const T* k_cache, const T* v_cache, const int32_t* block_tables,
+                   const int32_t* seq_lens, T* out, const float* sinks, int64_t num_seqs, int64_t num_heads,
+                   int64_t num_kv_heads, int64_t head_dim, int64_t head_dim_v, int64_t block_size,
+                   int64_t q_stride, int64_t table_stride, float scale, int64_t window, float softcap,
+                   int64_t num_threads) {
+    int64_t group = num_heads / num_kv_heads;
+    int64_t tasks = num_seqs * num_kv_heads;
+    auto attend = &attend_one<T, 0>;
+    if (head_dim == head_dim_v && head_dim == 64) attend = &attend_one<T, 64>;
+    if (head_dim == head_dim_v && head_dim == 128) attend = &attend_one<T, 128>;
+    #pragma omp parallel num_threads(num_threads)
+    {
+        std::vector<float> work;
+        #pragma omp for schedule(static)
+        for (int64_t task = 0; task < tasks; ++task) {
+            int64_t s = task / num_kv_heads, h = task % num_kv_heads;
+            attend(q + s * q_stride + h * group * head_dim, k_cache, v_cache, block_tables + s * table_stride,
+                   int64_t(seq_lens[s]), out + (s * num_heads + h * group) * head_dim_v, group, head_dim,
+                   head_dim_v, num_kv_heads, h, block_size, scale, window, softcap,
+                   sinks ? sinks + h * group : nullptr, work);
+        }
+    }
+}
+
+void kernel(int64_t dtype, const void* q, const void* k_cache, const void* v_cache, const int32_t* block_tables,
+            const int32_t* seq_lens, void* out, const float* sinks, int64_t has_sinks, int64_t num_seqs,
+            int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t head_dim_v, int64_t block_size,
+            int64_t q_stride, int64_t table_stride, float scale, int64_t window, float softcap,
+            int64_t num_threads) {
+    const float* sink_ptr = has_sinks ? sinks : nullptr;
+    if (dtype == 0)
+        decode((const float*)q, (const float*)k_cache, (const float*)v_cache, block_tables, seq_lens, (float*)out,
+               sink_ptr, num_seqs, num_heads, num_kv_heads, head_dim, head_dim_v, block_size, q_stride,
+               table_stride, scale, window, softcap, num_threads);
+    else
+        decode((const uint16_t*)q, (const uint16_t*)k_cache, (const uint16_t*)v_cache, block_tables, seq_lens,
+               (uint16_t*)out, sink_ptr, num_seqs, num_heads, num_kv_heads, head_dim, head_dim_v, block_size,
+               q_stride, table_stride, scale, window, softcap, num_threads);
+}
+"""
+)
+
+WRITE_KV_ARGS = ["int64_t", "const void*", "const void*", "void*", "void*", "const int64_t*"] + [
+    "int64_t"
+] * 5
+DECODE_ARGS = (
+    ["int64_t", "const void*", "const void*", "const void*", "const int32_t*", "const int32_t*", "void*"]
+    + ["const float*", "int64_t"]
+    + ["int64_t"] * 8
+    + ["float", "int64_t", "float", "int64_t"]
+)
