@@ -46,6 +46,17 @@ def check_small_model_bf16() -> dict[str, Any]:
     return out
 
 
+@torch.no_grad()
+def _first_mismatch(hf: Any, prompt: list[int], ref: list[int], got: list[int]) -> dict[str, Any]:
+    """Where greedy outputs first differ and HF's fp32 margin between its top two logits there."""
+    i = next(j for j, (a, b) in enumerate(zip(ref, got)) if a != b)
+    logits = hf(torch.tensor([prompt + ref[:i]], device="cuda")).logits[0, -1].float()
+    top = logits.topk(2)
+    return {"position": i, "hf_token": ref[i], "fxllm_token": got[i],
+            "hf_top2_margin": (top.values[0] - top.values[1]).item(),
+            "hf_margin_to_fxllm_token": (logits[ref[i]] - logits[got[i]]).item()}  # fmt: skip
+
+
 def check_greedy_tokens() -> dict[str, Any]:
     """Greedy generation through the runtime (CUDA graphs on) equals HF generate on a small preset."""
     from fxllm.config import load_config
@@ -63,18 +74,21 @@ def check_greedy_tokens() -> dict[str, Any]:
         for p, n in zip(prompts, lengths)
     ]
     result: dict[str, Any] = {}
-    for backend in ("eager", "inductor"):
+    for backend, graphs_on in (("eager", True), ("inductor", True), ("eager", False)):
         config = load_config(None, ["model.model=tiny-llama", "model.device=cuda", "model.dtype=float32",
-                                    f"compile.backend={backend}", "cache.gpu_memory_fraction=0.05"])  # fmt: skip
+                                    f"compile.backend={backend}", "cache.gpu_memory_fraction=0.05",
+                                    f"compile.cuda_graphs={str(graphs_on).lower()}"])  # fmt: skip
         llm = LLM(config=config)
         params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in lengths]
         outs = llm.generate(prompts, params)
         same = [ref == o.outputs[0].token_ids for ref, o in zip(refs, outs)]
         graphs = llm.engine.runner.decode_graphs
-        result[backend] = {
-            "equal": same, "pass": all(same) and graphs is not None and graphs.num_replays > 0,
+        result[f"{backend}{'' if graphs_on else '-no-graphs'}"] = {
+            "equal": same, "pass": all(same) and (graphs is not None and graphs.num_replays > 0) == graphs_on,
             "graph_replays": graphs.num_replays if graphs else 0,
             "graph_seconds": llm.info.decode_graph_seconds, "op_backends": dict(llm.info.op_backends),
+            "mismatches": [_first_mismatch(hf, p, ref, o.outputs[0].token_ids)
+                           for p, ref, o in zip(prompts, refs, outs) if ref != o.outputs[0].token_ids],
         }  # fmt: skip
         llm.shutdown()
         del llm

@@ -42,6 +42,13 @@ class EngineStats:
     prefix_hit_rate: float = 0.0
     prefix_hit_tokens: int = 0
     prefix_queried_tokens: int = 0
+    # Wall seconds per phase of step(), summed: where a step's host time goes. The forward launches
+    # asynchronously on a GPU, so its device time shows up in `sample_seconds` (the first sync).
+    schedule_seconds: float = 0.0
+    inputs_seconds: float = 0.0
+    forward_seconds: float = 0.0
+    sample_seconds: float = 0.0
+    update_seconds: float = 0.0
 
 
 class Engine:
@@ -180,23 +187,38 @@ class Engine:
         return bool(self.requests)
 
     # ---- the step ---------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; returns outputs of requests that progressed."""
+    def step(self, *, finished_only: bool = False) -> list[RequestOutput]:
+        """Run one scheduling step; returns outputs of requests that progressed (or only finished ones:
+        a snapshot copies every token so far, which offline generation does not need each step)."""
+        stats, clock = self.stats, time.perf_counter
+        t0 = clock()
         scheduled = self.scheduler.schedule()
-        self.stats.num_preemptions += len(scheduled.preempted)
+        stats.num_preemptions += len(scheduled.preempted)
         if scheduled.is_empty:
             return []
+        t1 = clock()
         inputs = build_step_inputs(scheduled.scheduled, self.runner.block_size, self.runner.device)
+        t2 = clock()
         logits = self.runner.execute(inputs)
+        t3 = clock()
         rows = []
         states = []
         for index in inputs.sampled:
             request, state = self._by_seq[scheduled.scheduled[index].seq.seq_id]
-            seq = state.seq
-            rows.append(SamplingRow(request.params, state.generator, seq.token_ids[: seq.num_prompt_tokens],
-                                    seq.output_token_ids))  # fmt: skip
+            seq, params = state.seq, request.params
+            # The sampler reads token history only for penalties and min_tokens; copying it for
+            # every row each step would cost O(length) per token.
+            penalized = (
+                params.repetition_penalty != 1
+                or params.presence_penalty != 0
+                or params.frequency_penalty != 0
+            )
+            prompt_ids = seq.token_ids[: seq.num_prompt_tokens] if penalized else []
+            output_ids = seq.output_token_ids if penalized or params.min_tokens > 0 else []
+            rows.append(SamplingRow(params, state.generator, prompt_ids, output_ids))
             states.append((request, state))
         sampled = self.sampler(logits, rows) if rows else None
+        t4 = clock()
         for item in scheduled.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
             self.kv_cache.cache_full_blocks(item.seq)
@@ -210,11 +232,17 @@ class Engine:
         self._refresh_gauges()
         outputs = []
         for request in touched.values():
-            outputs.append(request.output())
+            if not finished_only or request.finished:
+                outputs.append(request.output())
             if request.finished:
                 request.metrics.finished_time = now
                 self.requests.pop(request.request_id, None)
                 self.stats.num_finished += 1
+        stats.schedule_seconds += t1 - t0
+        stats.inputs_seconds += t2 - t1
+        stats.forward_seconds += t3 - t2
+        stats.sample_seconds += t4 - t3
+        stats.update_seconds += clock() - t4
         return outputs
 
     def _append_token(
@@ -279,7 +307,7 @@ class Engine:
         """Step until every queued request finishes; returns the final outputs."""
         finals: list[RequestOutput] = []
         while self.has_unfinished():
-            finals += [out for out in self.step() if out.finished]
+            finals += self.step(finished_only=True)
         return finals
 
 

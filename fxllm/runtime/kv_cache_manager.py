@@ -121,6 +121,9 @@ class KVCacheManager:
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Reuse cached prefix blocks (first call only) and grow seq.block_table; all-or-nothing."""
+        held = len(seq.block_table) * self.block_size
+        if num_new_tokens >= 0 and seq.num_computed_tokens + num_new_tokens <= held and seq.block_table:
+            return True  # a running sequence whose blocks already cover this step (most decode steps)
         plan = self._plan(seq, num_new_tokens)
         if not plan.feasible:
             return False
