@@ -127,6 +127,8 @@ def _engine_section(deadline: float, save: Callable[[dict[str, Any]], None], out
         "passes": info.passes_seconds, "compile_and_warmup": info.warmup_seconds,
         "cuda_graphs": info.decode_graph_seconds, "graph_batch_sizes": list(info.decode_graph_sizes),
         "kv_capacity_tokens": llm.engine.runner.capacity_tokens, "op_backends": dict(info.op_backends),
+        "bucket_seconds": {b.size: b.setup_seconds for b in llm.engine.runner.decode_graphs.buckets}
+        if llm.engine.runner.decode_graphs else None,
     }  # fmt: skip
     save(out)
     vocab = llm.engine.vocab_size

@@ -31,6 +31,7 @@ class DecodeBucket:
     inputs: dict[str, torch.Tensor]
     graph: torch.cuda.CUDAGraph | None = None
     logits: torch.Tensor | None = None
+    setup_seconds: float = 0.0  # warm-up (first use compiles kernels for this size) plus capture
 
 
 def _static_inputs(size: int, max_blocks: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -95,6 +96,7 @@ class DecodeGraphs:
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle() if self.capture_enabled else None
         for bucket in reversed(self.buckets):
+            bucket_start = time.perf_counter()
             args = self._args(bucket)
             for _ in range(2):  # compiles / autotunes this shape outside capture
                 self._forward(*args)
@@ -105,6 +107,7 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=pool):
                 out = self._forward(*args)
             bucket.graph, bucket.logits = graph, out[0]  # type: ignore[index]
+            bucket.setup_seconds = time.perf_counter() - bucket_start
         if self.capture_enabled:
             torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
