@@ -81,6 +81,8 @@ def bind_op_backends(
     device = torch.device(device)
     if device.type == "cpu":
         from fxllm.backends import cpu  # noqa: F401  (registers the C++ CPU kernels)
+    elif device.type == "cuda":
+        from fxllm.backends import triton  # noqa: F401  (registers the Triton kernels when triton is present)
     preferences = dict(preferences or {})
     unknown = sorted(set(preferences) - set(_IMPLS) - _known_ops())
     if unknown:

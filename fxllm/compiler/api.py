@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
+from fxllm.backends.registry import bind_op_backends
 from fxllm.compiler.backends import get_graph_backend
 from fxllm.compiler.capture import CapturedGraph, capture
 from fxllm.passes.graph_utils import count_ops
@@ -107,6 +108,9 @@ def compile_model(
     gm = captured.gm
     ctx = PassContext(model_config=captured.model_config, device=captured.device, dtype=captured.dtype)
     report = run_passes(gm, ctx, normalize_pass_config(passes))
+    # Kernels for the model's device (Triton on CUDA), as the engine does: with none bound, Inductor
+    # inlines the reference ops instead, and on CUDA it fails on some of them (CantSplit).
+    bind_op_backends(captured.device)
     compiled = CompiledModel(captured, gm, report, backend, 0.0)
     compiled.compile_seconds = time.perf_counter() - start
     logger.info("fxllm.compile: %s", ", ".join(f"{k}={v}" for k, v in compiled.fxllm_op_counts().items()))

@@ -83,8 +83,6 @@ def build_engine(
     ctx = PassContext(model_config=hf_config, device=device, dtype=dtype)
     report = run_passes(captured.gm, ctx, config.compile.passes, include_runtime=True)
     passes_seconds = time.perf_counter() - start
-    if device.type == "cuda":
-        import fxllm.backends.triton  # noqa: F401  (registers the Triton kernels when triton is present)
     chosen = bind_op_backends(device, config.compile.op_backends)
     runner = ModelRunner(captured.gm, config.compile.backend, device, dtype, config.cache)
     max_model_len = min(config.model.max_model_len or max_positions, max_positions, runner.capacity_tokens)
