@@ -65,8 +65,23 @@ def check_greedy_tokens() -> dict[str, Any]:
     from fxllm.runtime.sampling_params import SamplingParams
 
     hf = load_model("tiny-llama", device="cuda", dtype=torch.float32).model
-    prompts = [torch.randint(3, 500, (n,)).tolist() for n in (5, 17, 40, 3, 9, 64)]
-    lengths = [16, 16, 5, 11, 16, 2]  # the batch shrinks as requests finish: several buckets replay
+    gen = torch.Generator().manual_seed(0)  # the same prompts every run, so a mismatch can be reproduced
+    prompt_lens = (5, 17, 40, 3, 9, 64, 33, 8, 21, 50, 2, 12)
+    prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in prompt_lens]
+    lengths = [
+        16,
+        16,
+        5,
+        11,
+        16,
+        2,
+        24,
+        7,
+        16,
+        3,
+        20,
+        9,
+    ]  # the batch shrinks as requests finish: several buckets
     refs = [
         hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=n, min_new_tokens=n, do_sample=False)[
             0, len(p) :
