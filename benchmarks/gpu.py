@@ -4,7 +4,7 @@ Usage (on the GPU machine, from the repo root):
     PYTHONPATH=. python3 benchmarks/gpu.py --out $OUT [--skip SECTION] [--only SECTION]
 Writes results.json under --out. Each section is independent: a failure is recorded, not fatal.
 Sections: small_model_bf16, greedy_tokens, triton_selfcheck, llama8b (benchmarks/gpu_llama8b.py),
-and compile_8b (cold/warm compile in fresh processes; only with --only).
+profile_decode (benchmarks/gpu_profile.py), and compile_8b (cold/warm compile in fresh processes; only with --only).
 """
 
 from __future__ import annotations
@@ -159,6 +159,7 @@ def main() -> int:
     deadline = time.perf_counter() + args.budget_s
     sys.path.insert(0, str(Path(__file__).parent))
     from gpu_llama8b import run_llama8b
+    from gpu_profile import profile_decode
 
     results: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     out_file = Path(args.out) / "results.json"
@@ -182,6 +183,7 @@ def main() -> int:
         "greedy_tokens": check_greedy_tokens,
         "triton_selfcheck": triton_selfcheck,
         "llama8b": llama8b,
+        "profile_decode": profile_decode,
         # Not run by default (measured before, slow: two fresh 8B processes); ask with --only compile_8b.
         "compile_8b": lambda: time_compile_8b("/tmp/fxllm-inductor-cache"),
     }

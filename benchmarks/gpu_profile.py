@@ -1,0 +1,74 @@
+"""Section `profile_decode` of benchmarks/gpu.py: where a decode step's GPU time goes, by kernel kind.
+
+Uses the Llama-3.1-8B preset cut to a few layers (every layer has the same kernels, so per-layer
+numbers carry over to the 32-layer model; the LM head is counted once), captures decode graphs for
+batch 1 and 256, and profiles their replays with torch.profiler.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+logger = logging.getLogger("fxllm.gpu.profile")
+
+KINDS = {  # first matching substring of the kernel name decides the kind
+    "attention": ("_decode_kernel", "_combine_kernel", "_write_kv", "_prefill_kernel"),
+    "norm": ("rms", "norm"),
+    "rope": ("rope",),
+    "activation": ("_gated", "silu", "gelu"),
+    "gemm": ("gemm", "cutlass", "nvjet", "sm90", "xmma", "gemv", "splitk"),
+}
+
+
+def _kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KINDS.items() if any(k in low for k in keys)), "other")
+
+
+def profile_decode(num_layers: int = 4, replays: int = 20) -> dict[str, Any]:
+    """GPU microseconds per decode step by kernel kind, at batch 1 and 256."""
+    from fxllm.config import load_config
+    from fxllm.llm import LLM
+    from fxllm.runtime.sampling_params import SamplingParams
+
+    config = load_config(None, ["model.model=llama-3.1-8b", "model.device=cuda", "model.dtype=bfloat16",
+                                f"model.num_layers={num_layers}", "model.max_model_len=4096",
+                                "scheduler.max_num_seqs=256",
+                                "compile.cuda_graph_batch_sizes=[1,256]",
+                                "cache.gpu_memory_fraction=0.5"])  # fmt: skip
+    llm = LLM(config=config)
+    # Contexts of ~512 tokens for every row of the 256 bucket (its static inputs keep the last step's).
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(100, 128000, (512,), generator=gen).tolist() for _ in range(256)]
+    llm.generate(prompts, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    llm.generate(prompts[:1], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    graphs = llm.engine.runner.decode_graphs
+    assert graphs is not None
+    result: dict[str, Any] = {"num_layers": num_layers, "context_tokens": 512}
+    for bucket in graphs.buckets:
+        assert bucket.graph is not None
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(replays):
+                bucket.graph.replay()
+            torch.cuda.synchronize()
+        by_kind: dict[str, float] = defaultdict(float)
+        kernels: dict[str, float] = defaultdict(float)
+        count = 0
+        for event in prof.events():
+            if event.device_type == torch.autograd.DeviceType.CUDA:
+                by_kind[_kind(event.name)] += event.device_time / replays
+                kernels[event.name[:80]] += event.device_time / replays
+                count += 1
+        top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
+        result[f"batch{bucket.size}"] = {
+            "us_per_step_by_kind": dict(by_kind), "kernels_per_step": count / replays,
+            "us_per_step_total": sum(by_kind.values()), "top_kernels_us": dict(top),
+        }  # fmt: skip
+    llm.shutdown()
+    return result
