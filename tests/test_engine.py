@@ -117,6 +117,14 @@ def test_greedy_matches_hf(hf, default_llm, prompts, expected, name: str) -> Non
         assert max(len(p) for p in prompts) > 48  # at least one prompt was split into chunks
 
 
+def test_inductor_backend_matches_hf(hf, prompts, expected) -> None:
+    """The default backend: Inductor, on the CPU with frozen weights pre-packed for oneDNN's GEMMs."""
+    llm = _llm(hf, "compile.backend=inductor")
+    outs = llm.generate(prompts, GREEDY)
+    for i, (out, ref) in enumerate(zip(outs, expected)):
+        assert out.outputs[0].token_ids == ref, f"prompt {i} differs with the inductor backend"
+
+
 def test_arrivals_while_decoding(default_llm, prompts, expected) -> None:
     engine = default_llm.engine
     ids = {}
