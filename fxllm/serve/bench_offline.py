@@ -90,10 +90,13 @@ def run_offline_bench(
     llm = LLM(config.model.model, config=config)
     vocab = llm.engine.vocab_size
     prompts = _random_prompts(concurrency, input_len, vocab, seed)
+    # Warm-up prompts of their own: measured prompts must not find their blocks in the prefix cache.
+    warmup = _random_prompts(2, input_len, vocab, seed + 1)
+    single = _random_prompts(1, input_len, vocab, seed + 2)[0]  # the batch-1 request, not reused below
     logger.info("warming up fxllm (compiles the shapes the benchmark uses)")
-    llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-    llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-    rows = [_fxllm_decode_rate(llm, prompts[0], output_len), _fxllm_throughput(llm, prompts, output_len)]
+    llm.generate(warmup, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    llm.generate(warmup[:1], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    rows = [_fxllm_decode_rate(llm, single, output_len), _fxllm_throughput(llm, prompts, output_len)]
     device = llm.info.device
     dtype = llm.info.dtype
     llm.shutdown()
@@ -103,7 +106,7 @@ def run_offline_bench(
 
         hf = load_model(config.model.model, device=device, dtype=dtype, seed=config.model.seed,
                         num_layers=config.model.num_layers).model  # fmt: skip
-        rows += _hf_results(hf, prompts[0], prompts, output_len)
+        rows += _hf_results(hf, single, prompts, output_len)
     return rows
 
 
