@@ -84,6 +84,7 @@ static inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
+QK_FAST
 // One sequence, one KV head: its `group` query heads attend to the sequence's first `len` cached tokens.
 // HD > 0 fixes head_dim == head_dim_v at compile time, so the per-row loops unroll into registers.
 template <typename T, int HD>
@@ -104,6 +105,9 @@ static void attend_one(const T* q, const T* k_cache, const T* v_cache, const int
     for (int64_t g = 0; g < group; ++g) {
         const float* qg = qf + g * head_dim;
         float* sg = scores + g * n;
+        if (qk_fast(q + g * head_dim, k_cache, table, start, len, block_size, k_token, head * head_dim, head_dim,
+                    scale, softcap, sg))
+            continue;
         for (int64_t t = start; t < len; ++t) {
             int64_t slot = int64_t(table[t / block_size]) * block_size + t % block_size;
             const T* k = k_cache + slot * k_token + head * head_dim;
@@ -182,6 +186,68 @@ void kernel(int64_t dtype, const void* q, const void* k_cache, const void* v_cac
 }
 """
 )
+
+# Scores of one query head against its sequence's keys without a fast path: the generic loop runs.
+_QK_GENERIC = r"""
+template <typename T>
+static inline bool qk_fast(const T*, const T*, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                           int64_t, float, float, float*) {
+    return false;
+}
+"""
+
+# bfloat16 scores with VDPBF16PS (avx512_bf16): products of two bf16 values are exact in float32,
+# so only the summation order differs from the generic float32 loop. Four tokens at a time keep four
+# independent horizontal sums in flight; one dot per token waited on its own reduction, which made
+# the scores ~70% of the kernel's time (243 -> 125 us per call for 16 sequences x 170 tokens, 2 cores).
+_QK_AVX512_BF16 = (
+    _QK_GENERIC
+    + r"""
+#include <immintrin.h>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+static inline bool qk_fast(const uint16_t* q, const uint16_t* k_cache, const int32_t* table, int64_t start,
+                           int64_t len, int64_t block_size, int64_t k_token, int64_t head_offset, int64_t head_dim,
+                           float scale, float softcap, float* scores) {
+    if (softcap > 0.f || head_dim % 32 != 0 || head_dim > 256) return false;
+    const int64_t chunks = head_dim / 32;
+    __m512bh qv[8];
+    for (int64_t c = 0; c < chunks; ++c) qv[c] = (__m512bh)_mm512_loadu_si512((const void*)(q + 32 * c));
+    for (int64_t t = start; t < len;) {
+        const int64_t block = table[t / block_size], offset = t % block_size;
+        const int64_t stop = std::min(len, t + (block_size - offset));
+        const uint16_t* k = k_cache + (block * block_size + offset) * k_token + head_offset;
+        for (; t + 4 <= stop; t += 4, k += 4 * k_token) {
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+            __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+            for (int64_t c = 0; c < chunks; ++c) {
+                const uint16_t* kc = k + 32 * c;
+                a0 = _mm512_dpbf16_ps(a0, qv[c], (__m512bh)_mm512_loadu_si512((const void*)kc));
+                a1 = _mm512_dpbf16_ps(a1, qv[c], (__m512bh)_mm512_loadu_si512((const void*)(kc + k_token)));
+                a2 = _mm512_dpbf16_ps(a2, qv[c], (__m512bh)_mm512_loadu_si512((const void*)(kc + 2 * k_token)));
+                a3 = _mm512_dpbf16_ps(a3, qv[c], (__m512bh)_mm512_loadu_si512((const void*)(kc + 3 * k_token)));
+            }
+            scores[t - start] = _mm512_reduce_add_ps(a0) * scale;
+            scores[t + 1 - start] = _mm512_reduce_add_ps(a1) * scale;
+            scores[t + 2 - start] = _mm512_reduce_add_ps(a2) * scale;
+            scores[t + 3 - start] = _mm512_reduce_add_ps(a3) * scale;
+        }
+        for (; t < stop; ++t, k += k_token) {
+            __m512 a0 = _mm512_setzero_ps();
+            for (int64_t c = 0; c < chunks; ++c)
+                a0 = _mm512_dpbf16_ps(a0, qv[c], (__m512bh)_mm512_loadu_si512((const void*)(k + 32 * c)));
+            scores[t - start] = _mm512_reduce_add_ps(a0) * scale;
+        }
+    }
+    return true;
+}
+"""
+)
+
+
+def decode_source(avx512_bf16: bool) -> str:
+    """The decode kernel, with the bfloat16 dot-product path only where the CPU has avx512_bf16."""
+    return DECODE_SOURCE.replace("QK_FAST", _QK_AVX512_BF16 if avx512_bf16 else _QK_GENERIC)
+
 
 WRITE_KV_ARGS = ["int64_t", "const void*", "const void*", "void*", "void*", "const int64_t*"] + [
     "int64_t"

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fxllm.backends.cpu.kernels_cpp import DECODE_ARGS, DECODE_SOURCE, WRITE_KV_ARGS, WRITE_KV_SOURCE
+from fxllm.backends.cpu.kernels_cpp import DECODE_ARGS, WRITE_KV_ARGS, WRITE_KV_SOURCE, decode_source
 from fxllm.ops.eager import eager_only
 from fxllm.ops.paged_attention import attend_cached, paged_attention_reference
 
@@ -36,7 +36,9 @@ def _kernels() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
         from torch._inductor.codecache import CppPythonBindingsCodeCache
 
         write = CppPythonBindingsCodeCache.load_pybinding(WRITE_KV_ARGS, WRITE_KV_SOURCE)
-        decode = CppPythonBindingsCodeCache.load_pybinding(DECODE_ARGS, DECODE_SOURCE)
+        decode = CppPythonBindingsCodeCache.load_pybinding(
+            DECODE_ARGS, decode_source(avx512_bf16=torch.cpu._is_avx512_bf16_supported())
+        )
     except Exception:  # any build failure: the reference still gives the right answer
         logger.warning("CPU paged-attention kernels failed to build; using the reference", exc_info=True)
         return None
