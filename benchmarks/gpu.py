@@ -68,20 +68,8 @@ def check_greedy_tokens() -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)  # the same prompts every run, so a mismatch can be reproduced
     prompt_lens = (5, 17, 40, 3, 9, 64, 33, 8, 21, 50, 2, 12)
     prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in prompt_lens]
-    lengths = [
-        16,
-        16,
-        5,
-        11,
-        16,
-        2,
-        24,
-        7,
-        16,
-        3,
-        20,
-        9,
-    ]  # the batch shrinks as requests finish: several buckets
+    # Different max_tokens: the batch shrinks as requests finish, so several buckets replay.
+    lengths = [16, 16, 5, 11, 16, 2, 24, 7, 16, 3, 20, 9]
     refs = [
         hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=n, min_new_tokens=n, do_sample=False)[
             0, len(p) :
