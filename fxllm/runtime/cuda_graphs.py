@@ -80,7 +80,6 @@ class DecodeGraphs:
         ]
         self.num_replays = 0
         self.num_too_large = 0  # decode steps above the largest bucket (run without a graph)
-        self.capture_seconds = 0.0
 
     @property
     def max_batch_size(self) -> int:
@@ -110,12 +109,12 @@ class DecodeGraphs:
             bucket.setup_seconds = time.perf_counter() - bucket_start
         if self.capture_enabled:
             torch.cuda.synchronize()
-        self.capture_seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start
         logger.info(
             "decode buckets %s %s in %.1f s",
-            [b.size for b in self.buckets], "captured" if self.capture_enabled else "warmed up", self.capture_seconds,
+            [b.size for b in self.buckets], "captured" if self.capture_enabled else "warmed up", seconds,
         )  # fmt: skip
-        return self.capture_seconds
+        return seconds
 
     def accepts(self, inputs: StepInputs) -> bool:
         """Whether this step is a pure decode step that fits a bucket."""

@@ -208,11 +208,7 @@ class Engine:
             seq, params = state.seq, request.params
             # The sampler reads token history only for penalties and min_tokens; copying it for
             # every row each step would cost O(length) per token.
-            penalized = (
-                params.repetition_penalty != 1
-                or params.presence_penalty != 0
-                or params.frequency_penalty != 0
-            )
+            penalized = params.has_penalties
             prompt_ids = seq.token_ids[: seq.num_prompt_tokens] if penalized else []
             output_ids = seq.output_token_ids if penalized or params.min_tokens > 0 else []
             rows.append(SamplingRow(params, state.generator, prompt_ids, output_ids))

@@ -179,9 +179,7 @@ class Sampler:
         # All ops below are out-of-place, so the caller's logits are never modified.
         logits = logits.float()
 
-        if any(
-            p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params
-        ):
+        if any(p.has_penalties for p in params):
             logits = apply_penalties(
                 logits,
                 pad_token_lists([row.prompt_token_ids for row in rows], vocab, device),

@@ -114,6 +114,11 @@ class SamplingParams:
         return cls(**d)
 
     @property
+    def has_penalties(self) -> bool:
+        """Whether any repetition / presence / frequency penalty is on (they read token history)."""
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @property
     def is_greedy(self) -> bool:
         """True when the request asks for argmax decoding."""
         return self.temperature == 0
