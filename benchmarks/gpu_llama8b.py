@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from fxllm.serve.bench_offline import fxllm_decode_rate, fxllm_throughput, hf_generate_seconds, random_prompts
+
 logger = logging.getLogger("fxllm.gpu.llama8b")
 
 PRESET = "llama-3.1-8b"
@@ -25,29 +27,13 @@ BATCH1_LIMIT_TOK_S = 188.0
 THROUGHPUT_SCENARIOS = [(1000, 128, 128), (128, 128, 2048), (256, 2048, 128)]
 
 
-def _prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(100, vocab, (length,), generator=gen).tolist() for _ in range(num)]
-
-
-@torch.inference_mode()
-def _hf_generate_seconds(model: Any, prompts: list[list[int]], new_tokens: int) -> float:
-    ids = torch.tensor(prompts, device="cuda")
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def _hf_section(model: Any, vocab: int) -> dict[str, Any]:
-    prompt = _prompts(1, 128, vocab, 1)
-    _hf_generate_seconds(model, prompt, 2)  # warm-up
-    first = _hf_generate_seconds(model, prompt, 1)
-    full = _hf_generate_seconds(model, prompt, 65)
-    batch = _prompts(64, 128, vocab, 2)
-    seconds = _hf_generate_seconds(model, batch, 128)
+    prompt = random_prompts(1, 128, vocab, 1)
+    hf_generate_seconds(model, prompt, 2)  # warm-up
+    first = hf_generate_seconds(model, prompt, 1)
+    full = hf_generate_seconds(model, prompt, 65)
+    batch = random_prompts(64, 128, vocab, 2)
+    seconds = hf_generate_seconds(model, batch, 128)
     return {
         "batch1_decode_tok_s": 64 / (full - first),
         "throughput_64x128x128_tok_s": 64 * 128 / seconds,
@@ -59,7 +45,7 @@ def _hf_section(model: Any, vocab: int) -> dict[str, Any]:
 def _compile_section(model: Any, vocab: int) -> dict[str, Any]:
     from fxllm.compiler import compile_model
 
-    ids = torch.tensor(_prompts(1, 128, vocab, 3), device="cuda")
+    ids = torch.tensor(random_prompts(1, 128, vocab, 3), device="cuda")
     ref = model(ids).logits.float()
     start = time.perf_counter()
     compiled = compile_model(model, backend="inductor")
@@ -132,14 +118,10 @@ def _engine_section(deadline: float, save: Callable[[dict[str, Any]], None], out
     }  # fmt: skip
     save(out)
     vocab = llm.engine.vocab_size
-    greedy = SamplingParams(max_tokens=257, temperature=0, ignore_eos=True)
     llm.generate(
-        [_prompts(1, 128, vocab, 4)[0]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+        [random_prompts(1, 128, vocab, 4)[0]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     )
-    res = llm.generate([_prompts(1, 128, vocab, 5)[0]], greedy)[0]
-    metrics = res.metrics
-    assert metrics is not None and metrics.first_token_time is not None and metrics.finished_time is not None
-    rate = 256 / (metrics.finished_time - metrics.first_token_time)
+    rate = fxllm_decode_rate(llm, random_prompts(1, 128, vocab, 5)[0], 257).tokens_per_second  # 256 decoded
     replay = _replay_ms(llm.engine.runner, 1)
     out["batch1_decode"] = {
         "tok_s": rate, "fraction_of_limit": rate / BATCH1_LIMIT_TOK_S, "limit_tok_s": BATCH1_LIMIT_TOK_S,
@@ -154,16 +136,13 @@ def _engine_section(deadline: float, save: Callable[[dict[str, Any]], None], out
         if left < 60:
             out[key] = {"skipped": f"only {left:.0f} s of the device call left"}
             continue
-        prompts = _prompts(num, input_len, vocab, 10 + index)  # no prefix shared across scenarios
-        params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+        prompts = random_prompts(num, input_len, vocab, 10 + index)  # no prefix shared across scenarios
         steps_before = llm.engine.stats.num_steps
         phases_before = _phases(llm.engine.stats)
         torch.cuda.synchronize()
-        start = time.perf_counter()
-        outs = llm.generate(prompts, params)
-        seconds = time.perf_counter() - start
-        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        out[key] = {"output_tok_s": tokens / seconds, "seconds": seconds, "output_tokens": tokens,
+        result = fxllm_throughput(llm, prompts, output_len)
+        out[key] = {"output_tok_s": result.tokens_per_second, "seconds": result.seconds,
+                    "output_tokens": result.output_tokens,
                     "steps": llm.engine.stats.num_steps - steps_before,
                     "preemptions": llm.engine.stats.num_preemptions,
                     "phase_seconds": {k: v - phases_before[k] for k, v in _phases(llm.engine.stats).items()}}  # fmt: skip

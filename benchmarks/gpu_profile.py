@@ -35,6 +35,7 @@ def profile_decode(num_layers: int = 4, replays: int = 20) -> dict[str, Any]:
     from fxllm.config import load_config
     from fxllm.llm import LLM
     from fxllm.runtime.sampling_params import SamplingParams
+    from fxllm.serve.bench_offline import random_prompts
 
     config = load_config(None, ["model.model=llama-3.1-8b", "model.device=cuda", "model.dtype=bfloat16",
                                 f"model.num_layers={num_layers}", "model.max_model_len=4096",
@@ -43,8 +44,7 @@ def profile_decode(num_layers: int = 4, replays: int = 20) -> dict[str, Any]:
                                 "cache.gpu_memory_fraction=0.5"])  # fmt: skip
     llm = LLM(config=config)
     # Contexts of ~512 tokens for every row of the 256 bucket (its static inputs keep the last step's).
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(100, 128000, (512,), generator=gen).tolist() for _ in range(256)]
+    prompts = random_prompts(256, 512, llm.engine.vocab_size, 0)
     llm.generate(prompts, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
     llm.generate(prompts[:1], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
     graphs = llm.engine.runner.decode_graphs

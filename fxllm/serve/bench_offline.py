@@ -28,13 +28,15 @@ class BenchResult:
     tokens_per_second: float
 
 
-def _random_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+def random_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    """`num` seeded random prompts of `length` token ids (the GPU benchmarks use them too)."""
     generator = torch.Generator().manual_seed(seed)
     # Skip the first ids: many vocabularies keep special tokens there.
     return [torch.randint(100, vocab, (length,), generator=generator).tolist() for _ in range(num)]
 
 
-def _fxllm_decode_rate(llm: LLM, prompt: list[int], output_len: int) -> BenchResult:
+def fxllm_decode_rate(llm: LLM, prompt: list[int], output_len: int) -> BenchResult:
+    """One request alone: decode tok/s from its first token to its last."""
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     out = llm.generate([prompt], params)[0]
     metrics = out.metrics
@@ -45,7 +47,8 @@ def _fxllm_decode_rate(llm: LLM, prompt: list[int], output_len: int) -> BenchRes
     )
 
 
-def _fxllm_throughput(llm: LLM, prompts: list[list[int]], output_len: int) -> BenchResult:
+def fxllm_throughput(llm: LLM, prompts: list[list[int]], output_len: int) -> BenchResult:
+    """All prompts submitted at once: output tok/s over the whole run."""
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
@@ -55,23 +58,31 @@ def _fxllm_throughput(llm: LLM, prompts: list[list[int]], output_len: int) -> Be
 
 
 @torch.inference_mode()
-def _hf_generate_seconds(model: Any, prompts: list[list[int]], new_tokens: int) -> float:
+def hf_generate_seconds(model: Any, prompts: list[list[int]], new_tokens: int) -> float:
+    """Wall seconds of one HF `generate` of exactly `new_tokens` tokens over the batch."""
     ids = torch.tensor(prompts, device=model.device)
+
+    def sync() -> None:
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+
+    sync()
     start = time.perf_counter()
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                    do_sample=False, pad_token_id=0)  # fmt: skip
+    sync()
     return time.perf_counter() - start
 
 
 def _hf_results(
     model: Any, prompt: list[int], prompts: list[list[int]], output_len: int
 ) -> list[BenchResult]:
-    _hf_generate_seconds(model, [prompt], 2)  # warm-up
-    first = _hf_generate_seconds(model, [prompt], 1)
-    full = _hf_generate_seconds(model, [prompt], output_len)
+    hf_generate_seconds(model, [prompt], 2)  # warm-up
+    first = hf_generate_seconds(model, [prompt], 1)
+    full = hf_generate_seconds(model, [prompt], output_len)
     decode = max(full - first, 1e-9)
     rows = [BenchResult("hf-eager", "batch1-decode", output_len - 1, decode, (output_len - 1) / decode)]
-    seconds = _hf_generate_seconds(model, prompts, output_len)
+    seconds = hf_generate_seconds(model, prompts, output_len)
     tokens = len(prompts) * output_len
     rows.append(BenchResult("hf-eager", f"throughput-c{len(prompts)}", tokens, seconds, tokens / seconds))
     return rows
@@ -89,14 +100,14 @@ def run_offline_bench(
     """Measure fxllm and (unless skipped) HF eager on the same prompts, model and dtype."""
     llm = LLM(config.model.model, config=config)
     vocab = llm.engine.vocab_size
-    prompts = _random_prompts(concurrency, input_len, vocab, seed)
+    prompts = random_prompts(concurrency, input_len, vocab, seed)
     # Warm-up prompts of their own: measured prompts must not find their blocks in the prefix cache.
-    warmup = _random_prompts(2, input_len, vocab, seed + 1)
-    single = _random_prompts(1, input_len, vocab, seed + 2)[0]  # the batch-1 request, not reused below
+    warmup = random_prompts(2, input_len, vocab, seed + 1)
+    single = random_prompts(1, input_len, vocab, seed + 2)[0]  # the batch-1 request, not reused below
     logger.info("warming up fxllm (compiles the shapes the benchmark uses)")
     llm.generate(warmup, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     llm.generate(warmup[:1], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-    rows = [_fxllm_decode_rate(llm, single, output_len), _fxllm_throughput(llm, prompts, output_len)]
+    rows = [fxllm_decode_rate(llm, single, output_len), fxllm_throughput(llm, prompts, output_len)]
     device = llm.info.device
     dtype = llm.info.dtype
     llm.shutdown()
