@@ -12,7 +12,11 @@ from fxllm.models import load_model
 # same order (RMSNorm in fp32, softmax in fp32); what differs is GEMM blocking after merging
 # q/k/v and gate/up, and SDPA vs explicit softmax for masked variants. Those reorder float32
 # sums of a few hundred terms: relative error ~1e-6 of logits of magnitude ~10 -> 1e-4 absolute.
+# On AVX-512 CPUs the packed-linear kernel sums each output along K in one float32 FMA chain (up to
+# 1536 terms: ~sqrt(1536) * 2^-24 = 2.4e-6 relative per GEMM), so large logits (SmolLM2 reaches ~20)
+# also get RTOL = 1e-5 on top.
 ATOL = 1e-4
+RTOL = 1e-5
 
 TINY = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma2", "tiny-phi3"]
 
@@ -41,7 +45,7 @@ def test_smollm2_counts_and_logits(smollm2) -> None:
     ids = _ids(smollm2.model.config.vocab_size, 24, 1)
     with torch.no_grad():
         ref = smollm2.model(ids).logits
-    torch.testing.assert_close(compiled(ids), ref, atol=ATOL, rtol=0)
+    torch.testing.assert_close(compiled(ids), ref, atol=ATOL, rtol=RTOL)
     assert "match_attention" in compiled.report()
 
 
@@ -59,7 +63,7 @@ def test_tiny_architectures_match_hf(name: str) -> None:
         ids = _ids(model.config.vocab_size, length, batch)
         with torch.no_grad():
             ref = model(ids).logits
-        torch.testing.assert_close(compiled(ids), ref, atol=ATOL, rtol=0)
+        torch.testing.assert_close(compiled(ids), ref, atol=ATOL, rtol=RTOL)
 
 
 def test_sliding_window_is_taken_from_config() -> None:
@@ -92,7 +96,7 @@ def test_each_pass_alone_golden_count_and_numerics(only: str, expected: int) -> 
     assert compiled.pass_report.matches(only) == expected
     ids = _ids(model.config.vocab_size)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(ids), model(ids).logits, atol=ATOL, rtol=0)
+        torch.testing.assert_close(compiled(ids), model(ids).logits, atol=ATOL, rtol=RTOL)
 
 
 def test_fuse_and_merge_golden_counts() -> None:
@@ -124,7 +128,7 @@ def test_inductor_backend_matches_hf() -> None:
     for length in (9, 1, 17):  # several token counts, including 1, without recompiling wrongly
         ids = _ids(model.config.vocab_size, length, 2)
         with torch.no_grad():
-            torch.testing.assert_close(compiled(ids), model(ids).logits, atol=ATOL, rtol=0)
+            torch.testing.assert_close(compiled(ids), model(ids).logits, atol=ATOL, rtol=RTOL)
 
 
 def test_decorator_forms() -> None:
@@ -187,4 +191,4 @@ def test_partial_rotary_matches_rotated_slice_only() -> None:
     assert all(n.args[0].meta["val"].shape[-1] == 16 for n in rope)  # half of head_dim 32 rotates
     ids = _ids(256, 20)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(ids), model(ids).logits, atol=ATOL, rtol=0)
+        torch.testing.assert_close(compiled(ids), model(ids).logits, atol=ATOL, rtol=RTOL)

@@ -106,4 +106,5 @@ def _known_ops() -> set[str]:
         "rotary_embedding",
         "silu_and_mul",
         "gelu_and_mul",
+        "packed_linear",
     }

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 def _references() -> dict[str, Callable[..., Any]]:
     import torch.nn.functional as F
 
+    from fxllm.ops.linear import packed_linear_reference
     from fxllm.ops.norms import rms_norm_reference
     from fxllm.ops.rotary import rotary_embedding_reference
 
@@ -42,6 +43,7 @@ def _references() -> dict[str, Callable[..., Any]]:
         "rotary_embedding": rotary_embedding_reference.__wrapped__,  # type: ignore[attr-defined]
         "silu_and_mul": lambda gate, up: F.silu(gate) * up,
         "gelu_and_mul": lambda gate, up, approximate="none": F.gelu(gate, approximate=approximate) * up,
+        "packed_linear": packed_linear_reference.__wrapped__,  # type: ignore[attr-defined]
     }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from fxllm.ops.activations import gelu_and_mul, silu_and_mul
 from fxllm.ops.attention import attention, attention_reference
+from fxllm.ops.linear import pack_linear_weight, packed_linear, unpack_linear_weight
 from fxllm.ops.norms import fused_add_rms_norm, rms_norm, rms_norm_reference
 from fxllm.ops.paged_attention import paged_attention, paged_attention_reference, write_kv_cache
 from fxllm.ops.rotary import rotary_embedding, rotary_embedding_reference
@@ -17,6 +18,8 @@ __all__ = [
     "attention_reference",
     "fused_add_rms_norm",
     "gelu_and_mul",
+    "pack_linear_weight",
+    "packed_linear",
     "paged_attention",
     "paged_attention_reference",
     "rms_norm",
@@ -24,5 +27,6 @@ __all__ = [
     "rotary_embedding",
     "rotary_embedding_reference",
     "silu_and_mul",
+    "unpack_linear_weight",
     "write_kv_cache",
 ]

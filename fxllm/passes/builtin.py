@@ -12,4 +12,5 @@ from fxllm.passes import (  # noqa: F401
     match_rms_norm,
     match_rope,
     merge_linears,
+    pack_linears,
 )

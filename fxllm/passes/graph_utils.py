@@ -106,7 +106,7 @@ def refresh_meta(gm: GraphModule) -> None:
         ):
             for node in gm.graph.nodes:
                 if node.op == "get_attr" and "val" not in node.meta:
-                    node.meta["val"] = mode.from_tensor(_fetch_attr(gm, node.target), static_shapes=True)
+                    node.meta["val"] = mode.from_tensor(fetch_attr(gm, node.target), static_shapes=True)
                 elif node.op == "call_function" and "val" not in node.meta:
                     args, kwargs = torch.fx.map_arg((node.args, node.kwargs), lambda a: a.meta["val"])
                     node.meta["val"] = _fake_value(node.target, args, kwargs)
@@ -123,11 +123,26 @@ def _fake_value(target: Any, args: Any, kwargs: Any) -> Any:
     return target(*args, **kwargs)
 
 
-def _fetch_attr(gm: GraphModule, target: str) -> Any:
+def fetch_attr(gm: GraphModule, target: str) -> Any:
+    """The module attribute a get_attr node's dotted `target` names."""
     obj: Any = gm
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def drop_attr_if_unused(gm: GraphModule, node: Node) -> None:
+    """Erase get_attr `node` once nothing uses it, and its attribute once no get_attr reads it."""
+    if node.users:
+        return
+    target = node.target
+    gm.graph.erase_node(node)
+    if not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
+        *path, leaf = str(target).split(".")
+        owner: Any = gm
+        for part in path:
+            owner = getattr(owner, part)
+        delattr(owner, leaf)
 
 
 def graph_device(gm: GraphModule) -> torch.device:

@@ -12,27 +12,11 @@ from collections import defaultdict
 import torch
 from torch.fx import GraphModule, Node
 
-from fxllm.passes.graph_utils import arg, is_op
+from fxllm.passes.graph_utils import arg, drop_attr_if_unused, fetch_attr, is_op
 from fxllm.passes.registry import PassContext, PassResult, register_pass
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
-
-
-def _get_attr(gm: GraphModule, target: str) -> torch.Tensor:
-    obj: object = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    assert isinstance(obj, torch.Tensor)
-    return obj
-
-
-def _del_attr(gm: GraphModule, target: str) -> None:
-    *path, leaf = target.split(".")
-    owner: object = gm
-    for part in path:
-        owner = getattr(owner, part)
-    delattr(owner, leaf)
 
 
 def _weight_of(node: Node) -> Node | None:
@@ -44,13 +28,13 @@ def _merge_group(gm: GraphModule, source: Node, linears: list[Node], index: int)
     graph = gm.graph
     weights = [_weight_of(n) for n in linears]
     biases = [arg(n, 2, "bias") for n in linears]
-    tensors = [_get_attr(gm, w.target) for w in weights]  # type: ignore[union-attr]
+    tensors = [fetch_attr(gm, w.target) for w in weights]  # type: ignore[union-attr]
     name = f"fxllm_merged_linear_{index}"
     gm.register_parameter(name, torch.nn.Parameter(torch.cat(tensors, 0), requires_grad=False))
     bias_name = None
     if biases[0] is not None:
         bias_name = f"{name}_bias"
-        bias_tensors = [_get_attr(gm, b.target) for b in biases]
+        bias_tensors = [fetch_attr(gm, b.target) for b in biases]
         gm.register_parameter(bias_name, torch.nn.Parameter(torch.cat(bias_tensors, 0), requires_grad=False))
     first = min(linears, key=lambda n: _order(graph)[n])
     with graph.inserting_before(first):
@@ -69,11 +53,7 @@ def _merge_group(gm: GraphModule, source: Node, linears: list[Node], index: int)
     for linear in linears:
         graph.erase_node(linear)
     for attr in [*weights, *[b for b in biases if b is not None]]:
-        if not attr.users:
-            target = attr.target
-            graph.erase_node(attr)
-            if not any(n.op == "get_attr" and n.target == target for n in graph.nodes):
-                _del_attr(gm, target)
+        drop_attr_if_unused(gm, attr)
 
 
 def _order(graph: torch.fx.Graph) -> dict[Node, int]:
@@ -95,7 +75,7 @@ def merge_linears(gm: GraphModule, ctx: PassContext) -> PassResult:
         if len(linears) < 2:
             continue
         has_bias = {arg(n, 2, "bias") is not None for n in linears}
-        tensors = [_get_attr(gm, _weight_of(n).target) for n in linears]  # type: ignore[union-attr]
+        tensors = [fetch_attr(gm, _weight_of(n).target) for n in linears]  # type: ignore[union-attr]
         if len(has_bias) != 1 or len({(t.dtype, t.device, t.shape[1:]) for t in tensors}) != 1:
             result.notes.append(f"{source.name}: linears differ in bias/dtype/shape; not merged")
             continue

@@ -28,6 +28,7 @@ BUILTIN_PIPELINE: tuple[str, ...] = (
     "merge_linears",
     "insert_cached_attention",
     "gather_logits",
+    "pack_linears",
 )
 
 

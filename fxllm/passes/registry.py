@@ -22,6 +22,7 @@ STAGES: tuple[str, ...] = (
     "fuse_collectives",
     "cache",
     "finalize",
+    "lower",  # device lowerings (packed CPU weights): after every pass that looks for aten ops
 )
 
 

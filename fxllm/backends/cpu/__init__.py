@@ -1,7 +1,7 @@
 """C++ kernels for fxllm's ops on the CPU, registered as the "cpu" op backend.
 
-Importing this package registers paged_attention (priority 5, so `bind_op_backends("cpu")` picks it
-over the reference). The kernels compile on first use through Inductor's C++ code cache, the same
+Importing this package registers paged_attention and packed_linear (priority 5, so
+`bind_op_backends("cpu")` picks them over the reference). The kernels compile on first use through Inductor's C++ code cache, the same
 compiler Inductor needs for the rest of the CPU graph; if that fails the op falls back to the
 reference, so registration never breaks a run.
 """
@@ -21,11 +21,12 @@ def supports(device: torch.device) -> bool:
 
 def _register() -> None:
     import fxllm.ops  # noqa: F401  (ops must exist before backends register for them)
-    from fxllm.backends.cpu import paged_attention
+    from fxllm.backends.cpu import linear, paged_attention
     from fxllm.backends.registry import register_op_backend
 
     register_op_backend("paged_attention", BACKEND, paged_attention.paged_attention, supports=supports,
                         priority=PRIORITY)  # fmt: skip
+    register_op_backend("packed_linear", BACKEND, linear.packed_linear, supports=supports, priority=PRIORITY)
 
 
 _register()

@@ -1,0 +1,66 @@
+"""CPU kernel of `fxllm::packed_linear`: the C++ GEMM in linear_cpp.py over the packed weight.
+
+Measured on the 2-core dev box (Zen 5, SmolLM2 shapes, every layer's weights distinct so they
+stream from DRAM): bfloat16 at 1 token per step, 6.6 ms for all 121 projections (oneDNN with
+pre-packed weights: 7.0 ms without the LM head); 16 tokens 10.2 ms (oneDNN ~11.4 ms); a
+2048-token prefill layer 17.2 ms (oneDNN 16.3). float32 at 2048 tokens: 39.7 ms (MKL 70 ms).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fxllm.backends.cpu.linear_cpp import LINEAR_ARGS, LINEAR_SOURCE
+from fxllm.ops.eager import eager_only
+from fxllm.ops.linear import packed_linear_reference
+
+logger = logging.getLogger(__name__)
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+_NO_BIAS = torch.zeros(1)
+
+
+@functools.cache
+def _kernel() -> Callable[..., Any] | None:
+    try:
+        from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+        return CppPythonBindingsCodeCache.load_pybinding(LINEAR_ARGS, LINEAR_SOURCE)
+    except Exception:  # a build failure must not break a run: the pass then leaves linears alone
+        logger.warning("CPU packed-linear kernel failed to build", exc_info=True)
+        return None
+
+
+def available(dtype: torch.dtype) -> bool:
+    """Whether this CPU can run the kernel for `dtype` (AVX-512; bfloat16 also needs AVX512-BF16)."""
+    if dtype not in _DTYPE_CODES or torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
+    if dtype == torch.bfloat16 and not torch.cpu._is_avx512_bf16_supported():
+        return False
+    return _kernel() is not None
+
+
+@eager_only
+def packed_linear(x: Tensor, packed_weight: Tensor, out_features: int, bias: Tensor | None = None) -> Tensor:
+    """Same contract as the reference (fxllm/ops/linear.py)."""
+    kernel = _kernel()
+    code = _DTYPE_CODES.get(x.dtype)
+    if kernel is None or code is None or packed_weight.dtype != x.dtype or not packed_weight.is_contiguous():
+        return packed_linear_reference(x, packed_weight, out_features, bias).contiguous()
+    in_features = x.shape[-1]
+    rows = x.reshape(-1, in_features)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = x.new_empty((*x.shape[:-1], out_features))
+    bias_values = _NO_BIAS if bias is None else bias.float().contiguous()
+    kernel(
+        code, rows, rows.shape[0], in_features, rows.stride(0), packed_weight, out_features,
+        bias_values, int(bias is not None), out, out_features, torch.get_num_threads(),
+    )  # fmt: skip
+    return out

@@ -1,0 +1,156 @@
+"""C++ source of the CPU packed-weight GEMM behind `fxllm::packed_linear` (AVX-512, OpenMP).
+
+Weights arrive pre-packed in blocks of 16 output features (see fxllm/ops/linear.py): float32 as
+[N/16, K, 16] and bfloat16 as [N/16, K/2, 16, 2], the pair layout VDPBF16PS reads. One block row
+is one 64-byte load, and every input value is broadcast against it, so no horizontal sums are
+needed. A register tile is up to 4 rows of x by 4 blocks (64 outputs, 16 accumulators); threads
+split the output blocks, so at batch 1 each thread streams its own part of the weights. Sums are
+float32; bfloat16 outputs are rounded to nearest even like torch's cast.
+"""
+
+from __future__ import annotations
+
+LINEAR_SOURCE = r"""
+#include <immintrin.h>
+#include <omp.h>
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#define TARGET_F32 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define TARGET_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+constexpr int64_t kBlock = 16;   // output features per packed block
+constexpr int64_t kRowsPerChunk = 64;  // rows of x kept hot in L1/L2 while a thread sweeps its blocks
+
+TARGET_F32 static inline void store_row(float* out, __m512 v, __mmask16 mask) {
+    _mm512_mask_storeu_ps(out, mask, v);
+}
+TARGET_BF16 static inline void store_row(uint16_t* out, __m512 v, __mmask16 mask) {
+    __m256i bits = (__m256i)_mm512_cvtneps_pbh(v);
+    _mm256_mask_storeu_epi16(out, mask, bits);
+}
+
+// acc[m][b] over rows m < MT of x and blocks b < NT; last_mask = outputs of the last block that exist.
+template <int MT, int NT>
+TARGET_F32 static void tile_f32(const float* x, int64_t x_stride, const float* w, int64_t K, float* out,
+                                int64_t out_stride, const float* bias, __mmask16 last_mask) {
+    __m512 acc[MT][NT];
+    for (int m = 0; m < MT; ++m)
+        for (int b = 0; b < NT; ++b) acc[m][b] = _mm512_setzero_ps();
+    const int64_t block_stride = K * kBlock;
+    for (int64_t k = 0; k < K; ++k) {
+        __m512 wv[NT];
+        for (int b = 0; b < NT; ++b) wv[b] = _mm512_loadu_ps(w + b * block_stride + k * kBlock);
+        for (int m = 0; m < MT; ++m) {
+            __m512 xv = _mm512_set1_ps(x[m * x_stride + k]);
+            for (int b = 0; b < NT; ++b) acc[m][b] = _mm512_fmadd_ps(xv, wv[b], acc[m][b]);
+        }
+    }
+    for (int m = 0; m < MT; ++m)
+        for (int b = 0; b < NT; ++b) {
+            __m512 v = acc[m][b];
+            __mmask16 mask = b == NT - 1 ? last_mask : (__mmask16)0xffff;
+            if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + b * kBlock));
+            store_row(out + m * out_stride + b * kBlock, v, mask);
+        }
+}
+
+template <int MT, int NT>
+TARGET_BF16 static void tile_bf16(const uint16_t* x, int64_t x_stride, const uint16_t* w, int64_t K,
+                                  uint16_t* out, int64_t out_stride, const float* bias, __mmask16 last_mask) {
+    __m512 acc[MT][NT];
+    for (int m = 0; m < MT; ++m)
+        for (int b = 0; b < NT; ++b) acc[m][b] = _mm512_setzero_ps();
+    const int64_t pairs = K / 2;
+    const int64_t block_stride = pairs * 2 * kBlock;
+    for (int64_t p = 0; p < pairs; ++p) {
+        __m512bh wv[NT];
+        for (int b = 0; b < NT; ++b)
+            wv[b] = (__m512bh)_mm512_loadu_si512((const void*)(w + b * block_stride + p * 2 * kBlock));
+        for (int m = 0; m < MT; ++m) {
+            int32_t pair;
+            std::memcpy(&pair, x + m * x_stride + 2 * p, 4);
+            __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+            for (int b = 0; b < NT; ++b) acc[m][b] = _mm512_dpbf16_ps(acc[m][b], xv, wv[b]);
+        }
+    }
+    for (int m = 0; m < MT; ++m)
+        for (int b = 0; b < NT; ++b) {
+            __m512 v = acc[m][b];
+            __mmask16 mask = b == NT - 1 ? last_mask : (__mmask16)0xffff;
+            if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + b * kBlock));
+            store_row(out + m * out_stride + b * kBlock, v, mask);
+        }
+}
+
+template <typename T>
+using TileFn = void (*)(const T*, int64_t, const T*, int64_t, T*, int64_t, const float*, __mmask16);
+
+static const TileFn<float> kTilesF32[4][4] = {
+    {tile_f32<1, 1>, tile_f32<1, 2>, tile_f32<1, 3>, tile_f32<1, 4>},
+    {tile_f32<2, 1>, tile_f32<2, 2>, tile_f32<2, 3>, tile_f32<2, 4>},
+    {tile_f32<3, 1>, tile_f32<3, 2>, tile_f32<3, 3>, tile_f32<3, 4>},
+    {tile_f32<4, 1>, tile_f32<4, 2>, tile_f32<4, 3>, tile_f32<4, 4>}};
+static const TileFn<uint16_t> kTilesBF16[4][4] = {
+    {tile_bf16<1, 1>, tile_bf16<1, 2>, tile_bf16<1, 3>, tile_bf16<1, 4>},
+    {tile_bf16<2, 1>, tile_bf16<2, 2>, tile_bf16<2, 3>, tile_bf16<2, 4>},
+    {tile_bf16<3, 1>, tile_bf16<3, 2>, tile_bf16<3, 3>, tile_bf16<3, 4>},
+    {tile_bf16<4, 1>, tile_bf16<4, 2>, tile_bf16<4, 3>, tile_bf16<4, 4>}};
+
+// out[M, N] = x[M, K] @ W^T (+ bias); W packed as nblocks blocks of 16 outputs.
+template <typename T>
+static void gemm(const TileFn<T> (*tiles)[4], const T* x, int64_t M, int64_t K, int64_t x_stride, const T* w,
+                 int64_t N, const float* bias, T* out, int64_t out_stride, int num_threads) {
+    const int64_t nblocks = (N + kBlock - 1) / kBlock;
+    const int64_t block_elems = K * kBlock;  // the same for both layouts (K/2 pairs x 16 x 2)
+    const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(num_threads, nblocks));
+    #pragma omp parallel num_threads(threads)
+    {
+        const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        const int64_t b_begin = nblocks * tid / nth, b_end = nblocks * (tid + 1) / nth;
+        for (int64_t m0 = 0; m0 < M; m0 += kRowsPerChunk) {
+            const int64_t m_end = std::min(M, m0 + kRowsPerChunk);
+            for (int64_t b = b_begin; b < b_end; b += 4) {
+                const int nt = (int)std::min<int64_t>(4, b_end - b);
+                const int64_t n0 = b * kBlock;
+                const int64_t tail = std::min<int64_t>(kBlock, N - (b + nt - 1) * kBlock);
+                const __mmask16 last_mask = (__mmask16)((1u << tail) - 1u);
+                for (int64_t m = m0; m < m_end; m += 4) {
+                    const int mt = (int)std::min<int64_t>(4, m_end - m);
+                    tiles[mt - 1][nt - 1](x + m * x_stride, x_stride, w + b * block_elems, K,
+                                          out + m * out_stride + n0, out_stride, bias ? bias + n0 : nullptr,
+                                          last_mask);
+                }
+            }
+        }
+    }
+}
+
+// dtype 0 = float32 ([N/16, K, 16]); 1 = bfloat16 ([N/16, K/2, 16, 2], K even).
+void kernel(int64_t dtype, const void* x, int64_t M, int64_t K, int64_t x_stride, const void* w, int64_t N,
+            const float* bias, int64_t has_bias, void* out, int64_t out_stride, int64_t num_threads) {
+    if (!has_bias) bias = nullptr;
+    if (dtype == 0)
+        gemm<float>(kTilesF32, (const float*)x, M, K, x_stride, (const float*)w, N, bias, (float*)out,
+                    out_stride, (int)num_threads);
+    else
+        gemm<uint16_t>(kTilesBF16, (const uint16_t*)x, M, K, x_stride, (const uint16_t*)w, N, bias,
+                       (uint16_t*)out, out_stride, (int)num_threads);
+}
+"""
+
+LINEAR_ARGS = [
+    "int64_t",  # dtype code
+    "const void*",  # x
+    "int64_t",  # M
+    "int64_t",  # K
+    "int64_t",  # x row stride
+    "const void*",  # packed weight
+    "int64_t",  # N
+    "const float*",  # bias (float32; a dummy when has_bias is 0)
+    "int64_t",  # has_bias
+    "void*",  # out
+    "int64_t",  # out row stride
+    "int64_t",  # threads
+]
