@@ -80,3 +80,24 @@ def test_cpu_paged_attention_matches_reference(
 
 def test_cpu_backend_is_chosen_on_cpu() -> None:
     assert choose_backend("paged_attention", torch.device("cpu")) == "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("window", "softcap", "sinks"), [(-1, 0.0, False), (7, 20.0, True)])
+def test_generic_decode_kernel_matches_reference(
+    dtype: torch.dtype, window: int, softcap: float, sinks: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plain-loop kernel CPUs without AVX-512 build (this machine may take the AVX-512 paths)."""
+    from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+    from fxllm.backends.cpu.kernels_cpp import DECODE_ARGS, decode_source
+
+    kernels = cpu._kernels()
+    assert kernels is not None
+    generic = CppPythonBindingsCodeCache.load_pybinding(DECODE_ARGS, decode_source(avx512=False, avx512_bf16=False))
+    monkeypatch.setattr(cpu, "_kernels", lambda: (kernels[0], generic))
+    ref_args, cpu_args = _case(dtype, num_heads=6, num_kv_heads=2, head_dim=64, decode=True, sinks=sinks)
+    ref = paged_attention_reference(*ref_args[:10], window, softcap, ref_args[10])
+    out = cpu.paged_attention(*cpu_args[:10], window, softcap, cpu_args[10])
+    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert err < (1e-5 if dtype == torch.float32 else 1e-2)

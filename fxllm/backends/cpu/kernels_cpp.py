@@ -85,6 +85,7 @@ static inline float exp_nonpositive(float x) {
 }
 
 QK_FAST
+PV_FAST
 // One sequence, one KV head: its `group` query heads attend to the sequence's first `len` cached tokens.
 // HD > 0 fixes head_dim == head_dim_v at compile time, so the per-row loops unroll into registers.
 template <typename T, int HD>
@@ -96,7 +97,7 @@ static void attend_one(const T* q, const T* k_cache, const T* v_cache, const int
     const int64_t head_dim_v = HD > 0 ? HD : head_dim_v_rt;
     int64_t start = window > 0 ? (len - window > 0 ? len - window : 0) : 0;
     int64_t n = len - start;
-    work.resize(group * head_dim + group * n + head_dim_v);
+    work.resize(group * head_dim + group * n + head_dim_v + group);
     float* qf = work.data();
     float* scores = qf + group * head_dim;
     float* acc = scores + group * n;
@@ -119,6 +120,7 @@ static void attend_one(const T* q, const T* k_cache, const T* v_cache, const int
             sg[t - start] = sum;
         }
     }
+    float* totals = acc + head_dim_v;
     for (int64_t g = 0; g < group; ++g) {
         float* sg = scores + g * n;
         float m = sinks ? sinks[g] : -INFINITY;
@@ -130,6 +132,13 @@ static void attend_one(const T* q, const T* k_cache, const T* v_cache, const int
             sg[i] = exp_nonpositive(sg[i] - m);
             total += sg[i];
         }
+        totals[g] = total > 0.f ? 1.f / total : 0.f;
+    }
+    if (pv_fast(scores, n, v_cache, table, start, len, block_size, v_token, head * head_dim_v, head_dim_v, group,
+                totals, out))
+        return;
+    for (int64_t g = 0; g < group; ++g) {
+        float* sg = scores + g * n;
         #pragma omp simd
         for (int64_t d = 0; d < head_dim_v; ++d) acc[d] = 0.f;
         for (int64_t t = start; t < len; ++t) {
@@ -139,8 +148,7 @@ static void attend_one(const T* q, const T* k_cache, const T* v_cache, const int
             #pragma omp simd
             for (int64_t d = 0; d < head_dim_v; ++d) acc[d] += p * load_f(v, d);
         }
-        float inv = total > 0.f ? 1.f / total : 0.f;
-        for (int64_t d = 0; d < head_dim_v; ++d) store_f(out, g * head_dim_v + d, acc[d] * inv);
+        for (int64_t d = 0; d < head_dim_v; ++d) store_f(out, g * head_dim_v + d, acc[d] * totals[g]);
     }
 }
 
@@ -196,14 +204,118 @@ static inline bool qk_fast(const T*, const T*, const int32_t*, int64_t, int64_t,
 }
 """
 
+# The weighted sum of values without a fast path: the generic loop runs.
+_PV_GENERIC = r"""
+template <typename T>
+static inline bool pv_fast(const float*, int64_t, const T*, const int32_t*, int64_t, int64_t, int64_t, int64_t,
+                           int64_t, int64_t, int64_t, const float*, T*) {
+    return false;
+}
+"""
+
+# AVX-512 paths for float32 and the value sum of both dtypes. Scores: four tokens at a time with FMA
+# (as the bfloat16 path below). Values: every query head of the group at once with its sums in
+# registers, so each value row is read and widened once, not once per head; the generic loop kept
+# a sum in memory and re-read the rows for each of the group's heads.
+_AVX512_COMMON = r"""
+#include <immintrin.h>
+#define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+TARGET_AVX512 static inline __m512 widen16(const float* p) { return _mm512_loadu_ps(p); }
+TARGET_AVX512 static inline __m512 widen16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+TARGET_AVX512 static inline void narrow16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+TARGET_AVX512 static inline void narrow16(uint16_t* p, __m512 v) {
+    alignas(64) float tmp[16];
+    _mm512_store_ps(tmp, v);
+    for (int i = 0; i < 16; ++i) store_f(p, i, tmp[i]);  // round to nearest even, as torch's cast
+}
+
+template <int G, int C, typename T>
+TARGET_AVX512 static void pv_tile(const float* scores, int64_t n, const T* v_cache, const int32_t* table,
+                                  int64_t start, int64_t len, int64_t block_size, int64_t v_token,
+                                  int64_t head_offset, const float* inv_totals, T* out) {
+    __m512 acc[G][C];
+    for (int g = 0; g < G; ++g)
+        for (int c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
+    for (int64_t t = start; t < len;) {
+        const int64_t block = table[t / block_size], offset = t % block_size;
+        const int64_t stop = std::min(len, t + (block_size - offset));
+        const T* v = v_cache + (block * block_size + offset) * v_token + head_offset;
+        for (; t < stop; ++t, v += v_token) {
+            __m512 row[C];
+            for (int c = 0; c < C; ++c) row[c] = widen16(v + 16 * c);
+            for (int g = 0; g < G; ++g) {
+                __m512 p = _mm512_set1_ps(scores[g * n + (t - start)]);
+                for (int c = 0; c < C; ++c) acc[g][c] = _mm512_fmadd_ps(p, row[c], acc[g][c]);
+            }
+        }
+    }
+    for (int g = 0; g < G; ++g) {
+        __m512 inv = _mm512_set1_ps(inv_totals[g]);
+        for (int c = 0; c < C; ++c) narrow16(out + g * C * 16 + 16 * c, _mm512_mul_ps(acc[g][c], inv));
+    }
+}
+
+template <typename T>
+TARGET_AVX512 static inline bool pv_fast(const float* scores, int64_t n, const T* v_cache, const int32_t* table,
+                                         int64_t start, int64_t len, int64_t block_size, int64_t v_token,
+                                         int64_t head_offset, int64_t head_dim_v, int64_t group,
+                                         const float* inv_totals, T* out) {
+#define PV_CASE(G, C)                                                                                         \
+    if (group == G && head_dim_v == 16 * C) {                                                               \
+        pv_tile<G, C, T>(scores, n, v_cache, table, start, len, block_size, v_token, head_offset, inv_totals, \
+                         out);                                                                              \
+        return true;                                                                                        \
+    }
+    PV_CASE(1, 4) PV_CASE(2, 4) PV_CASE(3, 4) PV_CASE(4, 4) PV_CASE(5, 4) PV_CASE(6, 4)
+    PV_CASE(1, 8) PV_CASE(2, 8) PV_CASE(3, 8)
+#undef PV_CASE
+    return false;
+}
+
+TARGET_AVX512 static inline bool qk_fast(const float* q, const float* k_cache, const int32_t* table, int64_t start,
+                                         int64_t len, int64_t block_size, int64_t k_token, int64_t head_offset,
+                                         int64_t head_dim, float scale, float softcap, float* scores) {
+    if (softcap > 0.f || head_dim % 16 != 0 || head_dim > 256) return false;
+    const int64_t chunks = head_dim / 16;
+    __m512 qv[16];
+    for (int64_t c = 0; c < chunks; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
+    for (int64_t t = start; t < len;) {
+        const int64_t block = table[t / block_size], offset = t % block_size;
+        const int64_t stop = std::min(len, t + (block_size - offset));
+        const float* k = k_cache + (block * block_size + offset) * k_token + head_offset;
+        for (; t + 4 <= stop; t += 4, k += 4 * k_token) {
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+            __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+            for (int64_t c = 0; c < chunks; ++c) {
+                const float* kc = k + 16 * c;
+                a0 = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kc), a0);
+                a1 = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kc + k_token), a1);
+                a2 = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kc + 2 * k_token), a2);
+                a3 = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kc + 3 * k_token), a3);
+            }
+            scores[t - start] = _mm512_reduce_add_ps(a0) * scale;
+            scores[t + 1 - start] = _mm512_reduce_add_ps(a1) * scale;
+            scores[t + 2 - start] = _mm512_reduce_add_ps(a2) * scale;
+            scores[t + 3 - start] = _mm512_reduce_add_ps(a3) * scale;
+        }
+        for (; t < stop; ++t, k += k_token) {
+            __m512 a0 = _mm512_setzero_ps();
+            for (int64_t c = 0; c < chunks; ++c) a0 = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + 16 * c), a0);
+            scores[t - start] = _mm512_reduce_add_ps(a0) * scale;
+        }
+    }
+    return true;
+}
+"""
+
 # bfloat16 scores with VDPBF16PS (avx512_bf16): products of two bf16 values are exact in float32,
 # so only the summation order differs from the generic float32 loop. Four tokens at a time keep four
 # independent horizontal sums in flight; one dot per token waited on its own reduction, which made
 # the scores ~70% of the kernel's time (243 -> 125 us per call for 16 sequences x 170 tokens, 2 cores).
-_QK_AVX512_BF16 = (
-    _QK_GENERIC
-    + r"""
-#include <immintrin.h>
+_QK_AVX512_BF16 = r"""
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 static inline bool qk_fast(const uint16_t* q, const uint16_t* k_cache, const int32_t* table, int64_t start,
                            int64_t len, int64_t block_size, int64_t k_token, int64_t head_offset, int64_t head_dim,
@@ -241,12 +353,14 @@ static inline bool qk_fast(const uint16_t* q, const uint16_t* k_cache, const int
     return true;
 }
 """
-)
 
 
-def decode_source(avx512_bf16: bool) -> str:
-    """The decode kernel, with the bfloat16 dot-product path only where the CPU has avx512_bf16."""
-    return DECODE_SOURCE.replace("QK_FAST", _QK_AVX512_BF16 if avx512_bf16 else _QK_GENERIC)
+def decode_source(avx512: bool, avx512_bf16: bool) -> str:
+    """The decode kernel with the AVX-512 paths this CPU supports (bfloat16 scores need avx512_bf16)."""
+    if not avx512:
+        return DECODE_SOURCE.replace("QK_FAST", _QK_GENERIC).replace("PV_FAST", _PV_GENERIC)
+    fast = _QK_GENERIC + _AVX512_COMMON + (_QK_AVX512_BF16 if avx512_bf16 else "")
+    return DECODE_SOURCE.replace("QK_FAST", fast).replace("PV_FAST", "")
 
 
 WRITE_KV_ARGS = ["int64_t", "const void*", "const void*", "void*", "void*", "const int64_t*"] + [

@@ -37,7 +37,11 @@ def _kernels() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
 
         write = CppPythonBindingsCodeCache.load_pybinding(WRITE_KV_ARGS, WRITE_KV_SOURCE)
         decode = CppPythonBindingsCodeCache.load_pybinding(
-            DECODE_ARGS, decode_source(avx512_bf16=torch.cpu._is_avx512_bf16_supported())
+            DECODE_ARGS,
+            decode_source(
+                avx512=torch.backends.cpu.get_cpu_capability() == "AVX512",
+                avx512_bf16=torch.cpu._is_avx512_bf16_supported(),
+            ),
         )
     except Exception:  # any build failure: the reference still gives the right answer
         logger.warning("CPU paged-attention kernels failed to build; using the reference", exc_info=True)
