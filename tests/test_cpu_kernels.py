@@ -94,7 +94,9 @@ def test_generic_decode_kernel_matches_reference(
 
     kernels = cpu._kernels()
     assert kernels is not None
-    generic = CppPythonBindingsCodeCache.load_pybinding(DECODE_ARGS, decode_source(avx512=False, avx512_bf16=False))
+    generic = CppPythonBindingsCodeCache.load_pybinding(
+        DECODE_ARGS, decode_source(avx512=False, avx512_bf16=False)
+    )
     monkeypatch.setattr(cpu, "_kernels", lambda: (kernels[0], generic))
     ref_args, cpu_args = _case(dtype, num_heads=6, num_kv_heads=2, head_dim=64, decode=True, sinks=sinks)
     ref = paged_attention_reference(*ref_args[:10], window, softcap, ref_args[10])
