@@ -14,19 +14,31 @@ pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler for
 
 
 def _case(
-    dtype: torch.dtype, *, num_heads: int, num_kv_heads: int, head_dim: int, decode: bool, sinks: bool
+    dtype: torch.dtype,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    decode: bool,
+    sinks: bool,
+    lens: tuple[list[int], list[int]] | None = None,
 ) -> tuple[tuple[object, ...], tuple[object, ...]]:
-    """Two identical argument tuples (separate caches) for a batch of 5 sequences over a shuffled pool."""
+    """Two identical argument tuples (separate caches) for a batch of sequences over a shuffled pool
+    (by default 5; `lens` = (context lengths, query lengths) chooses others)."""
     gen = torch.Generator().manual_seed(0)
-    block_size, num_blocks, num_seqs = 4, 64, 5
+    block_size, num_blocks = 4, 64
     k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
     v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
-    seq_lens = torch.tensor([1, 9, 17, 30, 12], dtype=torch.int32)
-    q_lens = (
-        torch.ones(num_seqs, dtype=torch.int32)
-        if decode
-        else torch.tensor([1, 3, 17, 2, 5], dtype=torch.int32)
-    )
+    seq_lens = torch.tensor(lens[0] if lens else [1, 9, 17, 30, 12], dtype=torch.int32)
+    num_seqs = seq_lens.shape[0]
+    if lens:
+        q_lens = torch.tensor(lens[1], dtype=torch.int32)
+    else:
+        q_lens = (
+            torch.ones(num_seqs, dtype=torch.int32)
+            if decode
+            else torch.tensor([1, 3, 17, 2, 5], dtype=torch.int32)
+        )
     tables = torch.randperm(num_blocks, generator=gen)[: num_seqs * 8].view(num_seqs, 8).int()
     num_tokens = int(q_lens.sum())
     # q/k/v as strided slices of one fused projection, as the graph produces them.
@@ -40,7 +52,8 @@ def _case(
         for p in range(int(seq_lens[s] - q_lens[s]), int(seq_lens[s]))
     ]
     slot_mapping = torch.tensor(slots)
-    slot_mapping[1] = -1  # a padding slot is not written
+    if lens is None:
+        slot_mapping[1] = -1  # a padding slot is not written
     starts = torch.cat([torch.zeros(1, dtype=torch.int32), q_lens.cumsum(0).int()])
     sink = torch.randn(num_heads, generator=gen) if sinks else None
 
@@ -101,5 +114,18 @@ def test_generic_decode_kernel_matches_reference(
     ref_args, cpu_args = _case(dtype, num_heads=6, num_kv_heads=2, head_dim=64, decode=True, sinks=sinks)
     ref = paged_attention_reference(*ref_args[:10], window, softcap, ref_args[10])
     out = cpu.paged_attention(*cpu_args[:10], window, softcap, cpu_args[10])
+    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert err < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_batches_fresh_sequences(dtype: torch.dtype) -> None:
+    """Fresh prompts of one length are attended in one batched call, others one by one; a sequence that
+    continues its cached context and one with no query this step sit between them."""
+    lens = ([6, 6, 6, 9, 5, 4, 4], [6, 6, 6, 2, 0, 4, 4])
+    ref_args, cpu_args = _case(dtype, num_heads=6, num_kv_heads=2, head_dim=64, decode=False, sinks=False,
+                               lens=lens)  # fmt: skip
+    ref = paged_attention_reference(*ref_args[:10], -1, 0.0, None)
+    out = cpu.paged_attention(*cpu_args[:10], -1, 0.0, None)
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     assert err < (1e-5 if dtype == torch.float32 else 1e-2)

@@ -121,18 +121,20 @@ static void attend_one(const T* q, const T* k_cache, const T* v_cache, const int
         }
     }
     float* totals = acc + head_dim_v;
-    for (int64_t g = 0; g < group; ++g) {
-        float* sg = scores + g * n;
-        float m = sinks ? sinks[g] : -INFINITY;
-        #pragma omp simd reduction(max : m)
-        for (int64_t i = 0; i < n; ++i) m = sg[i] > m ? sg[i] : m;
-        float total = sinks ? exp_nonpositive(sinks[g] - m) : 0.f;
-        #pragma omp simd reduction(+ : total)
-        for (int64_t i = 0; i < n; ++i) {
-            sg[i] = exp_nonpositive(sg[i] - m);
-            total += sg[i];
+    if (!softmax_fast(scores, n, group, sinks, totals)) {
+        for (int64_t g = 0; g < group; ++g) {
+            float* sg = scores + g * n;
+            float m = sinks ? sinks[g] : -INFINITY;
+            #pragma omp simd reduction(max : m)
+            for (int64_t i = 0; i < n; ++i) m = sg[i] > m ? sg[i] : m;
+            float total = sinks ? exp_nonpositive(sinks[g] - m) : 0.f;
+            #pragma omp simd reduction(+ : total)
+            for (int64_t i = 0; i < n; ++i) {
+                sg[i] = exp_nonpositive(sg[i] - m);
+                total += sg[i];
+            }
+            totals[g] = total > 0.f ? 1.f / total : 0.f;
         }
-        totals[g] = total > 0.f ? 1.f / total : 0.f;
     }
     if (pv_fast(scores, n, v_cache, table, start, len, block_size, v_token, head * head_dim_v, head_dim_v, group,
                 totals, out))
@@ -204,8 +206,9 @@ static inline bool qk_fast(const T*, const T*, const int32_t*, int64_t, int64_t,
 }
 """
 
-# The weighted sum of values without a fast path: the generic loop runs.
+# The weighted sum of values and the softmax without a fast path: the generic loops run.
 _PV_GENERIC = r"""
+static inline bool softmax_fast(float*, int64_t, int64_t, const float*, float*) { return false; }
 template <typename T>
 static inline bool pv_fast(const float*, int64_t, const T*, const int32_t*, int64_t, int64_t, int64_t, int64_t,
                            int64_t, int64_t, int64_t, const float*, T*) {
@@ -230,6 +233,50 @@ TARGET_AVX512 static inline void narrow16(uint16_t* p, __m512 v) {
     alignas(64) float tmp[16];
     _mm512_store_ps(tmp, v);
     for (int i = 0; i < 16; ++i) store_f(p, i, tmp[i]);  // round to nearest even, as torch's cast
+}
+
+// exp_nonpositive on 16 lanes (same polynomial and range reduction).
+TARGET_AVX512 static inline __m512 exp16_nonpositive(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_add_ps(_mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f))),
+                             _mm512_mul_ps(n, _mm512_set1_ps(2.12194440e-4f)));
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), _mm512_set1_ps(1.f));
+    __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+// Softmax numerators in place for each of the group's score rows, and 1 / their sum (sink included).
+// Returns true (the generic per-row loop, whose exp did not vectorise, is skipped).
+TARGET_AVX512 static inline bool softmax_fast(float* scores, int64_t n, int64_t group, const float* sinks,
+                                              float* inv_totals) {
+    for (int64_t g = 0; g < group; ++g) {
+        float* sg = scores + g * n;
+        __m512 mv = _mm512_set1_ps(sinks ? sinks[g] : -INFINITY);
+        for (int64_t i = 0; i < n; i += 16) {
+            __mmask16 mask = (__mmask16)(n - i >= 16 ? 0xffff : (1u << (n - i)) - 1u);
+            mv = _mm512_mask_max_ps(mv, mask, mv, _mm512_maskz_loadu_ps(mask, sg + i));
+        }
+        const float m = _mm512_reduce_max_ps(mv);
+        const __m512 mb = _mm512_set1_ps(m);
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t i = 0; i < n; i += 16) {
+            __mmask16 mask = (__mmask16)(n - i >= 16 ? 0xffff : (1u << (n - i)) - 1u);
+            __m512 e = exp16_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, sg + i), mb));
+            _mm512_mask_storeu_ps(sg + i, mask, e);
+            sum = _mm512_mask_add_ps(sum, mask, sum, e);
+        }
+        float total = _mm512_reduce_add_ps(sum) + (sinks ? exp_nonpositive(sinks[g] - m) : 0.f);
+        inv_totals[g] = total > 0.f ? 1.f / total : 0.f;
+    }
+    return true;
 }
 
 template <int G, int C, typename T>

@@ -72,6 +72,51 @@ def _supported(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor
     )
 
 
+def _prefill(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    query_start_loc: Tensor,
+    head_dim_v: int,
+    scale: float,
+) -> Tensor:
+    """Prefill/mixed step, plain causal attention. A sequence with no earlier context attends to this
+    step's own k/v (no gather from the cache), and a run of such sequences of one length is one
+    batched SDPA call over a view: 16 x 128-token prompts took 480 gather + SDPA calls before."""
+    starts, lengths = query_start_loc.tolist(), seq_lens.tolist()
+    num_seqs = len(lengths)
+    out = q.new_empty((*q.shape[:-1], head_dim_v))
+    s = 0
+    while s < num_seqs:
+        begin, q_len = starts[s], starts[s + 1] - starts[s]
+        if q_len == 0 or q_len != lengths[s]:  # no query, or it continues a cached context
+            if q_len:
+                one = slice(s, s + 1)
+                out[begin : starts[s + 1]] = attend_cached(
+                    q[begin : starts[s + 1]], k_cache, v_cache, block_tables[one], seq_lens[one],
+                    query_start_loc[one.start : s + 2] - begin, head_dim_v, scale, -1, 0.0, None,
+                )  # fmt: skip
+            s += 1
+            continue
+        run = 1  # following fresh sequences of the same length join this call
+        while s + run < num_seqs and starts[s + run + 1] - starts[s + run] == q_len == lengths[s + run]:
+            run += 1
+        end = begin + run * q_len
+        batch = [t[begin:end].unflatten(0, (run, q_len)).transpose(1, 2) for t in (q, k, v)]
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            *batch, is_causal=True, scale=scale, enable_gqa=True
+        )
+        out[begin:end] = attended.transpose(1, 2).flatten(0, 1)
+        s += run
+    if starts[-1] < q.shape[0]:
+        out[starts[-1] :] = 0  # padding tokens get a defined value, as in the reference
+    return out
+
+
 @eager_only
 def paged_attention(
     q: Tensor,
@@ -105,6 +150,8 @@ def paged_attention(
     num_seqs = seq_lens.shape[0]
     head_dim_v = v.shape[-1]
     if q.shape[0] != num_seqs:
+        if sliding_window < 0 and softcap == 0.0 and sinks is None:
+            return _prefill(q, k, v, k_cache, v_cache, block_tables, seq_lens, query_start_loc, head_dim_v, scale)
         return attend_cached(
             q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, head_dim_v,
             scale, sliding_window, softcap, sinks,
