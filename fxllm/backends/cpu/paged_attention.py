@@ -151,7 +151,9 @@ def paged_attention(
     head_dim_v = v.shape[-1]
     if q.shape[0] != num_seqs:
         if sliding_window < 0 and softcap == 0.0 and sinks is None:
-            return _prefill(q, k, v, k_cache, v_cache, block_tables, seq_lens, query_start_loc, head_dim_v, scale)
+            return _prefill(
+                q, k, v, k_cache, v_cache, block_tables, seq_lens, query_start_loc, head_dim_v, scale
+            )
         return attend_cached(
             q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, head_dim_v,
             scale, sliding_window, softcap, sinks,
