@@ -119,13 +119,21 @@ def test_generic_decode_kernel_matches_reference(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prefill_batches_fresh_sequences(dtype: torch.dtype) -> None:
-    """Fresh prompts of one length are attended in one batched call, others one by one; a sequence that
-    continues its cached context and one with no query this step sit between them."""
+def test_prefill_of_fresh_and_continuing_sequences_with_padding(dtype: torch.dtype) -> None:
+    """Fresh prompts, a chunk continuing its cached context, a sequence with no query this step, and
+    two padding rows past the last sequence (CUDA-graph style: slot -1, output must be zeros)."""
     lens = ([6, 6, 6, 9, 5, 4, 4], [6, 6, 6, 2, 0, 4, 4])
     ref_args, cpu_args = _case(dtype, num_heads=6, num_kv_heads=2, head_dim=64, decode=False, sinks=False,
                                lens=lens)  # fmt: skip
-    ref = paged_attention_reference(*ref_args[:10], -1, 0.0, None)
-    out = cpu.paged_attention(*cpu_args[:10], -1, 0.0, None)
+
+    def padded(args: tuple[object, ...]) -> list[object]:
+        q, k, v, kc, vc, slots = args[:6]
+        extra = [torch.randn(2, *t.shape[1:]).to(dtype) for t in (q, k, v)]  # type: ignore[union-attr]
+        rows = [torch.cat([t, e]) for t, e in zip((q, k, v), extra)]  # type: ignore[list-item]
+        return [*rows, kc, vc, torch.cat([slots, torch.tensor([-1, -1])]), *args[6:10]]  # type: ignore[list-item]
+
+    ref = paged_attention_reference(*padded(ref_args), -1, 0.0, None)
+    out = cpu.paged_attention(*padded(cpu_args), -1, 0.0, None)
+    assert torch.equal(out[-2:], torch.zeros_like(out[-2:]))
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     assert err < (1e-5 if dtype == torch.float32 else 1e-2)

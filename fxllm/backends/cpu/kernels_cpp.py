@@ -154,45 +154,60 @@ static void attend_one(const T* q, const T* k_cache, const T* v_cache, const int
     }
 }
 
+// Query row t belongs to the sequence whose query_start_loc range holds it and sees that sequence's keys
+// up to its own position (causal), so one routine serves decode (a row per sequence), prefill and
+// chunked prefill. Rows past the last sequence are padding and get zeros.
 template <typename T>
-static void decode(const T* q, const T* k_cache, const T* v_cache, const int32_t* block_tables,
-                   const int32_t* seq_lens, T* out, const float* sinks, int64_t num_seqs, int64_t num_heads,
-                   int64_t num_kv_heads, int64_t head_dim, int64_t head_dim_v, int64_t block_size,
-                   int64_t q_stride, int64_t table_stride, float scale, int64_t window, float softcap,
-                   int64_t num_threads) {
+static void attend_rows(const T* q, const T* k_cache, const T* v_cache, const int32_t* block_tables,
+                        const int32_t* seq_lens, const int32_t* query_start_loc, T* out, const float* sinks,
+                        int64_t num_seqs, int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads,
+                        int64_t head_dim, int64_t head_dim_v, int64_t block_size, int64_t q_stride,
+                        int64_t table_stride, float scale, int64_t window, float softcap, int64_t num_threads) {
     int64_t group = num_heads / num_kv_heads;
-    int64_t tasks = num_seqs * num_kv_heads;
+    std::vector<int32_t> row_seq(num_tokens, -1), row_len(num_tokens, 0);
+    for (int64_t s = 0; s < num_seqs; ++s) {
+        const int64_t begin = query_start_loc[s], end = query_start_loc[s + 1];
+        for (int64_t t = begin; t < end && t < num_tokens; ++t) {
+            row_seq[t] = int32_t(s);
+            row_len[t] = int32_t(seq_lens[s] - (end - t) + 1);
+        }
+    }
+    int64_t tasks = num_tokens * num_kv_heads;
     auto attend = &attend_one<T, 0>;
     if (head_dim == head_dim_v && head_dim == 64) attend = &attend_one<T, 64>;
     if (head_dim == head_dim_v && head_dim == 128) attend = &attend_one<T, 128>;
     #pragma omp parallel num_threads(num_threads)
     {
         std::vector<float> work;
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(dynamic, 4)
         for (int64_t task = 0; task < tasks; ++task) {
-            int64_t s = task / num_kv_heads, h = task % num_kv_heads;
-            attend(q + s * q_stride + h * group * head_dim, k_cache, v_cache, block_tables + s * table_stride,
-                   int64_t(seq_lens[s]), out + (s * num_heads + h * group) * head_dim_v, group, head_dim,
-                   head_dim_v, num_kv_heads, h, block_size, scale, window, softcap,
-                   sinks ? sinks + h * group : nullptr, work);
+            int64_t t = task / num_kv_heads, h = task % num_kv_heads, s = row_seq[t];
+            T* o = out + (t * num_heads + h * group) * head_dim_v;
+            if (s < 0) {
+                for (int64_t i = 0; i < group * head_dim_v; ++i) store_f(o, i, 0.f);
+                continue;
+            }
+            attend(q + t * q_stride + h * group * head_dim, k_cache, v_cache, block_tables + s * table_stride,
+                   int64_t(row_len[t]), o, group, head_dim, head_dim_v, num_kv_heads, h, block_size, scale, window,
+                   softcap, sinks ? sinks + h * group : nullptr, work);
         }
     }
 }
 
 void kernel(int64_t dtype, const void* q, const void* k_cache, const void* v_cache, const int32_t* block_tables,
-            const int32_t* seq_lens, void* out, const float* sinks, int64_t has_sinks, int64_t num_seqs,
-            int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t head_dim_v, int64_t block_size,
-            int64_t q_stride, int64_t table_stride, float scale, int64_t window, float softcap,
-            int64_t num_threads) {
+            const int32_t* seq_lens, const int32_t* query_start_loc, void* out, const float* sinks,
+            int64_t has_sinks, int64_t num_seqs, int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads,
+            int64_t head_dim, int64_t head_dim_v, int64_t block_size, int64_t q_stride, int64_t table_stride,
+            float scale, int64_t window, float softcap, int64_t num_threads) {
     const float* sink_ptr = has_sinks ? sinks : nullptr;
     if (dtype == 0)
-        decode((const float*)q, (const float*)k_cache, (const float*)v_cache, block_tables, seq_lens, (float*)out,
-               sink_ptr, num_seqs, num_heads, num_kv_heads, head_dim, head_dim_v, block_size, q_stride,
-               table_stride, scale, window, softcap, num_threads);
+        attend_rows((const float*)q, (const float*)k_cache, (const float*)v_cache, block_tables, seq_lens,
+                    query_start_loc, (float*)out, sink_ptr, num_seqs, num_tokens, num_heads, num_kv_heads,
+                    head_dim, head_dim_v, block_size, q_stride, table_stride, scale, window, softcap, num_threads);
     else
-        decode((const uint16_t*)q, (const uint16_t*)k_cache, (const uint16_t*)v_cache, block_tables, seq_lens,
-               (uint16_t*)out, sink_ptr, num_seqs, num_heads, num_kv_heads, head_dim, head_dim_v, block_size,
-               q_stride, table_stride, scale, window, softcap, num_threads);
+        attend_rows((const uint16_t*)q, (const uint16_t*)k_cache, (const uint16_t*)v_cache, block_tables, seq_lens,
+                    query_start_loc, (uint16_t*)out, sink_ptr, num_seqs, num_tokens, num_heads, num_kv_heads,
+                    head_dim, head_dim_v, block_size, q_stride, table_stride, scale, window, softcap, num_threads);
 }
 """
 )
@@ -414,8 +429,16 @@ WRITE_KV_ARGS = ["int64_t", "const void*", "const void*", "void*", "void*", "con
     "int64_t"
 ] * 5
 DECODE_ARGS = (
-    ["int64_t", "const void*", "const void*", "const void*", "const int32_t*", "const int32_t*", "void*"]
-    + ["const float*", "int64_t"]
-    + ["int64_t"] * 8
+    [
+        "int64_t",
+        "const void*",
+        "const void*",
+        "const void*",
+        "const int32_t*",
+        "const int32_t*",
+        "const int32_t*",
+    ]
+    + ["void*", "const float*", "int64_t"]
+    + ["int64_t"] * 9
     + ["float", "int64_t", "float", "int64_t"]
 )
