@@ -1,9 +1,9 @@
 """C++ kernels for fxllm's ops on the CPU, registered as the "cpu" op backend.
 
 Importing this package registers paged_attention and packed_linear (priority 5, so
-`bind_op_backends("cpu")` picks them over the reference). The kernels compile on first use through Inductor's C++ code cache, the same
-compiler Inductor needs for the rest of the CPU graph; if that fails the op falls back to the
-reference, so registration never breaks a run.
+`bind_op_backends("cpu")` picks them over the reference). The kernels compile on first use through
+Inductor's C++ code cache, the same compiler Inductor needs for the rest of the CPU graph; if that
+fails the op falls back to the reference, so registration never breaks a run.
 """
 
 from __future__ import annotations
