@@ -35,6 +35,24 @@ def random_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[in
     return [torch.randint(100, vocab, (length,), generator=generator).tolist() for _ in range(num)]
 
 
+def read_bandwidth_gbs(megabytes: int = 256, repeats: int = 5) -> float:
+    """Host memory read bandwidth now, in GB/s: the best of `repeats` sums over a fresh buffer.
+
+    Batch-1 decode on the CPU reads every weight once per token, so its speed follows this
+    number, which on a shared VM moves by tens of percent between runs; HF eager's batch-1 speed
+    is bound by per-op overhead and does not. Logged around the fxllm runs to read ratios by.
+    """
+    if megabytes <= 0 or repeats <= 0:
+        raise ValueError("megabytes and repeats must be positive")
+    buffer = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return buffer.numel() * 4 / best / 1e9
+
+
 def fxllm_decode_rate(llm: LLM, prompt: list[int], output_len: int) -> BenchResult:
     """One request alone: decode tok/s from its first token to its last."""
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
@@ -107,8 +125,13 @@ def run_offline_bench(
     logger.info("warming up fxllm (compiles the shapes the benchmark uses)")
     llm.generate(warmup, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     llm.generate(warmup[:1], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-    rows = [fxllm_decode_rate(llm, single, output_len), fxllm_throughput(llm, prompts, output_len)]
     device = llm.info.device
+    probe = device.type == "cpu"
+    before = read_bandwidth_gbs() if probe else None
+    rows = [fxllm_decode_rate(llm, single, output_len), fxllm_throughput(llm, prompts, output_len)]
+    if before is not None:
+        logger.info("host memory read bandwidth: %.1f GB/s before the fxllm runs, %.1f GB/s after "
+                    "(batch-1 decode follows it)", before, read_bandwidth_gbs())  # fmt: skip
     dtype = llm.info.dtype
     llm.shutdown()
     del llm
