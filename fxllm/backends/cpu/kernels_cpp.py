@@ -216,7 +216,7 @@ void kernel(int64_t dtype, const void* q, const void* k_cache, const void* v_cac
 
 
 def decode_source(avx512: bool, avx512_bf16: bool) -> str:
-    """The decode kernel with the AVX-512 paths this CPU supports (bfloat16 scores need avx512_bf16)."""
+    """The attention kernel (every step kind) with the AVX-512 paths this CPU supports (bf16 scores: avx512_bf16)."""
     if not avx512:
         return DECODE_SOURCE.replace("QK_FAST", QK_GENERIC).replace("PV_FAST", PV_GENERIC)
     fast = QK_GENERIC + AVX512_COMMON + (QK_AVX512_BF16 if avx512_bf16 else "")
