@@ -126,8 +126,7 @@ def run_offline_bench(
     llm.generate(warmup, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     llm.generate(warmup[:1], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     device = llm.info.device
-    probe = device.type == "cpu"
-    before = read_bandwidth_gbs() if probe else None
+    before = read_bandwidth_gbs() if device.type == "cpu" else None
     rows = [fxllm_decode_rate(llm, single, output_len), fxllm_throughput(llm, prompts, output_len)]
     if before is not None:
         logger.info("host memory read bandwidth: %.1f GB/s before the fxllm runs, %.1f GB/s after "

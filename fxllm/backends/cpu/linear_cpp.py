@@ -31,7 +31,21 @@ TARGET_BF16 static inline void store_row(uint16_t* out, __m512 v, __mmask16 mask
     _mm256_mask_storeu_epi16(out, mask, bits);
 }
 
-// acc[m][b] over rows m < MT of x and blocks b < NT; last_mask = outputs of the last block that exist.
+// Adds the bias and stores the finished sums of a tile (both dtypes' tiles end here); last_mask = outputs
+// of the last block that exist.
+template <int MT, int NT, typename T>
+TARGET_F32 static inline void store_tile(__m512 (&acc)[MT][NT], T* out, int64_t out_stride, const float* bias,
+                                         __mmask16 last_mask) {
+    for (int m = 0; m < MT; ++m)
+        for (int b = 0; b < NT; ++b) {
+            __m512 v = acc[m][b];
+            __mmask16 mask = b == NT - 1 ? last_mask : (__mmask16)0xffff;
+            if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + b * kBlock));
+            store_row(out + m * out_stride + b * kBlock, v, mask);
+        }
+}
+
+// acc[m][b] over rows m < MT of x and blocks b < NT.
 template <int MT, int NT>
 TARGET_F32 static void tile_f32(const float* x, int64_t x_stride, const float* w, int64_t K, float* out,
                                 int64_t out_stride, const float* bias, __mmask16 last_mask) {
@@ -47,13 +61,7 @@ TARGET_F32 static void tile_f32(const float* x, int64_t x_stride, const float* w
             for (int b = 0; b < NT; ++b) acc[m][b] = _mm512_fmadd_ps(xv, wv[b], acc[m][b]);
         }
     }
-    for (int m = 0; m < MT; ++m)
-        for (int b = 0; b < NT; ++b) {
-            __m512 v = acc[m][b];
-            __mmask16 mask = b == NT - 1 ? last_mask : (__mmask16)0xffff;
-            if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + b * kBlock));
-            store_row(out + m * out_stride + b * kBlock, v, mask);
-        }
+    store_tile<MT, NT>(acc, out, out_stride, bias, last_mask);
 }
 
 template <int MT, int NT>
@@ -75,13 +83,7 @@ TARGET_BF16 static void tile_bf16(const uint16_t* x, int64_t x_stride, const uin
             for (int b = 0; b < NT; ++b) acc[m][b] = _mm512_dpbf16_ps(acc[m][b], xv, wv[b]);
         }
     }
-    for (int m = 0; m < MT; ++m)
-        for (int b = 0; b < NT; ++b) {
-            __m512 v = acc[m][b];
-            __mmask16 mask = b == NT - 1 ? last_mask : (__mmask16)0xffff;
-            if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias + b * kBlock));
-            store_row(out + m * out_stride + b * kBlock, v, mask);
-        }
+    store_tile<MT, NT>(acc, out, out_stride, bias, last_mask);
 }
 
 template <typename T>
