@@ -40,27 +40,52 @@ def eager_backend(gm: GraphModule) -> Callable[..., object]:
     return gm
 
 
-@register_graph_backend("inductor")
-def inductor_backend(gm: GraphModule) -> Callable[..., object]:
-    """Compile with Inductor; ops with a bound kernel stay opaque, reference-only ops are inlined."""
-    from fxllm.compiler.inline_reference import inline_reference_ops
-    from fxllm.passes.graph_utils import graph_device
+class InductorGraph:
+    """A graph compiled by Inductor through Dynamo; once `freeze_guards` is called, calls skip Dynamo's
+    guard checks (0.2-0.3 ms per call for SmolLM2: ~200 guards per compiled variant)."""
 
-    # On the CPU, freezing turns the weights into constants that Inductor pre-packs for oneDNN's
-    # GEMMs: SmolLM2 decode went 160 -> 309 tok/s (float32, 16 requests) and 53 -> 87 (bfloat16,
-    # batch 1) on the 2-core dev box. On CUDA it would only duplicate folded weights.
-    # (torch.compile's `options` did not switch it on here, so the config is patched around calls;
-    # compilation happens inside the first call.)
-    inductor_patches = {"freezing": True} if graph_device(gm).type == "cpu" else {}
-    compiled = torch.compile(inline_reference_ops(gm), backend="inductor", dynamic=True)
+    def __init__(self, gm: GraphModule) -> None:
+        from fxllm.compiler.inline_reference import inline_reference_ops
+        from fxllm.passes.graph_utils import graph_device
 
-    def run(*args: object) -> object:
+        # On the CPU, freezing turns the weights into constants that Inductor pre-packs for oneDNN's
+        # GEMMs: SmolLM2 decode went 160 -> 309 tok/s (float32, 16 requests) and 53 -> 87 (bfloat16,
+        # batch 1) on the 2-core dev box. On CUDA it would only duplicate folded weights.
+        # (torch.compile's `options` did not switch it on here, so the config is patched around calls;
+        # compilation happens inside the first call.)
+        self._inductor_patches = {"freezing": True} if graph_device(gm).type == "cpu" else {}
+        self.num_compiles = 0
+        self.guards_frozen = False
+        self._compiled = torch.compile(inline_reference_ops(gm), backend=self._compile, dynamic=True)
+
+    def _compile(self, gm: GraphModule, example_inputs: list[object]) -> Callable[..., object]:
+        from torch._inductor.compile_fx import compile_fx
+
+        self.num_compiles += 1
+        return compile_fx(gm, example_inputs)
+
+    def freeze_guards(self) -> None:
+        """Promise that every later call matches a variant compiled so far (the caller has checked
+        that a varied warm-up needed no new compile): Dynamo then runs only the guards that tell
+        those variants apart. A call that would have needed a recompile would run a wrong variant."""
+        self.guards_frozen = True
+
+    def __call__(self, *args: object) -> object:
+        if self.guards_frozen:
+            # No compile can happen now, so the shape and Inductor settings below are not needed
+            # (entering them cost ~40 us per call).
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                return self._compiled(*args)
         # Size-oblivious reasoning: a batch of 1 sequence or 1 sampled token must not specialise
         # (and later recompile) the graph the way sizes 0 and 1 otherwise do.
         with (
             torch.fx.experimental._config.patch(backed_size_oblivious=True, use_duck_shape=False),
-            torch._inductor.config.patch(inductor_patches),
+            torch._inductor.config.patch(self._inductor_patches),
         ):
-            return compiled(*args)
+            return self._compiled(*args)
 
-    return run
+
+@register_graph_backend("inductor")
+def inductor_backend(gm: GraphModule) -> Callable[..., object]:
+    """Compile with Inductor; ops with a bound kernel stay opaque, reference-only ops are inlined."""
+    return InductorGraph(gm)

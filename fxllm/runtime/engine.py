@@ -288,16 +288,32 @@ class Engine:
         self.stats.prefix_queried_tokens = kv.num_queried_tokens
 
     def warmup(self) -> float:
-        """Run one tiny request through prefill and decode so compilation happens now, not on a
-        user's first request; then forget it (stats, prefix cache). Returns the seconds it took."""
+        """Run tiny requests through every step kind so compilation happens now, not on a user's first
+        request; then forget them (stats, prefix cache). Returns the seconds it took.
+
+        A second round (two sequences of other lengths) must need no new compile; then Dynamo's guard
+        checks are switched off for later steps (see InductorGraph.freeze_guards)."""
         start = time.perf_counter()
-        self.add_request(
-            [0, 1, 2], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True), "fxllm-warmup"
-        )
-        self.run_until_done()
+        greedy = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+        self._run_warmup("first", [[0, 1, 2]], greedy)
+        compiles = self.runner.num_compiles
+        if compiles is not None:
+            for round_ in range(2):
+                self._run_warmup(f"check{round_}", [[3] * 5, [4] * 20], greedy)
+                if self.runner.num_compiles == compiles:
+                    self.runner.freeze_guards()
+                    break
+                compiles = self.runner.num_compiles
+            else:
+                logger.warning("the compiled graph kept recompiling during warm-up; Dynamo guards stay on")
         self.kv_cache.reset_prefix_cache()
         self.stats = EngineStats()
         return time.perf_counter() - start
+
+    def _run_warmup(self, name: str, prompts: list[list[int]], params: SamplingParams) -> None:
+        for i, prompt in enumerate(prompts):
+            self.add_request(prompt, params, f"fxllm-warmup-{name}-{i}")
+        self.run_until_done()
 
     def run_until_done(self) -> list[RequestOutput]:
         """Step until every queued request finishes; returns the final outputs."""

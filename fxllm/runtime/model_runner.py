@@ -121,6 +121,19 @@ class ModelRunner:
             return self.decode_graphs.capture_all()
 
     @property
+    def num_compiles(self) -> int | None:
+        """Variants compiled so far (None when the graph backend does not compile)."""
+        return getattr(self._forward, "num_compiles", None)
+
+    def freeze_guards(self) -> bool:
+        """Skip Dynamo's guard checks from now on, where the graph backend supports it."""
+        freeze = getattr(self._forward, "freeze_guards", None)
+        if freeze is None:
+            return False
+        freeze()
+        return True
+
+    @property
     def capacity_tokens(self) -> int:
         """Tokens the whole pool holds."""
         return self.num_blocks * self.block_size
