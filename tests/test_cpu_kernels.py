@@ -1,6 +1,9 @@
-"""The C++ CPU paged-attention backend against the plain-torch reference."""
+"""The C++ CPU paged-attention backend against the plain-torch reference, both as the Python-bound
+kernel and as the native dispatcher kernel that compiled graphs call."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -11,6 +14,19 @@ from fxllm.backends.registry import choose_backend
 from fxllm.ops.paged_attention import paged_attention_reference
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler for the CPU kernels")
+
+
+def _attention(impl: str) -> Callable[..., torch.Tensor]:
+    """The Python-bound kernel, or the op through the dispatcher with the native kernel installed."""
+    if impl == "python":
+        return cpu.paged_attention
+    from fxllm.backends.cpu import native
+    from fxllm.backends.registry import bind_op_backends
+
+    bind_op_backends("cpu")
+    if not native.install("paged_attention"):
+        pytest.skip("the native CPU kernels did not build")
+    return torch.ops.fxllm.paged_attention.default
 
 
 def _case(
@@ -63,6 +79,7 @@ def _case(
     return (*args(k_cache, v_cache), sink), (*args(k_cache.clone(), v_cache.clone()), sink)
 
 
+@pytest.mark.parametrize("impl", ["python", "native"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("decode", [True, False])
 @pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(6, 2, 64), (4, 4, 40), (8, 2, 128)])
@@ -70,6 +87,7 @@ def _case(
 # has avx512_bf16 (softcap always takes the generic loop).
 @pytest.mark.parametrize(("window", "softcap", "sinks"), [(-1, 0.0, False), (7, 20.0, True), (7, 0.0, True)])
 def test_cpu_paged_attention_matches_reference(
+    impl: str,
     dtype: torch.dtype,
     decode: bool,
     num_heads: int,
@@ -83,7 +101,7 @@ def test_cpu_paged_attention_matches_reference(
         dtype, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, decode=decode, sinks=sinks
     )
     ref = paged_attention_reference(*ref_args[:10], window, softcap, ref_args[10])
-    out = cpu.paged_attention(*cpu_args[:10], window, softcap, cpu_args[10])
+    out = _attention(impl)(*cpu_args[:10], window, softcap, cpu_args[10])
     assert torch.equal(ref_args[3], cpu_args[3]) and torch.equal(
         ref_args[4], cpu_args[4]
     )  # same cache writes
@@ -118,8 +136,9 @@ def test_generic_decode_kernel_matches_reference(
     assert err < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("impl", ["python", "native"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prefill_of_fresh_and_continuing_sequences_with_padding(dtype: torch.dtype) -> None:
+def test_prefill_of_fresh_and_continuing_sequences_with_padding(impl: str, dtype: torch.dtype) -> None:
     """Fresh prompts, a chunk continuing its cached context, a sequence with no query this step, and
     two padding rows past the last sequence (CUDA-graph style: slot -1, output must be zeros)."""
     lens = ([6, 6, 6, 9, 5, 4, 4], [6, 6, 6, 2, 0, 4, 4])
@@ -133,7 +152,34 @@ def test_prefill_of_fresh_and_continuing_sequences_with_padding(dtype: torch.dty
         return [*rows, kc, vc, torch.cat([slots, torch.tensor([-1, -1])]), *args[6:10]]  # type: ignore[list-item]
 
     ref = paged_attention_reference(*padded(ref_args), -1, 0.0, None)
-    out = cpu.paged_attention(*padded(cpu_args), -1, 0.0, None)
+    out = _attention(impl)(*padded(cpu_args), -1, 0.0, None)
     assert torch.equal(out[-2:], torch.zeros_like(out[-2:]))
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     assert err < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_native_kernel_hands_other_dtypes_to_the_reference(dtype: torch.dtype) -> None:
+    """The C++ kernels take float32 and bfloat16; other dtypes go to the op's reference, same result."""
+    ref_args, cpu_args = _case(dtype, num_heads=6, num_kv_heads=2, head_dim=64, decode=True, sinks=False)
+    ref = paged_attention_reference(*ref_args[:10], -1, 0.0, None)
+    out = _attention("native")(*cpu_args[:10], -1, 0.0, None)
+    assert out.dtype == dtype and torch.equal(out, ref) and torch.equal(ref_args[3], cpu_args[3])
+
+
+def test_binding_the_reference_removes_the_native_kernel() -> None:
+    """bind_op_backends can switch an op back to its reference after the native kernel was installed."""
+    from fxllm.backends.registry import bind_op_backends
+
+    _attention("native")
+
+    def has_cpu_kernel() -> bool:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("fxllm::paged_attention", "CPU")
+
+    assert has_cpu_kernel()
+    try:
+        bind_op_backends("cpu", {"paged_attention": "torch"})
+        assert not has_cpu_kernel()  # the op's CompositeExplicitAutograd reference runs
+    finally:
+        bind_op_backends("cpu")
+    assert has_cpu_kernel()

@@ -20,6 +20,16 @@ REFERENCE = "torch"
 
 
 @dataclass(frozen=True)
+class NativeKernel:
+    """A C++ kernel that registers itself with the dispatcher for one device type, so compiled graphs
+    reach it without entering Python; `fn` is used where it cannot be installed."""
+
+    device_type: str
+    install: Callable[[], bool]  # False when it cannot (e.g. the library did not build)
+    uninstall: Callable[[], None]
+
+
+@dataclass(frozen=True)
 class OpImplementation:
     """One implementation of a canonical op."""
 
@@ -28,6 +38,7 @@ class OpImplementation:
     fn: Callable[..., object]
     supports: Callable[[torch.device], bool]
     priority: int = 0  # higher wins when config does not choose
+    native: NativeKernel | None = None
 
 
 _IMPLS: dict[str, dict[str, OpImplementation]] = {}
@@ -40,13 +51,16 @@ def register_op_backend(
     *,
     supports: Callable[[torch.device], bool] | None = None,
     priority: int = 0,
+    native: NativeKernel | None = None,
 ) -> None:
     """Register `fn` as backend `name` of canonical op `op` (same signature as the op)."""
     if name == REFERENCE:
         raise ValueError(f"backend name {REFERENCE!r} is the built-in reference; pick another name")
     if not hasattr(torch.ops.fxllm, op):
         raise ValueError(f"unknown op fxllm::{op}; import fxllm.ops first or check the name")
-    _IMPLS.setdefault(op, {})[name] = OpImplementation(op, name, fn, supports or (lambda _d: True), priority)
+    _IMPLS.setdefault(op, {})[name] = OpImplementation(
+        op, name, fn, supports or (lambda _d: True), priority, native
+    )
 
 
 def op_backends(op: str) -> list[str]:
@@ -91,8 +105,15 @@ def bind_op_backends(
     for op in sorted(_known_ops()):
         name = choose_backend(op, device, preferences.get(op))
         chosen[op] = name
-        if name != REFERENCE:
-            torch.library.register_kernel(f"fxllm::{op}", device.type, _IMPLS[op][name].fn)
+        for impl in _IMPLS.get(op, {}).values():  # an earlier binding's C++ kernel must not shadow this one
+            if impl.native is not None and impl.native.device_type == device.type:
+                impl.native.uninstall()
+        if name == REFERENCE:
+            continue
+        impl = _IMPLS[op][name]
+        if impl.native is not None and impl.native.device_type == device.type and impl.native.install():
+            continue
+        torch.library.register_kernel(f"fxllm::{op}", device.type, impl.fn)
     logger.info("op backends for %s: %s", device, ", ".join(f"{k}={v}" for k, v in chosen.items()))
     return chosen
 
