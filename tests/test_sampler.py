@@ -219,3 +219,25 @@ def test_logprobs_equal_log_softmax() -> None:
 def test_bad_logits_shape() -> None:
     with pytest.raises(ValueError, match="logits"):
         Sampler()(torch.zeros(2, 10), [row(SamplingParams())])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [1, 15, 16, 300, 49152])
+def test_native_greedy_argmax_matches_torch(dtype: torch.dtype, vocab: int) -> None:
+    """The CPU's native argmax (the all-greedy fast path) picks torch.argmax's index: the first
+    maximum on ties (coarse bfloat16 values make many), a NaN as the maximum, all -inf rows -> 0."""
+    from fxllm.backends.cpu.native import argmax_rows
+
+    logits = (random_logits(6, vocab, seed=vocab) * 0.5).round().to(dtype)  # few distinct values: ties
+    logits[1] = float("-inf")
+    if vocab > 3:
+        logits[2, vocab // 2] = float("nan")
+        logits[2, vocab - 1] = float("nan")
+    logits[3, vocab - 1] = 100.0  # the maximum in the scalar tail
+    native = argmax_rows(logits)
+    if native is None:
+        pytest.skip("the native CPU kernels did not build")
+    assert native.tolist() == logits.argmax(-1).tolist()
+    rows = [row(SamplingParams(temperature=0)) for _ in range(6)]
+    assert Sampler()(logits, rows).token_ids == logits.argmax(-1).tolist()
+    assert argmax_rows(logits[:, ::2]) is None  # strided rows: the caller uses torch

@@ -40,6 +40,25 @@ def eager_backend(gm: GraphModule) -> Callable[..., object]:
     return gm
 
 
+def _inductor_settings(device: torch.device) -> dict[str, object]:
+    """Inductor settings for graphs on `device` (patched in around compiling calls)."""
+    if device.type != "cpu":
+        return {}
+    # Freezing turns the weights into constants that Inductor can fold and pre-pack: SmolLM2 decode
+    # went 160 -> 309 tok/s (float32, 16 requests) and 53 -> 87 (bfloat16, batch 1) on the 2-core dev
+    # box with oneDNN GEMMs. On CUDA it would only duplicate folded weights. (torch.compile's `options`
+    # did not switch it on here, so the config is patched around calls.)
+    settings: dict[str, object] = {"freezing": True}
+    from fxllm.backends.cpu import native
+
+    if native.available():
+        # With fxllm's ops as C++ dispatcher kernels, a C++ wrapper calls the whole graph without
+        # Python between kernels: SmolLM2 bf16 decode 9.03 -> 8.66 ms a step at batch 1 and 16.69 ->
+        # 16.23 ms at 16 requests (in-process A/B). It needs the same compiler as the native kernels.
+        settings["cpp_wrapper"] = True
+    return settings
+
+
 class InductorGraph:
     """A graph compiled by Inductor through Dynamo; once `freeze_guards` is called, calls skip Dynamo's
     guard checks (0.2-0.3 ms per call for SmolLM2: ~200 guards per compiled variant)."""
@@ -48,12 +67,7 @@ class InductorGraph:
         from fxllm.compiler.inline_reference import inline_reference_ops
         from fxllm.passes.graph_utils import graph_device
 
-        # On the CPU, freezing turns the weights into constants that Inductor pre-packs for oneDNN's
-        # GEMMs: SmolLM2 decode went 160 -> 309 tok/s (float32, 16 requests) and 53 -> 87 (bfloat16,
-        # batch 1) on the 2-core dev box. On CUDA it would only duplicate folded weights.
-        # (torch.compile's `options` did not switch it on here, so the config is patched around calls;
-        # compilation happens inside the first call.)
-        self._inductor_patches = {"freezing": True} if graph_device(gm).type == "cpu" else {}
+        self._inductor_patches = _inductor_settings(graph_device(gm))
         self.num_compiles = 0
         self.guards_frozen = False
         self._compiled = torch.compile(inline_reference_ops(gm), backend=self._compile, dynamic=True)

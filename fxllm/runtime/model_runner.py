@@ -140,9 +140,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> torch.Tensor:
-        """Run one step; returns float32 logits [N, V] for the sampled tokens."""
+        """Run one step; returns logits [N, V] for the sampled tokens, in the model's dtype (the sampler
+        converts what it needs; a greedy CPU batch reads bfloat16 logits as they are)."""
         if self.decode_graphs is not None and self.decode_graphs.accepts(inputs):
-            return self.decode_graphs.run(inputs).float()
+            return self.decode_graphs.run(inputs)
         named = {**inputs.named_args(), **self._cache_by_name}
         logits = self._forward(*[named[name] for name in self.input_names])
-        return logits[0].float()
+        return logits[0]

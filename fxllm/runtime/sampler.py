@@ -160,6 +160,20 @@ def _min_tokens_mask(
     return row_idx, token_idx
 
 
+def _plain_greedy(params: SamplingParams) -> bool:
+    """Greedy with nothing that needs float32 logits (penalties, logprobs)."""
+    return params.temperature < _GREEDY_TEMPERATURE and not params.has_penalties and params.logprobs is None
+
+
+def _native_argmax(logits: torch.Tensor) -> torch.Tensor | None:
+    """The CPU's native row argmax (reads bfloat16 logits without a float32 copy), or None elsewhere."""
+    if logits.device.type != "cpu":
+        return None
+    from fxllm.backends.cpu.native import argmax_rows
+
+    return argmax_rows(logits)
+
+
 class Sampler:
     """Turns a batch of [N, V] logits into one token (plus optional logprobs) per row."""
 
@@ -176,6 +190,11 @@ class Sampler:
         device = logits.device
         vocab = logits.shape[1]
         params = [row.params for row in rows]
+        row_idx, token_idx = _min_tokens_mask(rows, self.eos_token_id, vocab)
+        if not row_idx and all(_plain_greedy(p) for p in params):
+            token_ids = _native_argmax(logits)
+            if token_ids is not None:
+                return SamplerOutput(token_ids=token_ids.tolist(), logprobs=[None] * len(params))
         # All ops below are out-of-place, so the caller's logits are never modified.
         logits = logits.float()
 
@@ -189,7 +208,6 @@ class Sampler:
                 to_device([p.frequency_penalty for p in params], torch.float32, device),
             )
 
-        row_idx, token_idx = _min_tokens_mask(rows, self.eos_token_id, vocab)
         if row_idx:
             index = (to_device(row_idx, torch.int64, device), to_device(token_idx, torch.int64, device))
             logits = logits.index_put(index, logits.new_full((), float("-inf")))

@@ -69,12 +69,38 @@ def _library() -> ctypes.CDLL | None:
         return None
 
 
+def available() -> bool:
+    """Whether the native library builds (and loads) here."""
+    return _library() is not None
+
+
 def install(op: str) -> bool:
     """Make the C++ kernel `op`'s CPU kernel; False when the library did not build."""
     if op not in NATIVE_OPS:
         raise ValueError(f"no native CPU kernel for {op!r}; native ops: {NATIVE_OPS}")
     lib = _library()
     return lib is not None and bool(lib.fxllm_native_install(op.encode()))
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor | None:
+    """`logits.argmax(dim=-1)` for 2-D float32 or bfloat16 CPU logits with contiguous rows (first index
+    of the maximum, NaN counting as the maximum); None where the library cannot, so the caller uses torch.
+
+    torch's argmax takes 0.26 ms over 16 x 49152 float32 logits on the 2-core dev box, and the
+    bfloat16 -> float32 copy before it 0.36 ms; this reads the bfloat16 rows directly (AVX-512)."""
+    code = {torch.float32: 0, torch.bfloat16: 1}.get(logits.dtype)
+    if code is None or logits.dim() != 2 or logits.device.type != "cpu" or logits.stride(1) != 1:
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    lib.fxllm_argmax_rows(
+        ctypes.c_int64(code), ctypes.c_void_p(logits.data_ptr()), ctypes.c_int64(logits.shape[0]),
+        ctypes.c_int64(logits.shape[1]), ctypes.c_int64(logits.stride(0)), ctypes.c_void_p(out.data_ptr()),
+        ctypes.c_int64(torch.get_num_threads()),
+    )  # fmt: skip
+    return out
 
 
 def uninstall(op: str) -> None:

@@ -107,13 +107,88 @@ static at::Tensor paged_attention_cpu(const at::Tensor& q_in, const at::Tensor& 
     return out;
 }
 
+#define TARGET_AVX512_ARGMAX __attribute__((target("avx512f,avx512bw,avx512vl")))
+static bool g_avx512 = false;
+
+// Row-wise argmax of float32 (code 0) or bfloat16 (code 1) logits, first index of the maximum like torch.argmax;
+// a NaN counts as the maximum (torch's rule), so a row with a NaN returns its first NaN.
+TARGET_AVX512_ARGMAX static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+TARGET_AVX512_ARGMAX static inline __m512 load16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+static inline float load1(const float* p) { return *p; }
+static inline float load1(const uint16_t* p) {
+    uint32_t bits = uint32_t(*p) << 16;
+    float out;
+    std::memcpy(&out, &bits, 4);
+    return out;
+}
+
+template <typename T>
+TARGET_AVX512_ARGMAX static int64_t argmax_row(const T* x, int64_t n) {
+    int64_t i = 0;
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    __mmask16 nan = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 v = load16(x + i);
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        vmax = _mm512_max_ps(vmax, v);
+    }
+    float best = _mm512_reduce_max_ps(vmax);
+    for (int64_t j = i; j < n; ++j) {
+        float v = load1(x + j);
+        if (v != v) nan = 1;
+        best = v > best ? v : best;
+    }
+    if (nan) {
+        for (int64_t j = 0; j < n; ++j) {
+            float v = load1(x + j);
+            if (v != v) return j;
+        }
+    }
+    const __m512 vbest = _mm512_set1_ps(best);
+    for (i = 0; i + 16 <= n; i += 16) {
+        __mmask16 hit = _mm512_cmp_ps_mask(load16(x + i), vbest, _CMP_EQ_OQ);
+        if (hit) return i + __builtin_ctz((unsigned)hit);
+    }
+    for (; i < n; ++i)
+        if (load1(x + i) == best) return i;
+    return 0;  // n == 0 or an all -inf row ends above; unreachable otherwise
+}
+
+template <typename T>
+static int64_t argmax_row_generic(const T* x, int64_t n) {
+    int64_t best_i = 0;
+    float best = n > 0 ? load1(x) : 0.f;
+    for (int64_t j = 0; j < n; ++j) {
+        const float v = load1(x + j);
+        if (v != v) return j;
+        if (v > best) { best = v; best_i = j; }
+    }
+    return best_i;
+}
+
+template <typename T>
+static void argmax_rows(const T* x, int64_t rows, int64_t cols, int64_t row_stride, int64_t* out, int64_t threads) {
+    #pragma omp parallel for num_threads(rows > 1 ? threads : 1)
+    for (int64_t r = 0; r < rows; ++r)
+        out[r] = g_avx512 ? argmax_row(x + r * row_stride, cols) : argmax_row_generic(x + r * row_stride, cols);
+}
+
+extern "C" void fxllm_argmax_rows(int64_t dtype, const void* x, int64_t rows, int64_t cols, int64_t row_stride,
+                                  int64_t* out, int64_t threads) {
+    if (dtype == 0) argmax_rows((const float*)x, rows, cols, row_stride, out, threads);
+    else argmax_rows((const uint16_t*)x, rows, cols, row_stride, out, threads);
+}
+
 // One torch::Library per installed op: destroying it removes the kernel and restores whatever the
 // dispatcher had before (the op's reference), so bind_op_backends can switch backends back and forth.
 static std::map<std::string, std::unique_ptr<torch::Library>> g_installed;
 
-extern "C" void fxllm_native_configure(int64_t linear_f32, int64_t linear_bf16) {
-    g_linear_f32 = linear_f32 != 0;
-    g_linear_bf16 = linear_bf16 != 0;
+extern "C" void fxllm_native_configure(int64_t avx512, int64_t avx512_bf16) {
+    g_avx512 = avx512 != 0;
+    g_linear_f32 = g_avx512;
+    g_linear_bf16 = g_avx512 && avx512_bf16 != 0;
 }
 
 extern "C" int64_t fxllm_native_install(const char* op_name) {
