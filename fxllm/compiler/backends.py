@@ -70,6 +70,7 @@ class InductorGraph:
         self._inductor_patches = _inductor_settings(graph_device(gm))
         self.num_compiles = 0
         self.guards_frozen = False
+        self.num_unfrozen = 0  # calls that needed a new variant after freeze_guards
         self._compiled = torch.compile(inline_reference_ops(gm), backend=self._compile, dynamic=True)
 
     def _compile(self, gm: GraphModule, example_inputs: list[object]) -> Callable[..., object]:
@@ -86,10 +87,19 @@ class InductorGraph:
 
     def __call__(self, *args: object) -> object:
         if self.guards_frozen:
-            # No compile can happen now, so the shape and Inductor settings below are not needed
+            # No compile happens now, so the shape and Inductor settings below are not needed
             # (entering them cost ~40 us per call).
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                return self._compiled(*args)
+            try:
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                    return self._compiled(*args)
+            except RuntimeError as error:
+                # Raised before anything runs when no compiled variant fits these inputs.
+                if "skip_guard_eval_unsafe" not in str(error):
+                    raise
+                self.guards_frozen = False
+                self.num_unfrozen += 1
+                logger.warning("inputs no compiled variant fits: guard checks are back on (%d times so far)",
+                               self.num_unfrozen)  # fmt: skip
         # Size-oblivious reasoning: a batch of 1 sequence or 1 sampled token must not specialise
         # (and later recompile) the graph the way sizes 0 and 1 otherwise do.
         with (

@@ -111,5 +111,9 @@ def build_engine(
         logger.info("capturing CUDA graphs for decode batch sizes %s", sizes)
         info.decode_graph_seconds = runner.enable_decode_graphs(sizes, max_model_len, capture=True)
         info.decode_graph_sizes = tuple(sizes)
+    if engine.compile_settled:
+        # After every compile (CUDA-graph capture compiles the bucket sizes): from here on, Dynamo
+        # checks only the guards that tell compiled variants apart.
+        runner.freeze_guards()
     logger.info("engine ready: %s; KV capacity %d tokens", info.summary(), runner.capacity_tokens)
     return engine, info

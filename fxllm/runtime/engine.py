@@ -78,6 +78,7 @@ class Engine:
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self.stats = EngineStats()
+        self.compile_settled = False  # set by warmup: a varied round compiled nothing new
 
     # ---- requests -------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
@@ -291,8 +292,8 @@ class Engine:
         """Run tiny requests through every step kind so compilation happens now, not on a user's first
         request; then forget them (stats, prefix cache). Returns the seconds it took.
 
-        A second round (two sequences of other lengths) must need no new compile; then Dynamo's guard
-        checks are switched off for later steps (see InductorGraph.freeze_guards)."""
+        A second round (two sequences of other lengths) must need no new compile; then
+        `compile_settled` is True and the builder may switch Dynamo's guard checks off."""
         start = time.perf_counter()
         greedy = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
         self._run_warmup("first", [[0, 1, 2]], greedy)
@@ -301,7 +302,7 @@ class Engine:
             for round_ in range(2):
                 self._run_warmup(f"check{round_}", [[3] * 5, [4] * 20], greedy)
                 if self.runner.num_compiles == compiles:
-                    self.runner.freeze_guards()
+                    self.compile_settled = True
                     break
                 compiles = self.runner.num_compiles
             else:
