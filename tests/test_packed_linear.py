@@ -48,7 +48,9 @@ def test_pack_rejects_odd_bfloat16_inputs() -> None:
 @pytest.mark.skipif(not cpu_linear.available(torch.float32), reason="needs an AVX-512 CPU and a C++ compiler")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    ("m", "n", "k"), [(1, 960, 576), (3, 50, 64), (5, 17, 32), (16, 576, 1536), (70, 33, 96)]
+    # m 5..32 takes the tall 16-row tiles (21 = 16 + 5 rows); other m the 4x4 tiles
+    ("m", "n", "k"),
+    [(1, 960, 576), (3, 50, 64), (5, 17, 32), (16, 576, 1536), (21, 50, 64), (70, 33, 96)],
 )
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("impl", ["python", "native"])
