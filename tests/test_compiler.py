@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -192,3 +194,28 @@ def test_partial_rotary_matches_rotated_slice_only() -> None:
     ids = _ids(256, 20)
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids), model(ids).logits, atol=ATOL, rtol=RTOL)
+
+
+def test_frozen_guards_turn_back_on_when_a_call_needs_a_new_variant(caplog: pytest.LogCaptureFixture) -> None:
+    """After freeze_guards, calls that fit the compiled variants compile nothing; one that needs a new
+    variant (float64 after float32) is still computed correctly, with guard checks back on and a warning."""
+    from fxllm.compiler.backends import InductorGraph
+
+    class Affine(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x * 2 + 1).relu()
+
+    graph = InductorGraph(torch.fx.symbolic_trace(Affine()))
+    for rows in (4, 1, 5):
+        graph(torch.randn(rows, 8))
+    compiles = graph.num_compiles
+    graph.freeze_guards()
+    x = torch.randn(6, 8)
+    assert torch.equal(graph(x), (x * 2 + 1).relu())  # type: ignore[arg-type]
+    assert graph.num_compiles == compiles and graph.guards_frozen
+    y = torch.randn(3, 8, dtype=torch.float64)
+    with caplog.at_level(logging.WARNING, logger="fxllm.compiler.backends"):
+        out = graph(y)
+    assert out.dtype == torch.float64 and torch.equal(out, (y * 2 + 1).relu())  # type: ignore[union-attr]
+    assert not graph.guards_frozen and graph.num_unfrozen == 1 and graph.num_compiles == compiles + 1
+    assert "guard checks are back on" in caplog.text

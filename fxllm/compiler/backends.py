@@ -98,8 +98,8 @@ class InductorGraph:
                     raise
                 self.guards_frozen = False
                 self.num_unfrozen += 1
-                logger.warning("inputs no compiled variant fits: guard checks are back on (%d times so far)",
-                               self.num_unfrozen)  # fmt: skip
+                logger.warning("a call needed a variant not compiled in warm-up: Dynamo guard checks are back on "
+                               "(%d time(s) so far)", self.num_unfrozen)  # fmt: skip
         # Size-oblivious reasoning: a batch of 1 sequence or 1 sampled token must not specialise
         # (and later recompile) the graph the way sizes 0 and 1 otherwise do.
         with (
