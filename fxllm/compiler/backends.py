@@ -82,7 +82,9 @@ class InductorGraph:
     def freeze_guards(self) -> None:
         """Promise that every later call matches a variant compiled so far (the caller has checked
         that a varied warm-up needed no new compile): Dynamo then runs only the guards that tell
-        those variants apart. A call that would have needed a recompile would run a wrong variant."""
+        those variants apart. Inputs that no variant fits make torch raise before anything runs, and
+        `__call__` turns the checks back on; what goes unchecked is what all variants share (the same
+        weights and KV-cache tensors every step, which the runtime guarantees)."""
         self.guards_frozen = True
 
     def __call__(self, *args: object) -> object:

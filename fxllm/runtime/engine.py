@@ -299,8 +299,9 @@ class Engine:
         self._run_warmup("first", [[0, 1, 2]], greedy)
         compiles = self.runner.num_compiles
         if compiles is not None:
+            longest = max(1, min(20, self.max_model_len - greedy.max_tokens))
             for round_ in range(2):
-                self._run_warmup(f"check{round_}", [[3] * 5, [4] * 20], greedy)
+                self._run_warmup(f"check{round_}", [[3] * min(5, longest), [4] * longest], greedy)
                 if self.runner.num_compiles == compiles:
                     self.compile_settled = True
                     break
