@@ -105,6 +105,8 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor | None:
 
 def uninstall(op: str) -> None:
     """Remove `op`'s C++ kernel if installed (the dispatcher falls back to what it had before)."""
-    lib = _library.cache_info().currsize and _library()
-    if lib:
+    if _library.cache_info().currsize == 0:  # never loaded, so nothing installed (and no build now)
+        return
+    lib = _library()
+    if lib is not None:
         lib.fxllm_native_uninstall(op.encode())
