@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fxllm.backends.cpu.isa import DTYPE_CODES, has_avx512, has_avx512_bf16
 from fxllm.backends.cpu.linear_cpp import LINEAR_ARGS, LINEAR_SOURCE
 from fxllm.ops.eager import eager_only
 from fxllm.ops.linear import packed_linear_reference
 
 logger = logging.getLogger(__name__)
 
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _NO_BIAS = torch.zeros(1)
 
 
@@ -39,9 +39,9 @@ def _kernel() -> Callable[..., Any] | None:
 
 def available(dtype: torch.dtype) -> bool:
     """Whether this CPU can run the kernel for `dtype` (AVX-512; bfloat16 also needs AVX512-BF16)."""
-    if dtype not in _DTYPE_CODES or torch.backends.cpu.get_cpu_capability() != "AVX512":
+    if dtype not in DTYPE_CODES or not has_avx512():
         return False
-    if dtype == torch.bfloat16 and not torch.cpu._is_avx512_bf16_supported():
+    if dtype == torch.bfloat16 and not has_avx512_bf16():
         return False
     return _kernel() is not None
 
@@ -52,7 +52,7 @@ def packed_linear(x: Tensor, packed_weight: Tensor, out_features: int, bias: Ten
     # Called ~120 times per decode step: the common case (contiguous x, no bias) does as little
     # Python as possible (~3 us of each call was Python before).
     kernel = _kernel()
-    code = _DTYPE_CODES.get(x.dtype)
+    code = DTYPE_CODES.get(x.dtype)
     if kernel is None or code is None or packed_weight.dtype != x.dtype or not packed_weight.is_contiguous():
         return packed_linear_reference(x, packed_weight, out_features, bias).contiguous()
     in_features = x.shape[-1]

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from fxllm.backends.cpu.isa import DTYPE_CODES, has_avx512, has_avx512_bf16
 from fxllm.backends.cpu.native_cpp import native_source
 from fxllm.ops.linear import packed_linear_reference
 from fxllm.ops.paged_attention import paged_attention_reference
@@ -55,8 +56,7 @@ def _library() -> ctypes.CDLL | None:
             cache: dict[str, Any] = {}
             cpp_compile_command_flags = {"include_pytorch": True, "shared": True}
 
-        avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
-        bf16 = avx512 and torch.cpu._is_avx512_bf16_supported()
+        avx512, bf16 = has_avx512(), has_avx512_bf16()
         logger.info("loading fxllm's native CPU kernels (the first build takes ~10 s)")
         lib = _TorchCppCodeCache.load(native_source(avx512=avx512, avx512_bf16=bf16))
         lib.fxllm_native_install.restype = ctypes.c_int64
@@ -88,7 +88,7 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor | None:
 
     torch's argmax takes 0.26 ms over 16 x 49152 float32 logits on the 2-core dev box, and the
     bfloat16 -> float32 copy before it 0.36 ms; this reads the bfloat16 rows directly (AVX-512)."""
-    code = {torch.float32: 0, torch.bfloat16: 1}.get(logits.dtype)
+    code = DTYPE_CODES.get(logits.dtype)
     if code is None or logits.dim() != 2 or logits.device.type != "cpu" or logits.stride(1) != 1:
         return None
     lib = _library()

@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fxllm.backends.cpu.isa import DTYPE_CODES, has_avx512, has_avx512_bf16
 from fxllm.backends.cpu.kernels_cpp import DECODE_ARGS, WRITE_KV_ARGS, WRITE_KV_SOURCE, decode_source
 from fxllm.ops.eager import eager_only
 from fxllm.ops.paged_attention import paged_attention_reference
 
 logger = logging.getLogger(__name__)
 
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _NO_SINKS = torch.zeros(1)
 
 
@@ -39,10 +39,7 @@ def _kernels() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
         write = CppPythonBindingsCodeCache.load_pybinding(WRITE_KV_ARGS, WRITE_KV_SOURCE)
         decode = CppPythonBindingsCodeCache.load_pybinding(
             DECODE_ARGS,
-            decode_source(
-                avx512=torch.backends.cpu.get_cpu_capability() == "AVX512",
-                avx512_bf16=torch.cpu._is_avx512_bf16_supported(),
-            ),
+            decode_source(avx512=has_avx512(), avx512_bf16=has_avx512_bf16()),
         )
     except Exception:  # any build failure: the reference still gives the right answer
         logger.warning("CPU paged-attention kernels failed to build; using the reference", exc_info=True)
@@ -63,7 +60,7 @@ def _inner_contiguous(t: Tensor) -> Tensor:
 
 
 def _supported(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
-    code = _DTYPE_CODES.get(k_cache.dtype)
+    code = DTYPE_CODES.get(k_cache.dtype)
     return (
         code is not None
         and q.dtype == k.dtype == v.dtype == k_cache.dtype == v_cache.dtype
@@ -97,7 +94,7 @@ def paged_attention(
             scale, sliding_window, softcap, sinks,
         )  # fmt: skip
     write, attend = kernels
-    code = _DTYPE_CODES[k_cache.dtype]
+    code = DTYPE_CODES[k_cache.dtype]
     k, v = _inner_contiguous(k), _inner_contiguous(v)
     slots = slot_mapping if slot_mapping.dtype == torch.int64 else slot_mapping.long()
     slots = slots.contiguous()
