@@ -138,11 +138,8 @@ def drop_attr_if_unused(gm: GraphModule, node: Node) -> None:
     target = node.target
     gm.graph.erase_node(node)
     if not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
-        *path, leaf = str(target).split(".")
-        owner: Any = gm
-        for part in path:
-            owner = getattr(owner, part)
-        delattr(owner, leaf)
+        owner_path, _, leaf = str(target).rpartition(".")
+        delattr(fetch_attr(gm, owner_path) if owner_path else gm, leaf)
 
 
 def graph_device(gm: GraphModule) -> torch.device:
