@@ -16,17 +16,12 @@ from fxllm.ops.paged_attention import paged_attention_reference
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler for the CPU kernels")
 
 
-def _attention(impl: str) -> Callable[..., torch.Tensor]:
-    """The Python-bound kernel, or the op through the dispatcher with the native kernel installed."""
-    if impl == "python":
-        return cpu.paged_attention
-    from fxllm.backends.cpu import native
-    from fxllm.backends.registry import bind_op_backends
+NativeOp = Callable[[str], Callable[..., torch.Tensor]]  # the `native_op` fixture (conftest.py)
 
-    bind_op_backends("cpu")
-    if not native.install("paged_attention"):
-        pytest.skip("the native CPU kernels did not build")
-    return torch.ops.fxllm.paged_attention.default
+
+def _attention(impl: str, native_op: NativeOp) -> Callable[..., torch.Tensor]:
+    """The Python-bound kernel, or the op through the dispatcher with the native kernel installed."""
+    return cpu.paged_attention if impl == "python" else native_op("paged_attention")
 
 
 def _case(
@@ -87,6 +82,7 @@ def _case(
 # has avx512_bf16 (softcap always takes the generic loop).
 @pytest.mark.parametrize(("window", "softcap", "sinks"), [(-1, 0.0, False), (7, 20.0, True), (7, 0.0, True)])
 def test_cpu_paged_attention_matches_reference(
+    native_op: NativeOp,
     impl: str,
     dtype: torch.dtype,
     decode: bool,
@@ -101,7 +97,7 @@ def test_cpu_paged_attention_matches_reference(
         dtype, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, decode=decode, sinks=sinks
     )
     ref = paged_attention_reference(*ref_args[:10], window, softcap, ref_args[10])
-    out = _attention(impl)(*cpu_args[:10], window, softcap, cpu_args[10])
+    out = _attention(impl, native_op)(*cpu_args[:10], window, softcap, cpu_args[10])
     assert torch.equal(ref_args[3], cpu_args[3]) and torch.equal(
         ref_args[4], cpu_args[4]
     )  # same cache writes
@@ -138,7 +134,9 @@ def test_generic_decode_kernel_matches_reference(
 
 @pytest.mark.parametrize("impl", ["python", "native"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prefill_of_fresh_and_continuing_sequences_with_padding(impl: str, dtype: torch.dtype) -> None:
+def test_prefill_of_fresh_and_continuing_sequences_with_padding(
+    native_op: NativeOp, impl: str, dtype: torch.dtype
+) -> None:
     """Fresh prompts, a chunk continuing its cached context, a sequence with no query this step, and
     two padding rows past the last sequence (CUDA-graph style: slot -1, output must be zeros)."""
     lens = ([6, 6, 6, 9, 5, 4, 4], [6, 6, 6, 2, 0, 4, 4])
@@ -152,26 +150,26 @@ def test_prefill_of_fresh_and_continuing_sequences_with_padding(impl: str, dtype
         return [*rows, kc, vc, torch.cat([slots, torch.tensor([-1, -1])]), *args[6:10]]  # type: ignore[list-item]
 
     ref = paged_attention_reference(*padded(ref_args), -1, 0.0, None)
-    out = _attention(impl)(*padded(cpu_args), -1, 0.0, None)
+    out = _attention(impl, native_op)(*padded(cpu_args), -1, 0.0, None)
     assert torch.equal(out[-2:], torch.zeros_like(out[-2:]))
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     assert err < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
-def test_native_kernel_hands_other_dtypes_to_the_reference(dtype: torch.dtype) -> None:
+def test_native_kernel_hands_other_dtypes_to_the_reference(native_op: NativeOp, dtype: torch.dtype) -> None:
     """The C++ kernels take float32 and bfloat16; other dtypes go to the op's reference, same result."""
     ref_args, cpu_args = _case(dtype, num_heads=6, num_kv_heads=2, head_dim=64, decode=True, sinks=False)
     ref = paged_attention_reference(*ref_args[:10], -1, 0.0, None)
-    out = _attention("native")(*cpu_args[:10], -1, 0.0, None)
+    out = native_op("paged_attention")(*cpu_args[:10], -1, 0.0, None)
     assert out.dtype == dtype and torch.equal(out, ref) and torch.equal(ref_args[3], cpu_args[3])
 
 
-def test_binding_the_reference_removes_the_native_kernel() -> None:
+def test_binding_the_reference_removes_the_native_kernel(native_op: NativeOp) -> None:
     """bind_op_backends can switch an op back to its reference after the native kernel was installed."""
     from fxllm.backends.registry import bind_op_backends
 
-    _attention("native")
+    native_op("paged_attention")
 
     def has_cpu_kernel() -> bool:
         return torch._C._dispatch_has_kernel_for_dispatch_key("fxllm::paged_attention", "CPU")

@@ -20,17 +20,12 @@ from fxllm.passes.registry import PassContext
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 4e-3}
 
 
-def _linear(impl: str) -> Callable[..., torch.Tensor]:
-    """The Python-bound kernel, or the op through the dispatcher with the native kernel installed."""
-    if impl == "python":
-        return cpu_linear.packed_linear
-    from fxllm.backends.cpu import native
-    from fxllm.backends.registry import bind_op_backends
+NativeOp = Callable[[str], Callable[..., torch.Tensor]]  # the `native_op` fixture (conftest.py)
 
-    bind_op_backends("cpu")
-    if not native.install("packed_linear"):
-        pytest.skip("the native CPU kernels did not build")
-    return torch.ops.fxllm.packed_linear.default
+
+def _linear(impl: str, native_op: NativeOp) -> Callable[..., torch.Tensor]:
+    """The Python-bound kernel, or the op through the dispatcher with the native kernel installed."""
+    return cpu_linear.packed_linear if impl == "python" else native_op("packed_linear")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -55,7 +50,7 @@ def test_pack_rejects_odd_bfloat16_inputs() -> None:
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("impl", ["python", "native"])
 def test_kernel_matches_float64(
-    dtype: torch.dtype, m: int, n: int, k: int, with_bias: bool, impl: str
+    native_op: NativeOp, dtype: torch.dtype, m: int, n: int, k: int, with_bias: bool, impl: str
 ) -> None:
     if not cpu_linear.available(dtype):
         pytest.skip(f"no {dtype} kernel on this CPU")
@@ -63,7 +58,7 @@ def test_kernel_matches_float64(
     weight = torch.randn(n, k, generator=gen).to(dtype)
     bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
     x = torch.randn(2, m, k, generator=gen).to(dtype)  # a leading batch dim, as the graph has
-    out = _linear(impl)(x, pack_linear_weight(weight), n, bias)
+    out = _linear(impl, native_op)(x, pack_linear_weight(weight), n, bias)
     assert out.shape == (2, m, n) and out.dtype == dtype and out.is_contiguous()
     ref = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
     error = ((out.double() - ref).norm() / ref.norm()).item()
@@ -74,19 +69,19 @@ def test_kernel_matches_float64(
 
 
 @pytest.mark.parametrize("impl", ["python", "native"])
-def test_kernel_reads_strided_rows(impl: str) -> None:
+def test_kernel_reads_strided_rows(native_op: NativeOp, impl: str) -> None:
     if not cpu_linear.available(torch.float32):
         pytest.skip("needs an AVX-512 CPU and a C++ compiler")
     weight, wide = torch.randn(40, 64), torch.randn(7, 128)
     x = wide[:, :64]  # rows 128 apart
-    out = _linear(impl)(x, pack_linear_weight(weight), 40)
+    out = _linear(impl, native_op)(x, pack_linear_weight(weight), 40)
     torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
-def test_native_kernel_hands_other_dtypes_to_the_reference(dtype: torch.dtype) -> None:
+def test_native_kernel_hands_other_dtypes_to_the_reference(native_op: NativeOp, dtype: torch.dtype) -> None:
     weight, x, bias = torch.randn(40, 64).to(dtype), torch.randn(3, 64).to(dtype), torch.randn(40).to(dtype)
-    out = _linear("native")(x, pack_linear_weight(weight), 40, bias)
+    out = native_op("packed_linear")(x, pack_linear_weight(weight), 40, bias)
     assert out.dtype == dtype and torch.equal(out, F.linear(x, weight, bias))
 
 
