@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+import fxllm.runtime.kv_cache_manager as kv_module
 from fxllm.runtime.kv_cache_manager import KVCacheManager
 from fxllm.runtime.sequence import Sequence, SequenceStatus
 
@@ -78,6 +79,39 @@ def test_prefix_reuse_three_shared_blocks() -> None:
     assert stats.num_hit_tokens == 3 * BS
     assert stats.hit_rate == pytest.approx(12 / 29)
     assert stats.num_used_blocks == 5 and stats.usage == pytest.approx(5 / 16)
+
+
+def test_prefix_hash_is_not_pythons_tuple_hash() -> None:
+    # hash() reduces ints modulo 2**61 - 1, so these two blocks had the same chained tuple hash and the
+    # second prompt was served the first one's KV (GHSA-rm76-4mrf-v9r8 in vLLM).
+    mersenne = 2**61 - 1
+    assert hash((None, (0, 1, 2, 3))) == hash((None, (mersenne, 1, 2, 3)))
+    kv = KVCacheManager(8, BS)
+    run_prefill(kv, make_seq(0, [0, 1, 2, 3, 4]))
+    crafted = make_seq(1, [mersenne, 1, 2, 3, 4])
+    assert kv.lookup_prefix(crafted) == 0
+    assert kv.allocate(crafted, crafted.num_tokens) and crafted.num_cached_tokens == 0
+    digest = kv_module._hash_block(None, [0, 1, 2, 3])
+    assert isinstance(digest, bytes) and len(digest) == 32
+    assert digest != kv_module._hash_block(None, [mersenne, 1, 2, 3])
+    assert kv_module._hash_block(digest, [4]) != kv_module._hash_block(None, [4])  # chained on the parent
+
+
+def test_forced_digest_collision_never_reuses_other_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every block gets the same digest: only the token comparison on a hit stands between a prompt
+    # and another user's KV.
+    monkeypatch.setattr(kv_module, "_hash_block", lambda parent, tokens: b"\0" * 32)
+    kv = KVCacheManager(16, BS)
+    victim = make_seq(0, [10, 11, 12, 13, 14, 15, 16, 17, 18])
+    run_prefill(kv, victim)
+    attacker = make_seq(1, [90, 91, 92, 93, 94, 95, 96, 97, 98])
+    assert kv.lookup_prefix(attacker) == 0
+    assert kv.allocate(attacker, attacker.num_tokens)
+    assert attacker.num_cached_tokens == 0 and not set(attacker.block_table) & set(victim.block_table)
+    # The same first block is still shared; the second (same digest, other tokens) is not.
+    same_head = make_seq(2, [10, 11, 12, 13, 50, 51, 52, 53, 54])
+    assert kv.prefix_hit_blocks(same_head) == victim.block_table[:1]
+    kv.check_invariants()
 
 
 def test_last_prompt_token_is_never_a_hit() -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
+import struct
 from collections import OrderedDict, deque
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
@@ -39,14 +42,32 @@ class _AllocationPlan:
     """What allocate() would do, computed without side effects so that it can be all-or-nothing."""
 
     hit_blocks: list[int]
-    hit_hashes: list[int]
+    hit_hashes: list[bytes]
     num_fresh_blocks: int
     feasible: bool
 
 
-def _hash_block(parent_hash: int | None, tokens: SequenceABC[int]) -> int:
-    """Chained block hash: identifies a block by its tokens and everything before it."""
-    return hash((parent_hash, tuple(tokens)))
+# The chain's root digest. Collision resistance comes from sha256, not from a secret root, so it is fixed.
+_ROOT_DIGEST = bytes(hashlib.sha256().digest_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _token_packer(num_tokens: int) -> struct.Struct:
+    # Fixed-width little-endian int64s: the encoding is unambiguous, so different token lists never
+    # serialize to the same bytes (the parent digest in front is fixed-width too).
+    return struct.Struct(f"<{num_tokens}q")
+
+
+def _hash_block(parent_hash: bytes | None, tokens: SequenceABC[int]) -> bytes:
+    """Chained block digest: sha256 of the parent's digest and the block's token ids.
+
+    Python's `hash` of a tuple is not collision resistant: a crafted prompt could land on another
+    user's block and read its KV (vLLM GHSA-rm76-4mrf-v9r8). A hit is also checked against the
+    block's stored tokens, so even a digest collision cannot hand out a block with other contents.
+    """
+    digest = hashlib.sha256(_ROOT_DIGEST if parent_hash is None else parent_hash)
+    digest.update(_token_packer(len(tokens)).pack(*tokens))
+    return digest.digest()
 
 
 class KVCacheManager:
@@ -61,13 +82,15 @@ class KVCacheManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self._ref_counts = [0] * num_blocks
-        self._block_hashes: list[int | None] = [None] * num_blocks
-        self._hash_to_block: dict[int, int] = {}
+        self._block_hashes: list[bytes | None] = [None] * num_blocks
+        # The token ids each hashed block holds: a hit must match them too (defence against collisions).
+        self._block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks
+        self._hash_to_block: dict[bytes, int] = {}
         self._free: deque[int] = deque(range(num_blocks))
         # Cached blocks nobody references; insertion order = free order, so popitem(last=False) is LRU.
         self._evictable: OrderedDict[int, None] = OrderedDict()
         # Chain hashes of each sequence's leading full blocks, so cache_full_blocks never rehashes.
-        self._seq_hashes: dict[int, list[int]] = {}
+        self._seq_hashes: dict[int, list[bytes]] = {}
         self._num_hit_tokens = 0
         self._num_queried_tokens = 0
         self._num_evictions = 0
@@ -168,13 +191,15 @@ class KVCacheManager:
         bs = self.block_size
         num_full = min(seq.num_computed_tokens // bs, len(seq.block_table))
         for i in range(len(hashes), num_full):
-            block_hash = _hash_block(hashes[-1] if hashes else None, seq.token_ids[i * bs : (i + 1) * bs])
+            tokens = seq.token_ids[i * bs : (i + 1) * bs]
+            block_hash = _hash_block(hashes[-1] if hashes else None, tokens)
             hashes.append(block_hash)
             block_id = seq.block_table[i]
             # Another sequence may have computed the same content concurrently; keep the first copy
             # in the index and let this duplicate go back to the plain free list when released.
             if self._block_hashes[block_id] is None and block_hash not in self._hash_to_block:
                 self._block_hashes[block_id] = block_hash
+                self._block_tokens[block_id] = tuple(tokens)
                 self._hash_to_block[block_hash] = block_id
 
     def reset_prefix_cache(self) -> None:
@@ -184,6 +209,7 @@ class KVCacheManager:
         self._evictable.clear()
         self._hash_to_block.clear()
         self._block_hashes = [None] * self.num_blocks
+        self._block_tokens = [None] * self.num_blocks
         logger.info("Prefix cache reset; %d blocks free.", len(self._free))
 
     def check_invariants(self) -> None:
@@ -212,6 +238,9 @@ class KVCacheManager:
                 raise RuntimeError(f"Hash index points at block {block_id} with a different hash.")
         if sum(h is not None for h in self._block_hashes) != len(self._hash_to_block):
             raise RuntimeError("Hashed blocks and hash index disagree.")
+        for block_id, block_hash in enumerate(self._block_hashes):
+            if (block_hash is None) != (self._block_tokens[block_id] is None):
+                raise RuntimeError(f"Block {block_id} has a hash without its tokens or tokens without a hash.")
 
     # ------------------------------------------------------------------ internals
 
@@ -226,12 +255,18 @@ class KVCacheManager:
         # At least the last token must be computed so the step produces logits for it.
         max_blocks = (seq.num_tokens - 1) // bs
         blocks: list[int] = []
-        hashes: list[int] = []
-        parent: int | None = None
+        hashes: list[bytes] = []
+        parent: bytes | None = None
         for i in range(max_blocks):
-            parent = _hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs])
+            tokens = seq.token_ids[i * bs : (i + 1) * bs]
+            parent = _hash_block(parent, tokens)
             block_id = self._hash_to_block.get(parent)
-            if block_id is None:
+            # Comparing the tokens is cheap next to the hash and makes a digest collision a miss,
+            # never a read of someone else's KV.
+            if block_id is None or self._block_tokens[block_id] != tuple(tokens):
+                if block_id is not None:
+                    logger.warning("prefix-cache digest collision at block %d of sequence %d; not reused",
+                                   i, seq.seq_id)  # fmt: skip
                 break
             blocks.append(block_id)
             hashes.append(parent)
@@ -263,6 +298,7 @@ class KVCacheManager:
             if block_hash is not None and self._hash_to_block.get(block_hash) == block_id:
                 del self._hash_to_block[block_hash]
             self._block_hashes[block_id] = None
+            self._block_tokens[block_id] = None
             self._num_evictions += 1
         self._ref_counts[block_id] = 1
         return block_id
