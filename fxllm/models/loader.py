@@ -10,23 +10,13 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from fxllm.dtypes import is_auto_dtype, parse_dtype
 from fxllm.models.embedded import EMBEDDED_ALIASES, EMBEDDED_NAME, embedded_gguf_path, load_gguf
 from fxllm.models.presets import list_presets, materialize_random_, preset_config
 from fxllm.models.registry import apply_config_fixups, apply_model_spec, find_model_spec
 from fxllm.models.safetensors_loader import build_empty_model, config_from_dict, load_hf_folder, move_buffers_
 
 logger = logging.getLogger(__name__)
-
-_DTYPE_NAMES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
 
 
 @dataclass
@@ -50,12 +40,9 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
         return dtype
     if dtype is None:
         return torch.float32 if device.type in ("cpu", "meta") else torch.bfloat16
-    key = dtype.lower().removeprefix("torch.")
-    if key == "auto":
+    if is_auto_dtype(dtype):
         return None
-    if key not in _DTYPE_NAMES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPE_NAMES)} or 'auto'")
-    return _DTYPE_NAMES[key]
+    return parse_dtype(dtype, auto_allowed=True)
 
 
 def _unknown_spec_error(spec: str) -> ValueError:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from fxllm.dtypes import is_auto_dtype, parse_dtype
 from fxllm.runtime.detokenizer import IncrementalDetokenizer, finish_reason_for_token
 from fxllm.runtime.kv_cache_manager import KVCacheManager
 from fxllm.runtime.model_runner import ModelRunner
@@ -330,9 +331,6 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     )
-    if dtype == "auto":
+    if is_auto_dtype(dtype):
         return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
-    try:
-        return dev, getattr(torch, dtype)
-    except AttributeError:
-        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
+    return dev, parse_dtype(dtype, auto_allowed=True)

@@ -15,7 +15,7 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
                         help="override a config key, e.g. --set scheduler.max_num_seqs=32")  # fmt: skip
     parser.add_argument("--backend", help="compile backend: inductor or eager")
     parser.add_argument("--device", help="cpu, cuda or auto")
-    parser.add_argument("--dtype", help="auto, float32, bfloat16, float16")
+    parser.add_argument("--dtype", help="auto, float32 (fp32), bfloat16 (bf16) or float16 (fp16)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
