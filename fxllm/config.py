@@ -7,14 +7,17 @@ the key, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
-from collections.abc import Mapping
+import types
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from fxllm.dtypes import is_auto_dtype, parse_dtype
 from fxllm.passes.pipeline import PassConfig
 from fxllm.runtime.scheduler import SchedulerConfig
 
@@ -82,6 +85,46 @@ class FxllmConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
 
 
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
+@functools.cache
+def _type_adapter(hint: Any) -> Any:
+    # Imported here: pydantic (installed with FastAPI) costs import time that only loading needs.
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(hint)
+
+
+def _check_type(hint: Any, value: Any, key: str) -> Any:
+    """`value` as the field's declared type, or a ValueError naming the key and the type.
+
+    Strict: "abc", "1" and 1.5 are no int, "yes" is no bool (YAML already turns `yes` into True),
+    list and dict elements are checked; an int is accepted for a float (and becomes one).
+    """
+    from pydantic import ValidationError
+
+    try:
+        return _type_adapter(hint).validate_python(value, strict=True)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = "".join(f"[{part!r}]" for part in first["loc"])
+        detail = f" ({key}{where}: {first['msg'][:1].lower()}{first['msg'][1:]})" if where else ""
+        raise ValueError(
+            f"config: {key} must be {_type_name(hint)}, got {type(value).__name__} {value!r}{detail}"
+        ) from None
+
+
+def _check_dtype(value: str) -> None:
+    if not is_auto_dtype(value):
+        parse_dtype(value, auto_allowed=True)
+
+
+# Checks of a value beyond its type, by dotted key: they fail at load, not at engine build.
+_VALUE_CHECKS: dict[str, Callable[[Any], None]] = {"model.dtype": _check_dtype}
+
+
 def _build(cls: type, data: Mapping[str, Any], path: str) -> Any:
     if not isinstance(data, Mapping):
         raise ValueError(f"config: {path or 'top level'} must be a mapping, got {type(data).__name__}")
@@ -98,13 +141,21 @@ def _build(cls: type, data: Mapping[str, Any], path: str) -> Any:
         hint = hints[key]
         sub = f"{path}.{key}" if path else key
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value or {}, sub)
+            kwargs[key] = _build(hint, {} if value is None else value, sub)
         elif key == "passes":
             from fxllm.compiler.api import normalize_pass_config
 
+            if value is not None and not isinstance(value, Mapping):
+                raise ValueError(f"config: {sub} must be a mapping of pass name -> bool or settings, got {value!r}")
             kwargs[key] = normalize_pass_config(value or {})
         else:
-            kwargs[key] = value
+            kwargs[key] = _check_type(hint, value, sub)
+            check = _VALUE_CHECKS.get(sub)
+            if check is not None:
+                try:
+                    check(kwargs[key])
+                except ValueError as exc:
+                    raise ValueError(f"config: {sub}: {exc}") from None
     return cls(**kwargs)
 
 
@@ -115,6 +166,25 @@ def config_from_dict(data: Mapping[str, Any] | None) -> FxllmConfig:
 
 def _parse_scalar(text: str) -> Any:
     return yaml.safe_load(text)
+
+
+def _hint_at(parts: list[str]) -> Any:
+    """The declared type of the dotted key `parts` (None where the tree does not declare one)."""
+    hint: Any = FxllmConfig
+    for part in parts:
+        if dataclasses.is_dataclass(hint):
+            hint = get_type_hints(hint).get(part)
+        elif get_origin(hint) is dict:
+            hint = get_args(hint)[1]
+        else:
+            return None
+        if hint is None:
+            return None
+    return hint
+
+
+def _takes_text(hint: Any) -> bool:
+    return hint is str or (get_origin(hint) in (Union, types.UnionType) and str in get_args(hint))
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -129,7 +199,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         *parents, leaf = dotted.strip().split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = _parse_scalar(text)
+        value = _parse_scalar(text)
+        # A string field takes the text as typed: YAML would turn `api_key=0123` into the int 83.
+        if value is not None and not isinstance(value, str) and _takes_text(_hint_at([*parents, leaf])):
+            value = text.strip()
+        node[leaf] = value
     return data
 
 
