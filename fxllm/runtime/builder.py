@@ -14,7 +14,7 @@ from fxllm.compiler.capture import capture
 from fxllm.config import FxllmConfig
 from fxllm.passes.pipeline import PassReport, load_plugins, run_passes
 from fxllm.passes.registry import PassContext
-from fxllm.runtime.engine import Engine, resolve_device_dtype
+from fxllm.runtime.engine import Engine, resolve_device_dtype, resolve_eos_token_ids
 from fxllm.runtime.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -86,13 +86,8 @@ def build_engine(
     chosen = bind_op_backends(device, config.compile.op_backends)
     runner = ModelRunner(captured.gm, config.compile.backend, device, dtype, config.cache)
     max_model_len = min(config.model.max_model_len or max_positions, max_positions, runner.capacity_tokens)
-    # Hugging Face's generate stops at the generation config's EOS (SmolLM2: <|im_end|>), which can
-    # differ from the tokenizer's; follow generate so outputs match it token for token.
-    eos = getattr(generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(tokenizer, "eos_token_id", None) or getattr(hf_config, "eos_token_id", None)
-    if isinstance(eos, list):
-        eos = eos[0]
+    # Every EOS id of the generation config ends a request, as in Hugging Face's generate.
+    eos_token_ids = resolve_eos_token_ids(generation_config, tokenizer, hf_config)
     engine = Engine(
         runner,
         tokenizer,
@@ -100,7 +95,7 @@ def build_engine(
         enable_prefix_caching=config.cache.enable_prefix_caching,
         max_model_len=max_model_len,
         vocab_size=int(hf_config.vocab_size),
-        eos_token_id=eos,
+        eos_token_ids=eos_token_ids,
     )
     logger.info("compiling the forward (%s backend): one warm-up request", config.compile.backend)
     warmup_seconds = engine.warmup()

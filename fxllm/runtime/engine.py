@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -64,16 +65,20 @@ class Engine:
         enable_prefix_caching: bool = True,
         max_model_len: int,
         vocab_size: int,
-        eos_token_id: int | None,
+        eos_token_ids: SequenceABC[int],
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
-        self.eos_token_id = eos_token_id
+        # Every id ends generation. As in vLLM, the first is "the" EOS (stop_reason None); the others
+        # (a generation config's further EOS ids) join each request's stop_token_ids, so they end it
+        # with stop_reason = the id and are held back under min_tokens like any stop token.
+        self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(int(t) for t in eos_token_ids))
+        self.eos_token_id = self.eos_token_ids[0] if self.eos_token_ids else None
         self.kv_cache = KVCacheManager(runner.num_blocks, runner.block_size, enable_prefix_caching)
         self.scheduler: CapacityScheduler = create_scheduler(scheduler_config, self.kv_cache)
-        self.sampler = Sampler(eos_token_id=eos_token_id)
+        self.sampler = Sampler(eos_token_id=self.eos_token_id)
         self.requests: dict[str, Request] = {}
         self._by_seq: dict[int, tuple[Request, SequenceState]] = {}
         self._seq_ids = itertools.count()
@@ -98,6 +103,7 @@ class Engine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        params = self._with_extra_eos(params)
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("the prompt is empty; send at least one token")
@@ -146,6 +152,13 @@ class Engine:
                 )
             )
         return Request(rid, text, token_ids, params, states)
+
+    def _with_extra_eos(self, params: SamplingParams) -> SamplingParams:
+        """`params` with the further EOS ids added to stop_token_ids (a copy; none with ignore_eos)."""
+        extra = [t for t in self.eos_token_ids[1:] if t not in params.stop_token_ids]
+        if not extra or params.ignore_eos:
+            return params
+        return dataclasses.replace(params, stop_token_ids=[*params.stop_token_ids, *extra])
 
     def add(self, request: Request) -> None:
         """Queue a built request for scheduling."""
@@ -324,6 +337,31 @@ class Engine:
         while self.has_unfinished():
             finals += self.step(finished_only=True)
         return finals
+
+
+def _token_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(value)] if isinstance(value, int) else [int(t) for t in value]
+
+
+def resolve_eos_token_ids(generation_config: Any, tokenizer: Any, model_config: Any) -> list[int]:
+    """Every id that ends generation, "the" EOS first; [] when nothing declares one.
+
+    Hugging Face's generate stops at the generation config's EOS ids (SmolLM2: <|im_end|>, Llama-3.1
+    Instruct: 128001, 128008 and 128009), which can differ from the tokenizer's; follow it so outputs
+    match generate. Without one, the tokenizer's EOS and the model config's (maybe a list) both end it.
+    The tokenizer's EOS goes first where listed, so it reports stop_reason None as in vLLM.
+    """
+    ids = _token_ids(getattr(generation_config, "eos_token_id", None))
+    tokenizer_eos = getattr(tokenizer, "eos_token_id", None)
+    if not ids:
+        ids = _token_ids(tokenizer_eos) + _token_ids(getattr(model_config, "eos_token_id", None))
+    ids = list(dict.fromkeys(ids))
+    if isinstance(tokenizer_eos, int) and tokenizer_eos in ids:
+        ids.remove(tokenizer_eos)
+        ids.insert(0, tokenizer_eos)
+    return ids
 
 
 def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
