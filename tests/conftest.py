@@ -9,17 +9,16 @@ import torch
 
 
 @pytest.fixture
-def native_op() -> Callable[[str], Callable[..., torch.Tensor]]:
-    """`native_op(name)`: fxllm op `name` through the dispatcher with the CPU backend bound and its
-    native C++ kernel installed; skips the test where the native library did not build."""
+def native_op() -> Callable[[str], torch._ops.OpOverload]:
+    """`native_op(name)`: the C++ CPU op `torch.ops.fxllm_cpu.<name>.default`; skips the test where the
+    library (fxllm/backends/cpu/csrc) did not build."""
 
-    def get(name: str) -> Callable[..., torch.Tensor]:
+    def get(name: str) -> torch._ops.OpOverload:
         from fxllm.backends.cpu import native
-        from fxllm.backends.registry import bind_op_backends
 
-        bind_op_backends("cpu")
-        if not native.install(name):
-            pytest.skip("the native CPU kernels did not build")
-        return getattr(torch.ops.fxllm, name).default
+        op = native.op(name)
+        if op is None:
+            pytest.skip("the C++ CPU kernels did not build (see the log for the compiler's message)")
+        return op
 
     return get

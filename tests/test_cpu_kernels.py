@@ -1,27 +1,20 @@
-"""The C++ CPU paged-attention backend against the plain-torch reference, both as the Python-bound
-kernel and as the native dispatcher kernel that compiled graphs call."""
+"""The C++ CPU ops `fxllm_cpu::paged_attention` (and the library's other ops' contracts) against the
+plain-torch reference: the AVX-512 paths where this CPU has them, the plain loops everywhere, the hand-off
+of what the kernels do not take to the canonical op, and the fake (meta) implementations."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+from torch._subclasses import FakeTensorMode
 
 import fxllm.ops  # noqa: F401
-from fxllm.backends.cpu import paged_attention as cpu
-from fxllm.backends.registry import choose_backend
+from fxllm.backends.cpu.isa import has_avx512, has_avx512_bf16
 from fxllm.ops.paged_attention import paged_attention_reference
 
-pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler for the CPU kernels")
-
-
-NativeOp = Callable[[str], Callable[..., torch.Tensor]]  # the `native_op` fixture (conftest.py)
-
-
-def _attention(impl: str, native_op: NativeOp) -> Callable[..., torch.Tensor]:
-    """The Python-bound kernel, or the op through the dispatcher with the native kernel installed."""
-    return cpu.paged_attention if impl == "python" else native_op("paged_attention")
+NativeOp = Callable[[str], torch._ops.OpOverload]  # the `native_op` fixture (conftest.py)
 
 
 def _case(
@@ -74,7 +67,21 @@ def _case(
     return (*args(k_cache, v_cache), sink), (*args(k_cache.clone(), v_cache.clone()), sink)
 
 
-@pytest.mark.parametrize("impl", ["python", "native"])
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+@pytest.fixture
+def plain_loops(native_op: NativeOp) -> Iterator[None]:
+    """Run the kernels' plain loops (what a CPU without AVX-512 runs) for one test, then restore this CPU's paths."""
+    native_op("paged_attention")  # loads the library (or skips)
+    torch.ops.fxllm_cpu.set_isa(False, False)
+    try:
+        yield
+    finally:
+        torch.ops.fxllm_cpu.set_isa(has_avx512(), has_avx512_bf16())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("decode", [True, False])
 @pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(6, 2, 64), (4, 4, 40), (8, 2, 128)])
@@ -83,7 +90,6 @@ def _case(
 @pytest.mark.parametrize(("window", "softcap", "sinks"), [(-1, 0.0, False), (7, 20.0, True), (7, 0.0, True)])
 def test_cpu_paged_attention_matches_reference(
     native_op: NativeOp,
-    impl: str,
     dtype: torch.dtype,
     decode: bool,
     num_heads: int,
@@ -97,46 +103,28 @@ def test_cpu_paged_attention_matches_reference(
         dtype, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, decode=decode, sinks=sinks
     )
     ref = paged_attention_reference(*ref_args[:10], window, softcap, ref_args[10])
-    out = _attention(impl, native_op)(*cpu_args[:10], window, softcap, cpu_args[10])
-    assert torch.equal(ref_args[3], cpu_args[3]) and torch.equal(
-        ref_args[4], cpu_args[4]
-    )  # same cache writes
-    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-    assert err < (1e-5 if dtype == torch.float32 else 1e-2)
+    out = native_op("paged_attention")(*cpu_args[:10], window, softcap, cpu_args[10])
+    assert torch.equal(ref_args[3], cpu_args[3]) and torch.equal(ref_args[4], cpu_args[4])  # same cache writes
+    assert _relative_error(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
-def test_cpu_backend_is_chosen_on_cpu() -> None:
-    assert choose_backend("paged_attention", torch.device("cpu")) == "cpu"
-
-
+@pytest.mark.usefixtures("plain_loops")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("decode", [True, False])
 @pytest.mark.parametrize(("window", "softcap", "sinks"), [(-1, 0.0, False), (7, 20.0, True)])
-def test_generic_decode_kernel_matches_reference(
-    dtype: torch.dtype, window: int, softcap: float, sinks: bool, monkeypatch: pytest.MonkeyPatch
+def test_plain_loops_match_reference(
+    native_op: NativeOp, dtype: torch.dtype, decode: bool, window: int, softcap: float, sinks: bool
 ) -> None:
-    """The plain-loop kernel CPUs without AVX-512 build (this machine may take the AVX-512 paths)."""
-    from torch._inductor.codecache import CppPythonBindingsCodeCache
-
-    from fxllm.backends.cpu.kernels_cpp import DECODE_ARGS, decode_source
-
-    kernels = cpu._kernels()
-    assert kernels is not None
-    generic = CppPythonBindingsCodeCache.load_pybinding(
-        DECODE_ARGS, decode_source(avx512=False, avx512_bf16=False)
-    )
-    monkeypatch.setattr(cpu, "_kernels", lambda: (kernels[0], generic))
-    ref_args, cpu_args = _case(dtype, num_heads=6, num_kv_heads=2, head_dim=64, decode=True, sinks=sinks)
+    """The loops CPUs without AVX-512 run (this machine may take the AVX-512 paths otherwise)."""
+    ref_args, cpu_args = _case(dtype, num_heads=6, num_kv_heads=2, head_dim=64, decode=decode, sinks=sinks)
     ref = paged_attention_reference(*ref_args[:10], window, softcap, ref_args[10])
-    out = cpu.paged_attention(*cpu_args[:10], window, softcap, cpu_args[10])
-    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-    assert err < (1e-5 if dtype == torch.float32 else 1e-2)
+    out = native_op("paged_attention")(*cpu_args[:10], window, softcap, cpu_args[10])
+    assert torch.equal(ref_args[3], cpu_args[3])
+    assert _relative_error(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
-@pytest.mark.parametrize("impl", ["python", "native"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prefill_of_fresh_and_continuing_sequences_with_padding(
-    native_op: NativeOp, impl: str, dtype: torch.dtype
-) -> None:
+def test_prefill_of_fresh_and_continuing_sequences_with_padding(native_op: NativeOp, dtype: torch.dtype) -> None:
     """Fresh prompts, a chunk continuing its cached context, a sequence with no query this step, and
     two padding rows past the last sequence (CUDA-graph style: slot -1, output must be zeros)."""
     lens = ([6, 6, 6, 9, 5, 4, 4], [6, 6, 6, 2, 0, 4, 4])
@@ -150,34 +138,59 @@ def test_prefill_of_fresh_and_continuing_sequences_with_padding(
         return [*rows, kc, vc, torch.cat([slots, torch.tensor([-1, -1])]), *args[6:10]]  # type: ignore[list-item]
 
     ref = paged_attention_reference(*padded(ref_args), -1, 0.0, None)
-    out = _attention(impl, native_op)(*padded(cpu_args), -1, 0.0, None)
+    out = native_op("paged_attention")(*padded(cpu_args), -1, 0.0, None)
     assert torch.equal(out[-2:], torch.zeros_like(out[-2:]))
-    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-    assert err < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert _relative_error(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
 def test_native_kernel_hands_other_dtypes_to_the_reference(native_op: NativeOp, dtype: torch.dtype) -> None:
-    """The C++ kernels take float32 and bfloat16; other dtypes go to the op's reference, same result."""
+    """The C++ kernels take float32 and bfloat16; other dtypes go to the canonical op, same result."""
     ref_args, cpu_args = _case(dtype, num_heads=6, num_kv_heads=2, head_dim=64, decode=True, sinks=False)
     ref = paged_attention_reference(*ref_args[:10], -1, 0.0, None)
     out = native_op("paged_attention")(*cpu_args[:10], -1, 0.0, None)
     assert out.dtype == dtype and torch.equal(out, ref) and torch.equal(ref_args[3], cpu_args[3])
 
 
-def test_binding_the_reference_removes_the_native_kernel(native_op: NativeOp) -> None:
-    """bind_op_backends can switch an op back to its reference after the native kernel was installed."""
-    from fxllm.backends.registry import bind_op_backends
+def test_native_kernel_hands_strided_caches_to_the_reference(native_op: NativeOp) -> None:
+    """Caches that are views into a wider pool (not contiguous) go to the canonical op, which writes the view."""
+    ref_args, cpu_args = _case(torch.float32, num_heads=6, num_kv_heads=2, head_dim=64, decode=False, sinks=False)
+    pools = [torch.zeros(*c.shape[:-1], 2 * c.shape[-1]) for c in cpu_args[3:5]]  # type: ignore[union-attr]
+    caches = [pool[..., : c.shape[-1]] for pool, c in zip(pools, cpu_args[3:5])]  # type: ignore[union-attr]
+    for cache, values in zip(caches, cpu_args[3:5]):
+        cache.copy_(values)  # type: ignore[arg-type]
+    assert not caches[0].is_contiguous()
+    ref = paged_attention_reference(*ref_args[:10], -1, 0.0, None)
+    out = native_op("paged_attention")(*cpu_args[:3], *caches, *cpu_args[5:10], -1, 0.0, None)
+    assert torch.equal(out, ref) and out.is_contiguous()
+    assert torch.equal(caches[0], ref_args[3]) and torch.equal(caches[1], ref_args[4])
+    assert torch.count_nonzero(pools[0][..., 64:]) == 0  # nothing written outside the view
 
+
+@pytest.mark.parametrize("name", ["packed_linear", "paged_attention"])
+def test_schemas_are_the_canonical_ones(native_op: NativeOp, name: str) -> None:
+    """The lowering pass swaps fxllm::<op> for fxllm_cpu::<op> in place: same arguments, defaults, no mutation."""
+    canonical = str(getattr(torch.ops.fxllm, name).default._schema)
+    assert str(native_op(name)._schema) == canonical.replace("fxllm::", "fxllm_cpu::", 1)
+
+
+def test_nothing_is_installed_on_the_canonical_ops(native_op: NativeOp) -> None:
+    """Loading the library adds ops of its own namespace; the canonical ops keep only their references."""
     native_op("paged_attention")
+    for name in ("packed_linear", "paged_attention"):
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"fxllm::{name}", "CPU")
 
-    def has_cpu_kernel() -> bool:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("fxllm::paged_attention", "CPU")
 
-    assert has_cpu_kernel()
-    try:
-        bind_op_backends("cpu", {"paged_attention": "torch"})
-        assert not has_cpu_kernel()  # the op's CompositeExplicitAutograd reference runs
-    finally:
-        bind_op_backends("cpu")
-    assert has_cpu_kernel()
+def test_fake_implementations_give_the_output_shapes(native_op: NativeOp) -> None:
+    from fxllm.ops.linear import pack_linear_weight
+
+    ref_args, _ = _case(torch.bfloat16, num_heads=6, num_kv_heads=2, head_dim=64, decode=False, sinks=False)
+    weight = pack_linear_weight(torch.randn(40, 64))
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in ref_args]
+        attention = native_op("paged_attention")(*fake[:10], -1, 0.0, None)
+        linear = native_op("packed_linear")(mode.from_tensor(torch.randn(2, 5, 64)), mode.from_tensor(weight), 40)
+        argmax = native_op("argmax_rows")(mode.from_tensor(torch.randn(3, 7)))
+    assert (attention.shape, attention.dtype) == ((28, 6, 64), torch.bfloat16)  # 1 + 3 + 17 + 2 + 5 query tokens
+    assert (linear.shape, linear.dtype) == ((2, 5, 40), torch.float32)
+    assert (argmax.shape, argmax.dtype) == ((3,), torch.int64)

@@ -1,4 +1,5 @@
-"""`fxllm::packed_linear`: packing round trip, the C++ kernel against float64, and the CPU pass."""
+"""`fxllm::packed_linear`: packing round trip, the C++ op `fxllm_cpu::packed_linear` against float64 (and
+inside an Inductor-compiled graph), and the CPU pass."""
 
 from __future__ import annotations
 
@@ -20,12 +21,7 @@ from fxllm.passes.registry import PassContext
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 4e-3}
 
 
-NativeOp = Callable[[str], Callable[..., torch.Tensor]]  # the `native_op` fixture (conftest.py)
-
-
-def _linear(impl: str, native_op: NativeOp) -> Callable[..., torch.Tensor]:
-    """The Python-bound kernel, or the op through the dispatcher with the native kernel installed."""
-    return cpu_linear.packed_linear if impl == "python" else native_op("packed_linear")
+NativeOp = Callable[[str], torch._ops.OpOverload]  # the `native_op` fixture (conftest.py)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -48,9 +44,8 @@ def test_pack_rejects_odd_bfloat16_inputs() -> None:
     [(1, 960, 576), (3, 50, 64), (5, 17, 32), (16, 576, 1536), (21, 50, 64), (70, 33, 96)],
 )
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("impl", ["python", "native"])
 def test_kernel_matches_float64(
-    native_op: NativeOp, dtype: torch.dtype, m: int, n: int, k: int, with_bias: bool, impl: str
+    native_op: NativeOp, dtype: torch.dtype, m: int, n: int, k: int, with_bias: bool
 ) -> None:
     if not cpu_linear.available(dtype):
         pytest.skip(f"no {dtype} kernel on this CPU")
@@ -58,7 +53,7 @@ def test_kernel_matches_float64(
     weight = torch.randn(n, k, generator=gen).to(dtype)
     bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
     x = torch.randn(2, m, k, generator=gen).to(dtype)  # a leading batch dim, as the graph has
-    out = _linear(impl, native_op)(x, pack_linear_weight(weight), n, bias)
+    out = native_op("packed_linear")(x, pack_linear_weight(weight), n, bias)
     assert out.shape == (2, m, n) and out.dtype == dtype and out.is_contiguous()
     ref = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
     error = ((out.double() - ref).norm() / ref.norm()).item()
@@ -68,13 +63,10 @@ def test_kernel_matches_float64(
                           rtol=0, atol=TOLERANCE[dtype] * ref.abs().max().item())  # fmt: skip
 
 
-@pytest.mark.parametrize("impl", ["python", "native"])
-def test_kernel_reads_strided_rows(native_op: NativeOp, impl: str) -> None:
-    if not cpu_linear.available(torch.float32):
-        pytest.skip("needs an AVX-512 CPU and a C++ compiler")
+def test_kernel_reads_strided_rows(native_op: NativeOp) -> None:
     weight, wide = torch.randn(40, 64), torch.randn(7, 128)
     x = wide[:, :64]  # rows 128 apart
-    out = _linear(impl, native_op)(x, pack_linear_weight(weight), 40)
+    out = native_op("packed_linear")(x, pack_linear_weight(weight), 40)
     torch.testing.assert_close(out, F.linear(x, weight), rtol=1e-5, atol=1e-5)
 
 
@@ -83,6 +75,22 @@ def test_native_kernel_hands_other_dtypes_to_the_reference(native_op: NativeOp, 
     weight, x, bias = torch.randn(40, 64).to(dtype), torch.randn(3, 64).to(dtype), torch.randn(40).to(dtype)
     out = native_op("packed_linear")(x, pack_linear_weight(weight), 40, bias)
     assert out.dtype == dtype and torch.equal(out, F.linear(x, weight, bias))
+
+
+def test_inductor_compiles_a_graph_calling_the_op(native_op: NativeOp) -> None:
+    """Inductor calls the C++ op as an opaque kernel (its fake gives the shapes) with a dynamic token count."""
+    op = native_op("packed_linear")
+    weight, bias = torch.randn(40, 64), torch.randn(40)
+    packed = pack_linear_weight(weight)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(op(x * 2.0, packed, 40, bias)) + 1.0
+
+    compiled = torch.compile(forward, backend="inductor", dynamic=True, fullgraph=True)
+    for rows in (3, 7):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(compiled(x), torch.relu(F.linear(x * 2.0, weight, bias)) + 1.0,
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
 class _TiedLM(torch.nn.Module):

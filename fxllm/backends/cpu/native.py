@@ -1,112 +1,142 @@
-"""Native (C++) dispatcher kernels for fxllm's CPU ops: build once, install per op, uninstall.
+"""fxllm's C++ CPU kernels (csrc/) as the ops `fxllm_cpu::packed_linear`, `fxllm_cpu::paged_attention` and
+`fxllm_cpu::argmax_rows`.
 
-The "cpu" backend of paged_attention and packed_linear installs these instead of its Python
-functions where they build (bind_op_backends calls `install`), so Inductor's generated code calls
-straight into C++. The library compiles through Inductor's C++ code cache with the PyTorch headers
-(about 10 s once; later processes load it from the on-disk cache).
+The library builds on first use with `torch.utils.cpp_extension.load` (ninja; ~25 s on the 2-core dev box)
+into a directory keyed by the sources, flags, torch version and CPU, under `$FXLLM_CACHE_DIR` (default
+`~/.cache/fxllm`); later processes load it from there in well under a second. Nothing is installed on the
+canonical `fxllm::` ops: the lowering pass rewrites graph nodes to `op(name)`. A build failure is logged
+once and `available()` is then False, so callers fall back to the references.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
+import hashlib
 import logging
-from typing import Any
+import os
+import platform
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
+import fxllm.ops  # noqa: F401  (the C++ ops hand what they cannot take to the canonical fxllm:: ops)
 from fxllm.backends.cpu.isa import DTYPE_CODES, has_avx512, has_avx512_bf16
-from fxllm.backends.cpu.native_cpp import native_source
-from fxllm.ops.linear import packed_linear_reference
-from fxllm.ops.paged_attention import paged_attention_reference
 
 logger = logging.getLogger(__name__)
 
-NATIVE_OPS = ("packed_linear", "paged_attention")
+NATIVE_OPS = ("packed_linear", "paged_attention", "argmax_rows")
 
-# The references, as ops of their own, for what the C++ kernels do not take (float16, float64,
-# non-contiguous caches): the C++ wrapper calls them through the dispatcher.
-_FALLBACK_LIB = torch.library.Library("fxllm_cpu_fallback", "DEF")
+CSRC = Path(__file__).parent / "csrc"
+_SOURCES = ("linear.cpp", "attention.cpp", "write_kv.cpp", "argmax.cpp", "ops.cpp")
+_NAME = "fxllm_cpu_kernels"
+# The flags that matter from the Inductor C++ code cache build this replaced: -O3, -march=native (the
+# AVX-512 intrinsics sit behind target attributes, but the plain loops vectorise for this CPU),
+# -ffp-contract=off (no FMA contraction in the plain loops, as before) and OpenMP. Inductor's -fmath-errno
+# and -fno-tree-loop-vectorize were switched back off by a pragma in the kernel sources; here they are
+# simply not passed.
+_CFLAGS = ("-O3", "-DNDEBUG", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp")
+_LDFLAGS = ("-fopenmp",)
 
-
-def _define_fallbacks() -> None:
-    for op, fn in (
-        ("packed_linear", packed_linear_reference),
-        ("paged_attention", paged_attention_reference),
-    ):
-        schema = str(getattr(torch.ops.fxllm, op).default._schema).removeprefix("fxllm::")
-        _FALLBACK_LIB.define(schema)
-        _FALLBACK_LIB.impl(op, _contiguous_result(fn), "CompositeExplicitAutograd")
-
-
-def _contiguous_result(fn: Any) -> Any:
-    return lambda *args: fn(*args).contiguous()
+_load_lock = threading.Lock()
 
 
-_define_fallbacks()
+def cache_root() -> Path:
+    """fxllm's on-disk cache: `$FXLLM_CACHE_DIR`, else `~/.cache/fxllm`."""
+    return Path(os.environ.get("FXLLM_CACHE_DIR", Path.home() / ".cache" / "fxllm"))
+
+
+def _cpu_id() -> str:
+    """What -march=native compiles for: a build is only reused on the same kind of CPU."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    wanted = ("model name", "flags")
+    return "\n".join(dict.fromkeys(line for line in lines if line.split(":")[0].strip() in wanted))
+
+
+def build_directory() -> Path:
+    """Where the library is built: one directory per (sources, flags, torch, Python, CPU)."""
+    key = hashlib.sha256()
+    for path in sorted(CSRC.iterdir()):
+        if path.suffix in (".cpp", ".h"):
+            key.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for part in (*_CFLAGS, *_LDFLAGS, torch.__version__, sys.version, os.environ.get("CXX", ""), _cpu_id()):
+        key.update(part.encode() + b"\0")
+    return cache_root() / "torch_extensions" / key.hexdigest()[:16]
+
+
+def _canonical_fake(name: str) -> Callable[..., torch.Tensor]:
+    canonical = getattr(torch.ops.fxllm, name).default
+
+    def fake(*args: object, **kwargs: object) -> torch.Tensor:
+        # Under the fake mode the canonical op runs its own fake: same shapes, dtypes and strides.
+        return canonical(*args, **kwargs)
+
+    return fake
+
+
+def _argmax_rows_fake(logits: torch.Tensor) -> torch.Tensor:
+    return logits.new_empty(logits.shape[:1], dtype=torch.int64)
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
-    """Compile (or load from Inductor's cache) the native kernels; None if that fails."""
-    try:
-        from torch._inductor.codecache import CppCodeCache
+def _load() -> bool:
+    """Build (or load from the cache) the library, register its fakes and set its ISA; False on failure."""
+    with _load_lock:
+        try:
+            from torch.utils.cpp_extension import load
 
-        class _TorchCppCodeCache(CppCodeCache):
-            cache: dict[str, Any] = {}
-            cpp_compile_command_flags = {"include_pytorch": True, "shared": True}
-
-        avx512, bf16 = has_avx512(), has_avx512_bf16()
-        logger.info("loading fxllm's native CPU kernels (the first build takes ~10 s)")
-        lib = _TorchCppCodeCache.load(native_source(avx512=avx512, avx512_bf16=bf16))
-        lib.fxllm_native_install.restype = ctypes.c_int64
-        lib.fxllm_native_configure(ctypes.c_int64(avx512), ctypes.c_int64(bf16))
-        return lib
-    except Exception:  # a build failure must not break a run: the Python kernels stay in place
-        logger.warning(
-            "fxllm's native CPU kernels failed to build; using the Python-bound ones", exc_info=True
-        )
-        return None
+            directory = build_directory()
+            directory.mkdir(parents=True, exist_ok=True)
+            start = time.perf_counter()
+            load(
+                name=_NAME,
+                sources=[str(CSRC / source) for source in _SOURCES],
+                extra_cflags=list(_CFLAGS),
+                extra_ldflags=list(_LDFLAGS),
+                build_directory=str(directory),
+                is_python_module=False,
+            )
+            logger.info("fxllm's C++ CPU kernels ready in %.1f s (%s)", time.perf_counter() - start, directory)
+            torch.ops.fxllm_cpu.set_isa(has_avx512(), has_avx512_bf16())
+            for name in ("packed_linear", "paged_attention"):
+                torch.library.register_fake(f"fxllm_cpu::{name}", _canonical_fake(name))
+            torch.library.register_fake("fxllm_cpu::argmax_rows", _argmax_rows_fake)
+            return True
+        except Exception as error:  # a build failure must not break a run: the references still work
+            logger.warning(
+                "fxllm's C++ CPU kernels failed to build or load (%s); the ops' references run instead. "
+                "Check that g++ and ninja are installed (pip install ninja).",
+                error,
+                exc_info=True,
+            )
+            return False
 
 
 def available() -> bool:
-    """Whether the native library builds (and loads) here."""
-    return _library() is not None
+    """Whether the library builds (or loads from the cache) here; the first call may build it."""
+    return _load()
 
 
-def install(op: str) -> bool:
-    """Make the C++ kernel `op`'s CPU kernel; False when the library did not build."""
-    if op not in NATIVE_OPS:
-        raise ValueError(f"no native CPU kernel for {op!r}; native ops: {NATIVE_OPS}")
-    lib = _library()
-    return lib is not None and bool(lib.fxllm_native_install(op.encode()))
+def op(name: str) -> torch._ops.OpOverload | None:
+    """`torch.ops.fxllm_cpu.<name>.default` once the library is loaded; None where it does not build."""
+    if name not in NATIVE_OPS:
+        raise ValueError(f"no C++ CPU op {name!r}; the C++ CPU ops are {NATIVE_OPS}")
+    if not available():
+        return None
+    return getattr(torch.ops.fxllm_cpu, name).default
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor | None:
-    """`logits.argmax(dim=-1)` for 2-D float32 or bfloat16 CPU logits with contiguous rows (first index
-    of the maximum, NaN counting as the maximum); None where the library cannot, so the caller uses torch.
-
-    torch's argmax takes 0.26 ms over 16 x 49152 float32 logits on the 2-core dev box, and the
-    bfloat16 -> float32 copy before it 0.36 ms; this reads the bfloat16 rows directly (AVX-512)."""
-    code = DTYPE_CODES.get(logits.dtype)
-    if code is None or logits.dim() != 2 or logits.device.type != "cpu" or logits.stride(1) != 1:
+    """`logits.argmax(dim=-1)` for 2-D float32 or bfloat16 CPU logits with contiguous rows (first index of
+    the maximum, NaN counting as the maximum); None where the kernel cannot, so the caller uses torch."""
+    if logits.dtype not in DTYPE_CODES or logits.dim() != 2 or logits.device.type != "cpu" or logits.stride(1) != 1:
         return None
-    lib = _library()
-    if lib is None:
+    if not available():
         return None
-    out = torch.empty(logits.shape[0], dtype=torch.int64)
-    lib.fxllm_argmax_rows(
-        ctypes.c_int64(code), ctypes.c_void_p(logits.data_ptr()), ctypes.c_int64(logits.shape[0]),
-        ctypes.c_int64(logits.shape[1]), ctypes.c_int64(logits.stride(0)), ctypes.c_void_p(out.data_ptr()),
-        ctypes.c_int64(torch.get_num_threads()),
-    )  # fmt: skip
-    return out
-
-
-def uninstall(op: str) -> None:
-    """Remove `op`'s C++ kernel if installed (the dispatcher falls back to what it had before)."""
-    if _library.cache_info().currsize == 0:  # never loaded, so nothing installed (and no build now)
-        return
-    lib = _library()
-    if lib is not None:
-        lib.fxllm_native_uninstall(op.encode())
+    return torch.ops.fxllm_cpu.argmax_rows.default(logits)

@@ -1,37 +1,22 @@
-"""C++ fast paths of the CPU attention kernel (kernels_cpp.py splices them into its source).
+// AVX-512 paths of the CPU attention kernel (attention.cpp calls them where the CPU has the instructions).
+//
+// float32 scores: four tokens at a time with FMA (as the bfloat16 path below). Values: every query head of
+// the group at once with its sums in registers, so each value row is read and widened once, not once per
+// head; the plain loop keeps a sum in memory and re-reads the rows for each of the group's heads. Each path
+// returns false where it does not apply (softcap, head sizes it has no tile for), and the plain loop runs.
+#pragma once
 
-Each path is a function the plain kernel calls first and that returns false where it does not
-apply, so a CPU without AVX-512 (or AVX512-BF16 for bfloat16 scores) builds the generic stubs and
-runs the plain loops.
-"""
-
-from __future__ import annotations
-
-# Scores of one query head against its sequence's keys without a fast path: the generic loop runs.
-QK_GENERIC = r"""
-template <typename T>
-static inline bool qk_fast(const T*, const T*, const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t,
-                           int64_t, float, float, float*) {
-    return false;
-}
-"""
-
-# The weighted sum of values and the softmax without a fast path: the generic loops run.
-PV_GENERIC = r"""
-static inline bool softmax_fast(float*, int64_t, int64_t, const float*, float*) { return false; }
-template <typename T>
-static inline bool pv_fast(const float*, int64_t, const T*, const int32_t*, int64_t, int64_t, int64_t, int64_t,
-                           int64_t, int64_t, int64_t, const float*, T*) {
-    return false;
-}
-"""
-
-# AVX-512 paths for float32 and the value sum of both dtypes. Scores: four tokens at a time with FMA
-# (as the bfloat16 path below). Values: every query head of the group at once with its sums in
-# registers, so each value row is read and widened once, not once per head; the generic loop kept
-# a sum in memory and re-read the rows for each of the group's heads.
-AVX512_COMMON = r"""
 #include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "bf16.h"
+#include "exp.h"
+
+namespace fxllm_cpu {
+
 #define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
 TARGET_AVX512 static inline __m512 widen16(const float* p) { return _mm512_loadu_ps(p); }
@@ -166,13 +151,11 @@ TARGET_AVX512 static inline bool qk_fast(const float* q, const float* k_cache, c
     }
     return true;
 }
-"""
 
-# bfloat16 scores with VDPBF16PS (avx512_bf16): products of two bf16 values are exact in float32,
-# so only the summation order differs from the generic float32 loop. Four tokens at a time keep four
-# independent horizontal sums in flight; one dot per token waited on its own reduction, which made
-# the scores ~70% of the kernel's time (243 -> 125 us per call for 16 sequences x 170 tokens, 2 cores).
-QK_AVX512_BF16 = r"""
+// bfloat16 scores with VDPBF16PS (avx512_bf16): products of two bf16 values are exact in float32, so only the
+// summation order differs from the plain float32 loop. Four tokens at a time keep four independent horizontal
+// sums in flight; one dot per token waited on its own reduction, which made the scores ~70% of the kernel's
+// time (243 -> 125 us per call for 16 sequences x 170 tokens, 2 cores).
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 static inline bool qk_fast(const uint16_t* q, const uint16_t* k_cache, const int32_t* table, int64_t start,
                            int64_t len, int64_t block_size, int64_t k_token, int64_t head_offset, int64_t head_dim,
@@ -209,4 +192,5 @@ static inline bool qk_fast(const uint16_t* q, const uint16_t* k_cache, const int
     }
     return true;
 }
-"""
+
+}  // namespace fxllm_cpu
