@@ -45,15 +45,20 @@ def test_user_pattern_pass_rewrites_and_is_numerically_checked() -> None:
         return x * torch.sigmoid(x)
 
     def check(match: object) -> bool:
+        # Accept only the first candidate: proves extra_check is consulted per match and its verdict kept.
         calls["n"] += 1
-        return True
+        return calls["n"] == 1
 
     PatternPass("silu_to_sigmoid", "cleanup", [Rewrite(search, replace, lambda d: [torch.randn(4, 8, dtype=d)],
                                                        extra_check=check)])  # fmt: skip
     try:
         model = load_model("tiny-llama").model
         compiled = compile_model(model, backend="eager", passes={"match_gated_mlp": False})
-        assert compiled.pass_report.matches("silu_to_sigmoid") == 2
+        # tiny-llama has one silu per layer (2 layers): both are offered to the check, one is rewritten.
+        assert calls["n"] == 2
+        assert compiled.pass_report.matches("silu_to_sigmoid") == 1
+        targets = [n.target for n in compiled.graph_module.graph.nodes]
+        assert targets.count(torch.ops.aten.silu.default) == 1
         ids = torch.randint(3, model.config.vocab_size, (1, 10))
         with torch.no_grad():
             torch.testing.assert_close(compiled(ids), model(ids).logits, atol=1e-4, rtol=0)
