@@ -24,19 +24,25 @@ if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton is not installed")
 
+import importlib  # noqa: E402
+
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import fxllm.backends.triton as tb  # noqa: E402
-from fxllm.backends.registry import choose_backend, op_backends  # noqa: E402
+from fxllm.backends.registry import OpSite, choose_implementation, op_backends  # noqa: E402
 from fxllm.backends.triton import activations, norms, paged_attention, rotary, selfcheck  # noqa: E402
 from fxllm.ops import paged_attention_reference, rms_norm_reference, rotary_embedding_reference  # noqa: E402
 
 if DEVICE == "cpu" and not isinstance(norms._rms_norm_kernel, InterpretedFunction):
-    pytest.skip(
-        "the Triton kernels were imported without TRITON_INTERPRET=1 (another module imported them "
-        "first), so they cannot run on CPU tensors here",
-        allow_module_level=True,
+    # Another test module imported the kernels before TRITON_INTERPRET=1 was set, so triton.jit made
+    # them GPU kernels: re-import the kernel modules now that the interpreter is on, so these tests run
+    # whatever the import order (triton.jit reads TRITON_INTERPRET when a kernel is defined).
+    tb.patch_interpreter()
+    activations, norms, paged_attention, rotary = (
+        importlib.reload(module) for module in (activations, norms, paged_attention, rotary)
     )
+    selfcheck = importlib.reload(selfcheck)
+    assert isinstance(norms._rms_norm_kernel, InterpretedFunction), "Triton's interpreter could not be set up"
 
 DTYPES = [torch.float32, torch.bfloat16]
 OPS = (
@@ -55,16 +61,16 @@ def _assert_ok(result: dict) -> None:
     assert result["ok"], result
 
 
-def test_registered_for_cuda_only_unless_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_registered_as_their_own_ops_for_cuda_nodes() -> None:
     assert tb.AVAILABLE
     for op in OPS:
         assert "triton" in op_backends(op)
-        assert choose_backend(op, torch.device("cuda")) == "triton"
-    monkeypatch.delenv("FXLLM_TRITON_ON_CPU", raising=False)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert choose_backend("rms_norm", torch.device("cpu")) == "torch"
-    monkeypatch.setenv("FXLLM_TRITON_ON_CPU", "1")
-    assert choose_backend("rms_norm", torch.device("cpu")) == "triton"
+        assert hasattr(torch.ops.fxllm_triton, op)  # fxllm_triton::<op>, not a kernel on fxllm::<op>
+        assert choose_implementation(OpSite(op, torch.device("cuda"))).backend == "triton"
+        assert choose_implementation(OpSite(op, torch.device("cpu"), (torch.empty(1),))).backend != "triton"
+    # A preference the node's device does not support fails, naming the choices.
+    with pytest.raises(ValueError, match="does not support"):
+        choose_implementation(OpSite("rms_norm", torch.device("cpu")), "triton")
 
 
 def test_import_without_triton_registers_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,16 +1,20 @@
-"""Op backends: several implementations of one canonical op, chosen per device and config.
+"""Op backends: the implementations of each canonical op, and the per-node choice among them.
 
-Every op's default implementation is its plain-torch reference ("torch"), which runs anywhere.
-Faster ones (Triton on CUDA, later TensorRT or quantized GEMMs) register here with a capability
-check; `bind_op_backends` installs the chosen one as the op's kernel for a device type through
-torch.library, so compiled graphs call it with no Python dispatch of ours in between.
+Every canonical op (fxllm/ops/registry.py) has its plain-torch reference, named "torch". Faster
+implementations register here, each as an op of its own namespace (`fxllm_triton::rms_norm`,
+`fxllm_cpu::packed_linear`, ...), with a capability check and a priority. Nothing here installs a
+kernel on the canonical ops: the lowering pass rewrites each graph node to the target of the
+implementation `choose_implementation` picks for it, so two graphs in one process can run
+different kernels for the same op.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -20,47 +24,111 @@ REFERENCE = "torch"
 
 
 @dataclass(frozen=True)
-class NativeKernel:
-    """A C++ kernel that registers itself with the dispatcher for one device type, so compiled graphs
-    reach it without entering Python; `fn` is used where it cannot be installed."""
+class OpSite:
+    """What a capability check sees of one op node: the device and the fake values of its arguments."""
 
-    device_type: str
-    install: Callable[[], bool]  # False when it cannot (e.g. the library did not build)
-    uninstall: Callable[[], None]
+    op: str
+    device: torch.device
+    args: tuple[Any, ...] = ()  # every schema argument in order; tensors as fake tensors (or None)
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensor arguments, in order."""
+        return [a for a in self.args if isinstance(a, torch.Tensor)]
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The dtype of the first tensor argument."""
+        tensors = self.tensors
+        return tensors[0].dtype if tensors else None
 
 
-@dataclass(frozen=True)
+Supports = Callable[[OpSite], bool]
+
+
+@dataclass
 class OpImplementation:
-    """One implementation of a canonical op."""
+    """One non-reference implementation of a canonical op."""
 
-    op: str  # canonical op name without namespace, e.g. "rms_norm"
+    op: str  # canonical op name, e.g. "rms_norm"
     name: str  # backend name, e.g. "triton"
-    fn: Callable[..., object]
-    supports: Callable[[torch.device], bool]
-    priority: int = 0  # higher wins when config does not choose
-    native: NativeKernel | None = None
+    load_target: Callable[[], torch._ops.OpOverload | None]  # None: unavailable here (e.g. did not build)
+    supports: Supports
+    priority: int = 0  # higher wins when the config does not choose; <= 0: only where the config names it
+    _target: list[torch._ops.OpOverload | None] = field(default_factory=list, repr=False)
+
+    def target(self) -> torch._ops.OpOverload | None:
+        """The op that lowered nodes call (loaded once)."""
+        if not self._target:
+            self._target.append(self.load_target())
+        return self._target[0]
 
 
 _IMPLS: dict[str, dict[str, OpImplementation]] = {}
+_LIBRARIES: dict[str, torch.library.Library] = {}  # per backend namespace, kept alive
+
+
+def _canonical_schema(op: str) -> str:
+    from fxllm.ops.registry import canonical_ops
+
+    if op not in canonical_ops():
+        raise ValueError(f"unknown op fxllm::{op}; canonical ops: {sorted(canonical_ops())}")
+    return str(getattr(torch.ops.fxllm, op).default._schema).split("::", 1)[1]
+
+
+def define_backend_op(op: str, backend: str, fn: Callable[..., object]) -> torch._ops.OpOverload:
+    """Define `fxllm_<backend>::<op>` with the canonical op's schema, running `fn`, with the canonical fake."""
+    namespace = f"fxllm_{backend}"
+    lib = _LIBRARIES.get(namespace)
+    if lib is None:
+        lib = _LIBRARIES[namespace] = torch.library.Library(namespace, "FRAGMENT")
+    lib.define(_canonical_schema(op))
+    lib.impl(op, fn, "CompositeExplicitAutograd")
+    canonical = getattr(torch.ops.fxllm, op).default
+    # Shapes, dtypes and strides are the canonical op's: its fake implementation answers for both.
+    torch.library.register_fake(
+        f"{namespace}::{op}", lambda *args, **kwargs: canonical(*args, **kwargs), lib=lib
+    )
+    return getattr(getattr(torch.ops, namespace), op).default
 
 
 def register_op_backend(
     op: str,
     name: str,
-    fn: Callable[..., object],
+    fn: Callable[..., object] | None = None,
     *,
-    supports: Callable[[torch.device], bool] | None = None,
+    target: torch._ops.OpOverload | Callable[[], torch._ops.OpOverload | None] | None = None,
+    supports: Supports | None = None,
     priority: int = 0,
-    native: NativeKernel | None = None,
 ) -> None:
-    """Register `fn` as backend `name` of canonical op `op` (same signature as the op)."""
+    """Register backend `name` of canonical op `op`: a Python `fn` with the op's signature (defined as
+    `fxllm_<name>::<op>`), or an existing op `target` (or a loader returning one, None if unavailable).
+
+    The lowering picks it for nodes it `supports` when its priority beats the reference's (0) and
+    every other supporting backend's; with priority <= 0 it runs only where compile.op_backends names it.
+    """
     if name == REFERENCE:
         raise ValueError(f"backend name {REFERENCE!r} is the built-in reference; pick another name")
-    if not hasattr(torch.ops.fxllm, op):
-        raise ValueError(f"unknown op fxllm::{op}; import fxllm.ops first or check the name")
+    if (fn is None) == (target is None):
+        raise ValueError("register_op_backend takes exactly one of fn (a Python kernel) or target (an op)")
+    _canonical_schema(op)  # fails early with the known ops
+    if name in _IMPLS.get(op, {}):
+        raise ValueError(f"op {op}: a backend named {name!r} is already registered")
+    if fn is not None:
+        overload = define_backend_op(op, name, fn)
+        loader: Callable[[], torch._ops.OpOverload | None] = lambda: overload  # noqa: E731
+    elif isinstance(target, torch._ops.OpOverload):
+        loader = functools.partial(lambda t: t, target)
+    else:
+        loader = target  # type: ignore[assignment]
     _IMPLS.setdefault(op, {})[name] = OpImplementation(
-        op, name, fn, supports or (lambda _d: True), priority, native
+        op, name, loader, supports or (lambda _site: True), priority
     )
+
+
+def unregister_op_backend(op: str, name: str) -> None:
+    """Forget backend `name` of `op` (graphs lowered to it keep calling its op)."""
+    _IMPLS.get(op, {}).pop(name, None)
 
 
 def op_backends(op: str) -> list[str]:
@@ -68,64 +136,73 @@ def op_backends(op: str) -> list[str]:
     return [REFERENCE, *sorted(_IMPLS.get(op, {}))]
 
 
-def choose_backend(op: str, device: torch.device, preference: str | None = None) -> str:
-    """The backend `op` uses on `device`: the configured one if it supports the device."""
-    impls = _IMPLS.get(op, {})
-    if preference is not None and preference != REFERENCE:
-        if preference not in impls:
-            raise ValueError(f"op {op}: unknown backend {preference!r}; available: {op_backends(op)}")
-        if not impls[preference].supports(device):
-            raise ValueError(
-                f"op {op}: backend {preference!r} does not support {device}; choose one of {op_backends(op)} "
-                "in config.yml under backends:"
-            )
-        return preference
+def implementation(op: str, name: str) -> OpImplementation:
+    """The registered implementation `name` of `op` (not the reference)."""
+    return _IMPLS[op][name]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The implementation chosen for one node, and why."""
+
+    backend: str
+    reason: str  # "preference", "priority", "only choice", "fallback: ..."
+    fallback: bool = False  # a faster implementation exists for this site but could not be used
+
+
+def choose_implementation(site: OpSite, preference: str | None = None) -> Choice:
+    """Pick the implementation of `site.op` for this node: the configured one (which must support the
+    site), else the highest-priority one that supports it and loads, else the reference."""
+    impls = _IMPLS.get(site.op, {})
     if preference == REFERENCE:
-        return REFERENCE
-    usable = [impl for impl in impls.values() if impl.supports(device)]
-    return max(usable, key=lambda impl: impl.priority).name if usable else REFERENCE
+        return Choice(REFERENCE, "preference (compile.op_backends)")
+    if preference is not None:
+        impl = impls.get(preference)
+        if impl is None:
+            raise ValueError(
+                f"compile.op_backends: op {site.op} has no backend {preference!r}; available: {op_backends(site.op)}"
+            )
+        if not impl.supports(site):
+            raise ValueError(
+                f"compile.op_backends: backend {preference!r} of op {site.op} does not support "
+                f"{site.device} / {site.dtype}; choose one of {op_backends(site.op)}"
+            )
+        if impl.target() is None:
+            raise RuntimeError(f"compile.op_backends: backend {preference!r} of op {site.op} failed to load "
+                               "(see the log above); choose another backend")  # fmt: skip
+        return Choice(preference, "preference (compile.op_backends)")
+    unavailable: list[str] = []
+    for impl in sorted(impls.values(), key=lambda i: -i.priority):
+        if impl.priority <= 0 or not impl.supports(site):  # the reference's priority is 0
+            continue
+        if impl.target() is None:
+            unavailable.append(impl.name)
+            continue
+        return Choice(impl.name, f"priority {impl.priority} on {site.device.type}")
+    if unavailable:
+        return Choice(REFERENCE, f"fallback: {', '.join(unavailable)} failed to load", fallback=True)
+    return Choice(REFERENCE, f"no other backend supports {site.device.type} / {site.dtype}")
 
 
-def bind_op_backends(
-    device: torch.device | str, preferences: Mapping[str, str] | None = None
-) -> dict[str, str]:
-    """Install the chosen implementation of every op for `device`'s type; returns op -> backend."""
-    import fxllm.ops  # noqa: F401  (the ops must exist before kernels are registered for them)
+def import_device_backends(device: torch.device) -> None:
+    """Import the built-in backends for `device`'s type (each registers its implementations once)."""
+    import fxllm.ops  # noqa: F401  (the canonical ops exist before backends register for them)
 
-    device = torch.device(device)
     if device.type == "cpu":
-        from fxllm.backends import cpu  # noqa: F401  (registers the C++ CPU kernels)
+        from fxllm.backends import cpu  # noqa: F401
     elif device.type == "cuda":
-        from fxllm.backends import triton  # noqa: F401  (registers the Triton kernels when triton is present)
-    preferences = dict(preferences or {})
-    unknown = sorted(set(preferences) - set(_IMPLS) - _known_ops())
-    if unknown:
-        raise ValueError(f"backends: unknown ops {unknown}; known ops: {sorted(_known_ops())}")
-    chosen: dict[str, str] = {}
-    for op in sorted(_known_ops()):
-        name = choose_backend(op, device, preferences.get(op))
-        chosen[op] = name
-        for impl in _IMPLS.get(op, {}).values():  # an earlier binding's C++ kernel must not shadow this one
-            if impl.native is not None and impl.native.device_type == device.type:
-                impl.native.uninstall()
-        if name == REFERENCE:
-            continue
-        impl = _IMPLS[op][name]
-        if impl.native is not None and impl.native.device_type == device.type and impl.native.install():
-            continue
-        torch.library.register_kernel(f"fxllm::{op}", device.type, impl.fn)
-    logger.info("op backends for %s: %s", device, ", ".join(f"{k}={v}" for k, v in chosen.items()))
-    return chosen
+        from fxllm.backends import triton  # noqa: F401
 
 
-def _known_ops() -> set[str]:
-    return {
-        "attention",
-        "paged_attention",
-        "rms_norm",
-        "fused_add_rms_norm",
-        "rotary_embedding",
-        "silu_and_mul",
-        "gelu_and_mul",
-        "packed_linear",
-    }
+def check_preferences(preferences: Mapping[str, str]) -> None:
+    """Fail on unknown op names or backend names in compile.op_backends, naming what exists."""
+    from fxllm.ops.registry import canonical_ops
+
+    known = canonical_ops()
+    for op, backend in preferences.items():
+        if op not in known:
+            raise ValueError(f"compile.op_backends: unknown op {op!r}; known ops: {sorted(known)}")
+        if backend not in op_backends(op):
+            raise ValueError(
+                f"compile.op_backends.{op}: unknown backend {backend!r}; available: {op_backends(op)}"
+            )

@@ -5,16 +5,17 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch.fx import GraphModule
 
-from fxllm.backends.registry import bind_op_backends
 from fxllm.compiler.backends import get_graph_backend
 from fxllm.compiler.capture import CapturedGraph, capture
 from fxllm.passes.graph_utils import count_ops
+from fxllm.passes.lower_ops import lowering_decisions, lowering_table
 from fxllm.passes.pipeline import PassConfig, PassReport, run_passes
 from fxllm.passes.registry import PassContext
 
@@ -77,11 +78,14 @@ class CompiledModel:
             return self._fn(input_ids, position_ids)  # type: ignore[no-any-return]
 
     def fxllm_op_counts(self) -> dict[str, int]:
-        """How many of each fxllm op the transformed graph calls."""
-        return {k: v for k, v in self.ops_after.items() if k.startswith("fxllm.")}
+        """How many of each canonical fxllm op the passes produced (counted before lowering, which
+        replaces each by its implementation), plus any fxllm ops a disabled lowering left in place."""
+        counts = Counter(f"fxllm.{d.op}.default" for d in lowering_decisions(self.graph_module))
+        counts.update({k: v for k, v in self.ops_after.items() if k.startswith("fxllm.")})
+        return dict(counts)
 
     def report(self) -> str:
-        """Per-pass table (matches, time) plus op counts before and after."""
+        """Per-pass table (matches, time), op counts before and after, and each op node's implementation."""
         lines = [
             f"capture: {self.captured.seconds:.2f} s; passes + compile: {self.compile_seconds:.2f} s; "
             f"backend: {self.backend}",
@@ -93,6 +97,7 @@ class CompiledModel:
         interesting = [k for k in keys if self.captured.ops_before.get(k, 0) != self.ops_after.get(k, 0)]
         for key in interesting:
             lines.append(f"{key:<44}{self.captured.ops_before.get(key, 0):>8}{self.ops_after.get(key, 0):>8}")
+        lines += ["", "implementations (lower_ops):", lowering_table(self.graph_module)]
         return "\n".join(lines)
 
 
@@ -101,16 +106,15 @@ def compile_model(
     *,
     backend: str = "inductor",
     passes: PassesArg = None,
+    op_backends: Mapping[str, str] | None = None,
 ) -> CompiledModel:
-    """Capture `model`, run the pass pipeline (no runtime passes) and compile it."""
+    """Capture `model`, run the pass pipeline (no runtime passes, lowering included) and compile it."""
     captured = capture(model)
     start = time.perf_counter()
     gm = captured.gm
-    ctx = PassContext(model_config=captured.model_config, device=captured.device, dtype=captured.dtype)
+    ctx = PassContext(model_config=captured.model_config, device=captured.device, dtype=captured.dtype,
+                      op_backends=dict(op_backends or {}))  # fmt: skip
     report = run_passes(gm, ctx, normalize_pass_config(passes))
-    # Kernels for the model's device (Triton on CUDA), as the engine does: with none bound, Inductor
-    # inlines the reference ops instead, and on CUDA it fails on some of them (CantSplit).
-    bind_op_backends(captured.device)
     compiled = CompiledModel(captured, gm, report, backend, 0.0)
     compiled.compile_seconds = time.perf_counter() - start
     logger.info("fxllm.compile: %s", ", ".join(f"{k}={v}" for k, v in compiled.fxllm_op_counts().items()))
@@ -122,9 +126,10 @@ def compile(
     *,
     backend: str = "inductor",
     passes: PassesArg = None,
+    op_backends: Mapping[str, str] | None = None,
 ) -> Any:
     """Compile a HF model, a MODEL string, or decorate a function that returns a model."""
-    options = {"backend": backend, "passes": passes}
+    options = {"backend": backend, "passes": passes, "op_backends": op_backends}
     if model is None:
         return lambda fn: compile(fn, **options)
     if isinstance(model, torch.nn.Module):

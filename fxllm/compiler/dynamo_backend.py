@@ -40,8 +40,10 @@ def fxllm_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **_: Any)
     with guards:
         traced = make_fx(gm, pre_dispatch=True, tracing_mode="fake" if fake_mode else "real")(*example_inputs)
         normalize_graph(traced)
-        dtypes = [t.dtype for t in example_inputs if isinstance(t, torch.Tensor) and t.is_floating_point()]
-        ctx = PassContext(dtype=dtypes[0] if dtypes else torch.float32, weights_are_attributes=False)
+        tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+        dtypes = [t.dtype for t in tensors if t.is_floating_point()]
+        ctx = PassContext(device=tensors[0].device if tensors else torch.device("cpu"),
+                          dtype=dtypes[0] if dtypes else torch.float32, weights_are_attributes=False)  # fmt: skip
         report = run_passes(traced, ctx)
         summary = {r.name: r.matches for r in report.records if r.matches}
         logger.info("fxllm backend: %s", summary or "no pattern matched")

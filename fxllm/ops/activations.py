@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fxllm.ops.eager import eager_only
+from fxllm.ops.registry import register_canonical_op
 
 
 @eager_only
@@ -43,3 +44,7 @@ def gelu_and_mul(gate: Tensor, up: Tensor, approximate: str = "none") -> Tensor:
 @gelu_and_mul.register_fake
 def _gelu_and_mul_fake(gate, up, approximate="none"):
     return (gate * up).contiguous()  # broadcasts like the reference, without torch.broadcast_shapes
+
+
+register_canonical_op("silu_and_mul", _silu_and_mul_reference, inline=True)
+register_canonical_op("gelu_and_mul", _gelu_and_mul_reference, inline=True)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fxllm.ops.eager import eager_only
+from fxllm.ops.registry import register_canonical_op
 
 
 @eager_only
@@ -73,3 +74,7 @@ def attention(
 @attention.register_fake
 def _attention_fake(q, k, v, scale, sliding_window=-1, softcap=0.0, sinks=None):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+# Opaque: inlining would trace one branch of the reference's shape test into the graph.
+register_canonical_op("attention", attention_reference, inline=False)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fxllm.ops.eager import eager_only
+from fxllm.ops.registry import register_canonical_op
 
 BLOCK = 16  # output features per packed block
 
@@ -60,3 +61,6 @@ def packed_linear(x: Tensor, packed_weight: Tensor, out_features: int, bias: Ten
 @packed_linear.register_fake
 def _packed_linear_fake(x, packed_weight, out_features, bias=None):
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+register_canonical_op("packed_linear", packed_linear_reference, inline=True)

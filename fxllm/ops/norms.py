@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from fxllm.ops.eager import eager_only
+from fxllm.ops.registry import register_canonical_op
 
 
 @eager_only
@@ -43,3 +44,14 @@ def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) 
 def _fused_add_rms_norm_fake(x, residual, weight, eps):
     summed = (x + residual).contiguous()  # same device, dtype promotion and shape as the real op
     return summed.new_empty(summed.shape, dtype=torch.promote_types(summed.dtype, weight.dtype)), summed
+
+
+@eager_only
+def fused_add_rms_norm_reference(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Plain-torch (rms_norm(x + residual), x + residual)."""
+    summed = x + residual
+    return rms_norm_reference.__wrapped__(summed, weight, eps), summed  # type: ignore[attr-defined]
+
+
+register_canonical_op("rms_norm", rms_norm_reference, inline=True)
+register_canonical_op("fused_add_rms_norm", fused_add_rms_norm_reference, inline=True)

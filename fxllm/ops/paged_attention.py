@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from fxllm.ops.eager import eager_only
+from fxllm.ops.registry import register_canonical_op
 
 
 def write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
@@ -174,3 +175,7 @@ def paged_attention(
 def _paged_attention_fake(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc,
                           scale, sliding_window=-1, softcap=0.0, sinks=None):  # fmt: skip
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+# Opaque: the reference loops over sequences on host values and writes the caches in place.
+register_canonical_op("paged_attention", paged_attention_reference, inline=False)

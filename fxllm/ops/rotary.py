@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from fxllm.ops.eager import eager_only
+from fxllm.ops.registry import register_canonical_op
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -37,3 +38,6 @@ def _rotary_embedding_fake(q, k, cos, sin):
     # Python generator, which torch.compile refuses to trace from inside a compiled graph.
     q_out, k_out = q * cos, k * cos
     return q_out.contiguous(), k_out.contiguous()
+
+
+register_canonical_op("rotary_embedding", rotary_embedding_reference, inline=True)

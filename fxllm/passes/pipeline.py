@@ -29,6 +29,7 @@ BUILTIN_PIPELINE: tuple[str, ...] = (
     "insert_cached_attention",
     "gather_logits",
     "pack_linears",
+    "lower_ops",  # last: every canonical op node gets its implementation
 )
 
 

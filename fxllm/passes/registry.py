@@ -22,7 +22,7 @@ STAGES: tuple[str, ...] = (
     "fuse_collectives",
     "cache",
     "finalize",
-    "lower",  # device lowerings (packed CPU weights): after every pass that looks for aten ops
+    "lower",  # device layouts (packed CPU weights), then each op node's implementation (lower_ops)
 )
 
 
@@ -35,6 +35,7 @@ class PassContext:
     dtype: torch.dtype = torch.float32
     weights_are_attributes: bool = True  # False for Dynamo graphs, whose weights arrive as inputs
     options: dict[str, Any] = field(default_factory=dict)  # this pass's options from config.yml
+    op_backends: dict[str, str] = field(default_factory=dict)  # compile.op_backends: op -> preferred backend
 
 
 @dataclass

@@ -1,38 +1,34 @@
-"""C++ kernels for fxllm's ops on the CPU, registered as the "cpu" op backend.
+"""C++ kernels for fxllm's ops on the CPU, registered as the "cpu" implementation.
 
-Importing this package registers paged_attention and packed_linear (priority 5, so
-`bind_op_backends("cpu")` picks them over the reference). Binding installs their C++ dispatcher
-kernels (native.py) where those build, else the Python-bound kernels (paged_attention.py,
-linear.py). Everything compiles on first use through Inductor's C++ code cache, the same compiler
-Inductor needs for the rest of the CPU graph; if that fails the op falls back to the reference, so
-registration never breaks a run.
+Importing this package registers `fxllm_cpu::paged_attention` and `fxllm_cpu::packed_linear`
+(priority 5, so the lowering pass picks them for CPU nodes of float32 or bfloat16). The library
+builds on first use (native.py); if it does not build, the lowering falls back to the reference
+and logs how many nodes did.
 """
 
 from __future__ import annotations
 
 import torch
 
+from fxllm.backends.registry import OpSite
+
 BACKEND = "cpu"
 PRIORITY = 5
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def supports(device: torch.device) -> bool:
-    """CPU devices only."""
-    return device.type == "cpu"
+def supports(site: OpSite) -> bool:
+    """CPU nodes whose activations are float32 or bfloat16 (other dtypes run the reference)."""
+    return site.device.type == "cpu" and site.dtype in KERNEL_DTYPES
 
 
 def _register() -> None:
     import fxllm.ops  # noqa: F401  (ops must exist before backends register for them)
-    from fxllm.backends.cpu import linear, native, paged_attention
-    from fxllm.backends.registry import NativeKernel, register_op_backend
+    from fxllm.backends.cpu import native
+    from fxllm.backends.registry import register_op_backend
 
-    def native_kernel(op: str) -> NativeKernel:
-        return NativeKernel("cpu", lambda: native.install(op), lambda: native.uninstall(op))
-
-    register_op_backend("paged_attention", BACKEND, paged_attention.paged_attention, supports=supports,
-                        priority=PRIORITY, native=native_kernel("paged_attention"))  # fmt: skip
-    register_op_backend("packed_linear", BACKEND, linear.packed_linear, supports=supports, priority=PRIORITY,
-                        native=native_kernel("packed_linear"))  # fmt: skip
+    for op in ("paged_attention", "packed_linear"):
+        register_op_backend(op, BACKEND, target=lambda op=op: native.op(op), supports=supports, priority=PRIORITY)
 
 
 _register()

@@ -1,10 +1,10 @@
 """Triton kernels for fxllm's canonical ops, registered as the "triton" op backend for CUDA devices.
 
-Importing this package registers rms_norm, fused_add_rms_norm, rotary_embedding, silu_and_mul,
-gelu_and_mul and paged_attention (priority 10, so `bind_op_backends("cuda")` picks them). Without
-triton installed the import still succeeds and registers nothing. For tests on a CPU-only machine,
-TRITON_INTERPRET=1 together with FXLLM_TRITON_ON_CPU=1 makes the backend claim CPU devices too
-(Triton's interpreter runs the same kernels on CPU tensors, slowly).
+Importing this package defines `fxllm_triton::<op>` for rms_norm, fused_add_rms_norm,
+rotary_embedding, silu_and_mul, gelu_and_mul and paged_attention and registers them as the
+"triton" implementation (priority 10, so the lowering pass picks them for CUDA nodes). Without
+triton installed the import still succeeds and registers nothing. On a CPU-only machine the tests
+run the same kernel functions on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -14,21 +14,17 @@ import os
 
 import torch
 
+from fxllm.backends.registry import OpSite
+
 logger = logging.getLogger(__name__)
 
 BACKEND = "triton"
 PRIORITY = 10
 
 
-def supports(device: torch.device) -> bool:
-    """CUDA devices; CPU only when both TRITON_INTERPRET=1 and FXLLM_TRITON_ON_CPU=1 are set."""
-    if device.type == "cuda":
-        return True
-    return (
-        device.type == "cpu"
-        and os.environ.get("TRITON_INTERPRET") == "1"
-        and os.environ.get("FXLLM_TRITON_ON_CPU") == "1"
-    )
+def supports(site: OpSite) -> bool:
+    """CUDA nodes only."""
+    return site.device.type == "cuda"
 
 
 def patch_interpreter() -> None:
