@@ -15,6 +15,7 @@ import torch
 from fxllm.config import load_config
 from fxllm.llm import LLM
 from fxllm.models import load_model
+from fxllm.passes.runtime_signature import RuntimeSignature
 from fxllm.runtime.builder import decode_bucket_sizes
 from fxllm.runtime.cuda_graphs import DecodeGraphs
 from fxllm.runtime.sampling_params import SamplingParams
@@ -91,4 +92,4 @@ def test_bucket_sizes_are_capped_at_the_batch_limit() -> None:
 
 def test_capture_needs_a_gpu() -> None:
     with pytest.raises(ValueError, match=r"compile\.cuda_graphs=false"):
-        DecodeGraphs(lambda *a: None, [], {}, [1], 4, torch.device("cpu"), capture=True)
+        DecodeGraphs(lambda *a: None, RuntimeSignature(), {}, [1], 4, torch.device("cpu"), capture=True)

@@ -3,32 +3,64 @@
 A prefill of 500 tokens needs logits for its last token alone; projecting all 500 onto a
 50k-entry vocabulary would be most of the step's work. The graph gains a `logits_indices` input
 (positions in the flat token dimension) and returns logits [1, len(logits_indices), V].
+
+The LM head is found by walking back from the graph's output through ops that act on each token
+on its own (dtype casts, final logit soft-capping, views), to the projection that produces them.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
 
 from fxllm.passes.graph_utils import is_op
-from fxllm.passes.insert_cached_attention import add_placeholder
+from fxllm.passes.insert_cached_attention import add_input
 from fxllm.passes.registry import PassContext, PassResult, register_pass
+from fxllm.passes.runtime_signature import ensure_signature
+
+aten = torch.ops.aten
+
+# Per-token ops allowed between the LM head and the output: they commute with picking token rows.
+_PER_TOKEN = (
+    aten.to, aten._to_copy, aten.contiguous, aten.clone, aten.alias, aten.view, aten.reshape,
+    aten.div, aten.mul, aten.tanh, aten.add, aten.sub,
+)  # fmt: skip
+_PROJECTIONS = (aten.linear, torch.ops.fxllm.packed_linear)
+
+
+def find_lm_head(gm: GraphModule) -> Node | None:
+    """The projection whose output the graph returns (through per-token ops only), or None."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    result = output.args[0]
+    node = result[0] if isinstance(result, (tuple, list)) else result
+    while isinstance(node, Node) and node.op == "call_function":
+        if is_op(node, *_PROJECTIONS):
+            return node
+        if not is_op(node, *_PER_TOKEN):
+            return None
+        inputs = [a for a in node.args if isinstance(a, Node)]
+        if len(inputs) != 1:  # e.g. logits * a tensor: not provably per-token
+            return None
+        node = inputs[0]
+    return None
 
 
 @register_pass("gather_logits", "cache", needs_runtime=True, _builtin=True)
 def gather_logits(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Index the final hidden states with `logits_indices` before the LM head."""
-    linears = [n for n in gm.graph.nodes if is_op(n, torch.ops.aten.linear.default)]
     result = PassResult()
-    if not linears:
-        result.notes.append("no linear layer found: cannot locate the LM head")
+    lm_head = find_lm_head(gm)
+    if lm_head is None:
+        result.notes.append(
+            "no LM head found walking back from the output: logits for every token are returned"
+        )
         return result
-    lm_head = linears[-1]  # the LM head is the last projection of a causal LM
-    indices = add_placeholder(gm, "logits_indices", [None], torch.long)
+    indices = add_input(gm, "logits_indices", "logits_indices", [None], torch.long)
     hidden = lm_head.args[0]
     with gm.graph.inserting_before(lm_head):
-        picked = gm.graph.call_function(torch.ops.aten.index_select.default, (hidden, 1, indices))
+        picked = gm.graph.call_function(aten.index_select.default, (hidden, 1, indices))
     lm_head.replace_input_with(hidden, picked)
+    ensure_signature(gm).logits_rows = "logits_indices"
     gm.recompile()
     result.num_matches = 1
     return result

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from fxllm.backends.registry import bind_op_backends
 from fxllm.compiler.capture import capture
 from fxllm.config import FxllmConfig
+from fxllm.passes.lower_ops import implementations_chosen
 from fxllm.passes.pipeline import PassReport, load_plugins, run_passes
 from fxllm.passes.registry import PassContext
 from fxllm.runtime.engine import Engine, resolve_device_dtype, resolve_eos_token_ids
@@ -80,10 +80,12 @@ def build_engine(
     captured = capture(model)
     del model
     start = time.perf_counter()
-    ctx = PassContext(model_config=hf_config, device=device, dtype=dtype)
+    ctx = PassContext(
+        model_config=hf_config, device=device, dtype=dtype, op_backends=dict(config.compile.op_backends)
+    )
     report = run_passes(captured.gm, ctx, config.compile.passes, include_runtime=True)
     passes_seconds = time.perf_counter() - start
-    chosen = bind_op_backends(device, config.compile.op_backends)
+    chosen = implementations_chosen(captured.gm)
     runner = ModelRunner(captured.gm, config.compile.backend, device, dtype, config.cache)
     max_model_len = min(config.model.max_model_len or max_positions, max_positions, runner.capacity_tokens)
     # Every EOS id of the generation config ends a request, as in Hugging Face's generate.

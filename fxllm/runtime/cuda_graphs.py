@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fxllm.passes.runtime_signature import RuntimeSignature
 from fxllm.runtime.step_inputs import StepInputs
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class DecodeGraphs:
     def __init__(
         self,
         forward: Callable[..., object],
-        input_names: list[str],
+        signature: RuntimeSignature,
         kv_caches: dict[str, torch.Tensor],
         batch_sizes: list[int],
         max_blocks_per_seq: int,
@@ -70,7 +71,7 @@ class DecodeGraphs:
         if capture and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {device}; set compile.cuda_graphs=false")
         self._forward = forward
-        self._input_names = input_names
+        self._signature = signature
         self._kv_caches = kv_caches
         self.max_blocks_per_seq = max_blocks_per_seq
         self.capture_enabled = capture
@@ -87,8 +88,7 @@ class DecodeGraphs:
         return self.buckets[-1].size
 
     def _args(self, bucket: DecodeBucket) -> list[torch.Tensor]:
-        named = {**bucket.inputs, **self._kv_caches}
-        return [named[name] for name in self._input_names]
+        return self._signature.arguments(bucket.inputs, self._kv_caches)
 
     def capture_all(self) -> float:
         """Warm up and capture every bucket, largest first so that smaller ones reuse its memory."""

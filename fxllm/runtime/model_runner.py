@@ -3,55 +3,32 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 from torch.fx import GraphModule
 
 from fxllm.compiler.backends import get_graph_backend
 from fxllm.config import CacheConfig
-from fxllm.passes.graph_utils import is_op, val
-from fxllm.passes.insert_cached_attention import kv_cache_input_names
+from fxllm.passes.runtime_signature import KVCacheLayer, require_signature
 from fxllm.runtime.cuda_graphs import DecodeGraphs
 from fxllm.runtime.step_inputs import StepInputs
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class KVLayerShape:
-    """One layer's cache geometry."""
-
-    num_kv_heads: int
-    head_dim_k: int
-    head_dim_v: int
-
-
-def kv_layer_shapes(gm: GraphModule) -> list[KVLayerShape]:
-    """Read each paged_attention's key/value head geometry off the graph, in layer order."""
-    shapes = []
-    for node in gm.graph.nodes:
-        if is_op(node, torch.ops.fxllm.paged_attention.default):
-            k, v = val(node.args[1].args[0]), val(node.args[2].args[0])  # un-squeezed [1, T, Hkv, D]
-            if k is None or v is None:
-                raise RuntimeError(f"no shape recorded for the key/value of {node.name}; run refresh_meta")
-            shapes.append(KVLayerShape(int(k.shape[-2]), int(k.shape[-1]), int(v.shape[-1])))
-    return shapes
-
-
-def bytes_per_block(shapes: list[KVLayerShape], block_size: int, dtype: torch.dtype) -> int:
+def bytes_per_block(layers: list[KVCacheLayer], block_size: int) -> int:
     """Bytes one block takes across every layer's key and value cache."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    return sum(block_size * s.num_kv_heads * (s.head_dim_k + s.head_dim_v) * elem for s in shapes)
+    return sum(
+        block_size * layer.num_kv_heads * (layer.head_dim_k + layer.head_dim_v) * layer.dtype.itemsize
+        for layer in layers
+    )
 
 
-def plan_num_blocks(
-    shapes: list[KVLayerShape], config: CacheConfig, dtype: torch.dtype, device: torch.device
-) -> int:
+def plan_num_blocks(layers: list[KVCacheLayer], config: CacheConfig, device: torch.device) -> int:
     """How many blocks the pool gets: forced, a CPU byte budget, or a fraction of free GPU memory."""
     if config.num_blocks is not None:
         return config.num_blocks
-    per_block = bytes_per_block(shapes, config.block_size, dtype)
+    per_block = bytes_per_block(layers, config.block_size)
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         budget = int(free * config.gpu_memory_fraction)
@@ -80,21 +57,18 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.block_size = cache_config.block_size
-        self.layer_shapes = kv_layer_shapes(gm)
-        self.num_blocks = plan_num_blocks(self.layer_shapes, cache_config, dtype, device)
-        self.kv_caches: list[torch.Tensor] = []
-        for shape in self.layer_shapes:
-            for head_dim in (shape.head_dim_k, shape.head_dim_v):
-                self.kv_caches.append(
-                    torch.zeros(
-                        self.num_blocks,
-                        self.block_size,
-                        shape.num_kv_heads,
-                        head_dim,
-                        dtype=dtype,
-                        device=device,
-                    )
-                )
+        self.signature = require_signature(gm)
+        self.layer_shapes = self.signature.kv_layers
+        self.num_blocks = plan_num_blocks(self.layer_shapes, cache_config, device)
+        self._cache_by_name: dict[str, torch.Tensor] = {}
+        for layer in self.layer_shapes:
+            for name, head_dim in (
+                (layer.key_input, layer.head_dim_k),
+                (layer.value_input, layer.head_dim_v),
+            ):
+                shape = (self.num_blocks, self.block_size, layer.num_kv_heads, head_dim)
+                self._cache_by_name[name] = torch.zeros(shape, dtype=layer.dtype, device=device)
+        self.kv_caches = list(self._cache_by_name.values())
         for cache in self.kv_caches:
             # The pool never changes shape. Left to `dynamic=True`, each cache got symbolic sizes of
             # its own: ~130 symbols whose guards Dynamo checked on every call (0.4 ms per step).
@@ -105,8 +79,6 @@ class ModelRunner:
             self.num_blocks, self.block_size, self.capacity_tokens, pool_bytes / 2**20, len(self.layer_shapes),
         )  # fmt: skip
         self.graph_module = gm
-        self.input_names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-        self._cache_by_name = dict(zip(kv_cache_input_names(len(self.layer_shapes)), self.kv_caches))
         self._forward = get_graph_backend(backend)(gm)
         self.decode_graphs: DecodeGraphs | None = None
 
@@ -114,7 +86,7 @@ class ModelRunner:
         """Set up decode buckets (CUDA graphs when `capture`, else padded eager); returns seconds taken."""
         max_blocks = -(-max_model_len // self.block_size)
         self.decode_graphs = DecodeGraphs(
-            self._forward, self.input_names, self._cache_by_name, batch_sizes, max_blocks, self.device,
+            self._forward, self.signature, self._cache_by_name, batch_sizes, max_blocks, self.device,
             capture=capture,
         )  # fmt: skip
         with torch.inference_mode():
@@ -144,6 +116,8 @@ class ModelRunner:
         converts what it needs; a greedy CPU batch reads bfloat16 logits as they are)."""
         if self.decode_graphs is not None and self.decode_graphs.accepts(inputs):
             return self.decode_graphs.run(inputs)
-        named = {**inputs.named_args(), **self._cache_by_name}
-        logits = self._forward(*[named[name] for name in self.input_names])
-        return logits[0]
+        args = self.signature.arguments(inputs.named_args(), self._cache_by_name)
+        logits = self._forward(*args)[0]  # type: ignore[index]  # [1, N or T, V] -> [N or T, V]
+        if self.signature.logits_rows == "all":  # no LM head was found to gather before
+            return logits.index_select(0, inputs.logits_indices)
+        return logits

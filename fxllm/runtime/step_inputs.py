@@ -23,7 +23,7 @@ class StepInputs:
     sampled: list[int]  # indices into the scheduled list of the N sequences that sample
 
     def named_args(self) -> dict[str, torch.Tensor]:
-        """Graph inputs by placeholder name (the runner orders them; KV caches are its own)."""
+        """Step inputs by their role in the runtime signature (the runner orders them; KV caches are its own)."""
         return {
             "input_ids": self.input_ids,
             "position_ids": self.position_ids,
