@@ -1,0 +1,111 @@
+"""The engine end to end in bfloat16 on the CPU (the dtype the README recommends) against HF in bfloat16.
+
+Exact equality is not guaranteed in bfloat16: fxllm's paged attention accumulates in float32 where HF's
+SDPA runs in bfloat16, and the GEMMs differ in blocking and reduction order, so a logit can land one
+bfloat16 step (8 significant bits: 0.125 between 16 and 32) either side of HF's and flip a near-tie.
+
+What was measured (SmolLM2-135M, eager backend, a CPU without AVX512-BF16):
+- these 8 prompts x 12 tokens (at a4c3a5b, op lowering): 6 of 8 match HF bfloat16 token for token; "The three primary colors are"
+  diverges at step 3 where HF's top-2 logits tie exactly (21.0 and 21.0, margin 0), and "In 1492,"
+  at step 11 where they are one bfloat16 step apart (16.125 vs 16.0); fxllm took HF's runner-up both times;
+- tests/test_engine.py's 16 raw prompts x 16 tokens (at 3870d58, before the lowering): 14 of 16 match, with
+  the same two divergences.
+
+So the test requires: every output equals HF's up to its first differing token, and differs there only by
+taking HF's runner-up where HF's top-2 margin is at most MAX_MARGIN_ULPS = 2 bfloat16 steps (twice the
+largest measured). That bound is the real check: a defect beyond rounding (a lost float32 upcast, a wrong
+cache dtype) fails at its first divergence where HF's choice was clear. And at least MIN_EXACT = 5 of 8
+prompts match exactly: one flip more than measured, for another CPU's kernels (AVX512-BF16 GEMMs round
+differently) meeting another near-tie.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from fxllm.config import load_config
+from fxllm.llm import LLM
+from fxllm.models import LoadedModel, load_model
+from fxllm.runtime.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+MAX_TOKENS = 12
+# Short prompts, few tokens: without AVX512-BF16, HF's bfloat16 GEMMs take ~0.8 CPU-s per decoded token
+# (measured: 12 CPU-s for 16 tokens of one prompt), so HF's reference generation is most of this file's cost.
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "1, 2, 3, 4, 5,",
+    "The three primary colors are",
+    "Water boils at",
+    "A haiku about autumn:",
+    "In 1492,",
+]
+MIN_EXACT = 5  # of 8 prompts must match HF token for token (module docstring: measured 6)
+MAX_MARGIN_ULPS = 2.0  # a divergence is allowed only where HF's top-2 logits are this close (measured <= 1)
+
+
+def bf16_ulp(x: float) -> float:
+    """Spacing of bfloat16 numbers at |x| (8 significant bits)."""
+    return 2.0 ** (math.floor(math.log2(abs(x))) - 7) if x else 2.0**-133
+
+
+@dataclass
+class Reference:
+    """HF bfloat16: the model, the tokenized prompts and HF's greedy continuations."""
+
+    hf: LoadedModel
+    prompts: list[list[int]]
+    expected: list[list[int]]
+    logits: list[list[torch.Tensor]]  # per prompt, per step: the logits HF's greedy step took the argmax of
+
+
+@pytest.fixture(scope="module")
+def ref() -> Reference:
+    hf = load_model("smollm2", dtype=torch.bfloat16)
+    prompts = [hf.tokenizer(p).input_ids for p in PROMPTS]
+    expected, logits = [], []
+    with torch.no_grad():
+        for ids in prompts:
+            out = hf.model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False,
+                                    output_logits=True, return_dict_in_generate=True)  # fmt: skip
+            expected.append(out.sequences[0, len(ids) :].tolist())
+            logits.append([step[0].float() for step in out.logits])
+    return Reference(hf, prompts, expected, logits)
+
+
+@pytest.mark.slow
+def test_bf16_greedy_matches_hf_bf16_up_to_near_ties(ref: Reference) -> None:
+    """>= MIN_EXACT prompts match exactly; every other one matches HF up to its first differing token, and
+    differs there only by taking HF's runner-up where HF's top-2 margin is <= MAX_MARGIN_ULPS bf16 steps."""
+    config = load_config(None, ["compile.backend=eager", "model.dtype=bfloat16"])
+    llm = LLM(copy.deepcopy(ref.hf.model), config=config, tokenizer=ref.hf.tokenizer)
+    assert llm.info.dtype == torch.bfloat16
+    outs = llm.generate(ref.prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0))
+    exact = 0
+    for i, (out, expected) in enumerate(zip(outs, ref.expected)):
+        got = out.outputs[0].token_ids
+        if got == expected:
+            exact += 1
+            continue
+        step = next((j for j, (a, b) in enumerate(zip(got, expected)) if a != b), None)
+        assert step is not None, f"prompt {i}: one output is a prefix of the other: {got} vs {expected}"
+        (top1, top2), (id1, id2) = (t.tolist() for t in ref.logits[i][step].topk(2))
+        margin_ulps = (top1 - top2) / bf16_ulp(top1)
+        logger.info("prompt %d diverges at step %d: HF %d, fxllm %d; HF top-2 margin %.4f (%.1f bf16 steps)",
+                    i, step, expected[step], got[step], top1 - top2, margin_ulps)  # fmt: skip
+        assert got[step] in (id1, id2), f"prompt {i} step {step}: fxllm's {got[step]} is not HF's top-2"
+        assert margin_ulps <= MAX_MARGIN_ULPS, (
+            f"prompt {i} diverges at step {step} where HF's top-2 margin is {top1 - top2:.4f} "
+            f"({margin_ulps:.1f} bf16 steps > {MAX_MARGIN_ULPS}): not a near-tie"
+        )
+    logger.info("bfloat16: %d of %d prompts match HF token for token", exact, len(PROMPTS))
+    assert exact >= MIN_EXACT, f"only {exact} of {len(PROMPTS)} prompts match HF bfloat16 token for token"
