@@ -4,7 +4,9 @@ of what the kernels do not take to the canonical op, and the fake (meta) impleme
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,3 +196,20 @@ def test_fake_implementations_give_the_output_shapes(native_op: NativeOp) -> Non
     assert (attention.shape, attention.dtype) == ((28, 6, 64), torch.bfloat16)  # 1 + 3 + 17 + 2 + 5 query tokens
     assert (linear.shape, linear.dtype) == ((2, 5, 40), torch.float32)
     assert (argmax.shape, argmax.dtype) == ((3,), torch.int64)
+
+
+def test_a_failed_build_is_logged_once_and_leaves_the_references(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """No compiler: available() is False (no exception), op() and argmax_rows() say so, one warning with the reason."""
+    from fxllm.backends.cpu import native
+
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    monkeypatch.setenv("FXLLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_loaded", None)  # as in a fresh process (restored after the test)
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        assert not native.available()
+        assert native.op("packed_linear") is None and native.argmax_rows(torch.zeros(2, 3)) is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == native.__name__]
+    assert len(warnings) == 1 and "/nonexistent/g++: not found" in warnings[0]
+    assert native.build_directory().is_relative_to(tmp_path / "torch_extensions")

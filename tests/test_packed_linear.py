@@ -71,8 +71,13 @@ def test_kernel_reads_strided_rows(native_op: NativeOp) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
-def test_native_kernel_hands_other_dtypes_to_the_reference(native_op: NativeOp, dtype: torch.dtype) -> None:
-    weight, x, bias = torch.randn(40, 64).to(dtype), torch.randn(3, 64).to(dtype), torch.randn(40).to(dtype)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_native_kernel_hands_other_dtypes_to_the_reference(
+    native_op: NativeOp, dtype: torch.dtype, with_bias: bool
+) -> None:
+    """Without a bias too: the old hand-off op dropped the defaulted argument and failed."""
+    weight, x = torch.randn(40, 64).to(dtype), torch.randn(3, 64).to(dtype)
+    bias = torch.randn(40).to(dtype) if with_bias else None
     out = native_op("packed_linear")(x, pack_linear_weight(weight), 40, bias)
     assert out.dtype == dtype and torch.equal(out, F.linear(x, weight, bias))
 

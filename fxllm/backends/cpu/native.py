@@ -1,7 +1,7 @@
 """fxllm's C++ CPU kernels (csrc/) as the ops `fxllm_cpu::packed_linear`, `fxllm_cpu::paged_attention` and
 `fxllm_cpu::argmax_rows`.
 
-The library builds on first use with `torch.utils.cpp_extension.load` (ninja; ~25 s on the 2-core dev box)
+The library builds on first use with `torch.utils.cpp_extension.load` (ninja; ~1 min on the shared 2-core box)
 into a directory keyed by the sources, flags, torch version and CPU, under `$FXLLM_CACHE_DIR` (default
 `~/.cache/fxllm`); later processes load it from there in well under a second. Nothing is installed on the
 canonical `fxllm::` ops: the lowering pass rewrites graph nodes to `op(name)`. A build failure is logged
@@ -10,7 +10,6 @@ once and `available()` is then False, so callers fall back to the references.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
@@ -42,6 +41,7 @@ _CFLAGS = ("-O3", "-DNDEBUG", "-march=native", "-ffp-contract=off", "-fno-math-e
 _LDFLAGS = ("-fopenmp",)
 
 _load_lock = threading.Lock()
+_loaded: bool | None = None  # None until the first available()
 
 
 def cache_root() -> Path:
@@ -84,43 +84,48 @@ def _argmax_rows_fake(logits: torch.Tensor) -> torch.Tensor:
     return logits.new_empty(logits.shape[:1], dtype=torch.int64)
 
 
-@functools.cache
-def _load() -> bool:
-    """Build (or load from the cache) the library, register its fakes and set its ISA; False on failure."""
-    with _load_lock:
-        try:
-            from torch.utils.cpp_extension import load
+def _load() -> None:
+    """Build (or load from the cache) the library, set its ISA and register its fakes; raises on failure."""
+    from torch.utils.cpp_extension import load
 
-            directory = build_directory()
-            directory.mkdir(parents=True, exist_ok=True)
-            start = time.perf_counter()
-            load(
-                name=_NAME,
-                sources=[str(CSRC / source) for source in _SOURCES],
-                extra_cflags=list(_CFLAGS),
-                extra_ldflags=list(_LDFLAGS),
-                build_directory=str(directory),
-                is_python_module=False,
-            )
-            logger.info("fxllm's C++ CPU kernels ready in %.1f s (%s)", time.perf_counter() - start, directory)
-            torch.ops.fxllm_cpu.set_isa(has_avx512(), has_avx512_bf16())
-            for name in ("packed_linear", "paged_attention"):
-                torch.library.register_fake(f"fxllm_cpu::{name}", _canonical_fake(name))
-            torch.library.register_fake("fxllm_cpu::argmax_rows", _argmax_rows_fake)
-            return True
-        except Exception as error:  # a build failure must not break a run: the references still work
-            logger.warning(
-                "fxllm's C++ CPU kernels failed to build or load (%s); the ops' references run instead. "
-                "Check that g++ and ninja are installed (pip install ninja).",
-                error,
-                exc_info=True,
-            )
-            return False
+    directory = build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    load(
+        name=_NAME,
+        sources=[str(CSRC / source) for source in _SOURCES],
+        extra_cflags=list(_CFLAGS),
+        extra_ldflags=list(_LDFLAGS),
+        build_directory=str(directory),
+        is_python_module=False,
+    )
+    logger.info("fxllm's C++ CPU kernels ready in %.1f s (%s)", time.perf_counter() - start, directory)
+    torch.ops.fxllm_cpu.set_isa(has_avx512(), has_avx512_bf16())
+    for name in ("packed_linear", "paged_attention"):
+        torch.library.register_fake(f"fxllm_cpu::{name}", _canonical_fake(name))
+    torch.library.register_fake("fxllm_cpu::argmax_rows", _argmax_rows_fake)
 
 
 def available() -> bool:
     """Whether the library builds (or loads from the cache) here; the first call may build it."""
-    return _load()
+    global _loaded
+    if _loaded is None:
+        with _load_lock:  # one build and one fake registration, whichever thread asks first
+            if _loaded is None:
+                try:
+                    _load()
+                    _loaded = True
+                except Exception as error:  # a build failure must not break a run: the references still work
+                    # The message holds the compiler's output; the traceback adds nothing but length.
+                    logger.warning(
+                        "fxllm's C++ CPU kernels failed to build or load; the ops' references run instead. "
+                        "Check that g++ and ninja are installed (pip install ninja). %s: %s",
+                        type(error).__name__,
+                        error,
+                    )
+                    logger.debug("C++ CPU kernel build failure", exc_info=True)
+                    _loaded = False
+    return _loaded
 
 
 def op(name: str) -> torch._ops.OpOverload | None:
