@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 NATIVE_OPS = ("packed_linear", "paged_attention", "argmax_rows")
 
 CSRC = Path(__file__).parent / "csrc"
-_SOURCES = ("linear.cpp", "attention.cpp", "write_kv.cpp", "argmax.cpp", "ops.cpp")
+# ops.cpp first: with the PyTorch headers it takes longest, and ninja starts jobs in this order.
+_SOURCES = ("ops.cpp", "attention.cpp", "linear.cpp", "argmax.cpp", "write_kv.cpp")
 _NAME = "fxllm_cpu_kernels"
 # The flags that matter from the Inductor C++ code cache build this replaced: -O3, -march=native (the
 # AVX-512 intrinsics sit behind target attributes, but the plain loops vectorise for this CPU),
@@ -65,7 +66,8 @@ def build_directory() -> Path:
     for path in sorted(CSRC.iterdir()):
         if path.suffix in (".cpp", ".h"):
             key.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    for part in (*_CFLAGS, *_LDFLAGS, torch.__version__, sys.version, os.environ.get("CXX", ""), _cpu_id()):
+    parts = (*_SOURCES, *_CFLAGS, *_LDFLAGS, torch.__version__, sys.version, os.environ.get("CXX", ""), _cpu_id())
+    for part in parts:
         key.update(part.encode() + b"\0")
     return cache_root() / "torch_extensions" / key.hexdigest()[:16]
 
