@@ -2,7 +2,7 @@
 
 oneDNN reaches about 40 GB/s on SmolLM2's batch-1 GEMVs on the 2-core dev box; the packed
 kernel streams each block of 16 output rows as one run of 64-byte loads and reaches the
-machine's read bandwidth (fxllm/backends/cpu/linear.py has the numbers). The plain weight is
+machine's read bandwidth (fxllm/backends/cpu/csrc/linear.cpp has the numbers). The plain weight is
 dropped unless something else reads it (a tied embedding), so memory does not grow.
 """
 
