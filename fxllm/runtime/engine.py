@@ -281,7 +281,9 @@ class Engine:
             if reason is None or reason[0] == "length" or params.include_stop_str_in_output:
                 det.append(token)
             stop_string = det.check_stop()
-            if reason is None and stop_string is not None:
+            # A stop string beats the length limit (as in vLLM): its text is already cut off, so
+            # reporting "length" would hand out a truncated text with the wrong reason.
+            if stop_string is not None and (reason is None or reason[0] == "length"):
                 reason = ("stop", stop_string)
         if reason is not None:
             state.finish_reason, state.stop_reason = reason
