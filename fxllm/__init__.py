@@ -12,6 +12,7 @@ _EXPORTS = {
     "CompiledModel": ("fxllm.compiler.api", "CompiledModel"),
     "LLM": ("fxllm.llm", "LLM"),
     "SamplingParams": ("fxllm.runtime.sampling_params", "SamplingParams"),
+    "RequestOutputKind": ("fxllm.runtime.sampling_params", "RequestOutputKind"),
     "RequestOutput": ("fxllm.runtime.outputs", "RequestOutput"),
     "register_pass": ("fxllm.passes.registry", "register_pass"),
     "PassContext": ("fxllm.passes.registry", "PassContext"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -12,7 +13,7 @@ from fxllm.config import FxllmConfig, load_config
 from fxllm.runtime.async_engine import AsyncEngine
 from fxllm.runtime.builder import BuildInfo, build_engine
 from fxllm.runtime.outputs import RequestOutput
-from fxllm.runtime.sampling_params import SamplingParams
+from fxllm.runtime.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,12 @@ class LLM:
         stream: bool = True,
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield cumulative outputs as tokens arrive (stream=True) or only the final one."""
+        """Yield outputs as tokens arrive (of `params.output_kind`, cumulative by default), or the final one.
+
+        With stream=False the engine is asked for the final output only (no per-step snapshots).
+        """
+        if not stream:
+            params = dataclasses.replace(params or SamplingParams(), output_kind=RequestOutputKind.FINAL_ONLY)
         final = None
         async for output in self.async_engine().generate(prompt, params, request_id):
             if stream:

@@ -1,13 +1,20 @@
-"""IncrementalDetokenizer with the real SmolLM2 tokenizer: streaming, multi-byte text, stop strings."""
+"""IncrementalDetokenizer with the real SmolLM2 tokenizer: streaming, multi-byte text, stop strings.
+
+Both decoding paths run: the tokenizers library's DecodeStream (the fast tokenizer itself) and the
+windowed decode kept for slow tokenizers (the same tokenizer behind a wrapper that hides the backend).
+"""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import random
+import string
 from typing import Any
 
 import pytest
 
-from fxllm.runtime.detokenizer import IncrementalDetokenizer, finish_reason_for_token
+from fxllm.runtime.detokenizer import IncrementalDetokenizer, fast_backend, finish_reason_for_token
 from fxllm.runtime.sampling_params import SamplingParams
 
 TEXTS = [
@@ -40,6 +47,22 @@ def prompt_ids(tokenizer: Any) -> list[int]:
     return list(ids)
 
 
+class WindowOnly:
+    """A tokenizer that is not a fast one (no `_tokenizer`): the detokenizer uses its windowed decode."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def decode(self, token_ids: list[int], **kwargs: Any) -> str:
+        return self.tokenizer.decode(token_ids, **kwargs)
+
+
+@pytest.fixture(params=["decode_stream", "window"])
+def decoder(request: pytest.FixtureRequest, tokenizer: Any) -> Any:
+    """The tokenizer as the detokenizer sees it on each path."""
+    return tokenizer if request.param == "decode_stream" else WindowOnly(tokenizer)
+
+
 def encode(tokenizer: Any, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
@@ -59,27 +82,35 @@ def stream(det: IncrementalDetokenizer, ids: list[int]) -> tuple[list[str], list
 
 @pytest.mark.parametrize("text", TEXTS)
 @pytest.mark.parametrize("with_prompt", [True, False])
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
 def test_deltas_concatenate_to_full_decode(
-    tokenizer: Any, prompt_ids: list[int], text: str, with_prompt: bool
+    tokenizer: Any,
+    decoder: Any,
+    prompt_ids: list[int],
+    text: str,
+    with_prompt: bool,
+    skip_special_tokens: bool,
 ) -> None:
-    # An end-of-turn special token mid-output must be skipped like decode(skip_special_tokens=True) does.
-    ids = [
-        *encode(tokenizer, text),
-        tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        *encode(tokenizer, " tail"),
-    ]
-    det = IncrementalDetokenizer(tokenizer, prompt_ids if with_prompt else [], SamplingParams())
+    # End-of-turn special tokens mid-output (two adjacent ones too) must come out as decode() gives them:
+    # skipped, or written out with no space added between them.
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ids = [*encode(tokenizer, text), im_end, *encode(tokenizer, " tail"), im_end, im_end]
+    params = SamplingParams(skip_special_tokens=skip_special_tokens)
+    det = IncrementalDetokenizer(decoder, prompt_ids if with_prompt else [], params)
     raw, safe = stream(det, ids)
-    expected = tokenizer.decode(ids, skip_special_tokens=True)
+    expected = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
     assert "".join(raw) == expected
     assert "".join(safe) == expected
     assert det.text == expected
+    assert det.uses_decode_stream == (decoder is tokenizer)
 
 
-def test_multibyte_chars_never_emit_replacement_char(tokenizer: Any, prompt_ids: list[int]) -> None:
+def test_multibyte_chars_never_emit_replacement_char(
+    decoder: Any, tokenizer: Any, prompt_ids: list[int]
+) -> None:
     text = "😀 世界 🚀🚀 naïve 你好"
     ids = encode(tokenizer, text)
-    det = IncrementalDetokenizer(tokenizer, prompt_ids, SamplingParams())
+    det = IncrementalDetokenizer(decoder, prompt_ids, SamplingParams())
     deltas = [det.append(token) for token in ids]
     assert all("\ufffd" not in d for d in deltas)
     # Byte-level BPE splits these characters over tokens, so some steps must have held text back.
@@ -172,6 +203,101 @@ def test_stop_strings_wait_for_min_tokens(tokenizer: Any) -> None:
     _, safe = stream(det, ids)
     assert det.text == "stop here, then go on and "
     assert "".join(safe) == det.text
+
+
+def test_decode_stream_equals_window_decoder_token_by_token(tokenizer: Any) -> None:
+    # Prompts cut at every token of the first dozen, so many end mid-character (the split emoji is the
+    # case DecodeStream cannot start from); random ids with special tokens; both skip_special_tokens.
+    rng = random.Random(0)
+    special = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")]
+    cases = []
+    for text in [*TEXTS, "👨‍👩‍👧‍👦 family 🏳️‍🌈 ᚠᛇᚻ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢"]:
+        ids = encode(tokenizer, text)
+        cases += [(ids[:cut], ids[cut:]) for cut in range(0, 12)]
+    for _ in range(40):
+        ids = [rng.choice(special) if rng.random() < 0.1 else rng.randrange(len(tokenizer))
+               for _ in range(30)]  # fmt: skip
+        cases.append((ids[:5], ids[5:]))
+    for skip in (True, False):
+        params = SamplingParams(skip_special_tokens=skip)
+        for prompt, out in cases:
+            fast = IncrementalDetokenizer(tokenizer, prompt, params)
+            window = IncrementalDetokenizer(WindowOnly(tokenizer), prompt, params)
+            assert [fast.append(t) for t in out] == [window.append(t) for t in out], (prompt, out, skip)
+            whole = tokenizer.decode(out, skip_special_tokens=skip)
+            if "\ufffd" not in tokenizer.decode(prompt) + whole:  # no character split by the prompt's end
+                assert fast.text == whole
+
+
+def byte_fallback_tokenizer() -> Any:
+    """A small SentencePiece-style tokenizer (Llama's decoders): other characters become <0xXX> tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in ["▁", *string.ascii_letters, *string.digits, *".,!?'", "▁H", "el", "lo"]:
+        vocab.setdefault(piece, len(vocab))
+    model = models.BPE(vocab=vocab, merges=[("▁", "H"), ("e", "l"), ("l", "o")], unk_token="<unk>",
+                       byte_fallback=True, fuse_unk=True)  # fmt: skip
+    backend = Tokenizer(model)
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    backend.add_special_tokens([AddedToken("<s>", special=True), AddedToken("</s>", special=True)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+@pytest.mark.parametrize("path", ["decode_stream", "window"])
+@pytest.mark.parametrize("prompt", ["", "Say"])
+def test_byte_fallback_tokens(path: str, prompt: str) -> None:
+    tok = byte_fallback_tokenizer()
+    ids = tok.encode("Hello 你好 😀 world! </s> again", add_special_tokens=False)
+    assert "<0xF0>" in tok.convert_ids_to_tokens(ids)  # the emoji is four byte tokens
+    decoder = tok if path == "decode_stream" else WindowOnly(tok)
+    det = IncrementalDetokenizer(decoder, tok.encode(prompt, add_special_tokens=False), SamplingParams())
+    deltas = [det.append(t) for t in ids]
+    assert det.uses_decode_stream == (path == "decode_stream")
+    assert all("\ufffd" not in d for d in deltas) and "" in deltas
+    # With a prompt, the first output token keeps the space the SentencePiece decoder strips at the start.
+    expected = tok.decode(ids, skip_special_tokens=True)
+    assert det.text == (expected if not prompt else " " + expected)
+
+
+def test_window_decoder_takes_over_when_decode_stream_fails(tokenizer: Any, prompt_ids: list[int]) -> None:
+    ids = encode(tokenizer, TEXTS[1])
+    reference = IncrementalDetokenizer(WindowOnly(tokenizer), prompt_ids, SamplingParams())
+    expected = [reference.append(t) for t in ids]
+    det = IncrementalDetokenizer(tokenizer, prompt_ids, SamplingParams())
+    deltas = [det.append(t) for t in ids[:7]]
+    assert det.uses_decode_stream
+
+    class Broken:
+        def step(self, backend: Any, token_id: int) -> str:
+            raise Exception("Invalid prefix encountered")  # what tokenizers raises (vllm#17448)
+
+    det._stream = Broken()
+    deltas += [det.append(t) for t in ids[7:]]
+    assert not det.uses_decode_stream
+    assert deltas == expected and det.text == TEXTS[1]
+
+
+def test_fast_backend_only_for_the_libraries_own_decode(tokenizer: Any) -> None:
+    assert fast_backend(tokenizer) is tokenizer._tokenizer
+    assert fast_backend(WindowOnly(tokenizer)) is None
+
+    class CustomDecode(type(tokenizer)):  # type: ignore[misc]
+        def decode(self, token_ids: Any, **kwargs: Any) -> str:
+            return "custom"
+
+    custom = copy.copy(tokenizer)
+    custom.__class__ = CustomDecode
+    assert fast_backend(custom) is None  # its text would not be DecodeStream's
+    det = IncrementalDetokenizer(custom, [], SamplingParams())
+    det.append(encode(tokenizer, "hi")[0])
+    assert not det.uses_decode_stream and det.text == ""  # "custom" minus "custom": the window decoder ran
 
 
 def test_finish_reason_for_token() -> None:

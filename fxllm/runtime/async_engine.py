@@ -11,7 +11,7 @@ from typing import Any
 
 from fxllm.runtime.engine import Engine
 from fxllm.runtime.outputs import RequestOutput
-from fxllm.runtime.sampling_params import SamplingParams
+from fxllm.runtime.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +76,12 @@ class AsyncEngine:
     async def generate(
         self, prompt: str | Sequence[int], params: SamplingParams | None = None, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        """Submit a request and yield its cumulative output after every step until it finishes.
+        """Submit a request and yield its outputs (of `params.output_kind`) as steps produce them.
 
         Validation errors (ValueError) raise here, before anything is queued. If the consumer stops
-        iterating (a client disconnected), the request is aborted and its KV blocks freed.
+        iterating (a client disconnected), the request is aborted and its KV blocks freed. A consumer
+        that falls behind gets what queued up in one output: DELTA outputs folded together, otherwise
+        the latest snapshot (which contains the earlier ones).
         """
         request = self.engine.build_request(prompt, params, request_id)
         if request.request_id in self._streams:
@@ -88,12 +90,24 @@ class AsyncEngine:
         self._streams[request.request_id] = (asyncio.get_running_loop(), queue)
         self._commands.append(("add", request))
         self._wakeup.set()
+        delta = request.params.output_kind is RequestOutputKind.DELTA
         finished = False
+        pending: RequestOutput | Exception | None = None
         try:
             while True:
-                item = await queue.get()
+                item = pending if pending is not None else await queue.get()
+                pending = None
                 if isinstance(item, Exception):
                     raise item
+                while not item.finished and not queue.empty():
+                    later = queue.get_nowait()
+                    if isinstance(later, Exception):
+                        pending = later  # hand out what came before it first
+                        break
+                    if delta:
+                        item.add(later)
+                    else:
+                        item = later
                 finished = item.finished
                 yield item
                 if finished:

@@ -19,7 +19,7 @@ from fxllm.runtime.model_runner import ModelRunner
 from fxllm.runtime.outputs import RequestOutput
 from fxllm.runtime.request import Request, SequenceState
 from fxllm.runtime.sampler import Sampler, SamplingRow, make_generator
-from fxllm.runtime.sampling_params import SamplingParams
+from fxllm.runtime.sampling_params import RequestOutputKind, SamplingParams
 from fxllm.runtime.scheduler import CapacityScheduler, SchedulerConfig, create_scheduler
 from fxllm.runtime.sequence import Sequence, SequenceStatus
 from fxllm.runtime.step_inputs import build_step_inputs
@@ -203,8 +203,11 @@ class Engine:
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self, *, finished_only: bool = False) -> list[RequestOutput]:
-        """Run one scheduling step; returns outputs of requests that progressed (or only finished ones:
-        a snapshot copies every token so far, which offline generation does not need each step)."""
+        """Run one scheduling step; returns outputs of requests that progressed (or only finished ones).
+
+        Each output is of its request's `output_kind`: FINAL_ONLY requests (and every request with
+        finished_only, as offline generation wants) give one when they finish; DELTA ones only what is new.
+        """
         stats, clock = self.stats, time.perf_counter
         t0 = clock()
         scheduled = self.scheduler.schedule()
@@ -243,7 +246,8 @@ class Engine:
         self._refresh_gauges()
         outputs = []
         for request in touched.values():
-            if not finished_only or request.finished:
+            final_only = finished_only or request.params.output_kind is RequestOutputKind.FINAL_ONLY
+            if request.finished or not final_only:
                 outputs.append(request.output())
             if request.finished:
                 request.metrics.finished_time = now
@@ -293,7 +297,7 @@ class Engine:
             self.scheduler.finish_sequence(seq)
             self._by_seq.pop(seq.seq_id, None)
         if det is not None:
-            state.streamed_text += det.safe_delta(final=state.finish_reason is not None)
+            det.safe_delta(final=state.finish_reason is not None)  # outputs read the released text
 
     def _refresh_gauges(self) -> None:
         kv = self.kv_cache.stats

@@ -1,8 +1,13 @@
-"""What the engine hands back per request: vLLM-shaped output dataclasses."""
+"""What the engine hands back per request: vLLM-shaped output dataclasses.
+
+With `RequestOutputKind.DELTA` an output's text, token ids and logprobs are only what is new since the
+request's previous output (and `outputs` lists only the sequences with news); `RequestOutput.add` folds
+such deltas together. Otherwise they hold everything so far.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass
@@ -19,11 +24,11 @@ class CompletionOutput:
     """One generated sequence of a request (a request with n > 1 has several)."""
 
     index: int
-    text: str
-    token_ids: list[int]
+    text: str  # all text so far, or (DELTA) the new text
+    token_ids: list[int]  # all generated ids so far, or (DELTA) the new ones
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
-    # Per generated token: {token_id: Logprob}, holding the sampled token and the top-k.
+    # Per generated token (DELTA: per new token): {token_id: Logprob}, the sampled token and the top-k.
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float | None = None
 
@@ -64,7 +69,35 @@ class RequestOutput:
 
     request_id: str
     prompt: str | None
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int]  # DELTA outputs share the request's list: read it, do not change it
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+
+    def add(self, later: RequestOutput) -> None:
+        """Fold a later DELTA output of the same request into this one (in place), as vLLM's `add` does.
+
+        Text, token ids and logprobs are appended per sequence index; finish and stop reasons and the
+        cumulative logprob are taken from `later`, which is left unchanged (nothing of it is shared).
+        This output's own lists grow in place: DELTA outputs own theirs.
+        """
+        if later.request_id != self.request_id:
+            raise ValueError(f"cannot add outputs of request {later.request_id!r} to {self.request_id!r}")
+        mine = {c.index: c for c in self.outputs}
+        for c in later.outputs:
+            into = mine.get(c.index)
+            if into is None:  # a copy: `later` stays as it was
+                logprobs = list(c.logprobs) if c.logprobs is not None else None
+                self.outputs.append(replace(c, token_ids=list(c.token_ids), logprobs=logprobs))
+                continue
+            into.text += c.text
+            into.token_ids.extend(c.token_ids)
+            if c.logprobs is not None:
+                if into.logprobs is None:
+                    into.logprobs = []
+                into.logprobs.extend(c.logprobs)
+            into.finish_reason, into.stop_reason = c.finish_reason, c.stop_reason
+            into.cumulative_logprob = c.cumulative_logprob
+        self.outputs.sort(key=lambda c: c.index)
+        self.finished = later.finished
+        self.metrics = later.metrics if later.metrics is not None else self.metrics

@@ -9,7 +9,7 @@ import torch
 
 from fxllm.runtime.detokenizer import IncrementalDetokenizer
 from fxllm.runtime.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from fxllm.runtime.sampling_params import SamplingParams
+from fxllm.runtime.sampling_params import RequestOutputKind, SamplingParams
 from fxllm.runtime.sequence import Sequence
 
 
@@ -18,15 +18,28 @@ class SequenceState:
     """Per output sequence: the scheduled Sequence plus what only the engine tracks."""
 
     seq: Sequence
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | None
     generator: torch.Generator | None
     max_tokens: int
-    streamed_text: str = ""
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
     last_token_time: float | None = None
+    # What DELTA outputs have handed out so far: tokens, characters of text, the finish reason.
+    sent_tokens: int = 0
+    sent_chars: int = 0
+    sent_finish: bool = False
+
+    @property
+    def num_text_chars(self) -> int:
+        """Characters of text that are safe to show (a stop string can no longer cut them)."""
+        return 0 if self.detokenizer is None else self.detokenizer.num_emitted
+
+    def text(self, start: int = 0) -> str:
+        """The text safe to show, from character `start` on."""
+        det = self.detokenizer
+        return "" if det is None else det.text[start : det.num_emitted]
 
 
 @dataclass
@@ -46,11 +59,17 @@ class Request:
         return all(s.finish_reason is not None for s in self.states)
 
     def output(self) -> RequestOutput:
-        """A snapshot of the request, text cumulative (only what is safe to show)."""
+        """The request's output, of the kind its params ask for (only text that is safe to show).
+
+        CUMULATIVE and FINAL_ONLY: a snapshot of everything so far (O(length) copies). DELTA: what is new
+        since the previous call, and only the sequences with news; calling it marks that as handed out.
+        """
+        if self.params.output_kind is RequestOutputKind.DELTA:
+            return self._delta_output()
         outputs = [
             CompletionOutput(
                 index=i,
-                text=s.streamed_text,
+                text=s.text(),
                 token_ids=list(s.seq.output_token_ids),
                 finish_reason=s.finish_reason,
                 stop_reason=s.stop_reason,
@@ -61,4 +80,30 @@ class Request:
         ]
         return RequestOutput(
             self.request_id, self.prompt, list(self.prompt_token_ids), outputs, self.finished, self.metrics
+        )
+
+    def _delta_output(self) -> RequestOutput:
+        # O(new tokens) per sequence: slices past what was sent, no copy of the prompt or of the history.
+        outputs = []
+        for i, s in enumerate(self.states):
+            seq = s.seq
+            num_tokens, num_chars = seq.num_output_tokens, s.num_text_chars
+            report_finish = s.finish_reason is not None and not s.sent_finish
+            if num_tokens == s.sent_tokens and num_chars == s.sent_chars and not report_finish:
+                continue
+            outputs.append(
+                CompletionOutput(
+                    index=i,
+                    text=s.text(s.sent_chars),
+                    token_ids=seq.token_ids[seq.num_prompt_tokens + s.sent_tokens :],
+                    finish_reason=s.finish_reason,
+                    stop_reason=s.stop_reason,
+                    logprobs=s.logprobs[s.sent_tokens :] if s.logprobs is not None else None,
+                    cumulative_logprob=s.cumulative_logprob if s.logprobs is not None else None,
+                )
+            )
+            s.sent_tokens, s.sent_chars, s.sent_finish = num_tokens, num_chars, s.finish_reason is not None
+        # The prompt ids are shared, not copied: the engine never changes them after the request is built.
+        return RequestOutput(
+            self.request_id, self.prompt, self.prompt_token_ids, outputs, self.finished, self.metrics
         )

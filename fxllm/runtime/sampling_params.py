@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fxllm.runtime.stop_matcher import StopMatcher
 
 MAX_N = 128
 MAX_LOGPROBS = 20
@@ -19,6 +24,14 @@ def _is_int(value: object) -> bool:
 
 def _is_number(value: object) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+class RequestOutputKind(enum.Enum):
+    """What each output of a request carries (vLLM's names)."""
+
+    CUMULATIVE = 0  # everything so far, every step: O(length) per step, what `LLM.generate` users read
+    DELTA = 1  # only what is new since the request's previous output (streams)
+    FINAL_ONLY = 2  # one output, when the request finishes
 
 
 @dataclass
@@ -42,6 +55,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None = none; k >= 0 = the sampled token's logprob plus the top-k
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         """Normalise `stop` / `stop_token_ids` and validate every field (ValueError naming the field)."""
@@ -62,6 +76,8 @@ class SamplingParams:
             raise ValueError(
                 f"stop_token_ids must be a list of ints, got {type(self.stop_token_ids).__name__}"
             )
+        if isinstance(self.output_kind, str) and self.output_kind.upper() in RequestOutputKind.__members__:
+            self.output_kind = RequestOutputKind[self.output_kind.upper()]
         self._validate()
 
     def _validate(self) -> None:
@@ -103,6 +119,8 @@ class SamplingParams:
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "a bool")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise bad("output_kind", "a RequestOutputKind (or its name: cumulative, delta, final_only)")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SamplingParams:
@@ -132,3 +150,19 @@ class SamplingParams:
     def max_stop_len(self) -> int:
         """Length of the longest stop string (0 when there are none)."""
         return max((len(s) for s in self.stop), default=0)
+
+    @functools.cached_property
+    def stop_matcher(self) -> StopMatcher | None:
+        """One automaton over `stop` (None without stops), shared by the request's sequences.
+
+        Built on first use, where the request is built (the caller's thread), not per token; `stop` must
+        not change after that.
+        """
+        from fxllm.runtime.stop_matcher import stop_matcher_for
+
+        return stop_matcher_for(tuple(self.stop)) if self.stop else None
+
+    @functools.cached_property
+    def stop_token_set(self) -> frozenset[int]:
+        """`stop_token_ids` as a set: one lookup per token however long the list (must not change after)."""
+        return frozenset(self.stop_token_ids)
