@@ -7,7 +7,6 @@ the key, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import types
 from collections.abc import Callable, Mapping
@@ -17,6 +16,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from fxllm.config_types import ConfigTypeError, check_value, type_name
 from fxllm.dtypes import is_auto_dtype, parse_dtype
 from fxllm.passes.pipeline import PassConfig
 from fxllm.runtime.scheduler import SchedulerConfig
@@ -85,34 +85,15 @@ class FxllmConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
 
 
-def _type_name(hint: Any) -> str:
-    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
-
-
-@functools.cache
-def _type_adapter(hint: Any) -> Any:
-    # Imported here: pydantic (installed with FastAPI) costs import time that only loading needs.
-    from pydantic import TypeAdapter
-
-    return TypeAdapter(hint)
-
-
 def _check_type(hint: Any, value: Any, key: str) -> Any:
-    """`value` as the field's declared type, or a ValueError naming the key and the type.
-
-    Strict: "abc", "1" and 1.5 are no int, "yes" is no bool (YAML already turns `yes` into True),
-    list and dict elements are checked; an int is accepted for a float (and becomes one).
-    """
-    from pydantic import ValidationError
-
+    """`value` as the field's declared type (config_types.check_value), or a ValueError naming the key
+    and the type."""
     try:
-        return _type_adapter(hint).validate_python(value, strict=True)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = "".join(f"[{part!r}]" for part in first["loc"])
-        detail = f" ({key}{where}: {first['msg'][:1].lower()}{first['msg'][1:]})" if where else ""
+        return check_value(hint, value)
+    except ConfigTypeError as exc:
+        detail = f" ({key}{exc.where}: {exc})" if exc.where else ""
         raise ValueError(
-            f"config: {key} must be {_type_name(hint)}, got {type(value).__name__} {value!r}{detail}"
+            f"config: {key} must be {type_name(hint)}, got {type(value).__name__} {value!r}{detail}"
         ) from None
 
 
