@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
-from collections import deque
-from collections.abc import Callable
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -56,8 +57,19 @@ class SchedulerOutput:
         return not self.scheduled
 
 
+def by_sequence(seq: Sequence) -> Hashable:
+    """The default fairness key: every sequence is its own group, so admission is FCFS by sequence."""
+    return seq.seq_id
+
+
 class CapacityScheduler:
-    """FCFS scheduler with chunked prefill and recompute preemption; subclass and override the hooks."""
+    """Fair-share scheduler with chunked prefill and recompute preemption; subclass and override the hooks.
+
+    Waiting sequences are admitted by fair share across fairness groups (`fairness_key`; the server makes
+    each HTTP request one group): the group with the fewest running sequences first, round-robin among
+    equals, FCFS within a group. So one request with many sequences cannot make another wait for all of
+    them. With the default key (one group per sequence) this is plain FCFS.
+    """
 
     name: ClassVar[str] = ""
     # If False, a failed block allocation for a running sequence is a bug (the policy reserved capacity).
@@ -69,6 +81,14 @@ class CapacityScheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._seqs: dict[int, Sequence] = {}
+        # Set by the scheduler's owner (the server): the fairness group of a sequence, and a callback run
+        # when a waiting sequence is first admitted (the server's queue-time metric). Both run on the engine
+        # thread inside schedule().
+        self.fairness_key: Callable[[Sequence], Hashable] = by_sequence
+        self.on_admit: Callable[[Sequence], None] | None = None
+        # Groups with waiting sequences in turn order: a group moves to the back when one of its sequences
+        # is admitted, and a new group joins at the back, so every group gets a turn in each round.
+        self._turns: OrderedDict[Hashable, None] = OrderedDict()
 
     # ------------------------------------------------------------------ queue management
 
@@ -129,8 +149,29 @@ class CapacityScheduler:
     # ------------------------------------------------------------------ policy hooks
 
     def admission_order(self, waiting: list[Sequence]) -> list[Sequence]:
-        """Order never-run waiting sequences; preempted ones are always resumed first. Default FCFS."""
-        return sorted(waiting, key=lambda s: (s.arrival_time, s.seq_id))
+        """Order never-run waiting sequences (preempted ones are always resumed first): the fairness group
+        holding the fewest running sequences goes first, ties in turn order (round-robin), FCFS within a group."""
+        queues: dict[Hashable, deque[Sequence]] = {}
+        for seq in sorted(waiting, key=lambda s: (s.arrival_time, s.seq_id)):
+            queues.setdefault(self.fairness_key(seq), deque()).append(seq)
+        for group in [g for g in self._turns if g not in queues]:
+            del self._turns[group]
+        for group in queues:  # new groups queue behind the ones already waiting, oldest first
+            self._turns.setdefault(group, None)
+        running = Counter(self.fairness_key(s) for s in self.running)
+        # (running sequences, turn) per group; a group that gets a slot counts one more and goes to the back.
+        heap = [(running[group], turn, group) for turn, group in enumerate(self._turns)]
+        heapq.heapify(heap)
+        order: list[Sequence] = []
+        tick = len(heap)
+        while heap:
+            count, _, group = heapq.heappop(heap)
+            queue = queues[group]
+            order.append(queue.popleft())
+            if queue:
+                heapq.heappush(heap, (count + 1, tick, group))
+                tick += 1
+        return order
 
     def can_admit(self, seq: Sequence) -> bool:
         """Policy capacity check before admitting a waiting sequence (block availability is checked after)."""
@@ -193,6 +234,8 @@ class CapacityScheduler:
 
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledSequence]) -> int:
         """Admit waiting sequences head-of-line until one does not fit; returns the remaining budget."""
+        if budget <= 0 or len(self.running) >= self.config.max_num_seqs or not self.waiting:
+            return budget  # nothing can be admitted: skip ordering the whole queue every decode step
         resumed = [s for s in self.waiting if s.status is SequenceStatus.PREEMPTED]
         fresh = [s for s in self.waiting if s.status is not SequenceStatus.PREEMPTED]
         ordered = resumed + self.admission_order(fresh)
@@ -214,6 +257,8 @@ class CapacityScheduler:
             if not self.kv_cache.allocate(seq, request):
                 break
             num_new = min(seq.num_uncomputed_tokens, budget)
+            if seq.status is SequenceStatus.WAITING:
+                self._took_turn(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             admitted.add(seq.seq_id)
@@ -222,6 +267,14 @@ class CapacityScheduler:
         if admitted:
             self.waiting = deque(s for s in self.waiting if s.seq_id not in admitted)
         return budget
+
+    def _took_turn(self, seq: Sequence) -> None:
+        """A never-run sequence is admitted: its group goes to the back of the turns; tell the owner."""
+        group = self.fairness_key(seq)
+        if group in self._turns:
+            self._turns.move_to_end(group)
+        if self.on_admit is not None:
+            self.on_admit(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         """Free a running sequence for recomputation and put it at the front of the waiting queue."""
