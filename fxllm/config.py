@@ -72,6 +72,14 @@ class ServerConfig:
     served_model_name: str | None = None  # defaults to model.model
     max_request_bytes: int = 1 << 20
     max_n: int = 16
+    # Limits on what one request may ask for (docs/serving.md, "Limits"): each answers 400 beyond.
+    max_seqs_per_request: int = 256  # prompts x n: sequences one request adds to the scheduler
+    max_stop_strings: int = 16  # OpenAI allows 4
+    max_stop_chars: int = 1024  # total length of the stop strings
+    max_stop_token_ids: int = 64
+    max_json_depth: int = 32  # nesting of the request body's JSON
+    max_prompt_bytes: int | None = None  # None: max_model_len x the longest token's bytes
+    shutdown_drain_s: float = 10.0  # on SIGTERM, streams get this long to finish before they are cut
 
 
 @dataclass

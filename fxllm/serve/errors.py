@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import secrets
@@ -11,7 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -20,7 +19,8 @@ from fxllm.serve.protocol import ErrorInfo, ErrorResponse
 logger = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error", 503: "server_error"}  # fmt: skip
+          405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+          500: "server_error", 503: "server_error"}  # fmt: skip
 
 
 class OpenAIError(Exception):
@@ -50,6 +50,10 @@ class OpenAIError(Exception):
     def payload(self) -> dict[str, Any]:
         """The error body, for an SSE error event."""
         return ErrorResponse(error=self.info).model_dump()
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its request was read (normal traffic, not an error)."""
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
@@ -94,39 +98,6 @@ def from_validation_error(exc: ValidationError | RequestValidationError) -> Open
     return bad_request(message, param=param)
 
 
-async def read_json_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, refused when larger than max_bytes (413), not UTF-8 or not a JSON object (400)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise _too_large(max_bytes)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise _too_large(max_bytes)
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise bad_request(
-            f"the request body is not valid UTF-8 (byte {exc.start})", code="invalid_utf8"
-        ) from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise bad_request(f"the request body must be a JSON object, got {type(data).__name__}")
-    return body
-
-
-def _too_large(max_bytes: int) -> OpenAIError:
-    return OpenAIError(413, f"the request body is larger than {max_bytes} bytes (server.max_request_bytes)",
-                       code="request_too_large")  # fmt: skip
-
-
 def api_key_guard(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
     """A dependency that requires `Authorization: Bearer <api_key>` (no-op when api_key is None)."""
 
@@ -161,11 +132,15 @@ def install_error_handlers(app: FastAPI) -> None:
         code = "not_found" if exc.status_code == 404 else None
         return OpenAIError(exc.status_code, str(exc.detail), code=code).response()
 
+    async def on_client_gone(request: Request, exc: Exception) -> Response:
+        return Response(status_code=499)  # nobody reads it; the log line was written where it was noticed
+
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error serving %s %s", request.method, request.url.path)
         return OpenAIError(500, f"internal server error: {type(exc).__name__}: {exc}").response()
 
     app.add_exception_handler(OpenAIError, on_openai_error)
+    app.add_exception_handler(ClientGone, on_client_gone)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(ValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)

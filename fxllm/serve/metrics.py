@@ -111,6 +111,9 @@ class ServerMetrics:
         self.waiting = Gauge(
             "fxllm:num_requests_waiting", "Sequences waiting to be scheduled.", labels, registry=reg
         )
+        self.queue_time = Histogram("fxllm:request_queue_time_seconds",
+                                    "Seconds a sequence waited from arrival until it was first scheduled.",
+                                    labels, buckets=_TTFT_BUCKETS, registry=reg)  # fmt: skip
 
     def count_http(self, endpoint: str, status: int) -> None:
         """Count one HTTP response."""
@@ -134,15 +137,20 @@ class ServerMetrics:
         if metrics.e2e_latency is not None:
             self.e2e.labels(name).observe(metrics.e2e_latency)
 
+    def observe_queue_time(self, seconds: float) -> None:
+        """Record how long a sequence waited before it was first scheduled (any thread)."""
+        self.queue_time.labels(self.model_name).observe(seconds)
+
     def update_engine_gauges(self, engine: Any) -> None:
-        """Refresh the gauges from the engine (its stats, and the live KV pool occupancy)."""
+        """Refresh the gauges from the engine (its stats, the live KV pool occupancy and queue lengths)."""
         stats = engine.stats
         kv = engine.kv_cache
         name = self.model_name
         self.kv_usage.labels(name).set(kv.num_used_blocks / kv.num_blocks if kv.num_blocks else 0.0)
         self.prefix_hit_rate.labels(name).set(stats.prefix_hit_rate)
-        self.running.labels(name).set(stats.num_running if engine.requests else 0)
-        self.waiting.labels(name).set(stats.num_waiting if engine.requests else 0)
+        # The scheduler's live queue lengths, not the stats of the last step (stale between steps).
+        self.running.labels(name).set(engine.scheduler.num_running)
+        self.waiting.labels(name).set(engine.scheduler.num_waiting)
 
     def render(self) -> bytes:
         """The registry in Prometheus' text format."""

@@ -135,13 +135,17 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None  # OpenAI's deprecated forms of tools
+    function_call: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
 
     def conversation(self) -> list[dict[str, str]]:
-        """The messages as the chat template expects them."""
+        """The messages as the chat template expects them (OpenAI's `developer` role is a system message)."""
         out = []
         for message in self.messages:
-            entry = {"role": message.role, "content": message.text()}
+            role = "system" if message.role == "developer" else message.role
+            entry = {"role": role, "content": message.text()}
             if message.name is not None:
                 entry["name"] = message.name
             out.append(entry)

@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import signal
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager, suppress
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -20,24 +18,30 @@ from pydantic import BaseModel
 import fxllm
 from fxllm.config import FxllmConfig
 from fxllm.runtime.outputs import CompletionOutput, RequestOutput
-from fxllm.runtime.sampling_params import RequestOutputKind, SamplingParams
+from fxllm.runtime.sampling_params import SamplingParams
 from fxllm.serve import protocol as P
+from fxllm.serve.admission import attach_scheduler_hooks
+from fxllm.serve.body import parse_json_body, read_json_body
 from fxllm.serve.errors import (
     OpenAIError,
     api_key_guard,
     bad_request,
     from_value_error,
     install_error_handlers,
-    read_json_body,
 )
+from fxllm.serve.limits import RequestLimits, check_chat, client_field_names
 from fxllm.serve.metrics import CONTENT_TYPE, ResponseCounter, ServerMetrics
+from fxllm.serve.prompts import PromptPreparer
+from fxllm.serve.shutdown import Drain, serve_app
 
 if TYPE_CHECKING:
     from fxllm.llm import LLM
 
 logger = logging.getLogger(__name__)
 
-GRACEFUL_SHUTDOWN_S = 10
+ReqT = TypeVar("ReqT", bound=P.SamplingFields)
+# Bodies larger than this are parsed on the tokenizer threads, not the event loop.
+PARSE_OFF_LOOP_BYTES = 64 << 10
 
 
 async def merge_streams(
@@ -88,14 +92,26 @@ class OpenAIServing:
     def __init__(self, llm: LLM, config: FxllmConfig, metrics: ServerMetrics) -> None:
         self.llm, self.config, self.metrics = llm, config, metrics
         self.model_name = config.server.served_model_name or config.model.model
+        self.limits = RequestLimits.from_config(config.server)
+        self.prompts = PromptPreparer(llm, config.server.max_prompt_bytes)
 
     # ---- validation -------------------------------------------------------------------------
+    async def _read(self, request: Request, model: type[ReqT]) -> ReqT:
+        """The request body as `model`, checked against the limits (parsed off the loop when large)."""
+        server = self.config.server
+        body = await read_json_body(request, server.max_request_bytes)
+        if len(body) > PARSE_OFF_LOOP_BYTES:
+            req = await self.prompts.run(parse_json_body, model, body, server.max_json_depth)
+        else:
+            req = parse_json_body(model, body, server.max_json_depth)
+        self._check(req)
+        return req
+
     def _check(self, req: P.SamplingFields) -> None:
         if req.model is not None and req.model != self.model_name:
             raise OpenAIError(404, f"the model {req.model!r} does not exist; this server serves {self.model_name!r}",
                               param="model", code="model_not_found")  # fmt: skip
-        if req.n > (max_n := self.config.server.max_n):
-            raise bad_request(f"n must be <= {max_n} (server.max_n), got {req.n}", param="n")
+        self.limits.check_sampling(req)
         if req.logit_bias:
             raise bad_request("logit_bias is not supported", param="logit_bias")
         if req.unknown_fields():
@@ -108,13 +124,9 @@ class OpenAIServing:
             raise from_value_error(exc) from None
 
     def _start(
-        self, prompts: list[list[int]], params: SamplingParams, rid: str, stream: bool
+        self, prompts: list[list[int]], params: SamplingParams, rid: str
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Validate every prompt (400 before anything runs), then stream them through the engine.
-
-        A stream gets DELTA outputs (only what is new each step); otherwise only the final output.
-        """
-        params.output_kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
+        """Validate every prompt (400 before anything runs), then stream them through the engine."""
         ids = [rid if len(prompts) == 1 else f"{rid}-{i}" for i in range(len(prompts))]
         try:
             for prompt, request_id in zip(prompts, ids):
@@ -125,18 +137,14 @@ class OpenAIServing:
         return merge_streams([self._observed(engine.generate(p, params, i)) for p, i in zip(prompts, ids)])
 
     async def _observed(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-        """Pass the outputs on; when the stream ends, record the request's totals (deltas folded up)."""
-        total: RequestOutput | None = None
+        last = None
         try:
             async with aclosing(stream) as s:  # type: ignore[type-var]
-                async for out in s:
-                    if total is None:
-                        total = RequestOutput(out.request_id, out.prompt, out.prompt_token_ids, [], False)
-                    total.add(out)  # copies: `out` goes on to the client unchanged
-                    yield out
+                async for last in s:
+                    yield last
         finally:
-            if total is not None:
-                self.metrics.observe(total)
+            if last is not None:
+                self.metrics.observe(last)
 
     async def _collect(
         self, request: Request, stream: AsyncIterator[tuple[int, RequestOutput]], count: int
@@ -150,63 +158,54 @@ class OpenAIServing:
                     finals[i] = out
 
         task = asyncio.create_task(run())
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.5)
-            if done:
-                task.result()
-                return [f for f in finals if f is not None]
-            if await request.is_disconnected():
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.5)
+                if done:
+                    task.result()
+                    return [f for f in finals if f is not None]
+                if await request.is_disconnected():
+                    logger.info("client disconnected; request aborted")
+                    return None
+        finally:  # also when this handler is cancelled (shutdown): closing the streams aborts the requests
+            if not task.done():
                 task.cancel()
                 with suppress(asyncio.CancelledError):
                     await task
-                logger.info("client disconnected; request aborted")
-                return None
 
     async def _stream(
         self,
         stream: AsyncIterator[tuple[int, RequestOutput]],
         n: int,
         options: P.StreamOptions | None,
-        choice_of: Callable[[int, CompletionOutput, int], Any],
+        choice_of: Callable[[int, CompletionOutput, str, int], Any],
         chunk_of: Callable[[list[Any], P.UsageInfo | None], BaseModel],
         prologue: tuple[str, ...] = (),
     ) -> AsyncIterator[str]:
-        """SSE events from DELTA outputs: one chunk per choice with news, a usage chunk if asked, [DONE].
-
-        `choice_of(index, delta, offset)` gets the choice's new text and tokens and how many characters
-        of its text were sent before.
-        """
+        """SSE events: deltas of each choice's cumulative text, a usage chunk if asked, then [DONE]."""
         opts = options or P.StreamOptions()
-        sent_chars: dict[int, int] = {}
+        sent_text: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}
         finished: set[int] = set()
-        prompt_tokens: dict[int, int] = {}
-        completion_tokens: dict[int, int] = {}
-
-        def usage() -> P.UsageInfo:
-            prompt, completion = sum(prompt_tokens.values()), sum(completion_tokens.values())
-            return P.UsageInfo(
-                prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
-            )
-
+        latest: dict[int, RequestOutput] = {}
         for event in prologue:
             yield event
         try:
             async with aclosing(stream) as s:  # type: ignore[type-var]
                 async for i, out in s:
-                    prompt_tokens[i] = len(out.prompt_token_ids)
+                    latest[i] = out
                     for c in out.outputs:
                         index = i * n + c.index
-                        completion_tokens[index] = completion_tokens.get(index, 0) + len(c.token_ids)
-                    for c in out.outputs:
-                        index = i * n + c.index
-                        if index in finished or not (c.text or c.finish_reason or c.logprobs):
+                        tok = sent_tokens.get(index, 0)
+                        delta = c.text[sent_text.get(index, 0) :]
+                        new_logprobs = c.logprobs is not None and len(c.token_ids) > tok
+                        if index in finished or not (delta or c.finish_reason or new_logprobs):
                             continue
-                        offset = sent_chars.get(index, 0)
-                        sent_chars[index] = offset + len(c.text)
+                        usage = P.usage_of(list(latest.values())) if opts.continuous_usage_stats else None
+                        sent_text[index], sent_tokens[index] = len(c.text), len(c.token_ids)
                         if c.finish_reason is not None:
                             finished.add(index)
-                        running = usage() if opts.continuous_usage_stats else None
-                        yield _sse(chunk_of([choice_of(index, c, offset)], running))
+                        yield _sse(chunk_of([choice_of(index, c, delta, tok)], usage))
         except OpenAIError as exc:
             yield _sse(exc.payload())
         except ValueError as exc:
@@ -215,7 +214,7 @@ class OpenAIServing:
             logger.exception("generation failed mid-stream")
             yield _sse(OpenAIError(500, f"generation failed: {type(exc).__name__}: {exc}").payload())
         if opts.include_usage:
-            yield _sse(chunk_of([], usage()))
+            yield _sse(chunk_of([], P.usage_of(list(latest.values()))))
         yield "data: [DONE]\n\n"
 
     @staticmethod
@@ -226,25 +225,20 @@ class OpenAIServing:
     # ---- /v1/completions -------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
         """POST /v1/completions."""
-        body = await read_json_body(request, self.config.server.max_request_bytes)
-        req = P.CompletionRequest.model_validate_json(body, strict=True)
-        self._check(req)
+        req = await self._read(request, P.CompletionRequest)
         unsupported = {"echo": req.echo, "suffix": req.suffix, "best_of": req.best_of not in (None, req.n)}
         for name, value in unsupported.items():
             if value:
                 raise bad_request(f"{name} is not supported", param=name)
         params = self._params(req, req.max_tokens, req.logprobs)
-        prompts = self._completion_prompts(req.prompt)
+        single = isinstance(req.prompt, str) or (bool(req.prompt) and isinstance(req.prompt[0], int))
+        self.limits.check_sequences(1 if single else len(req.prompt), params.n)
+        prompts = await self.prompts.completion_prompts(req.prompt, params)
         rid, created, num_top = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.logprobs or 0
-        stream = self._start(prompts, params, rid, req.stream)
+        stream = self._start(prompts, params, rid)
 
-        def choice_of(index: int, c: CompletionOutput, offset: int) -> P.CompletionChoice:
-            # `offset`: characters of this choice sent before, so text_offset counts from the start.
-            logprobs = None
-            if c.logprobs is not None:
-                logprobs = P.completion_logprobs(c.token_ids, c.logprobs, num_top, offset)
-            return P.CompletionChoice(index=index, text=c.text, logprobs=logprobs,
-                                      finish_reason=c.finish_reason, stop_reason=c.stop_reason)  # fmt: skip
+        def choice_of(index: int, c: CompletionOutput, text: str, tok: int) -> P.CompletionChoice:
+            return P.completion_choice(index, c, text, tok, num_top)
 
         def chunk_of(choices: list[Any], usage: P.UsageInfo | None) -> P.CompletionResponse:
             return P.CompletionResponse(
@@ -257,44 +251,40 @@ class OpenAIServing:
         if finals is None:
             return Response(status_code=499)
         choices = [
-            choice_of(i * params.n + c.index, c, 0) for i, out in enumerate(finals) for c in out.outputs
+            choice_of(i * params.n + c.index, c, c.text, 0)
+            for i, out in enumerate(finals)
+            for c in out.outputs
         ]
         return JSONResponse(chunk_of(choices, P.usage_of(finals)).model_dump())
-
-    def _completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
-        single = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], int))
-        items: list[Any] = [prompt] if single else list(prompt)
-        if not items:
-            raise bad_request("prompt must not be empty", param="prompt")
-        try:
-            return [self.llm.engine.tokenize(p) if isinstance(p, str) else list(p) for p in items]
-        except ValueError as exc:
-            raise from_value_error(exc) from None
 
     # ---- /v1/chat/completions --------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
         """POST /v1/chat/completions."""
-        body = await read_json_body(request, self.config.server.max_request_bytes)
-        req = P.ChatCompletionRequest.model_validate_json(body, strict=True)
-        self._check(req)
-        if req.tools:
-            raise bad_request("tools are not supported", param="tools")
+        req = await self._read(request, P.ChatCompletionRequest)
+        check_chat(req)
         if req.response_format and req.response_format.get("type", "text") != "text":
             raise bad_request("response_format other than text is not supported", param="response_format")
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs=true", param="top_logprobs")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         num_top = req.top_logprobs or 0
-        params = self._params(req, max_tokens, num_top if req.logprobs else None)
+        # Errors name the fields the client sent: SamplingParams.logprobs is top_logprobs here.
+        aliases = {"logprobs": "top_logprobs"}
+        if req.max_completion_tokens is not None:
+            aliases["max_tokens"] = "max_completion_tokens"
         try:
-            prompt = self.llm.apply_chat_template(req.conversation())
-        except Exception as exc:  # bad roles, or the template's own raise_exception (jinja2 errors)
+            conversation = req.conversation()
+        except ValueError as exc:
             raise bad_request(str(exc), param="messages") from None
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        stream = self._start([prompt], params, rid, req.stream)
+        with client_field_names(aliases):
+            params = self._params(req, max_tokens, num_top if req.logprobs else None)
+            self.limits.check_sequences(1, params.n)
+            prompt = await self.prompts.chat_prompt(conversation, params)
+            stream = self._start([prompt], params, rid)
 
-        def choice_of(index: int, c: CompletionOutput, offset: int) -> P.ChatChunkChoice:
-            return P.chat_chunk_choice(index, c, c.text, 0, num_top)
+        def choice_of(index: int, c: CompletionOutput, text: str, tok: int) -> P.ChatChunkChoice:
+            return P.chat_chunk_choice(index, c, text, tok, num_top)
 
         def chunk_of(choices: list[Any], usage: P.UsageInfo | None) -> P.ChatCompletionChunk:
             return P.ChatCompletionChunk(
@@ -329,14 +319,23 @@ def create_app(llm: LLM, config: FxllmConfig) -> FastAPI:
     """The FastAPI app serving `llm` with OpenAI's API (its engine thread starts with the app)."""
     metrics = ServerMetrics(config.server.served_model_name or config.model.model)
     serving = OpenAIServing(llm, config, metrics)
+    drain = Drain(config.server.shutdown_drain_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         llm.async_engine()
-        yield
+        detach = attach_scheduler_hooks(llm.engine, metrics)
+        try:
+            yield
+        finally:
+            detach()
+            serving.prompts.close()
 
+    # No CORS middleware: a browser page on another origin cannot read responses, and the JSON-only
+    # POST endpoints need a preflight that nothing here answers.
     app = FastAPI(title="fxllm", version=fxllm.__version__, lifespan=lifespan)
     app.state.serving = serving
+    app.state.drain = drain
     install_error_handlers(app)
     app.add_middleware(ResponseCounter, metrics=metrics)
     guarded = [Depends(api_key_guard(config.server.api_key))]
@@ -368,48 +367,23 @@ def create_app(llm: LLM, config: FxllmConfig) -> FastAPI:
 
     @app.post("/v1/completions", dependencies=guarded)
     async def completions(request: Request) -> Response:
-        return await serving.completions(request)
+        return await drain.run(serving.completions(request))
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat_completions(request: Request) -> Response:
-        return await serving.chat(request)
+        return await drain.run(serving.chat(request))
 
     return app
 
 
 def run_server(llm: LLM, config: FxllmConfig) -> None:
-    """Serve until SIGINT/SIGTERM: uvicorn stops accepting, drains in-flight requests, then the engine stops."""
-    import uvicorn
-
+    """Serve until SIGINT/SIGTERM: stop accepting, let requests finish for server.shutdown_drain_s, end the
+    streams still running with an SSE error event, then stop the engine (see fxllm.serve.shutdown)."""
     from fxllm.serve.serve_cli import log_startup
 
     app = create_app(llm, config)
     log_startup(llm, config)
-    log_config = None if logging.getLogger().handlers else uvicorn.config.LOGGING_CONFIG
-    server = config.server
-    uv_config = uvicorn.Config(
-        app,
-        host=server.host,
-        port=server.port,
-        log_config=log_config,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-    )
-    # uvicorn re-raises the signal once drained; turn SIGTERM into KeyboardInterrupt so the engine stops cleanly.
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
-    try:
-        uvicorn.Server(uv_config).run()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous)
-        llm.shutdown()
-        logger.info("server stopped")
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+    serve_app(app, llm, config)
 
 
 def serve_main(argv: list[str] | None = None) -> int:
