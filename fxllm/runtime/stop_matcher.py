@@ -13,8 +13,9 @@ from collections import deque
 from collections.abc import Sequence
 
 # Lists up to this many characters in all are cached by content: requests repeating a stop list (a chat
-# template's end markers) share one automaton. Larger ones are built per request and not kept.
-CACHE_MAX_CHARS = 4096
+# template's end markers) share one automaton. Larger ones are built per request and not kept, so the
+# cache holds at most 64 x 1024 states (a few MB).
+CACHE_MAX_CHARS = 1024
 
 
 class StopMatcher:
@@ -93,7 +94,7 @@ class StopMatcher:
         return self._hold[state]
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)
 def _cached_matcher(stops: tuple[str, ...]) -> StopMatcher:
     return StopMatcher(stops)
 
