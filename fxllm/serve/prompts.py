@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fxllm.runtime.sampling_params import SamplingParams
@@ -21,6 +24,9 @@ T = TypeVar("T")
 # Tokenizer threads: HF fast tokenizers release the GIL, so a few run in parallel with the loop; more
 # would only let hostile prompts take more cores from the engine.
 TOKENIZE_THREADS = 4
+# ...and they run at a lower CPU priority (Linux nice, per thread), so that on a busy machine the event
+# loop and the engine thread win the cores over a megabyte prompt being tokenized.
+TOKENIZE_NICENESS = 10
 
 
 def longest_token_bytes(tokenizer: Any) -> int:
@@ -42,13 +48,19 @@ def prompt_byte_limit(llm: LLM, configured: int | None) -> int | None:
     return llm.engine.max_model_len * longest_token_bytes(tokenizer)
 
 
+def _lower_priority() -> None:
+    with suppress(OSError, AttributeError):  # per-thread niceness is Linux's; elsewhere threads keep theirs
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), TOKENIZE_NICENESS)
+
+
 class PromptPreparer:
     """Turns completion prompts and chat conversations into token ids on a small thread pool."""
 
     def __init__(self, llm: LLM, max_prompt_bytes: int | None) -> None:
         self.llm = llm
         self.max_bytes = prompt_byte_limit(llm, max_prompt_bytes)
-        self._pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="fxllm-tokenize")
+        self._pool = ThreadPoolExecutor(TOKENIZE_THREADS, thread_name_prefix="fxllm-tokenize",
+                                        initializer=_lower_priority)  # fmt: skip
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(*args) on the tokenizer threads."""
