@@ -2,7 +2,8 @@
 
 Every step is a batched tensor op over the [N, V] logits with per-row parameters as tensors; rows with a
 feature off get a neutral value (top_k = V, top_p = 1, min_p = 0, penalty 1 / 0) so one kernel serves
-the whole batch. The only host sync is the final `.tolist()`.
+the whole batch. `Sampler.launch` leaves everything on the device and starts one non-blocking copy of
+the sampled ids (and the few logprob values asked for) to the host; `PendingSample.resolve` waits for it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,75 @@ class SamplerOutput:
 
     token_ids: list[int]
     logprobs: list[dict[int, Logprob] | None]  # per row, None if that row asked no logprobs
+
+
+class PendingSample:
+    """A launched sampling step: the ids on the device, and their copy to the host in flight.
+
+    On CUDA the copy goes into pinned memory with `non_blocking=True` and a CUDA event marks its end, so
+    the host can build the next step while the GPU works; on the CPU the copy is a plain one.
+    """
+
+    def __init__(
+        self,
+        token_ids: torch.Tensor,
+        params: Sequence[SamplingParams],
+        logprob_parts: tuple[list[int], int, torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        self.token_ids = token_ids  # [N] int64 on the device: the next step's inputs read it there
+        self.params = params
+        self._wanted: list[int] = []
+        self._max_k = 0
+        ints, floats = token_ids, None
+        if logprob_parts is not None:
+            self._wanted, self._max_k, more_ints, floats = logprob_parts
+            ints = torch.cat([token_ids, more_ints])
+        self._ints = _to_host(ints)
+        self._floats = _to_host(floats) if floats is not None else None
+        self._event: torch.cuda.Event | None = None
+        if token_ids.device.type == "cuda":
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._output: SamplerOutput | None = None
+
+    def ready(self) -> bool:
+        """Whether the host copy has landed (resolve() will not block)."""
+        return self._event is None or self._event.query()
+
+    def resolve(self) -> SamplerOutput:
+        """Wait for the host copy and build the output (once; later calls return the same object)."""
+        if self._output is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._output = self._build()
+        return self._output
+
+    def _build(self) -> SamplerOutput:
+        ints = self._ints.tolist()
+        num_rows = len(self.params)
+        if self._floats is None:
+            return SamplerOutput(token_ids=ints, logprobs=[None] * num_rows)
+        floats = self._floats.tolist()
+        out_ids, top_id_list = ints[:num_rows], ints[num_rows:]
+        wanted, max_k = self._wanted, self._max_k
+        top_lp_list = floats[len(wanted) :]
+        per_row: list[dict[int, Logprob] | None] = [None] * num_rows
+        for j, i in enumerate(wanted):
+            sampled = out_ids[i]
+            entry = {sampled: Logprob(token_id=sampled, logprob=floats[j])}
+            for r in range(min(self.params[i].logprobs or 0, max_k)):
+                token = top_id_list[j * max_k + r]
+                entry.setdefault(token, Logprob(token_id=token, logprob=top_lp_list[j * max_k + r]))
+            per_row[i] = entry
+        return SamplerOutput(token_ids=out_ids, logprobs=per_row)
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """Start copying a small device tensor to the host (pinned, non-blocking on CUDA); CPU tensors as is."""
+    if tensor.device.type != "cuda":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
@@ -183,18 +253,22 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         """Sample one token per row of `logits` (any float dtype) following each row's params."""
+        return self.launch(logits, rows).resolve()
+
+    def launch(self, logits: torch.Tensor, rows: list[SamplingRow]) -> PendingSample:
+        """Sample on the device and start the ids' copy to the host; `resolve()` the result when needed."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [len(rows)={len(rows)}, vocab], got {tuple(logits.shape)}")
+        params = [row.params for row in rows]
         if not rows:
-            return SamplerOutput(token_ids=[], logprobs=[])
+            return PendingSample(torch.empty(0, dtype=torch.int64, device=logits.device), params)
         device = logits.device
         vocab = logits.shape[1]
-        params = [row.params for row in rows]
         row_idx, token_idx = _min_tokens_mask(rows, self.eos_token_id, vocab)
         if not row_idx and all(_plain_greedy(p) for p in params):
             token_ids = _native_argmax(logits)
             if token_ids is not None:
-                return SamplerOutput(token_ids=token_ids.tolist(), logprobs=[None] * len(params))
+                return PendingSample(token_ids, params)
         # All ops below are out-of-place, so the caller's logits are never modified.
         logits = logits.float()
 
@@ -249,13 +323,11 @@ class Sampler:
         return sampled
 
     @staticmethod
-    def _gather(
-        logits: torch.Tensor, token_ids: torch.Tensor, params: Sequence[SamplingParams]
-    ) -> SamplerOutput:
-        """Move tokens (and requested logprobs) to the host in one go and build the output."""
+    def _gather(logits: torch.Tensor, token_ids: torch.Tensor, params: Sequence[SamplingParams]) -> PendingSample:
+        """Gather the requested logprobs on the device and start the one copy of ids + values to the host."""
         wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
         if not wanted:
-            return SamplerOutput(token_ids=token_ids.tolist(), logprobs=[None] * len(params))
+            return PendingSample(token_ids, params)
 
         # Logprobs are log_softmax of the penalised (and min_tokens-masked) logits, before temperature
         # and truncation: they describe the model's distribution, not the sampling knobs, so they are
@@ -267,21 +339,5 @@ class Sampler:
         max_k = min(max(params[i].logprobs or 0 for i in wanted), logits.shape[1])
         # topk(0) is valid and yields empty [len(wanted), 0] tensors, so k = 0 needs no special case.
         top_lp, top_ids = logprobs.topk(max_k, dim=-1)
-
-        # Two transfers, but the first one already waits for the GPU; the second is a plain copy.
-        ints = torch.cat([token_ids, top_ids.flatten()]).tolist()
-        floats = torch.cat([chosen_lp, top_lp.flatten()]).tolist()
-        num_rows = len(params)
-        out_ids = ints[:num_rows]
-        top_id_list = ints[num_rows:]
-        top_lp_list = floats[len(wanted) :]
-
-        per_row: list[dict[int, Logprob] | None] = [None] * num_rows
-        for j, i in enumerate(wanted):
-            sampled = out_ids[i]
-            entry = {sampled: Logprob(token_id=sampled, logprob=floats[j])}
-            for r in range(min(params[i].logprobs or 0, max_k)):
-                token = top_id_list[j * max_k + r]
-                entry.setdefault(token, Logprob(token_id=token, logprob=top_lp_list[j * max_k + r]))
-            per_row[i] = entry
-        return SamplerOutput(token_ids=out_ids, logprobs=per_row)
+        floats = torch.cat([chosen_lp, top_lp.flatten()])
+        return PendingSample(token_ids, params, (wanted, max_k, top_ids.flatten(), floats))
