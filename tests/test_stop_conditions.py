@@ -19,7 +19,7 @@ import openai
 import pytest
 import uvicorn
 
-from fxllm.config import FxllmConfig, config_from_dict
+from fxllm.config import config_from_dict
 from fxllm.llm import LLM
 from fxllm.runtime.sampling_params import SamplingParams
 from fxllm.serve.server import create_app
@@ -60,6 +60,7 @@ def _stops(tok: Any, ids: list[int]) -> Stops:
     stop = text[ends[j] + 1 : ends[j + 2] + 1]
     pos = text.find(stop)
     needed = next(k for k in range(len(ids) + 1) if stop in _decode(tok, ids[:k]))
+    assert (pos, needed) == (ends[j] + 1, j + 3), "the stop string first occurs where it was cut, over 3 tokens"
     m = next(m for m in range(FIRST_CANDIDATE, len(ids)) if ids[m] not in ids[:m])
     return Stops(ids, text, stop, pos, needed, ids[m], m, text[: ends[m]])
 
@@ -142,7 +143,6 @@ class Served:
     """A running server over the module's LLM."""
 
     url: str
-    config: FxllmConfig
 
     def client(self) -> openai.OpenAI:
         """A sync openai client for this server."""
@@ -152,10 +152,9 @@ class Served:
 @pytest.fixture(scope="module")
 def served(llm: LLM, unstopped: dict[str, Stops]) -> Iterator[Served]:
     """Serve the LLM on a free loopback port (after `unstopped`: the sync API is off once it serves)."""
-    config = config_from_dict({"compile": {"backend": "eager"}})
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(llm, config), log_level="warning", access_log=False))
+    server = uvicorn.Server(uvicorn.Config(create_app(llm, llm.config), log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="stop-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -163,7 +162,7 @@ def served(llm: LLM, unstopped: dict[str, Stops]) -> Iterator[Served]:
         time.sleep(0.05)
     assert server.started, "uvicorn did not start"
     try:
-        yield Served(f"http://127.0.0.1:{sock.getsockname()[1]}", config)
+        yield Served(f"http://127.0.0.1:{sock.getsockname()[1]}")
     finally:
         server.should_exit = True
         thread.join(timeout=30)
