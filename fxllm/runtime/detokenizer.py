@@ -103,7 +103,7 @@ class IncrementalDetokenizer:
         """Start after `prompt_token_ids`, whose tail gives the first output token its context."""
         self.tokenizer = tokenizer
         self.params = params
-        # Only the prompt's tail: the decode window never reaches further back (no O(prompt) copy).
+        # The decode window: the prompt's tail at first, never the whole prompt or output (no O(length) copy).
         self.token_ids: list[int] = list(prompt_token_ids[-INITIAL_PREFIX_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.token_ids)
@@ -164,8 +164,7 @@ class IncrementalDetokenizer:
             return self._step_window()
         if not piece:
             return ""
-        # Keep the window's offsets in step, so the window decoder can take over after a failure.
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+        self._advance()  # the window's offsets in step, so the window decoder can take over after a failure
         return piece
 
     def _step_window(self) -> str:
@@ -175,9 +174,14 @@ class IncrementalDetokenizer:
         # keeping the offsets so the next decode sees them all.
         if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHAR):
             return ""
-        self.prefix_offset = self.read_offset
-        self.read_offset = len(self.token_ids)
+        self._advance()
         return new_text[len(prefix_text) :]
+
+    def _advance(self) -> None:
+        # Text up to the last token is out: the tokens just read become the next decode's context and
+        # older ones are dropped, so `token_ids` stays a few tokens long.
+        del self.token_ids[: self.read_offset]
+        self.prefix_offset, self.read_offset = 0, len(self.token_ids)
 
     def check_stop(self) -> str | None:
         """Return the stop string that completed (truncating `text` at it), else None.
