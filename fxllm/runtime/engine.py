@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from fxllm.dtypes import is_auto_dtype, parse_dtype
+from fxllm.runtime.async_step import LaunchedStep, remove_placeholders, timing_event
 from fxllm.runtime.detokenizer import IncrementalDetokenizer, finish_reason_for_token
 from fxllm.runtime.kv_cache_manager import KVCacheManager
 from fxllm.runtime.model_runner import ModelRunner
@@ -20,7 +21,7 @@ from fxllm.runtime.outputs import RequestOutput
 from fxllm.runtime.request import Request, SequenceState
 from fxllm.runtime.sampler import Sampler, SamplingRow, make_generator
 from fxllm.runtime.sampling_params import RequestOutputKind, SamplingParams
-from fxllm.runtime.scheduler import CapacityScheduler, SchedulerConfig, create_scheduler
+from fxllm.runtime.scheduler import CapacityScheduler, ScheduledSequence, SchedulerConfig, create_scheduler
 from fxllm.runtime.sequence import Sequence, SequenceStatus
 from fxllm.runtime.step_inputs import build_step_inputs
 
@@ -51,6 +52,15 @@ class EngineStats:
     forward_seconds: float = 0.0
     sample_seconds: float = 0.0
     update_seconds: float = 0.0
+    # Where the host and the device do not overlap. `result_wait_seconds`: host time blocked waiting for a
+    # step's sampled ids (part of `sample_seconds`). `overlap_seconds`: host time between enqueueing a
+    # step's sampling and starting to wait for its ids, i.e. host work done while that step may still run
+    # on the device (async scheduling; ~0 when synchronous). `gpu_idle_seconds` (CUDA only, 0 on the CPU):
+    # gaps on the GPU timeline between one step's last op and the next step's first, measured with CUDA
+    # events: the host time not overlapped with the GPU.
+    result_wait_seconds: float = 0.0
+    overlap_seconds: float = 0.0
+    gpu_idle_seconds: float = 0.0
 
 
 class Engine:
@@ -85,6 +95,12 @@ class Engine:
         self._request_ids = itertools.count()
         self.stats = EngineStats()
         self.compile_settled = False  # set by warmup: a varied round compiled nothing new
+        # Async scheduling: launch step N+1 before reading step N's ids (see async_step.py). Default: on for
+        # CUDA; on the CPU the forward runs on the host's cores, so there is nothing to overlap with.
+        configured = scheduler_config.async_scheduling
+        self.async_scheduling = runner.device.type == "cuda" if configured is None else configured
+        self._in_flight: LaunchedStep | None = None
+        self._last_done: Any = None  # CUDA timing event at the end of the previous step's device work
 
     # ---- requests -------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
@@ -207,43 +223,96 @@ class Engine:
 
         Each output is of its request's `output_kind`: FINAL_ONLY requests (and every request with
         finished_only, as offline generation wants) give one when they finish; DELTA ones only what is new.
+        With async scheduling a step launches the next forward before reading the previous step's
+        sampled ids, so the outputs it returns are those of the previous step.
         """
         stats, clock = self.stats, time.perf_counter
         t0 = clock()
-        scheduled = self.scheduler.schedule()
-        stats.num_preemptions += len(scheduled.preempted)
-        if scheduled.is_empty:
-            return []
+        outputs: list[RequestOutput] = []
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None and previous.needs_host_history():
+            outputs += self._read_step(previous, finished_only)  # penalties read the token history on the host
+            previous = None
+        placeholders = previous.add_placeholders() if previous is not None else []
+        launched = None
+        try:
+            scheduled = self.scheduler.schedule()
+            stats.num_preemptions += len(scheduled.preempted)
+            stats.schedule_seconds += clock() - t0
+            if not scheduled.is_empty:
+                launched = self._launch(scheduled.scheduled, previous)
+        finally:
+            remove_placeholders(placeholders)
+        if previous is not None:
+            outputs += self._read_step(previous, finished_only)
+        if launched is not None:
+            if self.async_scheduling:
+                self._in_flight = launched
+            else:
+                outputs += self._read_step(launched, finished_only)
+            t = clock()
+            for item in launched.scheduled:  # after the reads: every token up to num_computed is known
+                if not item.seq.status.is_finished:
+                    self.kv_cache.cache_full_blocks(item.seq)
+            stats.update_seconds += clock() - t
+        if not self.requests:  # what is still in flight belongs to finished requests only
+            self._in_flight = self._last_done = None
+        self._refresh_gauges()
+        return outputs
+
+    def _launch(self, scheduled: list[ScheduledSequence], previous: LaunchedStep | None) -> LaunchedStep:
+        """Build the inputs, run the forward and launch sampling; the sampled ids stay in flight."""
+        stats, clock = self.stats, time.perf_counter
         t1 = clock()
-        inputs = build_step_inputs(scheduled.scheduled, self.runner.block_size, self.runner.device)
+        start = timing_event(self.runner.device)
+        pending = (previous.pending_rows(), previous.sample.token_ids) if previous and previous.sample else (None, None)
+        inputs = build_step_inputs(scheduled, self.runner.block_size, self.runner.device, *pending)
         t2 = clock()
         logits = self.runner.execute(inputs)
         t3 = clock()
         rows = []
         states = []
         for index in inputs.sampled:
-            request, state = self._by_seq[scheduled.scheduled[index].seq.seq_id]
+            request, state = self._by_seq[scheduled[index].seq.seq_id]
             seq, params = state.seq, request.params
-            # The sampler reads token history only for penalties and min_tokens; copying it for
-            # every row each step would cost O(length) per token.
+            # The sampler reads token history only for penalties and min_tokens (its length); copying it
+            # for every row each step would cost O(length) per token.
             penalized = params.has_penalties
             prompt_ids = seq.token_ids[: seq.num_prompt_tokens] if penalized else []
             output_ids = seq.output_token_ids if penalized or params.min_tokens > 0 else []
             rows.append(SamplingRow(params, state.generator, prompt_ids, output_ids))
             states.append((request, state))
-        sampled = self.sampler(logits, rows) if rows else None
-        t4 = clock()
-        for item in scheduled.scheduled:
+        sample = self.sampler.launch(logits, rows) if rows else None
+        for item in scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
-            self.kv_cache.cache_full_blocks(item.seq)
+        done = timing_event(self.runner.device)
+        step = LaunchedStep(scheduled, states, sample, start=start, done=done, previous_done=self._last_done)
+        self._last_done = done
+        stats.num_steps += 1
+        stats.inputs_seconds += t2 - t1
+        stats.forward_seconds += t3 - t2
+        stats.sample_seconds += step.launched_at - t3
+        return step
+
+    def _read_step(self, step: LaunchedStep, finished_only: bool) -> list[RequestOutput]:
+        """Wait for a launched step's sampled ids and append them; returns the outputs that step produced."""
+        stats, clock = self.stats, time.perf_counter
+        t = clock()
+        stats.overlap_seconds += t - step.launched_at
+        sampled = step.sample.resolve() if step.sample is not None else None
+        t4 = clock()
+        stats.result_wait_seconds += t4 - t
+        stats.sample_seconds += t4 - t
+        if step.start is not None and step.previous_done is not None:
+            stats.gpu_idle_seconds += max(0.0, step.previous_done.elapsed_time(step.start) / 1000)
         now = time.monotonic()
         touched: dict[str, Request] = {}
-        for j, (request, state) in enumerate(states):
+        for j, (request, state) in enumerate(step.rows):
+            if not step.alive(state):
+                continue  # finished or aborted after this step was launched: its extra token is dropped
             assert sampled is not None
             self._append_token(request, state, sampled.token_ids[j], sampled.logprobs[j], now)
             touched[request.request_id] = request
-        self.stats.num_steps += 1
-        self._refresh_gauges()
         outputs = []
         for request in touched.values():
             final_only = finished_only or request.params.output_kind is RequestOutputKind.FINAL_ONLY
@@ -253,10 +322,6 @@ class Engine:
                 request.metrics.finished_time = now
                 self.requests.pop(request.request_id, None)
                 self.stats.num_finished += 1
-        stats.schedule_seconds += t1 - t0
-        stats.inputs_seconds += t2 - t1
-        stats.forward_seconds += t3 - t2
-        stats.sample_seconds += t4 - t3
         stats.update_seconds += clock() - t4
         return outputs
 
@@ -271,6 +336,8 @@ class Engine:
             request.metrics.inter_token_latencies.append(now - state.last_token_time)
         state.last_token_time = now
         seq.append_token(token)
+        # Before a finish frees the blocks: the ones this token completes stay reusable by prefix.
+        self.kv_cache.cache_full_blocks(seq)
         self.stats.num_generated_tokens += 1
         if state.logprobs is not None and logprobs is not None:
             for lp in logprobs.values():

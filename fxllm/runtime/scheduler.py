@@ -23,6 +23,9 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
+    # Launch step N+1 before reading step N's sampled ids (host work overlaps the device's); None = on for
+    # CUDA, off on the CPU, where the forward runs on the same cores and there is nothing to overlap with.
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

@@ -35,13 +35,27 @@ class StepInputs:
         }
 
 
+# Stands for a token sampled by the step still in flight (async scheduling): the host does not know
+# it yet, so the input id is filled on the device from that step's sampled ids (`fill_pending_tokens`).
+PENDING_TOKEN = -1
+
+
 def build_step_inputs(
     scheduled: list[ScheduledSequence],
     block_size: int,
     device: torch.device,
+    pending_rows: dict[int, int] | None = None,
+    pending_ids: torch.Tensor | None = None,
 ) -> StepInputs:
-    """Lay out the scheduled chunks of every sequence in one token dimension."""
+    """Lay out the scheduled chunks of every sequence in one token dimension.
+
+    `pending_rows` maps the seq_id of a sequence whose last token is PENDING_TOKEN to its row in
+    `pending_ids` (the previous step's sampled ids, on the device); those inputs are copied there on
+    the device, so the forward never waits for the host to learn the token.
+    """
     tokens: list[int] = []
+    fill_at: list[int] = []  # flat positions of pending tokens
+    fill_from: list[int] = []  # their rows in pending_ids
     positions: list[int] = []
     slots: list[int] = []
     seq_lens: list[int] = []
@@ -55,6 +69,10 @@ def build_step_inputs(
         end = begin + item.num_new_tokens
         table = seq.block_table
         tokens += seq.token_ids[begin:end]
+        if pending_rows and end == seq.num_tokens and seq.seq_id in pending_rows:
+            fill_at.append(len(tokens) - 1)
+            fill_from.append(pending_rows[seq.seq_id])
+            tokens[-1] = 0  # a valid id until the device copy below lands
         positions += range(begin, end)
         slots += [table[p // block_size] * block_size + p % block_size for p in range(begin, end)]
         seq_lens.append(end)
@@ -68,8 +86,14 @@ def build_step_inputs(
         tensor = torch.tensor(data, dtype=dtype)
         return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
 
+    input_ids = as_tensor(tokens, torch.long)
+    if fill_at:
+        if pending_ids is None:
+            raise ValueError("pending_rows were given without the previous step's sampled ids")
+        rows = as_tensor(fill_from, torch.long)
+        input_ids.index_copy_(0, as_tensor(fill_at, torch.long), pending_ids.index_select(0, rows).long())
     return StepInputs(
-        input_ids=as_tensor(tokens, torch.long)[None],
+        input_ids=input_ids[None],
         position_ids=as_tensor(positions, torch.long)[None],
         slot_mapping=as_tensor(slots, torch.long),
         block_tables=as_tensor(tables, torch.int32),
