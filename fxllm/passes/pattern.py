@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,10 +27,71 @@ logger = logging.getLogger(__name__)
 PATTERN_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 
 
+# Inductor's matcher traces twice per match: the search function again on the match's own shapes (to
+# check what the pattern's wildcard integers stood for), then the replacement. A model's layers repeat
+# the same shapes, so while a pass applies, a trace is made once per distinct function and argument
+# signature: SmolLM2's 120 matches needed 242 traces, now a handful.
+_trace_memo: ContextVar[dict[Any, GraphModule] | None] = ContextVar("fxllm_pattern_trace_memo", default=None)
+TRACE_COUNTS = {"traced": 0, "reused": 0}  # for tests and the pass report
+
+
+def _value_key(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("tensor", type(value).__name__, value.dtype, str(value.device), value.requires_grad,
+                tuple(map(str, value.shape)), tuple(map(str, value.stride())))  # fmt: skip
+    if isinstance(value, torch.SymInt | torch.SymFloat | torch.SymBool):
+        return ("sym", type(value).__name__, str(value))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_value_key(v) for v in value))
+    if isinstance(value, (int, float, bool, str, type(None), torch.dtype, torch.device)):
+        return ("const", type(value).__name__, repr(value))
+    raise TypeError(f"no trace key for {type(value).__name__}")
+
+
+def _function_key(fn: Callable[..., Any]) -> Any:
+    """A function's code and what its closure holds: Inductor wraps the search function in a fresh closure
+    per match (over the match's argument list, of which only the length is read)."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return ("object", id(fn))
+    cells = []
+    for cell in fn.__closure__ or ():
+        value = cell.cell_contents
+        if callable(value):
+            cells.append(("callable", id(value)))
+        elif isinstance(value, (list, tuple)):
+            cells.append(("sequence", len(value)))
+        else:
+            cells.append(("value", _value_key(value)))
+    return (code, tuple(cells))
+
+
+def _copy(gm: GraphModule) -> GraphModule:
+    """A fresh GraphModule over a copy of `gm`'s graph (callers rename placeholders and edit meta)."""
+    graph = torch.fx.Graph()
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    return GraphModule(gm, graph)
+
+
 def trace_pattern(fn: Callable[..., Any], args: Sequence[Any], **_: Any) -> GraphModule:
-    """Trace a pattern function into the IR that capture produces."""
+    """Trace a pattern function into the IR that capture produces (once per signature while a pass applies)."""
+    memo = _trace_memo.get()
+    key = None
+    if memo is not None:
+        try:
+            key = (_function_key(fn), _value_key(list(args)))
+        except TypeError:
+            key = None
+        if key is not None and key in memo:
+            TRACE_COUNTS["reused"] += 1
+            return _copy(memo[key])
+    TRACE_COUNTS["traced"] += 1
     gm = make_fx(fn, pre_dispatch=True)(*args)
     normalize_graph(gm)
+    if memo is not None and key is not None:
+        memo[key] = gm
+        return _copy(gm)
     return gm
 
 
@@ -79,7 +141,12 @@ class PatternPass:
         """Apply every rewrite until none matches."""
         total = 0
         for dtype in _graph_float_dtypes(gm, ctx):
-            total += self._matcher(dtype).apply(gm.graph)
+            matcher = self._matcher(dtype)
+            token = _trace_memo.set({})  # the memo's symbolic sizes belong to this graph's fake mode
+            try:
+                total += matcher.apply(gm.graph)
+            finally:
+                _trace_memo.reset(token)
         if total:
             gm.graph.eliminate_dead_code()
             gm.recompile()
