@@ -60,6 +60,9 @@ class CompileConfig:
     cuda_graph_batch_sizes: list[int] = field(
         default_factory=lambda: [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
     )
+    # The compile cache (post-pass graphs, Inductor's and Triton's caches, the C++ CPU kernels):
+    # None = $FXLLM_CACHE_DIR, else ~/.cache/fxllm. `fxllm cache list` / `fxllm cache clear` manage it.
+    cache_dir: str | None = None
 
 
 @dataclass

@@ -143,11 +143,14 @@ def drop_attr_if_unused(gm: GraphModule, node: Node) -> None:
 
 
 def graph_device(gm: GraphModule) -> torch.device:
-    """The device of the graph's first tensor input (cpu when it has none)."""
+    """The device of the graph's first tensor input, else of its first weight (a graph from the compile
+    cache has no fake values), else cpu."""
     for node in gm.graph.nodes:
         value = val(node)
         if node.op == "placeholder" and isinstance(value, torch.Tensor):
             return value.device
+    for tensor in (*gm.parameters(), *gm.buffers()):
+        return tensor.device
     return torch.device("cpu")
 
 

@@ -9,11 +9,10 @@ from typing import Any
 
 import torch
 
-from fxllm.compiler.capture import capture
+from fxllm.compiler.cache_build import build_graph
 from fxllm.config import FxllmConfig
 from fxllm.passes.lower_ops import implementations_chosen
-from fxllm.passes.pipeline import PassReport, load_plugins, run_passes
-from fxllm.passes.registry import PassContext
+from fxllm.passes.pipeline import PassReport, load_plugins
 from fxllm.runtime.engine import Engine, resolve_device_dtype, resolve_eos_token_ids
 from fxllm.runtime.model_runner import ModelRunner
 
@@ -35,13 +34,20 @@ class BuildInfo:
     warmup_seconds: float = 0.0  # compile of the forward happens here (first call)
     decode_graph_seconds: float = 0.0  # capturing the CUDA graphs of the decode buckets
     decode_graph_sizes: tuple[int, ...] = ()
+    compile_cache: str = "off"  # "hit", "miss (why)" or "off (why)": the post-pass graph's compile cache
+    cache_seconds: float = 0.0  # reading the cached graph (hit) or writing it (miss)
 
     def summary(self) -> str:
         """One line per fact, for the start-up log."""
         counts = {r.name: r.matches for r in self.pass_report.records if r.status == "ran"}
+        graph = (
+            f"graph from the compile cache {self.cache_seconds:.1f} s"
+            if self.compile_cache == "hit"
+            else f"capture {self.capture_seconds:.1f} s, passes {self.passes_seconds:.1f} s"
+            + (f", cache write {self.cache_seconds:.1f} s" if self.compile_cache.startswith("miss") else "")
+        )
         return (
-            f"model {self.model_name} on {self.device} ({self.dtype}); load {self.load_seconds:.1f} s, "
-            f"capture {self.capture_seconds:.1f} s, passes {self.passes_seconds:.1f} s, "
+            f"model {self.model_name} on {self.device} ({self.dtype}); load {self.load_seconds:.1f} s, {graph}, "
             f"compile + warm-up {self.warmup_seconds:.1f} s, CUDA graphs {self.decode_graph_seconds:.1f} s "
             f"(decode batch sizes {list(self.decode_graph_sizes)}); matches {counts}"
         )
@@ -77,16 +83,10 @@ def build_engine(
     hf_config = model.config
     generation_config = getattr(model, "generation_config", None)
     max_positions = int(getattr(hf_config, "max_position_embeddings", 0) or 8192)
-    captured = capture(model)
+    built = build_graph(config, model, name, device, dtype)  # capture + passes, or the compile cache's entry
     del model
-    start = time.perf_counter()
-    ctx = PassContext(
-        model_config=hf_config, device=device, dtype=dtype, op_backends=dict(config.compile.op_backends)
-    )
-    report = run_passes(captured.gm, ctx, config.compile.passes, include_runtime=True)
-    passes_seconds = time.perf_counter() - start
-    chosen = implementations_chosen(captured.gm)
-    runner = ModelRunner(captured.gm, config.compile.backend, device, dtype, config.cache)
+    chosen = implementations_chosen(built.gm)
+    runner = ModelRunner(built.gm, config.compile.backend, device, dtype, config.cache)
     max_model_len = min(config.model.max_model_len or max_positions, max_positions, runner.capacity_tokens)
     # Every EOS id of the generation config ends a request, as in Hugging Face's generate.
     eos_token_ids = resolve_eos_token_ids(generation_config, tokenizer, hf_config)
@@ -101,8 +101,8 @@ def build_engine(
     )
     logger.info("compiling the forward (%s backend): one warm-up request", config.compile.backend)
     warmup_seconds = engine.warmup()
-    info = BuildInfo(name, device, dtype, load_seconds, captured.seconds, passes_seconds, report, chosen,
-                     warmup_seconds)  # fmt: skip
+    info = BuildInfo(name, device, dtype, load_seconds, built.capture_seconds, built.passes_seconds, built.report,
+                     chosen, warmup_seconds, compile_cache=built.cache, cache_seconds=built.cache_seconds)  # fmt: skip
     if device.type == "cuda" and config.compile.cuda_graphs:
         sizes = decode_bucket_sizes(config.compile.cuda_graph_batch_sizes, config.scheduler.max_num_seqs)
         logger.info("capturing CUDA graphs for decode batch sizes %s", sizes)

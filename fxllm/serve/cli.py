@@ -1,4 +1,4 @@
-"""The `fxllm` command line: compile, generate, chat, bench, serve."""
+"""The `fxllm` command line: compile, generate, chat, bench, cache, serve."""
 
 from __future__ import annotations
 
@@ -106,6 +106,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    """`fxllm cache list` / `fxllm cache clear`: the compile cache (post-pass graphs, Inductor, Triton)."""
+    from fxllm.compiler.cache import cache_root, clear, describe
+
+    configured = args.dir
+    if configured is None and (args.config or args.set):
+        configured = _load(args, None).compile.cache_dir  # type: ignore[attr-defined]
+    root = cache_root(configured)
+    if args.action == "list":
+        print(describe(root))
+    else:
+        removed = clear(root, graphs_only=args.graphs_only)
+        print(f"removed {', '.join(map(str, removed))}" if removed else f"nothing to remove under {root}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start the OpenAI-compatible server (see fxllm.serve.server)."""
     from fxllm.serve.server import serve_main
@@ -149,6 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results here")
     _config_args(p)
     p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("cache", help="list or clear the compile cache (~/.cache/fxllm or $FXLLM_CACHE_DIR)")
+    p.add_argument("action", choices=["list", "clear"])
+    p.add_argument("--dir", default=None, help="the cache root (default: compile.cache_dir, $FXLLM_CACHE_DIR, "
+                   "~/.cache/fxllm)")  # fmt: skip
+    p.add_argument("--graphs-only", action="store_true",
+                   help="clear: only the post-pass graphs (keep Inductor's, Triton's and the C++ kernels' caches)")
+    _config_args(p)
+    p.set_defaults(fn=cmd_cache)
 
     p = sub.add_parser("serve", help="OpenAI-compatible server (fxllm serve --help)", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -1,0 +1,93 @@
+"""The post-pass graph of a start: from the compile cache when an entry matches, else captured and
+transformed by the passes (and written to the cache for the next start)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+
+from fxllm.compiler.cache import GraphCache, cache_root, use_cache_root
+from fxllm.compiler.cache_graph import WeightRecorder, named_tensors
+from fxllm.compiler.cache_key import cache_key_parts, key_of, registered_code
+from fxllm.compiler.capture import capture
+from fxllm.passes.pipeline import PassReport, run_passes
+from fxllm.passes.registry import PassContext
+
+logger = logging.getLogger(__name__)
+
+DISABLE_ENV = "FXLLM_NO_COMPILE_CACHE"  # set to 1 to neither read nor write post-pass graphs
+CAPTURE_PREFIX = "model"  # the capture wrapper holds the model as `.model`: graph attributes are model.<fqn>
+
+
+@dataclass
+class GraphBuild:
+    """The graph the runner compiles, and how it was obtained."""
+
+    gm: GraphModule
+    report: PassReport
+    capture_seconds: float
+    passes_seconds: float
+    cache: str  # "hit", "miss (why)", "off (why)"
+    cache_seconds: float = 0.0  # reading the entry on a hit, writing it on a miss
+
+
+def _cold(model: torch.nn.Module, ctx: PassContext, passes: Any, recorder: WeightRecorder | None) -> tuple[
+        GraphModule, PassReport, float, float]:  # fmt: skip
+    captured = capture(model)
+    logger.info("running the passes")
+    start = time.perf_counter()
+    if recorder is None:
+        report = run_passes(captured.gm, ctx, passes, include_runtime=True)
+    else:
+        with recorder:  # learns how the passes derive weights (merged, packed) from the model's
+            report = run_passes(captured.gm, ctx, passes, include_runtime=True)
+    return captured.gm, report, captured.seconds, time.perf_counter() - start
+
+
+def build_graph(
+    config: Any, model: torch.nn.Module, model_name: str, device: torch.device, dtype: torch.dtype
+) -> GraphBuild:
+    """Capture + passes (runtime ones included) for `model`, through the compile cache."""
+    compile_config = config.compile
+    ctx = PassContext(model_config=model.config, device=device, dtype=dtype,
+                      op_backends=dict(compile_config.op_backends))  # fmt: skip
+    root = cache_root(getattr(compile_config, "cache_dir", None))
+    use_cache_root(root)
+    registered, unhashable = registered_code()
+    off = None
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        off = f"{DISABLE_ENV} is set"
+    elif unhashable:
+        off = f"passes {unhashable} are defined outside a source file, so their changes cannot be seen"
+    if off is not None:
+        logger.info("compile cache off: %s", off)
+        gm, report, capture_s, passes_s = _cold(model, ctx, compile_config.passes, None)
+        return GraphBuild(gm, report, capture_s, passes_s, f"off ({off})")
+    start = time.perf_counter()
+    parts = cache_key_parts(
+        model_name=model_name, model=model, device=device, dtype=dtype, passes=compile_config.passes,
+        op_backends=compile_config.op_backends, plugins=list(compile_config.plugins), registered=registered,
+    )  # fmt: skip
+    key = key_of(parts)
+    cache = GraphCache(root)
+    model_tensors = dict(named_tensors(model, CAPTURE_PREFIX))
+    with cache.lock(key):
+        hit = cache.load(key, parts, model_tensors, device)
+        if hit is not None:
+            logger.info("compile cache hit: %s (graph and weights bound in %.1f s; capture and passes skipped)",
+                        cache.entry_path(key), time.perf_counter() - start)  # fmt: skip
+            return GraphBuild(hit.gm, hit.report, 0.0, 0.0, "hit", time.perf_counter() - start)
+        why = cache.explain_miss(parts)
+        logger.info("compile cache miss (%s): capturing %s and running the passes; the result goes to %s",
+                    why, model_name, cache.entry_path(key))  # fmt: skip
+        recorder = WeightRecorder(model, CAPTURE_PREFIX)
+        gm, report, capture_s, passes_s = _cold(model, ctx, compile_config.passes, recorder)
+        start = time.perf_counter()
+        gm = cache.store(key, parts, gm, recorder, report, model_tensors)
+        return GraphBuild(gm, report, capture_s, passes_s, f"miss ({why})", time.perf_counter() - start)
