@@ -90,7 +90,7 @@ def _compile_section(model: Any, vocab: int) -> dict[str, Any]:
 def _phases(stats: Any) -> dict[str, float]:
     return {
         name: getattr(stats, f"{name}_seconds")
-        for name in ("schedule", "inputs", "forward", "sample", "update")
+        for name in ("schedule", "inputs", "forward", "sample", "update", "result_wait", "overlap", "gpu_idle")
     }
 
 
@@ -160,6 +160,17 @@ def _engine_section(deadline: float, save: Callable[[dict[str, Any]], None], out
                     "steps": llm.engine.stats.num_steps - steps_before,
                     "preemptions": llm.engine.stats.num_preemptions,
                     "phase_seconds": {k: v - phases_before[k] for k, v in _phases(llm.engine.stats).items()}}  # fmt: skip
+        # Host time not overlapped with the GPU (EngineStats docs): GPU idle gaps between steps (CUDA events)
+        # and the host's wait for each step's sampled ids, per step.
+        steps, phases = max(1, out[key]["steps"]), out[key]["phase_seconds"]
+        out[key]["async_scheduling"] = llm.engine.async_scheduling
+        out[key]["gpu_idle_ms_per_step"] = 1000 * phases["gpu_idle"] / steps
+        out[key]["result_wait_ms_per_step"] = 1000 * phases["result_wait"] / steps
+        logger.info(
+            "%s: %.0f out tok/s, %d steps; GPU idle %.3f ms/step, host waiting %.3f ms/step (async scheduling %s)",
+            key, result.tokens_per_second, steps, out[key]["gpu_idle_ms_per_step"],
+            out[key]["result_wait_ms_per_step"], "on" if llm.engine.async_scheduling else "off",
+        )  # fmt: skip
         graphs = llm.engine.runner.decode_graphs
         if graphs is not None:
             out[key]["graph_replays_total"] = graphs.num_replays
