@@ -187,3 +187,16 @@ def test_default_follows_the_device(parts: tuple[torch.nn.Module, Any]) -> None:
     assert engine.async_scheduling is False  # the CPU: nothing to overlap with
     with pytest.raises(Exception, match="async_scheduling"):
         load_config(None, ["scheduler.async_scheduling=maybe"])
+
+
+def test_padded_decode_buckets_get_the_device_side_ids(parts: tuple[torch.nn.Module, Any]) -> None:
+    """Decode steps through the bucket path (CUDA graphs' static inputs, unreplayed on the CPU): the static
+    input_ids take the ids the previous step sampled on the device."""
+    requests = [(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)) for p, n in zip(PROMPTS, (9, 3, 6))]
+    streams = []
+    for async_on in (False, True):
+        engine = make_engine(parts, async_on)
+        engine.runner.enable_decode_graphs([1, 2, 4], engine.max_model_len, capture=False)
+        streams.append(run(engine, requests))
+        assert engine.runner.decode_graphs is not None and engine.runner.decode_graphs.num_replays >= 7
+    assert_same(*streams)

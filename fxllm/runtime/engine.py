@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from fxllm.dtypes import is_auto_dtype, parse_dtype
 from fxllm.runtime.async_step import LaunchedStep, remove_placeholders, timing_event
 from fxllm.runtime.detokenizer import IncrementalDetokenizer, finish_reason_for_token
+from fxllm.runtime.engine_setup import resolve_device_dtype, resolve_eos_token_ids
 from fxllm.runtime.kv_cache_manager import KVCacheManager
 from fxllm.runtime.model_runner import ModelRunner
 from fxllm.runtime.outputs import RequestOutput
@@ -26,6 +26,8 @@ from fxllm.runtime.sequence import Sequence, SequenceStatus
 from fxllm.runtime.step_inputs import build_step_inputs
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["Engine", "EngineStats", "resolve_device_dtype", "resolve_eos_token_ids"]  # set-up helpers re-exported
 
 
 @dataclass
@@ -100,7 +102,7 @@ class Engine:
         configured = scheduler_config.async_scheduling
         self.async_scheduling = runner.device.type == "cuda" if configured is None else configured
         self._in_flight: LaunchedStep | None = None
-        self._last_done: Any = None  # CUDA timing event at the end of the previous step's device work
+        self._last_done: torch.cuda.Event | None = None  # CUDA timing event at the end of the previous step's device work
 
     # ---- requests -------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
@@ -410,38 +412,3 @@ class Engine:
         while self.has_unfinished():
             finals += self.step(finished_only=True)
         return finals
-
-
-def _token_ids(value: Any) -> list[int]:
-    if value is None:
-        return []
-    return [int(value)] if isinstance(value, int) else [int(t) for t in value]
-
-
-def resolve_eos_token_ids(generation_config: Any, tokenizer: Any, model_config: Any) -> list[int]:
-    """Every id that ends generation, "the" EOS first; [] when nothing declares one.
-
-    Hugging Face's generate stops at the generation config's EOS ids (SmolLM2: <|im_end|>, Llama-3.1
-    Instruct: 128001, 128008 and 128009), which can differ from the tokenizer's; follow it so outputs
-    match generate. Without one, the tokenizer's EOS and the model config's (maybe a list) both end it.
-    The tokenizer's EOS goes first where listed, so it reports stop_reason None as in vLLM.
-    """
-    ids = _token_ids(getattr(generation_config, "eos_token_id", None))
-    tokenizer_eos = getattr(tokenizer, "eos_token_id", None)
-    if not ids:
-        ids = _token_ids(tokenizer_eos) + _token_ids(getattr(model_config, "eos_token_id", None))
-    ids = list(dict.fromkeys(ids))
-    if isinstance(tokenizer_eos, int) and tokenizer_eos in ids:
-        ids.remove(tokenizer_eos)
-        ids.insert(0, tokenizer_eos)
-    return ids
-
-
-def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    """'auto' -> cuda/bfloat16 when a GPU is present, else cpu/float32."""
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    )
-    if is_auto_dtype(dtype):
-        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
-    return dev, parse_dtype(dtype, auto_allowed=True)
