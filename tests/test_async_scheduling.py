@@ -200,3 +200,11 @@ def test_padded_decode_buckets_get_the_device_side_ids(parts: tuple[torch.nn.Mod
         streams.append(run(engine, requests))
         assert engine.runner.decode_graphs is not None and engine.runner.decode_graphs.num_replays >= 7
     assert_same(*streams)
+
+
+def test_length_limit_runs_no_extra_token(parts: tuple[torch.nn.Module, Any]) -> None:
+    """The host knows max_tokens ahead: a sequence whose pending token is its last is not scheduled again."""
+    engine = make_engine(parts, True)
+    stream = run(engine, [(PROMPTS[0], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))])[0]
+    assert len(stream.token_ids[0]) == 5 and stream.finish[0] == ("length", None)
+    assert engine.stats.num_steps == 5

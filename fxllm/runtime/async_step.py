@@ -50,8 +50,15 @@ class LaunchedStep:
         return any(request.params.has_penalties and self.alive(state) for request, state in self.rows)
 
     def add_placeholders(self) -> list[Sequence]:
-        """Append PENDING_TOKEN to every live row's sequence (so the scheduler sees one uncomputed token)."""
-        seqs = [state.seq for _, state in self.rows if self.alive(state)]
+        """Append PENDING_TOKEN to every live row's sequence (so the scheduler sees one uncomputed token).
+
+        A sequence whose pending token is its last by max_tokens gets none: it is not scheduled again, so
+        length-limited sequences run no extra token and take no extra KV slot."""
+        seqs = [
+            state.seq
+            for _, state in self.rows
+            if self.alive(state) and state.seq.num_output_tokens + 1 < state.max_tokens
+        ]
         for seq in seqs:
             seq.token_ids.append(PENDING_TOKEN)
         return seqs
