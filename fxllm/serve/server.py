@@ -18,7 +18,7 @@ from pydantic import BaseModel
 import fxllm
 from fxllm.config import FxllmConfig
 from fxllm.runtime.outputs import CompletionOutput, RequestOutput
-from fxllm.runtime.sampling_params import SamplingParams
+from fxllm.runtime.sampling_params import RequestOutputKind, SamplingParams
 from fxllm.serve import protocol as P
 from fxllm.serve.admission import attach_scheduler_hooks
 from fxllm.serve.body import parse_json_body, read_json_body
@@ -124,9 +124,13 @@ class OpenAIServing:
             raise from_value_error(exc) from None
 
     def _start(
-        self, prompts: list[list[int]], params: SamplingParams, rid: str
+        self, prompts: list[list[int]], params: SamplingParams, rid: str, stream: bool
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Validate every prompt (400 before anything runs), then stream them through the engine."""
+        """Validate every prompt (400 before anything runs), then stream them through the engine.
+
+        A stream gets DELTA outputs (only what is new each step); otherwise only the final output.
+        """
+        params.output_kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
         ids = [rid if len(prompts) == 1 else f"{rid}-{i}" for i in range(len(prompts))]
         try:
             for prompt, request_id in zip(prompts, ids):
@@ -137,14 +141,18 @@ class OpenAIServing:
         return merge_streams([self._observed(engine.generate(p, params, i)) for p, i in zip(prompts, ids)])
 
     async def _observed(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-        last = None
+        """Pass the outputs on; when the stream ends, record the request's totals (deltas folded up)."""
+        total: RequestOutput | None = None
         try:
             async with aclosing(stream) as s:  # type: ignore[type-var]
-                async for last in s:
-                    yield last
+                async for out in s:
+                    if total is None:
+                        total = RequestOutput(out.request_id, out.prompt, out.prompt_token_ids, [], False)
+                    total.add(out)  # copies: `out` goes on to the client unchanged
+                    yield out
         finally:
-            if last is not None:
-                self.metrics.observe(last)
+            if total is not None:
+                self.metrics.observe(total)
 
     async def _collect(
         self, request: Request, stream: AsyncIterator[tuple[int, RequestOutput]], count: int
@@ -178,34 +186,46 @@ class OpenAIServing:
         stream: AsyncIterator[tuple[int, RequestOutput]],
         n: int,
         options: P.StreamOptions | None,
-        choice_of: Callable[[int, CompletionOutput, str, int], Any],
+        choice_of: Callable[[int, CompletionOutput, int], Any],
         chunk_of: Callable[[list[Any], P.UsageInfo | None], BaseModel],
         prologue: tuple[str, ...] = (),
     ) -> AsyncIterator[str]:
-        """SSE events: deltas of each choice's cumulative text, a usage chunk if asked, then [DONE]."""
+        """SSE events from DELTA outputs: one chunk per choice with news, a usage chunk if asked, [DONE].
+
+        `choice_of(index, delta, offset)` gets the choice's new text and tokens and how many characters
+        of its text were sent before.
+        """
         opts = options or P.StreamOptions()
-        sent_text: dict[int, int] = {}
-        sent_tokens: dict[int, int] = {}
+        sent_chars: dict[int, int] = {}
         finished: set[int] = set()
-        latest: dict[int, RequestOutput] = {}
+        prompt_tokens: dict[int, int] = {}
+        completion_tokens: dict[int, int] = {}
+
+        def usage() -> P.UsageInfo:
+            prompt, completion = sum(prompt_tokens.values()), sum(completion_tokens.values())
+            return P.UsageInfo(
+                prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+            )
+
         for event in prologue:
             yield event
         try:
             async with aclosing(stream) as s:  # type: ignore[type-var]
                 async for i, out in s:
-                    latest[i] = out
+                    prompt_tokens[i] = len(out.prompt_token_ids)
                     for c in out.outputs:
                         index = i * n + c.index
-                        tok = sent_tokens.get(index, 0)
-                        delta = c.text[sent_text.get(index, 0) :]
-                        new_logprobs = c.logprobs is not None and len(c.token_ids) > tok
-                        if index in finished or not (delta or c.finish_reason or new_logprobs):
+                        completion_tokens[index] = completion_tokens.get(index, 0) + len(c.token_ids)
+                    for c in out.outputs:
+                        index = i * n + c.index
+                        if index in finished or not (c.text or c.finish_reason or c.logprobs):
                             continue
-                        usage = P.usage_of(list(latest.values())) if opts.continuous_usage_stats else None
-                        sent_text[index], sent_tokens[index] = len(c.text), len(c.token_ids)
+                        offset = sent_chars.get(index, 0)
+                        sent_chars[index] = offset + len(c.text)
                         if c.finish_reason is not None:
                             finished.add(index)
-                        yield _sse(chunk_of([choice_of(index, c, delta, tok)], usage))
+                        running = usage() if opts.continuous_usage_stats else None
+                        yield _sse(chunk_of([choice_of(index, c, offset)], running))
         except OpenAIError as exc:
             yield _sse(exc.payload())
         except ValueError as exc:
@@ -214,7 +234,7 @@ class OpenAIServing:
             logger.exception("generation failed mid-stream")
             yield _sse(OpenAIError(500, f"generation failed: {type(exc).__name__}: {exc}").payload())
         if opts.include_usage:
-            yield _sse(chunk_of([], P.usage_of(list(latest.values()))))
+            yield _sse(chunk_of([], usage()))
         yield "data: [DONE]\n\n"
 
     @staticmethod
@@ -235,10 +255,15 @@ class OpenAIServing:
         self.limits.check_sequences(1 if single else len(req.prompt), params.n)
         prompts = await self.prompts.completion_prompts(req.prompt, params)
         rid, created, num_top = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.logprobs or 0
-        stream = self._start(prompts, params, rid)
+        stream = self._start(prompts, params, rid, req.stream)
 
-        def choice_of(index: int, c: CompletionOutput, text: str, tok: int) -> P.CompletionChoice:
-            return P.completion_choice(index, c, text, tok, num_top)
+        def choice_of(index: int, c: CompletionOutput, offset: int) -> P.CompletionChoice:
+            # `offset`: characters of this choice sent before, so text_offset counts from the start.
+            logprobs = None
+            if c.logprobs is not None:
+                logprobs = P.completion_logprobs(c.token_ids, c.logprobs, num_top, offset)
+            return P.CompletionChoice(index=index, text=c.text, logprobs=logprobs,
+                                      finish_reason=c.finish_reason, stop_reason=c.stop_reason)  # fmt: skip
 
         def chunk_of(choices: list[Any], usage: P.UsageInfo | None) -> P.CompletionResponse:
             return P.CompletionResponse(
@@ -251,9 +276,7 @@ class OpenAIServing:
         if finals is None:
             return Response(status_code=499)
         choices = [
-            choice_of(i * params.n + c.index, c, c.text, 0)
-            for i, out in enumerate(finals)
-            for c in out.outputs
+            choice_of(i * params.n + c.index, c, 0) for i, out in enumerate(finals) for c in out.outputs
         ]
         return JSONResponse(chunk_of(choices, P.usage_of(finals)).model_dump())
 
@@ -281,10 +304,10 @@ class OpenAIServing:
             params = self._params(req, max_tokens, num_top if req.logprobs else None)
             self.limits.check_sequences(1, params.n)
             prompt = await self.prompts.chat_prompt(conversation, params)
-            stream = self._start([prompt], params, rid)
+            stream = self._start([prompt], params, rid, req.stream)
 
-        def choice_of(index: int, c: CompletionOutput, text: str, tok: int) -> P.ChatChunkChoice:
-            return P.chat_chunk_choice(index, c, text, tok, num_top)
+        def choice_of(index: int, c: CompletionOutput, offset: int) -> P.ChatChunkChoice:
+            return P.chat_chunk_choice(index, c, c.text, 0, num_top)
 
         def chunk_of(choices: list[Any], usage: P.UsageInfo | None) -> P.ChatCompletionChunk:
             return P.ChatCompletionChunk(
