@@ -137,7 +137,7 @@ def drop_attr_if_unused(gm: GraphModule, node: Node) -> None:
         return
     target = node.target
     gm.graph.erase_node(node)
-    if not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
+    if not gm.graph.find_nodes(op="get_attr", target=target):  # indexed: no walk over the graph
         owner_path, _, leaf = str(target).rpartition(".")
         delattr(fetch_attr(gm, owner_path) if owner_path else gm, leaf)
 

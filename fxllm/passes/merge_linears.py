@@ -24,7 +24,7 @@ def _weight_of(node: Node) -> Node | None:
     return weight if isinstance(weight, Node) and weight.op == "get_attr" else None
 
 
-def _merge_group(gm: GraphModule, source: Node, linears: list[Node], index: int) -> None:
+def _merge_group(gm: GraphModule, source: Node, linears: list[Node], index: int, order: dict[Node, int]) -> None:
     graph = gm.graph
     weights = [_weight_of(n) for n in linears]
     biases = [arg(n, 2, "bias") for n in linears]
@@ -36,7 +36,7 @@ def _merge_group(gm: GraphModule, source: Node, linears: list[Node], index: int)
         bias_name = f"{name}_bias"
         bias_tensors = [fetch_attr(gm, b.target) for b in biases]
         gm.register_parameter(bias_name, torch.nn.Parameter(torch.cat(bias_tensors, 0), requires_grad=False))
-    first = min(linears, key=lambda n: _order(graph)[n])
+    first = min(linears, key=order.__getitem__)
     with graph.inserting_before(first):
         w_node = graph.get_attr(name)
         b_node = graph.get_attr(bias_name) if bias_name else None
@@ -56,10 +56,6 @@ def _merge_group(gm: GraphModule, source: Node, linears: list[Node], index: int)
         drop_attr_if_unused(gm, attr)
 
 
-def _order(graph: torch.fx.Graph) -> dict[Node, int]:
-    return {node: i for i, node in enumerate(graph.nodes)}
-
-
 @register_pass("merge_linears", "fuse", _builtin=True)
 def merge_linears(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Linears sharing an input -> one linear over concatenated weights + slices."""
@@ -71,6 +67,9 @@ def merge_linears(gm: GraphModule, ctx: PassContext) -> PassResult:
     for node in gm.graph.nodes:
         if is_op(node, aten.linear.default) and _weight_of(node) is not None:
             groups[node.args[0]].append(node)
+    # Positions of the original nodes: merging inserts new nodes before a group's first linear only,
+    # so the order among the nodes still to be merged never changes.
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
     for source, linears in groups.items():
         if len(linears) < 2:
             continue
@@ -81,7 +80,7 @@ def merge_linears(gm: GraphModule, ctx: PassContext) -> PassResult:
             continue
         if any(isinstance(arg(n, 2, "bias"), Node) and arg(n, 2, "bias").op != "get_attr" for n in linears):
             continue
-        _merge_group(gm, source, linears, result.num_matches)
+        _merge_group(gm, source, linears, result.num_matches, order)
         result.num_matches += 1
     if result.num_matches:
         gm.recompile()
