@@ -287,3 +287,25 @@ def test_operator_targets_round_trip() -> None:
     for fn in (operator.getitem, torch.ops.aten.add.Tensor, torch.ops.aten.sym_size.int, torch.cat,
                torch.Tensor.view, torch.nn.functional.pad):  # fmt: skip
         assert decode_callable(encode_callable(fn)) == fn
+
+
+def test_the_first_key_of_a_process_equals_its_later_ones(tmp_path: Path) -> None:
+    """The key reads the op-backend registry, which the device's backends fill on import: a fresh process
+    must compute the same key before and after they are imported (its first start used to miss)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from fxllm.config import load_config\n"
+        "from fxllm.models import load_model\n"
+        "from fxllm.compiler.cache_build import start_key\n"
+        "config = load_config(None, ['model.model=tiny-llama'])\n"
+        "model = load_model('tiny-llama').model\n"
+        "args = (config, model, 'tiny-llama', torch.device('cpu'), torch.float32)\n"
+        "first = start_key(*args)[0]\n"
+        "import fxllm.passes.lower_ops, fxllm.backends.cpu\n"
+        "print(first == start_key(*args)[0])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "True", out.stderr[-2000:]

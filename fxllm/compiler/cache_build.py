@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
+from fxllm.backends.registry import import_device_backends
 from fxllm.compiler.cache import GraphCache, cache_root, use_cache_root
 from fxllm.compiler.cache_graph import WeightRecorder, named_tensors
 from fxllm.compiler.cache_key import cache_key_parts, key_of, registered_code
@@ -50,6 +51,27 @@ def _cold(model: torch.nn.Module, ctx: PassContext, passes: Any, recorder: Weigh
     return captured.gm, report, captured.seconds, time.perf_counter() - start
 
 
+def start_key(
+    config: Any, model: torch.nn.Module, model_name: str, device: torch.device, dtype: torch.dtype
+) -> tuple[str, dict[str, str], str | None]:
+    """The cache key of this start, its parts, and why the cache is off (None when it is on)."""
+    compile_config = config.compile
+    # The device's built-in backends register on import: import them before the registries are read, or
+    # a process's first key would differ from its later ones.
+    import_device_backends(device)
+    registered, unhashable = registered_code()
+    off = None
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        off = f"{DISABLE_ENV} is set"
+    elif unhashable:
+        off = f"passes {unhashable} are defined outside a source file, so their changes cannot be seen"
+    parts = cache_key_parts(
+        model_name=model_name, model=model, device=device, dtype=dtype, passes=compile_config.passes,
+        op_backends=compile_config.op_backends, plugins=list(compile_config.plugins), registered=registered,
+    )  # fmt: skip
+    return key_of(parts), parts, off
+
+
 def build_graph(
     config: Any, model: torch.nn.Module, model_name: str, device: torch.device, dtype: torch.dtype
 ) -> GraphBuild:
@@ -59,22 +81,12 @@ def build_graph(
                       op_backends=dict(compile_config.op_backends))  # fmt: skip
     root = cache_root(getattr(compile_config, "cache_dir", None))
     use_cache_root(root)
-    registered, unhashable = registered_code()
-    off = None
-    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
-        off = f"{DISABLE_ENV} is set"
-    elif unhashable:
-        off = f"passes {unhashable} are defined outside a source file, so their changes cannot be seen"
+    start = time.perf_counter()
+    key, parts, off = start_key(config, model, model_name, device, dtype)
     if off is not None:
         logger.info("compile cache off: %s", off)
         gm, report, capture_s, passes_s = _cold(model, ctx, compile_config.passes, None)
         return GraphBuild(gm, report, capture_s, passes_s, f"off ({off})")
-    start = time.perf_counter()
-    parts = cache_key_parts(
-        model_name=model_name, model=model, device=device, dtype=dtype, passes=compile_config.passes,
-        op_backends=compile_config.op_backends, plugins=list(compile_config.plugins), registered=registered,
-    )  # fmt: skip
-    key = key_of(parts)
     cache = GraphCache(root)
     model_tensors = dict(named_tensors(model, CAPTURE_PREFIX))
     with cache.lock(key):
