@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 import torch
@@ -40,15 +41,43 @@ def eager_backend(gm: GraphModule) -> Callable[..., object]:
     return gm
 
 
-def _inductor_settings(device: torch.device) -> dict[str, object]:
+FREEZING_ENV = "FXLLM_CPU_FREEZING"  # "1" / "0" force Inductor's weight freezing on the CPU on / off
+
+
+def cpu_freezing(gm: GraphModule) -> tuple[bool, str]:
+    """Whether Inductor should freeze `gm`'s weights on the CPU, and why.
+
+    Freezing lets oneDNN pre-pack the weights of plain linears: SmolLM2 float32 decode 23.7 -> 30.1 tok/s
+    at batch 1 and 169 -> 242 at 16 requests (in-process A/B, 2-core AVX2 box, 2026-11-27; earlier
+    160 -> 309 with oneDNN GEMMs). But a frozen graph with oneDNN-packed weights bypasses Inductor's graph
+    cache and AOTAutograd's cache (torch 2.13), so every start compiles the graph again (minutes on 2
+    cores). Where fxllm's packed kernel took every linear (pack_linears, AVX-512), nothing is left to
+    pre-pack: no freezing, and a warm start loads the compiled graph from the caches."""
+    forced = os.environ.get(FREEZING_ENV, "")
+    if forced in ("0", "1"):
+        return forced == "1", f"{FREEZING_ENV}={forced}"
+    linears = [
+        n for n in gm.graph.find_nodes(op="call_function", target=torch.ops.aten.linear.default)
+        if isinstance(n.args[1], torch.fx.Node) and n.args[1].op == "get_attr"
+    ]  # fmt: skip
+    if linears:
+        return True, f"{len(linears)} linears for oneDNN to pre-pack (no packed kernel for them here)"
+    return False, "no plain linears left to pre-pack"
+
+
+def _inductor_settings(gm: GraphModule, device: torch.device) -> dict[str, object]:
     """Inductor settings for graphs on `device` (patched in around compiling calls)."""
     if device.type != "cpu":
         return {}
-    # Freezing turns the weights into constants that Inductor can fold and pre-pack: SmolLM2 decode
-    # went 160 -> 309 tok/s (float32, 16 requests) and 53 -> 87 (bfloat16, batch 1) on the 2-core dev
-    # box with oneDNN GEMMs. On CUDA it would only duplicate folded weights. (torch.compile's `options`
-    # did not switch it on here, so the config is patched around calls.)
-    settings: dict[str, object] = {"freezing": True}
+    # On CUDA freezing would only duplicate folded weights. (torch.compile's `options` did not switch it
+    # on here, so the config is patched around calls.)
+    freeze, why = cpu_freezing(gm)
+    if freeze:
+        logger.info("Inductor freezes the weights (%s): its compiled graph is not cached, every start compiles "
+                    "it; %s=0 trades decode speed for cached starts", why, FREEZING_ENV)  # fmt: skip
+    else:
+        logger.info("Inductor does not freeze the weights (%s): its compiled graph is cached", why)
+    settings: dict[str, object] = {"freezing": freeze}
     from fxllm.backends.cpu import native
 
     if native.available():
@@ -66,7 +95,7 @@ class InductorGraph:
     def __init__(self, gm: GraphModule) -> None:
         from fxllm.passes.graph_utils import graph_device
 
-        self._inductor_patches = _inductor_settings(graph_device(gm))
+        self._inductor_patches = _inductor_settings(gm, graph_device(gm))
         self.num_compiles = 0
         self.guards_frozen = False
         self.num_unfrozen = 0  # calls that needed a new variant after freeze_guards
