@@ -16,6 +16,9 @@ Three launches, none of which reads a value back to the host (the op runs inside
 K/V tiles are BLOCK_N tokens gathered through the block table per token, so any block size works.
 Scores and softmax are float32 (exp2, log2(e) = 1.4426950408889634 folded into the scale); P is rounded to the cache
 dtype before P @ V, as the reference rounds its probabilities to v's dtype.
+FP8 caches (float8_e4m3fn, KV_FP8): the write kernel stores k / k_scale clamped to +-448; the attention kernels
+convert the e4m3 tiles to q's dtype (exact: every e4m3 value is a bf16 value), fold k_scale into the score scale
+and multiply the output by v_scale. Scales are device tensors ([1] or [Hkv], stride 0 or 1), read in-kernel.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from fxllm.ops.kv_quant import FP8_KV_DTYPE, is_fp8
 
 
 @triton.jit
@@ -43,10 +48,10 @@ def _write_kv_kernel(
     num_seqs, n_kv_heads, n_heads, block_size,
     sk_t, sk_h, sv_t, sv_h,
     skc_b, skc_s, skc_h, svc_b, svc_s, svc_h,
-    so_t, so_h,
+    so_t, so_h, ks_ptr, vs_ptr, sks_h, svs_h,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_HKV: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    ZERO_PADDING: tl.constexpr,
+    ZERO_PADDING: tl.constexpr, KV_FP8: tl.constexpr = False,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, BLOCK_HKV)
@@ -58,10 +63,16 @@ def _write_kv_kernel(
         off = slot % block_size
         km = (h < n_kv_heads)[:, None] & (d < HEAD_DIM)[None, :]
         kx = tl.load(k_ptr + t * sk_t + h[:, None] * sk_h + d[None, :], mask=km)
+        if KV_FP8:  # saturate: e4m3fn has no inf, an out-of-range value would become NaN
+            ks = tl.load(ks_ptr + h * sks_h, mask=h < n_kv_heads, other=1.0)
+            kx = tl.clamp(kx.to(tl.float32) / ks[:, None], -448.0, 448.0)
         tl.store(kc_ptr + blk * skc_b + off * skc_s + h[:, None] * skc_h + d[None, :],
                  kx.to(kc_ptr.dtype.element_ty), mask=km)  # fmt: skip
         vm = (h < n_kv_heads)[:, None] & (dv < HEAD_DIM_V)[None, :]
         vx = tl.load(v_ptr + t * sv_t + h[:, None] * sv_h + dv[None, :], mask=vm)
+        if KV_FP8:
+            vs = tl.load(vs_ptr + h * svs_h, mask=h < n_kv_heads, other=1.0)
+            vx = tl.clamp(vx.to(tl.float32) / vs[:, None], -448.0, 448.0)
         tl.store(vc_ptr + blk * svc_b + off * svc_s + h[:, None] * svc_h + dv[None, :],
                  vx.to(vc_ptr.dtype.element_ty), mask=vm)  # fmt: skip
     if ZERO_PADDING:  # noqa: SIM102  (a compile-time branch: kept apart so that it folds away)
@@ -80,38 +91,58 @@ def _attend_range(
     qk_scale, softcap, window,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, F32_DOT: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, F32_DOT: tl.constexpr, MASKED: tl.constexpr = True,
 ):  # fmt: skip
-    """Online softmax of q rows against keys [lo, hi) of one sequence; scores in log2 units."""
+    """Online softmax of q rows against keys [lo, hi) of one sequence; scores in log2 units.
+
+    MASKED=False is the fast path for whole BLOCK_N tiles that every row may see in full (below the
+    causal diagonal, no window): no bounds, causal or window masks on the loads or the scores.
+    """
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
+    d_ok = d < HEAD_DIM
+    dv_ok = dv < HEAD_DIM_V
     for start in range(lo, hi, BLOCK_N):
         k_pos = start + tl.arange(0, BLOCK_N)
-        k_ok = k_pos < hi
-        page = tl.load(bt_ptr + k_pos // block_size, mask=k_ok, other=0).to(tl.int64)
         off = k_pos % block_size
-        # K is loaded row-major ([tokens, D], each row contiguous in the cache) and transposed in registers.
-        k = tl.load(kc_ptr + page[:, None] * skc_b + off[:, None] * skc_s + kv_head * skc_h + d[None, :],
-                    mask=k_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)  # fmt: skip
+        if MASKED:
+            k_ok = k_pos < hi
+            page = tl.load(bt_ptr + k_pos // block_size, mask=k_ok, other=0).to(tl.int64)
+            # K is loaded row-major ([tokens, D], each row contiguous in the cache), transposed in registers.
+            k = tl.load(kc_ptr + page[:, None] * skc_b + off[:, None] * skc_s + kv_head * skc_h + d[None, :],
+                        mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+        else:
+            page = tl.load(bt_ptr + k_pos // block_size).to(tl.int64)
+            k = tl.load(kc_ptr + page[:, None] * skc_b + off[:, None] * skc_s + kv_head * skc_h + d[None, :],
+                        mask=d_ok[None, :], other=0.0)  # fmt: skip
+        if k.dtype.is_fp8():  # exact in bf16/fp16/fp32; k_scale is folded into qk_scale by the caller
+            k = k.to(q.dtype)
         s = _mma(q, tl.trans(k), F32_DOT)
         if USE_SOFTCAP:
             # softcap * tanh(s / softcap), tanh(x) = 1 - 2 / (exp(2x) + 1): saturates cleanly at +-1.
             s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * (s * qk_scale) / softcap) + 1.0)) * 1.4426950408889634
         else:
             s = s * (qk_scale * 1.4426950408889634)
-        allowed = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
-        if USE_WINDOW:
-            allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
-        s = tl.where(allowed, s, float("-inf"))
+        if MASKED:
+            allowed = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
+            if USE_WINDOW:
+                allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
+            s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # Rows with nothing allowed yet keep m = -inf; shift by 0 there so no inf - inf appears.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(vc_ptr + page[:, None] * svc_b + off[:, None] * svc_s + kv_head * svc_h + dv[None, :],
-                    mask=k_ok[:, None] & (dv < HEAD_DIM_V)[None, :], other=0.0)  # fmt: skip
-        acc = acc * alpha[:, None] + _mma(p.to(vc_ptr.dtype.element_ty), v, F32_DOT)
+        if MASKED:
+            v = tl.load(vc_ptr + page[:, None] * svc_b + off[:, None] * svc_s + kv_head * svc_h + dv[None, :],
+                        mask=k_ok[:, None] & dv_ok[None, :], other=0.0)  # fmt: skip
+        else:
+            v = tl.load(vc_ptr + page[:, None] * svc_b + off[:, None] * svc_s + kv_head * svc_h + dv[None, :],
+                        mask=dv_ok[None, :], other=0.0)  # fmt: skip
+        if v.dtype.is_fp8():  # v_scale multiplies the caller's output
+            v = v.to(q.dtype)
+        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, F32_DOT)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -121,10 +152,10 @@ def _decode_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, qsl_ptr, part_ptr, lse_ptr,
     num_seqs, num_heads, group, block_size, num_splits,
     sq_t, sq_h, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, sbt,
-    qk_scale, softcap, window,
+    qk_scale, softcap, window, ks_ptr, vs_ptr, sks_h, svs_h,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, F32_DOT: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, F32_DOT: tl.constexpr, KV_FP8: tl.constexpr = False,
 ):  # fmt: skip
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -147,14 +178,19 @@ def _decode_kernel(
         acc = tl.zeros((BLOCK_H, BLOCK_DV), dtype=tl.float32)
         m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        qk = qk_scale
+        if KV_FP8:
+            qk = qk_scale * tl.load(ks_ptr + kv_head * sks_h)
         acc, m_i, l_i = _attend_range(
             acc, m_i, l_i, q, q_pos, start, end, bt_ptr + seq * sbt, kc_ptr, vc_ptr, kv_head, block_size,
-            skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, qk_scale, softcap, window,
+            skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, qk, softcap, window,
             HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, USE_SOFTCAP, USE_WINDOW, F32_DOT,
         )  # fmt: skip
         nonempty = l_i > 0.0
         lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
         out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+        if KV_FP8:
+            out = out * tl.load(vs_ptr + kv_head * svs_h)
         row = (seq * num_heads + head) * num_splits + split  # partials are [T, Hq, splits]
         dv = tl.arange(0, BLOCK_DV)
         tl.store(part_ptr + row[:, None] * HEAD_DIM_V + dv[None, :], out,
@@ -199,12 +235,15 @@ def _prefill_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, qsl_ptr, sink_ptr, out_ptr,
     num_seqs, group, block_size,
     sq_t, sq_h, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, sbt, so_t, so_h,
-    qk_scale, softcap, window,
+    qk_scale, softcap, window, ks_ptr, vs_ptr, sks_h, svs_h,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, F32_DOT: tl.constexpr,
+    KV_FP8: tl.constexpr = False,
 ):  # fmt: skip
-    pid = tl.program_id(0)
+    # Last query blocks first: under the causal mask they see the most keys, so the long programs
+    # start in the first wave and the short ones fill in behind them.
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
     # Sequence s owns program ids [qsl[s] // BLOCK_Q + s, qsl[s+1] // BLOCK_Q + s + 1): enough for
     # cdiv(q_len, BLOCK_Q) blocks, and the grid T // BLOCK_Q + S covers every sequence.
@@ -244,12 +283,28 @@ def _prefill_kernel(
         else:
             m_i = tl.full((BLOCK_Q * GROUP_P,), float("-inf"), dtype=tl.float32)
             l_i = tl.zeros((BLOCK_Q * GROUP_P,), dtype=tl.float32)
+        bt_seq = bt_ptr + seq.to(tl.int64) * sbt
+        qk = qk_scale
+        if KV_FP8:
+            qk = qk_scale * tl.load(ks_ptr + kv_head * sks_h)
+        # Keys up to the block's first query position are visible to every row: whole tiles there skip
+        # the masks; the tiles from `mid` on (the diagonal, or everything under a window) keep them.
+        mid = lo
+        if not USE_WINDOW:
+            mid = lo + (ctx + q_block * BLOCK_Q + 1 - lo) // BLOCK_N * BLOCK_N
         acc, m_i, l_i = _attend_range(
-            acc, m_i, l_i, q, q_pos, lo, hi, bt_ptr + seq.to(tl.int64) * sbt, kc_ptr, vc_ptr, kv_head,
-            block_size, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, qk_scale, softcap, window,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, USE_SOFTCAP, USE_WINDOW, F32_DOT,
+            acc, m_i, l_i, q, q_pos, lo, mid, bt_seq, kc_ptr, vc_ptr, kv_head,
+            block_size, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, qk, softcap, window,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, USE_SOFTCAP, USE_WINDOW, F32_DOT, False,
+        )  # fmt: skip
+        acc, m_i, l_i = _attend_range(
+            acc, m_i, l_i, q, q_pos, mid, hi, bt_seq, kc_ptr, vc_ptr, kv_head,
+            block_size, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, qk, softcap, window,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, USE_SOFTCAP, USE_WINDOW, F32_DOT, True,
         )  # fmt: skip
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        if KV_FP8:
+            out = out * tl.load(vs_ptr + kv_head * svs_h)
         dv = tl.arange(0, BLOCK_DV)
         tl.store(out_ptr + (q_start + tok).to(tl.int64)[:, None] * so_t + head[:, None] * so_h + dv[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (dv < HEAD_DIM_V)[None, :])  # fmt: skip
@@ -283,15 +338,26 @@ def _unit_last(t: Tensor) -> Tensor:
 def supported(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
     """Whether the Triton kernels handle these inputs (else the op falls back to the reference)."""
     float_dtypes = (*_DOT_DTYPES, torch.float32)
+    cache_dtypes = (*float_dtypes, FP8_KV_DTYPE)
     return (
         q.dim() == 3
         and k_cache.dim() == 4
         and q.shape[1] % k_cache.shape[2] == 0
         and q.shape[-1] == k_cache.shape[-1]
         and q.dtype in float_dtypes
-        and k_cache.dtype in float_dtypes
-        and v_cache.dtype in float_dtypes
+        and k_cache.dtype in cache_dtypes
+        and v_cache.dtype in cache_dtypes
+        and is_fp8(k_cache.dtype) == is_fp8(v_cache.dtype)
     )
+
+
+def _scale_args(scale: Tensor | None, dummy: Tensor, num_kv_heads: int) -> tuple[Tensor, int]:
+    """(pointer, per-head stride) of a KV scale: stride 0 for one value, 1 for one per KV head."""
+    if scale is None:
+        return dummy, 0
+    if scale.numel() not in (1, num_kv_heads):
+        raise ValueError(f"a KV scale has {scale.numel()} values, not 1 or {num_kv_heads} (one per KV head)")
+    return scale.to(torch.float32).contiguous(), 0 if scale.numel() == 1 else 1
 
 
 def paged_attention_out(
@@ -300,6 +366,7 @@ def paged_attention_out(
     sliding_window: int, softcap: float, sinks: Tensor | None, out: Tensor,
     *, num_splits: int | None = None, block_m: int | None = None, block_n: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None,
+    k_scale: Tensor | None = None, v_scale: Tensor | None = None,
 ) -> None:  # fmt: skip
     """Write k/v into the caches, then paged attention into `out` [T, Hq, Dv]; launch knobs overridable."""
     num_tokens, num_heads, head_dim = q.shape
@@ -319,18 +386,24 @@ def paged_attention_out(
     block_dv = max(16, triton.next_power_of_2(head_dim_v))
     decode = num_tokens == num_seqs
     kc, vc = k_cache.stride(), v_cache.stride()
+    kv_fp8 = is_fp8(k_cache.dtype)
+    if kv_fp8 and (k_scale is None or v_scale is None):
+        raise ValueError("an FP8 KV cache needs k_scale and v_scale (float32 device tensors, [1] or [Hkv])")
+    (ks, sks), (vs, svs) = (_scale_args(s, q, num_kv_heads) for s in (k_scale, v_scale))
     _write_kv_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping, query_start_loc, out,
         num_seqs, num_kv_heads, num_heads, block_size,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), kc[0], kc[1], kc[2], vc[0], vc[1], vc[2],
-        out.stride(0), out.stride(1),
+        out.stride(0), out.stride(1), ks, vs, sks, svs,
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
         BLOCK_HKV=triton.next_power_of_2(num_kv_heads), BLOCK_HQ=triton.next_power_of_2(num_heads),
         BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_DV=triton.next_power_of_2(head_dim_v),
-        ZERO_PADDING=not decode, num_warps=4,
+        ZERO_PADDING=not decode, KV_FP8=kv_fp8, num_warps=4,
     )  # fmt: skip
     # float32 (or mixed) inputs: IEEE float32 dots, not tf32, so float32 stays exact to ~1e-7.
-    f32_dot = not (q.dtype == k_cache.dtype == v_cache.dtype and q.dtype in _DOT_DTYPES)
+    # FP8 tiles are converted to q's dtype in-kernel, so they dot in q's dtype.
+    same_dtype = kv_fp8 or q.dtype == k_cache.dtype == v_cache.dtype
+    f32_dot = not (same_dtype and q.dtype in _DOT_DTYPES)
     use_window, use_softcap = sliding_window > 0, softcap > 0.0
     sink_arg = sinks if sinks is not None else q  # never read without HAS_SINKS
     group_p = triton.next_power_of_2(group)
@@ -345,10 +418,10 @@ def paged_attention_out(
             q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, part, lse,
             num_seqs, num_heads, group, block_size, splits,
             q.stride(0), q.stride(1), kc[0], kc[1], kc[2], vc[0], vc[1], vc[2], block_tables.stride(0),
-            scale, softcap, sliding_window,
+            scale, softcap, sliding_window, ks, vs, sks, svs,
             HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_H=max(16, group_p), BLOCK_N=bn,
             BLOCK_D=block_d, BLOCK_DV=block_dv, USE_SOFTCAP=use_softcap, USE_WINDOW=use_window,
-            F32_DOT=f32_dot, num_warps=num_warps or 4, num_stages=num_stages or 3,
+            F32_DOT=f32_dot, KV_FP8=kv_fp8, num_warps=num_warps or 4, num_stages=num_stages or 3,
         )  # fmt: skip
         _combine_kernel[(num_tokens, num_heads)](
             part, lse, sink_arg, query_start_loc, out, num_seqs, num_heads, splits, out.stride(0), out.stride(1),
@@ -356,18 +429,24 @@ def paged_attention_out(
             BLOCK_DV=block_dv, num_warps=4,
         )  # fmt: skip
         return
-    bm = block_m or (128 if on_gpu and head_dim <= 128 else 64)
-    bn = block_n or (64 if head_dim <= 128 else 32)
+    # H100, Llama-3.1-8B heads (32/8, D 128), causal bf16 (benchmarks/gpu_attention.py sweep, RESULTS.md):
+    # 128 x 32 tiles, 4 warps, 2 stages ran 0.85x / 0.92x SDPA flash on 4 x 2048 / 1 x 8192; the
+    # previous 128 x 64 tiles with 8 warps and 3 stages 0.78x / 0.83x.
+    small_head = on_gpu and head_dim <= 128
+    bm = block_m or (128 if small_head else 64)
+    bn = block_n or (32 if small_head else 64 if head_dim <= 128 else 32)
+    warps = num_warps or (4 if small_head else 8 if bm >= 128 else 4)
+    stages = num_stages or (2 if small_head else 3)
     block_q = max(1, bm // group_p)
     _prefill_kernel[(num_tokens // block_q + num_seqs, num_kv_heads)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sink_arg, out,
         num_seqs, group, block_size,
         q.stride(0), q.stride(1), kc[0], kc[1], kc[2], vc[0], vc[1], vc[2], block_tables.stride(0),
-        out.stride(0), out.stride(1), scale, softcap, sliding_window,
+        out.stride(0), out.stride(1), scale, softcap, sliding_window, ks, vs, sks, svs,
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, GROUP_P=group_p, BLOCK_Q=block_q, BLOCK_N=bn,
         BLOCK_D=block_d, BLOCK_DV=block_dv, USE_SOFTCAP=use_softcap, USE_WINDOW=use_window,
-        HAS_SINKS=sinks is not None, F32_DOT=f32_dot,
-        num_warps=num_warps or (8 if block_q * group_p >= 128 else 4), num_stages=num_stages or 3,
+        HAS_SINKS=sinks is not None, F32_DOT=f32_dot, KV_FP8=kv_fp8,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
 
@@ -375,6 +454,7 @@ def paged_attention(
     q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor,
     block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor, scale: float,
     sliding_window: int = -1, softcap: float = 0.0, sinks: Tensor | None = None,
+    k_scale: Tensor | None = None, v_scale: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """Triton paged attention (KV write + decode split-KV or prefill flash kernel), no host sync."""
     if not supported(q, k_cache, v_cache):
@@ -382,11 +462,11 @@ def paged_attention(
 
         return paged_attention_reference(
             q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc,
-            scale, sliding_window, softcap, sinks,
+            scale, sliding_window, softcap, sinks, k_scale, v_scale,
         )  # fmt: skip
     out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
     paged_attention_out(
         q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc,
-        scale, sliding_window, softcap, sinks, out,
+        scale, sliding_window, softcap, sinks, out, k_scale=k_scale, v_scale=v_scale,
     )  # fmt: skip
     return out
