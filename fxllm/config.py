@@ -18,6 +18,7 @@ import yaml
 
 from fxllm.config_types import ConfigTypeError, check_value, type_name
 from fxllm.dtypes import is_auto_dtype, parse_dtype
+from fxllm.ops.kv_quant import check_cache_dtype
 from fxllm.passes.pipeline import PassConfig
 from fxllm.runtime.scheduler import SchedulerConfig
 
@@ -45,6 +46,9 @@ class CacheConfig:
     cpu_kv_bytes: int = 512 * 2**20  # the pool's size on the CPU
     num_blocks: int | None = None  # set to force an exact pool size (tests use tiny pools)
     enable_prefix_caching: bool = True
+    # "auto": the model's dtype; "fp8": float8_e4m3fn (half the bytes of bf16, so twice the blocks), with
+    # per-layer K/V scales from the checkpoint where it has them, else 1.0 (docs/quantization.md).
+    dtype: str = "auto"
 
 
 @dataclass
@@ -63,6 +67,22 @@ class CompileConfig:
     # The compile cache (post-pass graphs, Inductor's and Triton's caches, the C++ CPU kernels):
     # None = $FXLLM_CACHE_DIR, else ~/.cache/fxllm. `fxllm cache list` / `fxllm cache clear` manage it.
     cache_dir: str | None = None
+
+
+@dataclass
+class ParallelConfig:
+    """Tensor parallelism: one process per rank (docs/parallelism.md)."""
+
+    tensor_parallel_size: int = 1  # ranks the model is split over; heads and KV heads must divide by it
+    distributed_backend: str = "auto"  # "auto" (nccl on CUDA, gloo on the CPU), "gloo" or "nccl"
+    # Fuse all-reduce + residual add + RMSNorm into one op (fuse_allreduce_rms_norm pass); off until its
+    # accuracy at hidden 4096 is measured (TensorRT-LLM turned it off for hidden <= 4096).
+    fuse_allreduce_rms_norm: bool = False
+    # Largest message (bytes) of the peer-to-peer one-shot / two-shot all-reduce on CUDA; NCCL above.
+    one_shot_max_bytes: int = 256 * 1024
+    two_shot_max_bytes: int = 8 * 2**20
+    collective_timeout_s: float = 300.0  # a collective waiting longer fails (a dead rank never hangs)
+    master_port: int | None = None  # the rendezvous port on 127.0.0.1; None = a free port
 
 
 @dataclass
@@ -94,6 +114,7 @@ class FxllmConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def _check_type(hint: Any, value: Any, key: str) -> Any:
@@ -114,7 +135,22 @@ def _check_dtype(value: str) -> None:
 
 
 # Checks of a value beyond its type, by dotted key: they fail at load, not at engine build.
-_VALUE_CHECKS: dict[str, Callable[[Any], None]] = {"model.dtype": _check_dtype}
+def _check_tp_size(value: int) -> None:
+    if value < 1:
+        raise ValueError(f"must be >= 1 (1 = no tensor parallelism), got {value}")
+
+
+def _check_distributed_backend(value: str) -> None:
+    if value not in ("auto", "gloo", "nccl"):
+        raise ValueError(f"must be auto, gloo or nccl, got {value!r}")
+
+
+_VALUE_CHECKS: dict[str, Callable[[Any], None]] = {
+    "model.dtype": _check_dtype,
+    "cache.dtype": check_cache_dtype,
+    "parallel.tensor_parallel_size": _check_tp_size,
+    "parallel.distributed_backend": _check_distributed_backend,
+}
 
 
 def _build(cls: type, data: Mapping[str, Any], path: str) -> Any:

@@ -3,6 +3,7 @@ transformed by the passes (and written to the cache for the next start)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -17,6 +18,7 @@ from fxllm.compiler.cache import GraphCache, cache_root, use_cache_root
 from fxllm.compiler.cache_graph import WeightRecorder, named_tensors
 from fxllm.compiler.cache_key import cache_key_parts, key_of, registered_code
 from fxllm.compiler.capture import capture
+from fxllm.ops.kv_quant import KV_SCALES_ATTR, scale_tensor
 from fxllm.passes.pipeline import PassReport, run_passes
 from fxllm.passes.registry import PassContext
 
@@ -51,6 +53,14 @@ def _cold(model: torch.nn.Module, ctx: PassContext, passes: Any, recorder: Weigh
     return captured.gm, report, captured.seconds, time.perf_counter() - start
 
 
+def kv_cache_part(cache_dtype: str, kv_scales: dict[int, tuple[Any, Any]]) -> str:
+    """The key's "kv cache" part: the cache dtype and the checkpoint's scales (stored in the entry as constants)."""
+    if not kv_scales:
+        return cache_dtype
+    values = {layer: [scale_tensor(s).tolist() for s in pair] for layer, pair in sorted(kv_scales.items())}
+    return f"{cache_dtype}; scales {hashlib.sha256(repr(values).encode()).hexdigest()[:16]}"
+
+
 def start_key(
     config: Any, model: torch.nn.Module, model_name: str, device: torch.device, dtype: torch.dtype
 ) -> tuple[str, dict[str, str], str | None]:
@@ -69,6 +79,10 @@ def start_key(
         model_name=model_name, model=model, device=device, dtype=dtype, passes=compile_config.passes,
         op_backends=compile_config.op_backends, plugins=list(compile_config.plugins), registered=registered,
     )  # fmt: skip
+    cache_config = getattr(config, "cache", None)
+    parts["kv cache"] = kv_cache_part(
+        getattr(cache_config, "dtype", "auto"), dict(getattr(model, KV_SCALES_ATTR, {}) or {})
+    )
     return key_of(parts), parts, off
 
 
@@ -78,7 +92,9 @@ def build_graph(
     """Capture + passes (runtime ones included) for `model`, through the compile cache."""
     compile_config = config.compile
     ctx = PassContext(model_config=model.config, device=device, dtype=dtype,
-                      op_backends=dict(compile_config.op_backends))  # fmt: skip
+                      op_backends=dict(compile_config.op_backends), kv_cache_dtype=config.cache.dtype,
+                      kv_scales=dict(getattr(model, KV_SCALES_ATTR, {}) or {}),
+                      parallel=getattr(model, "fxllm_tensor_parallel", None))  # fmt: skip
     root = cache_root(getattr(compile_config, "cache_dir", None))
     use_cache_root(root)
     start = time.perf_counter()

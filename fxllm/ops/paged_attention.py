@@ -10,6 +10,10 @@ Caches are [num_blocks, block_size, Hkv, D]. The op writes them in place but dec
 mutation: nothing else in the graph reads a layer's cache, and declaring it would make the
 compiler functionalise (copy) the whole pool every step. This is the same contract vLLM keeps by
 hiding the cache from the graph.
+
+An FP8 cache (float8_e4m3fn, `cache.dtype: fp8`) comes with float32 scales `k_scale` / `v_scale`
+([1] or [Hkv], fxllm/ops/kv_quant.py): writing stores k / k_scale (clamped to +-448), reading
+multiplies back; the attention then runs in q's dtype as for any other cache.
 """
 
 from __future__ import annotations
@@ -18,17 +22,40 @@ import torch
 from torch import Tensor
 
 from fxllm.ops.eager import eager_only
+from fxllm.ops.kv_quant import dequantize_kv, is_fp8, quantize_kv
 from fxllm.ops.registry import register_canonical_op
 
 
-def write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
-    """Scatter this step's keys/values into the paged caches (slots < 0 are skipped)."""
+def _to_cache(x: Tensor, cache: Tensor, scale: Tensor | None, name: str) -> Tensor:
+    if not is_fp8(cache.dtype):
+        return x.to(cache.dtype)
+    if scale is None:
+        raise ValueError(
+            f"an FP8 KV cache is written without {name}: the cache pass must pass the layer's scales"
+        )
+    return quantize_kv(x, scale, cache.dtype)
+
+
+def write_kv_cache(
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slot_mapping: Tensor,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
+) -> None:
+    """Scatter this step's keys/values into the paged caches (slots < 0 are skipped; FP8 caches quantize)."""
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
     k_flat = k_cache.view(-1, *k_cache.shape[2:])
     v_flat = v_cache.view(-1, *v_cache.shape[2:])
-    k_flat.index_copy_(0, slots, k[valid].to(k_cache.dtype))
-    v_flat.index_copy_(0, slots, v[valid].to(v_cache.dtype))
+    k_rows = _to_cache(k[valid], k_cache, k_scale, "k_scale")
+    v_rows = _to_cache(v[valid], v_cache, v_scale, "v_scale")
+    if is_fp8(k_cache.dtype):  # index_copy_ has no float8 kernel on the CPU: copy the bytes
+        k_flat, v_flat, k_rows, v_rows = (t.view(torch.uint8) for t in (k_flat, v_flat, k_rows, v_rows))
+    k_flat.index_copy_(0, slots, k_rows)
+    v_flat.index_copy_(0, slots, v_rows)
 
 
 def _gather_context(cache: Tensor, block_table: Tensor, length: int) -> Tensor:
@@ -56,6 +83,8 @@ def _decode_batch(
     sliding_window: int,
     softcap: float,
     sinks: Tensor | None,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
 ) -> Tensor:
     """One query per sequence: gather every context (padded to the longest) and attend at once.
 
@@ -70,6 +99,8 @@ def _decode_batch(
     padded = num_blocks * block_size
     keys = k_cache.index_select(0, table).view(num_seqs, padded, num_kv_heads, -1)
     values = v_cache.index_select(0, table).view(num_seqs, padded, num_kv_heads, -1)
+    if is_fp8(k_cache.dtype):  # dequantized values rounded to q's dtype, as the other paths compute
+        keys, values = dequantize_kv(keys, k_scale, q.dtype), dequantize_kv(values, v_scale, q.dtype)
     group = num_heads // num_kv_heads
     qg = q.view(num_seqs, num_kv_heads, group, head_dim).float()
     scores = torch.matmul(qg, keys.permute(0, 2, 3, 1).float()) * scale  # [S, Hkv, G, L]
@@ -105,12 +136,14 @@ def paged_attention_reference(
     sliding_window: int = -1,
     softcap: float = 0.0,
     sinks: Tensor | None = None,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
 ) -> Tensor:
     """Plain-torch paged attention; the semantics every backend must reproduce."""
-    write_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    write_kv_cache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return attend_cached(
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, v.shape[-1],
-        scale, sliding_window, softcap, sinks,
+        scale, sliding_window, softcap, sinks, k_scale, v_scale,
     )  # fmt: skip
 
 
@@ -126,13 +159,16 @@ def attend_cached(
     sliding_window: int,
     softcap: float,
     sinks: Tensor | None,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
 ) -> Tensor:
     """The attention half of the op, after this step's k/v are in the caches (backends reuse it)."""
     num_seqs = seq_lens.shape[0]
     if q.shape[0] == num_seqs:  # every sequence contributes exactly one query: a pure decode step
         return _decode_batch(
-            q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap, sinks
-        )
+            q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap, sinks, k_scale, v_scale,
+        )  # fmt: skip
+    fp8 = is_fp8(k_cache.dtype)
     out = q.new_empty((*q.shape[:-1], head_dim_v))
     starts = query_start_loc.tolist()
     lengths = seq_lens.tolist()
@@ -142,6 +178,8 @@ def attend_cached(
             continue
         keys = _gather_context(k_cache, block_tables[s], lengths[s])
         values = _gather_context(v_cache, block_tables[s], lengths[s])
+        if fp8:
+            keys, values = dequantize_kv(keys, k_scale, q.dtype), dequantize_kv(values, v_scale, q.dtype)
         out[begin:end] = _attend(q[begin:end], keys, values, scale, sliding_window, softcap, sinks)
     if starts[-1] < q.shape[0]:
         out[starts[-1] :] = 0  # padding tokens (CUDA-graph buckets) get a defined value
@@ -163,17 +201,19 @@ def paged_attention(
     sliding_window: int = -1,
     softcap: float = 0.0,
     sinks: Tensor | None = None,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
 ) -> Tensor:
     """Write k/v into the paged caches, then causal attention per sequence; q [T,Hq,D] -> [T,Hq,Dv]."""
     return paged_attention_reference(
         q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc,
-        scale, sliding_window, softcap, sinks,
+        scale, sliding_window, softcap, sinks, k_scale, v_scale,
     )  # fmt: skip
 
 
 @paged_attention.register_fake
 def _paged_attention_fake(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc,
-                          scale, sliding_window=-1, softcap=0.0, sinks=None):  # fmt: skip
+                          scale, sliding_window=-1, softcap=0.0, sinks=None, k_scale=None, v_scale=None):  # fmt: skip
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 

@@ -36,6 +36,11 @@ class PassContext:
     weights_are_attributes: bool = True  # False for Dynamo graphs, whose weights arrive as inputs
     options: dict[str, Any] = field(default_factory=dict)  # this pass's options from config.yml
     op_backends: dict[str, str] = field(default_factory=dict)  # compile.op_backends: op -> preferred backend
+    kv_cache_dtype: str = "auto"  # cache.dtype: "auto" (the activations' dtype) or "fp8"
+    # A checkpoint's KV cache scales, {attention layer: (k_scale, v_scale)} (fxllm/ops/kv_quant.py); else 1.0.
+    kv_scales: dict[int, tuple[Any, Any]] = field(default_factory=dict)
+    # Tensor parallelism: the rank's TensorParallelInfo (fxllm/runtime/distributed/sharding.py); None = one rank.
+    parallel: Any = None
 
 
 @dataclass

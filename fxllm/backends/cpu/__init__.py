@@ -8,13 +8,18 @@ and logs how many nodes did.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from fxllm.backends.registry import OpSite
 
+logger = logging.getLogger(__name__)
+
 BACKEND = "cpu"
 PRIORITY = 5
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+_LOGGED_CACHE_DTYPES: set[torch.dtype] = set()  # log the FP8-cache fallback once per dtype, not per layer
 
 
 def supports(site: OpSite) -> bool:
@@ -22,13 +27,29 @@ def supports(site: OpSite) -> bool:
     return site.device.type == "cpu" and site.dtype in KERNEL_DTYPES
 
 
+def supports_attention(site: OpSite) -> bool:
+    """As `supports`, and caches of the activations' dtype: FP8 caches run the reference (logged once)."""
+    if not supports(site):
+        return False
+    k_cache = site.args[3] if len(site.args) > 3 else None
+    if isinstance(k_cache, torch.Tensor) and k_cache.dtype not in KERNEL_DTYPES:
+        if k_cache.dtype not in _LOGGED_CACHE_DTYPES:
+            _LOGGED_CACHE_DTYPES.add(k_cache.dtype)
+            logger.info("the C++ CPU attention kernel reads float32/bfloat16 caches only: paged_attention over a %s "
+                        "KV cache runs the reference (see `fxllm compile --explain` for the nodes)", k_cache.dtype)  # fmt: skip
+        return False
+    return True
+
+
 def _register() -> None:
     import fxllm.ops  # noqa: F401  (ops must exist before backends register for them)
     from fxllm.backends.cpu import native
     from fxllm.backends.registry import register_op_backend
 
-    for op in ("paged_attention", "packed_linear"):
-        register_op_backend(op, BACKEND, target=lambda op=op: native.op(op), supports=supports, priority=PRIORITY)
+    for op, check in (("paged_attention", supports_attention), ("packed_linear", supports)):
+        register_op_backend(
+            op, BACKEND, target=lambda op=op: native.op(op), supports=check, priority=PRIORITY
+        )
 
 
 _register()

@@ -37,7 +37,9 @@ def patch_interpreter() -> None:
     converted with int(), which numpy >= 2.4 rejects, so `range(lo, hi)` over run-time bounds fails
     (triton#9171, fixed upstream the same way). (2) float32 -> bfloat16 casts truncate, where the GPU
     rounds to nearest even. (3) tl.dot multiplies bfloat16 operands as raw uint16 bit patterns; the
-    fix upcasts them to float32 (exact, as tensor-core bf16 products are).
+    fix upcasts them to float32 (exact, as tensor-core bf16 products are). (4) casts to and from
+    float8e4nv convert the uint8 bit pattern as an integer; the fix converts through torch's
+    float8_e4m3fn (round to nearest even, as the GPU's cvt.rn).
     """
     import numpy as np
     import triton.language as tl
@@ -50,6 +52,7 @@ def patch_interpreter() -> None:
     original_patch = interpreter._patch_lang_tensor
     original_cast = builder.cast_impl
     original_dot = builder.create_dot
+    original_fp_to_fp = builder.create_fp_to_fp
 
     def patch_tensor(tensor, scope):  # type: ignore[no-untyped-def]
         original_patch(tensor, scope)
@@ -63,6 +66,21 @@ def patch_interpreter() -> None:
             rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
             return interpreter.TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
         return original_cast(self, src, dst_type)
+
+    def fp_to_fp(self, src, dst_type, rounding_mode):  # type: ignore[no-untyped-def]
+        if tl.float8e4nv not in (src.dtype.scalar, dst_type.scalar):
+            return original_fp_to_fp(self, src, dst_type, rounding_mode)
+        data = np.ascontiguousarray(src.data)
+        if src.dtype.scalar == tl.float8e4nv:
+            wide = torch.from_numpy(data.view(np.uint8)).view(torch.float8_e4m3fn).float()
+        elif src.dtype.scalar == tl.bfloat16:
+            wide = torch.from_numpy(bf16_to_f32(data))
+        else:
+            wide = torch.from_numpy(data.astype(np.float32))
+        if dst_type.scalar == tl.float8e4nv:
+            packed = wide.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+            return interpreter.TensorHandle(packed, tl.float8e4nv)
+        return cast_impl(self, interpreter.TensorHandle(wide.numpy(), tl.float32), dst_type)
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):  # type: ignore[no-untyped-def]
         if a.dtype.scalar == tl.bfloat16:
@@ -84,6 +102,7 @@ def patch_interpreter() -> None:
     interpreter._patch_lang_tensor = patch_tensor
     builder.cast_impl = cast_impl
     builder.create_dot = create_dot
+    builder.create_fp_to_fp = fp_to_fp
     builder._fxllm_patched = True
 
 

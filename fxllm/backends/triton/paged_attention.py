@@ -42,7 +42,7 @@ def _mma(a, b, F32_DOT: tl.constexpr):
     return r
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])
 def _write_kv_kernel(
     k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, qsl_ptr, out_ptr,
     num_seqs, n_kv_heads, n_heads, block_size,
@@ -147,7 +147,7 @@ def _attend_range(
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "num_splits"])
 def _decode_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, qsl_ptr, part_ptr, lse_ptr,
     num_seqs, num_heads, group, block_size, num_splits,
@@ -198,7 +198,7 @@ def _decode_kernel(
         tl.store(lse_ptr + row, lse, mask=hh < group)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "num_splits"])
 def _combine_kernel(
     part_ptr, lse_ptr, sink_ptr, qsl_ptr, out_ptr,
     num_seqs, num_heads, num_splits, so_t, so_h,
@@ -230,7 +230,7 @@ def _combine_kernel(
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])
 def _prefill_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, qsl_ptr, sink_ptr, out_ptr,
     num_seqs, group, block_size,

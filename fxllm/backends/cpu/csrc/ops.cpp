@@ -77,18 +77,22 @@ at::Tensor paged_attention_op(const at::Tensor& q_in, const at::Tensor& k_in, co
                            const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slot_mapping,
                            const at::Tensor& block_tables, const at::Tensor& seq_lens,
                            const at::Tensor& query_start_loc, double scale, c10::SymInt sliding_window,
-                           double softcap, const std::optional<at::Tensor>& sinks) {
+                           double softcap, const std::optional<at::Tensor>& sinks,
+                           const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
     const at::ScalarType t = k_cache.scalar_type();
     const std::optional<DType> dtype = kernel_dtype(t);
-    if (!dtype || q_in.scalar_type() != t || k_in.scalar_type() != t || v_in.scalar_type() != t ||
+    // FP8 caches (and any cache with scales) are the reference's: the lowering does not pick this kernel
+    // for them (fxllm/backends/cpu/__init__.py), and a direct call still gets the right answer.
+    if (!dtype || k_scale.has_value() || v_scale.has_value() || q_in.scalar_type() != t || k_in.scalar_type() != t || v_in.scalar_type() != t ||
         v_cache.scalar_type() != t || !k_cache.is_contiguous() || !v_cache.is_contiguous() || !q_in.is_cpu()) {
         static auto op = c10::Dispatcher::singleton()
             .findSchemaOrThrow("fxllm::paged_attention", "")
             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                              const at::Tensor&, double, c10::SymInt, double, const std::optional<at::Tensor>&)>();
+                              const at::Tensor&, double, c10::SymInt, double, const std::optional<at::Tensor>&,
+                              const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
         return op.call(q_in, k_in, v_in, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc,
-                       scale, sliding_window, softcap, sinks)
+                       scale, sliding_window, softcap, sinks, k_scale, v_scale)
             .contiguous();
     }
     const at::Tensor k = inner_contiguous(k_in), v = inner_contiguous(v_in), q = inner_contiguous(q_in);
@@ -150,7 +154,7 @@ TORCH_LIBRARY(fxllm_cpu, m) {
           {at::Tag::pt2_compliant_tag});
     m.def("paged_attention(Tensor q, Tensor k, Tensor v, Tensor k_cache, Tensor v_cache, Tensor slot_mapping, "
           "Tensor block_tables, Tensor seq_lens, Tensor query_start_loc, float scale, SymInt sliding_window=-1, "
-          "float softcap=0., Tensor? sinks=None) -> Tensor",
+          "float softcap=0., Tensor? sinks=None, Tensor? k_scale=None, Tensor? v_scale=None) -> Tensor",
           {at::Tag::pt2_compliant_tag});
     m.def("argmax_rows(Tensor logits) -> Tensor", {at::Tag::pt2_compliant_tag});
     m.def("set_isa(bool avx512, bool avx512_bf16) -> ()", &fxllm_cpu::set_isa);
