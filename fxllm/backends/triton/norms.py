@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 _MAX_BLOCK_N = 65536  # one row in registers; wider rows fall back to the reference
 
 
-@triton.jit
+# `n_rows` changes every step: no variant per value class (1, multiples of 16), see paged_attention.py.
+@triton.jit(do_not_specialize=["n_rows"])
 def _rms_norm_kernel(
     x_ptr,
     r_ptr,

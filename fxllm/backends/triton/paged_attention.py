@@ -16,6 +16,9 @@ Three launches, none of which reads a value back to the host (the op runs inside
 K/V tiles are BLOCK_N tokens gathered through the block table per token, so any block size works.
 Scores and softmax are float32 (exp2, log2(e) = 1.4426950408889634 folded into the scale); P is rounded to the cache
 dtype before P @ V, as the reference rounds its probabilities to v's dtype.
+Arguments that change from step to step (the number of sequences, of KV splits) are not specialised
+(`do_not_specialize`): Triton would otherwise compile another variant for the value 1 and for
+multiples of 16, i.e. again while the decode buckets are captured.
 FP8 caches (float8_e4m3fn, KV_FP8): the write kernel stores k / k_scale clamped to +-448; the attention kernels
 convert the e4m3 tiles to q's dtype (exact: every e4m3 value is a bf16 value), fold k_scale into the score scale
 and multiply the output by v_scale. Scales are device tensors ([1] or [Hkv], stride 0 or 1), read in-kernel.

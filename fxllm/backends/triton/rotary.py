@@ -57,7 +57,8 @@ def _rope_heads(
         tl.store(ob + HALF * so_d, o2.to(o_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# `seq_len` changes every step: no variant per value class (1, multiples of 16), see paged_attention.py.
+@triton.jit(do_not_specialize=["seq_len"])
 def _rope_kernel(
     q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr,
     seq_len, hq, hk,
