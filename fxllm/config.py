@@ -62,7 +62,7 @@ class CompileConfig:
     cuda_graphs: bool = True  # decode steps replay CUDA graphs (GPU only)
     # Decode buckets, capped at scheduler.max_num_seqs; a step pads up to the next bucket.
     cuda_graph_batch_sizes: list[int] = field(
-        default_factory=lambda: [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
+        default_factory=lambda: [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
     )
     # The compile cache (post-pass graphs, Inductor's and Triton's caches, the C++ CPU kernels):
     # None = $FXLLM_CACHE_DIR, else ~/.cache/fxllm. `fxllm cache list` / `fxllm cache clear` manage it.

@@ -45,7 +45,7 @@ def test_pass_config_is_validated() -> None:
     [
         ("cache.block_size=abc", "cache.block_size must be int, got str 'abc'"),
         ("cache.block_size=1.5", "cache.block_size must be int, got float 1.5"),
-        ("scheduler.max_num_seqs=true", "scheduler.max_num_seqs must be int, got bool True"),
+        ("scheduler.max_num_seqs=true", r"scheduler.max_num_seqs must be int \| None, got bool True"),
         ("cache.enable_prefix_caching=maybe", "cache.enable_prefix_caching must be bool, got str 'maybe'"),
         ("cache.gpu_memory_fraction=most", "cache.gpu_memory_fraction must be float"),
         ("model.max_model_len=long", r"model.max_model_len must be int \| None"),

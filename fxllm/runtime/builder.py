@@ -15,6 +15,7 @@ from fxllm.passes.lower_ops import implementations_chosen
 from fxllm.passes.pipeline import PassReport, load_plugins
 from fxllm.runtime.engine import Engine, resolve_device_dtype, resolve_eos_token_ids
 from fxllm.runtime.model_runner import ModelRunner
+from fxllm.runtime.scheduler import resolve_scheduler_limits
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,16 @@ def build_engine(
     device, dtype = resolve_device_dtype(config.model.device, config.model.dtype)
     start = time.perf_counter()
     name = config.model.model
-    if model is None:
+    tp_group = None
+    if config.parallel.tensor_parallel_size > 1:
+        from fxllm.runtime.distributed import start_tensor_parallel
+
+        if model is not None:
+            raise ValueError("tensor parallelism loads the model on every rank: pass a MODEL name, not a loaded model")
+        tp_group = start_tensor_parallel(config, device)  # spawns ranks 1..N-1; this process is rank 0
+        device = tp_group.device
+        model, tokenizer = tp_group.load_model(config, dtype, tokenizer)
+    elif model is None:
         from fxllm.models import load_model
 
         loaded = load_model(
@@ -86,14 +96,18 @@ def build_engine(
     built = build_graph(config, model, name, device, dtype)  # capture + passes, or the compile cache's entry
     del model
     chosen = implementations_chosen(built.gm)
-    runner = ModelRunner(built.gm, config.compile.backend, device, dtype, config.cache)
+    if tp_group is None:
+        runner = ModelRunner(built.gm, config.compile.backend, device, dtype, config.cache)
+    else:
+        runner = tp_group.make_runner(built.gm, config, dtype)  # every step runs on every rank
     max_model_len = min(config.model.max_model_len or max_positions, max_positions, runner.capacity_tokens)
     # Every EOS id of the generation config ends a request, as in Hugging Face's generate.
     eos_token_ids = resolve_eos_token_ids(generation_config, tokenizer, hf_config)
+    scheduler_config = resolve_scheduler_limits(config.scheduler, device.type, runner.capacity_tokens)
     engine = Engine(
         runner,
         tokenizer,
-        config.scheduler,
+        scheduler_config,
         enable_prefix_caching=config.cache.enable_prefix_caching,
         max_model_len=max_model_len,
         vocab_size=int(hf_config.vocab_size),
@@ -104,7 +118,8 @@ def build_engine(
     info = BuildInfo(name, device, dtype, load_seconds, built.capture_seconds, built.passes_seconds, built.report,
                      chosen, warmup_seconds, compile_cache=built.cache, cache_seconds=built.cache_seconds)  # fmt: skip
     if device.type == "cuda" and config.compile.cuda_graphs:
-        sizes = decode_bucket_sizes(config.compile.cuda_graph_batch_sizes, config.scheduler.max_num_seqs)
+        max_seqs = engine.scheduler.config.max_num_seqs
+        sizes = decode_bucket_sizes(config.compile.cuda_graph_batch_sizes, max_seqs)
         logger.info("capturing CUDA graphs for decode batch sizes %s", sizes)
         info.decode_graph_seconds = runner.enable_decode_graphs(sizes, max_model_len, capture=True)
         info.decode_graph_sizes = tuple(sizes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
 from collections import Counter, OrderedDict, deque
@@ -20,18 +21,44 @@ class SchedulerConfig:
     """Scheduler limits and policy name."""
 
     policy: str = "max_utilization"
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    # None = from the device and the KV pool (`resolve_scheduler_limits`): 64 on the CPU; on CUDA as
+    # many sequences as the pool holds at AUTO_TOKENS_PER_SEQ tokens each, between 256 and 1024.
+    max_num_seqs: int | None = None
+    # None = 2048 on the CPU, 8192 on CUDA (tokens of one step: prefill chunks plus decodes).
+    max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
     # Launch step N+1 before reading step N's sampled ids (host work overlaps the device's); None = on for
     # CUDA, off on the CPU, where the forward runs on the same cores and there is nothing to overlap with.
     async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.max_num_seqs < 1:
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs={self.max_num_seqs} must be >= 1.")
-        if self.max_num_batched_tokens < 1:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= 1.")
+
+
+CPU_MAX_NUM_SEQS, CPU_MAX_BATCHED_TOKENS = 64, 2048
+CUDA_MAX_NUM_SEQS, CUDA_MIN_NUM_SEQS, CUDA_MAX_BATCHED_TOKENS = 1024, 256, 8192
+# A pool of N tokens runs N / 256 sequences without preempting when they average 256 tokens; more
+# would trade throughput for preemptions (issue 14's 128 x 2048-token case preempted at a fixed 256).
+AUTO_TOKENS_PER_SEQ = 256
+
+
+def resolve_scheduler_limits(
+    config: SchedulerConfig, device_type: str, capacity_tokens: int | None = None
+) -> SchedulerConfig:
+    """`config` with every automatic (None) limit replaced by its value for the device and the pool."""
+    seqs, tokens = config.max_num_seqs, config.max_num_batched_tokens
+    if device_type == "cuda":
+        if seqs is None:
+            by_pool = (capacity_tokens or 0) // AUTO_TOKENS_PER_SEQ
+            seqs = max(CUDA_MIN_NUM_SEQS, min(CUDA_MAX_NUM_SEQS, by_pool))
+        tokens = CUDA_MAX_BATCHED_TOKENS if tokens is None else tokens
+    else:
+        seqs = CPU_MAX_NUM_SEQS if seqs is None else seqs
+        tokens = CPU_MAX_BATCHED_TOKENS if tokens is None else tokens
+    return dataclasses.replace(config, max_num_seqs=seqs, max_num_batched_tokens=tokens)
 
 
 @dataclass
@@ -79,7 +106,8 @@ class CapacityScheduler:
     allow_preemption: ClassVar[bool] = True
 
     def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
-        self.config = config
+        # The engine builder resolves automatic limits for its device; a scheduler made directly gets the CPU's.
+        self.config = resolve_scheduler_limits(config, "cpu")
         self.kv_cache = kv_cache
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []

@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", "-o", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. -o scheduler.max_num_seqs=32 (repeatable)")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--tp", type=int, help="tensor parallel ranks, one process each (parallel.tensor_parallel_size)")
     return p
 
 
@@ -45,6 +46,10 @@ def config_from_args(args: argparse.Namespace) -> FxllmConfig:
             setattr(config.server, key, value)
     if args.model:
         config.model.model = args.model
+    if getattr(args, "tp", None) is not None:
+        if args.tp < 1:
+            raise ValueError(f"--tp must be >= 1, got {args.tp}")
+        config.parallel.tensor_parallel_size = args.tp
     return config
 
 
@@ -55,7 +60,7 @@ def log_startup(llm: LLM, config: FxllmConfig) -> None:
                 server.served_model_name or config.model.model, llm.info.device, llm.info.dtype)  # fmt: skip
     logger.info("context %d tokens; KV cache capacity %d tokens (%d blocks x %d); max_num_seqs %d",
                 engine.max_model_len, engine.runner.capacity_tokens, engine.runner.num_blocks,
-                engine.runner.block_size, config.scheduler.max_num_seqs)  # fmt: skip
+                engine.runner.block_size, engine.scheduler.config.max_num_seqs)  # fmt: skip
     logger.info("compile: %s", llm.info.summary())
     logger.info("listening on http://%s:%d (API key %s)", server.host, server.port,
                 "required" if server.api_key else "not required")  # fmt: skip
