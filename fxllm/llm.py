@@ -129,10 +129,13 @@ class LLM:
             yield final
 
     def shutdown(self) -> None:
-        """Stop the async engine thread, if started."""
+        """Stop the async engine thread, if started, and a tensor-parallel engine's worker processes."""
         if self._async is not None:
             self._async.shutdown()
             self._async = None
+        stop_workers = getattr(self.engine.runner, "shutdown", None)
+        if stop_workers is not None:
+            stop_workers()
 
 
 def _is_token_list(prompts: object) -> bool:

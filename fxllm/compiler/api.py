@@ -113,7 +113,8 @@ def compile_model(
     start = time.perf_counter()
     gm = captured.gm
     ctx = PassContext(model_config=captured.model_config, device=captured.device, dtype=captured.dtype,
-                      op_backends=dict(op_backends or {}))  # fmt: skip
+                      op_backends=dict(op_backends or {}),
+                      parallel=getattr(model, "fxllm_tensor_parallel", None))  # fmt: skip
     report = run_passes(gm, ctx, normalize_pass_config(passes))
     compiled = CompiledModel(captured, gm, report, backend, 0.0)
     compiled.compile_seconds = time.perf_counter() - start

@@ -149,6 +149,12 @@ def registered_code() -> tuple[list[Any], list[str]]:
     return [passes, backends], unhashable
 
 
+def _parallel_part(model: torch.nn.Module) -> str:
+    """Tensor parallelism: the rank, the group size and its group (fxllm.runtime.distributed.sharding)."""
+    info = getattr(model, "fxllm_tensor_parallel", None)
+    return "rank 0 of 1" if info is None else str(info.key_part())
+
+
 def cache_key_parts(
     *,
     model_name: str,
@@ -181,7 +187,7 @@ def cache_key_parts(
         "compile.plugins": digest(list(plugins)),
         "registered passes": digest(registered[0]),
         "op implementations": digest(registered[1]),
-        "parallel": "rank 0 of 1",
+        "parallel": _parallel_part(model),
         "quantization": "none",
         **source_digests(plugins),
     }

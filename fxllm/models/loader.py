@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,7 @@ def _load_preset(
     seed: int,
     num_layers: int | None,
     attn: str | None,
+    shard: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> PreTrainedModel:
     config = preset_config(name, num_layers=num_layers)
     spec = find_model_spec(config.architectures)
@@ -78,7 +80,7 @@ def _load_preset(
     model = build_empty_model(config, dtype=dtype, attn_implementation=attn, spec=spec)
     move_buffers_(model, device)
     if device.type != "meta":
-        materialize_random_(model, device=device, dtype=dtype, seed=seed)
+        materialize_random_(model, device=device, dtype=dtype, seed=seed, shard=shard)
     return model.eval()
 
 
@@ -90,10 +92,13 @@ def load_model(
     seed: int = 0,
     num_layers: int | None = None,
     attn_implementation: str | None = None,
+    shard: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> LoadedModel:
     """Load MODEL `spec`: "smollm2" (embedded), a preset name, a HF model folder, or a .gguf file.
 
     attn_implementation None means sdpa, or eager for models whose softcapping sdpa would drop.
+    `shard(name, tensor)` (tensor parallelism) gives a preset's random weights as a rank's parts while
+    they are made; the caller shards other sources after loading.
     """
     start = time.perf_counter()
     dev = torch.device(device)
@@ -127,6 +132,7 @@ def load_model(
             seed=seed,
             num_layers=num_layers,
             attn=attn_implementation,
+            shard=shard,
         )
         loaded = LoadedModel(model, None, key, "preset")
     elif path.is_file() and path.suffix == ".gguf":

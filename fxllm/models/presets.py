@@ -275,9 +275,15 @@ def _init_tensor(module: nn.Module, leaf: str, t: torch.Tensor, gen: torch.Gener
 
 @torch.no_grad()
 def materialize_random_(
-    model: PreTrainedModel, *, device: torch.device, dtype: torch.dtype, seed: int
+    model: PreTrainedModel,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int,
+    shard: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
-    """Replace every meta parameter of `model` with deterministic random values on `device`."""
+    """Replace every meta parameter of `model` with deterministic random values on `device`; `shard(name,
+    full)` keeps a tensor-parallel rank's part of each (the same values as the unsharded model's)."""
     total = sum(p.numel() for p in model.parameters())
     init_device = torch.device("cpu") if total <= _CPU_INIT_MAX_PARAMS else device
     model_type = str(getattr(model.config, "model_type", ""))
@@ -294,5 +300,7 @@ def materialize_random_(
             gen = torch.Generator(device=init_device).manual_seed(_param_seed(seed, model_type, name))
             t = torch.empty(param.shape, dtype=torch.float32, device=init_device)
             _init_tensor(module, leaf, t, gen)
+            if shard is not None:
+                t = shard(name, t)  # one full tensor at a time: a rank never holds the whole model
             new_params[id(param)] = nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False)
         module._parameters[leaf] = new_params[id(param)]

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from fxllm.ops.activations import gelu_and_mul, silu_and_mul
 from fxllm.ops.attention import attention, attention_reference
+from fxllm.ops.collectives import all_reduce, all_reduce_add_rms_norm
 from fxllm.ops.linear import pack_linear_weight, packed_linear, unpack_linear_weight
 from fxllm.ops.norms import fused_add_rms_norm, rms_norm, rms_norm_reference
 from fxllm.ops.paged_attention import paged_attention, paged_attention_reference, write_kv_cache
 from fxllm.ops.rotary import rotary_embedding, rotary_embedding_reference
 
 __all__ = [
+    "all_reduce",
+    "all_reduce_add_rms_norm",
     "attention",
     "attention_reference",
     "fused_add_rms_norm",

@@ -14,4 +14,5 @@ from fxllm.passes import (  # noqa: F401
     match_rope,
     merge_linears,
     pack_linears,
+    shard_tp,
 )

@@ -16,8 +16,8 @@ from fxllm.passes.registry import STAGES, PassContext, PassSpec, registered_pass
 
 logger = logging.getLogger(__name__)
 
-# The built-in pipeline, in order. Stages "quantize", "shard" and "fuse_collectives" have no
-# built-in passes yet; user passes registered there run in stage order all the same.
+# The built-in pipeline, in order. Stage "quantize" has no built-in passes yet; user passes
+# registered there run in stage order all the same.
 BUILTIN_PIPELINE: tuple[str, ...] = (
     "cleanup",
     "match_attention",
@@ -26,6 +26,8 @@ BUILTIN_PIPELINE: tuple[str, ...] = (
     "match_gated_mlp",
     "fuse_add_rms_norm",
     "merge_linears",
+    "shard_tp",  # tensor parallelism: an all-reduce after each row-parallel linear (no-op on one rank)
+    "fuse_allreduce_rms_norm",
     "insert_cached_attention",
     "gather_logits",
     "pack_linears",

@@ -74,7 +74,9 @@ def build_engine(
         from fxllm.runtime.distributed import start_tensor_parallel
 
         if model is not None:
-            raise ValueError("tensor parallelism loads the model on every rank: pass a MODEL name, not a loaded model")
+            raise ValueError(
+                "tensor parallelism loads the model on every rank: pass a MODEL name, not a loaded model"
+            )
         tp_group = start_tensor_parallel(config, device)  # spawns ranks 1..N-1; this process is rank 0
         device = tp_group.device
         model, tokenizer = tp_group.load_model(config, dtype, tokenizer)

@@ -43,8 +43,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     config = _load(args, args.model)
     device, dtype = resolve_device_dtype(config.model.device, config.model.dtype)  # type: ignore[attr-defined]
-    loaded = load_model(config.model.model, device=device, dtype=dtype, num_layers=config.model.num_layers)  # type: ignore[attr-defined]
-    compiled = compile_model(loaded.model, backend=config.compile.backend, passes=config.compile.passes)  # type: ignore[attr-defined]
+    if config.parallel.tensor_parallel_size > 1:  # type: ignore[attr-defined]
+        from fxllm.runtime.distributed.rank_model import explain_rank_model
+
+        model = explain_rank_model(config, device, dtype)  # type: ignore[arg-type]
+    else:
+        name, layers = config.model.model, config.model.num_layers  # type: ignore[attr-defined]
+        model = load_model(name, device=device, dtype=dtype, num_layers=layers).model
+    compiled = compile_model(model, backend=config.compile.backend, passes=config.compile.passes)  # type: ignore[attr-defined]
     if args.explain:
         print(compiled.report())
     else:

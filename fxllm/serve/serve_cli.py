@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", "-o", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. -o scheduler.max_num_seqs=32 (repeatable)")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--tp", type=int, help="tensor parallel ranks, one process each (parallel.tensor_parallel_size)")
+    p.add_argument(
+        "--tp", type=int, help="tensor parallel ranks, one process each (parallel.tensor_parallel_size)"
+    )
     return p
 
 

@@ -1,0 +1,120 @@
+"""shard_tp: tensor parallelism on the captured graph; fuse_allreduce_rms_norm: its all-reduce + norm.
+
+The weights arrive already split (fxllm/runtime/distributed/sharding.py shards them while loading,
+so each rank holds only its part and the graph is captured with the rank's head counts). What the
+graph still lacks is the sum of the row-parallel linears' partial products: `shard_tp` inserts a
+canonical `fxllm::all_reduce` after each of them (the linears the plan names rowwise: o_proj and
+down_proj), and checks that every one was found. `fuse_allreduce_rms_norm` then turns
+all_reduce -> fused_add_rms_norm into one `fxllm::all_reduce_add_rms_norm` (off unless
+parallel.fuse_allreduce_rms_norm). Which all-reduce algorithm runs is the lowering's choice
+(fxllm/backends/cuda_collectives.py), so these patterns match the abstract op only.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+
+import torch
+from torch.fx import GraphModule, Node
+
+import fxllm.ops.collectives  # noqa: F401  (defines fxllm::all_reduce)
+from fxllm.passes.graph_utils import is_op, val
+from fxllm.passes.registry import PassContext, PassResult, register_pass
+
+aten = torch.ops.aten
+
+
+def _flat(name: str) -> str:
+    return name.replace(".", "_")
+
+
+def _row_parallel_site(node: Node, wanted: dict[str, str]) -> str | None:
+    """The fqn of the row-parallel weight `node` (a linear) multiplies by, if any."""
+    if not is_op(node, aten.linear.default) or len(node.args) < 2:
+        return None
+    weight = node.args[1]
+    if not isinstance(weight, Node) or weight.op != "get_attr":
+        return None
+    target = _flat(str(weight.target))
+    return next((fqn for flat, fqn in wanted.items() if target == flat or target.endswith(f"_{flat}")), None)
+
+
+@register_pass("shard_tp", "shard", _builtin=True)
+def shard_tp(gm: GraphModule, ctx: PassContext) -> PassResult:
+    """An fxllm::all_reduce after each row-parallel linear of a tensor-parallel rank's graph."""
+    result = PassResult()
+    info = getattr(ctx, "parallel", None)
+    if info is None or info.size == 1:
+        return result
+    graph = gm.graph
+    wanted = {_flat(name): name for name in info.row_parallel_weights}
+    found: set[str] = set()
+    for node in list(graph.nodes):
+        fqn = _row_parallel_site(node, wanted)
+        if fqn is None:
+            continue
+        with graph.inserting_after(node):
+            reduced = graph.call_function(torch.ops.fxllm.all_reduce.default, (node, info.group_name))
+        reduced.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+        node.replace_all_uses_with(reduced, delete_user_cb=functools.partial(operator.is_not, reduced))
+        found.add(fqn)
+        result.num_matches += 1
+    missing = sorted(set(wanted.values()) - found)
+    if missing:
+        raise RuntimeError(
+            f"shard_tp: the row-parallel weights {missing[:4]} are not the weight of any linear in the graph, "
+            "so their partial sums would never be added up; is a pass before `shard` rewriting them?"
+        )
+    columns = sum(1 for style in info.plan.values() if style == "colwise")
+    result.notes.append(
+        f"rank {info.rank} of {info.size} ({info.source}): {columns} column-parallel and {len(found)} "
+        f"row-parallel linears, {result.num_matches} fxllm::all_reduce over group {info.group_name!r}"
+    )
+    if result.num_matches:
+        gm.recompile()
+    return result
+
+
+@register_pass("fuse_allreduce_rms_norm", "fuse_collectives", _builtin=True)
+def fuse_allreduce_rms_norm(gm: GraphModule, ctx: PassContext) -> PassResult:
+    """all_reduce(x) -> fused_add_rms_norm  ==>  all_reduce_add_rms_norm (parallel.fuse_allreduce_rms_norm)."""
+    result = PassResult()
+    info = getattr(ctx, "parallel", None)
+    if info is None or info.size == 1:
+        return result
+    if not info.fuse_allreduce_rms_norm:
+        result.notes.append("off (parallel.fuse_allreduce_rms_norm: false)")
+        return result
+    graph = gm.graph
+    for norm in list(graph.nodes):
+        if not is_op(norm, torch.ops.fxllm.fused_add_rms_norm.default):
+            continue
+        x, residual, weight, eps = norm.args
+        reduced = next(
+            (a for a in (x, residual) if is_op(a, torch.ops.fxllm.all_reduce.default) and len(a.users) == 1),
+            None,
+        )
+        if reduced is None:
+            continue
+        other = residual if reduced is x else x
+        vr, vo = val(reduced), val(other)
+        if not (isinstance(vr, torch.Tensor) and isinstance(vo, torch.Tensor)) or vr.shape != vo.shape:
+            continue
+        partial, group_name = reduced.args
+        with graph.inserting_before(norm):
+            fused = graph.call_function(
+                torch.ops.fxllm.all_reduce_add_rms_norm.default, (partial, other, weight, eps, group_name)
+            )
+        fused.meta["nn_module_stack"] = norm.meta.get("nn_module_stack", {})
+        fused.meta["val"] = norm.meta.get("val")
+        for user in list(norm.users):
+            if user.target is operator.getitem:
+                user.args = (fused, user.args[1])
+        norm.replace_all_uses_with(fused)
+        graph.erase_node(norm)
+        graph.erase_node(reduced)
+        result.num_matches += 1
+    if result.num_matches:
+        gm.recompile()
+    return result

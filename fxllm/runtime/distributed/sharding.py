@@ -1,0 +1,166 @@
+"""Load-time weight sharding for tensor parallelism: each rank keeps only its part of every split linear.
+
+The plan is the Hugging Face model's `base_model_tp_plan` where it has one, else a structural rule by
+module name (q/k/v/gate/up column-parallel, o/down row-parallel). Column-parallel linears keep the
+rank's rows of the weight (output features: whole heads, since heads never split), row-parallel ones
+the rank's columns (their input features); the shard pass (fxllm/passes/shard_tp.py) then adds an
+all-reduce after each row-parallel linear of the captured graph. Sharding before capture is what lets
+the graph come out with the rank's head counts already (Hugging Face's attention views use -1 for the
+head dimension), q/k/v and gate/up merge per rank (merge_linears concatenates the local shards), and
+the KV cache hold only the rank's heads.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+TP_ATTR = "fxllm_tensor_parallel"  # attribute of a sharded model holding its TensorParallelInfo
+
+COLWISE = "colwise"
+ROWWISE = "rowwise"
+# Hugging Face plan styles and what they mean for a rank's weights here.
+_STYLE_OF: dict[str, str] = {"colwise": COLWISE, "local_colwise": COLWISE, "rowwise": ROWWISE,
+                             "local_rowwise": ROWWISE}  # fmt: skip
+_REPLICATED_STYLES = (
+    "replicated_with_grad_allreduce",
+    "embedding_rowwise",
+    "gather",
+    "local",
+    "sequence_parallel",
+)
+# The structural rule for models without a plan: the linears that open a block, and the ones that close it.
+_STRUCTURAL: dict[str, str] = {"q_proj": COLWISE, "k_proj": COLWISE, "v_proj": COLWISE, "gate_proj": COLWISE,
+                               "up_proj": COLWISE, "o_proj": ROWWISE, "down_proj": ROWWISE}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TensorParallelInfo:
+    """What the shard pass and the cache key need to know of a sharded model."""
+
+    rank: int
+    size: int
+    group_name: str  # the process group the all-reduces run over
+    plan: dict[str, str] = field(default_factory=dict)  # module fqn -> colwise | rowwise
+    source: str = "tp_plan"  # "tp_plan" (the model's) or "structural"
+    fuse_allreduce_rms_norm: bool = False  # parallel.fuse_allreduce_rms_norm
+
+    @property
+    def row_parallel_weights(self) -> list[str]:
+        """Fully qualified names of the row-parallel linears' weights (an all-reduce follows each)."""
+        return [f"{name}.weight" for name, style in self.plan.items() if style == ROWWISE]
+
+    def key_part(self) -> str:
+        """The compile cache key's "parallel" part."""
+        fused = ", all-reduce + norm fused" if self.fuse_allreduce_rms_norm else ""
+        return f"rank {self.rank} of {self.size}, group {self.group_name}{fused}"
+
+
+def _base_prefix(model: nn.Module) -> str:
+    prefix = getattr(type(model), "base_model_prefix", "") or ""
+    return prefix if prefix and hasattr(model, prefix) else ""
+
+
+def _hf_plan(model: nn.Module) -> dict[str, str] | None:
+    config = getattr(model, "config", None)
+    plan = getattr(config, "base_model_tp_plan", None)
+    if not plan:
+        return None
+    prefix = _base_prefix(model)
+    return {(f"{prefix}.{k}" if prefix else k): v for k, v in plan.items()}
+
+
+def resolve_plan(model: nn.Module) -> tuple[dict[str, str], str]:
+    """{linear module fqn: colwise | rowwise} for `model`, and where the plan came from."""
+    hf_plan = _hf_plan(model)
+    plan: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if hf_plan is not None:
+            style = next((s for pattern, s in hf_plan.items() if fnmatch.fnmatchcase(name, pattern)), None)
+            if style is None or style in _REPLICATED_STYLES:
+                continue
+            if style not in _STYLE_OF:
+                raise ValueError(
+                    f"tensor parallelism: {name} has tp_plan style {style!r}, which fxllm does not shard (it "
+                    "splits colwise and rowwise linears; fused qkv/gate_up projections are not supported yet). "
+                    "Run this model with parallel.tensor_parallel_size=1."
+                )
+            plan[name] = _STYLE_OF[style]
+        elif name.rsplit(".", 1)[-1] in _STRUCTURAL and ".layers." in f".{name}":
+            plan[name] = _STRUCTURAL[name.rsplit(".", 1)[-1]]
+    if not any(s == ROWWISE for s in plan.values()):
+        raise ValueError(
+            f"tensor parallelism: found no linears to split in {type(model).__name__} (no tp_plan and no "
+            "q/k/v/o or gate/up/down projections); run it with parallel.tensor_parallel_size=1"
+        )
+    return plan, "tp_plan" if hf_plan is not None else "structural"
+
+
+def check_divisible(config: Any, size: int) -> None:
+    """Fail at load, naming the sizes, unless heads, KV heads and the MLP width divide by `size`."""
+    heads = int(getattr(config, "num_attention_heads", 0) or 0)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    inter = int(getattr(config, "intermediate_size", 0) or 0)
+    for what, value in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads),
+                        ("intermediate_size", inter)):  # fmt: skip
+        if value and value % size:
+            divisors = [d for d in range(1, max(heads, 1) + 1) if heads % d == 0 and kv_heads % d == 0]
+            raise ValueError(
+                f"parallel.tensor_parallel_size={size} does not divide the model's {what} ({value}): "
+                f"attention heads are never split across ranks. Sizes that work for this model "
+                f"({heads} heads, {kv_heads} KV heads): {divisors}"
+            )
+
+
+def shard_tensor(tensor: torch.Tensor, style: str, leaf: str, rank: int, size: int) -> torch.Tensor:
+    """The rank's part of a linear's `weight` or `bias` (a copy, so the full tensor can be freed)."""
+    if style == COLWISE:
+        part = tensor.shape[0] // size
+        return tensor.narrow(0, rank * part, part).clone()
+    if leaf == "bias":
+        # A row-parallel bias is added once: after the sum of the partial products, by rank 0 alone.
+        return tensor.clone() if rank == 0 else torch.zeros_like(tensor)
+    part = tensor.shape[1] // size
+    return tensor.narrow(1, rank * part, part).clone()
+
+
+def shard_function(plan: dict[str, str], rank: int, size: int) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """`fn(parameter fqn, tensor) -> the rank's part` (the tensor itself where the plan does not split it)."""
+
+    def shard(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        module, _, leaf = name.rpartition(".")
+        style = plan.get(module)
+        if style is None or leaf not in ("weight", "bias"):
+            return tensor
+        return shard_tensor(tensor, style, leaf, rank, size)
+
+    return shard
+
+
+@torch.no_grad()
+def shard_model_(model: nn.Module, info: TensorParallelInfo) -> None:
+    """Replace the split linears' parameters of a loaded `model` by the rank's parts, in place."""
+    shard = shard_function(info.plan, info.rank, info.size)
+    for module_name, module in model.named_modules():
+        if module_name not in info.plan:
+            continue
+        for leaf, param in list(module.named_parameters(recurse=False)):
+            part = shard(f"{module_name}.{leaf}", param.data)
+            module._parameters[leaf] = nn.Parameter(part, requires_grad=False)
+    setattr(model, TP_ATTR, info)
+
+
+def tensor_parallel_info(model: nn.Module) -> TensorParallelInfo | None:
+    """The sharding a model was loaded with (None: not sharded)."""
+    info = getattr(model, TP_ATTR, None)
+    return info if isinstance(info, TensorParallelInfo) else None
