@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from roofline import ModelShape, ideal_seconds
 
 from fxllm.serve.bench_offline import fxllm_decode_rate, fxllm_throughput, hf_generate_seconds, random_prompts
 
@@ -110,14 +111,16 @@ def _replay_ms(runner: Any, bucket_size: int, iters: int = 50) -> float | None:
     return start.elapsed_time(end) / iters
 
 
-def _engine_section(deadline: float, save: Callable[[dict[str, Any]], None], out: dict[str, Any]) -> None:
+def _engine_section(
+    deadline: float, save: Callable[[dict[str, Any]], None], out: dict[str, Any], shape: ModelShape
+) -> None:
     from fxllm.config import load_config
     from fxllm.llm import LLM
     from fxllm.runtime.sampling_params import SamplingParams
 
+    # Scheduler limits are left automatic: on CUDA they come from the KV pool (issue 14, item 3).
     config = load_config(None, [f"model.model={PRESET}", "model.device=cuda", "model.dtype=bfloat16",
-                                "model.max_model_len=4096", "scheduler.max_num_seqs=256",
-                                "scheduler.max_num_batched_tokens=8192"])  # fmt: skip
+                                "model.max_model_len=4096"])  # fmt: skip
     start = time.perf_counter()
     llm = LLM(config=config)
     info = llm.info
@@ -126,6 +129,8 @@ def _engine_section(deadline: float, save: Callable[[dict[str, Any]], None], out
         "passes": info.passes_seconds, "compile_and_warmup": info.warmup_seconds,
         "cuda_graphs": info.decode_graph_seconds, "graph_batch_sizes": list(info.decode_graph_sizes),
         "kv_capacity_tokens": llm.engine.runner.capacity_tokens, "op_backends": dict(info.op_backends),
+        "max_num_seqs": llm.engine.scheduler.config.max_num_seqs,
+        "max_num_batched_tokens": llm.engine.scheduler.config.max_num_batched_tokens,
         "bucket_seconds": {b.size: b.setup_seconds for b in llm.engine.runner.decode_graphs.buckets}
         if llm.engine.runner.decode_graphs else None,
     }  # fmt: skip
@@ -160,6 +165,10 @@ def _engine_section(deadline: float, save: Callable[[dict[str, Any]], None], out
                     "steps": llm.engine.stats.num_steps - steps_before,
                     "preemptions": llm.engine.stats.num_preemptions,
                     "phase_seconds": {k: v - phases_before[k] for k, v in _phases(llm.engine.stats).items()}}  # fmt: skip
+        ideal = ideal_seconds(shape, num, input_len, output_len, llm.engine.scheduler.config.max_num_seqs,
+                              torch.cuda.get_device_name())  # fmt: skip
+        if ideal is not None:
+            out[key]["roofline"] = {**ideal, "fraction": result.tokens_per_second / ideal["out_tok_s"]}
         # Host time not overlapped with the GPU (EngineStats docs): GPU idle gaps between steps (CUDA events)
         # and the host's wait for each step's sampled ids, per step.
         steps, phases = max(1, out[key]["steps"]), out[key]["phase_seconds"]
@@ -188,6 +197,9 @@ def run_llama8b(deadline: float, save: Callable[[dict[str, Any]], None]) -> dict
     model = load_model(PRESET, device="cuda", dtype=torch.bfloat16, seed=0).model
     out["hf_load_seconds"] = time.perf_counter() - start
     vocab = int(model.config.vocab_size)
+    # Every matmul weight a decode step reads (the LM head included, the embedding table not).
+    linear_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    shape = ModelShape.from_hf_config(model.config, linear_params)
     out["hf_eager"] = _hf_section(model, vocab)
     save(out)
     out["fxllm_compile"] = _compile_section(model, vocab)
@@ -195,7 +207,7 @@ def run_llama8b(deadline: float, save: Callable[[dict[str, Any]], None]) -> dict
     del model
     gc.collect()
     torch.cuda.empty_cache()
-    _engine_section(deadline, save, out)
+    _engine_section(deadline, save, out, shape)
     hf_b1 = out["hf_eager"]["batch1_decode_tok_s"]
     hf_tp = out["hf_eager"]["throughput_64x128x128_tok_s"]
     out["ratios"] = {"batch1_decode_vs_hf": out["batch1_decode"]["tok_s"] / hf_b1}
