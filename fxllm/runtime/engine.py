@@ -18,6 +18,7 @@ from fxllm.runtime.engine_setup import resolve_device_dtype, resolve_eos_token_i
 from fxllm.runtime.kv_cache_manager import KVCacheManager
 from fxllm.runtime.model_runner import ModelRunner
 from fxllm.runtime.outputs import RequestOutput
+from fxllm.runtime.prompt_logprobs import record_prompt_logprobs
 from fxllm.runtime.request import Request, SequenceState
 from fxllm.runtime.sampler import Sampler, SamplingRow, make_generator
 from fxllm.runtime.sampling_params import RequestOutputKind, SamplingParams
@@ -93,6 +94,7 @@ class Engine:
         self.sampler = Sampler(eos_token_id=self.eos_token_id)
         self.requests: dict[str, Request] = {}
         self._by_seq: dict[int, tuple[Request, SequenceState]] = {}
+        self._prompt_logit_seqs: set[int] = set()  # seq ids whose prompt logprobs are not all computed yet
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self.stats = EngineStats()
@@ -169,7 +171,13 @@ class Engine:
                     logprobs=[] if params.logprobs is not None else None,
                 )
             )
-        return Request(rid, text, token_ids, params, states)
+        request = Request(rid, text, token_ids, params, states)
+        if params.prompt_logprobs is not None:
+            # The first sequence computes the whole prompt (no prefix-cache reuse: every position needs
+            # its logits); the others of n > 1 may reuse its blocks.
+            states[0].seq.reuse_prefix_cache = False
+            request.prompt_logprobs = [None] * len(token_ids)
+        return request
 
     def _with_extra_eos(self, params: SamplingParams) -> SamplingParams:
         """`params` with the further EOS ids added to stop_token_ids (a copy; none with ignore_eos)."""
@@ -186,6 +194,8 @@ class Engine:
         for state in request.states:
             self.scheduler.add_sequence(state.seq)
             self._by_seq[state.seq.seq_id] = (request, state)
+        if request.prompt_logprobs is not None and len(request.prompt_token_ids) > 1:
+            self._prompt_logit_seqs.add(request.states[0].seq.seq_id)
         self.requests[request.request_id] = request
         self.stats.num_requests += 1
         self.stats.num_prompt_tokens += len(request.prompt_token_ids)
@@ -211,6 +221,7 @@ class Engine:
                 self.scheduler.abort_sequence(state.seq.seq_id)
                 state.finish_reason = "abort"
             self._by_seq.pop(state.seq.seq_id, None)
+            self._prompt_logit_seqs.discard(state.seq.seq_id)
         self.stats.num_aborted += 1
         request.metrics.finished_time = time.monotonic()
         return request.output()
@@ -268,10 +279,14 @@ class Engine:
         t1 = clock()
         start = timing_event(self.runner.device)
         pending = (previous.pending_rows(), previous.sample.token_ids) if previous and previous.sample else (None, None)
-        inputs = build_step_inputs(scheduled, self.runner.block_size, self.runner.device, *pending)
+        inputs = build_step_inputs(scheduled, self.runner.block_size, self.runner.device, *pending,
+                                   prompt_logits=self._prompt_logit_seqs)  # fmt: skip
         t2 = clock()
         logits = self.runner.execute(inputs)
         t3 = clock()
+        if inputs.prompt_rows:
+            self._record_prompt_logprobs(scheduled, inputs.prompt_rows, logits[len(inputs.sampled) :])
+            logits = logits[: len(inputs.sampled)]
         rows = []
         states = []
         for index in inputs.sampled:
@@ -295,6 +310,17 @@ class Engine:
         stats.forward_seconds += t3 - t2
         stats.sample_seconds += step.launched_at - t3
         return step
+
+    def _record_prompt_logprobs(self, scheduled: list[ScheduledSequence], rows: list[Any], logits: torch.Tensor) -> None:  # fmt: skip
+        """Prompt logprobs of this step's chunks (read to the host now: only steps that carry such rows)."""
+        start = 0
+        for index, first, count in rows:
+            seq = scheduled[index].seq
+            chunk = logits[start : start + count]
+            record_prompt_logprobs(self._by_seq[seq.seq_id][0], seq.token_ids, first, chunk, self.tokenizer)
+            start += count
+            if first + count >= seq.num_prompt_tokens - 1:
+                self._prompt_logit_seqs.discard(seq.seq_id)
 
     def _read_step(self, step: LaunchedStep, finished_only: bool) -> list[RequestOutput]:
         """Wait for a launched step's sampled ids and append them; returns the outputs that step produced."""

@@ -249,7 +249,8 @@ class KVCacheManager:
 
     def _find_prefix(self, seq: Sequence) -> tuple[list[int], list[int]]:
         """Longest cached run of full leading blocks, never covering the last token."""
-        if not self.enable_prefix_caching or seq.block_table or seq.num_computed_tokens:
+        reuse = self.enable_prefix_caching and seq.reuse_prefix_cache
+        if not reuse or seq.block_table or seq.num_computed_tokens:
             return [], []
         bs = self.block_size
         # At least the last token must be computed so the step produces logits for it.

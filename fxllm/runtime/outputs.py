@@ -73,6 +73,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    # SamplingParams.prompt_logprobs: per prompt token {token_id: Logprob} (its own and the top-k), the first
+    # None, as vLLM. DELTA outputs carry it once, with the first output.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     def add(self, later: RequestOutput) -> None:
         """Fold a later DELTA output of the same request into this one (in place), as vLLM's `add` does.
@@ -101,3 +104,5 @@ class RequestOutput:
         self.outputs.sort(key=lambda c: c.index)
         self.finished = later.finished
         self.metrics = later.metrics if later.metrics is not None else self.metrics
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = later.prompt_logprobs

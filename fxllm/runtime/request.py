@@ -52,6 +52,9 @@ class Request:
     params: SamplingParams
     states: list[SequenceState]
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.monotonic()))
+    # SamplingParams.prompt_logprobs: per prompt token (the first: None), filled as the prompt is computed.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    sent_prompt_logprobs: bool = False  # DELTA: handed out with the first output
 
     @property
     def finished(self) -> bool:
@@ -78,9 +81,11 @@ class Request:
             )
             for i, s in enumerate(self.states)
         ]
+        prompt_logprobs = list(self.prompt_logprobs) if self.prompt_logprobs is not None else None
         return RequestOutput(
-            self.request_id, self.prompt, list(self.prompt_token_ids), outputs, self.finished, self.metrics
-        )
+            self.request_id, self.prompt, list(self.prompt_token_ids), outputs, self.finished, self.metrics,
+            prompt_logprobs,
+        )  # fmt: skip
 
     def _delta_output(self) -> RequestOutput:
         # O(new tokens) per sequence: slices past what was sent, no copy of the prompt or of the history.
@@ -104,6 +109,11 @@ class Request:
             )
             s.sent_tokens, s.sent_chars, s.sent_finish = num_tokens, num_chars, s.finish_reason is not None
         # The prompt ids are shared, not copied: the engine never changes them after the request is built.
+        prompt_logprobs = None
+        if self.prompt_logprobs is not None and not self.sent_prompt_logprobs and outputs:
+            # Complete by the first output: a sequence samples only once its prompt is computed.
+            prompt_logprobs, self.sent_prompt_logprobs = self.prompt_logprobs, True
         return RequestOutput(
-            self.request_id, self.prompt, self.prompt_token_ids, outputs, self.finished, self.metrics
-        )
+            self.request_id, self.prompt, self.prompt_token_ids, outputs, self.finished, self.metrics,
+            prompt_logprobs,
+        )  # fmt: skip

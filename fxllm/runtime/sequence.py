@@ -42,6 +42,7 @@ class Sequence:
     num_cached_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     priority: int = 0
+    reuse_prefix_cache: bool = True  # False: compute every prompt token (prompt logprobs need their logits)
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_prompt_tokens <= len(self.token_ids):

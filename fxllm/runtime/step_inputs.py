@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Container
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,6 +22,9 @@ class StepInputs:
     query_start_loc: torch.Tensor  # [S + 1] int32
     logits_indices: torch.Tensor  # [N] int64: flat positions whose logits are sampled
     sampled: list[int]  # indices into the scheduled list of the N sequences that sample
+    # Prompt logprobs: (scheduled index, first position, count) per sequence that asked; their logits rows
+    # follow the N sampled rows, in this order (positions first..first+count-1, each predicting the next).
+    prompt_rows: list[tuple[int, int, int]] = field(default_factory=list)
 
     def named_args(self) -> dict[str, torch.Tensor]:
         """Step inputs by their role in the runtime signature (the runner orders them; KV caches are its own)."""
@@ -46,12 +50,15 @@ def build_step_inputs(
     device: torch.device,
     pending_rows: dict[int, int] | None = None,
     pending_ids: torch.Tensor | None = None,
+    prompt_logits: Container[int] = (),
 ) -> StepInputs:
     """Lay out the scheduled chunks of every sequence in one token dimension.
 
     `pending_rows` maps the seq_id of a sequence whose last token is PENDING_TOKEN to its row in
     `pending_ids` (the previous step's sampled ids, on the device); those inputs are copied there on
-    the device, so the forward never waits for the host to learn the token.
+    the device, so the forward never waits for the host to learn the token. Sequences whose seq_id is in
+    `prompt_logits` also get logits for every prompt position of their chunk whose next token is a prompt
+    token (rows after the sampled ones, `prompt_rows`).
     """
     tokens: list[int] = []
     fill_at: list[int] = []  # flat positions of pending tokens
@@ -62,6 +69,8 @@ def build_step_inputs(
     starts: list[int] = [0]
     logits_indices: list[int] = []
     sampled: list[int] = []
+    prompt_rows: list[tuple[int, int, int]] = []
+    prompt_indices: list[int] = []
     max_blocks = max(len(item.seq.block_table) for item in scheduled)
     tables: list[list[int]] = []
     for index, item in enumerate(scheduled):
@@ -81,6 +90,11 @@ def build_step_inputs(
         if end == seq.num_tokens:  # the chunk reaches the last known token: its logits are sampled
             logits_indices.append(len(tokens) - 1)
             sampled.append(index)
+        last = min(end, seq.num_prompt_tokens - 1)  # the last prompt position has no prompt token after it
+        if seq.seq_id in prompt_logits and begin < last:
+            prompt_rows.append((index, begin, last - begin))
+            chunk_start = len(tokens) - (end - begin)
+            prompt_indices += range(chunk_start, chunk_start + last - begin)
 
     def as_tensor(data: list[int] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:
         tensor = torch.tensor(data, dtype=dtype)
@@ -99,6 +113,7 @@ def build_step_inputs(
         block_tables=as_tensor(tables, torch.int32),
         seq_lens=as_tensor(seq_lens, torch.int32),
         query_start_loc=as_tensor(starts, torch.int32),
-        logits_indices=as_tensor(logits_indices, torch.long),
+        logits_indices=as_tensor(logits_indices + prompt_indices, torch.long),
         sampled=sampled,
+        prompt_rows=prompt_rows,
     )

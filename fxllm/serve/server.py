@@ -22,6 +22,7 @@ from fxllm.runtime.sampling_params import RequestOutputKind, SamplingParams
 from fxllm.serve import protocol as P
 from fxllm.serve.admission import attach_scheduler_hooks
 from fxllm.serve.body import parse_json_body, read_json_body
+from fxllm.serve.echo import EchoPlan
 from fxllm.serve.errors import (
     OpenAIError,
     api_key_guard,
@@ -246,11 +247,12 @@ class OpenAIServing:
     async def completions(self, request: Request) -> Response:
         """POST /v1/completions."""
         req = await self._read(request, P.CompletionRequest)
-        unsupported = {"echo": req.echo, "suffix": req.suffix, "best_of": req.best_of not in (None, req.n)}
+        unsupported = {"suffix": req.suffix, "best_of": req.best_of not in (None, req.n)}
         for name, value in unsupported.items():
             if value:
                 raise bad_request(f"{name} is not supported", param=name)
-        params = self._params(req, req.max_tokens, req.logprobs)
+        echo = EchoPlan.of(req)  # echo: true returns the prompt (and its logprobs) first; serve/echo.py
+        params = echo.params(self._params(req, echo.max_tokens, req.logprobs), req.logprobs)
         single = isinstance(req.prompt, str) or (bool(req.prompt) and isinstance(req.prompt[0], int))
         self.limits.check_sequences(1 if single else len(req.prompt), params.n)
         prompts = await self.prompts.completion_prompts(req.prompt, params)
@@ -275,6 +277,11 @@ class OpenAIServing:
         finals = await self._collect(request, stream, len(prompts))
         if finals is None:
             return Response(status_code=499)
+        if echo.enabled:
+            texts = [req.prompt] if single else list(req.prompt)
+            choices = [echo.choice(i * params.n + c.index, out, c, num_top, self.llm.tokenizer, texts[i])
+                       for i, out in enumerate(finals) for c in out.outputs]  # fmt: skip
+            return JSONResponse(chunk_of(choices, echo.usage(finals)).model_dump())
         choices = [
             choice_of(i * params.n + c.index, c, 0) for i, out in enumerate(finals) for c in out.outputs
         ]
