@@ -30,7 +30,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import fxllm.backends.triton as tb  # noqa: E402
 from fxllm.backends.registry import OpSite, choose_implementation, op_backends  # noqa: E402
-from fxllm.backends.triton import activations, norms, paged_attention, rotary, selfcheck  # noqa: E402
+from fxllm.backends.triton import activations, gemv, norms, paged_attention, rotary, selfcheck  # noqa: E402
 from fxllm.ops import paged_attention_reference, rms_norm_reference, rotary_embedding_reference  # noqa: E402
 
 if DEVICE == "cpu" and not isinstance(norms._rms_norm_kernel, InterpretedFunction):
@@ -38,8 +38,8 @@ if DEVICE == "cpu" and not isinstance(norms._rms_norm_kernel, InterpretedFunctio
     # them GPU kernels: re-import the kernel modules now that the interpreter is on, so these tests run
     # whatever the import order (triton.jit reads TRITON_INTERPRET when a kernel is defined).
     tb.patch_interpreter()
-    activations, norms, paged_attention, rotary = (
-        importlib.reload(module) for module in (activations, norms, paged_attention, rotary)
+    activations, gemv, norms, paged_attention, rotary = (
+        importlib.reload(module) for module in (activations, gemv, norms, paged_attention, rotary)
     )
     selfcheck = importlib.reload(selfcheck)
     assert isinstance(norms._rms_norm_kernel, InterpretedFunction), "Triton's interpreter could not be set up"
@@ -52,6 +52,7 @@ OPS = (
     "silu_and_mul",
     "gelu_and_mul",
     "paged_attention",
+    "linear",
 )
 # Small shapes with block sizes that force several query blocks, KV tiles and KV splits per sequence.
 SMALL_LAUNCH = {"block_m": 16, "block_n": 16, "num_splits": 3}
@@ -190,3 +191,30 @@ def test_unsupported_shapes_fall_back_to_reference() -> None:
 def test_check_all_small() -> None:
     results = selfcheck.check_all(DEVICE, torch.float32, small=True)
     assert len(results) >= 13 and all(r["ok"] for r in results), [r for r in results if not r["ok"]]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("rows", "n", "k", "bias"), [(1, 40, 96, True), (3, 32, 64, False), (16, 48, 128, True)])
+def test_gemv(dtype: torch.dtype, rows: int, n: int, k: int, bias: bool) -> None:
+    # Small tiles so that several K steps, an uneven last N block and (k=96) a partial K tile all run.
+    gen = torch.Generator().manual_seed(rows * 1000 + n)
+    x = torch.randn(rows, k, generator=gen).to(dtype).to(DEVICE)
+    w = torch.randn(n, k, generator=gen).to(dtype).to(DEVICE)
+    b = torch.randn(n, generator=gen).to(dtype).to(DEVICE) if bias else None
+    out = torch.full((rows, n), float("nan"), dtype=dtype, device=DEVICE)
+    gemv.gemv_out(x, w, b, out, block_n=16, block_k=32)
+    ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    # float32 accumulation of bf16/fp16 products, one rounding of the output: ~2e-3 relative (bf16).
+    assert selfcheck.rel_err(out.float(), ref) <= 1e-2
+
+
+def test_gemv_linear_routes_by_rows_and_shape() -> None:
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16, device=DEVICE)  # 10 rows: the GEMV
+    w = torch.randn(24, 64, dtype=torch.bfloat16, device=DEVICE)
+    ref = torch.nn.functional.linear(x.float(), w.float())
+    out = gemv.linear(x, w)
+    assert out.shape == (2, 5, 24) and selfcheck.rel_err(out.float(), ref) <= 1e-2
+    assert gemv.supported(x, w)
+    assert not gemv.supported(x[..., :63], w[:, :63])  # rows of 63 bf16 values: not 16-byte aligned
+    big = torch.randn(gemv.GEMV_MAX_M + 1, 64, dtype=torch.bfloat16, device=DEVICE)  # F.linear above the limit
+    torch.testing.assert_close(gemv.linear(big, w), torch.nn.functional.linear(big, w))

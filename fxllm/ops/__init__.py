@@ -9,6 +9,7 @@ from __future__ import annotations
 from fxllm.ops.activations import gelu_and_mul, silu_and_mul
 from fxllm.ops.attention import attention, attention_reference
 from fxllm.ops.collectives import all_reduce, all_reduce_add_rms_norm
+from fxllm.ops.gemm import linear, linear_reference
 from fxllm.ops.linear import pack_linear_weight, packed_linear, unpack_linear_weight
 from fxllm.ops.norms import fused_add_rms_norm, rms_norm, rms_norm_reference
 from fxllm.ops.paged_attention import paged_attention, paged_attention_reference, write_kv_cache
@@ -21,6 +22,8 @@ __all__ = [
     "attention_reference",
     "fused_add_rms_norm",
     "gelu_and_mul",
+    "linear",
+    "linear_reference",
     "pack_linear_weight",
     "packed_linear",
     "paged_attention",

@@ -7,6 +7,7 @@ from fxllm.passes import (  # noqa: F401
     fuse_add_rms_norm,
     gather_logits,
     insert_cached_attention,
+    linear_ops,
     lower_ops,
     match_attention,
     match_gated_mlp,

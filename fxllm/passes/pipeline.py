@@ -31,6 +31,7 @@ BUILTIN_PIPELINE: tuple[str, ...] = (
     "insert_cached_attention",
     "gather_logits",
     "pack_linears",
+    "linear_ops",
     "lower_ops",  # last: every canonical op node gets its implementation
 )
 

@@ -116,7 +116,7 @@ def _register() -> bool:
         patch_interpreter()
     import fxllm.ops  # noqa: F401  (ops must exist before backends register for them)
     from fxllm.backends.registry import register_op_backend
-    from fxllm.backends.triton import activations, norms, paged_attention, rotary
+    from fxllm.backends.triton import activations, gemv, norms, paged_attention, rotary
 
     kernels = {
         "rms_norm": norms.rms_norm,
@@ -125,6 +125,7 @@ def _register() -> bool:
         "silu_and_mul": activations.silu_and_mul,
         "gelu_and_mul": activations.gelu_and_mul,
         "paged_attention": paged_attention.paged_attention,
+        "linear": gemv.linear,
     }
     for op, fn in kernels.items():
         register_op_backend(op, BACKEND, fn, supports=supports, priority=PRIORITY)
