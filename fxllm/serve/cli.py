@@ -1,4 +1,4 @@
-"""The `fxllm` command line: compile, generate, chat, bench, cache, serve."""
+"""The `fxllm` command line: compile, generate, chat, bench, eval-ppl, cache, serve."""
 
 from __future__ import annotations
 
@@ -180,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clear: only the post-pass graphs (keep Inductor's, Triton's and the C++ kernels' caches)")
     _config_args(p)
     p.set_defaults(fn=cmd_cache)
+
+    from fxllm.serve.eval_ppl import add_eval_ppl_parser
+
+    add_eval_ppl_parser(sub, _config_args, _load)
 
     p = sub.add_parser("serve", help="OpenAI-compatible server (fxllm serve --help)", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
