@@ -1,0 +1,129 @@
+"""Tensor parallelism on the CPU (gloo, one spawned process per rank): outputs equal one rank's.
+
+Each engine spawns its workers once for the whole module (spawning and building a rank takes
+seconds). Float32, eager graphs: the TP=2 graph differs from TP=1 only in where the sums of the
+row-parallel GEMMs happen, so greedy tokens must be equal and log-probabilities within 1e-4.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from fxllm import LLM, SamplingParams
+from fxllm.runtime.distributed import RankDied
+from fxllm.runtime.distributed.sharding import check_divisible, resolve_plan
+
+BASE = ["compile.backend=eager", "cache.num_blocks=64", "scheduler.max_num_seqs=4"]
+PROMPTS = [[1, 5, 9, 33, 7, 100, 12, 40, 41, 42], [1, 300, 2, 77], [1, *range(60, 100)]]
+PARAMS = SamplingParams(max_tokens=12, temperature=0.0, logprobs=3, ignore_eos=True)
+LOGPROB_TOL = 1e-4  # float32; the all-reduce sums the row-parallel partial products in another order
+
+
+def _run(llm: LLM) -> tuple[list[list[int]], list[list[dict[int, float]]]]:
+    outputs = [o.outputs[0] for o in llm.generate(PROMPTS, PARAMS)]
+    logprobs = [[{t: lp.logprob for t, lp in step.items()} for step in o.logprobs or []] for o in outputs]
+    return [list(o.token_ids) for o in outputs], logprobs
+
+
+def _assert_same(reference: tuple, sharded: tuple) -> None:
+    assert sharded[0] == reference[0]
+    for ref_seq, tp_seq in zip(reference[1], sharded[1]):
+        assert len(ref_seq) == len(tp_seq) == PARAMS.max_tokens
+        for ref_step, tp_step in zip(ref_seq, tp_seq):
+            for token, value in ref_step.items():
+                assert abs(tp_step[token] - value) <= LOGPROB_TOL, (token, value, tp_step[token])
+
+
+@contextlib.contextmanager
+def _engine(model: str, *overrides: str) -> Iterator[LLM]:
+    llm = LLM(model, overrides=[*BASE, *overrides])
+    try:
+        yield llm
+    finally:
+        llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def qwen2_tp1() -> tuple:
+    with _engine("tiny-qwen2") as llm:
+        return _run(llm)
+
+
+@pytest.fixture(scope="module")
+def llama_tp2_fused() -> Iterator[LLM]:
+    with _engine(
+        "tiny-llama", "parallel.tensor_parallel_size=2", "parallel.fuse_allreduce_rms_norm=true"
+    ) as llm:
+        yield llm
+
+
+def test_tp2_greedy_and_logprobs_equal_tp1_qwen2(qwen2_tp1: tuple) -> None:
+    """Qwen2 has q/k/v biases (split with their rows) and 2 KV heads (one per rank)."""
+    with _engine("tiny-qwen2", "parallel.tensor_parallel_size=2") as llm:
+        assert llm.info.pass_report.matches("shard_tp") == 4  # o_proj and down_proj of 2 layers
+        layers = llm.engine.runner.signature.kv_layers
+        assert {layer.num_kv_heads for layer in layers} == {1}  # the rank's heads only
+        _assert_same(qwen2_tp1, _run(llm))
+
+
+def test_tp2_fused_allreduce_norm_equals_tp1(llama_tp2_fused: LLM) -> None:
+    """all_reduce + residual add + RMSNorm as one op: same tokens, logprobs within the tolerance."""
+    with _engine("tiny-llama") as reference:
+        expected = _run(reference)
+    assert llama_tp2_fused.info.pass_report.matches("fuse_allreduce_rms_norm") == 4
+    assert "all_reduce_add_rms_norm" in llama_tp2_fused.info.op_backends
+    _assert_same(expected, _run(llama_tp2_fused))
+
+
+def test_size_that_splits_heads_fails_before_spawning() -> None:
+    with pytest.raises(ValueError, match=r"does not divide the model's num_attention_heads \(4\).*\[1, 2\]"):
+        LLM("tiny-llama", overrides=[*BASE, "parallel.tensor_parallel_size=3"])
+    with pytest.raises(ValueError, match=r"parallel\.tensor_parallel_size: must be >= 1"):
+        LLM("tiny-llama", overrides=[*BASE, "parallel.tensor_parallel_size=0"])
+
+
+def test_plan_from_tp_plan_and_structural_rule() -> None:
+    from fxllm.models import load_model
+
+    model = load_model("tiny-llama", device="meta").model
+    plan, source = resolve_plan(model)
+    assert source == "tp_plan"
+    assert plan["model.layers.0.self_attn.k_proj"] == "colwise"
+    assert plan["model.layers.1.mlp.down_proj"] == "rowwise"
+    assert "lm_head" not in plan
+    model.config.base_model_tp_plan = None
+    structural, source = resolve_plan(model)
+    assert source == "structural" and structural == plan
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        check_divisible(type("C", (), {"num_attention_heads": 8, "num_key_value_heads": 2})(), 4)
+
+
+def test_compile_explain_shows_shard_plan_and_all_reduce() -> None:
+    from fxllm.serve.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["compile", "tiny-llama", "--explain", "--backend", "eager",
+                     "--set", "parallel.tensor_parallel_size=2"]) == 0  # fmt: skip
+    text = out.getvalue()
+    assert "rank 0 of 2 (tp_plan): 10 column-parallel and 4 row-parallel linears, 4 fxllm::all_reduce" in text
+    assert "all_reduce -> inlined" in text  # the CPU's implementation: functional collectives, traced
+
+
+def test_killed_rank_ends_the_run_with_an_error(llama_tp2_fused: LLM) -> None:
+    """Last in the module: it kills the shared engine's worker."""
+    worker = llama_tp2_fused.engine.runner.group.procs[0]
+    os.kill(worker.pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(RankDied, match="rank 1 exited"):
+        llama_tp2_fused.generate(PROMPTS, PARAMS)
+    assert time.monotonic() - start < 30
+    assert torch.distributed.is_initialized()  # shutdown (the fixture's) leaves the group
