@@ -89,9 +89,10 @@ def perplexity(llm: Any, token_ids: list[int], max_length: int, stride: int) -> 
     return PerplexityResult(len(token_ids), count, len(windows), max_length, stride, total / count, seconds)
 
 
-def _describe(config: Any) -> dict[str, str]:
+def _describe(config: Any, llm: Any) -> dict[str, str]:
     quantization = getattr(getattr(config, "quantization", None), "method", "none")
-    return {"model": config.model.model, "dtype": config.model.dtype, "cache.dtype": config.cache.dtype,
+    return {"model": config.model.model, "dtype": str(llm.engine.runner.dtype).removeprefix("torch."),
+            "cache.dtype": config.cache.dtype, "kv": str(llm.engine.runner.kv_caches[0].dtype).removeprefix("torch."),
             "quantization": str(quantization)}  # fmt: skip
 
 
@@ -107,11 +108,12 @@ def cmd_eval_ppl(args: argparse.Namespace, load: Callable[[argparse.Namespace, s
     ids = list(llm.tokenizer(text).input_ids)[: args.max_tokens]
     max_length = min(args.max_length, llm.engine.max_model_len - 1)  # a prompt leaves room for one token
     result = perplexity(llm, ids, max_length, min(args.stride, max_length - 1))
-    row = {**_describe(config), "text": args.text or "pydoc_data.topics", **asdict(result),
+    described = _describe(config, llm)
+    row = {**described, "text": args.text or "pydoc_data.topics", **asdict(result),
            "perplexity": result.perplexity}  # fmt: skip
     print(f"perplexity {result.perplexity:.4f} (NLL {result.nll:.5f} nats/token) over {result.num_scored} tokens "
           f"in {result.num_windows} windows of {result.max_length} (stride {result.stride}), {result.seconds:.1f} s; "
-          + ", ".join(f"{k}={v}" for k, v in _describe(config).items()))  # fmt: skip
+          + ", ".join(f"{k}={v}" for k, v in described.items()))  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(row, indent=2) + "\n")
     llm.shutdown()
