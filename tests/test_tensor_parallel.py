@@ -58,6 +58,12 @@ def qwen2_tp1() -> tuple:
 
 
 @pytest.fixture(scope="module")
+def llama_tp1() -> tuple:
+    with _engine("tiny-llama") as llm:
+        return _run(llm)
+
+
+@pytest.fixture(scope="module")
 def llama_tp2_fused() -> Iterator[LLM]:
     with _engine(
         "tiny-llama", "parallel.tensor_parallel_size=2", "parallel.fuse_allreduce_rms_norm=true"
@@ -74,13 +80,24 @@ def test_tp2_greedy_and_logprobs_equal_tp1_qwen2(qwen2_tp1: tuple) -> None:
         _assert_same(qwen2_tp1, _run(llm))
 
 
-def test_tp2_fused_allreduce_norm_equals_tp1(llama_tp2_fused: LLM) -> None:
+def test_tp2_fused_allreduce_norm_equals_tp1(llama_tp2_fused: LLM, llama_tp1: tuple) -> None:
     """all_reduce + residual add + RMSNorm as one op: same tokens, logprobs within the tolerance."""
-    with _engine("tiny-llama") as reference:
-        expected = _run(reference)
+    expected = llama_tp1
     assert llama_tp2_fused.info.pass_report.matches("fuse_allreduce_rms_norm") == 4
     assert "all_reduce_add_rms_norm" in llama_tp2_fused.info.op_backends
     _assert_same(expected, _run(llama_tp2_fused))
+
+
+def test_tp2_decode_buckets_on_every_rank(llama_tp2_fused: LLM, llama_tp1: tuple) -> None:
+    """Padded decode buckets (CUDA graphs' CPU stand-in) set up on every rank: pure decode steps go through
+    them on rank 0 and, from the sampled rows in the step header, on the worker too."""
+    runner, expected = llama_tp2_fused.engine.runner, llama_tp1
+    runner.enable_decode_graphs([1, 2, 4], 256, capture=False)
+    try:
+        _assert_same(expected, _run(llama_tp2_fused))
+        assert runner.decode_graphs.num_replays > 0 and runner.decode_graphs.num_too_large == 0
+    finally:
+        runner._runner.decode_graphs = None  # the rest of the module runs the plain path
 
 
 def test_size_that_splits_heads_fails_before_spawning() -> None:

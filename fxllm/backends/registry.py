@@ -191,7 +191,7 @@ def import_device_backends(device: torch.device) -> None:
     if device.type == "cpu":
         from fxllm.backends import cpu  # noqa: F401
     elif device.type == "cuda":
-        from fxllm.backends import triton  # noqa: F401
+        from fxllm.backends import cuda_collectives, triton  # noqa: F401
 
 
 def check_preferences(preferences: Mapping[str, str]) -> None:

@@ -68,6 +68,14 @@ def _llama_3_1_8b() -> PretrainedConfig:
     )
 
 
+def _llama_3_1_70b() -> PretrainedConfig:
+    # Llama-3.1-70B's shapes: 8192 hidden, 64 heads over 8 KV heads, 80 layers (~141 GB in bf16).
+    config = _llama_3_1_8b()
+    config.hidden_size, config.intermediate_size, config.num_hidden_layers = 8192, 28672, 80
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 64, 8, 128
+    return config
+
+
 def _qwen2_5_7b() -> PretrainedConfig:
     return Qwen2Config(
         hidden_size=3584,
@@ -191,6 +199,7 @@ def _tiny_phi3() -> PretrainedConfig:
 
 _PRESETS: dict[str, tuple[Callable[[], PretrainedConfig], str]] = {
     "llama-3.1-8b": (_llama_3_1_8b, "LlamaForCausalLM"),
+    "llama-3.1-70b": (_llama_3_1_70b, "LlamaForCausalLM"),
     "qwen2.5-7b": (_qwen2_5_7b, "Qwen2ForCausalLM"),
     "mistral-7b": (_mistral_7b, "MistralForCausalLM"),
     "qwen3-8b": (_qwen3_8b, "Qwen3ForCausalLM"),

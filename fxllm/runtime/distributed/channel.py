@@ -27,12 +27,14 @@ class PeerGone(RuntimeError):
     """The other end of a pipe exited or closed it."""
 
 
-def step_header(inputs: StepInputs) -> list[tuple[tuple[int, ...], str]]:
-    """Shape and dtype of each step tensor, in STEP_FIELDS order."""
-    return [
+def step_header(inputs: StepInputs) -> tuple[list[tuple[tuple[int, ...], str]], list[int]]:
+    """Shape and dtype of each step tensor (STEP_FIELDS order), and the sampled rows (the decode buckets'
+    test reads them, so every rank takes the same path)."""
+    shapes = [
         (tuple(getattr(inputs, f).shape), str(getattr(inputs, f).dtype).removeprefix("torch."))
         for f in STEP_FIELDS
     ]
+    return shapes, list(inputs.sampled)
 
 
 def broadcast_step(inputs: StepInputs) -> None:
@@ -41,16 +43,19 @@ def broadcast_step(inputs: StepInputs) -> None:
     dist.broadcast(packed, src=0)
 
 
-def receive_step(header: list[tuple[tuple[int, ...], str]], device: torch.device) -> StepInputs:
+def receive_step(
+    header: tuple[list[tuple[tuple[int, ...], str]], list[int]], device: torch.device
+) -> StepInputs:
     """A worker: the step tensors rank 0 broadcast, with the shapes and dtypes of `header`."""
-    sizes = [int(torch.Size(shape).numel()) for shape, _ in header]
+    shapes, sampled = header
+    sizes = [int(torch.Size(shape).numel()) for shape, _ in shapes]
     packed = torch.empty(sum(sizes), dtype=torch.int64, device=device)
     dist.broadcast(packed, src=0)
     tensors = {
         name: part.view(shape).to(getattr(torch, dtype))
-        for name, part, (shape, dtype) in zip(STEP_FIELDS, packed.split(sizes), header)
+        for name, part, (shape, dtype) in zip(STEP_FIELDS, packed.split(sizes), shapes)
     }
-    return StepInputs(**tensors, sampled=[])
+    return StepInputs(**tensors, sampled=sampled)
 
 
 def receive(conn: Connection, *, alive: Any, timeout_s: float | None, what: str) -> Any:

@@ -56,6 +56,10 @@ def init_group(parallel: ParallelConfig, rank: int, port: int, device: torch.dev
     )  # fmt: skip
     group = dist.group.WORLD
     assert group is not None
+    if device.type == "cuda":
+        from fxllm.backends.cuda_collectives import configure_group
+
+        configure_group(str(group.group_name), parallel.one_shot_max_bytes, parallel.two_shot_max_bytes)
     logger.info("rank %d of %d joined the %s group %r on %s", rank, parallel.tensor_parallel_size, backend,
                 group.group_name, device)  # fmt: skip
     return str(group.group_name)
