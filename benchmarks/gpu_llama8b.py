@@ -7,10 +7,14 @@ scenarios). Every scenario checks the time left first and records a skip instead
 
 from __future__ import annotations
 
+import contextlib
+import cProfile
 import gc
+import io
 import logging
+import pstats
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -95,6 +99,39 @@ def _phases(stats: Any) -> dict[str, float]:
     }
 
 
+class _CaptureProfile:
+    """cProfile of DecodeGraphs.capture_all (where CUDA-graph capture time goes), top functions as text."""
+
+    def __init__(self) -> None:
+        self.profile = cProfile.Profile()
+
+    def text(self, top: int = 30) -> str:
+        buffer = io.StringIO()
+        pstats.Stats(self.profile, stream=buffer).sort_stats("cumulative").print_stats(top)
+        return buffer.getvalue()[-6000:]
+
+
+@contextlib.contextmanager
+def _profiled_capture() -> Iterator[_CaptureProfile]:
+    from fxllm.runtime import cuda_graphs
+
+    result = _CaptureProfile()
+    original = cuda_graphs.DecodeGraphs.capture_all
+
+    def capture_all(self: Any) -> float:
+        result.profile.enable()
+        try:
+            return original(self)
+        finally:
+            result.profile.disable()
+
+    cuda_graphs.DecodeGraphs.capture_all = capture_all  # type: ignore[method-assign]
+    try:
+        yield result
+    finally:
+        cuda_graphs.DecodeGraphs.capture_all = original  # type: ignore[method-assign]
+
+
 def _replay_ms(runner: Any, bucket_size: int, iters: int = 50) -> float | None:
     """GPU time of one captured decode graph (no host work): the step's device-side floor."""
     graphs = runner.decode_graphs
@@ -121,8 +158,10 @@ def _engine_section(
     # Scheduler limits are left automatic: on CUDA they come from the KV pool (issue 14, item 3).
     config = load_config(None, [f"model.model={PRESET}", "model.device=cuda", "model.dtype=bfloat16",
                                 "model.max_model_len=4096"])  # fmt: skip
+    free_before, _ = torch.cuda.mem_get_info()
     start = time.perf_counter()
-    llm = LLM(config=config)
+    with _profiled_capture() as capture_profile:
+        llm = LLM(config=config)
     info = llm.info
     out["engine_start"] = {
         "total_seconds": time.perf_counter() - start, "load": info.load_seconds, "capture": info.capture_seconds,
@@ -133,6 +172,7 @@ def _engine_section(
         "max_num_batched_tokens": llm.engine.scheduler.config.max_num_batched_tokens,
         "bucket_seconds": {b.size: b.setup_seconds for b in llm.engine.runner.decode_graphs.buckets}
         if llm.engine.runner.decode_graphs else None,
+        "gpu_free_gib_before_start": free_before / 2**30, "capture_profile_top": capture_profile.text(),
     }  # fmt: skip
     save(out)
     vocab = llm.engine.vocab_size
@@ -205,6 +245,9 @@ def run_llama8b(deadline: float, save: Callable[[dict[str, Any]], None]) -> dict
     out["fxllm_compile"] = _compile_section(model, vocab)
     save(out)
     del model
+    # Dynamo's caches keep the HF model (upcast to float32 above, 32 GB) alive; without the reset the
+    # engine's KV pool was planned around it (173k tokens instead of ~400k on the H100).
+    torch._dynamo.reset()
     gc.collect()
     torch.cuda.empty_cache()
     _engine_section(deadline, save, out, shape)

@@ -52,7 +52,6 @@ OPS = (
     "silu_and_mul",
     "gelu_and_mul",
     "paged_attention",
-    "linear",
 )
 # Small shapes with block sizes that force several query blocks, KV tiles and KV splits per sequence.
 SMALL_LAUNCH = {"block_m": 16, "block_n": 16, "num_splits": 3}
@@ -206,6 +205,13 @@ def test_gemv(dtype: torch.dtype, rows: int, n: int, k: int, bias: bool) -> None
     ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
     # float32 accumulation of bf16/fp16 products, one rounding of the output: ~2e-3 relative (bf16).
     assert selfcheck.rel_err(out.float(), ref) <= 1e-2
+
+
+def test_gemv_runs_only_where_named() -> None:
+    assert "triton" in op_backends("linear")
+    cuda = OpSite("linear", torch.device("cuda"))
+    assert choose_implementation(cuda).backend != "triton"  # cuBLAS measured as fast at M = 1
+    assert choose_implementation(cuda, "triton").backend == "triton"
 
 
 def test_gemv_linear_routes_by_rows_and_shape() -> None:

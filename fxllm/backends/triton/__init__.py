@@ -125,10 +125,13 @@ def _register() -> bool:
         "silu_and_mul": activations.silu_and_mul,
         "gelu_and_mul": activations.gelu_and_mul,
         "paged_attention": paged_attention.paged_attention,
-        "linear": gemv.linear,
     }
     for op, fn in kernels.items():
         register_op_backend(op, BACKEND, fn, supports=supports, priority=PRIORITY)
+    # Only where named (compile.op_backends: {linear: triton}): inside CUDA graphs on the H100 cuBLAS
+    # already streams Llama-3.1-8B's weights at 2.5-2.9 TB/s at M = 1 and the GEMV measured 0.84-1.0x of
+    # it (benchmarks/gpu_gemv.py, RESULTS.md), so by default the reference (aten.linear, cuBLAS) runs.
+    register_op_backend("linear", BACKEND, gemv.linear, supports=supports, priority=0)
     return True
 
 
