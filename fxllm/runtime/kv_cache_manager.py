@@ -9,6 +9,7 @@ import struct
 from collections import OrderedDict, deque
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
+from typing import Protocol
 
 from fxllm.runtime.sequence import Sequence
 
@@ -45,6 +46,20 @@ class _AllocationPlan:
     hit_hashes: list[bytes]
     num_fresh_blocks: int
     feasible: bool
+
+
+class KVCacheObserver(Protocol):
+    """Told of every prefix-cache index change (e.g. to publish KV events to a router); called on the
+    engine thread, so it must only queue the news."""
+
+    def blocks_stored(self, parent_hash: bytes | None, blocks: list[tuple[bytes, tuple[int, ...]]]) -> None:
+        """Consecutive full blocks (digest, token ids) entered the index; `parent_hash` precedes the first."""
+
+    def blocks_removed(self, block_hashes: list[bytes]) -> None:
+        """These digests left the index (their blocks were evicted for reuse)."""
+
+    def cache_cleared(self) -> None:
+        """Every digest left the index (reset_prefix_cache)."""
 
 
 # The chain's root digest. Collision resistance comes from sha256, not from a secret root, so it is fixed.
@@ -94,6 +109,7 @@ class KVCacheManager:
         self._num_hit_tokens = 0
         self._num_queried_tokens = 0
         self._num_evictions = 0
+        self.observers: list[KVCacheObserver] = []
 
     # ------------------------------------------------------------------ queries
 
@@ -190,6 +206,8 @@ class KVCacheManager:
         hashes = self._seq_hashes.setdefault(seq.seq_id, [])
         bs = self.block_size
         num_full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        stored: list[tuple[bytes, tuple[int, ...]]] = []  # this call's newly indexed run, for the observers
+        run_parent: bytes | None = None  # the digest before the run's first block
         for i in range(len(hashes), num_full):
             tokens = seq.token_ids[i * bs : (i + 1) * bs]
             block_hash = _hash_block(hashes[-1] if hashes else None, tokens)
@@ -201,6 +219,19 @@ class KVCacheManager:
                 self._block_hashes[block_id] = block_hash
                 self._block_tokens[block_id] = tuple(tokens)
                 self._hash_to_block[block_hash] = block_id
+                if self.observers:
+                    if not stored:
+                        run_parent = hashes[-2] if len(hashes) > 1 else None
+                    stored.append((block_hash, tuple(tokens)))
+            elif stored:  # a duplicate breaks the run: the next indexed block starts another
+                self._notify_stored(run_parent, stored)
+                stored = []
+        if stored:
+            self._notify_stored(run_parent, stored)
+
+    def _notify_stored(self, parent_hash: bytes | None, blocks: list[tuple[bytes, tuple[int, ...]]]) -> None:
+        for observer in self.observers:
+            observer.blocks_stored(parent_hash, blocks)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached hash; blocks in use keep their data but can no longer be shared."""
@@ -210,6 +241,8 @@ class KVCacheManager:
         self._hash_to_block.clear()
         self._block_hashes = [None] * self.num_blocks
         self._block_tokens = [None] * self.num_blocks
+        for observer in self.observers:
+            observer.cache_cleared()
         logger.info("Prefix cache reset; %d blocks free.", len(self._free))
 
     def check_invariants(self) -> None:
@@ -298,6 +331,8 @@ class KVCacheManager:
             block_hash = self._block_hashes[block_id]
             if block_hash is not None and self._hash_to_block.get(block_hash) == block_id:
                 del self._hash_to_block[block_hash]
+                for observer in self.observers:
+                    observer.blocks_removed([block_hash])
             self._block_hashes[block_id] = None
             self._block_tokens[block_id] = None
             self._num_evictions += 1

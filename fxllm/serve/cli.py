@@ -1,4 +1,4 @@
-"""The `fxllm` command line: compile, generate, chat, bench, eval-ppl, cache, serve."""
+"""The `fxllm` command line: compile, generate, chat, bench, eval-ppl, cache, export-hf-tokenizer, serve."""
 
 from __future__ import annotations
 
@@ -128,6 +128,16 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_hf_tokenizer(args: argparse.Namespace) -> int:
+    """Write MODEL's tokenizer, chat template and config as an HF folder (what Dynamo's frontend reads)."""
+    from pathlib import Path
+
+    from fxllm.dynamo.model_folder import export_model_folder
+
+    print(export_model_folder(args.model, Path(args.dir)))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start the OpenAI-compatible server (see fxllm.serve.server)."""
     from fxllm.serve.server import serve_main
@@ -184,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     from fxllm.serve.eval_ppl import add_eval_ppl_parser
 
     add_eval_ppl_parser(sub, _config_args, _load)
+
+    p = sub.add_parser("export-hf-tokenizer", help="write MODEL's tokenizer.json, tokenizer_config.json (chat "
+                       "template) and config.json into DIR, for Dynamo's frontend (docs/scale-out.md)")  # fmt: skip
+    p.add_argument("dir")
+    p.add_argument("model", nargs="?", default="smollm2", help="smollm2 (default), a .gguf or an HF folder")
+    p.set_defaults(fn=cmd_export_hf_tokenizer)
 
     p = sub.add_parser("serve", help="OpenAI-compatible server (fxllm serve --help)", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
