@@ -67,6 +67,15 @@ class CompileConfig:
     # The compile cache (post-pass graphs, Inductor's and Triton's caches, the C++ CPU kernels):
     # None = $FXLLM_CACHE_DIR, else ~/.cache/fxllm. `fxllm cache list` / `fxllm cache clear` manage it.
     cache_dir: str | None = None
+    # Inductor's weight freezing on the CPU: "auto" freezes only where plain linears are left for oneDNN to
+    # pre-pack (decode speed) and otherwise not (the compiled graph is then cached); "on" / "off" force it.
+    # A frozen graph is never cached by Inductor: every start compiles it again. (YAML reads a bare on / off
+    # as a bool, so True / False are taken too.)
+    cpu_freezing: str | bool = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cpu_freezing, bool):
+            self.cpu_freezing = "on" if self.cpu_freezing else "off"
 
 
 @dataclass
@@ -83,6 +92,49 @@ class ParallelConfig:
     two_shot_max_bytes: int = 8 * 2**20
     collective_timeout_s: float = 300.0  # a collective waiting longer fails (a dead rank never hangs)
     master_port: int | None = None  # the rendezvous port on 127.0.0.1; None = a free port
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding (docs/speculative.md): a proposer drafts tokens, one forward verifies them."""
+
+    method: str = "none"  # none | ngram | draft_model | self_draft | eagle3
+    num_speculative_tokens: int = 4  # drafts per sequence and step (k); a verify step runs 1 + k tokens
+    prompt_lookup_min: int = 2  # ngram: shortest suffix n-gram matched against the earlier tokens
+    prompt_lookup_max: int = 4  # ngram: longest one (tried first)
+    model: str | None = None  # draft_model / eagle3: the drafter (same tokenizer as the target)
+    draft_layers: int = 4  # self_draft: the target's first layers that draft (plus its final norm and head)
+    # A step with more decoding sequences than this does not speculate (verification of many rows costs
+    # more than it saves); 0 = never limit.
+    disable_batch_size: int = 32
+    # A request whose acceptance rate stays below this after `min_acceptance_window` drafted tokens stops
+    # speculating (0 = never); its remaining tokens decode one at a time.
+    min_acceptance_rate: float = 0.2
+    min_acceptance_window: int = 24
+
+    def __post_init__(self) -> None:
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(
+                f"config: speculative.prompt_lookup_min={self.prompt_lookup_min} is larger than "
+                f"speculative.prompt_lookup_max={self.prompt_lookup_max}; lower the min or raise the max"
+            )
+        if self.method in ("draft_model", "eagle3") and not self.model:
+            raise ValueError(f"config: speculative.method={self.method} needs speculative.model (the drafter)")
+
+
+@dataclass
+class QuantizationConfig:
+    """FP8 weights and activations (docs/quantization.md): which GEMMs, which scale granularity."""
+
+    method: str = "none"  # none | fp8 (a checkpoint that is already FP8 sets fp8 itself)
+    # FP8 weight scales: channel (one per output feature), tensor (one), block (one per 128 x 128 tile).
+    weight_granularity: str = "channel"
+    # dynamic_token: each token's scale is its amax / 448 at run time; static_tensor: one scale per
+    # GEMM input, from the checkpoint (ModelOpt input_scale).
+    activation_scheme: str = "dynamic_token"
+    # Linears left in the model's dtype, matched against the module path or weight name (`lm_head` matches
+    # `lm_head.weight`; `mlp.down_proj` every layer's down projection).
+    exclude: list[str] = field(default_factory=lambda: ["lm_head"])
 
 
 @dataclass
@@ -115,6 +167,8 @@ class FxllmConfig:
     compile: CompileConfig = field(default_factory=CompileConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
 
 
 def _check_type(hint: Any, value: Any, key: str) -> Any:
@@ -145,11 +199,59 @@ def _check_distributed_backend(value: str) -> None:
         raise ValueError(f"must be auto, gloo or nccl, got {value!r}")
 
 
+SPECULATIVE_METHODS = ("none", "ngram", "draft_model", "self_draft", "eagle3")
+
+
+def _check_spec_method(value: str) -> None:
+    if value not in SPECULATIVE_METHODS:
+        raise ValueError(f"must be one of {', '.join(SPECULATIVE_METHODS)}, got {value!r}")
+
+
+def _check_cpu_freezing(value: str | bool) -> None:
+    if not isinstance(value, bool) and value not in ("auto", "on", "off"):
+        raise ValueError(f"must be auto, on or off, got {value!r}")
+
+
+def _check_positive(value: int) -> None:
+    if value < 1:
+        raise ValueError(f"must be >= 1, got {value}")
+
+
+def _check_non_negative(value: float) -> None:
+    if value < 0:
+        raise ValueError(f"must be >= 0, got {value}")
+
+
+def _check_rate(value: float) -> None:
+    if not 0 <= value <= 1:
+        raise ValueError(f"must be between 0 and 1, got {value}")
+
+
+def _one_of(*allowed: str) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}, got {value!r}")
+
+    return check
+
+
 _VALUE_CHECKS: dict[str, Callable[[Any], None]] = {
+    "quantization.method": _one_of("none", "fp8"),
+    "quantization.weight_granularity": _one_of("channel", "tensor", "block"),
+    "quantization.activation_scheme": _one_of("dynamic_token", "static_tensor"),
     "model.dtype": _check_dtype,
     "cache.dtype": check_cache_dtype,
+    "compile.cpu_freezing": _check_cpu_freezing,
     "parallel.tensor_parallel_size": _check_tp_size,
     "parallel.distributed_backend": _check_distributed_backend,
+    "speculative.method": _check_spec_method,
+    "speculative.num_speculative_tokens": _check_positive,
+    "speculative.prompt_lookup_min": _check_positive,
+    "speculative.prompt_lookup_max": _check_positive,
+    "speculative.draft_layers": _check_positive,
+    "speculative.disable_batch_size": _check_non_negative,
+    "speculative.min_acceptance_rate": _check_rate,
+    "speculative.min_acceptance_window": _check_positive,
 }
 
 

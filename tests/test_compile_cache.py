@@ -121,8 +121,9 @@ def test_dtype_and_graph_config_changes_miss_and_say_what_changed(
     assert "compile.passes changed" in _changed_key(caplog, "compile.passes.fuse_add_rms_norm=false")
     assert "compile.op_backends changed" in _changed_key(caplog, "compile.op_backends.rms_norm=torch")
     assert "model config changed" in _changed_key(caplog, "model.num_layers=1")
+    assert "compile.cpu_freezing auto -> off" in _changed_key(caplog, "compile.cpu_freezing=off")
     assert "compile cache miss" in caplog.text
-    assert len(_entries(cache_dir)) == 5
+    assert len(_entries(cache_dir)) == 6
     # Each of them is now a hit; the graph without fuse_add_rms_norm really is another graph.
     unfused = _build("compile.passes.fuse_add_rms_norm=false")
     assert unfused.build_info.compile_cache == "hit"
@@ -307,5 +308,35 @@ def test_the_first_key_of_a_process_equals_its_later_ones(tmp_path: Path) -> Non
         "import fxllm.passes.lower_ops, fxllm.backends.cpu\n"
         "print(first == start_key(*args)[0])\n"
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True
+    )
     assert out.stdout.strip().splitlines()[-1] == "True", out.stderr[-2000:]
+
+
+def test_cpu_freezing_is_a_config_option_the_graph_carries(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """compile.cpu_freezing reaches the graph backend through the graph's meta (no process-wide switch):
+    on / off force freezing, auto freezes only where plain linears are left for oneDNN."""
+    from fxllm.compiler.backends import FREEZING_META, cpu_freezing
+    from fxllm.config import load_config
+
+    assert load_config(None, ["compile.cpu_freezing=off"]).compile.cpu_freezing == "off"
+    with pytest.raises(ValueError, match=r"compile\.cpu_freezing"):
+        load_config(None, ["compile.cpu_freezing=sometimes"])
+    llm = _build("compile.cpu_freezing=on")
+    gm = llm.engine.runner.graph_module
+    assert gm.meta[FREEZING_META] == "on"
+    assert cpu_freezing(gm) == (True, "compile.cpu_freezing=on")
+    gm.meta[FREEZING_META] = "off"
+    assert cpu_freezing(gm) == (False, "compile.cpu_freezing=off")
+    linear = torch.fx.symbolic_trace(torch.nn.Linear(4, 4))
+    linear.graph = torch.fx.Graph()
+    x = linear.graph.placeholder("x")
+    weight = linear.graph.get_attr("weight")
+    linear.graph.output(linear.graph.call_function(torch.ops.aten.linear.default, (x, weight)))
+    assert cpu_freezing(linear)[0] is True  # auto: a plain linear is left for oneDNN
+    monkeypatch.setenv("FXLLM_CPU_FREEZING", "0")
+    with pytest.raises(ValueError, match=r"compile\.cpu_freezing"):
+        cpu_freezing(gm)

@@ -41,7 +41,10 @@ def eager_backend(gm: GraphModule) -> Callable[..., object]:
     return gm
 
 
-FREEZING_ENV = "FXLLM_CPU_FREEZING"  # "1" / "0" force Inductor's weight freezing on the CPU on / off
+FREEZING_META = (
+    "fxllm_cpu_freezing"  # gm.meta key: compile.cpu_freezing ("auto" / "on" / "off") for this graph
+)
+_OLD_FREEZING_ENV = "FXLLM_CPU_FREEZING"  # replaced by compile.cpu_freezing
 
 
 def cpu_freezing(gm: GraphModule) -> tuple[bool, str]:
@@ -52,10 +55,16 @@ def cpu_freezing(gm: GraphModule) -> tuple[bool, str]:
     160 -> 309 with oneDNN GEMMs). But a frozen graph with oneDNN-packed weights bypasses Inductor's graph
     cache and AOTAutograd's cache (torch 2.13), so every start compiles the graph again (minutes on 2
     cores). Where fxllm's packed kernel took every linear (pack_linears, AVX-512), nothing is left to
-    pre-pack: no freezing, and a warm start loads the compiled graph from the caches."""
-    forced = os.environ.get(FREEZING_ENV, "")
-    if forced in ("0", "1"):
-        return forced == "1", f"{FREEZING_ENV}={forced}"
+    pre-pack: no freezing, and a warm start loads the compiled graph from the caches. The graph's
+    `compile.cpu_freezing` (set in gm.meta by the builder; "auto" when absent) can force either way."""
+    if os.environ.get(_OLD_FREEZING_ENV):
+        raise ValueError(f"{_OLD_FREEZING_ENV} is no longer read: unset it and use the config option "
+                         "compile.cpu_freezing=on|off|auto (e.g. `fxllm serve --set compile.cpu_freezing=off`)")  # fmt: skip
+    mode = gm.meta.get(FREEZING_META, "auto")
+    if mode in ("on", "off"):
+        return mode == "on", f"compile.cpu_freezing={mode}"
+    if mode != "auto":
+        raise ValueError(f"compile.cpu_freezing must be auto, on or off, got {mode!r}")
     linears = [
         n for n in gm.graph.find_nodes(op="call_function", target=torch.ops.aten.linear.default)
         if isinstance(n.args[1], torch.fx.Node) and n.args[1].op == "get_attr"
@@ -74,7 +83,7 @@ def _inductor_settings(gm: GraphModule, device: torch.device) -> dict[str, objec
     freeze, why = cpu_freezing(gm)
     if freeze:
         logger.info("Inductor freezes the weights (%s): its compiled graph is not cached, every start compiles "
-                    "it; %s=0 trades decode speed for cached starts", why, FREEZING_ENV)  # fmt: skip
+                    "it; compile.cpu_freezing=off trades decode speed for cached starts", why)  # fmt: skip
     else:
         logger.info("Inductor does not freeze the weights (%s): its compiled graph is cached", why)
     settings: dict[str, object] = {"freezing": freeze}

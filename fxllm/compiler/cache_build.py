@@ -14,6 +14,7 @@ import torch
 from torch.fx import GraphModule
 
 from fxllm.backends.registry import import_device_backends
+from fxllm.compiler.backends import FREEZING_META
 from fxllm.compiler.cache import GraphCache, cache_root, use_cache_root
 from fxllm.compiler.cache_graph import WeightRecorder, named_tensors
 from fxllm.compiler.cache_key import cache_key_parts, key_of, registered_code
@@ -80,6 +81,11 @@ def start_key(
         op_backends=compile_config.op_backends, plugins=list(compile_config.plugins), registered=registered,
     )  # fmt: skip
     cache_config = getattr(config, "cache", None)
+    # Freezing does not change the post-pass graph, but it decides whether Inductor's compiled graph can be
+    # cached, so entries made with and without it stay apart (the start-up log then says which).
+    parts["compile.cpu_freezing"] = (
+        str(getattr(compile_config, "cpu_freezing", "auto")) if device.type == "cpu" else "-"
+    )
     parts["kv cache"] = kv_cache_part(
         getattr(cache_config, "dtype", "auto"), dict(getattr(model, KV_SCALES_ATTR, {}) or {})
     )
@@ -89,7 +95,16 @@ def start_key(
 def build_graph(
     config: Any, model: torch.nn.Module, model_name: str, device: torch.device, dtype: torch.dtype
 ) -> GraphBuild:
-    """Capture + passes (runtime ones included) for `model`, through the compile cache."""
+    """Capture + passes (runtime ones included) for `model`, through the compile cache; the graph carries
+    the settings its graph backend reads (compile.cpu_freezing) in `gm.meta`."""
+    built = _build_graph(config, model, model_name, device, dtype)
+    built.gm.meta[FREEZING_META] = str(getattr(config.compile, "cpu_freezing", "auto"))
+    return built
+
+
+def _build_graph(
+    config: Any, model: torch.nn.Module, model_name: str, device: torch.device, dtype: torch.dtype
+) -> GraphBuild:
     compile_config = config.compile
     ctx = PassContext(model_config=model.config, device=device, dtype=dtype,
                       op_backends=dict(compile_config.op_backends), kv_cache_dtype=config.cache.dtype,
