@@ -93,3 +93,23 @@ def test_bucket_sizes_are_capped_at_the_batch_limit() -> None:
 def test_capture_needs_a_gpu() -> None:
     with pytest.raises(ValueError, match=r"compile\.cuda_graphs=false"):
         DecodeGraphs(lambda *a: None, RuntimeSignature(), {}, [1], 4, torch.device("cpu"), capture=True)
+
+
+def test_model_inputs_are_not_views_in_steps_or_buckets() -> None:
+    # Dynamo guards a view input on its base's sizes: if steps passed views and the decode buckets'
+    # static buffers did not (or the other way round), capturing the buckets recompiled the graph.
+    from fxllm.runtime.cuda_graphs import _static_inputs
+    from fxllm.runtime.scheduler import ScheduledSequence
+    from fxllm.runtime.sequence import Sequence
+    from fxllm.runtime.step_inputs import build_step_inputs
+
+    seqs = [Sequence(seq_id=i, token_ids=list(range(5 + i)), num_prompt_tokens=5 + i, max_tokens=4,
+                     arrival_time=0.0) for i in range(2)]  # fmt: skip
+    for i, seq in enumerate(seqs):
+        seq.block_table = [i]
+    step = build_step_inputs([ScheduledSequence(s, s.num_tokens) for s in seqs], 16, torch.device("cpu"))
+    assert step.input_ids.shape == step.position_ids.shape == (1, 11)
+    for name, tensor in step.named_args().items():
+        assert tensor._base is None, f"step input {name} is a view"
+    for name, tensor in _static_inputs(4, 8, torch.device("cpu")).items():
+        assert tensor._base is None, f"decode bucket input {name} is a view"

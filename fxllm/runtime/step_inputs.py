@@ -25,6 +25,14 @@ class StepInputs:
     # Prompt logprobs: (scheduled index, first position, count) per sequence that asked; their logits rows
     # follow the N sampled rows, in this order (positions first..first+count-1, each predicting the next).
     prompt_rows: list[tuple[int, int, int]] = field(default_factory=list)
+    # Speculative decoding: per sampled sequence, how many drafted tokens follow its last known token in
+    # this step; such a sequence has 1 + drafts consecutive logits rows (verification), others one.
+    draft_counts: list[int] = field(default_factory=list)
+
+    @property
+    def num_sample_rows(self) -> int:
+        """Logits rows of the sampled sequences (before any prompt-logprob rows)."""
+        return len(self.sampled) + sum(self.draft_counts)
 
     def named_args(self) -> dict[str, torch.Tensor]:
         """Step inputs by their role in the runtime signature (the runner orders them; KV caches are its own)."""
@@ -69,6 +77,7 @@ def build_step_inputs(
     starts: list[int] = [0]
     logits_indices: list[int] = []
     sampled: list[int] = []
+    draft_counts: list[int] = []
     prompt_rows: list[tuple[int, int, int]] = []
     prompt_indices: list[int] = []
     max_blocks = max(len(item.seq.block_table) for item in scheduled)
@@ -78,18 +87,23 @@ def build_step_inputs(
         end = begin + item.num_new_tokens
         table = seq.block_table
         tokens += seq.token_ids[begin:end]
+        # A decode scheduled past its last known token verifies that many drafts (speculative decoding).
+        num_drafts = max(0, end - seq.num_tokens)
         if pending_rows and end == seq.num_tokens and seq.seq_id in pending_rows:
             fill_at.append(len(tokens) - 1)
             fill_from.append(pending_rows[seq.seq_id])
             tokens[-1] = 0  # a valid id until the device copy below lands
+        if num_drafts:
+            tokens += seq.draft_token_ids[:num_drafts]
         positions += range(begin, end)
         slots += [table[p // block_size] * block_size + p % block_size for p in range(begin, end)]
         seq_lens.append(end)
         starts.append(len(tokens))
         tables.append(table + [0] * (max_blocks - len(table)))
-        if end == seq.num_tokens:  # the chunk reaches the last known token: its logits are sampled
-            logits_indices.append(len(tokens) - 1)
+        if end >= seq.num_tokens:  # the chunk reaches the last known token: its logits are sampled
+            logits_indices += range(len(tokens) - 1 - num_drafts, len(tokens))
             sampled.append(index)
+            draft_counts.append(num_drafts)
         last = min(end, seq.num_prompt_tokens - 1)  # the last prompt position has no prompt token after it
         if seq.seq_id in prompt_logits and begin < last:
             prompt_rows.append((index, begin, last - begin))
@@ -100,15 +114,18 @@ def build_step_inputs(
         tensor = torch.tensor(data, dtype=dtype)
         return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
 
-    input_ids = as_tensor(tokens, torch.long)
+    # [1, T] tensors of their own, not views of [T] ones: Dynamo guards a view input on its base's
+    # sizes, so views here (and none in the decode graphs' static buffers) recompiled the graph for
+    # the first decode bucket and again for bucket 1 (CUDA-graph capture 14 s on the H100).
+    input_ids = as_tensor([tokens], torch.long)
     if fill_at:
         if pending_ids is None:
             raise ValueError("pending_rows were given without the previous step's sampled ids")
         rows = as_tensor(fill_from, torch.long)
-        input_ids.index_copy_(0, as_tensor(fill_at, torch.long), pending_ids.index_select(0, rows).long())
+        input_ids[0].index_copy_(0, as_tensor(fill_at, torch.long), pending_ids.index_select(0, rows).long())
     return StepInputs(
-        input_ids=input_ids[None],
-        position_ids=as_tensor(positions, torch.long)[None],
+        input_ids=input_ids,
+        position_ids=as_tensor([positions], torch.long),
         slot_mapping=as_tensor(slots, torch.long),
         block_tables=as_tensor(tables, torch.int32),
         seq_lens=as_tensor(seq_lens, torch.int32),
@@ -116,4 +133,5 @@ def build_step_inputs(
         logits_indices=as_tensor(logits_indices + prompt_indices, torch.long),
         sampled=sampled,
         prompt_rows=prompt_rows,
+        draft_counts=draft_counts,
     )
