@@ -16,6 +16,7 @@ from fxllm.passes.pipeline import PassReport, load_plugins
 from fxllm.runtime.engine import Engine, resolve_device_dtype, resolve_eos_token_ids
 from fxllm.runtime.model_runner import ModelRunner
 from fxllm.runtime.scheduler import resolve_scheduler_limits
+from fxllm.runtime.speculative.decoder import build_speculator
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ def build_engine(
         vocab_size=int(hf_config.vocab_size),
         eos_token_ids=eos_token_ids,
     )
+    build_speculator(config.speculative, engine)  # None for speculative.method=none
     logger.info("compiling the forward (%s backend): one warm-up request", config.compile.backend)
     warmup_seconds = engine.warmup()
     info = BuildInfo(name, device, dtype, load_seconds, built.capture_seconds, built.passes_seconds, built.report,

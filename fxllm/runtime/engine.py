@@ -24,6 +24,7 @@ from fxllm.runtime.sampler import Sampler, SamplingRow, make_generator
 from fxllm.runtime.sampling_params import RequestOutputKind, SamplingParams
 from fxllm.runtime.scheduler import CapacityScheduler, ScheduledSequence, SchedulerConfig, create_scheduler
 from fxllm.runtime.sequence import Sequence, SequenceStatus
+from fxllm.runtime.speculative.decoder import SpeculativeDecoder, VerifiedRun, rollback_drafts
 from fxllm.runtime.step_inputs import build_step_inputs
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class Engine:
         self.async_scheduling = runner.device.type == "cuda" if configured is None else configured
         self._in_flight: LaunchedStep | None = None
         self._last_done: torch.cuda.Event | None = None  # CUDA timing event at the end of the previous step's device work
+        self.speculator: SpeculativeDecoder | None = None  # speculative decoding (build_speculator sets it)
 
     # ---- requests -------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
@@ -249,6 +251,8 @@ class Engine:
         placeholders = previous.add_placeholders() if previous is not None else []
         launched = None
         try:
+            if self.speculator is not None:
+                self.speculator.propose(self)  # drafts ride on the decodes the scheduler picks
             scheduled = self.scheduler.schedule()
             stats.num_preemptions += len(scheduled.preempted)
             stats.schedule_seconds += clock() - t0
@@ -284,9 +288,10 @@ class Engine:
         t2 = clock()
         logits = self.runner.execute(inputs)
         t3 = clock()
+        num_rows = inputs.num_sample_rows  # 1 + drafts rows per sequence that verifies
         if inputs.prompt_rows:
-            self._record_prompt_logprobs(scheduled, inputs.prompt_rows, logits[len(inputs.sampled) :])
-            logits = logits[: len(inputs.sampled)]
+            self._record_prompt_logprobs(scheduled, inputs.prompt_rows, logits[num_rows:])
+            logits = logits[:num_rows]
         rows = []
         states = []
         for index in inputs.sampled:
@@ -299,9 +304,16 @@ class Engine:
             output_ids = seq.output_token_ids if penalized or params.min_tokens > 0 else []
             rows.append(SamplingRow(params, state.generator, prompt_ids, output_ids))
             states.append((request, state))
-        sample = self.sampler.launch(logits, rows) if rows else None
+        verifying = self.speculator is not None and any(inputs.draft_counts)
+        if verifying:
+            seqs = [scheduled[index].seq for index in inputs.sampled]
+            sample = self.speculator.launch(self.sampler, logits, rows, seqs, inputs.draft_counts)  # type: ignore[union-attr]
+        else:
+            sample = self.sampler.launch(logits, rows) if rows else None
         for item in scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
+        if self.speculator is not None:
+            rollback_drafts(scheduled)  # rejected drafts' K/V stay past num_computed_tokens, unreferenced
         done = timing_event(self.runner.device)
         step = LaunchedStep(scheduled, states, sample, start=start, done=done, previous_done=self._last_done)
         self._last_done = done
@@ -339,7 +351,11 @@ class Engine:
             if not step.alive(state):
                 continue  # finished or aborted after this step was launched: its extra token is dropped
             assert sampled is not None
-            self._append_token(request, state, sampled.token_ids[j], sampled.logprobs[j], now)
+            token = sampled.token_ids[j]
+            if isinstance(token, VerifiedRun):
+                self.speculator.append_run(self, request, state, token, now)  # type: ignore[union-attr]
+            else:
+                self._append_token(request, state, token, sampled.logprobs[j], now)
             touched[request.request_id] = request
         outputs = []
         for request in touched.values():

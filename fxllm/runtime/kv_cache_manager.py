@@ -316,7 +316,8 @@ class KVCacheManager:
             )
         hit_blocks, hit_hashes = self._find_prefix(seq)
         num_computed = seq.num_computed_tokens + len(hit_blocks) * self.block_size
-        num_new = min(num_new_tokens, seq.num_tokens - num_computed)
+        # Drafted tokens (speculative decoding) are verified in the sequence's own slots: they need room too.
+        num_new = min(num_new_tokens, seq.num_tokens + len(seq.draft_token_ids) - num_computed)
         num_fresh = max(0, self._cdiv(num_computed + num_new) - len(seq.block_table) - len(hit_blocks))
         # Evictable hits leave the evictable pool when referenced, so they cannot also serve as fresh blocks.
         num_evictable_hits = sum(1 for b in hit_blocks if self._ref_counts[b] == 0)

@@ -47,6 +47,22 @@ class RequestMetrics:
     finished_time: float | None = None
     num_cached_tokens: int = 0
     inter_token_latencies: list[float] = field(default_factory=list)
+    # Speculative decoding (all sequences of the request): verify steps, drafted and accepted tokens.
+    spec_verify_steps: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+
+    @property
+    def spec_acceptance_rate(self) -> float | None:
+        """Accepted / drafted tokens, or None when nothing was drafted."""
+        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else None
+
+    @property
+    def spec_mean_accepted_length(self) -> float | None:
+        """Tokens a verify step appended on average (accepted drafts + the corrected or bonus token)."""
+        if not self.spec_verify_steps:
+            return None
+        return (self.spec_accepted_tokens + self.spec_verify_steps) / self.spec_verify_steps
 
     @property
     def ttft(self) -> float | None:

@@ -230,7 +230,9 @@ class CapacityScheduler:
                     break
                 if seq.seq_id in done:
                     continue
-                num_new = min(seq.num_uncomputed_tokens, budget)
+                # A decode with drafted tokens verifies them in the same step (speculative decoding); a
+                # tight budget cuts the drafts, never the known token.
+                num_new = min(seq.num_uncomputed_tokens + len(seq.draft_token_ids), budget)
                 if self._allocate_running(seq, num_new, done, out.preempted):
                     target.append(ScheduledSequence(seq, num_new))
                     done.add(seq.seq_id)

@@ -43,6 +43,9 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     priority: int = 0
     reuse_prefix_cache: bool = True  # False: compute every prompt token (prompt logprobs need their logits)
+    # Speculative decoding: tokens drafted for this step, verified after the last known token. They are
+    # not in token_ids (nothing else sees them); the engine clears them once the step is verified.
+    draft_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_prompt_tokens <= len(self.token_ids):
