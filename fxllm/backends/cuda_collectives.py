@@ -12,8 +12,9 @@ its algorithm by message size, since the token dimension is dynamic in the compi
 
 Only the peer-to-peer kernels are used: never the `multimem_*` ops, which need NVLink multicast
 (not allowed on the lent machines). The symmetric buffer of a (group, device, dtype) is allocated and
-rendezvoused on the first call, which every rank makes together during the warm-up request, before
-any CUDA graph is captured; a capture that would need a new buffer fails with that reason. The sizes
+rendezvoused when the group is made (`configure_group`, the model's dtype) or else on the first call,
+which every rank makes together during the warm-up request; a CUDA-graph capture that would need a
+new buffer fails with that reason. The sizes
 come from `parallel.one_shot_max_bytes` / `two_shot_max_bytes`, registered per group when the group
 is made (`configure_group`).
 """
@@ -58,9 +59,23 @@ _BUFFERS: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
 COUNTS = Counts()
 
 
-def configure_group(group_name: str, one_shot_max_bytes: int, two_shot_max_bytes: int) -> None:
-    """Set the size limits of group `group_name` (called when the tensor-parallel group is made)."""
-    _LIMITS[group_name] = GroupLimits(one_shot_max_bytes, two_shot_max_bytes)
+def configure_group(
+    group_name: str,
+    one_shot_max_bytes: int,
+    two_shot_max_bytes: int,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Set the size limits of group `group_name`, and make its symmetric buffer for `dtype` on `device` now
+    (a collective: every rank calls this when the tensor-parallel group is made, long before any capture)."""
+    limits = _LIMITS[group_name] = GroupLimits(one_shot_max_bytes, two_shot_max_bytes)
+    if (
+        device is not None
+        and dtype in _DTYPES
+        and symm_mem_available()
+        and _group_size(group_name) in _WORLD_SIZES
+    ):
+        _buffer(group_name, device, dtype, limits)
 
 
 def _group_size(group_name: str) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import socket
 
 import torch
@@ -45,8 +46,11 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
     return torch.device("cuda", rank)
 
 
-def init_group(parallel: ParallelConfig, rank: int, port: int, device: torch.device) -> str:
-    """Join the group of `parallel.tensor_parallel_size` ranks at 127.0.0.1:`port`; returns its name."""
+def init_group(
+    parallel: ParallelConfig, rank: int, port: int, device: torch.device, dtype: torch.dtype | None = None
+) -> str:
+    """Join the group of `parallel.tensor_parallel_size` ranks at 127.0.0.1:`port`; returns its name. On
+    CUDA the all-reduce's symmetric buffer for `dtype` is made here, by every rank at once."""
     backend = resolve_backend(parallel, device)
     timeout = datetime.timedelta(seconds=parallel.collective_timeout_s)
     kwargs = {"device_id": device} if backend == "nccl" else {}
@@ -59,7 +63,9 @@ def init_group(parallel: ParallelConfig, rank: int, port: int, device: torch.dev
     if device.type == "cuda":
         from fxllm.backends.cuda_collectives import configure_group
 
-        configure_group(str(group.group_name), parallel.one_shot_max_bytes, parallel.two_shot_max_bytes)
+        configure_group(
+            str(group.group_name), parallel.one_shot_max_bytes, parallel.two_shot_max_bytes, device, dtype
+        )
     logger.info("rank %d of %d joined the %s group %r on %s", rank, parallel.tensor_parallel_size, backend,
                 group.group_name, device)  # fmt: skip
     return str(group.group_name)
@@ -69,3 +75,11 @@ def destroy_group() -> None:
     """Leave the process group, if this process joined one."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def cpu_threads_per_rank(size: int) -> int:
+    """Give this CPU rank its share of the cores (each rank runs every step at once: with all cores each, their
+    OpenMP threads would spin against each other while one waits in a collective)."""
+    threads = max(1, (os.cpu_count() or 1) // size)
+    torch.set_num_threads(threads)
+    return threads

@@ -27,9 +27,16 @@ import torch
 from fxllm.config import FxllmConfig
 from fxllm.passes.runtime_signature import require_signature
 from fxllm.runtime.distributed.channel import broadcast_step, receive, step_header
-from fxllm.runtime.distributed.group import destroy_group, free_port, init_group, rank_device
+from fxllm.runtime.distributed.group import (
+    cpu_threads_per_rank,
+    destroy_group,
+    free_port,
+    init_group,
+    rank_device,
+)
 from fxllm.runtime.distributed.rank_model import check_size_early, load_rank_model
 from fxllm.runtime.distributed.worker import worker_main
+from fxllm.runtime.engine_setup import resolve_device_dtype
 from fxllm.runtime.model_runner import ModelRunner, plan_num_blocks
 
 logger = logging.getLogger(__name__)
@@ -66,10 +73,13 @@ class TensorParallelGroup:
         self._stopped = False
         atexit.register(self.shutdown)
         self.device = rank_device(device, 0)
+        if self.device.type == "cpu":
+            logger.info("tensor parallel on the CPU: %d threads per rank", cpu_threads_per_rank(self.size))
         with self._stop_on_error():
             # A worker that fails to import or start fails here, not in a rendezvous that waits for it.
             self._receive_all("start")
-            self.group_name = init_group(config.parallel, 0, port, self.device)
+            _, dtype = resolve_device_dtype(config.model.device, config.model.dtype)
+            self.group_name = init_group(config.parallel, 0, port, self.device, dtype)
         self._watchdog = threading.Thread(target=self._watch, name="fxllm-tp-watchdog", daemon=True)
         self._watchdog.start()
 

@@ -20,7 +20,7 @@ def _build_runner(config: FxllmConfig, rank: int, port: int, conn: Connection, p
     from fxllm.compiler.cache_build import build_graph
     from fxllm.passes.pipeline import load_plugins
     from fxllm.passes.runtime_signature import require_signature
-    from fxllm.runtime.distributed.group import init_group, rank_device
+    from fxllm.runtime.distributed.group import cpu_threads_per_rank, init_group, rank_device
     from fxllm.runtime.distributed.rank_model import load_rank_model
     from fxllm.runtime.engine import resolve_device_dtype
     from fxllm.runtime.model_runner import ModelRunner, plan_num_blocks
@@ -28,8 +28,10 @@ def _build_runner(config: FxllmConfig, rank: int, port: int, conn: Connection, p
     load_plugins(config.compile.plugins)
     device, dtype = resolve_device_dtype(config.model.device, config.model.dtype)
     device = rank_device(device, rank)
+    if device.type == "cpu":
+        cpu_threads_per_rank(config.parallel.tensor_parallel_size)
     conn.send(("started",))  # rank 0 joins the group only once every worker got this far
-    group_name = init_group(config.parallel, rank, port, device)
+    group_name = init_group(config.parallel, rank, port, device, dtype)
     model, _tokenizer = load_rank_model(config, device, dtype, rank, group_name)
     built = build_graph(config, model, config.model.model, device, dtype)
     del model

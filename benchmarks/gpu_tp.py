@@ -1,0 +1,380 @@
+"""Tensor parallelism on 2 or 4 GPUs: all-reduce timings, TP decode speed, TP=N vs TP=1 outputs, fusion.
+
+Usage (GPU machine, repo root; one call per machine kind, < 8 minutes):
+    PYTHONPATH=. python3 benchmarks/gpu_tp.py --out $OUT
+Sections (default by GPU count: 2 GPUs -> allreduce greedy decode8b fused; 4 GPUs -> allreduce greedy
+llama70b fused), or `--sections a,b`:
+  allreduce  bf16 [tokens, 4096] all-reduce over all GPUs, 1..2048 tokens: NCCL vs symm-mem one-shot vs
+             two-shot vs fxllm's backend (by size), us per call, eager and inside a CUDA graph; checked sums
+  greedy     TP=N vs TP=1 in float32 (tiny-llama at TP=2; the Llama-3.1-8B preset cut to 2 layers at TP=4):
+             greedy tokens equal, max |logprob difference| of the top-5 over the common prefix
+  decode8b   Llama-3.1-8B preset bf16 batch-1 decode at TP=1 and TP=2 (goal TP=2 >= 1.6x)
+  llama70b   Llama-3.1-70B preset bf16 at TP=4: batch-1 decode (goal >= 60 tok/s) and 1000 x 128/128
+  fused      all-reduce + add + RMSNorm fused vs not at TP=N (8B preset cut to 8 layers, bf16): ms per
+             decode step, max |logprob difference| at the first step, tokens equal
+Each engine runs in a child process of its own (its memory and process group go with it). Results go
+to $OUT/gpu_tp.json after every part, and a table is printed at the end. `--smoke` runs the engine
+sections' code on the CPU (gloo, tiny presets) to check the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("fxllm.gpu.tp")
+HIDDEN = 4096
+TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
+
+
+# ---------------------------------------------------------------- all-reduce timings (spawned ranks)
+def _allreduce_rank(rank: int, world: int, port: int, out_file: str) -> None:
+    import torch
+    import torch.distributed as dist
+    import torch.distributed._symmetric_memory as symm_mem
+
+    from fxllm.backends import cuda_collectives
+
+    torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            device_id=device)  # fmt: skip
+    group = dist.group.WORLD.group_name
+    cuda_collectives.configure_group(group, 256 * 1024, 2048 * HIDDEN * 2)
+    numel_max = TOKENS[-1] * HIDDEN
+    buffer = symm_mem.empty(numel_max, dtype=torch.bfloat16, device=device)
+    symm_mem.rendezvous(buffer, group)
+
+    def nccl(x: torch.Tensor, out: torch.Tensor) -> None:
+        out.copy_(x)
+        dist.all_reduce(out)
+
+    def one_shot(x: torch.Tensor, out: torch.Tensor) -> None:
+        buf = buffer[: x.numel()]
+        buf.copy_(x.view(-1))
+        torch.ops.symm_mem.one_shot_all_reduce_out(buf, "sum", group, out.view(-1))
+
+    def two_shot(x: torch.Tensor, out: torch.Tensor) -> None:
+        buf = buffer[: x.numel()]
+        buf.copy_(x.view(-1))
+        torch.ops.symm_mem.two_shot_all_reduce_(buf, "sum", group)
+        out.view(-1).copy_(buf)
+
+    def fxllm_auto(x: torch.Tensor, out: torch.Tensor) -> None:
+        out.copy_(cuda_collectives.all_reduce(x, group))
+
+    impls = {"nccl": nccl, "one_shot": one_shot, "two_shot": two_shot, "fxllm": fxllm_auto}
+    rows: list[dict[str, Any]] = []
+    for tokens in TOKENS:
+        x = torch.full((tokens, HIDDEN), float(rank + 1), dtype=torch.bfloat16, device=device)
+        out = torch.empty_like(x)
+        expected = world * (world + 1) / 2
+        row: dict[str, Any] = {"tokens": tokens, "bytes": x.numel() * 2}
+        for name, fn in impls.items():
+            fn(x, out)
+            torch.cuda.synchronize()
+            row[f"{name}_ok"] = bool((out == expected).all().item())
+            iters = 50
+            dist.barrier()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                fn(x, out)
+            end.record()
+            torch.cuda.synchronize()
+            row[f"{name}_eager_us"] = 1e3 * start.elapsed_time(end) / iters
+            try:  # the same calls captured in a CUDA graph (buffers exist already), replayed
+                graph = torch.cuda.CUDAGraph()
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    fn(x, out)
+                torch.cuda.current_stream().wait_stream(stream)
+                dist.barrier()
+                with torch.cuda.graph(graph):
+                    for _ in range(10):
+                        fn(x, out)
+                dist.barrier()
+                torch.cuda.synchronize()
+                start.record()
+                for _ in range(5):
+                    graph.replay()
+                end.record()
+                torch.cuda.synchronize()
+                row[f"{name}_graph_us"] = 1e3 * start.elapsed_time(end) / 50
+            except Exception as exc:  # reported, the other implementations still run
+                row[f"{name}_graph_us"] = None
+                row[f"{name}_graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        rows.append(row)
+        if rank == 0:
+            logger.info("all-reduce %s", row)
+    if rank == 0:
+        Path(out_file).write_text(
+            json.dumps({"world": world, "counts": vars(cuda_collectives.COUNTS), "rows": rows})
+        )
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def child_allreduce(out_file: str) -> None:
+    """All-reduce timings over every GPU of the machine."""
+    import torch
+    import torch.multiprocessing as tmp
+
+    from fxllm.runtime.distributed.group import free_port
+
+    world = torch.cuda.device_count()
+    tmp.spawn(_allreduce_rank, args=(world, free_port(), out_file), nprocs=world, join=True)
+
+
+# ---------------------------------------------------------------- engines (one per child process)
+def child_engine(spec: dict[str, Any], out_file: str) -> None:
+    """Build one engine from `spec` and run its scenarios; writes a JSON of the results."""
+    import torch
+
+    from fxllm.llm import LLM
+    from fxllm.runtime.sampling_params import SamplingParams
+    from fxllm.serve.bench_offline import random_prompts
+
+    overrides = [f"model.model={spec['model']}", f"parallel.tensor_parallel_size={spec['tp']}", *spec["set"]]
+    start = time.perf_counter()
+    llm = LLM(overrides=overrides)
+    result: dict[str, Any] = {"spec": spec, "build_s": time.perf_counter() - start,
+                              "op_backends": llm.info.op_backends, "compile_cache": llm.info.compile_cache}  # fmt: skip
+    vocab = llm.engine.vocab_size
+    for scenario in spec["scenarios"]:
+        if scenario == "decode1":
+            prompt = random_prompts(1, 128, vocab, 4)
+            short, long = spec.get("decode_lengths", (32, 288))
+            times = {}
+            for n in (short, short, long):  # the first run warms up; tok/s from the difference of the others
+                params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+                t0 = time.perf_counter()
+                llm.generate(prompt, params)
+                times[n] = time.perf_counter() - t0
+            result["decode1_tok_s"] = (long - short) / (times[long] - times[short])
+            result["decode1_ms_per_token"] = 1e3 * (times[long] - times[short]) / (long - short)
+        elif scenario == "throughput":
+            prompts = random_prompts(spec.get("num_prompts", 1000), 128, vocab, 10)
+            params = SamplingParams(max_tokens=spec.get("output_len", 128), temperature=0, ignore_eos=True)
+            t0 = time.perf_counter()
+            outs = llm.generate(prompts, params)
+            seconds = time.perf_counter() - t0
+            result["throughput_output_tok_s"] = sum(len(o.outputs[0].token_ids) for o in outs) / seconds
+            result["throughput_seconds"] = seconds
+        elif scenario == "greedy":
+            prompts = random_prompts(4, 24, vocab, 7)
+            params = SamplingParams(max_tokens=spec.get("greedy_tokens", 24), temperature=0, logprobs=5,
+                                    ignore_eos=True)  # fmt: skip
+            t0 = time.perf_counter()
+            outs = [o.outputs[0] for o in llm.generate(prompts, params)]
+            seconds = time.perf_counter() - t0
+            result["greedy_tokens"] = [list(o.token_ids) for o in outs]
+            result["greedy_logprobs"] = [
+                [{str(t): lp.logprob for t, lp in step.items()} for step in (o.logprobs or [])] for o in outs
+            ]
+            steps = max(llm.engine.stats.num_steps, 1)
+            result["greedy_seconds"] = seconds
+            result["steps_total"] = steps
+    llm.shutdown()
+    del llm
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    Path(out_file).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------- orchestration
+def _run_child(
+    args: argparse.Namespace, mode: str, payload: dict[str, Any], name: str, timeout: float
+) -> dict[str, Any]:
+    out_file = Path(args.out) / f"part_{name}.json"
+    out_file.unlink(missing_ok=True)
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        mode,
+        "--child-out",
+        str(out_file),
+        "--spec",
+        json.dumps(payload),
+    ]
+    start = time.perf_counter()
+    logger.info("part %s: %s", name, payload)
+    try:
+        proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True, env={**os.environ})
+        log_tail = (proc.stdout + proc.stderr)[-3000:]
+        code = proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        log_tail = f"timed out after {timeout:.0f} s; {str(exc.stderr or '')[-2000:]}"
+        code = -1
+    seconds = time.perf_counter() - start
+    if code == 0 and out_file.exists():
+        part = json.loads(out_file.read_text())
+        part["wall_s"] = seconds
+        return part
+    logger.error("part %s failed (exit %s):\n%s", name, code, log_tail)
+    return {"error": f"exit {code}", "log_tail": log_tail, "wall_s": seconds}
+
+
+def _engine_spec(model: str, tp: int, scenarios: list[str], extra: list[str], **more: Any) -> dict[str, Any]:
+    return {"model": model, "tp": tp, "scenarios": scenarios, "set": extra, **more}
+
+
+def _logprob_diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Tokens equal, and the max |logprob difference| over shared top tokens of the common prefix."""
+    if "greedy_tokens" not in a or "greedy_tokens" not in b:
+        return {"error": "missing run"}
+    worst, equal = 0.0, 0
+    first_step = 0.0
+    for ta, tb, la, lb in zip(
+        a["greedy_tokens"], b["greedy_tokens"], a["greedy_logprobs"], b["greedy_logprobs"]
+    ):
+        equal += ta == tb
+        for i, (sa, sb) in enumerate(zip(la, lb)):
+            diffs = [abs(sa[t] - sb[t]) for t in sa if t in sb]
+            if diffs:
+                worst = max(worst, max(diffs))
+                if i == 0:
+                    first_step = max(first_step, max(diffs))
+            if i < len(ta) and ta[i] != tb[i]:
+                break
+    return {"sequences_equal": equal, "sequences": len(a["greedy_tokens"]), "max_logprob_diff": worst,
+            "max_logprob_diff_first_step": first_step}  # fmt: skip
+
+
+def main() -> int:
+    """Run the sections for this machine; write gpu_tp.json and print a table."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--sections", default=None)
+    parser.add_argument(
+        "--smoke", action="store_true", help="CPU, gloo, tiny presets: checks the script only"
+    )
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--spec", default="{}", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.child == "allreduce":
+        child_allreduce(args.child_out)
+        return 0
+    if args.child == "engine":
+        child_engine(json.loads(args.spec), args.child_out)
+        return 0
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        gpus, device = 2, ["model.device=cpu", "compile.backend=eager", "cache.num_blocks=64"]
+        big, big70, dtype = "tiny-llama", "tiny-llama", ["model.dtype=float32"]
+    else:
+        import torch
+
+        gpus, device = torch.cuda.device_count(), ["model.device=cuda", "model.max_model_len=4096"]
+        big, big70, dtype = "llama-3.1-8b", "llama-3.1-70b", ["model.dtype=bfloat16"]
+    default = "allreduce,greedy,decode8b,fused" if gpus < 4 else "allreduce,greedy,llama70b,fused"
+    sections = (args.sections or default).split(",")
+    tp = 2 if gpus < 4 else 4
+    lengths = {"decode_lengths": (4, 12)} if args.smoke else {}
+    results: dict[str, Any] = {"gpus": gpus, "sections": sections, "smoke": args.smoke}
+    out_json = Path(args.out) / "gpu_tp.json"
+
+    def save() -> None:
+        out_json.write_text(json.dumps(results, indent=1))
+
+    one_bucket = ["compile.cuda_graph_batch_sizes=[1]", "scheduler.max_num_seqs=8"]
+    if "allreduce" in sections and not args.smoke:
+        results["allreduce"] = _run_child(args, "allreduce", {}, "allreduce", 150)
+        save()
+    if "greedy" in sections:
+        # float32, so that TP=N differs from TP=1 only in the order of the partial sums.
+        small = "tiny-llama" if tp == 2 else big
+        layers = [] if small == "tiny-llama" else ["model.num_layers=2"]
+        extra = [*device, "model.dtype=float32", *one_bucket, *layers]
+        one = _run_child(args, "engine", _engine_spec(small, 1, ["greedy"], extra), "greedy_tp1", 240)
+        many = _run_child(args, "engine", _engine_spec(small, tp, ["greedy"], extra), f"greedy_tp{tp}", 240)
+        results["greedy"] = {"model": small, "tp": tp, **_logprob_diff(one, many),
+                             "errors": [r.get("error") for r in (one, many) if "error" in r]}  # fmt: skip
+        save()
+    if "decode8b" in sections:
+        extra = [*device, *dtype, *one_bucket]
+        for size in (1, 2):
+            results[f"decode8b_tp{size}"] = _run_child(
+                args,
+                "engine",
+                _engine_spec(big, size, ["decode1"], extra, **lengths),
+                f"decode8b_tp{size}",
+                240,
+            )
+            save()
+    if "llama70b" in sections:
+        extra = [*device, *dtype, "scheduler.max_num_seqs=256",
+                 "compile.cuda_graph_batch_sizes=[1,2,4,8,16,32,64,128,256]"]  # fmt: skip
+        sizes = (
+            {"num_prompts": 8, "output_len": 8} if args.smoke else {"num_prompts": 1000, "output_len": 128}
+        )
+        spec = _engine_spec(big70, tp, ["decode1", "throughput"], extra, **sizes, **lengths)
+        results["llama70b"] = _run_child(args, "engine", spec, f"llama70b_tp{tp}", 420)
+        save()
+    if "fused" in sections:
+        extra = [*device, *dtype, *one_bucket, "model.num_layers=2" if args.smoke else "model.num_layers=8"]
+        runs = {}
+        for fused in (False, True):
+            spec = _engine_spec(big, tp, ["greedy", "decode1"], [*extra, f"parallel.fuse_allreduce_rms_norm={fused}"],
+                                greedy_tokens=16, **lengths)  # fmt: skip
+            runs[fused] = _run_child(args, "engine", spec, f"fused_{fused}", 200)
+        results["fused"] = {"unfused": {k: runs[False].get(k) for k in ("decode1_ms_per_token", "op_backends", "error")},
+                            "fused": {k: runs[True].get(k) for k in ("decode1_ms_per_token", "op_backends", "error")},
+                            **_logprob_diff(runs[False], runs[True])}  # fmt: skip
+        save()
+    save()
+    _print_table(results)
+    return 0
+
+
+def _print_table(results: dict[str, Any]) -> None:
+    ar = results.get("allreduce", {})
+    if ar.get("rows"):
+        print(
+            f"all-reduce over {ar['world']} GPUs, bf16 [tokens, {HIDDEN}], us per call (eager / CUDA graph)"
+        )
+        print(f"{'tokens':>7} " + " ".join(f"{n:>22}" for n in ("nccl", "one_shot", "two_shot", "fxllm")))
+        for row in ar["rows"]:
+            cells = []
+            for name in ("nccl", "one_shot", "two_shot", "fxllm"):
+                eager, graph = row.get(f"{name}_eager_us"), row.get(f"{name}_graph_us")
+                ok = "" if row.get(f"{name}_ok") else " BAD"
+                cells.append(
+                    f"{eager:9.1f} / {graph:7.1f}{ok}"
+                    if graph is not None
+                    else f"{eager:9.1f} / {'fail':>7}{ok}"
+                )
+            print(f"{row['tokens']:>7} " + " ".join(f"{c:>22}" for c in cells))
+    if "greedy" in results:
+        print("greedy TP=N vs TP=1 (float32):", results["greedy"])
+    for key in ("decode8b_tp1", "decode8b_tp2"):
+        if key in results:
+            r = results[key]
+            print(
+                f"{key}: batch-1 decode {r.get('decode1_tok_s', 'n/a')} tok/s, build {r.get('build_s')} s {r.get('error', '')}"
+            )
+    if "decode8b_tp1" in results and "decode8b_tp2" in results:
+        a, b = results["decode8b_tp1"].get("decode1_tok_s"), results["decode8b_tp2"].get("decode1_tok_s")
+        if a and b:
+            print(f"TP=2 / TP=1 batch-1 decode: {b / a:.2f}x (goal >= 1.6x)")
+    if "llama70b" in results:
+        r = results["llama70b"]
+        print(f"llama-3.1-70b TP=4: batch-1 {r.get('decode1_tok_s')} tok/s (goal >= 60), 1000 x 128/128 "
+              f"{r.get('throughput_output_tok_s')} output tok/s {r.get('error', '')}")  # fmt: skip
+    if "fused" in results:
+        print("fused vs unfused all-reduce + add + RMSNorm:", results["fused"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
