@@ -147,3 +147,21 @@ def test_per_request_stats_and_auto_disable(parts) -> None:
     stats = speculator.stats  # type: ignore[union-attr]
     # Every request that had a draft rejected stopped after that step: at most one verify step each.
     assert stats.requests_disabled > 0
+
+
+@pytest.mark.parametrize("method", ["draft_model", "self_draft"])
+def test_model_drafters(method: str) -> None:
+    """A draft engine proposes: the target as its own draft model accepts everything; self_draft (the
+    first of tiny-llama's 2 layers + norm + head) gives plain decoding's tokens."""
+    base = ["model.model=tiny-llama", "compile.backend=eager", "model.dtype=float32"]
+    extra = ["speculative.model=tiny-llama"] if method == "draft_model" else ["speculative.draft_layers=1"]
+    plain = LLM(overrides=base)
+    spec = LLM(overrides=[*base, f"speculative.method={method}", "speculative.min_acceptance_rate=0", *extra])
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in plain.generate(PROMPTS, params)]
+    outs = spec.generate(PROMPTS, params)
+    assert [o.outputs[0].token_ids for o in outs] == want
+    stats = spec.engine.speculator.stats  # type: ignore[union-attr]
+    assert stats.draft_tokens > 0
+    if method == "draft_model":
+        assert stats.accepted_tokens == stats.draft_tokens

@@ -17,6 +17,7 @@ from fxllm.runtime.engine import Engine, resolve_device_dtype, resolve_eos_token
 from fxllm.runtime.model_runner import ModelRunner
 from fxllm.runtime.scheduler import resolve_scheduler_limits
 from fxllm.runtime.speculative.decoder import build_speculator
+from fxllm.runtime.speculative.drafters import build_drafter, drafter_source
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ def build_engine(
     hf_config = model.config
     generation_config = getattr(model, "generation_config", None)
     max_positions = int(getattr(hf_config, "max_position_embeddings", 0) or 8192)
+    draft_source = drafter_source(config.speculative, model)  # self_draft: the target's first layers
     built = build_graph(config, model, name, device, dtype)  # capture + passes, or the compile cache's entry
     del model
     chosen = implementations_chosen(built.gm)
@@ -116,7 +118,8 @@ def build_engine(
         vocab_size=int(hf_config.vocab_size),
         eos_token_ids=eos_token_ids,
     )
-    build_speculator(config.speculative, engine)  # None for speculative.method=none
+    drafter = build_drafter(config, engine, draft_source, tokenizer)  # draft_model / self_draft only
+    build_speculator(config.speculative, engine, drafter)  # None for speculative.method=none
     logger.info("compiling the forward (%s backend): one warm-up request", config.compile.backend)
     warmup_seconds = engine.warmup()
     info = BuildInfo(name, device, dtype, load_seconds, built.capture_seconds, built.passes_seconds, built.report,

@@ -224,16 +224,20 @@ class NgramProposer:
         return [propose_ngram(s.token_ids, k, self.min_n, self.max_n) for s, k in zip(seqs, limits)]
 
 
-def build_speculator(config: SpeculativeConfig, engine: Engine) -> SpeculativeDecoder | None:
-    """The decoder for `config` attached to `engine` (None for method none); turns async scheduling off."""
+def build_speculator(
+    config: SpeculativeConfig, engine: Engine, drafter: Proposer | None = None
+) -> SpeculativeDecoder | None:
+    """The decoder for `config` attached to `engine` (None for method none); turns async scheduling off.
+
+    `drafter` proposes for the model methods (drafters.build_drafter); ngram needs none."""
     if config.method == "none":
         return None
     if config.method == "ngram":
         proposer: Proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+    elif drafter is None:
+        raise ValueError(f"speculative.method={config.method} needs a drafter (drafters.build_drafter)")
     else:
-        from fxllm.runtime.speculative.drafters import build_drafter
-
-        proposer = build_drafter(config, engine)
+        proposer = drafter
     if engine.async_scheduling:
         logger.info(
             "speculative decoding (%s) runs synchronous steps: async scheduling is off", config.method
