@@ -1,0 +1,123 @@
+"""Engine start-up, cold then warm: the same model started in fresh processes with one cache dir.
+
+Usage (on the GPU machine, from the repo root; issue 13's goal: 8B preset warm <= 20 s incl. CUDA graphs,
+cold <= 60 s):
+    PYTHONPATH=. python3 benchmarks/gpu_startup.py --out $OUT
+    PYTHONPATH=. python3 benchmarks/gpu_startup.py --out /tmp/s --model tiny-llama --device cpu   # smoke test
+Each start is a fresh Python process (a warm start must not reuse this process's in-memory caches); the
+first runs on an empty cache dir (cold), the others on what it left (warm). Every start reports its
+breakdown from the engine's BuildInfo (load, capture + passes or the cached graph, compile + warm-up,
+CUDA graphs) and the process's wall time up to "engine ready" (imports included). Writes startup.json
+under --out and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("fxllm.gpu_startup")
+
+MARK = "STARTUP_JSON "
+
+# Run in the child: build the engine, report the breakdown as one JSON line.
+_CHILD = """
+import json, sys, time
+t0 = time.perf_counter()
+from fxllm.config import load_config
+from fxllm.llm import LLM
+t_import = time.perf_counter() - t0
+config = load_config(None, json.loads(sys.argv[1]))
+llm = LLM(config=config)
+ready = time.perf_counter() - t0
+info = llm.info
+out = {"import_s": t_import, "ready_s": ready, "load_s": info.load_seconds, "capture_s": info.capture_seconds,
+       "passes_s": info.passes_seconds, "cache": info.compile_cache, "cache_s": info.cache_seconds,
+       "warmup_s": info.warmup_seconds, "cuda_graphs_s": info.decode_graph_seconds,
+       "graph_sizes": list(info.decode_graph_sizes)}
+print("%s" + json.dumps(out), flush=True)
+llm.shutdown()
+""".replace("%s", MARK)
+
+
+def start_once(overrides: list[str], cache_dir: Path, timeout_s: float) -> dict[str, Any]:
+    """One engine start in a fresh process on `cache_dir`; its breakdown and wall time."""
+    env = {**os.environ, "FXLLM_CACHE_DIR": str(cache_dir)}
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        env.pop(name, None)  # fxllm points them under the cache dir, so cold really is cold
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(overrides)], env=env, capture_output=True,
+                          text=True, timeout=timeout_s)  # fmt: skip
+    wall = time.perf_counter() - start
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
+    if not lines:
+        err = [ln for ln in proc.stderr.splitlines() if not ln.startswith("frame #")]
+        return {"process_s": wall, "error": "\n".join(err)[-3000:]}
+    result: dict[str, Any] = json.loads(lines[-1][len(MARK) :])
+    result["process_s"] = wall
+    return result
+
+
+def table(rows: list[tuple[str, dict[str, Any]]]) -> str:
+    """One line per start: the breakdown in seconds."""
+    head = f"{'start':<8}{'ready':>8}{'import':>8}{'load':>8}{'capture':>9}{'passes':>8}{'cache':>7}"
+    head += f"{'compile':>9}{'graphs':>8}  cache"
+    lines = [head]
+    for label, r in rows:
+        if "error" in r:
+            lines.append(f"{label:<8} error: {r['error'].splitlines()[-1] if r['error'] else '?'}")
+            continue
+        lines.append(
+            f"{label:<8}{r['ready_s']:>8.1f}{r['import_s']:>8.1f}{r['load_s']:>8.1f}{r['capture_s']:>9.1f}"
+            f"{r['passes_s']:>8.1f}{r['cache_s']:>7.1f}{r['warmup_s']:>9.1f}{r['cuda_graphs_s']:>8.1f}  "
+            f"{r['cache'][:60]}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    """Start the engine cold, then warm (`--warm-runs` times) on the same cache dir; table + startup.json."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True, help="directory for startup.json")
+    parser.add_argument("--model", default="llama-3.1-8b", help="preset or model (default: the 8B preset)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--warm-runs", type=int, default=1)
+    parser.add_argument("--cache-dir", default=None, help="default: a fresh directory (cold start)")
+    parser.add_argument("--timeout-s", type=float, default=280.0, help="per start (a device command may run 600 s)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(args.cache_dir or tempfile.mkdtemp(prefix="fxllm-startup-"))
+    overrides = [
+        f"model.model={args.model}",
+        f"model.device={args.device}",
+        f"model.dtype={args.dtype}",
+        *args.set,
+    ]
+    rows: list[tuple[str, dict[str, Any]]] = []
+    for i in range(1 + args.warm_runs):
+        label = "cold" if i == 0 else f"warm{i}"
+        logger.info("start %s (cache dir %s)", label, cache_dir)
+        try:
+            rows.append((label, start_once(overrides, cache_dir, args.timeout_s)))
+        except subprocess.TimeoutExpired:
+            rows.append((label, {"error": f"timed out after {args.timeout_s} s"}))
+        (out / "startup.json").write_text(json.dumps({"overrides": overrides, "cache_dir": str(cache_dir),
+                                                      "starts": dict(rows)}, indent=2))  # fmt: skip
+    print(table(rows))
+    return 0 if all("error" not in r for _, r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
