@@ -97,8 +97,9 @@ class DecodeGraphs:
         for bucket in reversed(self.buckets):
             bucket_start = time.perf_counter()
             args = self._args(bucket)
-            for _ in range(2):  # compiles / autotunes this shape outside capture
-                self._forward(*args)
+            # Once outside capture: Inductor's kernels autotune on a first call, and a shape that needed a
+            # compile would compile here (none should: warm-up covers every variant, see Engine.warmup).
+            self._forward(*args)
             if not self.capture_enabled:
                 continue
             torch.cuda.synchronize()
