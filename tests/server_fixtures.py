@@ -65,27 +65,38 @@ class Served:
 
 
 @contextmanager
-def serve(llm: LLM) -> Iterator[Served]:
-    """Serve `llm` (its config's server section) on a free loopback port until the block ends."""
+def uvicorn_on_loopback(app: FastAPI, *, quiet: bool = True, name: str = "test-uvicorn") -> Iterator[str]:
+    """Run `app` with uvicorn in a daemon thread on a free loopback port; yields its base URL, stops it after.
+
+    `quiet`: uvicorn logs warnings only; otherwise its logs propagate to the root logger (caplog sees them)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    app = create_app(llm, llm.config)
-    config = uvicorn.Config(app, log_config=None, access_log=False)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="test-uvicorn", daemon=True)
+    logging = {"log_level": "warning"} if quiet else {"log_config": None}
+    server = uvicorn.Server(uvicorn.Config(app, access_log=False, **logging))  # type: ignore[arg-type]
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=name, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.02)
     assert server.started, "uvicorn did not start"
     try:
-        yield Served(f"http://127.0.0.1:{port}", app, llm)
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=30)
-        llm.shutdown()
         sock.close()
+
+
+@contextmanager
+def serve(llm: LLM) -> Iterator[Served]:
+    """Serve `llm` (its config's server section) on a free loopback port until the block ends, then shut it down."""
+    app = create_app(llm, llm.config)
+    try:
+        with uvicorn_on_loopback(app, quiet=False) as url:
+            yield Served(url, app, llm)
+    finally:
+        llm.shutdown()
 
 
 def timed(fn: Callable[[], Any]) -> float:

@@ -11,8 +11,6 @@ import copy
 import importlib.util
 import json
 import random
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
-import uvicorn
+from server_fixtures import uvicorn_on_loopback
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from fxllm.config import load_config
@@ -194,23 +192,11 @@ def test_async_generate_folds_what_queued_up(llm: LLM) -> None:
 @contextmanager
 def serving(llm: LLM) -> Iterator[str]:
     """The OpenAI server over `llm` on a free loopback port; stops it and the async engine after."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(create_app(llm, llm.config), log_level="warning", access_log=False)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started, "uvicorn did not start"
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        with uvicorn_on_loopback(create_app(llm, llm.config)) as url:
+            yield url
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
         llm.shutdown()
-        sock.close()
 
 
 def test_server_streams_deltas_with_stop_strings(llm: LLM) -> None:

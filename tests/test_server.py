@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,7 +12,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
+from server_fixtures import uvicorn_on_loopback
 
 from fxllm.config import FxllmConfig, config_from_dict
 from fxllm.llm import LLM
@@ -61,23 +59,11 @@ def served() -> Iterator[Served]:
     greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
     expected = {p: o.outputs[0].text for p, o in zip(PROMPTS, llm.generate(PROMPTS, greedy))}
     expected_chat = llm.chat(CHAT, greedy)[0].outputs[0]
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(llm, config), log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="test-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
     try:
-        yield Served(f"http://127.0.0.1:{port}", llm, config, expected, expected_chat)
+        with uvicorn_on_loopback(create_app(llm, config)) as url:
+            yield Served(url, llm, config, expected, expected_chat)
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
         llm.shutdown()
-        sock.close()
 
 
 def _assert_error(resp: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:

@@ -8,16 +8,13 @@ finish_reason "stop", and stop_reason the string or the id, streamed or not.
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import openai
 import pytest
-import uvicorn
+from server_fixtures import uvicorn_on_loopback
 
 from fxllm.config import config_from_dict
 from fxllm.llm import LLM
@@ -152,21 +149,8 @@ class Served:
 @pytest.fixture(scope="module")
 def served(llm: LLM, unstopped: dict[str, Stops]) -> Iterator[Served]:
     """Serve the LLM on a free loopback port (after `unstopped`: the sync API is off once it serves)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(llm, llm.config), log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="stop-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    try:
-        yield Served(f"http://127.0.0.1:{sock.getsockname()[1]}")
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
+    with uvicorn_on_loopback(create_app(llm, llm.config), name="stop-uvicorn") as url:
+        yield Served(url)
 
 
 def _request(
