@@ -64,9 +64,11 @@ class FxllmDynamoEngine(LLMEngine):
         loop, then hook the prefix cache's events."""
         del worker_id  # Dynamo's publishers carry it
         if self.options.export_model_path:
-            from fxllm.dynamo.model_folder import export_model_folder
+            from fxllm.dynamo.model_folder import export_model_folder_once
 
-            await asyncio.to_thread(export_model_folder, self.config.model.model, self.options.model_path)
+            await asyncio.to_thread(
+                export_model_folder_once, self.config.model.model, self.options.model_path
+            )
         from fxllm.llm import LLM
 
         self.llm = await asyncio.to_thread(LLM, self.config.model.model, config=self.config)
@@ -161,5 +163,5 @@ class FxllmDynamoEngine(LLMEngine):
 
     def _load(self) -> LoadSnapshot:
         if self.llm is None:
-            return LoadSnapshot(0, 0, 0, 0, 0.0, None, 0, 0)
+            return LoadSnapshot(0, 0, 0, 0, 0.0, None, 0, 0, 0)
         return LoadSnapshot.of(self.llm.engine)

@@ -93,6 +93,7 @@ class LoadSnapshot:
     prefix_hit_rate: float | None  # None before any prompt was looked up
     prefix_hit_tokens: int
     prefix_queried_tokens: int
+    num_requests: int  # requests received since the warm-up
 
     @classmethod
     def of(cls, engine: Engine) -> LoadSnapshot:
@@ -107,6 +108,7 @@ class LoadSnapshot:
             prefix_hit_rate=kv.hit_rate if kv.num_queried_tokens else None,
             prefix_hit_tokens=kv.num_hit_tokens,
             prefix_queried_tokens=kv.num_queried_tokens,
+            num_requests=engine.stats.num_requests,
         )
 
 
@@ -212,5 +214,6 @@ class FxllmLoadCollector:
                 load.prefix_queried_tokens,
             ),
         }
+        values["requests_received"] = ("requests received since start-up", load.num_requests)
         for name, (doc, value) in values.items():
             yield GaugeMetricFamily(f"fxllm:{name}", doc, value=float(value))

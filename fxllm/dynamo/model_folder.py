@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +73,18 @@ def export_model_folder(model: str, out_dir: Path) -> Path:
     return export_hf_tokenizer(
         loaded.tokenizer, loaded.config, generation, type(loaded.model).__name__, out_dir
     )
+
+
+def export_model_folder_once(model: str, out_dir: Path) -> Path:
+    """export_model_folder into a private folder renamed to `out_dir`: workers started together on one
+    machine never read a half-written folder, and the first one to finish wins."""
+    staging = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    export_model_folder(model, staging)
+    try:
+        staging.rename(out_dir)
+    except OSError:  # another worker renamed its copy first: keep that one
+        shutil.rmtree(staging, ignore_errors=True)
+        if not has_frontend_files(out_dir):
+            raise
+    return out_dir
