@@ -44,6 +44,24 @@ def normalize_pass_config(passes: PassesArg) -> dict[str, PassConfig]:
     return out
 
 
+QuantizationArg = str | Mapping[str, Any] | Any | None
+
+
+def quantization_config(value: QuantizationArg) -> Any:
+    """`quantization=` of fxllm.compile as a checked QuantizationConfig ("fp8" = method fp8, defaults)."""
+    from fxllm.config import QuantizationConfig, config_from_dict
+
+    if value is None or isinstance(value, QuantizationConfig):
+        return value
+    if isinstance(value, str):
+        value = {"method": value}
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"quantization= takes 'fp8', a mapping or a QuantizationConfig, not {type(value).__name__}"
+        )
+    return config_from_dict({"quantization": dict(value)}).quantization
+
+
 class CompiledModel:
     """A captured, transformed and compiled forward: `cm(input_ids) -> logits`."""
 
@@ -107,13 +125,14 @@ def compile_model(
     backend: str = "inductor",
     passes: PassesArg = None,
     op_backends: Mapping[str, str] | None = None,
+    quantization: QuantizationArg = None,
 ) -> CompiledModel:
     """Capture `model`, run the pass pipeline (no runtime passes, lowering included) and compile it."""
     captured = capture(model)
     start = time.perf_counter()
     gm = captured.gm
     ctx = PassContext(model_config=captured.model_config, device=captured.device, dtype=captured.dtype,
-                      op_backends=dict(op_backends or {}),
+                      op_backends=dict(op_backends or {}), quantization=quantization_config(quantization),
                       parallel=getattr(model, "fxllm_tensor_parallel", None))  # fmt: skip
     report = run_passes(gm, ctx, normalize_pass_config(passes))
     compiled = CompiledModel(captured, gm, report, backend, 0.0)
@@ -128,9 +147,11 @@ def compile(
     backend: str = "inductor",
     passes: PassesArg = None,
     op_backends: Mapping[str, str] | None = None,
+    quantization: QuantizationArg = None,
 ) -> Any:
-    """Compile a HF model, a MODEL string, or decorate a function that returns a model."""
-    options = {"backend": backend, "passes": passes, "op_backends": op_backends}
+    """Compile a HF model, a MODEL string, or decorate a function that returns a model (quantization: "fp8",
+    a mapping of quantization.* keys, or a QuantizationConfig)."""
+    options = {"backend": backend, "passes": passes, "op_backends": op_backends, "quantization": quantization}
     if model is None:
         return lambda fn: compile(fn, **options)
     if isinstance(model, torch.nn.Module):

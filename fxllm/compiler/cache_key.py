@@ -165,6 +165,7 @@ def cache_key_parts(
     op_backends: Mapping[str, str],
     plugins: list[str],
     registered: Any,
+    quantization: Any = None,
 ) -> dict[str, str]:
     """Every part of the key, by name; values are short strings (digests for the large ones)."""
     return {
@@ -188,9 +189,16 @@ def cache_key_parts(
         "registered passes": digest(registered[0]),
         "op implementations": digest(registered[1]),
         "parallel": _parallel_part(model),
-        "quantization": "none",
+        "quantization": quantization_part(quantization),
         **source_digests(plugins),
     }
+
+
+def quantization_part(quantization: Any) -> str:
+    """The key's "quantization" part: "none", or the method and every setting (FP8 never shares bf16's entry)."""
+    if quantization is None or getattr(quantization, "method", "none") == "none":
+        return "none"
+    return json.dumps(dataclasses.asdict(quantization), sort_keys=True)
 
 
 def key_of(parts: Mapping[str, str]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from fxllm.ops.activations import gelu_and_mul, silu_and_mul
 from fxllm.ops.attention import attention, attention_reference
 from fxllm.ops.collectives import all_reduce, all_reduce_add_rms_norm
+from fxllm.ops.fp8_linear import fp8_linear, fp8_linear_reference
 from fxllm.ops.gemm import linear, linear_reference
 from fxllm.ops.linear import pack_linear_weight, packed_linear, unpack_linear_weight
 from fxllm.ops.norms import fused_add_rms_norm, rms_norm, rms_norm_reference
@@ -20,6 +21,8 @@ __all__ = [
     "all_reduce_add_rms_norm",
     "attention",
     "attention_reference",
+    "fp8_linear",
+    "fp8_linear_reference",
     "fused_add_rms_norm",
     "gelu_and_mul",
     "linear",

@@ -15,5 +15,6 @@ from fxllm.passes import (  # noqa: F401
     match_rope,
     merge_linears,
     pack_linears,
+    quantize_fp8,
     shard_tp,
 )

@@ -116,7 +116,17 @@ def _trace_reference(gm: GraphModule, fn: Callable[..., Any], args: Sequence[Any
         raise RuntimeError("cannot inline a reference: the graph has no fake values (run refresh_meta)")
     ignore = mode.shape_env.ignore_fresh_unbacked_symbols() if mode.shape_env else contextlib.nullcontext()
     with mode, ignore:
-        return make_fx(call, tracing_mode="fake", pre_dispatch=True)(*[val(args[i]) for i in positions])
+        values = [val(args[i]) for i in positions]
+        # Nodes inlined from one shared trace share its fake values: two such arguments would be one object,
+        # and make_fx would trace both as one input (silu_and_mul(gate, up) read up twice). Distinct fakes.
+        seen: set[int] = set()
+        for j, value in enumerate(values):
+            if id(value) in seen:
+                values[j] = torch.empty_strided(
+                    value.shape, value.stride(), dtype=value.dtype, device=value.device
+                )
+            seen.add(id(value))
+        return make_fx(call, tracing_mode="fake", pre_dispatch=True)(*values)
 
 
 def inline_call(

@@ -16,8 +16,7 @@ from fxllm.passes.registry import STAGES, PassContext, PassSpec, registered_pass
 
 logger = logging.getLogger(__name__)
 
-# The built-in pipeline, in order. Stage "quantize" has no built-in passes yet; user passes
-# registered there run in stage order all the same.
+# The built-in pipeline, in order (user passes of a stage run after its built-in ones).
 BUILTIN_PIPELINE: tuple[str, ...] = (
     "cleanup",
     "match_attention",
@@ -26,6 +25,7 @@ BUILTIN_PIPELINE: tuple[str, ...] = (
     "match_gated_mlp",
     "fuse_add_rms_norm",
     "merge_linears",
+    "quantize_fp8",  # quantization.method fp8: every GEMM but `exclude` -> fxllm::fp8_linear
     "shard_tp",  # tensor parallelism: an all-reduce after each row-parallel linear (no-op on one rank)
     "fuse_allreduce_rms_norm",
     "insert_cached_attention",

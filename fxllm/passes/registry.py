@@ -41,6 +41,8 @@ class PassContext:
     kv_scales: dict[int, tuple[Any, Any]] = field(default_factory=dict)
     # Tensor parallelism: the rank's TensorParallelInfo (fxllm/runtime/distributed/sharding.py); None = one rank.
     parallel: Any = None
+    # quantization: the QuantizationConfig (fxllm/config.py); None or method "none" = no quantize passes.
+    quantization: Any = None
 
 
 @dataclass
