@@ -82,3 +82,20 @@ def test_truncation_matches_the_sampler() -> None:
     for seed in range(50):
         out = verify_sequence(logits, [3], params, torch.Generator().manual_seed(seed))
         assert len(out) == 1 and out[0] in (0, 1)
+
+
+def test_metrics_count_speculation() -> None:
+    """/metrics carries a request's drafted and accepted tokens and its acceptance rate."""
+    from fxllm.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
+    from fxllm.serve.metrics import ServerMetrics
+
+    metrics = RequestMetrics(0.0, 1.0, 2.0, spec_verify_steps=3, spec_draft_tokens=12, spec_accepted_tokens=6)
+    assert metrics.spec_acceptance_rate == 0.5 and metrics.spec_mean_accepted_length == 3.0
+    server = ServerMetrics("m")
+    server.observe(RequestOutput("r", None, [1], [CompletionOutput(0, "", [5, 6], "stop")], True, metrics))
+    text = server.render().decode()
+    for line in ('fxllm:spec_decode_num_drafts_total{model_name="m"} 3.0',
+                 'fxllm:spec_decode_num_draft_tokens_total{model_name="m"} 12.0',
+                 'fxllm:spec_decode_num_accepted_tokens_total{model_name="m"} 6.0',
+                 'fxllm:spec_decode_request_acceptance_rate_sum{model_name="m"} 0.5'):  # fmt: skip
+        assert line in text, line

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -127,7 +127,21 @@ def run_offline_bench(
     llm.generate(warmup[:1], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     device = llm.info.device
     before = read_bandwidth_gbs() if device.type == "cpu" else None
+    engine = llm.engine
+    speculator, engine.speculator = engine.speculator, None  # plain decoding first, as configured otherwise
+    if speculator is not None:
+        engine.async_scheduling = speculator.async_was_on
     rows = [fxllm_decode_rate(llm, single, output_len), fxllm_throughput(llm, prompts, output_len)]
+    if speculator is not None:  # `--speculative`: the same runs again with it, in this process
+        engine.speculator, engine.async_scheduling = speculator, False
+        engine.kv_cache.reset_prefix_cache()
+        name = f"fxllm-{speculator.config.method}"
+        spec_rows = [fxllm_decode_rate(llm, single, output_len), fxllm_throughput(llm, prompts, output_len)]
+        rows += [replace(r, system=name) for r in spec_rows]
+        stats = speculator.stats
+        logger.info("speculative %s: %d of %d drafted tokens accepted (%.2f), %d steps without speculation "
+                    "(batch > %d)", speculator.config.method, stats.accepted_tokens, stats.draft_tokens,
+                    stats.acceptance_rate, stats.steps_disabled_batch, speculator.config.disable_batch_size)  # fmt: skip
     if before is not None:
         logger.info("host memory read bandwidth: %.1f GB/s before the fxllm runs, %.1f GB/s after "
                     "(batch-1 decode follows it)", before, read_bandwidth_gbs())  # fmt: skip
@@ -145,15 +159,17 @@ def run_offline_bench(
 
 def format_results(rows: list[BenchResult]) -> str:
     """A table with fxllm/HF ratios per scenario."""
-    lines = [f"{'system':<10}{'scenario':<18}{'tokens':>8}{'seconds':>10}{'tok/s':>10}"]
+    lines = [f"{'system':<16}{'scenario':<18}{'tokens':>8}{'seconds':>10}{'tok/s':>10}"]
     for r in rows:
         lines.append(
-            f"{r.system:<10}{r.scenario:<18}{r.output_tokens:>8}{r.seconds:>10.2f}{r.tokens_per_second:>10.1f}"
+            f"{r.system:<16}{r.scenario:<18}{r.output_tokens:>8}{r.seconds:>10.2f}{r.tokens_per_second:>10.1f}"
         )
     by = {(r.system, r.scenario): r.tokens_per_second for r in rows}
     for (system, scenario), rate in by.items():
         if system == "fxllm" and ("hf-eager", scenario) in by:
             lines.append(f"ratio fxllm/hf {scenario}: {rate / by[('hf-eager', scenario)]:.2f}x")
+        if system.startswith("fxllm-") and ("fxllm", scenario) in by:  # speculative vs plain, same process
+            lines.append(f"ratio {system}/fxllm {scenario}: {rate / by[('fxllm', scenario)]:.2f}x")
     return "\n".join(lines)
 
 

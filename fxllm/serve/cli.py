@@ -102,6 +102,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return bench_serve_main(args.rest)
     from fxllm.serve.bench_offline import format_results, results_json, run_offline_bench
 
+    if args.speculative:  # METHOD[:K], e.g. ngram:4; the other speculative.* keys come from --set
+        method, _, k = args.speculative.partition(":")
+        spec = [f"speculative.method={method}"] + ([f"speculative.num_speculative_tokens={k}"] if k else [])
+        args.set = [*spec, *args.set]
     config = _load(args, args.model)
     rows = run_offline_bench(config, input_len=args.input_len, output_len=args.output_len,  # type: ignore[arg-type]
                              concurrency=args.concurrency, skip_hf=args.skip_hf)  # fmt: skip
@@ -178,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--skip-hf", action="store_true", help="do not run the HF eager baseline")
+    p.add_argument("--speculative", default=None, metavar="METHOD[:K]",
+                   help="also run with speculative decoding (ngram, draft_model, self_draft), e.g. ngram:4")  # fmt: skip
     p.add_argument("--json", help="also write the results here")
     _config_args(p)
     p.set_defaults(fn=cmd_bench)

@@ -73,6 +73,7 @@ _E2E_BUCKETS = (
     120.0,
     300.0,
 )
+_RATE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 ENDPOINTS = {"/health", "/version", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
@@ -114,6 +115,22 @@ class ServerMetrics:
         self.queue_time = Histogram("fxllm:request_queue_time_seconds",
                                     "Seconds a sequence waited from arrival until it was first scheduled.",
                                     labels, buckets=_TTFT_BUCKETS, registry=reg)  # fmt: skip
+        # Speculative decoding (vLLM's spec_decode names), counted per finished request.
+        self.spec_drafts = Counter("fxllm:spec_decode_num_drafts", "Speculative verify steps (sequence-steps with drafts).",
+                                   labels, registry=reg)  # fmt: skip
+        self.spec_draft_tokens = Counter("fxllm:spec_decode_num_draft_tokens", "Drafted tokens verified.",
+                                         labels, registry=reg)  # fmt: skip
+        self.spec_accepted_tokens = Counter("fxllm:spec_decode_num_accepted_tokens", "Drafted tokens accepted.",
+                                            labels, registry=reg)  # fmt: skip
+        self.spec_acceptance = Histogram("fxllm:spec_decode_request_acceptance_rate",
+                                         "Per request: accepted / drafted tokens (requests that drafted).",
+                                         labels, buckets=_RATE_BUCKETS, registry=reg)  # fmt: skip
+        self.spec_disabled_steps = Gauge("fxllm:spec_decode_disabled_steps",
+                                         "Steps that did not speculate: more decoding sequences than speculative.disable_batch_size.",
+                                         labels, registry=reg)  # fmt: skip
+        self.spec_disabled_requests = Gauge("fxllm:spec_decode_disabled_requests",
+                                            "Requests that stopped speculating: acceptance below speculative.min_acceptance_rate.",
+                                            labels, registry=reg)  # fmt: skip
 
     def count_http(self, endpoint: str, status: int) -> None:
         """Count one HTTP response."""
@@ -136,6 +153,12 @@ class ServerMetrics:
             self.itl.labels(name).observe(gap)
         if metrics.e2e_latency is not None:
             self.e2e.labels(name).observe(metrics.e2e_latency)
+        if metrics.spec_draft_tokens:
+            self.spec_drafts.labels(name).inc(metrics.spec_verify_steps)
+            self.spec_draft_tokens.labels(name).inc(metrics.spec_draft_tokens)
+            self.spec_accepted_tokens.labels(name).inc(metrics.spec_accepted_tokens)
+            rate = metrics.spec_accepted_tokens / metrics.spec_draft_tokens
+            self.spec_acceptance.labels(name).observe(rate)
 
     def observe_queue_time(self, seconds: float) -> None:
         """Record how long a sequence waited before it was first scheduled (any thread)."""
@@ -151,6 +174,10 @@ class ServerMetrics:
         # The scheduler's live queue lengths, not the stats of the last step (stale between steps).
         self.running.labels(name).set(engine.scheduler.num_running)
         self.waiting.labels(name).set(engine.scheduler.num_waiting)
+        speculator = getattr(engine, "speculator", None)
+        if speculator is not None:
+            self.spec_disabled_steps.labels(name).set(speculator.stats.steps_disabled_batch)
+            self.spec_disabled_requests.labels(name).set(speculator.stats.requests_disabled)
 
     def render(self) -> bytes:
         """The registry in Prometheus' text format."""

@@ -107,6 +107,7 @@ class SpeculativeDecoder:
         self.config = config
         self.proposer = proposer
         self.stats = SpecStats()
+        self.async_was_on = False  # whether the engine scheduled asynchronously before speculation
 
     # ---- before scheduling --------------------------------------------------------------------
     def propose(self, engine: Engine) -> None:
@@ -238,6 +239,7 @@ def build_speculator(
         raise ValueError(f"speculative.method={config.method} needs a drafter (drafters.build_drafter)")
     else:
         proposer = drafter
+    async_was_on = engine.async_scheduling
     if engine.async_scheduling:
         logger.info(
             "speculative decoding (%s) runs synchronous steps: async scheduling is off", config.method
@@ -249,5 +251,6 @@ def build_speculator(
         config.min_acceptance_rate,
     )  # fmt: skip
     speculator = SpeculativeDecoder(config, proposer)
+    speculator.async_was_on = async_was_on  # a plain baseline in the same process turns it back on
     engine.speculator = speculator
     return speculator
