@@ -132,6 +132,18 @@ def _register() -> bool:
     # already streams Llama-3.1-8B's weights at 2.5-2.9 TB/s at M = 1 and the GEMV measured 0.84-1.0x of
     # it (benchmarks/gpu_gemv.py, RESULTS.md), so by default the reference (aten.linear, cuBLAS) runs.
     register_op_backend("linear", BACKEND, gemv.linear, supports=supports, priority=0)
+    from fxllm.backends.triton import fp8_gemm
+
+    def supports_fp8(site: OpSite) -> bool:
+        x, weight, weight_scale, _bias, input_scale = site.args
+        return supports(site) and fp8_gemm.supported(x, weight, weight_scale, input_scale)
+
+    # FP8 GEMMs: the Triton weight stream for M <= 16 and _scaled_mm above ("triton"), or _scaled_mm at
+    # every M where compile.op_backends names "scaled_mm" (benchmarks/gpu_fp8.py compares them).
+    register_op_backend("fp8_linear", BACKEND, fp8_gemm.fp8_linear, supports=supports_fp8, priority=PRIORITY)
+    register_op_backend(
+        "fp8_linear", "scaled_mm", fp8_gemm.scaled_mm_linear, supports=supports_fp8, priority=5
+    )
     return True
 
 
