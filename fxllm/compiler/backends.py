@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 
 import torch
@@ -114,7 +115,17 @@ class InductorGraph:
         from torch._inductor.compile_fx import compile_fx
 
         self.num_compiles += 1
-        return compile_fx(gm, example_inputs)
+        # Progress a user can read during a cold start: each variant is one Inductor compile (minutes on a
+        # few cores when its caches are cold, or with frozen weights), a cached one takes seconds.
+        frozen = bool(self._inductor_patches.get("freezing"))
+        logger.info("Inductor: compiling graph variant %d (%d nodes%s)", self.num_compiles, len(gm.graph.nodes),
+                    ", weights frozen: not cacheable" if frozen else "")  # fmt: skip
+        start = time.perf_counter()
+        compiled = compile_fx(gm, example_inputs)
+        logger.info(
+            "Inductor: graph variant %d ready in %.1f s", self.num_compiles, time.perf_counter() - start
+        )
+        return compiled
 
     def freeze_guards(self) -> None:
         """Promise that every later call matches a variant compiled so far (the caller has checked

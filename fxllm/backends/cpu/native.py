@@ -66,7 +66,15 @@ def build_directory() -> Path:
     for path in sorted(CSRC.iterdir()):
         if path.suffix in (".cpp", ".h"):
             key.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    parts = (*_SOURCES, *_CFLAGS, *_LDFLAGS, torch.__version__, sys.version, os.environ.get("CXX", ""), _cpu_id())
+    parts = (
+        *_SOURCES,
+        *_CFLAGS,
+        *_LDFLAGS,
+        torch.__version__,
+        sys.version,
+        os.environ.get("CXX", ""),
+        _cpu_id(),
+    )
     for part in parts:
         key.update(part.encode() + b"\0")
     return cache_root() / "torch_extensions" / key.hexdigest()[:16]
@@ -93,6 +101,11 @@ def _load() -> None:
     directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    if not (directory / f"{_NAME}.so").exists():
+        logger.info(
+            "building fxllm's C++ CPU kernels into %s (once per machine and kernel source)",
+            directory,
+        )
     load(
         name=_NAME,
         sources=[str(CSRC / source) for source in _SOURCES],
@@ -142,7 +155,12 @@ def op(name: str) -> torch._ops.OpOverload | None:
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor | None:
     """`logits.argmax(dim=-1)` for 2-D float32 or bfloat16 CPU logits with contiguous rows (first index of
     the maximum, NaN counting as the maximum); None where the kernel cannot, so the caller uses torch."""
-    if logits.dtype not in DTYPE_CODES or logits.dim() != 2 or logits.device.type != "cpu" or logits.stride(1) != 1:
+    if (
+        logits.dtype not in DTYPE_CODES
+        or logits.dim() != 2
+        or logits.device.type != "cpu"
+        or logits.stride(1) != 1
+    ):
         return None
     if not available():
         return None
