@@ -79,6 +79,7 @@ def start_key(
     parts = cache_key_parts(
         model_name=model_name, model=model, device=device, dtype=dtype, passes=compile_config.passes,
         op_backends=compile_config.op_backends, plugins=list(compile_config.plugins), registered=registered,
+        quantization=getattr(config, "quantization", None),
     )  # fmt: skip
     cache_config = getattr(config, "cache", None)
     # Freezing does not change the post-pass graph, but it decides whether Inductor's compiled graph can be
@@ -109,6 +110,7 @@ def _build_graph(
     ctx = PassContext(model_config=model.config, device=device, dtype=dtype,
                       op_backends=dict(compile_config.op_backends), kv_cache_dtype=config.cache.dtype,
                       kv_scales=dict(getattr(model, KV_SCALES_ATTR, {}) or {}),
+                      quantization=getattr(config, "quantization", None),
                       parallel=getattr(model, "fxllm_tensor_parallel", None))  # fmt: skip
     root = cache_root(getattr(compile_config, "cache_dir", None))
     use_cache_root(root)

@@ -50,7 +50,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     else:
         name, layers = config.model.model, config.model.num_layers  # type: ignore[attr-defined]
         model = load_model(name, device=device, dtype=dtype, num_layers=layers).model
-    compiled = compile_model(model, backend=config.compile.backend, passes=config.compile.passes)  # type: ignore[attr-defined]
+    compiled = compile_model(model, backend=config.compile.backend, passes=config.compile.passes,  # type: ignore[attr-defined]
+                             op_backends=config.compile.op_backends,  # type: ignore[attr-defined]
+                             quantization=config.quantization)  # type: ignore[attr-defined]  # fmt: skip
     if args.explain:
         print(compiled.report())
     else:
