@@ -370,8 +370,10 @@ def _print_table(results: dict[str, Any]) -> None:
             print(f"TP=2 / TP=1 batch-1 decode: {b / a:.2f}x (goal >= 1.6x)")
     if "llama70b" in results:
         r = results["llama70b"]
-        print(f"llama-3.1-70b TP=4: batch-1 {r.get('decode1_tok_s')} tok/s (goal >= 60), 1000 x 128/128 "
-              f"{r.get('throughput_output_tok_s')} output tok/s {r.get('error', '')}")  # fmt: skip
+        spec = r.get("spec", {})
+        print(f"{spec.get('model')} TP={spec.get('tp')}: batch-1 {r.get('decode1_tok_s')} tok/s (goal >= 60), "
+              f"{spec.get('num_prompts')} x 128/{spec.get('output_len')} {r.get('throughput_output_tok_s')} "
+              f"output tok/s {r.get('error', '')}")  # fmt: skip
     if "fused" in results:
         print("fused vs unfused all-reduce + add + RMSNorm:", results["fused"])
 

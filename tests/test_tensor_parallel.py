@@ -137,10 +137,16 @@ def test_compile_explain_shows_shard_plan_and_all_reduce() -> None:
 
 def test_killed_rank_ends_the_run_with_an_error(llama_tp2_fused: LLM) -> None:
     """Last in the module: it kills the shared engine's worker."""
-    worker = llama_tp2_fused.engine.runner.group.procs[0]
-    os.kill(worker.pid, signal.SIGKILL)
+    group = llama_tp2_fused.engine.runner.group
+    reasons: list[str] = []
+    group.on_death = reasons.append  # `fxllm serve` sends itself SIGTERM here
+    os.kill(group.procs[0].pid, signal.SIGKILL)
     start = time.monotonic()
     with pytest.raises(RankDied, match="rank 1 exited"):
         llama_tp2_fused.generate(PROMPTS, PARAMS)
     assert time.monotonic() - start < 30
+    deadline = time.monotonic() + 5
+    while not reasons and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert reasons == ["tensor-parallel rank 1 exited with code -9"]
     assert torch.distributed.is_initialized()  # shutdown (the fixture's) leaves the group

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 from typing import TYPE_CHECKING
 
 import fxllm
@@ -83,5 +85,8 @@ def serve_main(argv: list[str] | None = None) -> int:
     from fxllm.serve.server import run_server
 
     llm = LLM(config.model.model, config=config)
+    group = getattr(llm.engine.runner, "group", None)
+    if group is not None:  # tensor parallel: a dead rank takes the server down (drained, then exit)
+        group.on_death = lambda reason: os.kill(os.getpid(), signal.SIGTERM)
     run_server(llm, config)
-    return 0
+    return 0 if group is None or group.dead is None else 1

@@ -18,7 +18,7 @@ import logging
 import multiprocessing as mp
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -70,6 +70,9 @@ class TensorParallelGroup:
             self.procs.append(proc)
             self.conns.append(parent)
         self.dead: str | None = None
+        # Called once with the reason when a worker exits (the server sends itself SIGTERM); None: the next
+        # step raises RankDied.
+        self.on_death: Callable[[str], None] | None = None
         self._stopped = False
         atexit.register(self.shutdown)
         self.device = rank_device(device, 0)
@@ -89,6 +92,8 @@ class TensorParallelGroup:
                 if not proc.is_alive() and not self._stopped and self.dead is None:
                     self.dead = f"tensor-parallel rank {rank} exited with code {proc.exitcode}"
                     logger.error("%s: the engine stops (every rank runs every step)", self.dead)
+                    if self.on_death is not None:
+                        self.on_death(self.dead)
             threading.Event().wait(0.2)
 
     def _receive_all(self, what: str) -> list[Any]:
