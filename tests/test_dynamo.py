@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import logging
 import os
 import random
 import signal
@@ -434,12 +435,32 @@ def test_kv_router_sends_a_shared_prefix_to_the_worker_that_cached_it(cluster: C
 
 @needs_dynamo
 @pytest.mark.slow
+def test_a_closed_stream_aborts_the_request_and_frees_its_kv_blocks(cluster: Cluster) -> None:
+    stream = cluster.client().completions.create(model=MODEL, prompt="Once upon a time", max_tokens=300,
+                                                 temperature=0, stream=True, extra_body={"ignore_eos": True})  # fmt: skip
+    for received, _chunk in enumerate(stream, start=1):
+        if received == 3:
+            break
+    assert any(m["num_requests_running"] > 0 for m in cluster.metrics()), "the request was not running"
+    stream.close()  # the client goes away: Dynamo cancels, the worker aborts
+    deadline = time.monotonic() + 60
+    while not all(
+        m["num_requests_running"] == 0 and m["kv_cache_usage_perc"] == 0 for m in cluster.metrics()
+    ):
+        assert time.monotonic() < deadline, (
+            f"the request kept running or holding KV blocks: {cluster.metrics()}"
+        )
+        time.sleep(0.5)
+
+
+@needs_dynamo
+@pytest.mark.slow
 def test_killed_worker_fails_its_requests_and_the_survivor_serves(cluster: Cluster) -> None:
     # Runs last in this module: it kills one worker.
     async def one(client: openai.AsyncOpenAI, i: int) -> str | BaseException:
         try:
             stream = await client.completions.create(model=MODEL, prompt=f"Story number {i}: once upon a time",
-                                                     max_tokens=400, temperature=0, stream=True,
+                                                     max_tokens=160, temperature=0, stream=True,
                                                      extra_body={"ignore_eos": True})  # fmt: skip
             return "".join([c.choices[0].text async for c in stream if c.choices])
         except (openai.APIError, httpx.HTTPError) as exc:
@@ -459,6 +480,8 @@ def test_killed_worker_fails_its_requests_and_the_survivor_serves(cluster: Clust
 
     results = asyncio.run(load_then_kill())
     failed = [r for r in results if isinstance(r, BaseException)]
+    logging.getLogger(__name__).info("after the kill: %d streams finished, %d failed: %s", len(results) - len(failed),
+                                     len(failed), [f"{type(e).__name__}: {e}" for e in failed])  # fmt: skip
     assert failed, "no in-flight request failed although its worker was killed"
     assert len(failed) < len(results), "the surviving worker's requests failed too"
     survivor = cluster.workers[0]
