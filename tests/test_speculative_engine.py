@@ -11,6 +11,7 @@ tokens that some sequence really has at that place (no unaccepted draft is ever 
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -165,3 +166,46 @@ def test_model_drafters(method: str) -> None:
     assert stats.draft_tokens > 0
     if method == "draft_model":
         assert stats.accepted_tokens == stats.draft_tokens
+
+
+def test_mixed_with_requests_that_do_not_speculate(parts) -> None:
+    """Logprobs and penalty requests decode plainly in the same verify steps; all equal plain decoding."""
+    with_logprobs = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=2)
+    penalized = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, repetition_penalty=1.3)
+    requests = [
+        (PROMPTS[0], GREEDY),
+        (PROMPTS[1], with_logprobs),
+        (PROMPTS[2], penalized),
+        (PROMPTS[3], GREEDY),
+    ]
+    spec_engine = make_engine(parts, True)
+    assert run(spec_engine, requests) == run(make_engine(parts, False), requests)
+    assert accepted(spec_engine) > 0
+
+
+def test_temperature_one_distribution_through_the_engine(parts) -> None:
+    """tiny-llama, temperature 1 with top_k 3 (27 outcomes for 3 tokens): 500 seeded requests with oracle
+    drafts (plain greedy's continuation, so drafts are both accepted and rejected) vs 500 without. The joint
+    histograms must agree: two-sample chi-square < 54.1 (26 degrees of freedom, p = 0.001)."""
+    from fxllm.runtime.speculative.decoder import SpeculativeDecoder
+    from fxllm.runtime.speculative.oracle import OracleProposer
+
+    prompt, count = PROMPTS[0], 500
+    plain_engine = make_engine(parts, False)
+    plain_engine.add_request(prompt, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), "g")
+    want = plain_engine.run_until_done()[0].outputs[0].token_ids
+    spec_engine = make_engine(parts, True, "speculative.disable_batch_size=0")
+    config = spec_engine.speculator.config  # type: ignore[union-attr]
+    spec_engine.speculator = SpeculativeDecoder(config, OracleProposer({tuple(prompt): want}))
+    histograms = []
+    for engine in (plain_engine, spec_engine):
+        for seed in range(count):
+            params = SamplingParams(max_tokens=3, temperature=1.0, top_k=3, seed=seed, ignore_eos=True)
+            engine.add_request(prompt, params, f"s{seed}")
+        outs = engine.run_until_done()
+        histograms.append(Counter(tuple(o.outputs[0].token_ids) for o in outs))
+    stats = spec_engine.speculator.stats  # type: ignore[union-attr]
+    assert 0 < stats.accepted_tokens < stats.draft_tokens  # both branches of the rejection test ran
+    a, b = histograms
+    chi2 = sum((a[c] - b[c]) ** 2 / (a[c] + b[c]) for c in set(a) | set(b))
+    assert len(set(a) | set(b)) <= 27 and chi2 < 54.1, (chi2, a, b)

@@ -441,6 +441,8 @@ class Engine:
                 logger.warning("the compiled graph kept recompiling during warm-up; Dynamo guards stay on")
         self.kv_cache.reset_prefix_cache()
         self.stats = EngineStats()
+        if self.speculator is not None:
+            self.speculator.reset_stats()  # warm-up drafts are not the user's
         return time.perf_counter() - start
 
     def _run_warmup(self, name: str, prompts: list[list[int]], params: SamplingParams) -> None:

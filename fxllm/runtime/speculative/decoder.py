@@ -109,6 +109,10 @@ class SpeculativeDecoder:
         self.stats = SpecStats()
         self.async_was_on = False  # whether the engine scheduled asynchronously before speculation
 
+    def reset_stats(self) -> None:
+        """Forget the counters (after the engine's warm-up)."""
+        self.stats = SpecStats()
+
     # ---- before scheduling --------------------------------------------------------------------
     def propose(self, engine: Engine) -> None:
         """Set draft_token_ids on every eligible decoding sequence (and clear everyone else's)."""
