@@ -192,10 +192,12 @@ def test_concurrent_exports_keep_one_complete_folder(tmp_path: Path, monkeypatch
 DYNAMO_MISSING = (
     importlib.util.find_spec("dynamo") is None or importlib.util.find_spec("dynamo.frontend") is None
 )
+# Opt-in: the cluster takes 10-16 minutes on a busy 2-core box (three SmolLM2 loads at once), more than the
+# whole suite may. Run with FXLLM_DYNAMO_TESTS=1 (docs/scale-out.md).
 needs_dynamo = pytest.mark.skipif(
-    DYNAMO_MISSING,
-    reason="NVIDIA Dynamo is not installed: pip install -e '.[dynamo]' && pip install --no-deps ai-dynamo==1.6.1 "
-    "(docs/scale-out.md)",
+    DYNAMO_MISSING or os.environ.get("FXLLM_DYNAMO_TESTS") != "1",
+    reason="Dynamo cluster tests are opt-in: pip install -e '.[dynamo]' && pip install --no-deps "
+    "ai-dynamo==1.6.1, then FXLLM_DYNAMO_TESTS=1 python -m pytest tests/test_dynamo.py (docs/scale-out.md)",
 )
 MODEL = "smollm2"
 MAX_TOKENS = 8
