@@ -49,6 +49,9 @@ def _allreduce_rank(rank: int, world: int, port: int, out_file: str) -> None:
     group = dist.group.WORLD.group_name
     cuda_collectives.configure_group(group, 256 * 1024, 2048 * HIDDEN * 2)
     numel_max = TOKENS[-1] * HIDDEN
+    enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+    if enable is not None:  # older torch needs it before a rendezvous
+        enable(group)
     buffer = symm_mem.empty(numel_max, dtype=torch.bfloat16, device=device)
     symm_mem.rendezvous(buffer, group)
 
@@ -59,7 +62,10 @@ def _allreduce_rank(rank: int, world: int, port: int, out_file: str) -> None:
     def one_shot(x: torch.Tensor, out: torch.Tensor) -> None:
         buf = buffer[: x.numel()]
         buf.copy_(x.view(-1))
-        torch.ops.symm_mem.one_shot_all_reduce_out(buf, "sum", group, out.view(-1))
+        if hasattr(torch.ops.symm_mem, "one_shot_all_reduce_out"):
+            torch.ops.symm_mem.one_shot_all_reduce_out(buf, "sum", group, out.view(-1))
+        else:
+            out.view(-1).copy_(torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", group))
 
     def two_shot(x: torch.Tensor, out: torch.Tensor) -> None:
         buf = buffer[: x.numel()]

@@ -102,8 +102,10 @@ def _buffer(group_name: str, device: torch.device, dtype: torch.dtype, limits: G
             )
         import torch.distributed._symmetric_memory as symm_mem
 
+        # Older torch needs the group enabled before a rendezvous; newer ones deprecate the call.
         enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-        if enable is not None and not symm_mem.is_symm_mem_enabled_for_group(group_name):
+        enabled = getattr(symm_mem, "is_symm_mem_enabled_for_group", None)
+        if enable is not None and (enabled is None or not enabled(group_name)):
             enable(group_name)
         numel = limits.two_shot_max_bytes // dtype.itemsize
         buffer = symm_mem.empty(numel, dtype=dtype, device=device)
