@@ -39,13 +39,13 @@ def test_sampling_options_and_stop_conditions_map_to_sampling_params() -> None:
         "sampling_options": {"temperature": 0.5, "top_p": 0.9, "top_k": 7, "seed": 3, "n": 1,
                              "frequency_penalty": 0.1, "presence_penalty": None},
         "stop_conditions": {"max_tokens": 12, "min_tokens": 2, "ignore_eos": False, "stop": ["\n\n"],
-                            "stop_token_ids_hidden": [2], "stop_token_ids": [5, 2]},
+                            "stop_token_ids_hidden": [2, 1], "stop_token_ids": [5, 2], "stop_token_ids_visible": [6]},
         "output_options": {"logprobs": 3},
     })  # fmt: skip
     assert (params.temperature, params.top_p, params.top_k, params.seed) == (0.5, 0.9, 7, 3)
     assert params.frequency_penalty == 0.1 and params.presence_penalty == 0.0
     assert (params.max_tokens, params.min_tokens, params.ignore_eos) == (12, 2, False)
-    assert params.stop_token_ids == [2, 5]  # hidden (EOS) and visible, once each
+    assert params.stop_token_ids == [2, 1, 5, 6]  # hidden (EOS) and visible, once each
     assert params.stop == []  # stop strings are the frontend's: it matches them on the text
     assert params.logprobs == 3 and params.output_kind is RequestOutputKind.DELTA
     assert to_sampling_params({"token_ids": [1]}).max_tokens is None  # until the context is full
@@ -156,16 +156,18 @@ def test_export_writes_what_the_frontend_reads(tmp_path: Path) -> None:
     tokenizer = tiny_tokenizer()
     config = preset_config("tiny-llama")
     config.architectures = None  # as a GGUF-built config has it
+    # The generation config's EOS (here <s>, id 1) becomes the tokenizer's: the frontend stops at both.
     out = export_hf_tokenizer(
-        tokenizer, config, GenerationConfig(eos_token_id=2), "LlamaForCausalLM", tmp_path
+        tokenizer, config, GenerationConfig(eos_token_id=[1, 2]), "LlamaForCausalLM", tmp_path
     )
     assert has_frontend_files(out)
     tok_config = json.loads((out / "tokenizer_config.json").read_text())
     assert tok_config["chat_template"] == CHAT_TEMPLATE
     assert tok_config["model_max_length"] == config.max_position_embeddings
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
-    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [1, 2]
     reloaded = AutoTokenizer.from_pretrained(str(out))
+    assert reloaded.eos_token == "<s>" and tokenizer.eos_token == "</s>"
     text = "the quick brown fox jumps over"
     assert reloaded(text).input_ids == tokenizer(text).input_ids
 

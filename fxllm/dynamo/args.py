@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fxllm.compiler.cache import cache_root
 from fxllm.config import FxllmConfig, load_config
-from fxllm.dynamo.model_folder import has_frontend_files, needs_export
+from fxllm.dynamo.model_folder import EXPORT_VERSION, has_frontend_files, needs_export
 from fxllm.models.embedded import EMBEDDED_ALIASES, embedded_gguf_path
 
 
@@ -61,7 +61,8 @@ def exported_folder_for(model: str, config: FxllmConfig) -> Path:
     """Where the worker writes the frontend's folder for an embedded or GGUF MODEL (one per file version)."""
     source = embedded_gguf_path() if model.strip().lower() in EMBEDDED_ALIASES else Path(model).expanduser()
     stat = source.stat()
-    key = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    identity = f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:v{EXPORT_VERSION}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
     return cache_root(config.compile.cache_dir) / "hf-folders" / f"{source.stem}-{key}"
 
 

@@ -15,6 +15,9 @@ logger = logging.getLogger(__name__)
 
 # What Dynamo's frontend loads from a model folder to tokenize, apply the chat template and detokenize.
 FRONTEND_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
+# Part of the cached folder's name: bump it when the export writes something else, so no worker keeps
+# serving an older folder. 2: the generation config's EOS is the tokenizer's.
+EXPORT_VERSION = 2
 
 
 def needs_export(model: str) -> bool:
@@ -49,6 +52,14 @@ def export_hf_tokenizer(
     context = getattr(model_config, "max_position_embeddings", None)
     if isinstance(context, int):
         tok_config["model_max_length"] = context
+    # The frontend stops at the tokenizer's EOS as well as the generation config's; fxllm's engine follows
+    # the generation config only (as HF generate). A GGUF tokenizer may name another EOS (SmolLM2's says
+    # <|im_start|>), so name the generation config's first EOS here and both stop at the same ids.
+    eos = getattr(generation_config, "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    if isinstance(eos, int):
+        tok_config["eos_token"] = tokenizer.convert_ids_to_tokens(eos)
+        tok_config.pop("eos_token_id", None)
     # transformers 5 names its class TokenizersBackend, which older readers do not know.
     tok_config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config_path.write_text(json.dumps(tok_config, indent=2, ensure_ascii=False))

@@ -28,9 +28,9 @@ _FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "cancelled"}
 
 def _stop_token_ids(stop_conditions: Mapping[str, Any]) -> list[int]:
     # The frontend sends the model's EOS ids as `stop_token_ids_hidden` and the client's as
-    # `stop_token_ids`; both end generation here (the frontend hides the former from the text).
+    # `stop_token_ids` (or `stop_token_ids_visible`); all end generation here (the frontend hides the first).
     merged: list[int] = []
-    for key in ("stop_token_ids_hidden", "stop_token_ids"):
+    for key in ("stop_token_ids_hidden", "stop_token_ids", "stop_token_ids_visible"):
         for token_id in stop_conditions.get(key) or []:
             if int(token_id) not in merged:
                 merged.append(int(token_id))
