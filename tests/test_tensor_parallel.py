@@ -71,12 +71,27 @@ def llama_tp2_fused() -> Iterator[LLM]:
         yield llm
 
 
-def test_tp2_greedy_and_logprobs_equal_tp1_qwen2(qwen2_tp1: tuple) -> None:
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"compile.cache_dir={tmp_path_factory.mktemp('fxllm_cache')}"
+
+
+def test_tp2_greedy_and_logprobs_equal_tp1_qwen2(qwen2_tp1: tuple, cache_dir: str, monkeypatch) -> None:
     """Qwen2 has q/k/v biases (split with their rows) and 2 KV heads (one per rank)."""
-    with _engine("tiny-qwen2", "parallel.tensor_parallel_size=2") as llm:
+    monkeypatch.delenv("FXLLM_NO_COMPILE_CACHE", raising=False)  # the warm start below needs the entry
+    with _engine("tiny-qwen2", "parallel.tensor_parallel_size=2", cache_dir) as llm:
         assert llm.info.pass_report.matches("shard_tp") == 4  # o_proj and down_proj of 2 layers
         layers = llm.engine.runner.signature.kv_layers
         assert {layer.num_kv_heads for layer in layers} == {1}  # the rank's heads only
+        _assert_same(qwen2_tp1, _run(llm))
+
+
+def test_tp2_warm_start_binds_each_ranks_shards(qwen2_tp1: tuple, cache_dir: str, monkeypatch) -> None:
+    """A second start takes every rank's graph from the compile cache (keyed by rank) and binds its
+    weights from that rank's loaded shards: the outputs stay TP=1's."""
+    monkeypatch.delenv("FXLLM_NO_COMPILE_CACHE", raising=False)
+    with _engine("tiny-qwen2", "parallel.tensor_parallel_size=2", cache_dir) as llm:
+        assert llm.info.compile_cache == "hit"
         _assert_same(qwen2_tp1, _run(llm))
 
 
