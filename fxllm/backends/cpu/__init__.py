@@ -36,7 +36,7 @@ def supports_attention(site: OpSite) -> bool:
         if k_cache.dtype not in _LOGGED_CACHE_DTYPES:
             _LOGGED_CACHE_DTYPES.add(k_cache.dtype)
             logger.info("the C++ CPU attention kernel reads float32/bfloat16 caches only: paged_attention over a %s "
-                        "KV cache runs the reference (see `fxllm compile --explain` for the nodes)", k_cache.dtype)  # fmt: skip
+                        "KV cache runs the reference", k_cache.dtype)  # fmt: skip
         return False
     return True
 
