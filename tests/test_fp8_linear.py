@@ -162,3 +162,12 @@ def test_smollm2_fp8_logits() -> None:
     assert rel(out, expected) < 1e-4
     assert rel(out, exact) < 0.1
     assert float((out.argmax(-1) == exact.argmax(-1)).float().mean()) >= 0.85
+
+
+def test_exclude_naming_a_merged_member_keeps_the_merged_gemm_float(tiny: torch.nn.Module) -> None:
+    cm = fxllm.compile(copy.deepcopy(tiny), backend="eager",
+                       quantization={"method": "fp8", "exclude": ["lm_head", "self_attn.k_proj"]})  # fmt: skip
+    assert cm.fxllm_op_counts()["fxllm.fp8_linear.default"] == 6  # merged q/k/v of both layers stay float
+    assert any(
+        "2 linear(s) kept" in note and "k_proj" in note for r in cm.pass_report.records for note in r.notes
+    )

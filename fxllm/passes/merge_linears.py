@@ -44,6 +44,12 @@ def _merge_group(gm: GraphModule, source: Node, linears: list[Node], index: int,
             aten.linear.default, (source, w_node, b_node) if b_node else (source, w_node)
         )
         merged.meta["nn_module_stack"] = first.meta.get("nn_module_stack", {})
+        # Every member's weight name and module path: quantization.exclude naming any member keeps the GEMM float.
+        merged.meta["fxllm_merged_from"] = [str(w.target) for w in weights] + [  # type: ignore[union-attr]
+            str(list(n.meta.get("nn_module_stack", {}).values())[-1][0])
+            for n in linears
+            if n.meta.get("nn_module_stack")
+        ]
         start = 0
         for linear, tensor in zip(linears, tensors):
             end = start + tensor.shape[0]

@@ -77,7 +77,8 @@ def quantize_fp8(gm: GraphModule, ctx: PassContext) -> PassResult:
             continue
         assert isinstance(weight, Node)
         target = str(weight.target)
-        pattern = excluded_by([target, module_path(node)], list(config.exclude))
+        names = [target, module_path(node), *node.meta.get("fxllm_merged_from", [])]  # merged: every member's
+        pattern = excluded_by(names, list(config.exclude))
         if pattern is not None:
             skipped[pattern] = skipped.get(pattern, 0) + 1
             continue
@@ -87,16 +88,16 @@ def quantize_fp8(gm: GraphModule, ctx: PassContext) -> PassResult:
                 f"{node.name}: {tensor.dtype} weight of shape {tuple(tensor.shape)}; not quantized"
             )
             continue
-        names = done.get(target)
-        if names is None:
+        attrs = done.get(target)
+        if attrs is None:
             index = len(done)
-            names = (f"fxllm_fp8_weight_{index}", f"fxllm_fp8_weight_scale_{index}")
+            attrs = (f"fxllm_fp8_weight_{index}", f"fxllm_fp8_weight_scale_{index}")
             qweight, scale = quantize_weight(tensor, config.weight_granularity)
-            gm.register_parameter(names[0], torch.nn.Parameter(qweight, requires_grad=False))
-            gm.register_parameter(names[1], torch.nn.Parameter(scale, requires_grad=False))
-            done[target] = names
+            gm.register_parameter(attrs[0], torch.nn.Parameter(qweight, requires_grad=False))
+            gm.register_parameter(attrs[1], torch.nn.Parameter(scale, requires_grad=False))
+            done[target] = attrs
         with graph.inserting_before(node):
-            w_node, s_node = graph.get_attr(names[0]), graph.get_attr(names[1])
+            w_node, s_node = graph.get_attr(attrs[0]), graph.get_attr(attrs[1])
             replacement = graph.call_function(
                 torch.ops.fxllm.fp8_linear.default, (node.args[0], w_node, s_node, bias)
             )
