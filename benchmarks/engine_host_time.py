@@ -74,7 +74,9 @@ def params_for(kind: str, tokens: int) -> SamplingParams:
 
         kwargs["output_kind"] = RequestOutputKind[kind.upper()]
     elif kind != "cumulative":
-        raise SystemExit(f"no SamplingParams.output_kind in this checkout: only --kind cumulative, not {kind}")
+        raise SystemExit(
+            f"no SamplingParams.output_kind in this checkout: only --kind cumulative, not {kind}"
+        )
     return SamplingParams(**kwargs)
 
 

@@ -135,10 +135,13 @@ def run(baseline: str | None, sweep: bool) -> dict[str, Any]:
                     continue
                 row[label] = {"ms": ms, "tflops": tflops / ms, "vs_sdpa": sdpa_ms / ms, "rel_err": err}
         best = max(
-            ((k, v) for k, v in row.items() if isinstance(v, dict) and "ms" in v), key=lambda kv: kv[1]["vs_sdpa"]
+            ((k, v) for k, v in row.items() if isinstance(v, dict) and "ms" in v),
+            key=lambda kv: kv[1]["vs_sdpa"],
         )
         row["best"] = {"label": best[0], **best[1]}
-        logger.info("%s: SDPA flash %.3f ms; default %s; best %s", shape, sdpa_ms, row.get("current"), row["best"])
+        logger.info(
+            "%s: SDPA flash %.3f ms; default %s; best %s", shape, sdpa_ms, row.get("current"), row["best"]
+        )
         results[shape] = row
         del c
         torch.cuda.empty_cache()
@@ -153,7 +156,11 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true", help="also time a grid of launch configurations")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
-    results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, **run(args.baseline, args.sweep)}
+    results = {
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        **run(args.baseline, args.sweep),
+    }
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "attention.json").write_text(json.dumps(results, indent=1))
     for shape in (f"{b}x{n}" for b, n in SHAPES):

@@ -95,7 +95,16 @@ def _compile_section(model: Any, vocab: int) -> dict[str, Any]:
 def _phases(stats: Any) -> dict[str, float]:
     return {
         name: getattr(stats, f"{name}_seconds")
-        for name in ("schedule", "inputs", "forward", "sample", "update", "result_wait", "overlap", "gpu_idle")
+        for name in (
+            "schedule",
+            "inputs",
+            "forward",
+            "sample",
+            "update",
+            "result_wait",
+            "overlap",
+            "gpu_idle",
+        )
     }
 
 

@@ -92,7 +92,9 @@ def main() -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--warm-runs", type=int, default=1)
     parser.add_argument("--cache-dir", default=None, help="default: a fresh directory (cold start)")
-    parser.add_argument("--timeout-s", type=float, default=280.0, help="per start (a device command may run 600 s)")
+    parser.add_argument(
+        "--timeout-s", type=float, default=280.0, help="per start (a device command may run 600 s)"
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -119,7 +119,9 @@ class SpeculativeConfig:
                 f"speculative.prompt_lookup_max={self.prompt_lookup_max}; lower the min or raise the max"
             )
         if self.method in ("draft_model", "eagle3") and not self.model:
-            raise ValueError(f"config: speculative.method={self.method} needs speculative.model (the drafter)")
+            raise ValueError(
+                f"config: speculative.method={self.method} needs speculative.model (the drafter)"
+            )
 
 
 @dataclass
@@ -276,7 +278,9 @@ def _build(cls: type, data: Mapping[str, Any], path: str) -> Any:
             from fxllm.compiler.api import normalize_pass_config
 
             if value is not None and not isinstance(value, Mapping):
-                raise ValueError(f"config: {sub} must be a mapping of pass name -> bool or settings, got {value!r}")
+                raise ValueError(
+                    f"config: {sub} must be a mapping of pass name -> bool or settings, got {value!r}"
+                )
             kwargs[key] = normalize_pass_config(value or {})
         else:
             kwargs[key] = _check_type(hint, value, sub)

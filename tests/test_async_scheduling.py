@@ -66,7 +66,9 @@ def make_engine(parts: tuple[torch.nn.Module, Any], async_on: bool, *overrides: 
 
 
 def run(
-    engine: Engine, requests: list[tuple[list[int], SamplingParams]], abort_after: dict[int, int] | None = None
+    engine: Engine,
+    requests: list[tuple[list[int], SamplingParams]],
+    abort_after: dict[int, int] | None = None,
 ) -> dict[int, Stream]:
     """Stream every request (DELTA outputs) to the end; request i is aborted once it holds abort_after[i] tokens."""
     abort_after = abort_after or {}
@@ -183,7 +185,9 @@ def test_abort_mid_stream(parts: tuple[torch.nn.Module, Any]) -> None:
 
 def test_default_follows_the_device(parts: tuple[torch.nn.Module, Any]) -> None:
     model, tokenizer = parts
-    engine = LLM(copy.deepcopy(model), config=load_config(None, ["compile.backend=eager"]), tokenizer=tokenizer).engine
+    engine = LLM(
+        copy.deepcopy(model), config=load_config(None, ["compile.backend=eager"]), tokenizer=tokenizer
+    ).engine
     assert engine.async_scheduling is False  # the CPU: nothing to overlap with
     with pytest.raises(Exception, match="async_scheduling"):
         load_config(None, ["scheduler.async_scheduling=maybe"])
@@ -192,7 +196,9 @@ def test_default_follows_the_device(parts: tuple[torch.nn.Module, Any]) -> None:
 def test_padded_decode_buckets_get_the_device_side_ids(parts: tuple[torch.nn.Module, Any]) -> None:
     """Decode steps through the bucket path (CUDA graphs' static inputs, unreplayed on the CPU): the static
     input_ids take the ids the previous step sampled on the device."""
-    requests = [(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)) for p, n in zip(PROMPTS, (9, 3, 6))]
+    requests = [
+        (p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)) for p, n in zip(PROMPTS, (9, 3, 6))
+    ]
     streams = []
     for async_on in (False, True):
         engine = make_engine(parts, async_on)

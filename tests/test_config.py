@@ -49,8 +49,14 @@ def test_pass_config_is_validated() -> None:
         ("cache.enable_prefix_caching=maybe", "cache.enable_prefix_caching must be bool, got str 'maybe'"),
         ("cache.gpu_memory_fraction=most", "cache.gpu_memory_fraction must be float"),
         ("model.max_model_len=long", r"model.max_model_len must be int \| None"),
-        ("compile.cuda_graph_batch_sizes=[1, a]", r"compile.cuda_graph_batch_sizes must be list\[int\].*\[1\]"),
-        ("compile.op_backends={rms_norm: 3}", r"compile.op_backends must be dict\[str, str\].*\['rms_norm'\]"),
+        (
+            "compile.cuda_graph_batch_sizes=[1, a]",
+            r"compile.cuda_graph_batch_sizes must be list\[int\].*\[1\]",
+        ),
+        (
+            "compile.op_backends={rms_norm: 3}",
+            r"compile.op_backends must be dict\[str, str\].*\['rms_norm'\]",
+        ),
         ("compile.plugins=my_plugin", r"compile.plugins must be list\[str\], got str 'my_plugin'"),
         ("model.dtype=int8", "model.dtype: unknown dtype 'int8'; use one of auto, float32, fp32"),
     ],
@@ -65,8 +71,8 @@ def test_yaml_file_of_the_wrong_type_names_key_and_type(tmp_path: Path) -> None:
     cases = {
         "cache:\n  block_size: abc\n": "cache.block_size must be int, got str 'abc'",
         "cache:\n  cpu_kv_bytes: 1.5e+8\n": "cache.cpu_kv_bytes must be int, got float 150000000.0",
-        "compile:\n  cuda_graph_batch_sizes: [1, \"2\"]\n": r"cuda_graph_batch_sizes must be list\[int\]",
-        "server:\n  port: \"8000\"\n": "server.port must be int, got str '8000'",
+        'compile:\n  cuda_graph_batch_sizes: [1, "2"]\n': r"cuda_graph_batch_sizes must be list\[int\]",
+        'server:\n  port: "8000"\n': "server.port must be int, got str '8000'",
         "model:\n  model: 7\n": "model.model must be str, got int 7",
         "cache: 0\n": "cache must be a mapping",
     }
@@ -119,5 +125,7 @@ def test_one_dtype_parser_for_engine_loader_and_config() -> None:
             resolve_device_dtype("cpu", bad)
         with pytest.raises(ValueError, match="use one of auto, float32"):
             resolve_dtype(bad, torch.device("cpu"))
-    with pytest.raises(ValueError, match="use one of float32, fp32, float, bfloat16, bf16, float16, fp16, half"):
+    with pytest.raises(
+        ValueError, match="use one of float32, fp32, float, bfloat16, bf16, float16, fp16, half"
+    ):
         parse_dtype("auto")

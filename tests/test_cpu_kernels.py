@@ -106,7 +106,9 @@ def test_cpu_paged_attention_matches_reference(
     )
     ref = paged_attention_reference(*ref_args[:10], window, softcap, ref_args[10])
     out = native_op("paged_attention")(*cpu_args[:10], window, softcap, cpu_args[10])
-    assert torch.equal(ref_args[3], cpu_args[3]) and torch.equal(ref_args[4], cpu_args[4])  # same cache writes
+    assert torch.equal(ref_args[3], cpu_args[3]) and torch.equal(
+        ref_args[4], cpu_args[4]
+    )  # same cache writes
     assert _relative_error(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
@@ -126,7 +128,9 @@ def test_plain_loops_match_reference(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prefill_of_fresh_and_continuing_sequences_with_padding(native_op: NativeOp, dtype: torch.dtype) -> None:
+def test_prefill_of_fresh_and_continuing_sequences_with_padding(
+    native_op: NativeOp, dtype: torch.dtype
+) -> None:
     """Fresh prompts, a chunk continuing its cached context, a sequence with no query this step, and
     two padding rows past the last sequence (CUDA-graph style: slot -1, output must be zeros)."""
     lens = ([6, 6, 6, 9, 5, 4, 4], [6, 6, 6, 2, 0, 4, 4])
@@ -156,7 +160,9 @@ def test_native_kernel_hands_other_dtypes_to_the_reference(native_op: NativeOp, 
 
 def test_native_kernel_hands_strided_caches_to_the_reference(native_op: NativeOp) -> None:
     """Caches that are views into a wider pool (not contiguous) go to the canonical op, which writes the view."""
-    ref_args, cpu_args = _case(torch.float32, num_heads=6, num_kv_heads=2, head_dim=64, decode=False, sinks=False)
+    ref_args, cpu_args = _case(
+        torch.float32, num_heads=6, num_kv_heads=2, head_dim=64, decode=False, sinks=False
+    )
     pools = [torch.zeros(*c.shape[:-1], 2 * c.shape[-1]) for c in cpu_args[3:5]]  # type: ignore[union-attr]
     caches = [pool[..., : c.shape[-1]] for pool, c in zip(pools, cpu_args[3:5])]  # type: ignore[union-attr]
     for cache, values in zip(caches, cpu_args[3:5]):
@@ -191,9 +197,14 @@ def test_fake_implementations_give_the_output_shapes(native_op: NativeOp) -> Non
     with FakeTensorMode() as mode:
         fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in ref_args]
         attention = native_op("paged_attention")(*fake[:10], -1, 0.0, None)
-        linear = native_op("packed_linear")(mode.from_tensor(torch.randn(2, 5, 64)), mode.from_tensor(weight), 40)
+        linear = native_op("packed_linear")(
+            mode.from_tensor(torch.randn(2, 5, 64)), mode.from_tensor(weight), 40
+        )
         argmax = native_op("argmax_rows")(mode.from_tensor(torch.randn(3, 7)))
-    assert (attention.shape, attention.dtype) == ((28, 6, 64), torch.bfloat16)  # 1 + 3 + 17 + 2 + 5 query tokens
+    assert (attention.shape, attention.dtype) == (
+        (28, 6, 64),
+        torch.bfloat16,
+    )  # 1 + 3 + 17 + 2 + 5 query tokens
     assert (linear.shape, linear.dtype) == ((2, 5, 40), torch.float32)
     assert (argmax.shape, argmax.dtype) == ((3,), torch.int64)
 
@@ -210,6 +221,8 @@ def test_a_failed_build_is_logged_once_and_leaves_the_references(
     with caplog.at_level(logging.WARNING, logger=native.__name__):
         assert not native.available()
         assert native.op("packed_linear") is None and native.argmax_rows(torch.zeros(2, 3)) is None
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == native.__name__]
+    warnings = [
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == native.__name__
+    ]
     assert len(warnings) == 1 and "/nonexistent/g++: not found" in warnings[0]
     assert native.build_directory().is_relative_to(tmp_path / "torch_extensions")

@@ -45,7 +45,9 @@ def two_eos() -> TwoEos:
         )
     free_run = out[0, len(PROMPT) :].tolist()
     # The second EOS id is a token greedy decoding first emits at step >= 2 (not the preset's own EOS).
-    step = next(k for k in range(2, NEW_TOKENS) if free_run[k] not in free_run[:k] and free_run[k] != PRESET_EOS)
+    step = next(
+        k for k in range(2, NEW_TOKENS) if free_run[k] not in free_run[:k] and free_run[k] != PRESET_EOS
+    )
     second_eos = free_run[step]
     model = copy.deepcopy(hf.model)
     model.generation_config.eos_token_id = [PRESET_EOS, second_eos]

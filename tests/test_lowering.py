@@ -101,7 +101,9 @@ def test_shape_dependent_choice_and_logged_fallback(caplog: pytest.LogCaptureFix
     op fails to load is skipped with one warning that counts the nodes that fell back."""
     calls: list[int] = []
 
-    def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def rope(
+        q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         calls.append(q.dim())
         half = q.shape[-1] // 2
 
@@ -110,7 +112,9 @@ def test_shape_dependent_choice_and_logged_fallback(caplog: pytest.LogCaptureFix
 
         return (q * cos + rotate(q) * sin).contiguous(), (k * cos + rotate(k) * sin).contiguous()
 
-    register_op_backend("rotary_embedding", "test4d", rope, supports=lambda s: s.args[0].dim() == 4, priority=50)
+    register_op_backend(
+        "rotary_embedding", "test4d", rope, supports=lambda s: s.args[0].dim() == 4, priority=50
+    )
     register_op_backend("rms_norm", "broken", target=lambda: None, priority=50)
     try:
         site3d = OpSite("rotary_embedding", torch.device("cpu"), (torch.empty(2, 3, 4),))
@@ -122,7 +126,10 @@ def test_shape_dependent_choice_and_logged_fallback(caplog: pytest.LogCaptureFix
         assert chosen["rotary_embedding"].target == "fxllm_test4d.rotary_embedding.default"
         assert chosen["rms_norm"].fallback and chosen["rms_norm"].target == "inlined"
         assert "5 node(s) fell back to the reference" not in caplog.text  # rms_norm only, not fused_add
-        assert "1 node(s) fell back to the reference: rms_norm (fallback: broken failed to load) x1" in caplog.text
+        assert (
+            "1 node(s) fell back to the reference: rms_norm (fallback: broken failed to load) x1"
+            in caplog.text
+        )
         ids = torch.randint(0, model.config.vocab_size, (1, 7))
         with torch.no_grad():
             torch.testing.assert_close(compiled(ids), model(ids).logits, atol=1e-5, rtol=1e-5)

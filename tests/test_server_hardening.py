@@ -46,7 +46,9 @@ HOSTILE = [
 
 
 @pytest.mark.parametrize(("body", "code"), [h[1:] for h in HOSTILE], ids=[h[0] for h in HOSTILE])
-def test_hostile_json_is_a_400_and_the_connection_stays_usable(served: Served, body: bytes, code: str | None) -> None:
+def test_hostile_json_is_a_400_and_the_connection_stays_usable(
+    served: Served, body: bytes, code: str | None
+) -> None:
     conn = http.client.HTTPConnection(served.url.removeprefix("http://"), timeout=30)
     try:
         status, error, connection = _post(conn, "/v1/completions", body)
@@ -62,7 +64,9 @@ def test_hostile_json_is_a_400_and_the_connection_stays_usable(served: Served, b
         conn.close()
 
 
-def test_client_disconnecting_mid_upload_logs_one_info_line(served: Served, caplog: pytest.LogCaptureFixture) -> None:
+def test_client_disconnecting_mid_upload_logs_one_info_line(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
     host, port = served.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
@@ -144,5 +148,7 @@ def test_no_permissive_cors(served: Served) -> None:
     preflight = httpx.options(f"{served.url}/v1/completions", headers={
         **origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})  # fmt: skip
     assert "access-control-allow-origin" not in preflight.headers
-    resp = httpx.post(f"{served.url}/v1/completions", json={"prompt": "the fox", "max_tokens": 1}, headers=origin)
+    resp = httpx.post(
+        f"{served.url}/v1/completions", json={"prompt": "the fox", "max_tokens": 1}, headers=origin
+    )
     assert resp.status_code == 200 and "access-control-allow-origin" not in resp.headers

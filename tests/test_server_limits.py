@@ -81,7 +81,9 @@ def test_stop_string_limits(served: Served) -> None:
 
 def test_sequences_per_request_limit(served: Served) -> None:
     url = f"{served.url}/v1/completions"
-    error = assert_error(httpx.post(url, json={"prompt": ["hi"] * 1000, "n": 16, "max_tokens": 1}), 400, "prompt")
+    error = assert_error(
+        httpx.post(url, json={"prompt": ["hi"] * 1000, "n": 16, "max_tokens": 1}), 400, "prompt"
+    )
     assert "16000 sequences" in error["message"] and "server.max_seqs_per_request" in error["message"]
     assert_error(httpx.post(url, json={"prompt": ["hi"] * 5, "n": 16, "max_tokens": 1}), 400, "prompt")
     assert served.llm.engine.stats.num_requests == served.llm.engine.stats.num_finished  # nothing was queued
@@ -99,7 +101,9 @@ def test_hostile_stop_list_does_not_stall_another_client(served: Served) -> None
 def test_batch_request_does_not_starve_an_interactive_one(served: Served) -> None:
     idle = median_time(lambda: complete(served.url, INTERACTIVE, TOKENS))
     prompts = [[3 + i % 50, 7, 11, 13] for i in range(64)]  # 64 sequences, 16 rounds of four
-    batch = Background(served.url, {"prompt": prompts, "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True})
+    batch = Background(
+        served.url, {"prompt": prompts, "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True}
+    )
     _wait_for_waiting(served, batch)
     busy = timed(lambda: complete(served.url, INTERACTIVE, TOKENS))
     still_running = batch.thread.is_alive()
@@ -118,7 +122,9 @@ def _metric(text: str, name: str) -> float:
 def test_queue_depth_and_queue_time_in_metrics(served: Served) -> None:
     before = httpx.get(f"{served.url}/metrics").text
     prompts = [[5, 9, 17, 3 + i] for i in range(24)]
-    batch = Background(served.url, {"prompt": prompts, "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True})
+    batch = Background(
+        served.url, {"prompt": prompts, "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True}
+    )
     during = ""
     for _ in range(2000):  # scrape until the queue shows (up to ~20 s)
         during = httpx.get(f"{served.url}/metrics").text
@@ -131,6 +137,8 @@ def test_queue_depth_and_queue_time_in_metrics(served: Served) -> None:
     assert 0 < _metric(during, "fxllm:num_requests_running") <= MAX_NUM_SEQS
     count = "fxllm:request_queue_time_seconds_count"
     assert _metric(after, count) - _metric(before, count) == len(prompts)
-    waited = _metric(after, "fxllm:request_queue_time_seconds_sum") - _metric(before, "fxllm:request_queue_time_seconds_sum")
+    waited = _metric(after, "fxllm:request_queue_time_seconds_sum") - _metric(
+        before, "fxllm:request_queue_time_seconds_sum"
+    )
     assert waited > 0
     assert _metric(after, "fxllm:num_requests_waiting") == 0

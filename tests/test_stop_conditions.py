@@ -57,7 +57,9 @@ def _stops(tok: Any, ids: list[int]) -> Stops:
     stop = text[ends[j] + 1 : ends[j + 2] + 1]
     pos = text.find(stop)
     needed = next(k for k in range(len(ids) + 1) if stop in _decode(tok, ids[:k]))
-    assert (pos, needed) == (ends[j] + 1, j + 3), "the stop string first occurs where it was cut, over 3 tokens"
+    assert (pos, needed) == (ends[j] + 1, j + 3), (
+        "the stop string first occurs where it was cut, over 3 tokens"
+    )
     m = next(m for m in range(FIRST_CANDIDATE, len(ids)) if ids[m] not in ids[:m])
     return Stops(ids, text, stop, pos, needed, ids[m], m, text[: ends[m]])
 
@@ -76,7 +78,10 @@ def unstopped(llm: LLM) -> dict[str, Stops]:
     greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     raw = llm.generate([PROMPT], greedy)[0].outputs[0]
     chat = llm.chat(CHAT, greedy)[0].outputs[0]
-    stops = {"completion": _stops(llm.tokenizer, raw.token_ids), "chat": _stops(llm.tokenizer, chat.token_ids)}
+    stops = {
+        "completion": _stops(llm.tokenizer, raw.token_ids),
+        "chat": _stops(llm.tokenizer, chat.token_ids),
+    }
     for name, out in (("completion", raw), ("chat", chat)):
         assert out.text == stops[name].text, "the engine's text is the tokenizer's decode of its tokens"
     return stops
@@ -171,7 +176,11 @@ def _request(
         resp = client.chat.completions.create(messages=CHAT, **common)
         if not stream:
             choice = resp.choices[0]
-            return choice.message.content or "", choice.finish_reason, (choice.model_extra or {}).get("stop_reason")
+            return (
+                choice.message.content or "",
+                choice.finish_reason,
+                (choice.model_extra or {}).get("stop_reason"),
+            )
         chunks = [c.choices[0] for c in resp if c.choices]
         text = "".join(c.delta.content or "" for c in chunks)
     assert all(c.finish_reason is None for c in chunks[:-1]) and chunks[-1].finish_reason is not None

@@ -193,7 +193,9 @@ def test_check_all_small() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("rows", "n", "k", "bias"), [(1, 40, 96, True), (3, 32, 64, False), (16, 48, 128, True)])
+@pytest.mark.parametrize(
+    ("rows", "n", "k", "bias"), [(1, 40, 96, True), (3, 32, 64, False), (16, 48, 128, True)]
+)
 def test_gemv(dtype: torch.dtype, rows: int, n: int, k: int, bias: bool) -> None:
     # Small tiles so that several K steps, an uneven last N block and (k=96) a partial K tile all run.
     gen = torch.Generator().manual_seed(rows * 1000 + n)
@@ -222,5 +224,7 @@ def test_gemv_linear_routes_by_rows_and_shape() -> None:
     assert out.shape == (2, 5, 24) and selfcheck.rel_err(out.float(), ref) <= 1e-2
     assert gemv.supported(x, w)
     assert not gemv.supported(x[..., :63], w[:, :63])  # rows of 63 bf16 values: not 16-byte aligned
-    big = torch.randn(gemv.GEMV_MAX_M + 1, 64, dtype=torch.bfloat16, device=DEVICE)  # F.linear above the limit
+    big = torch.randn(
+        gemv.GEMV_MAX_M + 1, 64, dtype=torch.bfloat16, device=DEVICE
+    )  # F.linear above the limit
     torch.testing.assert_close(gemv.linear(big, w), torch.nn.functional.linear(big, w))

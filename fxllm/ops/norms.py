@@ -47,7 +47,9 @@ def _fused_add_rms_norm_fake(x, residual, weight, eps):
 
 
 @eager_only
-def fused_add_rms_norm_reference(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def fused_add_rms_norm_reference(
+    x: Tensor, residual: Tensor, weight: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
     """Plain-torch (rms_norm(x + residual), x + residual)."""
     summed = x + residual
     return rms_norm_reference.__wrapped__(summed, weight, eps), summed  # type: ignore[attr-defined]

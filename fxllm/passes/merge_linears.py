@@ -24,7 +24,9 @@ def _weight_of(node: Node) -> Node | None:
     return weight if isinstance(weight, Node) and weight.op == "get_attr" else None
 
 
-def _merge_group(gm: GraphModule, source: Node, linears: list[Node], index: int, order: dict[Node, int]) -> None:
+def _merge_group(
+    gm: GraphModule, source: Node, linears: list[Node], index: int, order: dict[Node, int]
+) -> None:
     graph = gm.graph
     weights = [_weight_of(n) for n in linears]
     biases = [arg(n, 2, "bias") for n in linears]

@@ -29,7 +29,12 @@ from fxllm.runtime.step_inputs import build_step_inputs
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Engine", "EngineStats", "resolve_device_dtype", "resolve_eos_token_ids"]  # set-up helpers re-exported
+__all__ = [
+    "Engine",
+    "EngineStats",
+    "resolve_device_dtype",
+    "resolve_eos_token_ids",
+]  # set-up helpers re-exported
 
 
 @dataclass
@@ -105,7 +110,9 @@ class Engine:
         configured = scheduler_config.async_scheduling
         self.async_scheduling = runner.device.type == "cuda" if configured is None else configured
         self._in_flight: LaunchedStep | None = None
-        self._last_done: torch.cuda.Event | None = None  # CUDA timing event at the end of the previous step's device work
+        self._last_done: torch.cuda.Event | None = (
+            None  # CUDA timing event at the end of the previous step's device work
+        )
         self.speculator: SpeculativeDecoder | None = None  # speculative decoding (build_speculator sets it)
 
     # ---- requests -------------------------------------------------------------------------
@@ -246,7 +253,9 @@ class Engine:
         outputs: list[RequestOutput] = []
         previous, self._in_flight = self._in_flight, None
         if previous is not None and previous.needs_host_history():
-            outputs += self._read_step(previous, finished_only)  # penalties read the token history on the host
+            outputs += self._read_step(
+                previous, finished_only
+            )  # penalties read the token history on the host
             previous = None
         placeholders = previous.add_placeholders() if previous is not None else []
         launched = None
@@ -282,7 +291,11 @@ class Engine:
         stats, clock = self.stats, time.perf_counter
         t1 = clock()
         start = timing_event(self.runner.device)
-        pending = (previous.pending_rows(), previous.sample.token_ids) if previous and previous.sample else (None, None)
+        pending = (
+            (previous.pending_rows(), previous.sample.token_ids)
+            if previous and previous.sample
+            else (None, None)
+        )
         inputs = build_step_inputs(scheduled, self.runner.block_size, self.runner.device, *pending,
                                    prompt_logits=self._prompt_logit_seqs)  # fmt: skip
         t2 = clock()

@@ -273,7 +273,9 @@ class KVCacheManager:
             raise RuntimeError("Hashed blocks and hash index disagree.")
         for block_id, block_hash in enumerate(self._block_hashes):
             if (block_hash is None) != (self._block_tokens[block_id] is None):
-                raise RuntimeError(f"Block {block_id} has a hash without its tokens or tokens without a hash.")
+                raise RuntimeError(
+                    f"Block {block_id} has a hash without its tokens or tokens without a hash."
+                )
 
     # ------------------------------------------------------------------ internals
 

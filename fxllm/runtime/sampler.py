@@ -323,7 +323,9 @@ class Sampler:
         return sampled
 
     @staticmethod
-    def _gather(logits: torch.Tensor, token_ids: torch.Tensor, params: Sequence[SamplingParams]) -> PendingSample:
+    def _gather(
+        logits: torch.Tensor, token_ids: torch.Tensor, params: Sequence[SamplingParams]
+    ) -> PendingSample:
         """Gather the requested logprobs on the device and start the one copy of ids + values to the host."""
         wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
         if not wanted:

@@ -194,8 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["list", "clear"])
     p.add_argument("--dir", default=None, help="the cache root (default: compile.cache_dir, $FXLLM_CACHE_DIR, "
                    "~/.cache/fxllm)")  # fmt: skip
-    p.add_argument("--graphs-only", action="store_true",
-                   help="clear: only the post-pass graphs (keep Inductor's, Triton's and the C++ kernels' caches)")
+    p.add_argument(
+        "--graphs-only",
+        action="store_true",
+        help="clear: only the post-pass graphs (keep Inductor's, Triton's and the C++ kernels' caches)",
+    )
     _config_args(p)
     p.set_defaults(fn=cmd_cache)
 

@@ -64,7 +64,9 @@ class Drain:
         """Answer a request with `handler`: 503 while draining, 503 if the drain ends before it answers;
         a streaming response gets its events guarded by `guard`."""
         if self.draining:
-            raise OpenAIError(503, "the server is shutting down; retry the request", code="server_shutting_down")
+            raise OpenAIError(
+                503, "the server is shutting down; retry the request", code="server_shutting_down"
+            )
         task = asyncio.ensure_future(handler)
         cut = asyncio.ensure_future(self._cut_event().wait())
         self._calls += 1
