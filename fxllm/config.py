@@ -30,9 +30,8 @@ class ModelConfig:
     model: str = "smollm2"  # embedded default, preset name, HF folder or .gguf path
     device: str = "auto"  # "auto" = cuda if available, else cpu
     dtype: str = "auto"  # "auto" = bfloat16 on cuda, float32 on cpu
-    max_model_len: int | None = (
-        None  # None = the model config's max_position_embeddings (capped by the KV pool)
-    )
+    # None = the model config's max_position_embeddings (capped by the KV pool)
+    max_model_len: int | None = None
     seed: int = 0  # seed for presets' random weights
     num_layers: int | None = None  # presets only: override the layer count
 

@@ -110,9 +110,8 @@ class Engine:
         configured = scheduler_config.async_scheduling
         self.async_scheduling = runner.device.type == "cuda" if configured is None else configured
         self._in_flight: LaunchedStep | None = None
-        self._last_done: torch.cuda.Event | None = (
-            None  # CUDA timing event at the end of the previous step's device work
-        )
+        # CUDA timing event at the end of the previous step's device work
+        self._last_done: torch.cuda.Event | None = None
         self.speculator: SpeculativeDecoder | None = None  # speculative decoding (build_speculator sets it)
 
     # ---- requests -------------------------------------------------------------------------
