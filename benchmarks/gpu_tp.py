@@ -9,6 +9,7 @@ llama70b fused), or `--sections a,b`:
   greedy     TP=N vs TP=1 in float32 (tiny-llama at TP=2; the Llama-3.1-8B preset cut to 2 layers at TP=4):
              greedy tokens equal, max |logprob difference| of the top-5 over the common prefix
   decode8b   Llama-3.1-8B preset bf16 batch-1 decode at TP=1 and TP=2 (goal TP=2 >= 1.6x)
+  decode8b_nccl  the same at TP=2 with every all-reduce through NCCL (op backend "torch")
   llama70b   Llama-3.1-70B preset bf16 at TP=4: batch-1 decode (goal >= 60 tok/s) and 1000 x 128/128
   fused      all-reduce + add + RMSNorm fused vs not at TP=N (8B preset cut to 8 layers, bf16): ms per
              decode step, max |logprob difference| at the first step, tokens equal
@@ -25,6 +26,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -200,7 +202,10 @@ def child_engine(spec: dict[str, Any], out_file: str) -> None:
 def _run_child(
     args: argparse.Namespace, mode: str, payload: dict[str, Any], name: str, timeout: float
 ) -> dict[str, Any]:
-    out_file = Path(args.out) / f"part_{name}.json"
+    # Parts go to a scratch folder: $OUT keeps only gpu_tp.json (the device tool returns few files).
+    parts = Path(tempfile.gettempdir()) / "fxllm_gpu_tp_parts" / str(os.getpid())
+    parts.mkdir(parents=True, exist_ok=True)
+    out_file = parts / f"part_{name}.json"
     out_file.unlink(missing_ok=True)
     cmd = [
         sys.executable,
@@ -261,6 +266,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     parser.add_argument("--sections", default=None)
+    parser.add_argument("--decode-tp", default="1,2", help="TP sizes of the decode8b section")
     parser.add_argument(
         "--smoke", action="store_true", help="CPU, gloo, tiny presets: checks the script only"
     )
@@ -310,7 +316,7 @@ def main() -> int:
         save()
     if "decode8b" in sections:
         extra = [*device, *dtype, *one_bucket]
-        for size in (1, 2):
+        for size in (int(v) for v in args.decode_tp.split(",")):
             results[f"decode8b_tp{size}"] = _run_child(
                 args,
                 "engine",
@@ -319,6 +325,12 @@ def main() -> int:
                 240,
             )
             save()
+    if "decode8b_nccl" in sections:  # the same TP=2 decode with every all-reduce through NCCL
+        extra = [*device, *dtype, *one_bucket, "compile.op_backends={all_reduce: torch}"]
+        results["decode8b_tp2_nccl"] = _run_child(
+            args, "engine", _engine_spec(big, 2, ["decode1"], extra, **lengths), "decode8b_tp2_nccl", 240
+        )
+        save()
     if "llama70b" in sections:
         extra = [*device, *dtype, "scheduler.max_num_seqs=256",
                  "compile.cuda_graph_batch_sizes=[1,2,4,8,16,32,64,128,256]"]  # fmt: skip
@@ -364,7 +376,7 @@ def _print_table(results: dict[str, Any]) -> None:
             print(f"{row['tokens']:>7} " + " ".join(f"{c:>22}" for c in cells))
     if "greedy" in results:
         print("greedy TP=N vs TP=1 (float32):", results["greedy"])
-    for key in ("decode8b_tp1", "decode8b_tp2"):
+    for key in ("decode8b_tp1", "decode8b_tp2", "decode8b_tp2_nccl"):
         if key in results:
             r = results[key]
             print(
