@@ -10,6 +10,8 @@ llama70b fused), or `--sections a,b`:
              greedy tokens equal, max |logprob difference| of the top-5 over the common prefix
   decode8b   Llama-3.1-8B preset bf16 batch-1 decode at TP=1 and TP=2 (goal TP=2 >= 1.6x)
   decode8b_nccl  the same at TP=2 with every all-reduce through NCCL (op backend "torch")
+  throughput8b  Llama-3.1-8B preset, 1000 x 128/128 and a profiled 256 x 128/32 run at each --decode-tp size
+             (the 70B section's batch limits: 256 sequences, graphs up to 256)
   llama70b   Llama-3.1-70B preset bf16 at TP=4: batch-1 decode (goal >= 60 tok/s) and 1000 x 128/128
   fused      all-reduce + add + RMSNorm fused vs not at TP=N (8B preset cut to 8 layers, bf16): ms per
              decode step, max |logprob difference| at the first step, tokens equal
@@ -21,6 +23,7 @@ sections' code on the CPU (gloo, tiny presets) to check the script itself.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -191,6 +194,32 @@ def child_engine(spec: dict[str, Any], out_file: str) -> None:
             steps = max(llm.engine.stats.num_steps, 1)
             result["greedy_seconds"] = seconds
             result["steps_total"] = steps
+        elif scenario == "profile":  # where a throughput run's time goes, rank 0's view
+            from torch.profiler import ProfilerActivity, profile
+
+            prompts = random_prompts(spec.get("profile_prompts", 256), 128, vocab, 11)
+            params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+            llm.generate(prompts[:8], params)
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            t0 = time.perf_counter()
+            with profile(activities=activities) as prof:
+                llm.generate(prompts, params)
+            result["profile_seconds"] = time.perf_counter() - t0
+            averages = prof.key_averages()
+            sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            result["profile_device_table"] = averages.table(sort_by=sort, row_limit=25, max_name_column_width=60)
+            result["profile_host_table"] = averages.table(
+                sort_by="cpu_time_total", row_limit=25, max_name_column_width=60
+            )
+    result["engine_stats"] = dataclasses.asdict(llm.engine.stats)
+    graphs = getattr(llm.engine.runner, "decode_graphs", None)
+    if graphs is not None:
+        result["decode_graphs"] = {"buckets": [b.size for b in graphs.buckets],
+                                   "num_too_large": graphs.num_too_large}  # fmt: skip
+    if torch.cuda.is_available():
+        from fxllm.backends import cuda_collectives
+
+        result["collective_counts"] = dataclasses.asdict(cuda_collectives.COUNTS)
     llm.shutdown()
     del llm
     if torch.cuda.is_available():
@@ -230,6 +259,10 @@ def _run_child(
     if code == 0 and out_file.exists():
         part = json.loads(out_file.read_text())
         part["wall_s"] = seconds
+        # The child's warnings and errors (a failed capture, a fallback) and its last lines, even on success.
+        lines = (proc.stdout + proc.stderr).splitlines()
+        part["log_warnings"] = [ln[:400] for ln in lines if "WARNING" in ln or "ERROR" in ln][-40:]
+        part["log_tail"] = [ln[:400] for ln in lines[-30:]]
         return part
     logger.error("part %s failed (exit %s):\n%s", name, code, log_tail)
     return {"error": f"exit {code}", "log_tail": log_tail, "wall_s": seconds}
@@ -331,6 +364,14 @@ def main() -> int:
             args, "engine", _engine_spec(big, 2, ["decode1"], extra, **lengths), "decode8b_tp2_nccl", 240
         )
         save()
+    if "throughput8b" in sections:  # 1000 x 128/128 and a profiled run, with the 70B section's batch limits
+        extra = [*device, *dtype, "scheduler.max_num_seqs=256",
+                 "compile.cuda_graph_batch_sizes=[1,2,4,8,16,32,64,128,256]"]  # fmt: skip
+        sizes = {"num_prompts": 16, "output_len": 8, "profile_prompts": 8} if args.smoke else {}
+        for size in (int(v) for v in args.decode_tp.split(",")):
+            spec = _engine_spec(big, size, ["throughput", "profile"], extra, **sizes)
+            results[f"throughput8b_tp{size}"] = _run_child(args, "engine", spec, f"throughput8b_tp{size}", 400)
+            save()
     if "llama70b" in sections:
         extra = [*device, *dtype, "scheduler.max_num_seqs=256",
                  "compile.cuda_graph_batch_sizes=[1,2,4,8,16,32,64,128,256]"]  # fmt: skip
