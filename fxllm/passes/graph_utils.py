@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -140,6 +142,32 @@ def drop_attr_if_unused(gm: GraphModule, node: Node) -> None:
     if not gm.graph.find_nodes(op="get_attr", target=target):  # indexed: no walk over the graph
         owner_path, _, leaf = str(target).rpartition(".")
         delattr(fetch_attr(gm, owner_path) if owner_path else gm, leaf)
+
+
+@dataclass(frozen=True)
+class ConstantLinear:
+    """An `aten.linear` node whose weight (and bias, if any) are graph attributes."""
+
+    node: Node
+    weight: Node  # the get_attr node of the weight
+    bias: Node | None  # the get_attr node of the bias, or None
+    tensor: torch.Tensor  # the weight's tensor
+
+
+def constant_linears(gm: GraphModule, notes: list[str] | None = None) -> Iterator[ConstantLinear]:
+    """The `aten.linear` nodes of `gm` whose weight and bias are attributes, in graph order; each other one
+    adds `"<node>: why"` to `notes`. Listed up front, so callers may rewrite each node as it comes."""
+    for node in gm.graph.find_nodes(op="call_function", target=aten.linear.default):
+        weight, bias = node.args[1], arg(node, 2, "bias")
+        if not (isinstance(weight, Node) and weight.op == "get_attr"):
+            why = "weight is not a constant"
+        elif bias is not None and not (isinstance(bias, Node) and bias.op == "get_attr"):
+            why = "bias is not a constant"
+        else:
+            yield ConstantLinear(node, weight, bias, fetch_attr(gm, str(weight.target)))
+            continue
+        if notes is not None:
+            notes.append(f"{node.name}: {why}")
 
 
 def graph_device(gm: GraphModule) -> torch.device:

@@ -8,17 +8,11 @@ decode-sized M, cuBLAS above; fxllm/backends/triton/gemv.py) or the reference, i
 from __future__ import annotations
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 
 import fxllm.ops.gemm  # noqa: F401  (defines fxllm::linear)
-from fxllm.passes.graph_utils import arg, fetch_attr, is_op
+from fxllm.passes.graph_utils import constant_linears
 from fxllm.passes.registry import PassContext, PassResult, register_pass
-
-aten = torch.ops.aten
-
-
-def _is_constant(node: object) -> bool:
-    return node is None or (isinstance(node, Node) and node.op == "get_attr")
 
 
 @register_pass("linear_ops", "lower", _builtin=True)
@@ -28,18 +22,14 @@ def linear_ops(gm: GraphModule, ctx: PassContext) -> PassResult:
     if ctx.device.type != "cuda":
         result.notes.append(f"{ctx.device.type}: aten.linear stays (the GEMV kernel is for CUDA)")
         return result
-    for node in list(gm.graph.nodes):
-        if not is_op(node, aten.linear.default):
+    for linear in constant_linears(gm, result.notes):
+        if linear.tensor.dim() != 2:
             continue
-        weight, bias = node.args[1], arg(node, 2, "bias")
-        if not (_is_constant(weight) and _is_constant(bias)):
-            result.notes.append(f"{node.name}: weight or bias is not a constant")
-            continue
-        assert isinstance(weight, Node)
-        if fetch_attr(gm, str(weight.target)).dim() != 2:
-            continue
+        node = linear.node
         with gm.graph.inserting_before(node):
-            replacement = gm.graph.call_function(torch.ops.fxllm.linear.default, (node.args[0], weight, bias))
+            replacement = gm.graph.call_function(
+                torch.ops.fxllm.linear.default, (node.args[0], linear.weight, linear.bias)
+            )
         replacement.meta.update(node.meta)
         node.replace_all_uses_with(replacement)
         gm.graph.erase_node(node)

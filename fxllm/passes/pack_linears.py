@@ -9,25 +9,17 @@ dropped unless something else reads it (a tied embedding), so memory does not gr
 from __future__ import annotations
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 
 from fxllm.ops.linear import pack_linear_weight
-from fxllm.passes.graph_utils import arg, drop_attr_if_unused, fetch_attr, is_op
+from fxllm.passes.graph_utils import constant_linears, drop_attr_if_unused
 from fxllm.passes.registry import PassContext, PassResult, register_pass
 
-aten = torch.ops.aten
 
-
-def _packable(node: Node, gm: GraphModule) -> str | None:
-    """Why `node` cannot be packed, or None when it can."""
+def _packable(tensor: torch.Tensor) -> str | None:
+    """Why a constant weight cannot be packed, or None when it can."""
     from fxllm.backends.cpu.linear import available
 
-    weight, bias = node.args[1], arg(node, 2, "bias")
-    if not (isinstance(weight, Node) and weight.op == "get_attr"):
-        return "weight is not a constant"
-    if bias is not None and not (isinstance(bias, Node) and bias.op == "get_attr"):
-        return "bias is not a constant"
-    tensor = fetch_attr(gm, str(weight.target))
     if tensor.dim() != 2 or not available(tensor.dtype):
         return f"no CPU kernel for a {tensor.dtype} weight of shape {tuple(tensor.shape)} on this machine"
     if tensor.dtype == torch.bfloat16 and tensor.shape[1] % 2:
@@ -47,16 +39,12 @@ def pack_linears(gm: GraphModule, ctx: PassContext) -> PassResult:
         return result
     graph = gm.graph
     packed_names: dict[str, str] = {}  # a weight read by several linears is packed once
-    for node in list(graph.nodes):
-        if not is_op(node, aten.linear.default):
-            continue
-        reason = _packable(node, gm)
+    for linear in constant_linears(gm, result.notes):
+        node, weight, bias, tensor = linear.node, linear.weight, linear.bias, linear.tensor
+        reason = _packable(tensor)
         if reason is not None:
             result.notes.append(f"{node.name}: {reason}")
             continue
-        weight, bias = node.args[1], arg(node, 2, "bias")
-        assert isinstance(weight, Node)
-        tensor = fetch_attr(gm, str(weight.target))
         name = packed_names.get(str(weight.target))
         if name is None:
             name = f"fxllm_packed_linear_{len(packed_names)}"
