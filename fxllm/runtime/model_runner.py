@@ -81,13 +81,28 @@ class ModelRunner:
         self.graph_module = gm
         self._forward = get_graph_backend(backend)(gm)
         self.decode_graphs: DecodeGraphs | None = None
+        # Speculative decoding (build_speculator sets them): verify buckets' 1 + k query lengths, captured
+        # with the decode buckets up to this batch size (0: every size).
+        self.verify_query_lens: list[int] = []
+        self.verify_max_batch = 0
 
-    def enable_decode_graphs(self, batch_sizes: list[int], max_model_len: int, *, capture: bool) -> float:
-        """Set up decode buckets (CUDA graphs when `capture`, else padded eager); returns seconds taken."""
+    def enable_decode_graphs(
+        self,
+        batch_sizes: list[int],
+        max_model_len: int,
+        *,
+        capture: bool,
+        query_lens: list[int] | None = None,
+        verify_max_batch: int = 0,
+    ) -> float:
+        """Set up decode buckets (CUDA graphs when `capture`, else padded eager) and, for speculative
+        decoding, verify buckets of `query_lens` tokens per sequence; returns seconds taken."""
         max_blocks = -(-max_model_len // self.block_size)
         self.decode_graphs = DecodeGraphs(
             self._forward, self.signature, self._cache_by_name, batch_sizes, max_blocks, self.device,
             capture=capture,
+            query_lens=self.verify_query_lens if query_lens is None else query_lens,
+            verify_max_batch=verify_max_batch or self.verify_max_batch,
         )  # fmt: skip
         with torch.inference_mode():
             return self.decode_graphs.capture_all()

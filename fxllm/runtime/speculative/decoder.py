@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from fxllm.config import SpeculativeConfig
+from fxllm.runtime.cuda_graphs import verify_query_lens
 from fxllm.runtime.outputs import Logprob
 from fxllm.runtime.request import Request, SequenceState
 from fxllm.runtime.sampler import PendingSample, Sampler, SamplingRow
@@ -254,6 +255,10 @@ def build_speculator(
         "acceptance", config.method, config.num_speculative_tokens, config.disable_batch_size,
         config.min_acceptance_rate,
     )  # fmt: skip
+    # The decode CUDA graphs (captured after this, on a GPU) get verify buckets for every 1 + d, d <= k, up
+    # to the batch size that still speculates.
+    engine.runner.verify_query_lens = verify_query_lens(config.num_speculative_tokens)
+    engine.runner.verify_max_batch = config.disable_batch_size
     speculator = SpeculativeDecoder(config, proposer)
     speculator.async_was_on = async_was_on  # a plain baseline in the same process turns it back on
     engine.speculator = speculator
