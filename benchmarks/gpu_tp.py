@@ -10,8 +10,8 @@ llama70b fused), or `--sections a,b`:
              greedy tokens equal, max |logprob difference| of the top-5 over the common prefix
   decode8b   Llama-3.1-8B preset bf16 batch-1 decode at TP=1 and TP=2 (goal TP=2 >= 1.6x)
   decode8b_nccl  the same at TP=2 with every all-reduce through NCCL (op backend "torch")
-  throughput8b  Llama-3.1-8B preset, 1000 x 128/128 and a profiled 256 x 128/32 run at each --decode-tp size
-             (the 70B section's batch limits: 256 sequences, graphs up to 256)
+  tp8b       Llama-3.1-8B preset, one engine per --decode-tp size: batch-1 decode, 1000 x 128/128 and a
+             profiled 256 x 128/32 run (the 70B section's batch limits: 256 sequences, graphs up to 256)
   llama70b   Llama-3.1-70B preset bf16 at TP=4: batch-1 decode (goal >= 60 tok/s) and 1000 x 128/128
   fused      all-reduce + add + RMSNorm fused vs not at TP=N (8B preset cut to 8 layers, bf16): ms per
              decode step, max |logprob difference| at the first step, tokens equal
@@ -200,14 +200,18 @@ def child_engine(spec: dict[str, Any], out_file: str) -> None:
             prompts = random_prompts(spec.get("profile_prompts", 256), 128, vocab, 11)
             params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
             llm.generate(prompts[:8], params)
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            activities = [ProfilerActivity.CPU] + (
+                [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+            )
             t0 = time.perf_counter()
             with profile(activities=activities) as prof:
                 llm.generate(prompts, params)
             result["profile_seconds"] = time.perf_counter() - t0
             averages = prof.key_averages()
             sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-            result["profile_device_table"] = averages.table(sort_by=sort, row_limit=25, max_name_column_width=60)
+            result["profile_device_table"] = averages.table(
+                sort_by=sort, row_limit=25, max_name_column_width=60
+            )
             result["profile_host_table"] = averages.table(
                 sort_by="cpu_time_total", row_limit=25, max_name_column_width=60
             )
@@ -364,13 +368,13 @@ def main() -> int:
             args, "engine", _engine_spec(big, 2, ["decode1"], extra, **lengths), "decode8b_tp2_nccl", 240
         )
         save()
-    if "throughput8b" in sections:  # 1000 x 128/128 and a profiled run, with the 70B section's batch limits
+    if "tp8b" in sections:  # one engine per size: batch-1 decode, 1000 x 128/128, a profiled 256 x 128/32
         extra = [*device, *dtype, "scheduler.max_num_seqs=256",
                  "compile.cuda_graph_batch_sizes=[1,2,4,8,16,32,64,128,256]"]  # fmt: skip
         sizes = {"num_prompts": 16, "output_len": 8, "profile_prompts": 8} if args.smoke else {}
         for size in (int(v) for v in args.decode_tp.split(",")):
-            spec = _engine_spec(big, size, ["throughput", "profile"], extra, **sizes)
-            results[f"throughput8b_tp{size}"] = _run_child(args, "engine", spec, f"throughput8b_tp{size}", 400)
+            spec = _engine_spec(big, size, ["decode1", "throughput", "profile"], extra, **sizes, **lengths)
+            results[f"tp8b_tp{size}"] = _run_child(args, "engine", spec, f"tp8b_tp{size}", 420)
             save()
     if "llama70b" in sections:
         extra = [*device, *dtype, "scheduler.max_num_seqs=256",
@@ -417,6 +421,15 @@ def _print_table(results: dict[str, Any]) -> None:
             print(f"{row['tokens']:>7} " + " ".join(f"{c:>22}" for c in cells))
     if "greedy" in results:
         print("greedy TP=N vs TP=1 (float32):", results["greedy"])
+    for key in [k for k in results if k.startswith("tp8b_")]:
+        r = results[key]
+        stats = r.get("engine_stats") or {}
+        print(f"{key}: batch-1 {r.get('decode1_tok_s')} tok/s, 1000 x 128/128 {r.get('throughput_output_tok_s')} "
+              f"out tok/s, build {r.get('build_s')} s, steps {stats.get('num_steps')}, preemptions "
+              f"{stats.get('num_preemptions')}, gpu idle {stats.get('gpu_idle_seconds')} s {r.get('error', '')}")  # fmt: skip
+        print(r.get("profile_device_table", "")[:3000])
+        print(r.get("profile_host_table", "")[:2500])
+        print("warnings:", r.get("log_warnings"))
     for key in ("decode8b_tp1", "decode8b_tp2", "decode8b_tp2_nccl"):
         if key in results:
             r = results[key]

@@ -86,6 +86,9 @@ class ParallelConfig:
     # Fuse all-reduce + residual add + RMSNorm into one op (fuse_allreduce_rms_norm pass); off until its
     # accuracy at hidden 4096 is measured (TensorRT-LLM turned it off for hidden <= 4096).
     fuse_allreduce_rms_norm: bool = False
+    # Split the LM head by vocabulary rows (each rank reads 1/N of it; its logits are all-gathered), where
+    # the head is a linear of its own (not tied to the embedding) and the vocabulary divides by the size.
+    vocab_parallel_lm_head: bool = True
     # Largest message (bytes) of the peer-to-peer one-shot / two-shot all-reduce on CUDA; NCCL above.
     one_shot_max_bytes: int = 256 * 1024
     two_shot_max_bytes: int = 8 * 2**20

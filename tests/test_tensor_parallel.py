@@ -80,9 +80,13 @@ def test_tp2_greedy_and_logprobs_equal_tp1_qwen2(qwen2_tp1: tuple, cache_dir: st
     """Qwen2 has q/k/v biases (split with their rows) and 2 KV heads (one per rank)."""
     monkeypatch.delenv("FXLLM_NO_COMPILE_CACHE", raising=False)  # the warm start below needs the entry
     with _engine("tiny-qwen2", "parallel.tensor_parallel_size=2", cache_dir) as llm:
-        assert llm.info.pass_report.matches("shard_tp") == 4  # o_proj and down_proj of 2 layers
+        # o_proj and down_proj of 2 layers (an all-reduce each) and the vocab-parallel LM head (an all-gather)
+        assert llm.info.pass_report.matches("shard_tp") == 5
         layers = llm.engine.runner.signature.kv_layers
         assert {layer.num_kv_heads for layer in layers} == {1}  # the rank's heads only
+        gm = llm.engine.runner.graph_module
+        heads = [t for n, t in [*gm.named_parameters(), *gm.named_buffers()] if "lm_head" in n]
+        assert [t.shape[0] for t in heads] == [256]  # the rank's half of the 512-token vocabulary
         _assert_same(qwen2_tp1, _run(llm))
 
 
@@ -131,9 +135,13 @@ def test_plan_from_tp_plan_and_structural_rule() -> None:
     assert plan["model.layers.0.self_attn.k_proj"] == "colwise"
     assert plan["model.layers.1.mlp.down_proj"] == "rowwise"
     assert "lm_head" not in plan
+    assert resolve_plan(model, vocab_parallel=True, size=2)[0] == {**plan, "lm_head": "vocab"}
+    assert "lm_head" not in resolve_plan(model, vocab_parallel=True, size=3)[0]  # 512 rows do not split in 3
     model.config.base_model_tp_plan = None
     structural, source = resolve_plan(model)
     assert source == "structural" and structural == plan
+    model.config.tie_word_embeddings = True  # a tied head would split the embedding table with it
+    assert "lm_head" not in resolve_plan(model, vocab_parallel=True, size=2)[0]
     with pytest.raises(ValueError, match="num_key_value_heads"):
         check_divisible(type("C", (), {"num_attention_heads": 8, "num_key_value_heads": 2})(), 4)
 

@@ -129,18 +129,26 @@ def all_reduce(x: Tensor, group_name: str) -> Tensor:
     if nbytes > limits.two_shot_max_bytes or nbytes % 16 or x.dtype not in _DTYPES or nbytes == 0:
         return _nccl(x, group_name)
     buffer = _buffer(group_name, x.device, x.dtype, limits)[: x.numel()]
-    buffer.copy_(x.reshape(-1))
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    ops = torch.ops.symm_mem
     if nbytes <= limits.one_shot_max_bytes:
         COUNTS.one_shot += 1
-        if hasattr(torch.ops.symm_mem, "one_shot_all_reduce_out"):
-            torch.ops.symm_mem.one_shot_all_reduce_out(buffer, "sum", group_name, out.view(-1))
+        if hasattr(ops, "one_shot_all_reduce_copy_out"):  # the copy into the buffer runs inside the kernel
+            ops.one_shot_all_reduce_copy_out(buffer, x.reshape(-1), "sum", group_name, out.view(-1))
+        elif hasattr(ops, "one_shot_all_reduce_out"):
+            buffer.copy_(x.reshape(-1))
+            ops.one_shot_all_reduce_out(buffer, "sum", group_name, out.view(-1))
         else:
-            out.view(-1).copy_(torch.ops.symm_mem.one_shot_all_reduce(buffer, "sum", group_name))
+            buffer.copy_(x.reshape(-1))
+            out.view(-1).copy_(ops.one_shot_all_reduce(buffer, "sum", group_name))
         return out
     COUNTS.two_shot += 1
-    torch.ops.symm_mem.two_shot_all_reduce_(buffer, "sum", group_name)
-    out.view(-1).copy_(buffer)
+    buffer.copy_(x.reshape(-1))
+    if hasattr(ops, "two_shot_all_reduce_out"):  # the sum lands in `out`, not back in the buffer
+        ops.two_shot_all_reduce_out(buffer, "sum", group_name, out.view(-1))
+    else:
+        ops.two_shot_all_reduce_(buffer, "sum", group_name)
+        out.view(-1).copy_(buffer)
     return out
 
 

@@ -1,4 +1,4 @@
-"""Collective ops: `fxllm::all_reduce` and `fxllm::all_reduce_add_rms_norm` (tensor parallelism).
+"""Collective ops: `fxllm::all_reduce`, `fxllm::all_reduce_add_rms_norm`, `fxllm::all_gather` (tensor parallelism).
 
 Both are functional (out of place), so passes can match and move them like any other op. The
 references call PyTorch's functional collectives (`_c10d_functional.all_reduce` + `wait_tensor`),
@@ -60,5 +60,28 @@ def _all_reduce_add_rms_norm_fake(x, residual, weight, eps, group_name):
     return summed.new_empty(summed.shape, dtype=torch.promote_types(summed.dtype, weight.dtype)), summed
 
 
+@eager_only
+def all_gather_reference(x: Tensor, group_name: str, group_size: int) -> Tensor:
+    """The ranks' `x` [..., n] side by side along the last dimension: [..., group_size * n], rank order."""
+    lead, n = x.shape[:-1], x.shape[-1]
+    flat = x.reshape(-1, n).contiguous()
+    gathered = torch.ops._c10d_functional.all_gather_into_tensor(flat, group_size, group_name)
+    gathered = torch.ops._c10d_functional.wait_tensor(gathered)  # [group_size * rows, n], rank-major
+    rows = flat.shape[0]
+    return gathered.view(group_size, rows, n).permute(1, 0, 2).reshape(*lead, group_size * n)
+
+
+@torch.library.custom_op("fxllm::all_gather", mutates_args=())
+def all_gather(x: Tensor, group_name: str, group_size: int) -> Tensor:
+    """Concatenate the ranks' `x` along the last dimension (a vocabulary-parallel LM head's logits)."""
+    return all_gather_reference(x, group_name, group_size).contiguous()
+
+
+@all_gather.register_fake
+def _all_gather_fake(x, group_name, group_size):
+    return x.new_empty((*x.shape[:-1], group_size * x.shape[-1]))
+
+
 register_canonical_op("all_reduce", all_reduce_reference, inline=True)
+register_canonical_op("all_gather", all_gather_reference, inline=True)
 register_canonical_op("all_reduce_add_rms_norm", all_reduce_add_rms_norm_reference, inline=True)

@@ -4,7 +4,8 @@ The weights arrive already split (fxllm/runtime/distributed/sharding.py shards t
 so each rank holds only its part and the graph is captured with the rank's head counts). What the
 graph still lacks is the sum of the row-parallel linears' partial products: `shard_tp` inserts a
 canonical `fxllm::all_reduce` after each of them (the linears the plan names rowwise: o_proj and
-down_proj), and checks that every one was found. `fuse_allreduce_rms_norm` then turns
+down_proj), an `fxllm::all_gather` of the logits after a vocabulary-parallel LM head, and checks that
+every one was found. `fuse_allreduce_rms_norm` then turns
 all_reduce -> fused_add_rms_norm into one `fxllm::all_reduce_add_rms_norm` (off unless
 parallel.fuse_allreduce_rms_norm). Which all-reduce algorithm runs is the lowering's choice
 (fxllm/backends/cuda_collectives.py), so these patterns match the abstract op only.
@@ -18,7 +19,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-import fxllm.ops.collectives  # noqa: F401  (defines fxllm::all_reduce)
+import fxllm.ops.collectives  # noqa: F401  (defines fxllm::all_reduce and fxllm::all_gather)
 from fxllm.passes.graph_utils import is_op, val
 from fxllm.passes.registry import PassContext, PassResult, register_pass
 
@@ -30,7 +31,7 @@ def _flat(name: str) -> str:
 
 
 def _row_parallel_site(node: Node, wanted: dict[str, str]) -> str | None:
-    """The fqn of the row-parallel weight `node` (a linear) multiplies by, if any."""
+    """The fqn of the `wanted` weight (flat name -> fqn) that `node` (a linear) multiplies by, if any."""
     if not is_op(node, aten.linear.default) or len(node.args) < 2:
         return None
     weight = node.args[1]
@@ -60,16 +61,29 @@ def shard_tp(gm: GraphModule, ctx: PassContext) -> PassResult:
         node.replace_all_uses_with(reduced, delete_user_cb=functools.partial(operator.is_not, reduced))
         found.add(fqn)
         result.num_matches += 1
-    missing = sorted(set(wanted.values()) - found)
+    heads = {_flat(name): name for name in info.vocab_parallel_weights}
+    gathered: set[str] = set()
+    for node in list(graph.nodes):
+        fqn = _row_parallel_site(node, heads)
+        if fqn is None:
+            continue
+        with graph.inserting_after(node):
+            full = graph.call_function(torch.ops.fxllm.all_gather.default, (node, info.group_name, info.size))
+        full.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+        node.replace_all_uses_with(full, delete_user_cb=functools.partial(operator.is_not, full))
+        gathered.add(fqn)
+        result.num_matches += 1
+    missing = sorted(set(wanted.values()) - found) + sorted(set(heads.values()) - gathered)
     if missing:
         raise RuntimeError(
             f"shard_tp: the row-parallel weights {missing[:4]} are not the weight of any linear in the graph, "
             "so their partial sums would never be added up; is a pass before `shard` rewriting them?"
         )
     columns = sum(1 for style in info.plan.values() if style == "colwise")
+    head = ", vocab-parallel LM head + fxllm::all_gather of its logits" if gathered else ""
     result.notes.append(
         f"rank {info.rank} of {info.size} ({info.source}): {columns} column-parallel and {len(found)} "
-        f"row-parallel linears, {result.num_matches} fxllm::all_reduce over group {info.group_name!r}"
+        f"row-parallel linears, {len(found)} fxllm::all_reduce over group {info.group_name!r}{head}"
     )
     if result.num_matches:
         gm.recompile()

@@ -27,6 +27,7 @@ TP_ATTR = "fxllm_tensor_parallel"  # attribute of a sharded model holding its Te
 
 COLWISE = "colwise"
 ROWWISE = "rowwise"
+VOCAB = "vocab"  # the LM head split by vocabulary rows; the shard pass all-gathers its logits
 # Hugging Face plan styles and what they mean for a rank's weights here.
 _STYLE_OF: dict[str, str] = {"colwise": COLWISE, "local_colwise": COLWISE, "rowwise": ROWWISE,
                              "local_rowwise": ROWWISE}  # fmt: skip
@@ -58,10 +59,16 @@ class TensorParallelInfo:
         """Fully qualified names of the row-parallel linears' weights (an all-reduce follows each)."""
         return [f"{name}.weight" for name, style in self.plan.items() if style == ROWWISE]
 
+    @property
+    def vocab_parallel_weights(self) -> list[str]:
+        """The vocabulary-parallel LM head's weight, if split (an all-gather of the logits follows it)."""
+        return [f"{name}.weight" for name, style in self.plan.items() if style == VOCAB]
+
     def key_part(self) -> str:
         """The compile cache key's "parallel" part."""
         fused = ", all-reduce + norm fused" if self.fuse_allreduce_rms_norm else ""
-        return f"rank {self.rank} of {self.size}, group {self.group_name}{fused}"
+        vocab = ", vocab-parallel LM head" if self.vocab_parallel_weights else ""
+        return f"rank {self.rank} of {self.size}, group {self.group_name}{fused}{vocab}"
 
 
 def _base_prefix(model: nn.Module) -> str:
@@ -78,8 +85,27 @@ def _hf_plan(model: nn.Module) -> dict[str, str] | None:
     return {(f"{prefix}.{k}" if prefix else k): v for k, v in plan.items()}
 
 
-def resolve_plan(model: nn.Module) -> tuple[dict[str, str], str]:
-    """{linear module fqn: colwise | rowwise} for `model`, and where the plan came from."""
+def _vocab_parallel_head(model: nn.Module, size: int) -> tuple[str | None, str]:
+    """The LM head's module name if it can be split by vocabulary rows, else None; and why not."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        return None, "no linear LM head"
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if tied or (embed is not None and getattr(embed, "weight", None) is head.weight):
+        # Splitting a tied head would split the embedding table with it (one tensor).
+        return None, "the LM head shares its weight with the embedding"
+    if head.out_features % size:
+        return None, f"vocabulary {head.out_features} does not divide by {size}"
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    return name, ""
+
+
+def resolve_plan(
+    model: nn.Module, *, vocab_parallel: bool = False, size: int = 1
+) -> tuple[dict[str, str], str]:
+    """{linear module fqn: colwise | rowwise | vocab} for `model`, and where the plan came from; with
+    `vocab_parallel`, the LM head is split by vocabulary rows over `size` ranks where it can be."""
     hf_plan = _hf_plan(model)
     plan: dict[str, str] = {}
     for name, module in model.named_modules():
@@ -103,6 +129,12 @@ def resolve_plan(model: nn.Module) -> tuple[dict[str, str], str]:
             f"tensor parallelism: found no linears to split in {type(model).__name__} (no tp_plan and no "
             "q/k/v/o or gate/up/down projections); run it with parallel.tensor_parallel_size=1"
         )
+    if vocab_parallel and size > 1:
+        head, why_not = _vocab_parallel_head(model, size)
+        if head is None:
+            logger.info("vocab-parallel LM head off: %s (each rank keeps the whole head)", why_not)
+        else:
+            plan[head] = VOCAB
     return plan, "tp_plan" if hf_plan is not None else "structural"
 
 
@@ -124,7 +156,7 @@ def check_divisible(config: Any, size: int) -> None:
 
 def shard_tensor(tensor: torch.Tensor, style: str, leaf: str, rank: int, size: int) -> torch.Tensor:
     """The rank's part of a linear's `weight` or `bias` (a copy, so the full tensor can be freed)."""
-    if style == COLWISE:
+    if style in (COLWISE, VOCAB):
         part = tensor.shape[0] // size
         return tensor.narrow(0, rank * part, part).clone()
     if leaf == "bias":
