@@ -126,12 +126,92 @@ def _allreduce_rank(rank: int, world: int, port: int, out_file: str) -> None:
         rows.append(row)
         if rank == 0:
             logger.info("all-reduce %s", row)
+    result: dict[str, Any] = {"world": world, "counts": dict(vars(cuda_collectives.COUNTS)), "rows": rows}
     if rank == 0:
-        Path(out_file).write_text(
-            json.dumps({"world": world, "counts": vars(cuda_collectives.COUNTS), "rows": rows})
-        )
+        Path(out_file).write_text(json.dumps(result))  # kept if the fused part below fails or hangs
+    dist.barrier()
+    result["fused"] = _fused_allreduce_norm_rows(rank, world, device, group)
+    if rank == 0:
+        Path(out_file).write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _time_us(fn: Any, graphed: bool) -> float:
+    """Microseconds per call of `fn()`: 50 eager calls, or 5 replays of a graph of 10 calls."""
+    import torch
+    import torch.distributed as dist
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    if not graphed:
+        dist.barrier()
+        start.record()
+        for _ in range(50):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return 1e3 * start.elapsed_time(end) / 50
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    dist.barrier()
+    with torch.cuda.graph(graph):
+        for _ in range(10):
+            fn()
+    dist.barrier()
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(5):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return 1e3 * start.elapsed_time(end) / 50
+
+
+def _fused_allreduce_norm_rows(rank: int, world: int, device: Any, group: str) -> list[dict[str, Any]]:
+    """The one-kernel all-reduce + add + RMSNorm (backends/triton/allreduce_norm.py) against the unfused
+    symm_mem path: largest |difference| of both outputs, and us per call eager and in a CUDA graph."""
+    import torch
+
+    from fxllm.backends import cuda_collectives
+    from fxllm.backends.triton import allreduce_norm
+
+    rows: list[dict[str, Any]] = []
+    gen = torch.Generator(device=device).manual_seed(0)  # same residual and weight on every rank
+    for hidden in (4096, 8192):
+        weight = (1 + 0.1 * torch.randn(hidden, generator=gen, device=device)).to(torch.bfloat16)
+        for tokens in (1, 2, 4, 8, 16, 32):
+            row: dict[str, Any] = {"hidden": hidden, "tokens": tokens}
+            try:
+                x = torch.randn(tokens, hidden, device=device).to(torch.bfloat16) * (rank + 1)
+                residual = torch.randn(tokens, hidden, generator=gen, device=device).to(torch.bfloat16)
+
+                args = (x, residual, weight, 1e-5, group)
+
+                def unfused(args: tuple = args) -> Any:
+                    return cuda_collectives.all_reduce_add_rms_norm(*args)
+
+                def fused(args: tuple = args) -> Any:
+                    return allreduce_norm.all_reduce_add_rms_norm(*args)
+
+                ref_norm, ref_sum = unfused()
+                got_norm, got_sum = fused()
+                torch.cuda.synchronize()
+                row["max_abs_diff_norm"] = float((got_norm.float() - ref_norm.float()).abs().max())
+                row["max_abs_diff_sum"] = float((got_sum.float() - ref_sum.float()).abs().max())
+                row["max_abs_norm"] = float(ref_norm.float().abs().max())
+                for name, fn in (("unfused", unfused), ("fused", fused)):
+                    row[f"{name}_eager_us"] = _time_us(fn, graphed=False)
+                    row[f"{name}_graph_us"] = _time_us(fn, graphed=True)
+            except Exception as exc:  # reported; the next sizes still run
+                row["error"] = f"{type(exc).__name__}: {exc}"[:400]
+            rows.append(row)
+            if rank == 0:
+                logger.info("fused all-reduce + norm %s", row)
+    return rows
 
 
 def child_allreduce(out_file: str) -> None:
@@ -419,6 +499,8 @@ def _print_table(results: dict[str, Any]) -> None:
                     else f"{eager:9.1f} / {'fail':>7}{ok}"
                 )
             print(f"{row['tokens']:>7} " + " ".join(f"{c:>22}" for c in cells))
+    for row in ar.get("fused") or []:
+        print("fused all-reduce + add + RMSNorm kernel vs unfused:", row)
     if "greedy" in results:
         print("greedy TP=N vs TP=1 (float32):", results["greedy"])
     for key in [k for k in results if k.startswith("tp8b_")]:

@@ -10,6 +10,7 @@ different kernels for the same op.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Callable, Mapping
@@ -192,6 +193,9 @@ def import_device_backends(device: torch.device) -> None:
         from fxllm.backends import cpu  # noqa: F401
     elif device.type == "cuda":
         from fxllm.backends import cuda_collectives, triton  # noqa: F401
+
+        with contextlib.suppress(ImportError):  # without triton the unfused symm_mem backend serves the op
+            from fxllm.backends.triton import allreduce_norm  # noqa: F401
 
 
 def check_preferences(preferences: Mapping[str, str]) -> None:
