@@ -173,3 +173,27 @@ def test_killed_rank_ends_the_run_with_an_error(llama_tp2_fused: LLM) -> None:
         time.sleep(0.1)
     assert reasons == ["tensor-parallel rank 1 exited with code -9"]
     assert torch.distributed.is_initialized()  # shutdown (the fixture's) leaves the group
+
+
+def test_worker_step_inputs_are_tensors_of_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's step tensors arrive packed in one broadcast buffer; each must come out as a tensor of its
+    own, not a view of that buffer (Dynamo guards a view on its base: views made the workers alone
+    recompile the graph). The broadcast is replaced by a copy of what rank 0 would send."""
+    import torch.distributed as dist
+
+    from fxllm.runtime.distributed.channel import STEP_FIELDS, receive_step, step_header
+    from fxllm.runtime.step_inputs import StepInputs
+
+    inputs = StepInputs(
+        input_ids=torch.tensor([[5, 6, 7]]), position_ids=torch.tensor([[0, 1, 2]]),
+        slot_mapping=torch.tensor([0, 1, 2]), block_tables=torch.tensor([[0]], dtype=torch.int32),
+        seq_lens=torch.tensor([3], dtype=torch.int32), query_start_loc=torch.tensor([0, 3], dtype=torch.int32),
+        logits_indices=torch.tensor([2]), sampled=[0],
+    )  # fmt: skip
+    packed = torch.cat([getattr(inputs, f).reshape(-1).to(torch.int64) for f in STEP_FIELDS])
+    monkeypatch.setattr(dist, "broadcast", lambda tensor, src: tensor.copy_(packed))
+    received = receive_step(step_header(inputs), torch.device("cpu"))
+    for name in STEP_FIELDS:
+        tensor, sent = getattr(received, name), getattr(inputs, name)
+        assert tensor._base is None, name
+        assert tensor.dtype == sent.dtype and torch.equal(tensor, sent), name

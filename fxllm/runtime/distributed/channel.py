@@ -51,8 +51,11 @@ def receive_step(
     sizes = [int(torch.Size(shape).numel()) for shape, _ in shapes]
     packed = torch.empty(sum(sizes), dtype=torch.int64, device=device)
     dist.broadcast(packed, src=0)
+    # Each field a tensor of its own (copy=True), never a view of `packed`: Dynamo guards a view input on
+    # its base, so views here (rank 0's inputs and the decode graphs' buffers are not views) made the
+    # workers alone recompile the whole graph, during CUDA-graph capture and again for later steps.
     tensors = {
-        name: part.view(shape).to(getattr(torch, dtype))
+        name: part.view(shape).to(getattr(torch, dtype), copy=True)
         for name, part, (shape, dtype) in zip(STEP_FIELDS, packed.split(sizes), shapes)
     }
     return StepInputs(**tensors, sampled=sampled)
