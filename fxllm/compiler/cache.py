@@ -6,7 +6,8 @@ Layout of the cache root (`compile.cache_dir`, else `$FXLLM_CACHE_DIR`, else `~/
 TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR are not set), `torch_extensions/` (the C++ CPU kernels).
 An entry is written to a temporary directory and renamed into place under a file lock, so a reader sees a
 whole entry or none; its payload's sha256 is checked on load, and a bad entry is logged, removed and
-rebuilt. Weights are never stored (fxllm/compiler/cache_graph.py).
+rebuilt. Weights are never stored (fxllm/compiler/cache_graph.py); nodes are plain data
+(fxllm/compiler/cache_nodes.py).
 """
 
 from __future__ import annotations
@@ -29,15 +30,14 @@ import torch
 from torch.fx import GraphModule
 
 from fxllm.compiler.cache_graph import (
-    UncacheableGraph,
     WeightRecorder,
     bind_weights,
     build_graph_module,
-    encode_graph,
     verify_weights,
     weight_recipes,
 )
 from fxllm.compiler.cache_key import FORMAT_VERSION, explain_difference
+from fxllm.compiler.cache_nodes import UncacheableGraph, encode_graph
 
 logger = logging.getLogger(__name__)
 
