@@ -1,221 +1,297 @@
-"""FP8 weights and activations on the GPU (issue 15): GEMMs, logits, batch-1 decode of Llama-3.1-8B.
+"""FP8 weights and activations on the GPU (issue 15): GEMMs, logits and decode of the Llama-3.1-8B preset.
 
-Sections (`--sections gemm,logits,decode`):
-  gemm    for M in 1, 16, 64, 256, 2048 on Llama-3.1-8B's projections: bf16 F.linear (cuBLAS), the full
-          fxllm::fp8_linear backends (`triton`: Triton weight stream for M <= 16, else _scaled_mm; `scaled_mm`:
-          activation quantization + _scaled_mm row-wise), the bare GEMMs on pre-quantized operands
-          (_scaled_mm row-wise, _scaled_mm tensor-wise, the Triton weight stream), in a CUDA graph
-          (do_bench_cudagraph); weight bytes / time as a fraction of 3.0 TB/s, 2MNK / time as a fraction of
-          989 TFLOP/s (the bf16 dense peak, as the issue states it; FP8's is 1979); each vs the reference.
-  logits  the 8B preset with 2 layers: fxllm.compile bf16 vs quantization="fp8", relative error and top-1
-          agreement of the logits over 4 x 128 random tokens, and FP8 vs its reference (compile.op_backends
-          fp8_linear=torch).
-  decode  batch-1 decode tok/s of the 8B preset, bf16 and FP8 (engine, CUDA graphs), GPU memory after build.
+Sections (`--sections gemm,logits,decode`; the default runs all three within `--budget-s`, 290 s, on one H100):
+  gemm    Llama-3.1-8B projections at M = 1, 16, 64, 256, 2048, microseconds in a CUDA graph
+          (do_bench_cudagraph), weight bytes / time vs 3.0 TB/s, and each path's error vs its reference:
+            bf16_mm             F.linear in bfloat16 (cuBLAS)
+            scaled_mm_tensor    bare _scaled_mm, per-tensor scales (cuBLASLt), bf16 out
+            scaled_mm_rowwise   bare _scaled_mm, row-wise scales (CUTLASS), bf16 out
+            gemm_scaled_mm      fxllm::fp8_gemm's "scaled_mm" backend on pre-quantized x (the default)
+            gemm_triton         fxllm::fp8_gemm's "triton" backend (gemv.py's kernel with FP8 on)
+            norm_bf16           RMSNorm + F.linear, the norm compiled by Inductor (what bf16 runs)
+            norm_fp8_<backend>  RMSNorm + the per-token e4m3 quantization compiled by Inductor as one
+                                kernel (as the quantize pass emits it), then the fp8_gemm backend
+          norm_fp8_* vs norm_bf16 is the whole FP8 linear against the bf16 one with the same producer.
+  logits  the preset cut to 2 layers, fxllm.compile (eager backend: no Inductor compile), 4 x 128 random tokens: FP8 through each
+          fp8_gemm backend (scaled_mm, triton, torch = the reference) against each other and against bf16.
+  decode  the full preset, bf16 then FP8, one engine at a time: batch-1 decode tok/s (128 tokens after a
+          128-token prompt) and offline throughput, 256 requests x 128 prompt / 128 output tokens.
+Each section is skipped (noted in the JSON) when the budget left is below what it needs.
 
-    python benchmarks/gpu_fp8.py --out DIR [--sections gemm,logits,decode]
+    python benchmarks/gpu_fp8.py --out DIR [--sections gemm,logits,decode] [--budget-s 290]
+    python benchmarks/gpu_fp8.py --out DIR --smoke      # CPU: tiny shapes and tiny-llama, checks the script
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_gemv import _us  # do_bench_cudagraph in microseconds
-
 logger = logging.getLogger("fxllm.gpu.fp8")
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}  # (K, N)
 ROWS = (1, 16, 64, 256, 2048)
-PEAK_TBS, PEAK_TFLOPS = 3.0, 989.0
+SMOKE_SHAPES = {"qkv": (64, 96), "down": (128, 64)}
+SMOKE_ROWS = (1, 5)
+PEAK_TBS = 3.0
+PRESET = "llama-3.1-8b"
+NEEDS_S = {"logits": 45.0, "decode_engine": 110.0}  # rough cold costs on the H100 (compile dominates)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def _paths(x: torch.Tensor, w: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, wq_t: torch.Tensor,
-           ws_t: torch.Tensor) -> dict[str, tuple[Any, int, torch.Tensor]]:  # fmt: skip
-    """label -> (call, weight bytes it reads, what it must equal) for one activation x [M, K]."""
-    from fxllm.backends.triton import fp8_gemm
-    from fxllm.ops.fp8_linear import fp8_linear_reference
+def _time_us(fn: Callable[[], Any], device: str) -> float:
+    """Microseconds per call: in a CUDA graph on the GPU, a plain loop on the CPU (smoke only)."""
+    if device == "cuda":
+        import triton.testing
+
+        return 1000 * float(triton.testing.do_bench_cudagraph(fn, rep=20))
+    fn()
+    start = time.perf_counter()
+    for _ in range(3):
+        fn()
+    return (time.perf_counter() - start) / 3 * 1e6
+
+
+def _rms_norm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * w
+
+
+def _norm_quant(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from fxllm.quantization.fp8 import quantize_activation
 
-    m, n, k = x.shape[0], w.shape[0], w.shape[1]
-    ref = fp8_linear_reference(x, wq, ws, None, None)
-    xq, xs = quantize_activation(x)
-    static = x.abs().amax().float().div(448.0).reshape(1)
-    xq_t, xs_t = quantize_activation(x, static)
+    return quantize_activation(_rms_norm(x, w))
+
+
+Path3 = tuple[
+    Callable[[], torch.Tensor], int, torch.Tensor
+]  # (call, weight bytes it reads, what it must equal)
+
+
+def _paths(
+    x: torch.Tensor, w: torch.Tensor, norm_w: torch.Tensor, compiled: dict[str, Any]
+) -> dict[str, Path3]:
+    """Every path of the gemm section for one activation x [M, K] and weight w [N, K]."""
+    from fxllm.backends.triton import fp8_gemm
+    from fxllm.ops.fp8_gemm import fp8_gemm_reference
+    from fxllm.quantization.fp8 import quantize_activation, quantize_weight
+
+    n, k = w.shape
+    wq, ws = quantize_weight(w, "channel")
+    wq_t, ws_t = quantize_weight(w, "tensor")
     scale_b = ws.reshape(1, -1).contiguous()
-    paths: dict[str, tuple[Any, int, torch.Tensor]] = {
+    xq, xs = quantize_activation(x)
+    ref = fp8_gemm_reference(xq, xs, wq, ws, None, torch.bfloat16)
+    xq_t, xs_t = quantize_activation(x, x.abs().amax().float().div(448.0).reshape(1))
+    ref_t = fp8_gemm_reference(xq_t, xs_t, wq_t, ws_t, None, torch.bfloat16)
+    hq, hs = quantize_activation(_rms_norm(x, norm_w))
+    ref_norm = fp8_gemm_reference(hq, hs, wq, ws, None, torch.bfloat16)
+    norm_bf16, norm_quant = compiled["norm_bf16"], compiled["norm_quant"]
+    paths: dict[str, Path3] = {
         "bf16_mm": (lambda: F.linear(x, w), 2 * n * k, x.float() @ w.float().t()),
-        "op_triton": (lambda: fp8_gemm.fp8_linear(x, wq, ws), n * k, ref),
-        "op_scaled_mm": (lambda: fp8_gemm.scaled_mm_linear(x, wq, ws), n * k, ref),
-        "scaled_mm_rowwise": (
-            lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=scale_b, out_dtype=torch.bfloat16), n * k, ref
-        ),
-        "scaled_mm_tensorwise": (
-            lambda: torch._scaled_mm(xq_t, wq_t.t(), scale_a=xs_t.reshape(()), scale_b=ws_t.reshape(()),
-                                     out_dtype=torch.bfloat16),
-            n * k, fp8_linear_reference(x, wq_t, ws_t, None, static),
-        ),
+        "scaled_mm_tensor": (lambda: torch._scaled_mm(xq_t, wq_t.t(), scale_a=xs_t.reshape(()),
+                             scale_b=ws_t.reshape(()), out_dtype=torch.bfloat16), n * k, ref_t),
+        "scaled_mm_rowwise": (lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=scale_b,
+                              out_dtype=torch.bfloat16), n * k, ref),
+        "norm_bf16": (lambda: F.linear(norm_bf16(x, norm_w), w), 2 * n * k,
+                      _rms_norm(x, norm_w).float() @ w.float().t()),
     }  # fmt: skip
-    if m <= fp8_gemm.GEMV_MAX_M:
-        out = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
-        xs1, ws1 = xs.reshape(-1).contiguous(), ws.reshape(-1).contiguous()
-
-        def gemv() -> torch.Tensor:
-            fp8_gemm.fp8_gemv_out(x, xs1, wq, ws1, None, out)
-            return out
-
-        paths["triton_fp8_gemv"] = (gemv, n * k, ref)
+    for label, fn in {"scaled_mm": fp8_gemm.scaled_mm_gemm, "triton": fp8_gemm.triton_gemm}.items():
+        paths[f"gemm_{label}"] = (lambda fn=fn: fn(xq, xs, wq, ws, None, torch.bfloat16), n * k, ref)
+        paths[f"norm_fp8_{label}"] = (
+            lambda fn=fn: fn(*norm_quant(x, norm_w), wq, ws, None, torch.bfloat16),
+            n * k,
+            ref_norm,
+        )
     return paths
 
 
-def gemm_section() -> dict[str, Any]:
-    """Time and check every GEMM path per shape and M."""
-    from fxllm.quantization.fp8 import quantize_weight
-
+def gemm_section(device: str, smoke: bool) -> dict[str, Any]:
+    """Time and check every path per shape and M."""
+    backend = "eager" if smoke else "inductor"
+    compiled = {"norm_bf16": torch.compile(_rms_norm, backend=backend, dynamic=True),
+                "norm_quant": torch.compile(_norm_quant, backend=backend, dynamic=True)}  # fmt: skip
     results: dict[str, Any] = {}
-    for name, (k, n) in SHAPES.items():
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        w = torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16) / k**0.5
-        wq, ws = quantize_weight(w, "channel")
-        wq_t, ws_t = quantize_weight(w, "tensor")
-        for m in ROWS:
-            x = torch.randn(m, k, device="cuda", generator=gen, dtype=torch.bfloat16)
+    for name, (k, n) in (SMOKE_SHAPES if smoke else SHAPES).items():
+        gen = torch.Generator(device=device).manual_seed(0)
+        w = torch.randn(n, k, device=device, generator=gen, dtype=torch.bfloat16) / k**0.5
+        norm_w = 1 + 0.1 * torch.randn(k, device=device, generator=gen, dtype=torch.bfloat16)
+        for m in SMOKE_ROWS if smoke else ROWS:
+            x = torch.randn(m, k, device=device, generator=gen, dtype=torch.bfloat16)
             row: dict[str, Any] = {}
-            for label, (fn, weight_bytes, expected) in _paths(x, w, wq, ws, wq_t, ws_t).items():
+            for label, (fn, weight_bytes, expected) in _paths(x, w, norm_w, compiled).items():
                 try:
                     got = fn()
-                    torch.cuda.synchronize()
-                    us = _us(fn)
-                    row[label] = {
-                        "us": us, "rel_err": _rel(got, expected),
-                        "frac_bw": weight_bytes / (us * 1e-6) / (PEAK_TBS * 1e12),
-                        "frac_flops": 2 * m * n * k / (us * 1e-6) / (PEAK_TFLOPS * 1e12),
-                    }  # fmt: skip
-                except (
-                    Exception
-                ) as exc:  # one path failing (e.g. a _scaled_mm shape rule) must not end the run
+                    us = _time_us(fn, device)
+                    row[label] = {"us": us, "rel_err": _rel(got, expected),
+                                  "frac_bw": weight_bytes / (us * 1e-6) / (PEAK_TBS * 1e12)}  # fmt: skip
+                except Exception as exc:  # one path failing (a _scaled_mm shape rule) must not end the run
                     row[label] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             results[f"{name} M={m}"] = row
             logger.info("%s M=%d: %s", name, m, {k2: v.get("us") for k2, v in row.items()})
     return results
 
 
-def _load_8b(layers: int | None) -> Any:
+def _load(preset: str, layers: int | None, device: str) -> Any:
     from fxllm.models import load_model
 
-    return load_model(
-        "llama-3.1-8b", device=torch.device("cuda"), dtype=torch.bfloat16, num_layers=layers
-    ).model
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return load_model(preset, device=torch.device(device), dtype=dtype, num_layers=layers).model
 
 
-def logits_section(layers: int = 2) -> dict[str, Any]:
-    """FP8 vs bf16 logits of the 8B preset (2 layers) through fxllm.compile, and FP8 vs its reference."""
-    import copy
-
+def logits_section(device: str, smoke: bool) -> dict[str, Any]:
+    """FP8 logits through each fp8_gemm backend vs each other and vs bf16 (2 layers)."""
     import fxllm
-
-    model = _load_8b(layers)
-    ids = torch.randint(
-        0, model.config.vocab_size, (4, 128), device="cuda", generator=torch.Generator("cuda")
-    )
-    bf16 = fxllm.compile(copy.deepcopy(model), backend="eager")(ids).float()
-    fp8_cm = fxllm.compile(copy.deepcopy(model), backend="eager", quantization="fp8")
-    fp8 = fp8_cm(ids).float()
-    ref = fxllm.compile(copy.deepcopy(model), backend="eager", quantization="fp8",
-                        op_backends={"fp8_linear": "torch"})(ids).float()  # fmt: skip
     from fxllm.passes.lower_ops import lowering_decisions
 
-    chosen = sorted({d.target for d in lowering_decisions(fp8_cm.graph_module) if d.op == "fp8_linear"})
-    return {"layers": layers, "tokens": int(ids.numel()), "rel_err_fp8_vs_bf16": _rel(fp8, bf16),
-            "top1_agreement_fp8_vs_bf16": float((fp8.argmax(-1) == bf16.argmax(-1)).float().mean()),
-            "rel_err_fp8_vs_reference": _rel(fp8, ref),
-            "top1_agreement_fp8_vs_reference": float((fp8.argmax(-1) == ref.argmax(-1)).float().mean()),
-            "fp8_linear_targets": chosen}  # fmt: skip
+    model = _load("tiny-llama" if smoke else PRESET, 2, device)
+    gen = torch.Generator(device=device).manual_seed(3)
+    ids = torch.randint(0, model.config.vocab_size, (4, 16 if smoke else 128), device=device, generator=gen)
+    backend = "eager"  # four Inductor compiles of the 2-layer cut would not fit the budget
+    with torch.no_grad():
+        logits = {"bf16": fxllm.compile(copy.deepcopy(model), backend=backend)(ids).float()}
+        chosen: dict[str, list[str]] = {}
+        for name in ("torch", "scaled_mm", "triton") if device == "cuda" else ("torch",):
+            cm = fxllm.compile(copy.deepcopy(model), backend=backend, quantization="fp8",
+                               op_backends={"fp8_gemm": name})  # fmt: skip
+            logits[f"fp8_{name}"] = cm(ids).float()
+            chosen[name] = sorted(
+                {d.target for d in lowering_decisions(cm.graph_module) if d.op == "fp8_gemm"}
+            )
+    out: dict[str, Any] = {"layers": 2, "tokens": int(ids.numel()), "fp8_gemm_targets": chosen}
+    names = list(logits)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            out[f"{a}_vs_{b}"] = {"rel_err": _rel(logits[a], logits[b]),
+                                  "top1": float((logits[a].argmax(-1) == logits[b].argmax(-1)).float().mean())}  # fmt: skip
+    return out
 
 
-def decode_section(output_len: int = 256) -> dict[str, Any]:
-    """Batch-1 decode of the full 8B preset, bf16 then FP8 (one engine at a time)."""
+def decode_section(device: str, smoke: bool, deadline: float) -> dict[str, Any]:
+    """Batch-1 decode and 256 x 128/128 throughput, FP8 then bf16, one engine at a time."""
     from fxllm.config import load_config
     from fxllm.llm import LLM
-    from fxllm.serve.bench_offline import fxllm_decode_rate, random_prompts
+    from fxllm.serve.bench_offline import fxllm_decode_rate, fxllm_throughput, random_prompts
 
-    prompt = random_prompts(1, 128, 128256, 7)[0]
+    preset = "tiny-llama" if smoke else PRESET
+    num, in_len, out_len = (4, 16, 8) if smoke else (256, 128, 128)
     rows: dict[str, Any] = {}
-    for method in ("none", "fp8"):
-        config = load_config(None, ["model.model=llama-3.1-8b", "model.device=cuda", "model.dtype=bfloat16",
-                                    "model.max_model_len=4096", f"quantization.method={method}"])  # fmt: skip
+    for method in ("fp8", "none"):  # FP8 first: it is what this script is for
+        left = deadline - time.perf_counter()
+        if not smoke and left < NEEDS_S["decode_engine"]:
+            rows[method] = {"skipped": f"{left:.0f} s of the budget left; an 8B engine needs ~110 s"}
+            continue
+        overrides = [f"model.model={preset}", f"model.device={device}", "model.max_model_len=2048",
+                     f"quantization.method={method}",
+                     "compile.cuda_graph_batch_sizes=[1,2,4,8,16,32,64,128,256]"]  # fmt: skip
+        if smoke:
+            overrides += ["compile.backend=eager", "cache.num_blocks=64"]
         start = time.perf_counter()
-        llm = LLM(config=config)
+        llm = LLM(config=load_config(None, overrides))
         build_s = time.perf_counter() - start
+        vocab = llm.engine.vocab_size
         gm = llm.engine.runner.graph_module
-        weight_bytes = sum(p.numel() * p.element_size() for p in gm.parameters())
-        fxllm_decode_rate(llm, prompt, 16)  # warm
-        result = fxllm_decode_rate(llm, prompt, output_len)
-        rows[method] = {"build_seconds": build_s, "decode_tok_s": result.tokens_per_second, "graph_weight_GB": weight_bytes / 1e9,
-                        "op_backends": dict(llm.build_info.op_backends)}  # fmt: skip
-        logger.info("decode %s: %s", method, rows[method])
+        row: dict[str, Any] = {
+            "build_seconds": build_s, "op_backends": dict(llm.build_info.op_backends),
+            "graph_weight_GB": sum(p.numel() * p.element_size() for p in gm.parameters()) / 1e9,
+        }  # fmt: skip
+        prompt = random_prompts(1, in_len, vocab, 7)[0]
+        fxllm_decode_rate(llm, prompt, 8)  # warm
+        row["batch1_decode_tok_s"] = fxllm_decode_rate(llm, prompt, out_len).tokens_per_second
+        result = fxllm_throughput(llm, random_prompts(num, in_len, vocab, 11), out_len)
+        row[f"throughput_{num}x{in_len}x{out_len}"] = {"output_tok_s": result.tokens_per_second,
+                                                      "seconds": result.seconds}  # fmt: skip
+        rows[method] = row
+        logger.info("decode %s: %s", method, row)
         llm.shutdown()
         del llm, gm
         gc.collect()
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
 def _table(results: dict[str, Any]) -> str:
     lines = []
-    for case, row in results.get("gemm", {}).items():
-        cells = []
-        for label, r in row.items():
-            cells.append(f"{label} {r['us']:.1f}us bw{r['frac_bw']:.2f} err{r['rel_err']:.1e}" if "us" in r
-                         else f"{label} ERROR")  # fmt: skip
-        lines.append(f"{case:<16} " + " | ".join(cells))
-    if "logits" in results:
-        lines.append(f"logits: {json.dumps(results['logits'])}")
+    gemm = results.get("gemm", {})
+    if gemm:
+        labels = list(next(iter(gemm.values())))
+        lines.append(f"{'case':<16}" + "".join(f"{label:>19}" for label in labels) + "   (us; rel err)")
+        for case, row in gemm.items():
+            cells = [f"{r['us']:>9.1f} {r['rel_err']:>8.1e}" if "us" in r else f"{'ERROR':>18}"
+                     for r in row.values()]  # fmt: skip
+            lines.append(f"{case:<16}" + "".join(f" {c:>18}" for c in cells))
+    for key, value in results.get("logits", {}).items():
+        if isinstance(value, dict) and "rel_err" in value:
+            lines.append(f"logits {key}: rel {value['rel_err']:.4f} top-1 {value['top1']:.3f}")
     for method, r in results.get("decode", {}).items():
-        lines.append(
-            f"decode {method}: {r['decode_tok_s']:.1f} tok/s, graph weights {r['graph_weight_GB']:.2f} GB"
-        )
+        if "skipped" in r:
+            lines.append(f"decode {method}: skipped ({r['skipped']})")
+            continue
+        tp = next(v for k, v in r.items() if k.startswith("throughput_"))
+        lines.append(f"decode {method}: batch-1 {r['batch1_decode_tok_s']:.1f} tok/s, throughput "
+                     f"{tp['output_tok_s']:.0f} out tok/s, build {r['build_seconds']:.0f} s, "
+                     f"weights {r['graph_weight_GB']:.2f} GB")  # fmt: skip
+    lines += [f"{k}: {v}" for k, v in results.items() if k.endswith("_error") or k.endswith("_skipped")]
     return "\n".join(lines)
 
 
 def main() -> int:
-    """Run the sections; write gpu_fp8.json under --out and print the table."""
+    """Run the sections within the budget; write gpu_fp8.json under --out and print the table."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     parser.add_argument("--sections", default="gemm,logits,decode")
-    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--budget-s", type=float, default=290.0)
+    parser.add_argument("--smoke", action="store_true", help="CPU: tiny shapes and tiny-llama")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
+    if args.smoke:  # the Triton kernels run in Triton's interpreter on the CPU (set before they are imported)
+        import os
+
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    start = time.perf_counter()
+    deadline = start + args.budget_s
+    device = "cpu" if args.smoke else "cuda"
     out_file = Path(args.out) / "gpu_fp8.json"
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    results: dict[str, Any] = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)",
+                               "torch": torch.__version__, "smoke": args.smoke}  # fmt: skip
     for section in args.sections.split(","):
+        left = deadline - time.perf_counter()
+        if section == "logits" and not args.smoke and left < NEEDS_S["logits"]:
+            results["logits_skipped"] = f"{left:.0f} s of the budget left"
+            continue
+        section_start = time.perf_counter()
         try:
             if section == "gemm":
-                results["gemm"] = gemm_section()
+                results["gemm"] = gemm_section(device, args.smoke)
             elif section == "logits":
-                results["logits"] = logits_section()
+                results["logits"] = logits_section(device, args.smoke)
             elif section == "decode":
-                results["decode"] = decode_section(args.output_len)
+                results["decode"] = decode_section(device, args.smoke, deadline)
             else:
                 raise ValueError(f"unknown section {section!r}: gemm, logits or decode")
         except Exception as exc:  # keep what the other sections measured
             logger.exception("section %s failed", section)
             results[f"{section}_error"] = f"{type(exc).__name__}: {exc}"
+        results.setdefault("section_seconds", {})[section] = time.perf_counter() - section_start
         out_file.write_text(json.dumps(results, indent=1))
+    results["total_seconds"] = time.perf_counter() - start
+    out_file.write_text(json.dumps(results, indent=1))
     print(_table(results))
     return 0
 

@@ -102,7 +102,8 @@ def test_compile_explain_lists_the_fp8_gemms() -> None:
         assert main(["compile", "tiny-llama", "--explain", "--backend", "eager",
                      "--set", "quantization.method=fp8"]) == 0  # fmt: skip
     text = out.getvalue()
-    assert "fp8_linear -> inlined" in text  # the CPU's implementation: the reference, traced
-    per_node = [line for line in text.splitlines() if line.strip().startswith("fp8_linear_default")]
+    assert "fp8_gemm -> inlined" in text  # the CPU's implementation: the reference, traced
+    assert "8 activation quantization(s) in aten" in text  # in front of each GEMM, for Inductor to fuse
+    per_node = [line for line in text.splitlines() if line.strip().startswith("fp8_gemm_default")]
     assert len(per_node) == 8  # one row per FP8 GEMM in the per-node table
     assert "1 linear(s) kept in torch.float32 by exclude 'lm_head'" in text

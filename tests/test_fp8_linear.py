@@ -1,4 +1,5 @@
-"""FP8 weights and activations: the quantization arithmetic, fxllm::fp8_linear, the quantize_fp8 pass.
+"""FP8 weights and activations: the quantization arithmetic, fxllm::fp8_linear and fxllm::fp8_gemm, the
+quantize_fp8 pass (activation quantization in ATen in front of the GEMM-only op).
 
 The compiled FP8 model must equal the same model run eagerly with every linear (but the LM head) replaced
 by fp8_linear_reference over the same e4m3 weights: same arithmetic, so float32 rounding only (1e-4
@@ -110,7 +111,7 @@ def test_compiled_fp8_equals_the_dequantized_model(tiny: torch.nn.Module, granul
                        quantization={"method": "fp8", "weight_granularity": granularity})  # fmt: skip
     # 2 layers x (merged qkv, o, merged gate/up, down), or x 7 unmerged; the LM head stays float.
     gemms = 8 if merged else 14
-    assert cm.fxllm_op_counts()["fxllm.fp8_linear.default"] == gemms
+    assert cm.fxllm_op_counts()["fxllm.fp8_gemm.default"] == gemms
     assert cm.pass_report.matches("quantize_fp8") == gemms
     params = dict(cm.graph_module.named_parameters())
     assert sum(p.dtype == FP8_DTYPE for p in params.values()) == gemms
@@ -133,7 +134,7 @@ def test_inductor_fp8_equals_the_dequantized_model(tiny: torch.nn.Module) -> Non
 
 def test_method_none_and_config_checks(tiny: torch.nn.Module) -> None:
     cm = fxllm.compile(copy.deepcopy(tiny), backend="eager")
-    assert "fxllm.fp8_linear.default" not in cm.fxllm_op_counts()
+    assert "fxllm.fp8_gemm.default" not in cm.fxllm_op_counts()
     with pytest.raises(ValueError, match=r"quantization\.weight_granularity"):
         load_config(None, ["quantization.weight_granularity=row"])
     with pytest.raises(ValueError, match=r"unknown key quantization\.granularity"):
@@ -154,7 +155,7 @@ def test_smollm2_fp8_logits() -> None:
     text = pydoc_data.topics.topics["if"] + pydoc_data.topics.topics["while"]
     ids = torch.tensor([tokenizer(text)["input_ids"][:128]])
     cm = fxllm.compile(copy.deepcopy(model), backend="eager", quantization="fp8")
-    assert cm.fxllm_op_counts()["fxllm.fp8_linear.default"] == 120  # 30 layers x (qkv, o, gate_up, down)
+    assert cm.fxllm_op_counts()["fxllm.fp8_gemm.default"] == 120  # 30 layers x (qkv, o, gate_up, down)
     out = cm(ids)
     with torch.no_grad():
         expected = fp8_reference_model(model)(ids).logits
@@ -167,7 +168,70 @@ def test_smollm2_fp8_logits() -> None:
 def test_exclude_naming_a_merged_member_keeps_the_merged_gemm_float(tiny: torch.nn.Module) -> None:
     cm = fxllm.compile(copy.deepcopy(tiny), backend="eager",
                        quantization={"method": "fp8", "exclude": ["lm_head", "self_attn.k_proj"]})  # fmt: skip
-    assert cm.fxllm_op_counts()["fxllm.fp8_linear.default"] == 6  # merged q/k/v of both layers stay float
+    assert cm.fxllm_op_counts()["fxllm.fp8_gemm.default"] == 6  # merged q/k/v of both layers stay float
     assert any(
         "2 linear(s) kept" in note and "k_proj" in note for r in cm.pass_report.records for note in r.notes
     )
+
+
+def test_activation_quantization_is_aten_in_front_of_fp8_gemm(tiny: torch.nn.Module) -> None:
+    """Before lowering: each fp8_gemm reads an e4m3 activation made by ATen ops (amax per token, clamp, cast),
+    one per GEMM, so Inductor can fuse them into the producer; no opaque fp8_linear is left."""
+    from fxllm.passes.quantize_fp8 import QUANT_META
+
+    cm = fxllm.compile(copy.deepcopy(tiny), backend="eager", passes={"lower_ops": False}, quantization="fp8")
+    graph = cm.graph_module.graph
+    gemms = list(graph.find_nodes(op="call_function", target=torch.ops.fxllm.fp8_gemm.default))
+    assert len(gemms) == 8 and not graph.find_nodes(
+        op="call_function", target=torch.ops.fxllm.fp8_linear.default
+    )
+    for gemm in gemms:
+        xq, xs = gemm.args[0], gemm.args[1]
+        assert xq.target in (torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default)  # the e4m3 cast
+        assert xq.meta["val"].dtype == FP8_DTYPE
+        assert xq.meta[QUANT_META] == gemm.name and gemm.args[5] == torch.float32
+        upstream, todo = set(), [xs]  # the scale comes from an amax over the token's features
+        while todo:
+            node = todo.pop()
+            if isinstance(node, torch.fx.Node) and node.op == "call_function" and node not in upstream:
+                upstream.add(node)
+                todo += list(node.all_input_nodes)
+        assert any(n.target is torch.ops.aten.amax.default for n in upstream)
+    ids = torch.randint(3, 500, (1, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = fp8_reference_model(tiny)(ids).logits
+    assert torch.equal(cm(ids), expected)  # the same ops in the same order: bit for bit on the CPU
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_split_of_an_fp8_linear_node_equals_the_op(static: bool) -> None:
+    """An fxllm::fp8_linear node another pass put in a graph becomes ATen quantization + fp8_gemm, same values."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fxllm.passes.quantize_fp8 import split_fp8_linear
+
+    q, scale = quantize_weight(torch.randn(48, 64))
+    inputs = [torch.randn(2, 3, 64), q, scale, torch.randn(48)] + ([torch.tensor([0.01])] if static else [])
+
+    def layer(*args: torch.Tensor) -> torch.Tensor:
+        return torch.ops.fxllm.fp8_linear(*args) * 2
+
+    gm = make_fx(layer, tracing_mode="fake")(*inputs)
+    (node,) = gm.graph.find_nodes(op="call_function", target=torch.ops.fxllm.fp8_linear.default)
+    split_fp8_linear(gm, node)
+    gm.recompile()
+    targets = {n.target for n in gm.graph.nodes}
+    assert torch.ops.fxllm.fp8_gemm.default in targets and torch.ops.fxllm.fp8_linear.default not in targets
+    assert (torch.ops.aten.amax.default in targets) is not static  # a static scale needs no amax
+    assert torch.equal(gm(*inputs), layer(*inputs))
+
+
+def test_fp8_gemm_reference_after_quantize_is_the_whole_op() -> None:
+    torch.manual_seed(6)
+    x, w, b = torch.randn(2, 5, 128, dtype=torch.bfloat16), torch.randn(80, 128), torch.randn(80)
+    q, scale = quantize_weight(w)
+    xq, xs = quantize_activation(x)
+    assert tuple(xs.shape) == (2, 5, 1)
+    y = torch.ops.fxllm.fp8_gemm(xq, xs, q, scale, b.to(x.dtype), x.dtype)
+    assert y.dtype == x.dtype and y.shape == (2, 5, 80)
+    assert torch.equal(y, fp8_linear_reference(x, q, scale, b.to(x.dtype), None))

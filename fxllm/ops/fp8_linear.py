@@ -6,8 +6,10 @@ Semantics (what every backend reproduces; fxllm/quantization/fp8.py has the arit
   2. weight [N, K] is e4m3 with `weight_scale` of shape [N, 1] (per output channel), [1] (per tensor) or
      [ceil(N/128), ceil(K/128)] (128 x 128 blocks).
   3. y = (q(x) * sx) @ (W * sw)^T computed in float32, + bias (in float32), cast to x's dtype.
-The reference does exactly this in torch (dequantize, float32 matmul); GPU backends run the same
-products on FP8 tensor cores with float32 accumulation, so they differ from it by summation order only.
+The quantize pass does not emit this op: it splits every FP8 linear into the activation quantization in
+ATen and `fxllm::fp8_gemm` (fxllm/ops/fp8_gemm.py), so that Inductor fuses the quantization into the
+producer; it also splits any fp8_linear node another pass or loader put into the graph. The op stays as
+the whole layer's definition (and for graphs built by hand); its reference is exactly those two steps.
 """
 
 from __future__ import annotations
@@ -15,21 +17,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fxllm.ops.fp8_gemm import fp8_gemm_reference
 from fxllm.ops.registry import register_canonical_op
-from fxllm.quantization.fp8 import dequantize_weight, quantize_activation
+from fxllm.quantization.fp8 import quantize_activation
 
 
 def fp8_linear_reference(
     x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, input_scale: Tensor | None
 ) -> Tensor:
-    """Quantize x, dequantize both operands to float32, matmul, add bias, cast to x's dtype."""
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    xq, xs = quantize_activation(x2, input_scale)
-    y = (xq.float() * xs) @ dequantize_weight(weight, weight_scale).t()
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+    """Quantize x (per token, or with the static input_scale), then fp8_gemm's reference in x's dtype."""
+    xq, xs = quantize_activation(x, input_scale)
+    return fp8_gemm_reference(xq, xs, weight, weight_scale, bias, x.dtype)
 
 
 @torch.library.custom_op("fxllm::fp8_linear", mutates_args=())

@@ -1,25 +1,34 @@
-"""quantize_fp8: with `quantization.method: fp8`, every constant-weight GEMM -> `fxllm::fp8_linear`.
+"""quantize_fp8: with `quantization.method: fp8`, every constant-weight GEMM -> an FP8 linear, emitted as
+the activation quantization in ATen followed by the GEMM-only `fxllm::fp8_gemm`.
 
 Runs in stage "quantize", after merge_linears, so a merged q/k/v or gate/up GEMM becomes one FP8 GEMM
 with one activation quantization. The weight is quantized here (granularity from the config) into an
 e4m3 tensor and a float32 scale registered on the graph, and the full-precision weight is dropped from
 the graph unless something else reads it (a tied embedding). Linears matching `quantization.exclude`
-(default: the LM head) stay in the model's dtype. Which kernel each fp8_linear runs is the lowering's
-choice (`fxllm compile ... --explain`).
+(default: the LM head) stay in the model's dtype.
+
+The activation quantization is `quantize_activation` (fxllm/quantization/fp8.py) traced into ATen ops
+(abs, amax per token, / 448, clamp, cast to e4m3) in front of the GEMM, not hidden inside an opaque op:
+Inductor fuses it into the kernel that produces the activation (on the H100 the opaque op's eager
+quantization kernels cost more than the FP8 GEMM saved, benchmarks/RESULTS.md "FP8 GEMMs"). Nodes of
+the whole-layer op `fxllm::fp8_linear` that something else put in the graph are split the same way.
+Which kernel each fp8_gemm runs is the lowering's choice (`fxllm compile ... --explain`).
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
 
-import fxllm.ops.fp8_linear  # noqa: F401  (defines fxllm::fp8_linear)
-from fxllm.passes.graph_utils import arg, drop_attr_if_unused, fetch_attr, is_op
+import fxllm.ops.fp8_linear  # noqa: F401  (defines fxllm::fp8_linear and fxllm::fp8_gemm)
+from fxllm.passes.graph_utils import arg, drop_attr_if_unused, fake_mode_of, fetch_attr, is_op, val
+from fxllm.passes.lower_ops import inline_call
 from fxllm.passes.registry import PassContext, PassResult, register_pass
-from fxllm.quantization.fp8 import quantize_weight
+from fxllm.quantization.fp8 import quantize_activation, quantize_weight
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -46,13 +55,77 @@ def _constant(node: Any) -> bool:
     return isinstance(node, Node) and node.op == "get_attr"
 
 
+QUANT_META = "fxllm_fp8_activation_quant"  # on the e4m3 activation node: the name of the fp8_gemm it feeds
+
+
+def emit_fp8_linear(
+    gm: GraphModule,
+    before: Node,
+    x: Node,
+    weight: Node,
+    weight_scale: Node,
+    bias: Node | None,
+    input_scale: Node | None = None,
+    traced: dict[tuple[Any, ...], GraphModule] | None = None,
+) -> Node:
+    """Insert, before `before`, x's quantization as ATen ops (per token, or with the static `input_scale`)
+    and `fxllm::fp8_gemm` over it; returns the fp8_gemm node (output in x's dtype). `x` needs its fake value."""
+    graph = gm.graph
+    x_value = val(x)
+    if not isinstance(x_value, torch.Tensor):
+        raise RuntimeError(f"emit_fp8_linear: {x.name} has no fake value (run refresh_meta)")
+    args: list[Any] = [x] if input_scale is None else [x, input_scale]
+    if input_scale is not None and "val" not in input_scale.meta and input_scale.op == "get_attr":
+        mode = fake_mode_of(gm)
+        if mode is not None:  # a scale attribute another pass added: the trace needs its fake value
+            input_scale.meta["val"] = mode.from_tensor(
+                fetch_attr(gm, str(input_scale.target)), static_shapes=True
+            )
+    with graph.inserting_before(before):
+        call = graph.call_function(quantize_activation, tuple(args))
+        xq, xs = (graph.call_function(operator.getitem, (call, i)) for i in (0, 1))
+        gemm = graph.call_function(
+            torch.ops.fxllm.fp8_gemm.default, (xq, xs, weight, weight_scale, bias, x_value.dtype)
+        )
+    inline_call(gm, call, quantize_activation, args, traced)  # the getitems become the traced outputs
+    q_node = gemm.args[0]
+    assert isinstance(q_node, Node)
+    q_node.meta[QUANT_META] = gemm.name
+    return gemm
+
+
+def split_fp8_linear(
+    gm: GraphModule, node: Node, traced: dict[tuple[Any, ...], GraphModule] | None = None
+) -> Node:
+    """Replace an `fxllm::fp8_linear` node by its ATen quantization + `fxllm::fp8_gemm`."""
+    x, weight, weight_scale = node.args[0], node.args[1], node.args[2]
+    bias, input_scale = arg(node, 3, "bias"), arg(node, 4, "input_scale")
+    gemm = emit_fp8_linear(gm, node, x, weight, weight_scale, bias, input_scale, traced)  # type: ignore[arg-type]
+    gemm.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+    node.replace_all_uses_with(gemm)
+    gm.graph.erase_node(node)
+    return gemm
+
+
 @register_pass("quantize_fp8", "quantize", _builtin=True)
 def quantize_fp8(gm: GraphModule, ctx: PassContext) -> PassResult:
-    """Constant-weight linears -> fxllm::fp8_linear over e4m3 weights (quantization.method fp8)."""
+    """Constant-weight linears -> aten activation quantization + fxllm::fp8_gemm over e4m3 weights."""
     result = PassResult()
+    traced: dict[tuple[Any, ...], GraphModule] = {}  # one trace of the quantization per input shape/dtype
+    quant_nodes: list[str] = []
+    # Whole-layer fp8_linear nodes that something else put in the graph (e.g. a checkpoint loader).
+    for node in list(gm.graph.nodes):
+        if is_op(node, torch.ops.fxllm.fp8_linear.default):
+            quant_nodes.append(str(split_fp8_linear(gm, node, traced).args[0]))
+            result.num_matches += 1
     config = ctx.quantization
     if config is None or getattr(config, "method", "none") == "none":
         result.notes.append("quantization.method is none")
+        if quant_nodes:
+            result.notes.append(
+                f"{len(quant_nodes)} fxllm::fp8_linear node(s) split into aten quantization + fp8_gemm"
+            )
+            gm.recompile()
         return result
     if not ctx.weights_are_attributes:
         result.notes.append("weights are graph inputs (Dynamo graph): they would be quantized every call")
@@ -98,16 +171,21 @@ def quantize_fp8(gm: GraphModule, ctx: PassContext) -> PassResult:
             done[target] = attrs
         with graph.inserting_before(node):
             w_node, s_node = graph.get_attr(attrs[0]), graph.get_attr(attrs[1])
-            replacement = graph.call_function(
-                torch.ops.fxllm.fp8_linear.default, (node.args[0], w_node, s_node, bias)
-            )
-        # Without "val": refresh_meta then gives the new weight/scale get_attr nodes their fake values too.
+        replacement = emit_fp8_linear(gm, node, node.args[0], w_node, s_node, bias, None, traced)  # type: ignore[arg-type]
+        # Without "val": refresh_meta fills it after the pass.
         replacement.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+        quant_nodes.append(str(replacement.args[0]))
         node.replace_all_uses_with(replacement)
         graph.erase_node(node)
         drop_attr_if_unused(gm, weight)  # the full-precision copy goes unless a tied embedding reads it
         result.num_matches += 1
     result.notes.append(f"{config.weight_granularity} weight scales, per-token activation scales")
+    if quant_nodes:
+        shown = ", ".join(quant_nodes[:4]) + (", ..." if len(quant_nodes) > 4 else "")
+        result.notes.append(
+            f"{len(quant_nodes)} activation quantization(s) in aten (amax per token / 448, clamp, e4m3) "
+            f"before fxllm::fp8_gemm, for Inductor to fuse into the producer: {shown}"
+        )
     result.notes += [
         f"{count} linear(s) kept in {ctx.dtype} by exclude {p!r}" for p, count in skipped.items()
     ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -134,16 +135,16 @@ def _register() -> bool:
     register_op_backend("linear", BACKEND, gemv.linear, supports=supports, priority=0)
     from fxllm.backends.triton import fp8_gemm
 
-    def supports_fp8(site: OpSite) -> bool:
-        x, weight, weight_scale, _bias, input_scale = site.args
-        return supports(site) and fp8_gemm.supported(x, weight, weight_scale, input_scale)
+    def fp8_site(site: OpSite, check: Callable[..., bool]) -> bool:
+        xq, x_scale, weight, weight_scale, _bias, out_dtype = site.args
+        return supports(site) and check(xq, x_scale, weight, weight_scale, out_dtype)
 
-    # FP8 GEMMs: the Triton weight stream for M <= 16 and _scaled_mm above ("triton"), or _scaled_mm at
-    # every M where compile.op_backends names "scaled_mm" (benchmarks/gpu_fp8.py compares them).
-    register_op_backend("fp8_linear", BACKEND, fp8_gemm.fp8_linear, supports=supports_fp8, priority=PRIORITY)
-    register_op_backend(
-        "fp8_linear", "scaled_mm", fp8_gemm.scaled_mm_linear, supports=supports_fp8, priority=5
-    )
+    # FP8 GEMMs (fxllm/backends/triton/fp8_gemm.py says why): _scaled_mm wherever it takes the shape, the
+    # Triton weight stream where it does not (K or N not a multiple of 16) or where compile.op_backends names it.
+    register_op_backend("fp8_gemm", "scaled_mm", fp8_gemm.scaled_mm_gemm, priority=PRIORITY,
+                        supports=lambda site: fp8_site(site, fp8_gemm.supported_by_scaled_mm))  # fmt: skip
+    register_op_backend("fp8_gemm", BACKEND, fp8_gemm.triton_gemm, priority=PRIORITY - 5,
+                        supports=lambda site: fp8_site(site, fp8_gemm.supported))  # fmt: skip
     return True
 
 

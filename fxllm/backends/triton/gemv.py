@@ -7,6 +7,8 @@ smallest projection (N = 4096) already gives 4096 / BLOCK_N programs, several wa
 the output stays deterministic. Rows of x beyond M are masked, so one compiled kernel serves every
 M up to BLOCK_M (`do_not_specialize`: the decode buckets capture without recompiling). Larger M goes
 to F.linear (cuBLAS). Launch sizes: benchmarks/gpu_gemv.py sweeps them against torch.mm.
+The same kernel, with its FP8 switch, is the FP8 GEMM's Triton path (fp8_gemm.py): e4m3 operands
+and their scales; there it also takes M > GEMV_MAX_M (a second grid axis over blocks of rows).
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ _DTYPES = (torch.bfloat16, torch.float16)
 
 @triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, sx_m, sw_n, sy_m,
-    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
+    x_ptr, w_ptr, b_ptr, y_ptr, xs_ptr, ws_ptr, M, N, K, sx_m, sw_n, sy_m, xs_stride, ws_stride,
+    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, FP8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
+    # FP8: x and w are e4m3 with float32 scales xs (per row of x, or one: xs_stride 0) and ws (per row of
+    # w, or one). e4m3 values are exact in bfloat16, so the products are exact either way; both scales
+    # are applied once to the float32 sum. Otherwise xs_ptr / ws_ptr are unused.
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = tl.arange(0, BLOCK_M)
+    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n_ok = n < N
     m_ok = m < M
     w_rows = w_ptr + n.to(tl.int64)[:, None] * sw_n
@@ -44,14 +49,47 @@ def _gemv_kernel(
             w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             x = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if USE_DOT:
-            acc += tl.dot(x, tl.trans(w))
+            if FP8:
+                acc += tl.dot(x.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)))
+            else:
+                acc += tl.dot(x, tl.trans(w))
         else:
             # One row of x (BLOCK_M == 1): a float32 multiply-and-reduce, no tensor-core padding.
             acc += tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=1)[None, :]
+    if FP8:
+        xs = tl.load(xs_ptr + m * xs_stride, mask=m_ok, other=1.0)
+        ws = tl.load(ws_ptr + n * ws_stride, mask=n_ok, other=1.0)
+        acc = acc * xs[:, None] * ws[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     y = y_ptr + m.to(tl.int64)[:, None] * sy_m + n[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def launch_gemv(
+    x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, x_scale: Tensor | None = None,
+    weight_scale: Tensor | None = None, *, block_n: int | None = None, block_k: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None,
+) -> None:  # fmt: skip
+    """out[M, N] = x[M, K] @ weight[N, K]^T (+ bias); with both scales (1-D float32, one value or one
+    per row) x and weight are e4m3 and the sum is scaled by x_scale[m] * weight_scale[n]. Any M: rows
+    go in blocks of GEMV_MAX_M (one row alone when M == 1); launch sizes overridable."""
+    m, k = x.shape
+    n = weight.shape[0]
+    fp8 = x_scale is not None
+    if fp8 != (weight_scale is not None):
+        raise ValueError("launch_gemv: give both x_scale and weight_scale (FP8) or neither")
+    one_row = m == 1
+    block_m = 1 if one_row else GEMV_MAX_M
+    bk, bn = block_k or 512, block_n or 16
+    xs = x_scale if x_scale is not None else out
+    ws = weight_scale if weight_scale is not None else out
+    _gemv_kernel[(triton.cdiv(n, bn), triton.cdiv(m, block_m))](
+        x, weight, bias if bias is not None else out, out, xs, ws, m, n, k, x.stride(0), weight.stride(0),
+        out.stride(0), 0 if xs.numel() == 1 else 1, 0 if ws.numel() == 1 else 1,
+        HAS_BIAS=bias is not None, USE_DOT=not one_row, EVEN_K=k % bk == 0, FP8=fp8,
+        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, num_warps=num_warps or 4, num_stages=num_stages or 4,
+    )  # fmt: skip
 
 
 def gemv_out(
@@ -59,16 +97,8 @@ def gemv_out(
     block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
 ) -> None:  # fmt: skip
     """out[M, N] = x[M, K] @ weight[N, K]^T (+ bias) with M <= GEMV_MAX_M; launch sizes overridable."""
-    m, k = x.shape
-    n = weight.shape[0]
-    one_row = m == 1
-    bk = block_k or 512
-    _gemv_kernel[(triton.cdiv(n, block_n or 16),)](
-        x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, USE_DOT=not one_row, EVEN_K=k % bk == 0,
-        BLOCK_M=1 if one_row else GEMV_MAX_M, BLOCK_N=block_n or 16, BLOCK_K=bk,
-        num_warps=num_warps or 4, num_stages=num_stages or 4,
-    )  # fmt: skip
+    launch_gemv(x, weight, bias, out, block_n=block_n, block_k=block_k, num_warps=num_warps,
+                num_stages=num_stages)  # fmt: skip
 
 
 def supported(x: Tensor, weight: Tensor) -> bool:
