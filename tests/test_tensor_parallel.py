@@ -119,6 +119,27 @@ def test_tp2_decode_buckets_on_every_rank(llama_tp2_fused: LLM, llama_tp1: tuple
         runner._runner.decode_graphs = None  # the rest of the module runs the plain path
 
 
+def test_tp2_speculative_verify_buckets_on_every_rank(llama_tp1: tuple) -> None:
+    """n-gram speculation at TP=2 with padded decode and verify buckets: rank 0 and the worker must pad each
+    verify step the same way (the step header carries the draft counts, the verify buckets go to every
+    rank), or their all-reduces would disagree in size; greedy tokens stay those of the bucket-free run
+    (40 tokens of a prompt whose output repeats itself, so the lookup drafts) and TP=1's (PROMPTS[1:])."""
+    repeating = [[1, 5, 9, 33, 5, 9, 33, 5, 9, 33, 5, 9]]
+    long = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    short = SamplingParams(max_tokens=PARAMS.max_tokens, temperature=0.0, ignore_eos=True)
+    overrides = ["parallel.tensor_parallel_size=2", "speculative.method=ngram", "speculative.num_speculative_tokens=2",
+                 "speculative.prompt_lookup_min=1", "parallel.collective_timeout_s=60"]  # fmt: skip
+    with _engine("tiny-llama", *overrides) as llm:
+        reference = [list(o.outputs[0].token_ids) for o in llm.generate(repeating, long)]
+        runner = llm.engine.runner
+        runner.enable_decode_graphs([1, 2, 4], 256, capture=False)
+        outputs = llm.generate(repeating, long)
+        assert [list(o.outputs[0].token_ids) for o in outputs] == reference
+        assert outputs[0].metrics.spec_draft_tokens > 0
+        assert runner.decode_graphs.num_verify_replays > 0
+        assert [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS[1:], short)] == llama_tp1[0][1:]
+
+
 def test_size_that_splits_heads_fails_before_spawning() -> None:
     with pytest.raises(ValueError, match=r"does not divide the model's num_attention_heads \(4\).*\[1, 2\]"):
         LLM("tiny-llama", overrides=[*BASE, "parallel.tensor_parallel_size=3"])
@@ -177,7 +198,7 @@ def test_killed_rank_ends_the_run_with_an_error(llama_tp2_fused: LLM) -> None:
 
 def test_worker_step_inputs_are_tensors_of_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker's step tensors arrive packed in one broadcast buffer; each must come out as a tensor of its
-    own, not a view of that buffer (Dynamo guards a view on its base: views made the workers alone
+    own, with the step's draft counts, not a view of that buffer (Dynamo guards a view on its base: views made the workers alone
     recompile the graph). The broadcast is replaced by a copy of what rank 0 would send."""
     import torch.distributed as dist
 
@@ -188,7 +209,7 @@ def test_worker_step_inputs_are_tensors_of_their_own(monkeypatch: pytest.MonkeyP
         input_ids=torch.tensor([[5, 6, 7]]), position_ids=torch.tensor([[0, 1, 2]]),
         slot_mapping=torch.tensor([0, 1, 2]), block_tables=torch.tensor([[0]], dtype=torch.int32),
         seq_lens=torch.tensor([3], dtype=torch.int32), query_start_loc=torch.tensor([0, 3], dtype=torch.int32),
-        logits_indices=torch.tensor([2]), sampled=[0],
+        logits_indices=torch.tensor([2]), sampled=[0], draft_counts=[2],
     )  # fmt: skip
     packed = torch.cat([getattr(inputs, f).reshape(-1).to(torch.int64) for f in STEP_FIELDS])
     monkeypatch.setattr(dist, "broadcast", lambda tensor, src: tensor.copy_(packed))
@@ -197,3 +218,5 @@ def test_worker_step_inputs_are_tensors_of_their_own(monkeypatch: pytest.MonkeyP
         tensor, sent = getattr(received, name), getattr(inputs, name)
         assert tensor._base is None, name
         assert tensor.dtype == sent.dtype and torch.equal(tensor, sent), name
+    # The host-side lists decide the CUDA-graph bucket and a verify step's padding: the same on every rank.
+    assert (received.sampled, received.draft_counts, received.prompt_rows) == ([0], [2], [])

@@ -27,14 +27,20 @@ class PeerGone(RuntimeError):
     """The other end of a pipe exited or closed it."""
 
 
-def step_header(inputs: StepInputs) -> tuple[list[tuple[tuple[int, ...], str]], list[int]]:
-    """Shape and dtype of each step tensor (STEP_FIELDS order), and the sampled rows (the decode buckets'
-    test reads them, so every rank takes the same path)."""
+StepHeader = tuple[list[tuple[tuple[int, ...], str]], dict[str, list[Any]]]
+
+
+def step_header(inputs: StepInputs) -> StepHeader:
+    """Shape and dtype of each step tensor (STEP_FIELDS order), and the step's host-side lists (sampled
+    rows, prompt-logprob rows, draft counts): the CUDA-graph buckets' test reads them, so with them every
+    rank takes the same path and pads a verify step the same way, and the collectives' sizes agree."""
     shapes = [
         (tuple(getattr(inputs, f).shape), str(getattr(inputs, f).dtype).removeprefix("torch."))
         for f in STEP_FIELDS
     ]
-    return shapes, list(inputs.sampled)
+    lists = {"sampled": list(inputs.sampled), "prompt_rows": [tuple(r) for r in inputs.prompt_rows],
+             "draft_counts": list(inputs.draft_counts)}  # fmt: skip
+    return shapes, lists
 
 
 def broadcast_step(inputs: StepInputs) -> None:
@@ -43,11 +49,9 @@ def broadcast_step(inputs: StepInputs) -> None:
     dist.broadcast(packed, src=0)
 
 
-def receive_step(
-    header: tuple[list[tuple[tuple[int, ...], str]], list[int]], device: torch.device
-) -> StepInputs:
+def receive_step(header: StepHeader, device: torch.device) -> StepInputs:
     """A worker: the step tensors rank 0 broadcast, with the shapes and dtypes of `header`."""
-    shapes, sampled = header
+    shapes, lists = header
     sizes = [int(torch.Size(shape).numel()) for shape, _ in shapes]
     packed = torch.empty(sum(sizes), dtype=torch.int64, device=device)
     dist.broadcast(packed, src=0)
@@ -58,7 +62,7 @@ def receive_step(
         name: part.view(shape).to(getattr(torch, dtype), copy=True)
         for name, part, (shape, dtype) in zip(STEP_FIELDS, packed.split(sizes), shapes)
     }
-    return StepInputs(**tensors, sampled=sampled)
+    return StepInputs(**tensors, **lists)
 
 
 def receive(conn: Connection, *, alive: Any, timeout_s: float | None, what: str) -> Any:

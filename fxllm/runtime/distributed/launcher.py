@@ -195,10 +195,23 @@ class RankZeroRunner:
                 raise RankDied(f"{self.group.dead}; the step failed: {exc}") from exc
             raise
 
-    def enable_decode_graphs(self, batch_sizes: list[int], max_model_len: int, *, capture: bool) -> float:
-        """Capture the decode buckets on every rank at once (their graphs hold the collectives)."""
-        self.group.send("decode_graphs", batch_sizes, max_model_len, capture)
-        return self._runner.enable_decode_graphs(batch_sizes, max_model_len, capture=capture)  # type: ignore[no-any-return]
+    def enable_decode_graphs(
+        self,
+        batch_sizes: list[int],
+        max_model_len: int,
+        *,
+        capture: bool,
+        query_lens: list[int] | None = None,
+        verify_max_batch: int = 0,
+    ) -> float:
+        """Capture the decode and verify buckets on every rank at once (their graphs hold the collectives);
+        the verify buckets follow what the speculative decoder set on this wrapper, the same on every rank."""
+        lens = list(self.verify_query_lens if query_lens is None else query_lens)
+        max_batch = verify_max_batch or self.verify_max_batch
+        self.group.send("decode_graphs", batch_sizes, max_model_len, capture, lens, max_batch)
+        return self._runner.enable_decode_graphs(  # type: ignore[no-any-return]
+            batch_sizes, max_model_len, capture=capture, query_lens=lens, verify_max_batch=max_batch
+        )
 
     def freeze_guards(self) -> bool:
         """Freeze Dynamo's guard checks on every rank."""

@@ -53,7 +53,14 @@ def _serve(runner: object, conn: Connection, parent_pid: int) -> None:
         if kind == "step":
             runner.execute(receive_step(message[1], device))  # type: ignore[attr-defined]
         elif kind == "decode_graphs":
-            runner.enable_decode_graphs(message[1], message[2], capture=message[3])  # type: ignore[attr-defined]
+            batch_sizes, max_model_len, capture, query_lens, verify_max_batch = message[1:]
+            runner.enable_decode_graphs(  # type: ignore[attr-defined]
+                batch_sizes,
+                max_model_len,
+                capture=capture,
+                query_lens=query_lens,
+                verify_max_batch=verify_max_batch,
+            )
         elif kind == "freeze_guards":
             runner.freeze_guards()  # type: ignore[attr-defined]
         elif kind == "stop":
