@@ -383,7 +383,9 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     parser.add_argument("--sections", default=None)
-    parser.add_argument("--decode-tp", default="1,2", help="TP sizes of the decode8b section")
+    parser.add_argument("--decode-tp", default="1,2", help="TP sizes of the decode8b and tp8b sections")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every engine of the decode8b and tp8b sections")  # fmt: skip
     parser.add_argument(
         "--smoke", action="store_true", help="CPU, gloo, tiny presets: checks the script only"
     )
@@ -432,7 +434,7 @@ def main() -> int:
                              "errors": [r.get("error") for r in (one, many) if "error" in r]}  # fmt: skip
         save()
     if "decode8b" in sections:
-        extra = [*device, *dtype, *one_bucket]
+        extra = [*device, *dtype, *one_bucket, *args.set]
         for size in (int(v) for v in args.decode_tp.split(",")):
             results[f"decode8b_tp{size}"] = _run_child(
                 args,
@@ -450,7 +452,7 @@ def main() -> int:
         save()
     if "tp8b" in sections:  # one engine per size: batch-1 decode, 1000 x 128/128, a profiled 256 x 128/32
         extra = [*device, *dtype, "scheduler.max_num_seqs=256",
-                 "compile.cuda_graph_batch_sizes=[1,2,4,8,16,32,64,128,256]"]  # fmt: skip
+                 "compile.cuda_graph_batch_sizes=[1,2,4,8,16,32,64,128,256]", *args.set]  # fmt: skip
         sizes = {"num_prompts": 16, "output_len": 8, "profile_prompts": 8} if args.smoke else {}
         for size in (int(v) for v in args.decode_tp.split(",")):
             spec = _engine_spec(big, size, ["decode1", "throughput", "profile"], extra, **sizes, **lengths)
