@@ -385,7 +385,7 @@ def main() -> int:
     parser.add_argument("--sections", default=None)
     parser.add_argument("--decode-tp", default="1,2", help="TP sizes of the decode8b and tp8b sections")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for every engine of the decode8b and tp8b sections")  # fmt: skip
+                        help="config override for every engine of the decode8b, tp8b and llama70b sections")  # fmt: skip
     parser.add_argument(
         "--smoke", action="store_true", help="CPU, gloo, tiny presets: checks the script only"
     )
@@ -460,7 +460,7 @@ def main() -> int:
             save()
     if "llama70b" in sections:
         extra = [*device, *dtype, "scheduler.max_num_seqs=256",
-                 "compile.cuda_graph_batch_sizes=[1,2,4,8,16,32,64,128,256]"]  # fmt: skip
+                 "compile.cuda_graph_batch_sizes=[1,2,4,8,16,32,64,128,256]", *args.set]  # fmt: skip
         sizes = (
             {"num_prompts": 8, "output_len": 8} if args.smoke else {"num_prompts": 1000, "output_len": 128}
         )
