@@ -11,6 +11,9 @@ Sections (`--sections gemm,logits,decode`; the default runs all three within `--
             norm_bf16           RMSNorm + F.linear, the norm compiled by Inductor (what bf16 runs)
             norm_fp8_<backend>  RMSNorm + the per-token e4m3 quantization compiled by Inductor as one
                                 kernel (as the quantize pass emits it), then the fp8_gemm backend
+            tnorm_bf16          fxllm's Triton RMSNorm (what the engine's CUDA graph runs) + F.linear
+            tnorm_fp8_scaled_mm the Triton RMSNorm, then the quantization alone compiled by Inductor (the
+                                Triton norm is opaque to Inductor), then _scaled_mm: the engine's path today
           norm_fp8_* vs norm_bf16 is the whole FP8 linear against the bf16 one with the same producer.
   logits  the preset cut to 2 layers, fxllm.compile (eager backend: no Inductor compile), 4 x 128 random tokens: FP8 through each
           fp8_gemm backend (scaled_mm, triton, torch = the reference) against each other and against bf16.
@@ -100,7 +103,9 @@ def _paths(
     ref_t = fp8_gemm_reference(xq_t, xs_t, wq_t, ws_t, None, torch.bfloat16)
     hq, hs = quantize_activation(_rms_norm(x, norm_w))
     ref_norm = fp8_gemm_reference(hq, hs, wq, ws, None, torch.bfloat16)
-    norm_bf16, norm_quant = compiled["norm_bf16"], compiled["norm_quant"]
+    norm_bf16, norm_quant, quant = compiled["norm_bf16"], compiled["norm_quant"], compiled["quant"]
+    from fxllm.backends.triton import norms
+
     paths: dict[str, Path3] = {
         "bf16_mm": (lambda: F.linear(x, w), 2 * n * k, x.float() @ w.float().t()),
         "scaled_mm_tensor": (lambda: torch._scaled_mm(xq_t, wq_t.t(), scale_a=xs_t.reshape(()),
@@ -110,6 +115,15 @@ def _paths(
         "norm_bf16": (lambda: F.linear(norm_bf16(x, norm_w), w), 2 * n * k,
                       _rms_norm(x, norm_w).float() @ w.float().t()),
     }  # fmt: skip
+    paths["tnorm_bf16"] = (lambda: F.linear(norms.rms_norm(x, norm_w, 1e-5), w), 2 * n * k,
+                           _rms_norm(x, norm_w).float() @ w.float().t())  # fmt: skip
+    paths["tnorm_fp8_scaled_mm"] = (
+        lambda: fp8_gemm.scaled_mm_gemm(
+            *quant(norms.rms_norm(x, norm_w, 1e-5)), wq, ws, None, torch.bfloat16
+        ),
+        n * k,
+        ref_norm,
+    )
     for label, fn in {"scaled_mm": fp8_gemm.scaled_mm_gemm, "triton": fp8_gemm.triton_gemm}.items():
         paths[f"gemm_{label}"] = (lambda fn=fn: fn(xq, xs, wq, ws, None, torch.bfloat16), n * k, ref)
         paths[f"norm_fp8_{label}"] = (
@@ -122,9 +136,12 @@ def _paths(
 
 def gemm_section(device: str, smoke: bool) -> dict[str, Any]:
     """Time and check every path per shape and M."""
+    from fxllm.quantization.fp8 import quantize_activation
+
     backend = "eager" if smoke else "inductor"
     compiled = {"norm_bf16": torch.compile(_rms_norm, backend=backend, dynamic=True),
-                "norm_quant": torch.compile(_norm_quant, backend=backend, dynamic=True)}  # fmt: skip
+                "norm_quant": torch.compile(_norm_quant, backend=backend, dynamic=True),
+                "quant": torch.compile(quantize_activation, backend=backend, dynamic=True)}  # fmt: skip
     results: dict[str, Any] = {}
     for name, (k, n) in (SMOKE_SHAPES if smoke else SHAPES).items():
         gen = torch.Generator(device=device).manual_seed(0)
@@ -230,11 +247,11 @@ def _table(results: dict[str, Any]) -> str:
     gemm = results.get("gemm", {})
     if gemm:
         labels = list(next(iter(gemm.values())))
-        lines.append(f"{'case':<16}" + "".join(f"{label:>19}" for label in labels) + "   (us; rel err)")
+        lines.append(f"{'case':<16}" + "".join(f" {label:>20}" for label in labels) + "   (us; rel err)")
         for case, row in gemm.items():
-            cells = [f"{r['us']:>9.1f} {r['rel_err']:>8.1e}" if "us" in r else f"{'ERROR':>18}"
+            cells = [f"{r['us']:>11.1f} {r['rel_err']:>8.1e}" if "us" in r else f"{'ERROR':>20}"
                      for r in row.values()]  # fmt: skip
-            lines.append(f"{case:<16}" + "".join(f" {c:>18}" for c in cells))
+            lines.append(f"{case:<16}" + "".join(f" {c:>20}" for c in cells))
     for key, value in results.get("logits", {}).items():
         if isinstance(value, dict) and "rel_err" in value:
             lines.append(f"logits {key}: rel {value['rel_err']:.4f} top-1 {value['top1']:.3f}")

@@ -3,11 +3,12 @@ the CPU), torch._scaled_mm in each of its cases (the CPU build has one), and the
 
 Both form the reference's e4m3 x e4m3 products exactly and accumulate in float32, so they differ from it by
 summation order and where the scales are applied: float32 outputs within 1e-5 relative. bfloat16 outputs:
-the float32 sums differ by ~1e-7, which flips a bf16 rounding (2^-9 relative) for a fraction ~1e-4 of
-the values: 1e-4 relative on the CPU (measured 0 here: the same sums). On the H100 _scaled_mm's FP8
-tensor-core accumulation is not IEEE float32: the bare GEMMs were measured 6-7e-4 from the reference at
-K = 4096-14336 (benchmarks/RESULTS.md, "FP8 GEMMs"), the Triton stream 8e-7, so CUDA bf16 allows 2e-3 for
-_scaled_mm (a scale-layout bug gives O(1)) and 1e-4 for Triton.
+the float32 sums differ by ~1e-7, which flips the bf16 rounding of the few values that sit at a rounding
+boundary by one ulp (2^-8 relative); on these small outputs (<= 40 x 64) one flip alone is ~1e-4 relative,
+so 1e-3 (the CPU's _scaled_mm measured 0 here: the same sums). On the H100 _scaled_mm's FP8 tensor-core
+accumulation is not IEEE float32: the bare GEMMs were measured 6-7e-4 from the reference at K = 4096-14336
+(benchmarks/RESULTS.md, "FP8 GEMMs"; the Triton stream 8e-7 to 6e-5), so CUDA bf16 allows 2e-3 for
+_scaled_mm. A scale-layout bug (a transposed or misindexed scale) gives O(1) errors.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ def _case(m: int, n: int, k: int, dtype: torch.dtype, granularity: str, bias: bo
     return xq.to(DEVICE), xs.to(DEVICE), q.to(DEVICE), scale.to(DEVICE), b
 
 
-TRITON_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-4}
-SCALED_MM_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3 if DEVICE == "cuda" else 1e-4}
+TRITON_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3}
+SCALED_MM_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3 if DEVICE == "cuda" else 1e-3}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -99,14 +100,19 @@ def test_scaled_mm_static_input_scale() -> None:
         x = torch.randn(m, 96, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16).to(DEVICE)
         static = torch.tensor([0.02], device=DEVICE)
         xq, xs = quantize_activation(x, static)
-        q, scale = quantize_weight(torch.randn(64, 96), granularity)
+        q, scale = quantize_weight(
+            torch.randn(64, 96, generator=torch.Generator().manual_seed(7)), granularity
+        )
         q, scale = q.to(DEVICE), scale.to(DEVICE)
         ref = fp8_gemm_reference(xq, static, q, scale, None, torch.bfloat16)
         assert (
             rel(fp8_gemm.scaled_mm_gemm(xq, static, q, scale, None, torch.bfloat16), ref)
             <= SCALED_MM_TOL[torch.bfloat16]
         )
-        assert rel(fp8_gemm.triton_gemm(xq, static, q, scale, None, torch.bfloat16), ref) <= 1e-4
+        assert (
+            rel(fp8_gemm.triton_gemm(xq, static, q, scale, None, torch.bfloat16), ref)
+            <= TRITON_TOL[torch.bfloat16]
+        )
         assert xs.numel() == 1
 
 
@@ -115,11 +121,11 @@ def test_fp8_linear_through_the_split_matches_the_whole_op_reference() -> None:
     from fxllm.ops.fp8_linear import fp8_linear_reference
 
     x = torch.randn(3, 7, 96, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).to(DEVICE)
-    q, scale = quantize_weight(torch.randn(64, 96))
+    q, scale = quantize_weight(torch.randn(64, 96, generator=torch.Generator().manual_seed(8)))
     q, scale = q.to(DEVICE), scale.to(DEVICE)
     ref = fp8_linear_reference(x, q, scale, None, None)
     xq, xs = quantize_activation(x)
-    assert rel(fp8_gemm.triton_gemm(xq, xs, q, scale, None, x.dtype), ref) <= 1e-4
+    assert rel(fp8_gemm.triton_gemm(xq, xs, q, scale, None, x.dtype), ref) <= TRITON_TOL[x.dtype]
     if hasattr(torch, "_scaled_mm"):
         assert rel(fp8_gemm.scaled_mm_gemm(xq, xs, q, scale, None, x.dtype), ref) <= SCALED_MM_TOL[x.dtype]
 
