@@ -130,11 +130,13 @@ class SpeculativeConfig:
 class QuantizationConfig:
     """FP8 weights and activations (docs/quantization.md): which GEMMs, which scale granularity."""
 
-    method: str = "none"  # none | fp8 (a checkpoint that is already FP8 sets fp8 itself)
+    # none | fp8. An FP8 checkpoint (compressed-tensors, ModelOpt) is served as stored under either value;
+    # fp8 then also quantizes its float linears outside `exclude`.
+    method: str = "none"
     # FP8 weight scales: channel (one per output feature), tensor (one), block (one per 128 x 128 tile).
     weight_granularity: str = "channel"
     # dynamic_token: each token's scale is its amax / 448 at run time; static_tensor: one scale per
-    # GEMM input, from the checkpoint (ModelOpt input_scale).
+    # GEMM input, from the checkpoint (input_scale): every FP8 layer of the checkpoint must have one.
     activation_scheme: str = "dynamic_token"
     # Linears left in the model's dtype, matched against the module path or weight name (`lm_head` matches
     # `lm_head.weight`; `mlp.down_proj` every layer's down projection).

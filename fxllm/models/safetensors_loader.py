@@ -6,6 +6,7 @@ import json
 import logging
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from fxllm.models.presets import set_num_layers
 from fxllm.models.registry import ModelSpec, apply_config_fixups, apply_model_spec, find_model_spec
+from fxllm.quantization.checkpoint import read_fp8_checkpoint
+from fxllm.quantization.checkpoint_modules import attach_kv_scales_, is_kv_scale_key, swap_fp8_linears_
 
 logger = logging.getLogger(__name__)
 
@@ -93,11 +96,7 @@ def read_config(folder: Path) -> tuple[PretrainedConfig, ModelSpec | None]:
         config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     else:
         config = config_from_dict(apply_config_fixups(raw, spec), f"{folder}/config.json", spec)
-    if getattr(config, "quantization_config", None) is not None:
-        raise ValueError(
-            f"{folder} holds a pre-quantized checkpoint ({config.quantization_config}); fxllm loads float "
-            "checkpoints only: use the unquantized model folder, or a .gguf file (dequantized on load)"
-        )
+    # A quantization_config is read by load_hf_folder (read_fp8_checkpoint): FP8 is served as it is, others fail.
     return config, spec
 
 
@@ -149,9 +148,16 @@ def _target_name(key: str, slots: dict[str, Any], spec: ModelSpec | None) -> str
 
 @torch.no_grad()
 def load_safetensors_(
-    model: nn.Module, folder: Path, *, device: torch.device, dtype: torch.dtype, spec: ModelSpec | None
+    model: nn.Module,
+    folder: Path,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    spec: ModelSpec | None,
+    skip: Callable[[str], bool] | None = None,
 ) -> None:
-    """Stream all shards of `folder` into the meta-initialized `model` on `device`, casting floats to `dtype`."""
+    """Stream all shards of `folder` into the meta-initialized `model` on `device`, casting floats to `dtype`
+    (FP8 checkpoint layers keep theirs); `skip(key)` names tensors read elsewhere (KV scales)."""
     slots = _tensor_slots(model)
     num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     files = _shard_files(folder)
@@ -166,6 +172,8 @@ def load_safetensors_(
             with safe_open(str(file), framework="pt", device=_safe_open_device(device)) as f:
                 for key in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
                     bar.update(1)
+                    if skip is not None and skip(key):
+                        continue
                     name = _target_name(key, slots, spec)
                     if name not in slots:
                         layer = _LAYER_RE.search(name)
@@ -194,6 +202,9 @@ def _assign(
     targets: list[tuple[nn.Module, str, bool]], t: torch.Tensor, name: str, dtype: torch.dtype
 ) -> None:
     module, leaf, is_param = targets[0]
+    adapt = getattr(module, "fxllm_adapt_tensor", None)  # an FP8 checkpoint layer: e4m3 and float32 scales stay
+    if adapt is not None:
+        t = adapt(leaf, t, name)
     current = module._parameters[leaf] if is_param else module._buffers[leaf]
     if tuple(current.shape) != tuple(t.shape):
         raise ValueError(
@@ -201,7 +212,8 @@ def _assign(
             "does config.json match the weights?"
         )
     if is_param:
-        value: torch.Tensor = nn.Parameter(t.to(dtype) if t.is_floating_point() else t, requires_grad=False)
+        cast = t.is_floating_point() and adapt is None
+        value: torch.Tensor = nn.Parameter(t.to(dtype) if cast else t, requires_grad=False)
     else:
         value = t.to(current.dtype) if t.is_floating_point() else t
     for module, leaf, is_p in targets:
@@ -231,8 +243,13 @@ def load_hf_folder(
         dtype = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
     model = build_empty_model(config, dtype=dtype, attn_implementation=attn_implementation, spec=spec)
     move_buffers_(model, device)
+    fp8 = read_fp8_checkpoint(folder, getattr(config, "quantization_config", None))
+    if fp8 is not None:  # served as stored: its linears become Fp8Linear layers over the e4m3 weights
+        logger.info("%s: %s (%d FP8 linears)", folder, fp8.describe(), swap_fp8_linears_(model, fp8, dtype))
     if device.type != "meta":
-        load_safetensors_(model, folder, device=device, dtype=dtype, spec=spec)
+        load_safetensors_(model, folder, device=device, dtype=dtype, spec=spec, skip=is_kv_scale_key)
+        if fp8 is not None:
+            attach_kv_scales_(model, fp8, _shard_files(folder), num_layers)
     if (folder / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
     return model.eval(), _load_tokenizer(folder)

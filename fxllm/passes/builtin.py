@@ -13,6 +13,7 @@ from fxllm.passes import (  # noqa: F401
     match_gated_mlp,
     match_rms_norm,
     match_rope,
+    merge_fp8_linears,
     merge_linears,
     pack_linears,
     quantize_fp8,

@@ -25,6 +25,7 @@ BUILTIN_PIPELINE: tuple[str, ...] = (
     "match_gated_mlp",
     "fuse_add_rms_norm",
     "merge_linears",
+    "merge_fp8_linears",  # an FP8 checkpoint's q/k/v and gate/up fxllm::fp8_linear layers -> one GEMM each
     "quantize_fp8",  # quantization.method fp8: every GEMM but `exclude` -> fxllm::fp8_linear
     "shard_tp",  # tensor parallelism: an all-reduce after each row-parallel linear (no-op on one rank)
     "fuse_allreduce_rms_norm",
@@ -70,6 +71,13 @@ class PassReport:
     def matches(self, name: str) -> int:
         """Matches of the pass `name` (0 if it did not run)."""
         return sum(r.matches for r in self.records if r.name == name)
+
+    def timings(self, at_least_s: float = 0.05) -> str:
+        """The passes that took `at_least_s` or more, slowest first ("match_rope 0.41 s, ..."), for the log."""
+        slow = sorted((r for r in self.records if r.seconds >= at_least_s), key=lambda r: -r.seconds)
+        return (
+            ", ".join(f"{r.name} {r.seconds:.2f} s" for r in slow) or f"each under {at_least_s * 1e3:.0f} ms"
+        )
 
     def table(self) -> str:
         """A fixed-width text table."""
@@ -145,4 +153,5 @@ def run_passes(
         report.records.append(
             PassRecord(spec.name, spec.stage, "ran", result.num_matches, seconds, result.notes)
         )
+    logger.info("passes took %.2f s: %s", sum(r.seconds for r in report.records), report.timings())
     return report

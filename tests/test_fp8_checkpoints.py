@@ -1,0 +1,380 @@
+"""FP8 checkpoints served as stored: compressed-tensors (written by the `compressed-tensors` package itself,
+channel weights + dynamic per-token activations, and tensor weights + static input scales) and ModelOpt
+(hf_quant_config.json, written by hand in its layout: scalar per-tensor weight_scale / input_scale,
+`self_attn.k_proj.k_scale` / `v_proj.v_scale`), all from tiny-llama's random weights.
+
+What is checked: the loaded linears hold the checkpoint's e4m3 bytes and scales (never a float copy); the
+eager FP8 model equals the dequantized float model with the same activation quantization (tolerance 1e-5
+for summation order; measured 0.0); against the plain dequantized float model the only difference is
+e4m3 activations: 3 mantissa bits give each GEMM input ~3% RMS relative error, which tiny-llama's eight
+GEMMs deep compound to a measured 0.093-0.094 relative logit error, so the bound is 0.2 (a misplaced
+scale or weight is an O(1) error) and 1e-4 below (zero would mean the activations were not quantized);
+`LLM(path)` with no flag generates the eager FP8 model's greedy tokens; the compiled graph's
+GEMMs are FP8 with q/k/v and gate/up merged; unsupported schemes and missing scales fail at load naming
+the key or tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from fxllm.config import load_config
+from fxllm.llm import LLM
+from fxllm.models import load_model
+from fxllm.ops.kv_quant import KV_SCALES_ATTR
+from fxllm.quantization.checkpoint import Fp8CheckpointError
+from fxllm.quantization.checkpoint_modules import Fp8Linear
+from fxllm.quantization.fp8 import FP8_DTYPE, FP8_MAX, dequantize_weight, quantize_activation, quantize_weight
+from fxllm.runtime.sampling_params import SamplingParams
+
+pytest.importorskip("compressed_tensors")
+
+_gen = torch.Generator().manual_seed(11)
+PROMPTS = [torch.randint(3, 512, (n,), generator=_gen).tolist() for n in (6, 17)]
+NEW = 8
+GREEDY = SamplingParams(max_tokens=NEW, min_tokens=NEW, temperature=0)
+BASE = ["compile.backend=eager", "cache.num_blocks=32"]
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _float_model() -> torch.nn.Module:
+    return load_model("tiny-llama", dtype="float32").model
+
+
+def _input_amax(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Each linear's largest |input| over the test prompts (calibration for static input scales)."""
+    amax: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+
+            def hook(_m: torch.nn.Module, args: tuple[torch.Tensor, ...], name: str = name) -> None:
+                value = args[0].detach().abs().amax().reshape(1)
+                amax[name] = torch.maximum(amax.get(name, value), value)
+
+            hooks.append(module.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            model(torch.tensor([prompt]))
+    for h in hooks:
+        h.remove()
+    return amax
+
+
+def _write_compressed_tensors(folder: Path, preset: str) -> Path:
+    """tiny-llama saved by compressed-tensors' own compressor: FP8_DYNAMIC (channel) or FP8 (tensor, static)."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        apply_quantization_config,
+        preset_name_to_scheme,
+    )
+
+    model = _float_model()
+    amax = _input_amax(model)
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    apply_quantization_config(
+        model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"])
+    )
+    for name, module in model.named_modules():
+        if hasattr(module, "weight_scale"):  # what llm-compressor's min-max observer computes: amax / 448
+            _, scale = quantize_weight(
+                module.weight, "channel" if module.weight_scale.numel() > 1 else "tensor"
+            )
+            module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
+            if hasattr(module, "input_scale"):
+                module.input_scale.data.copy_((amax[name] / FP8_MAX).reshape(module.input_scale.shape))
+    compressor = ModelCompressor.from_pretrained_model(model)
+    compressor.compress_model(model)
+    model.save_pretrained(str(folder))
+    compressor.update_config(str(folder))
+    return folder
+
+
+def _write_modelopt(folder: Path) -> Path:
+    """tiny-llama in ModelOpt's FP8 layout (hf_quant_config.json, scalar scales, k_proj.k_scale / v_proj.v_scale)."""
+    model = _float_model()
+    amax = _input_amax(model)
+    model.save_pretrained(str(folder))
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        module = name.rsplit(".", 1)[0]
+        if module.endswith(LINEARS) and name.endswith(".weight"):
+            q, scale = quantize_weight(tensor, "tensor")
+            tensors[name] = q
+            tensors[f"{module}.weight_scale"] = scale.reshape(())
+            tensors[f"{module}.input_scale"] = (amax[module] / FP8_MAX).reshape(())
+        else:
+            tensors[name] = tensor.contiguous()
+    for layer in range(model.config.num_hidden_layers):
+        tensors[f"model.layers.{layer}.self_attn.k_proj.k_scale"] = torch.tensor(0.05 + 0.01 * layer)
+        tensors[f"model.layers.{layer}.self_attn.v_proj.v_scale"] = torch.tensor(0.02 + 0.01 * layer)
+    for old in folder.glob("*.safetensors"):
+        old.unlink()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "hf_quant_config.json").write_text(
+        json.dumps(
+            {
+                "producer": {"name": "modelopt", "version": "0.19.0"},
+                "quantization": {
+                    "quant_algo": "FP8",
+                    "kv_cache_quant_algo": "FP8",
+                    "exclude_modules": ["lm_head"],
+                },
+            }
+        )
+    )
+    return folder
+
+
+def _write_block(folder: Path, ct_channel: Path) -> Path:
+    """ct_channel's layout with 128 x 128 block weight scales (hand-made: the package's FP8_BLOCK preset
+    quantizes activations by 128-groups, which fxllm does not read)."""
+    _copy(ct_channel, folder)
+    model = _float_model()
+    tensors = _checkpoint_tensors(folder)
+    for name, tensor in model.state_dict().items():
+        if name.rsplit(".", 1)[0].endswith(LINEARS) and name.endswith(".weight"):
+            tensors[name], tensors[name.replace(".weight", ".weight_scale")] = quantize_weight(
+                tensor, "block"
+            )
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    _edit_config(folder, {"weights.strategy": "block", "weights.block_structure": [128, 128]})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ct_channel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_compressed_tensors(tmp_path_factory.mktemp("ct_channel"), "FP8_DYNAMIC")
+
+
+@pytest.fixture(scope="module")
+def ct_static(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_compressed_tensors(tmp_path_factory.mktemp("ct_static"), "FP8")
+
+
+@pytest.fixture(scope="module")
+def ct_block(tmp_path_factory: pytest.TempPathFactory, ct_channel: Path) -> Path:
+    return _write_block(tmp_path_factory.mktemp("ct_block") / "folder", ct_channel)
+
+
+@pytest.fixture(scope="module")
+def modelopt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_modelopt(tmp_path_factory.mktemp("modelopt"))
+
+
+def _checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+
+
+def _dequantized(model: torch.nn.Module, fake_quant_activations: bool) -> torch.nn.Module:
+    """tiny-llama with each FP8 layer as a float nn.Linear over its dequantized weight; optionally with
+    the layer's activation quantization applied to its input (per token, or its static scale)."""
+    reference = _float_model()
+    for name, module in model.named_modules():
+        if not isinstance(module, Fp8Linear):
+            continue
+        linear = reference.get_submodule(name)
+        linear.weight.data = dequantize_weight(module.weight, module.weight_scale)
+        if fake_quant_activations:
+            scale = module.input_scale
+
+            def hook(_m: torch.nn.Module, args: tuple[torch.Tensor, ...], scale: torch.Tensor | None = scale):
+                xq, xs = quantize_activation(args[0], scale)
+                return ((xq.float() * xs).to(args[0].dtype),)
+
+            linear.register_forward_pre_hook(hook)
+    return reference.eval()
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(torch.tensor([p])).logits[0] for p in PROMPTS])
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("layout", ["ct_channel", "ct_static", "ct_block", "modelopt"])
+def test_loaded_fp8_checkpoint_matches_its_dequantized_model(
+    layout: str, request: pytest.FixtureRequest
+) -> None:
+    folder: Path = request.getfixturevalue(layout)
+    model = load_model(str(folder)).model
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
+    assert len(layers) == 2 * len(LINEARS) and isinstance(model.lm_head, torch.nn.Linear)  # lm_head ignored
+    stored = _checkpoint_tensors(folder)
+    for name, layer in layers.items():
+        assert layer.weight.dtype == FP8_DTYPE and layer.weight_scale.dtype == torch.float32
+        assert torch.equal(layer.weight.view(torch.uint8), stored[f"{name}.weight"].view(torch.uint8))
+        assert torch.equal(layer.weight_scale.flatten(), stored[f"{name}.weight_scale"].float().flatten())
+        assert (layer.input_scale is None) == (layout in ("ct_channel", "ct_block"))
+        n, k = layer.out_features, layer.in_features
+        shapes = {"ct_channel": (n, 1), "ct_block": (-(-n // 128), -(-k // 128))}
+        assert tuple(layer.weight_scale.shape) == shapes.get(layout, (1,))
+    fp8 = _logits(model)
+    assert _rel(fp8, _logits(_dequantized(model, fake_quant_activations=True))) < 1e-5
+    err = _rel(fp8, _logits(_dequantized(model, fake_quant_activations=False)))
+    assert 1e-4 < err < 0.2, err
+    layer = layers["model.layers.0.self_attn.q_proj"]
+    model.to(torch.bfloat16)  # Module.to casts floating tensors: an FP8 layer's weight and scales must not
+    assert (layer.weight.dtype, layer.weight_scale.dtype, layer.dtype) == (
+        FP8_DTYPE,
+        torch.float32,
+        torch.bfloat16,
+    )
+
+
+def _eager_greedy(model: torch.nn.Module) -> list[list[int]]:
+    tokens = []
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            out = model.generate(
+                torch.tensor([prompt]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False
+            )
+            tokens.append(out[0, len(prompt) :].tolist())
+    return tokens
+
+
+@pytest.mark.parametrize("layout", ["ct_channel", "modelopt"])
+def test_llm_serves_the_checkpoint_as_stored(
+    layout: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FXLLM_NO_COMPILE_CACHE", "1")
+    folder: Path = request.getfixturevalue(layout)
+    llm = LLM(str(folder), config=load_config(None, BASE))  # no quantization flag: the config says FP8
+    gm = llm.engine.runner.graph_module
+    assert sum(p.dtype == FP8_DTYPE for p in gm.parameters()) == 8  # merged qkv, o, gate_up, down x 2 layers
+    float_matrices = {
+        n for n, p in gm.named_parameters() if p.dtype != FP8_DTYPE and p.dim() == 2 and p.shape[1] > 1
+    }
+    assert float_matrices == {"model.model.embed_tokens.weight", "model.lm_head.weight"}  # no float copy
+    tokens = [out.outputs[0].token_ids for out in llm.generate(PROMPTS, GREEDY)]
+    assert tokens == _eager_greedy(load_model(str(folder)).model)
+
+
+def test_block_scale_checkpoint_merges_and_serves(ct_block: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FXLLM_NO_COMPILE_CACHE", "1")
+    llm = LLM(str(ct_block), config=load_config(None, BASE))
+    params = dict(llm.engine.runner.graph_module.named_parameters())
+    shapes = sorted((tuple(p.shape), tuple(params[f"{n}_scale"].shape)) for n, p in params.items() if "merged" in n
+                    and p.dtype == FP8_DTYPE)  # fmt: skip
+    # gate/up (N = 256, whole blocks) merge with block scales. q, k, v have one block each (N <= 128, K = 128):
+    # a [1, 1] block scale is a tensor scale, so they merge as per-tensor members do, into [N, 1] scales.
+    assert shapes == [((256, 128), (256, 1))] * 2 + [((512, 128), (4, 1))] * 2
+    tokens = [out.outputs[0].token_ids for out in llm.generate(PROMPTS, GREEDY)]
+    assert tokens == _eager_greedy(load_model(str(ct_block)).model)
+
+
+def test_static_tensor_activations_use_the_checkpoint_scales(
+    ct_static: Path, ct_channel: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FXLLM_NO_COMPILE_CACHE", "1")
+    static = [*BASE, "quantization.activation_scheme=static_tensor"]
+    llm = LLM(str(ct_static), config=load_config(None, static))
+    tokens = [out.outputs[0].token_ids for out in llm.generate(PROMPTS, GREEDY)]
+    assert tokens == _eager_greedy(load_model(str(ct_static)).model)
+    with pytest.raises(Exception, match=r"static_tensor: 14 FP8 layer.*no input_scale"):
+        LLM(str(ct_channel), config=load_config(None, static))
+
+
+def test_modelopt_kv_scales_reach_the_fp8_cache(modelopt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = load_model(str(modelopt)).model
+    scales = getattr(model, KV_SCALES_ATTR)
+    assert sorted(scales) == [0, 1]
+    assert [float(s) for s in scales[1]] == pytest.approx([0.06, 0.03])
+    monkeypatch.setenv("FXLLM_NO_COMPILE_CACHE", "1")
+    llm = LLM(str(modelopt), config=load_config(None, [*BASE, "cache.dtype=fp8"]))
+    attrs = {n: p for n, p in [*llm.engine.runner.graph_module.named_buffers()] if n.startswith("kv_scale_")}
+    attrs.update(
+        {n: p for n, p in llm.engine.runner.graph_module.named_parameters() if n.startswith("kv_scale_")}
+    )
+    assert float(attrs["kv_scale_1_k"]) == pytest.approx(0.06) and float(
+        attrs["kv_scale_0_v"]
+    ) == pytest.approx(0.02)
+    assert len(llm.generate(PROMPTS[:1], GREEDY)[0].outputs[0].token_ids) == NEW
+
+
+def test_compile_explain_lists_the_checkpoint_fp8_gemms(ct_channel: Path) -> None:
+    from fxllm.serve.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["compile", str(ct_channel), "--explain", "--backend", "eager"]) == 0
+    rows = [line for line in out.getvalue().splitlines() if re.match(r"\s+fp8_\w+_default(_\d+)?\s", line)]
+    assert len(rows) == 8, out.getvalue()  # one row per FP8 GEMM: merged qkv, o, gate_up, down x 2 layers
+
+
+def _edit_config(folder: Path, edit: dict[str, object]) -> None:
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    group = config["quantization_config"]["config_groups"]["group_0"]
+    for key, value in edit.items():
+        section, _, field = key.partition(".")
+        group[section][field] = value
+    path.write_text(json.dumps(config))
+
+
+def _copy(folder: Path, dest: Path) -> Path:
+    dest.mkdir()
+    for file in folder.iterdir():
+        (dest / file.name).write_bytes(file.read_bytes())
+    return dest
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"input_activations.strategy": "group", "input_activations.group_size": 128}, r"input_activations: strategy 'group'"),
+        ({"weights.type": "int"}, r"weights: type 'int' with num_bits 8 is not supported"),
+        ({"weights.strategy": "group"}, r"weights: strategy 'group'"),
+    ],
+)  # fmt: skip
+def test_unsupported_compressed_tensors_schemes_fail_at_load(
+    ct_channel: Path, tmp_path: Path, edit: dict[str, object], message: str
+) -> None:
+    folder = _copy(ct_channel, tmp_path / "bad")
+    _edit_config(folder, edit)
+    with pytest.raises(Fp8CheckpointError, match=message):
+        load_model(str(folder))
+
+
+def test_bad_fp8_tensors_fail_at_load_naming_the_tensor(modelopt: Path, tmp_path: Path) -> None:
+    tensors = _checkpoint_tensors(modelopt)
+    missing = _copy(modelopt, tmp_path / "missing")
+    save_file({k: v for k, v in tensors.items() if k != "model.layers.1.mlp.up_proj.input_scale"},
+              str(missing / "model.safetensors"))  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"missing from the checkpoint.*model.layers.1.mlp.up_proj.input_scale"
+    ):
+        load_model(str(missing))
+    wrong = _copy(modelopt, tmp_path / "wrong")
+    tensors["model.layers.0.self_attn.q_proj.weight"] = tensors[
+        "model.layers.0.self_attn.q_proj.weight"
+    ].float()
+    save_file(tensors, str(wrong / "model.safetensors"))
+    with pytest.raises(
+        Fp8CheckpointError, match=r"'model.layers.0.self_attn.q_proj.weight' is torch.float32"
+    ):
+        load_model(str(wrong))
+    gptq = _copy(modelopt, tmp_path / "gptq")
+    (gptq / "hf_quant_config.json").unlink()
+    config = json.loads((gptq / "config.json").read_text())
+    (gptq / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq"}}))
+    with pytest.raises(Fp8CheckpointError, match=r"quant_method 'gptq' is not supported"):
+        load_model(str(gptq))
+    nvfp4 = _copy(modelopt, tmp_path / "nvfp4")
+    (nvfp4 / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "NVFP4"}}))
+    with pytest.raises(Fp8CheckpointError, match=r"quant_algo 'NVFP4' is not supported"):
+        load_model(str(nvfp4))
