@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager, suppress
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel
+from fastapi.responses import JSONResponse
 
 import fxllm
 from fxllm.config import FxllmConfig
@@ -34,6 +32,7 @@ from fxllm.serve.limits import RequestLimits, check_chat, client_field_names
 from fxllm.serve.metrics import CONTENT_TYPE, ResponseCounter, ServerMetrics
 from fxllm.serve.prompts import PromptPreparer
 from fxllm.serve.shutdown import Drain, serve_app
+from fxllm.serve.streaming import merge_streams, sse, sse_events, sse_response
 
 if TYPE_CHECKING:
     from fxllm.llm import LLM
@@ -43,48 +42,6 @@ logger = logging.getLogger(__name__)
 ReqT = TypeVar("ReqT", bound=P.SamplingFields)
 # Bodies larger than this are parsed on the tokenizer threads, not the event loop.
 PARSE_OFF_LOOP_BYTES = 64 << 10
-
-
-async def merge_streams(
-    streams: list[AsyncIterator[RequestOutput]],
-) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave several requests' output streams as (prompt index, output); closing it aborts them all."""
-    if len(streams) == 1:
-        async with aclosing(streams[0]) as only:  # type: ignore[type-var]
-            async for out in only:
-                yield 0, out
-        return
-    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
-
-    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
-        try:
-            async with aclosing(stream) as s:  # type: ignore[type-var]
-                async for out in s:
-                    queue.put_nowait((i, out))
-            queue.put_nowait((i, None))
-        except Exception as exc:
-            queue.put_nowait((i, exc))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            i, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _sse(payload: BaseModel | dict[str, Any]) -> str:
-    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
-    return f"data: {data}\n\n"
 
 
 class OpenAIServing:
@@ -182,67 +139,6 @@ class OpenAIServing:
                 with suppress(asyncio.CancelledError):
                     await task
 
-    async def _stream(
-        self,
-        stream: AsyncIterator[tuple[int, RequestOutput]],
-        n: int,
-        options: P.StreamOptions | None,
-        choice_of: Callable[[int, CompletionOutput, int], Any],
-        chunk_of: Callable[[list[Any], P.UsageInfo | None], BaseModel],
-        prologue: tuple[str, ...] = (),
-    ) -> AsyncIterator[str]:
-        """SSE events from DELTA outputs: one chunk per choice with news, a usage chunk if asked, [DONE].
-
-        `choice_of(index, delta, offset)` gets the choice's new text and tokens and how many characters
-        of its text were sent before.
-        """
-        opts = options or P.StreamOptions()
-        sent_chars: dict[int, int] = {}
-        finished: set[int] = set()
-        prompt_tokens: dict[int, int] = {}
-        completion_tokens: dict[int, int] = {}
-
-        def usage() -> P.UsageInfo:
-            prompt, completion = sum(prompt_tokens.values()), sum(completion_tokens.values())
-            return P.UsageInfo(
-                prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
-            )
-
-        for event in prologue:
-            yield event
-        try:
-            async with aclosing(stream) as s:  # type: ignore[type-var]
-                async for i, out in s:
-                    prompt_tokens[i] = len(out.prompt_token_ids)
-                    for c in out.outputs:
-                        index = i * n + c.index
-                        completion_tokens[index] = completion_tokens.get(index, 0) + len(c.token_ids)
-                    for c in out.outputs:
-                        index = i * n + c.index
-                        if index in finished or not (c.text or c.finish_reason or c.logprobs):
-                            continue
-                        offset = sent_chars.get(index, 0)
-                        sent_chars[index] = offset + len(c.text)
-                        if c.finish_reason is not None:
-                            finished.add(index)
-                        running = usage() if opts.continuous_usage_stats else None
-                        yield _sse(chunk_of([choice_of(index, c, offset)], running))
-        except OpenAIError as exc:
-            yield _sse(exc.payload())
-        except ValueError as exc:
-            yield _sse(from_value_error(exc).payload())
-        except Exception as exc:
-            logger.exception("generation failed mid-stream")
-            yield _sse(OpenAIError(500, f"generation failed: {type(exc).__name__}: {exc}").payload())
-        if opts.include_usage:
-            yield _sse(chunk_of([], usage()))
-        yield "data: [DONE]\n\n"
-
-    @staticmethod
-    def _sse_response(events: AsyncIterator[str]) -> StreamingResponse:
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-
     # ---- /v1/completions -------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
         """POST /v1/completions."""
@@ -273,7 +169,7 @@ class OpenAIServing:
             )
 
         if req.stream:
-            return self._sse_response(self._stream(stream, params.n, req.stream_options, choice_of, chunk_of))
+            return sse_response(sse_events(stream, params.n, req.stream_options, choice_of, chunk_of))
         finals = await self._collect(request, stream, len(prompts))
         if finals is None:
             return Response(status_code=499)
@@ -324,10 +220,10 @@ class OpenAIServing:
         if req.stream:
             role = P.DeltaMessage(role="assistant", content="")
             prologue = tuple(
-                _sse(chunk_of([P.ChatChunkChoice(index=i, delta=role)], None)) for i in range(params.n)
+                sse(chunk_of([P.ChatChunkChoice(index=i, delta=role)], None)) for i in range(params.n)
             )
-            return self._sse_response(
-                self._stream(stream, params.n, req.stream_options, choice_of, chunk_of, prologue)
+            return sse_response(
+                sse_events(stream, params.n, req.stream_options, choice_of, chunk_of, prologue)
             )
         finals = await self._collect(request, stream, 1)
         if finals is None:
