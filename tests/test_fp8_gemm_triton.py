@@ -145,3 +145,6 @@ def test_lowering_picks_per_site() -> None:
     odd_x, odd_xs = quantize_activation(torch.randn(2, 90))
     assert choose_implementation(_site(odd_x, odd_xs, odd_q, odd_scale)).backend == "triton"  # K % 16 != 0
     assert choose_implementation(_site(xq, xs, q, scale, device="cpu")).backend == "torch"
+    # A static input scale as the quantization emits it ([1, 1]) in front of a 3-D activation.
+    x3, static = xq.view(2, 2, 96), torch.tensor([0.02]).reshape(1, 1)
+    assert choose_implementation(_site(x3, static, q, scale)).backend == "scaled_mm"

@@ -50,9 +50,8 @@ def supported(xq: Tensor, x_scale: Tensor, weight: Tensor, weight_scale: Tensor,
     # Per token ([..., 1], as the quantization's amax keeps its dim) or one static value. Only the static
     # sizes are compared: M is symbolic in the lowering, and comparing it would add a guard.
     per_token = x_scale.dim() == xq.dim() and x_scale.shape[-1] == 1
-    if not per_token and not (
-        x_scale.dim() <= 1 and all(isinstance(d, int) and d == 1 for d in x_scale.shape)
-    ):
+    static = all(isinstance(d, int) and d == 1 for d in x_scale.shape)  # [1], or [1, 1] as quantized
+    if not (per_token or static):
         return False
     try:
         return weight_granularity(weight, weight_scale) in ("channel", "tensor")
