@@ -1,15 +1,20 @@
-"""Speculative decoding's machinery on one GPU (issue 16): an oracle drafter, k = 1, 2, 4, 8, batch 1 and 32.
+"""Speculative decoding's machinery on one GPU (issue 16): oracle and n-gram drafts, verify steps on CUDA graphs.
 
-Usage (GPU machine, repo root): PYTHONPATH=. python3 benchmarks/gpu_speculative.py --out $OUT
-(--cpu-check runs the same on tiny-llama on the CPU in a minute, to check the script itself.)
+Usage (GPU machine, repo root, < 4 minutes on one H100 from a cold compile cache):
+    PYTHONPATH=. python3 benchmarks/gpu_speculative.py --out $OUT
+`--smoke` runs the same on tiny-llama on the CPU in a minute (the verify buckets run padded, uncaptured),
+to check the script itself.
 
-With random weights acceptance means nothing, so the drafts are the target's own greedy continuation
-(computed first without speculation): every draft of a greedy request should be accepted, and tok/s
-shows what verification costs and gains at its best (ideal ~(k + 1)x at batch 1). Plain decoding runs
-with async scheduling on (the GPU default) and off; speculation runs synchronous steps. The verify step's
-cost: wall ms per engine step of a speculative run (a (1 + k) x B verify step, no CUDA graph: the decode
-graphs are captured for 1-token steps only) against a plain decode step (CUDA graph). Writes
-speculative.json and prints a table.
+With random weights acceptance means nothing, so the oracle's drafts are the target's own greedy
+continuation (computed first without speculation): every draft of a greedy request should be accepted,
+and tok/s shows what verification costs and gains at its best (ideal ~(k + 1)x at batch 1). The n-gram
+rows run prompt lookup on a repetitive prompt (a random base repeated), against plain decoding of the
+same prompt. Plain decoding runs with async scheduling on (the GPU default) and off; speculation runs
+synchronous steps. Each speculative run goes twice: verify steps replaying their CUDA graphs (buckets of
+batch x (1 + d) tokens, captured at start-up) and, for comparison, with the verify buckets hidden
+(the compiled forward called directly, as before they existed). `step_vs_decode`: wall ms per engine step
+of the speculative run against a plain synchronous decode step (CUDA graph). Writes speculative.json and
+prints a table.
 """
 
 from __future__ import annotations
@@ -21,24 +26,38 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fxllm.config import load_config
+import torch
+
+from fxllm.config import SpeculativeConfig, load_config
 from fxllm.llm import LLM
+from fxllm.runtime.cuda_graphs import DecodeGraphs
 from fxllm.runtime.sampling_params import SamplingParams
-from fxllm.runtime.speculative.decoder import SpeculativeDecoder
+from fxllm.runtime.speculative.decoder import NgramProposer, Proposer, SpeculativeDecoder
 from fxllm.runtime.speculative.oracle import OracleProposer
 from fxllm.serve.bench_offline import random_prompts
 
 logger = logging.getLogger("fxllm.gpu.speculative")
+PHASES = ("schedule_seconds", "inputs_seconds", "forward_seconds", "sample_seconds", "result_wait_seconds",
+          "update_seconds")  # fmt: skip
+COUNTERS = ("num_replays", "num_verify_replays", "num_verify_padded", "num_verify_unmatched", "num_too_large")
+
+
+def _counters(graphs: DecodeGraphs | None) -> dict[str, int]:
+    return {name: getattr(graphs, name) for name in COUNTERS} if graphs is not None else {}
 
 
 def _run(llm: LLM, prompts: list[list[int]], output_len: int) -> tuple[dict[str, Any], list[list[int]]]:
-    """Generate greedily from an empty prefix cache; tok/s, steps and ms per step."""
+    """Generate greedily from an empty prefix cache; tok/s, steps, ms per step, graph replays, acceptance."""
     engine = llm.engine
+    graphs = engine.runner.decode_graphs
     engine.kv_cache.reset_prefix_cache()
-    steps0, spec0 = engine.stats.num_steps, engine.speculator.stats if engine.speculator else None
-    drafted0 = spec0.draft_tokens if spec0 else 0
-    accepted0 = spec0.accepted_tokens if spec0 else 0
+    spec = engine.speculator.stats if engine.speculator else None
+    steps0, counters0 = engine.stats.num_steps, _counters(graphs)
+    phases0 = {name: getattr(engine.stats, name) for name in PHASES}
+    drafted0, accepted0 = (spec.draft_tokens, spec.accepted_tokens) if spec else (0, 0)
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    if engine.runner.device.type == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     seconds = time.perf_counter() - start
@@ -46,27 +65,74 @@ def _run(llm: LLM, prompts: list[list[int]], output_len: int) -> tuple[dict[str,
     tokens = [o.outputs[0].token_ids for o in outs]
     row: dict[str, Any] = {"output_tok_s": sum(map(len, tokens)) / seconds, "seconds": seconds, "steps": steps,
                            "ms_per_step": 1e3 * seconds / steps}  # fmt: skip
-    if spec0 is not None:
-        drafted = spec0.draft_tokens - drafted0
-        row["acceptance"] = (spec0.accepted_tokens - accepted0) / drafted if drafted else None
+    row["graphs"] = {k: v - counters0[k] for k, v in _counters(graphs).items()}
+    # Where a step's host time goes (EngineStats phases, ms per step): what async scheduling would hide.
+    row["phase_ms_per_step"] = {
+        name: 1e3 * (getattr(engine.stats, name) - phases0[name]) / steps for name in PHASES
+    }
+    if spec is not None:
+        drafted = spec.draft_tokens - drafted0
+        row["acceptance"] = (spec.accepted_tokens - accepted0) / drafted if drafted else None
     return row, tokens
 
 
+def _plain(llm: LLM, prompts: list[list[int]], output_len: int) -> tuple[dict[str, Any], list[list[int]]]:
+    """Plain decoding with async scheduling on and off; the tokens of the synchronous run."""
+    engine, plain = llm.engine, {}
+    for async_on in (True, False):
+        engine.speculator, engine.async_scheduling = None, async_on
+        plain[f"async_{'on' if async_on else 'off'}"], tokens = _run(llm, prompts, output_len)
+    engine.async_scheduling = False
+    return plain, tokens
+
+
+def _speculate(
+    llm: LLM,
+    config: SpeculativeConfig,
+    proposer: Proposer,
+    prompts: list[list[int]],
+    want: list[list[int]],
+    output_len: int,
+) -> dict[str, Any]:
+    """One speculative run with the verify buckets and one without (config.num_speculative_tokens drafts)."""
+    engine = llm.engine
+    graphs = engine.runner.decode_graphs
+    result: dict[str, Any] = {}
+    for mode in ("verify_graphs", "no_verify_graphs"):
+        hidden = graphs.verify_buckets if graphs is not None and mode == "no_verify_graphs" else None
+        if hidden is not None and graphs is not None:
+            graphs.verify_buckets = []
+        engine.speculator = SpeculativeDecoder(config, proposer)
+        try:
+            row, got = _run(llm, prompts, output_len)
+        finally:
+            if hidden is not None and graphs is not None:
+                graphs.verify_buckets = hidden
+        row["same_tokens"] = sum(a == b for a, b in zip(got, want)) / len(want)
+        result[mode] = row
+    engine.speculator = None
+    return result
+
+
 def main() -> int:
-    """Build the engine once; plain runs give the oracle's drafts; then every k at every batch size."""
+    """Build the engine once (verify buckets up to max k); plain, oracle and n-gram runs at each batch size."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
-    parser.add_argument("--ks", default="1,2,4,8")
-    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--ks", default="4,8")
+    parser.add_argument("--batches", default="1")
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--cpu-check", action="store_true", help="tiny-llama on the CPU (checks the script)")
+    parser.add_argument(
+        "--smoke", "--cpu-check", action="store_true", help="tiny-llama on the CPU (checks the script)"
+    )
     parser.add_argument("--set", action="append", default=[], help="config overrides")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
+    ks = [int(k) for k in args.ks.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
     base = (
         ["model.model=tiny-llama", "model.device=cpu", "model.dtype=float32", "compile.backend=eager"]
-        if args.cpu_check
+        if args.smoke
         else [
             "model.model=llama-3.1-8b",
             "model.device=cuda",
@@ -74,53 +140,82 @@ def main() -> int:
             "model.max_model_len=4096",
         ]
     )
-    config = load_config(None, [*base, "speculative.method=ngram", "speculative.disable_batch_size=0",
-                                "speculative.min_acceptance_rate=0", *args.set])  # fmt: skip
-    llm = LLM(config=config)
+    # Decode buckets for the batch sizes measured only: each gets verify buckets for 1 + d, d = 1..max(ks).
+    sizes = ",".join(map(str, batches))
+    overrides = [*base, f"compile.cuda_graph_batch_sizes=[{sizes}]", "speculative.method=ngram",
+                 f"speculative.num_speculative_tokens={max(ks)}", "speculative.disable_batch_size=0",
+                 "speculative.min_acceptance_rate=0", *args.set]  # fmt: skip
+    start = time.perf_counter()
+    llm = LLM(config=load_config(None, overrides))
     engine = llm.engine
-    spec_config = engine.speculator.config  # type: ignore[union-attr]
+    if args.smoke:  # no CUDA on the CPU: the same buckets, padded and run without capture
+        engine.runner.enable_decode_graphs(batches, engine.max_model_len, capture=False)
+    build_seconds = time.perf_counter() - start
+    assert engine.speculator is not None
+    spec_config = engine.speculator.config
+    graphs = engine.runner.decode_graphs
+    buckets = [(b.size, b.query_len) for b in graphs.verify_buckets] if graphs else []
+    logger.info("engine built in %.1f s; verify buckets %s", build_seconds, buckets)
     vocab = engine.vocab_size
-    ks = [int(k) for k in args.ks.split(",")]
+    ngram = NgramProposer(spec_config.prompt_lookup_min, spec_config.prompt_lookup_max)
     out_file = Path(args.out) / "speculative.json"
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"config": base + args.set, "output_len": args.output_len, "rows": []}
+    results: dict[str, Any] = {"config": overrides, "output_len": args.output_len, "build_seconds": build_seconds,
+                               "verify_buckets": buckets, "device": str(engine.runner.device), "rows": []}  # fmt: skip
+    if engine.runner.device.type == "cuda":
+        results["gpu"] = torch.cuda.get_device_name()
     table = []
-    for batch in [int(b) for b in args.batches.split(",")]:
-        prompts = random_prompts(batch, 128, vocab, 7 + batch)
+    for batch in batches:
+        random_set = random_prompts(batch, 128, vocab, 7 + batch)
+        # A random 32-token base repeated four times: prompt lookup finds its continuation in the prompt.
+        repetitive = [p[:32] * 4 for p in random_prompts(batch, 32, vocab, 99 + batch)]
         engine.speculator = None
-        llm.generate(prompts[:1], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm
+        llm.generate(random_set[:1], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm
         for round_index in range(args.rounds):
-            plain: dict[str, Any] = {}
-            for async_on in (True, False):
-                engine.speculator, engine.async_scheduling = None, async_on
-                plain[f"async_{'on' if async_on else 'off'}"], want = _run(llm, prompts, args.output_len)
-            engine.async_scheduling = False
-            oracle = OracleProposer({tuple(p): w for p, w in zip(prompts, want)})
-            for k in ks:
-                spec_config.num_speculative_tokens = k
-                engine.speculator = SpeculativeDecoder(spec_config, oracle)
-                row, got = _run(llm, prompts, args.output_len)
-                row.update(batch=batch, k=k, round=round_index,
-                           same_tokens=sum(a == b for a, b in zip(got, want)) / batch,
-                           speedup_vs_async=row["output_tok_s"] / plain["async_on"]["output_tok_s"],
-                           speedup_vs_sync=row["output_tok_s"] / plain["async_off"]["output_tok_s"],
-                           verify_step_vs_decode_step=row["ms_per_step"] / plain["async_off"]["ms_per_step"])  # fmt: skip
-                results["rows"].append({"plain": plain, **row})
-                table.append(row)
-                logger.info("batch %d k %d: %.1f tok/s (%.2fx async plain, %.2fx sync plain), acceptance %s, "
-                            "step %.2f ms vs %.2f ms", batch, k, row["output_tok_s"], row["speedup_vs_async"],
-                            row["speedup_vs_sync"], row["acceptance"], row["ms_per_step"],
-                            plain["async_off"]["ms_per_step"])  # fmt: skip
-                out_file.write_text(json.dumps(results, indent=1))
-    engine.speculator = None
-    print(
-        f"{'batch':>5} {'k':>2} {'tok/s':>9} {'x async':>8} {'x sync':>7} {'accept':>7} {'same':>5} {'step/decode':>11}"
-    )
+            for drafter, prompts in (("oracle", random_set), ("ngram", repetitive)):
+                plain, want = _plain(llm, prompts, args.output_len)
+                proposer: Proposer = (
+                    OracleProposer({tuple(p): w for p, w in zip(prompts, want)})
+                    if drafter == "oracle"
+                    else ngram
+                )
+                for k in ks:
+                    spec_config.num_speculative_tokens = k
+                    runs = _speculate(llm, spec_config, proposer, prompts, want, args.output_len)
+                    row = {
+                        "batch": batch,
+                        "k": k,
+                        "drafter": drafter,
+                        "round": round_index,
+                        "plain": plain,
+                        **runs,
+                    }
+                    results["rows"].append(row)
+                    out_file.write_text(json.dumps(results, indent=1))
+                    for mode, run in runs.items():
+                        line = {"batch": batch, "k": k, "drafter": drafter, "mode": mode, **run,
+                                "vs_async": run["output_tok_s"] / plain["async_on"]["output_tok_s"],
+                                "vs_sync": run["output_tok_s"] / plain["async_off"]["output_tok_s"],
+                                "step_vs_decode": run["ms_per_step"] / plain["async_off"]["ms_per_step"],
+                                "plain_tok_s": plain["async_on"]["output_tok_s"]}  # fmt: skip
+                        table.append(line)
+                        logger.info(
+                            "batch %d %s k %d %s: %.1f tok/s (%.2fx async plain), acceptance %s, graphs %s",
+                            batch, drafter, k, mode, run["output_tok_s"], line["vs_async"], run["acceptance"],
+                            run["graphs"],
+                        )  # fmt: skip
+    results["seconds"] = time.perf_counter() - start
+    out_file.write_text(json.dumps(results, indent=1))
+    print(f"{'batch':>5} {'drafter':>7} {'k':>2} {'verify graphs':>13} {'tok/s':>8} {'plain':>8} {'x async':>7} "
+          f"{'x sync':>6} {'accept':>6} {'same':>5} {'step/decode':>11} {'replays':>7}")  # fmt: skip
     for r in table:
         acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}"
-        print(f"{r['batch']:>5} {r['k']:>2} {r['output_tok_s']:>9.1f} {r['speedup_vs_async']:>8.2f} "
-              f"{r['speedup_vs_sync']:>7.2f} {acc:>7} {r['same_tokens']:>5.2f} {r['verify_step_vs_decode_step']:>11.2f}")  # fmt: skip
-    out_file.write_text(json.dumps(results, indent=1))
+        on = "on" if r["mode"] == "verify_graphs" else "off"
+        print(f"{r['batch']:>5} {r['drafter']:>7} {r['k']:>2} {on:>13} {r['output_tok_s']:>8.1f} "
+              f"{r['plain_tok_s']:>8.1f} {r['vs_async']:>7.2f} {r['vs_sync']:>6.2f} {acc:>6} "
+              f"{r['same_tokens']:>5.2f} {r['step_vs_decode']:>11.2f} "
+              f"{r['graphs'].get('num_verify_replays', 0):>7}")  # fmt: skip
+    print(f"total {results['seconds']:.0f} s (engine build {build_seconds:.0f} s)")
     return 0
 
 

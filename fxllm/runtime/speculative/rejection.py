@@ -58,6 +58,17 @@ def _uniform(count: int, generator: torch.Generator | None, device: torch.device
     return torch.rand(count, generator=generator, device=device).tolist()
 
 
+def greedy_run(best: Sequence[int], drafts: Sequence[int]) -> list[int]:
+    """Greedy verification from the k + 1 rows' argmax ids: drafts while each is the argmax, then the argmax."""
+    out: list[int] = []
+    for i, draft in enumerate(drafts):
+        if draft != best[i]:
+            break
+        out.append(draft)
+    out.append(best[len(out)])
+    return out
+
+
 def verify_sequence(
     logits: torch.Tensor,
     drafts: Sequence[int],
@@ -74,14 +85,7 @@ def verify_sequence(
     if logits.shape[0] != k + 1:
         raise ValueError(f"a sequence with {k} drafts needs {k + 1} logits rows, got {logits.shape[0]}")
     if is_greedy(params):
-        best = logits.argmax(dim=-1).tolist()
-        out: list[int] = []
-        for i, draft in enumerate(drafts):
-            if draft != best[i]:
-                break
-            out.append(draft)
-        out.append(best[len(out)])
-        return out
+        return greedy_run(logits.argmax(dim=-1).tolist(), drafts)
     probs = target_probs(logits, params)
     device = logits.device
     index = torch.tensor(list(drafts), dtype=torch.int64, device=device)
