@@ -2,28 +2,28 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import time
 from collections.abc import Sequence as SequenceABC
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from fxllm.runtime.async_step import LaunchedStep, remove_placeholders, timing_event
-from fxllm.runtime.detokenizer import IncrementalDetokenizer, finish_reason_for_token
+from fxllm.runtime.detokenizer import finish_reason_for_token
 from fxllm.runtime.engine_setup import resolve_device_dtype, resolve_eos_token_ids
+from fxllm.runtime.engine_stats import EngineStats
 from fxllm.runtime.kv_cache_manager import KVCacheManager
 from fxllm.runtime.model_runner import ModelRunner
 from fxllm.runtime.outputs import RequestOutput
 from fxllm.runtime.prompt_logprobs import record_prompt_logprobs
 from fxllm.runtime.request import Request, SequenceState
-from fxllm.runtime.sampler import Sampler, SamplingRow, make_generator
+from fxllm.runtime.request_builder import build_request
+from fxllm.runtime.sampler import Sampler, SamplingRow
 from fxllm.runtime.sampling_params import RequestOutputKind, SamplingParams
 from fxllm.runtime.scheduler import CapacityScheduler, ScheduledSequence, SchedulerConfig, create_scheduler
-from fxllm.runtime.sequence import Sequence, SequenceStatus
+from fxllm.runtime.sequence import SequenceStatus
 from fxllm.runtime.speculative.decoder import SpeculativeDecoder, VerifiedRun, rollback_drafts
 from fxllm.runtime.step_inputs import build_step_inputs
 
@@ -35,41 +35,6 @@ __all__ = [
     "resolve_device_dtype",
     "resolve_eos_token_ids",
 ]  # set-up helpers re-exported
-
-
-@dataclass
-class EngineStats:
-    """Engine counters, as the server's /metrics and `fxllm bench` report them."""
-
-    num_requests: int = 0
-    num_finished: int = 0
-    num_aborted: int = 0
-    num_prompt_tokens: int = 0
-    num_generated_tokens: int = 0
-    num_steps: int = 0
-    num_preemptions: int = 0
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_usage: float = 0.0
-    prefix_hit_rate: float = 0.0
-    prefix_hit_tokens: int = 0
-    prefix_queried_tokens: int = 0
-    # Wall seconds per phase of step(), summed: where a step's host time goes. The forward launches
-    # asynchronously on a GPU, so its device time shows up in `sample_seconds` (the first sync).
-    schedule_seconds: float = 0.0
-    inputs_seconds: float = 0.0
-    forward_seconds: float = 0.0
-    sample_seconds: float = 0.0
-    update_seconds: float = 0.0
-    # Where the host and the device do not overlap. `result_wait_seconds`: host time blocked waiting for a
-    # step's sampled ids (part of `sample_seconds`). `overlap_seconds`: host time between enqueueing a
-    # step's sampling and starting to wait for its ids, i.e. host work done while that step may still run
-    # on the device (async scheduling; ~0 when synchronous). `gpu_idle_seconds` (CUDA only, 0 on the CPU):
-    # gaps on the GPU timeline between one step's last op and the next step's first, measured with CUDA
-    # events: the host time not overlapped with the GPU.
-    result_wait_seconds: float = 0.0
-    overlap_seconds: float = 0.0
-    gpu_idle_seconds: float = 0.0
 
 
 class Engine:
@@ -128,71 +93,7 @@ class Engine:
         request_id: str | None = None,
     ) -> Request:
         """Validate and build a request without touching engine state (safe from any thread)."""
-        params = params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
-        params = self._with_extra_eos(params)
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("the prompt is empty; send at least one token")
-            text, token_ids = prompt, self.tokenize(prompt)
-        else:
-            text, token_ids = None, [int(t) for t in prompt]
-        if not token_ids:
-            raise ValueError("the prompt is empty; send at least one token")
-        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(token_ids)} tokens but this model's context is {self.max_model_len} tokens "
-                "(prompt plus at least one generated token); shorten the prompt"
-            )
-        room = self.max_model_len - len(token_ids)
-        max_tokens = room if params.max_tokens is None else params.max_tokens
-        if max_tokens > room:
-            raise ValueError(
-                f"this model's maximum context length is {self.max_model_len} tokens; the request asks for "
-                f"{len(token_ids) + max_tokens} ({len(token_ids)} in the prompt + {max_tokens} max_tokens); "
-                "lower max_tokens or shorten the prompt"
-            )
-        blocks = -(-(len(token_ids) + max_tokens) // self.kv_cache.block_size)
-        if blocks > self.kv_cache.num_blocks:
-            raise ValueError(
-                f"the request may need {blocks} KV blocks but the pool has {self.kv_cache.num_blocks}; "
-                "lower max_tokens or enlarge the KV cache"
-            )
-        rid = request_id if request_id is not None else f"req-{next(self._request_ids)}"
-        states = []
-        now = time.monotonic()
-        for i in range(params.n):
-            seq = Sequence(next(self._seq_ids), list(token_ids), len(token_ids), max_tokens, now)
-            seed = None if params.seed is None else params.seed + i
-            states.append(
-                SequenceState(
-                    seq=seq,
-                    detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids, params)
-                    if self.tokenizer
-                    else None,  # type: ignore[arg-type]
-                    generator=make_generator(seed, self.runner.device),
-                    max_tokens=max_tokens,
-                    logprobs=[] if params.logprobs is not None else None,
-                )
-            )
-        request = Request(rid, text, token_ids, params, states)
-        if params.prompt_logprobs is not None:
-            # The first sequence computes the whole prompt (no prefix-cache reuse: every position needs
-            # its logits); the others of n > 1 may reuse its blocks.
-            states[0].seq.reuse_prefix_cache = False
-            request.prompt_logprobs = [None] * len(token_ids)
-        return request
-
-    def _with_extra_eos(self, params: SamplingParams) -> SamplingParams:
-        """`params` with the further EOS ids added to stop_token_ids (a copy; none with ignore_eos)."""
-        extra = [t for t in self.eos_token_ids[1:] if t not in params.stop_token_ids]
-        if not extra or params.ignore_eos:
-            return params
-        return dataclasses.replace(params, stop_token_ids=[*params.stop_token_ids, *extra])
+        return build_request(self, prompt, params, request_id)
 
     def add(self, request: Request) -> None:
         """Queue a built request for scheduling."""
