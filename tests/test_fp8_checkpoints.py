@@ -311,6 +311,17 @@ def test_static_tensor_activations_use_the_checkpoint_scales(
     assert tokens == _eager_greedy(load_model(str(ct_static)).model)
     with pytest.raises(Exception, match=r"static_tensor: 14 FP8 layer.*no input_scale"):
         LLM(str(ct_channel), config=load_config(None, static))
+    # method fp8 on top: nothing float is left to quantize but the excluded LM head, so the same tokens;
+    # without the exclusion the LM head would need an input scale it does not have.
+    on_top = LLM(str(ct_static), config=load_config(None, [*static, "quantization.method=fp8"]))
+    assert [out.outputs[0].token_ids for out in on_top.generate(PROMPTS, GREEDY)] == tokens
+    with pytest.raises(
+        Exception, match=r"static_tensor needs calibrated input scales.*'model.lm_head.weight'"
+    ):
+        LLM(
+            str(ct_static),
+            config=load_config(None, [*static, "quantization.method=fp8", "quantization.exclude=[]"]),
+        )
 
 
 def test_modelopt_kv_scales_reach_the_fp8_cache(modelopt: Path, monkeypatch: pytest.MonkeyPatch) -> None:

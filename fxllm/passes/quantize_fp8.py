@@ -133,11 +133,6 @@ def quantize_fp8(gm: GraphModule, ctx: PassContext) -> PassResult:
     if ctx.parallel is not None and getattr(ctx.parallel, "size", 1) > 1:
         raise ValueError("quantization.method fp8 with parallel.tensor_parallel_size > 1 is not supported yet: "
                          "shard_tp finds row-parallel GEMMs as aten.linear; run FP8 on one rank")  # fmt: skip
-    if config.activation_scheme != "dynamic_token":
-        raise ValueError(
-            "quantization.activation_scheme static_tensor needs calibrated input scales, which only an FP8 "
-            "checkpoint provides; use dynamic_token to quantize a float model"
-        )
     graph = gm.graph
     done: dict[str, tuple[str, str]] = {}  # weight attr -> (fp8 weight attr, scale attr): quantized once
     skipped: dict[str, int] = {}
@@ -161,6 +156,11 @@ def quantize_fp8(gm: GraphModule, ctx: PassContext) -> PassResult:
                 f"{node.name}: {tensor.dtype} weight of shape {tuple(tensor.shape)}; not quantized"
             )
             continue
+        if config.activation_scheme != "dynamic_token":  # an FP8 checkpoint's own layers have theirs
+            raise ValueError(
+                f"quantization.activation_scheme static_tensor needs calibrated input scales, which only an FP8 "
+                f"checkpoint provides: float linear {target!r} has none; exclude it or use dynamic_token"
+            )
         attrs = done.get(target)
         if attrs is None:
             index = len(done)
