@@ -122,8 +122,9 @@ def test_dtype_and_graph_config_changes_miss_and_say_what_changed(
     assert "compile.op_backends changed" in _changed_key(caplog, "compile.op_backends.rms_norm=torch")
     assert "model config changed" in _changed_key(caplog, "model.num_layers=1")
     assert "compile.cpu_freezing auto -> off" in _changed_key(caplog, "compile.cpu_freezing=off")
+    assert "quantization changed" in _changed_key(caplog, "quantization.method=fp8")
     assert "compile cache miss" in caplog.text
-    assert len(_entries(cache_dir)) == 6
+    assert len(_entries(cache_dir)) == 7
     # Each of them is now a hit; the graph without fuse_add_rms_norm really is another graph.
     unfused = _build("compile.passes.fuse_add_rms_norm=false")
     assert unfused.build_info.compile_cache == "hit"
@@ -283,7 +284,7 @@ def test_cache_list_and_clear(cache_dir: Path, capsys: pytest.CaptureFixture[str
 
 
 def test_operator_targets_round_trip() -> None:
-    from fxllm.compiler.cache_graph import decode_callable, encode_callable
+    from fxllm.compiler.cache_nodes import decode_callable, encode_callable
 
     for fn in (operator.getitem, torch.ops.aten.add.Tensor, torch.ops.aten.sym_size.int, torch.cat,
                torch.Tensor.view, torch.nn.functional.pad):  # fmt: skip
