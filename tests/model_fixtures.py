@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 
 from fxllm.models.loader import LoadedModel
 
@@ -15,3 +16,13 @@ def first_layers(loaded: LoadedModel, num_layers: int) -> LoadedModel:
     model.model.layers = model.model.layers[:num_layers]
     model.config.num_hidden_layers = num_layers
     return dataclasses.replace(loaded, model=model)
+
+
+def save_hf_folder(loaded: LoadedModel, folder: Path) -> str:
+    """Write `loaded` as a Hugging Face model folder (safetensors, config, tokenizer) and return its path: what
+    `LLM(path)` and each tensor-parallel rank load in a second, where the embedded GGUF is de-quantized anew
+    by every load."""
+    loaded.model.save_pretrained(folder, safe_serialization=True)
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(folder)
+    return str(folder)
