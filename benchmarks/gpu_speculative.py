@@ -126,6 +126,9 @@ def main() -> int:
         "--smoke", "--cpu-check", action="store_true", help="tiny-llama on the CPU (checks the script)"
     )
     parser.add_argument("--set", action="append", default=[], help="config overrides")
+    parser.add_argument(
+        "--max-seconds", type=float, default=225.0, help="start no new run after this (total)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     ks = [int(k) for k in args.ks.split(",")]
@@ -173,6 +176,8 @@ def main() -> int:
         llm.generate(random_set[:1], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm
         for round_index in range(args.rounds):
             for drafter, prompts in (("oracle", random_set), ("ngram", repetitive)):
+                if "cut_short" in results:
+                    break
                 plain, want = _plain(llm, prompts, args.output_len)
                 proposer: Proposer = (
                     OracleProposer({tuple(p): w for p, w in zip(prompts, want)})
@@ -180,6 +185,14 @@ def main() -> int:
                     else ngram
                 )
                 for k in ks:
+                    if time.perf_counter() - start > args.max_seconds:  # rows so far are in the JSON already
+                        results["cut_short"] = (
+                            f"stopped before batch {batch} round {round_index} {drafter} k {k}"
+                        )
+                        logger.warning(
+                            "--max-seconds %.0f reached: %s", args.max_seconds, results["cut_short"]
+                        )
+                        break
                     spec_config.num_speculative_tokens = k
                     runs = _speculate(llm, spec_config, proposer, prompts, want, args.output_len)
                     row = {
