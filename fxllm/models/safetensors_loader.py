@@ -202,7 +202,8 @@ def _assign(
     targets: list[tuple[nn.Module, str, bool]], t: torch.Tensor, name: str, dtype: torch.dtype
 ) -> None:
     module, leaf, is_param = targets[0]
-    adapt = getattr(module, "fxllm_adapt_tensor", None)  # an FP8 checkpoint layer: e4m3 and float32 scales stay
+    # An FP8 checkpoint layer (Fp8Linear): its e4m3 weight and float32 scales keep their dtypes.
+    adapt = getattr(module, "fxllm_adapt_tensor", None)
     if adapt is not None:
         t = adapt(leaf, t, name)
     current = module._parameters[leaf] if is_param else module._buffers[leaf]
