@@ -31,7 +31,7 @@ from fxllm.runtime.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 MARGIN_BOUND = 1e-3  # logits; see the module docstring
-MAX_NEW = 24
+MAX_NEW = 16
 TEXTS = [
     "The meeting is on Tuesday at 10am in room 4B. Bring the quarterly report and the budget sheet.",
     "Alice Smith, 34, engineer, Boston. Bob Jones, 41, teacher, Denver. Carol White, 29, nurse, Austin.",
@@ -56,7 +56,9 @@ def smollm2() -> Any:
 
 
 def _prompts(tokenizer: Any) -> list[list[int]]:
-    chats = [[{"role": "user", "content": task.format(text)}] for task in TASKS for text in TEXTS]
+    # A one-line system message instead of the template's default one: ~20 fewer tokens to prefill per prompt.
+    system = {"role": "system", "content": "You are a careful assistant."}
+    chats = [[system, {"role": "user", "content": task.format(text)}] for task in TASKS for text in TEXTS]
     assert len(chats) == 32
     texts = [
         tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) for chat in chats
