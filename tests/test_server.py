@@ -12,16 +12,19 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from model_fixtures import first_layers
 from server_fixtures import uvicorn_on_loopback
 
 from fxllm.config import FxllmConfig, config_from_dict
 from fxllm.llm import LLM
+from fxllm.models import load_model
 from fxllm.runtime.outputs import CompletionOutput
 from fxllm.runtime.sampling_params import SamplingParams
 from fxllm.serve.server import create_app
 
 MAX_TOKENS = 8
 MODEL = "smollm2"
+LAYERS = 4  # SmolLM2's first layers: see `served`
 PROMPTS = [f"{i} plus {i} is" for i in range(64)]  # short: prefill dominates on a 2-core CPU
 CHAT: list[Any] = [{"role": "user", "content": "What is the capital of France?"}]
 MAX_REQUEST_BYTES = 64 * 1024
@@ -45,7 +48,8 @@ class Served:
 def _config(**server: Any) -> FxllmConfig:
     return config_from_dict({
         "compile": {"backend": "eager"},
-        "cache": {"cpu_kv_bytes": 128 << 20},
+        # SmolLM2's pool of 128 MiB over 30 layers, over LAYERS: the same ~2,900 tokens, so the same context limit.
+        "cache": {"cpu_kv_bytes": (128 << 20) * LAYERS // 30},
         "scheduler": {"max_num_seqs": 64},
         "server": {"max_request_bytes": MAX_REQUEST_BYTES, **server},
     })  # fmt: skip
@@ -53,9 +57,14 @@ def _config(**server: Any) -> FxllmConfig:
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[Served]:
-    """Load smollm2, record greedy answers with the sync API, then serve it on a free loopback port."""
+    """Load smollm2, record greedy answers with the sync API, then serve it on a free loopback port.
+
+    SmolLM2's first LAYERS layers (its real weights, vocabulary and chat template): every test compares the
+    server with the LLM API on the same engine, so depth adds nothing but 7x the capture and step time."""
     config = _config()
-    llm = LLM(MODEL, config=config)
+    assert config.model.model == MODEL  # the name the server serves
+    loaded = first_layers(load_model(MODEL), LAYERS)
+    llm = LLM(loaded.model, config=config, tokenizer=loaded.tokenizer)
     greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
     expected = {p: o.outputs[0].text for p, o in zip(PROMPTS, llm.generate(PROMPTS, greedy))}
     expected_chat = llm.chat(CHAT, greedy)[0].outputs[0]
