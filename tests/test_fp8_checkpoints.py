@@ -277,12 +277,6 @@ def test_block_scale_checkpoint_merges_and_serves(ct_block: Path, monkeypatch: p
     assert tokens == _eager_greedy(load_model(str(ct_block)).model)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="compile cache: verify_weights' torch.equal(x, x) raises on float8 tensors bound from the model "
-    "(torch's alias fast path checks NaNs with equal_notnan, which has no float8 kernel); comparing "
-    ".view(torch.uint8) there fixes it, and then this test passes",
-)
 def test_fp8_checkpoint_warm_start_from_the_compile_cache(
     modelopt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

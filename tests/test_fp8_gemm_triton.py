@@ -56,7 +56,12 @@ def _case(m: int, n: int, k: int, dtype: torch.dtype, granularity: str, bias: bo
 
 
 TRITON_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3}
-SCALED_MM_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3 if DEVICE == "cuda" else 1e-3}
+# _scaled_mm on the H100 accumulates the e4m3 products on FP8 tensor cores in an order of its own: a float32
+# output differs from the float32 reference by 1.0e-4 (measured, 64 x 96 x 40 products), bf16 adds its rounding.
+SCALED_MM_TOL = {
+    torch.float32: 2e-4 if DEVICE == "cuda" else 1e-5,
+    torch.bfloat16: 2e-3 if DEVICE == "cuda" else 1e-3,
+}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
