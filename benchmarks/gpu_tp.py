@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger("fxllm.gpu.tp")
+_START = time.perf_counter()
 HIDDEN = 4096
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
 
@@ -315,6 +316,8 @@ def child_engine(spec: dict[str, Any], out_file: str) -> None:
 def _run_child(
     args: argparse.Namespace, mode: str, payload: dict[str, Any], name: str, timeout: float
 ) -> dict[str, Any]:
+    if args.budget_s is not None:  # end each part before the caller's own limit, so its log still comes back
+        timeout = max(1.0, min(timeout, args.budget_s - (time.perf_counter() - _START) - 3.0))
     # Parts go to a scratch folder: $OUT keeps only gpu_tp.json (the device tool returns few files).
     parts = Path(tempfile.gettempdir()) / "fxllm_gpu_tp_parts" / str(os.getpid())
     parts.mkdir(parents=True, exist_ok=True)
@@ -383,6 +386,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     parser.add_argument("--sections", default=None)
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="seconds for the whole run: each part ends in time to report (default: none)")  # fmt: skip
     parser.add_argument("--decode-tp", default="1,2", help="TP sizes of the decode8b and tp8b sections")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every engine of the decode8b, tp8b and llama70b sections")  # fmt: skip
