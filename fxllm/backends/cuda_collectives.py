@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -91,28 +92,37 @@ def symm_mem_available() -> bool:
     return ops is not None and hasattr(ops, "one_shot_all_reduce") and hasattr(ops, "two_shot_all_reduce_")
 
 
+def symmetric_buffer(
+    group_name: str, numel: int, dtype: torch.dtype, device: torch.device, what: str
+) -> tuple[Tensor, Any]:
+    """A new symmetric-memory buffer of `numel` elements over group `group_name` and its rendezvous handle.
+    A collective (every rank calls it together); refused while a CUDA graph is captured."""
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"{what}: no symmetric-memory buffer for {dtype} on {device} yet, and a CUDA graph is being "
+            "captured (buffers must exist before capture: run one eager step first)"
+        )
+    import torch.distributed._symmetric_memory as symm_mem
+
+    # Older torch needs the group enabled before a rendezvous; newer ones deprecate the call.
+    enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+    enabled = getattr(symm_mem, "is_symm_mem_enabled_for_group", None)
+    if enable is not None and (enabled is None or not enabled(group_name)):
+        enable(group_name)
+    buffer = symm_mem.empty(numel, dtype=dtype, device=device)
+    handle = symm_mem.rendezvous(buffer, group_name)
+    logger.info("%s: %.1f MiB symmetric-memory buffer of %s on %s, group %s",
+                what, numel * dtype.itemsize / 2**20, dtype, device, group_name)  # fmt: skip
+    return buffer, handle
+
+
 def _buffer(group_name: str, device: torch.device, dtype: torch.dtype, limits: GroupLimits) -> Tensor:
     key = (group_name, device, dtype)
     buffer = _BUFFERS.get(key)
     if buffer is None:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                f"all_reduce: no symmetric-memory buffer for {dtype} on {device} yet, and a CUDA graph is being "
-                "captured (buffers must exist before capture: run one eager step first)"
-            )
-        import torch.distributed._symmetric_memory as symm_mem
-
-        # Older torch needs the group enabled before a rendezvous; newer ones deprecate the call.
-        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-        enabled = getattr(symm_mem, "is_symm_mem_enabled_for_group", None)
-        if enable is not None and (enabled is None or not enabled(group_name)):
-            enable(group_name)
         numel = limits.two_shot_max_bytes // dtype.itemsize
-        buffer = symm_mem.empty(numel, dtype=dtype, device=device)
-        symm_mem.rendezvous(buffer, group_name)
+        buffer, _ = symmetric_buffer(group_name, numel, dtype, device, "all_reduce")
         _BUFFERS[key] = buffer
-        logger.info("symmetric-memory all-reduce buffer: %.1f MiB of %s on %s, group %s",
-                    numel * dtype.itemsize / 2**20, dtype, device, group_name)  # fmt: skip
     return buffer
 
 

@@ -166,23 +166,15 @@ def _group_rank_size(group_name: str) -> tuple[int, int]:
     return int(dist.get_rank(group)), int(dist.get_world_size(group))
 
 
-def _state(group_name: str, device: torch.device, dtype: torch.dtype, n_cols: int) -> _PeerState:
+def _state(group_name: str, device: torch.device, dtype: torch.dtype) -> _PeerState:
     key = (group_name, device, dtype)
     state = _STATES.get(key)
     if state is None:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                f"all_reduce_add_rms_norm: no symmetric buffer for {dtype} on {device} yet, and a CUDA graph "
-                "is being captured (buffers must exist before capture: run one eager step first)"
-            )
-        import torch.distributed._symmetric_memory as symm_mem
+        from fxllm.backends.cuda_collectives import symmetric_buffer
 
-        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-        enabled = getattr(symm_mem, "is_symm_mem_enabled_for_group", None)
-        if enable is not None and (enabled is None or not enabled(group_name)):
-            enable(group_name)
-        buffer = symm_mem.empty(MAX_ROWS * MAX_COLS, dtype=dtype, device=device)
-        handle = symm_mem.rendezvous(buffer, group_name)
+        buffer, handle = symmetric_buffer(
+            group_name, MAX_ROWS * MAX_COLS, dtype, device, "all_reduce_add_rms_norm"
+        )
         world = int(handle.world_size)
         pad_bytes = int(getattr(handle, "signal_pad_size", 0) or 0)
         if pad_bytes and pad_bytes < MAX_ROWS * world * 4:
@@ -192,8 +184,6 @@ def _state(group_name: str, device: torch.device, dtype: torch.dtype, n_cols: in
         state = _PeerState(buffer, int(handle.buffer_ptrs_dev), int(handle.signal_pad_ptrs_dev),
                            int(handle.rank), world)  # fmt: skip
         _STATES[key] = state
-        logger.info("fused all-reduce + RMSNorm: %.1f MiB symmetric buffer of %s on %s, group %s",
-                    buffer.numel() * buffer.element_size() / 2**20, dtype, device, group_name)  # fmt: skip
     return state
 
 
@@ -222,7 +212,7 @@ def all_reduce_add_rms_norm(
                         x.numel() // max(x.shape[-1], 1), x.shape[-1], x.dtype, COUNTS.fallback)  # fmt: skip
         return cuda_collectives.all_reduce_add_rms_norm(x, residual, weight, eps, group_name)
     n_cols = x.shape[-1]
-    state = _state(group_name, x.device, x.dtype, n_cols)
+    state = _state(group_name, x.device, x.dtype)
     x2 = x.reshape(-1, n_cols).contiguous()
     r2 = residual.reshape(-1, n_cols).contiguous()
     out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
