@@ -93,34 +93,9 @@ def _allreduce_rank(rank: int, world: int, port: int, out_file: str) -> None:
             fn(x, out)
             torch.cuda.synchronize()
             row[f"{name}_ok"] = bool((out == expected).all().item())
-            iters = 50
-            dist.barrier()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                fn(x, out)
-            end.record()
-            torch.cuda.synchronize()
-            row[f"{name}_eager_us"] = 1e3 * start.elapsed_time(end) / iters
+            row[f"{name}_eager_us"] = _time_us(lambda fn=fn, x=x, out=out: fn(x, out), graphed=False)
             try:  # the same calls captured in a CUDA graph (buffers exist already), replayed
-                graph = torch.cuda.CUDAGraph()
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    fn(x, out)
-                torch.cuda.current_stream().wait_stream(stream)
-                dist.barrier()
-                with torch.cuda.graph(graph):
-                    for _ in range(10):
-                        fn(x, out)
-                dist.barrier()
-                torch.cuda.synchronize()
-                start.record()
-                for _ in range(5):
-                    graph.replay()
-                end.record()
-                torch.cuda.synchronize()
-                row[f"{name}_graph_us"] = 1e3 * start.elapsed_time(end) / 50
+                row[f"{name}_graph_us"] = _time_us(lambda fn=fn, x=x, out=out: fn(x, out), graphed=True)
             except Exception as exc:  # reported, the other implementations still run
                 row[f"{name}_graph_us"] = None
                 row[f"{name}_graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
