@@ -99,6 +99,28 @@ def test_tp2_warm_start_binds_each_ranks_shards(qwen2_tp1: tuple, cache_dir: str
         _assert_same(qwen2_tp1, _run(llm))
 
 
+def test_tp2_speculative_verify_buckets_on_every_rank(llama_tp1: tuple) -> None:
+    """n-gram speculation at TP=2 with padded decode and verify buckets: rank 0 and the worker must pad each
+    verify step the same way (the step header carries the draft counts, the verify buckets go to every
+    rank), or their all-reduces would disagree in size; greedy tokens stay those of the bucket-free run
+    (40 tokens of a prompt whose output repeats itself, so the lookup drafts) and TP=1's (PROMPTS[1:]).
+    It runs before the module's shared TP engine (llama_tp2_fused) starts: one TP engine per process."""
+    repeating = [[1, 5, 9, 33, 5, 9, 33, 5, 9, 33, 5, 9]]
+    long = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    short = SamplingParams(max_tokens=PARAMS.max_tokens, temperature=0.0, ignore_eos=True)
+    overrides = ["parallel.tensor_parallel_size=2", "speculative.method=ngram", "speculative.num_speculative_tokens=2",
+                 "speculative.prompt_lookup_min=1", "parallel.collective_timeout_s=60"]  # fmt: skip
+    with _engine("tiny-llama", *overrides) as llm:
+        reference = [list(o.outputs[0].token_ids) for o in llm.generate(repeating, long)]
+        runner = llm.engine.runner
+        runner.enable_decode_graphs([1, 2, 4], 256, capture=False)
+        outputs = llm.generate(repeating, long)
+        assert [list(o.outputs[0].token_ids) for o in outputs] == reference
+        assert outputs[0].metrics.spec_draft_tokens > 0
+        assert runner.decode_graphs.num_verify_replays > 0
+        assert [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS[1:], short)] == llama_tp1[0][1:]
+
+
 def test_tp2_fused_allreduce_norm_equals_tp1(llama_tp2_fused: LLM, llama_tp1: tuple) -> None:
     """all_reduce + residual add + RMSNorm as one op: same tokens, logprobs within the tolerance."""
     expected = llama_tp1
@@ -117,27 +139,6 @@ def test_tp2_decode_buckets_on_every_rank(llama_tp2_fused: LLM, llama_tp1: tuple
         assert runner.decode_graphs.num_replays > 0 and runner.decode_graphs.num_too_large == 0
     finally:
         runner._runner.decode_graphs = None  # the rest of the module runs the plain path
-
-
-def test_tp2_speculative_verify_buckets_on_every_rank(llama_tp1: tuple) -> None:
-    """n-gram speculation at TP=2 with padded decode and verify buckets: rank 0 and the worker must pad each
-    verify step the same way (the step header carries the draft counts, the verify buckets go to every
-    rank), or their all-reduces would disagree in size; greedy tokens stay those of the bucket-free run
-    (40 tokens of a prompt whose output repeats itself, so the lookup drafts) and TP=1's (PROMPTS[1:])."""
-    repeating = [[1, 5, 9, 33, 5, 9, 33, 5, 9, 33, 5, 9]]
-    long = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
-    short = SamplingParams(max_tokens=PARAMS.max_tokens, temperature=0.0, ignore_eos=True)
-    overrides = ["parallel.tensor_parallel_size=2", "speculative.method=ngram", "speculative.num_speculative_tokens=2",
-                 "speculative.prompt_lookup_min=1", "parallel.collective_timeout_s=60"]  # fmt: skip
-    with _engine("tiny-llama", *overrides) as llm:
-        reference = [list(o.outputs[0].token_ids) for o in llm.generate(repeating, long)]
-        runner = llm.engine.runner
-        runner.enable_decode_graphs([1, 2, 4], 256, capture=False)
-        outputs = llm.generate(repeating, long)
-        assert [list(o.outputs[0].token_ids) for o in outputs] == reference
-        assert outputs[0].metrics.spec_draft_tokens > 0
-        assert runner.decode_graphs.num_verify_replays > 0
-        assert [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS[1:], short)] == llama_tp1[0][1:]
 
 
 def test_size_that_splits_heads_fails_before_spawning() -> None:
