@@ -17,7 +17,7 @@ import functools
 import operator
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import Graph, GraphModule, Node
 
 import fxllm.ops.collectives  # noqa: F401  (defines fxllm::all_reduce and fxllm::all_gather)
 from fxllm.passes.graph_utils import is_op, val
@@ -41,43 +41,42 @@ def _row_parallel_site(node: Node, wanted: dict[str, str]) -> str | None:
     return next((fqn for flat, fqn in wanted.items() if target == flat or target.endswith(f"_{flat}")), None)
 
 
+def _insert_after(graph: Graph, node: Node, op: object, args: tuple[object, ...]) -> None:
+    """Put `op(node, *args)` right after `node` and make every other user of `node` read it instead."""
+    with graph.inserting_after(node):
+        inserted = graph.call_function(op, (node, *args))  # type: ignore[arg-type]
+    inserted.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+    node.replace_all_uses_with(inserted, delete_user_cb=functools.partial(operator.is_not, inserted))
+
+
 @register_pass("shard_tp", "shard", _builtin=True)
 def shard_tp(gm: GraphModule, ctx: PassContext) -> PassResult:
-    """An fxllm::all_reduce after each row-parallel linear of a tensor-parallel rank's graph."""
+    """An fxllm::all_reduce after each row-parallel linear of a tensor-parallel rank's graph, an
+    fxllm::all_gather after a vocabulary-parallel LM head."""
     result = PassResult()
     info = getattr(ctx, "parallel", None)
     if info is None or info.size == 1:
         return result
     graph = gm.graph
     wanted = {_flat(name): name for name in info.row_parallel_weights}
-    found: set[str] = set()
-    for node in list(graph.nodes):
-        fqn = _row_parallel_site(node, wanted)
-        if fqn is None:
-            continue
-        with graph.inserting_after(node):
-            reduced = graph.call_function(torch.ops.fxllm.all_reduce.default, (node, info.group_name))
-        reduced.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
-        node.replace_all_uses_with(reduced, delete_user_cb=functools.partial(operator.is_not, reduced))
-        found.add(fqn)
-        result.num_matches += 1
     heads = {_flat(name): name for name in info.vocab_parallel_weights}
+    found: set[str] = set()
     gathered: set[str] = set()
     for node in list(graph.nodes):
-        fqn = _row_parallel_site(node, heads)
-        if fqn is None:
+        if (fqn := _row_parallel_site(node, wanted)) is not None:  # the sum of the partial products
+            _insert_after(graph, node, torch.ops.fxllm.all_reduce.default, (info.group_name,))
+            found.add(fqn)
+        elif (fqn := _row_parallel_site(node, heads)) is not None:  # the ranks' logits side by side
+            _insert_after(graph, node, torch.ops.fxllm.all_gather.default, (info.group_name, info.size))
+            gathered.add(fqn)
+        else:
             continue
-        with graph.inserting_after(node):
-            full = graph.call_function(torch.ops.fxllm.all_gather.default, (node, info.group_name, info.size))
-        full.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
-        node.replace_all_uses_with(full, delete_user_cb=functools.partial(operator.is_not, full))
-        gathered.add(fqn)
         result.num_matches += 1
     missing = sorted(set(wanted.values()) - found) + sorted(set(heads.values()) - gathered)
     if missing:
         raise RuntimeError(
-            f"shard_tp: the row-parallel weights {missing[:4]} are not the weight of any linear in the graph, "
-            "so their partial sums would never be added up; is a pass before `shard` rewriting them?"
+            f"shard_tp: the split weights {missing[:4]} are not the weight of any linear in the graph, so their "
+            "partial results would never be combined; is a pass before `shard` rewriting them?"
         )
     columns = sum(1 for style in info.plan.values() if style == "colwise")
     head = ", vocab-parallel LM head + fxllm::all_gather of its logits" if gathered else ""
