@@ -170,6 +170,19 @@ def constant_linears(gm: GraphModule, notes: list[str] | None = None) -> Iterato
             notes.append(f"{node.name}: {why}")
 
 
+def split_merged_output(gm: GraphModule, merged: Node, members: list[Node], widths: list[int]) -> None:
+    """Give each merged member its columns of `merged` (a slice of the last dimension, in member order), then
+    erase the members. Call it inside the graph's insertion point for the slices."""
+    start = 0
+    for member, width in zip(members, widths):
+        member.replace_all_uses_with(
+            gm.graph.call_function(torch.ops.aten.slice.Tensor, (merged, -1, start, start + width))
+        )
+        start += width
+    for member in members:
+        gm.graph.erase_node(member)
+
+
 def graph_device(gm: GraphModule) -> torch.device:
     """The device of the graph's first tensor input, else of its first weight (a graph from the compile
     cache has no fake values), else cpu."""

@@ -20,7 +20,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 import fxllm.ops.fp8_linear  # noqa: F401  (defines fxllm::fp8_linear)
-from fxllm.passes.graph_utils import arg, drop_attr_if_unused, fetch_attr, is_op
+from fxllm.passes.graph_utils import arg, drop_attr_if_unused, fetch_attr, is_op, split_merged_output
 from fxllm.passes.registry import PassContext, PassResult, register_pass
 from fxllm.quantization.fp8 import BLOCK, weight_granularity
 
@@ -89,13 +89,7 @@ def _merge_group(
         )
         merged.meta["nn_module_stack"] = first.meta.get("nn_module_stack", {})
         merged.meta["fxllm_merged_from"] = [str(w.target) for w, *_ in ops]
-        start = 0
-        for linear, weight in zip(linears, weights):
-            end = start + weight.shape[0]
-            linear.replace_all_uses_with(graph.call_function(aten.slice.Tensor, (merged, -1, start, end)))
-            start = end
-    for linear in linears:
-        graph.erase_node(linear)
+        split_merged_output(gm, merged, linears, [w.shape[0] for w in weights])
     for operand in {o for op in ops for o in op if o is not None}:
         drop_attr_if_unused(gm, operand)
 

@@ -12,7 +12,7 @@ from collections import defaultdict
 import torch
 from torch.fx import GraphModule, Node
 
-from fxllm.passes.graph_utils import arg, drop_attr_if_unused, fetch_attr, is_op
+from fxllm.passes.graph_utils import arg, drop_attr_if_unused, fetch_attr, is_op, split_merged_output
 from fxllm.passes.registry import PassContext, PassResult, register_pass
 
 logger = logging.getLogger(__name__)
@@ -52,14 +52,7 @@ def _merge_group(
             for n in linears
             if n.meta.get("nn_module_stack")
         ]
-        start = 0
-        for linear, tensor in zip(linears, tensors):
-            end = start + tensor.shape[0]
-            piece = graph.call_function(aten.slice.Tensor, (merged, -1, start, end))
-            linear.replace_all_uses_with(piece)
-            start = end
-    for linear in linears:
-        graph.erase_node(linear)
+        split_merged_output(gm, merged, linears, [t.shape[0] for t in tensors])
     for attr in [*weights, *[b for b in biases if b is not None]]:
         drop_attr_if_unused(gm, attr)
 
