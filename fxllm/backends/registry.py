@@ -192,7 +192,7 @@ def import_device_backends(device: torch.device) -> None:
     if device.type == "cpu":
         from fxllm.backends import cpu  # noqa: F401
     elif device.type == "cuda":
-        from fxllm.backends import cuda_collectives, triton  # noqa: F401
+        from fxllm.backends import cuda_all_gather, cuda_collectives, triton  # noqa: F401
 
         with contextlib.suppress(ImportError):  # without triton the unfused symm_mem backend serves the op
             from fxllm.backends.triton import allreduce_norm  # noqa: F401
