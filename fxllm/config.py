@@ -141,6 +141,10 @@ class QuantizationConfig:
     # Linears left in the model's dtype, matched against the module path or weight name (`lm_head` matches
     # `lm_head.weight`; `mlp.down_proj` every layer's down projection).
     exclude: list[str] = field(default_factory=lambda: ["lm_head"])
+    # auto | on | off: the per-token activation quantization written by the kernel that produces the
+    # activation (fxllm's fused add + RMSNorm, SiLU-and-mul; pass fuse_fp8_quant) instead of ATen ops
+    # after it. auto = off until the H100 measurement says the fused kernels win (docs/quantization.md).
+    fuse_activation_quant: str = "auto"
 
 
 @dataclass
@@ -245,6 +249,7 @@ _VALUE_CHECKS: dict[str, Callable[[Any], None]] = {
     "quantization.method": _one_of("none", "fp8"),
     "quantization.weight_granularity": _one_of("channel", "tensor", "block"),
     "quantization.activation_scheme": _one_of("dynamic_token", "static_tensor"),
+    "quantization.fuse_activation_quant": _one_of("auto", "on", "off"),
     "model.dtype": _check_dtype,
     "cache.dtype": check_cache_dtype,
     "compile.cpu_freezing": _check_cpu_freezing,

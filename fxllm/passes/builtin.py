@@ -5,6 +5,7 @@ from __future__ import annotations
 from fxllm.passes import (  # noqa: F401
     cleanup,
     fuse_add_rms_norm,
+    fuse_fp8_quant,
     gather_logits,
     insert_cached_attention,
     linear_ops,

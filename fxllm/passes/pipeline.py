@@ -27,6 +27,7 @@ BUILTIN_PIPELINE: tuple[str, ...] = (
     "merge_linears",
     "merge_fp8_linears",  # an FP8 checkpoint's q/k/v and gate/up fxllm::fp8_linear layers -> one GEMM each
     "quantize_fp8",  # quantization.method fp8: every GEMM but `exclude` -> fxllm::fp8_linear
+    "fuse_fp8_quant",  # quantization.fuse_activation_quant on: the e4m3 quantization into our norm / SiLU kernels
     "shard_tp",  # tensor parallelism: an all-reduce after each row-parallel linear (no-op on one rank)
     "fuse_allreduce_rms_norm",
     "insert_cached_attention",

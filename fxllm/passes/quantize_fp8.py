@@ -56,6 +56,8 @@ def _constant(node: Any) -> bool:
 
 
 QUANT_META = "fxllm_fp8_activation_quant"  # on the e4m3 activation node: the name of the fp8_gemm it feeds
+# On the same node: the name of the activation it quantizes (fuse_fp8_quant finds the producer through it).
+QUANT_INPUT_META = "fxllm_fp8_activation_quant_input"
 
 
 def emit_fp8_linear(
@@ -91,6 +93,7 @@ def emit_fp8_linear(
     q_node = gemm.args[0]
     assert isinstance(q_node, Node)
     q_node.meta[QUANT_META] = gemm.name
+    q_node.meta[QUANT_INPUT_META] = x.name
     return gemm
 
 

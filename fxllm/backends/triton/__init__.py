@@ -133,7 +133,13 @@ def _register() -> bool:
     # already streams Llama-3.1-8B's weights at 2.5-2.9 TB/s at M = 1 and the GEMV measured 0.84-1.0x of
     # it (benchmarks/gpu_gemv.py, RESULTS.md), so by default the reference (aten.linear, cuBLAS) runs.
     register_op_backend("linear", BACKEND, gemv.linear, supports=supports, priority=0)
-    from fxllm.backends.triton import fp8_gemm
+    from fxllm.backends.triton import fp8_gemm, quant_fused
+
+    # Producers with the FP8 activation quantization fused in (emitted by fuse_fp8_quant when it is on).
+    register_op_backend("fused_add_rms_norm_fp8", BACKEND, quant_fused.fused_add_rms_norm_fp8, priority=PRIORITY,
+                        supports=lambda site: supports(site) and len(site.args) >= 3 and quant_fused.norm_supported(*site.args[:3]))  # fmt: skip
+    register_op_backend("silu_and_mul_fp8", BACKEND, quant_fused.silu_and_mul_fp8, priority=PRIORITY,
+                        supports=lambda site: supports(site) and len(site.args) >= 2 and quant_fused.silu_supported(*site.args[:2]))  # fmt: skip
 
     def fp8_site(site: OpSite, check: Callable[..., bool]) -> bool:
         xq, x_scale, weight, weight_scale, _bias, out_dtype = site.args

@@ -1,0 +1,204 @@
+"""Triton kernels that write the FP8 activation directly: `fxllm::fused_add_rms_norm_fp8` and
+`fxllm::silu_and_mul_fp8` (fxllm/ops/fp8_fused.py has the semantics).
+
+Each is its unquantized kernel (norms.py, activations.py: the same operations in the same order, so the
+normed / activated row is bit for bit what they store) followed, in registers, by quantize_activation:
+round the row to its output dtype, amax(|row|) / 448 floored at MIN_SCALE, then row / scale clamped to
++-448 and cast to e4m3 (round to nearest even). Both divisions are IEEE (`div_rn`), as torch's eager
+division; Triton's plain `/` is div.full.f32 (approximate), which Inductor emits by default, so the
+unfused Inductor-compiled quantization may put a value one e4m3 step away where the quotient sits
+within ~2 ulp of a rounding boundary (rare; benchmarks/gpu_fp8.py's fused_quant section counts them).
+The e4m3 row is written once: the bf16 activation the unfused path wrote and read back is never stored.
+
+SiLU-and-mul needs the row's amax before it can write any e4m3 value and its rows are long (Llama-3.1-8B:
+14,336), so one program takes a row and walks it twice in BLOCK-wide chunks: pass 1 the amax, pass 2
+recomputes and writes (the second read of gate/up mostly hits L2). The norm holds its row in registers
+(norms.py's tiling), so it reads once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fxllm.backends.triton.norms import _MAX_BLOCK_N, _as_rows, _launch_config
+from fxllm.quantization.fp8 import FP8_DTYPE, FP8_MAX, MIN_SCALE
+
+_CHUNK = 2048  # SiLU-and-mul columns per step of a row's walk
+_ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the unquantized output's dtype
+
+
+@triton.jit
+def _round_to(v, ROUND: tl.constexpr):
+    """v (float32) rounded to the unquantized output's dtype and back, as the unfused op stores it."""
+    if ROUND == 1:
+        v = v.to(tl.bfloat16).to(tl.float32)
+    elif ROUND == 2:
+        v = v.to(tl.float16).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _quantize(v, scale, q_ptrs, mask, QMAX: tl.constexpr):
+    q = tl.math.div_rn(v, scale)
+    q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
+    tl.store(q_ptrs, q.to(q_ptrs.dtype.element_ty), mask=mask)
+
+
+# `n_rows` changes every step: no variant per value class (norms.py does the same).
+@triton.jit(do_not_specialize=["n_rows"])
+def _add_rms_norm_fp8_kernel(
+    x_ptr,
+    r_ptr,
+    w_ptr,
+    q_ptr,
+    s_ptr,
+    sum_ptr,
+    n_rows,
+    n_cols,
+    stride_x,
+    stride_r,
+    stride_q,
+    stride_sum,
+    eps,
+    ROUND: tl.constexpr,
+    QMAX: tl.constexpr,
+    MIN_S: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (cols < n_cols)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    r = tl.load(r_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+    # norms.py's operations: the sum rounded to its storage dtype, normalised in float32, rounded to the
+    # sum's dtype, times the weight in float32.
+    summed = (x.to(tl.float32) + r.to(tl.float32)).to(sum_ptr.dtype.element_ty)
+    tl.store(sum_ptr + rows[:, None] * stride_sum + cols[None, :], summed, mask=mask)
+    xf = summed.to(tl.float32)
+    var = tl.sum(xf * xf, axis=1) / n_cols
+    normed = (xf * tl.rsqrt(var + eps)[:, None]).to(sum_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0)
+    out = _round_to(normed.to(tl.float32) * w.to(tl.float32)[None, :], ROUND)
+    # Masked columns are 0 (x, r and w load 0), so they leave the amax alone.
+    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(out), axis=1), QMAX), MIN_S)
+    tl.store(s_ptr + rows, scale, mask=row_ok)
+    _quantize(out, scale[:, None], q_ptr + rows[:, None] * stride_q + cols[None, :], mask, QMAX)
+
+
+@triton.jit
+def _silu_mul(g_ptrs, u_ptrs, mask, ROUND: tl.constexpr):
+    g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptrs, mask=mask, other=0.0).to(tl.float32)
+    return _round_to((g / (1.0 + tl.exp(-g))) * u, ROUND)  # activations.py's silu, then one rounding
+
+
+@triton.jit
+def _silu_and_mul_fp8_kernel(
+    g_ptr,
+    u_ptr,
+    q_ptr,
+    s_ptr,
+    n_cols,
+    stride_g,
+    stride_u,
+    stride_q,
+    ROUND: tl.constexpr,
+    QMAX: tl.constexpr,
+    MIN_S: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    g_row, u_row, q_row = g_ptr + row * stride_g, u_ptr + row * stride_u, q_ptr + row * stride_q
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        amax = tl.maximum(amax, tl.abs(_silu_mul(g_row + cols, u_row + cols, mask, ROUND)))  # masked: 0
+    scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), QMAX), MIN_S)
+    tl.store(s_ptr + row, scale)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        _quantize(_silu_mul(g_row + cols, u_row + cols, mask, ROUND), scale, q_row + cols, mask, QMAX)
+
+
+def _outputs(like: Tensor) -> tuple[Tensor, Tensor]:
+    q = torch.empty(like.shape, dtype=FP8_DTYPE, device=like.device)
+    scale = torch.empty((*like.shape[:-1], 1), dtype=torch.float32, device=like.device)
+    return q, scale
+
+
+def norm_supported(x: Tensor, residual: Tensor, weight: Tensor) -> bool:
+    """Whether the fused add + RMSNorm kernel takes these operands (else the reference is lowered)."""
+    out_dtype = torch.promote_types(torch.promote_types(x.dtype, residual.dtype), weight.dtype)
+    return (
+        x.dim() >= 1
+        and residual.dim() == x.dim()  # only static sizes: comparing symbolic rows would add a guard
+        and residual.shape[-1] == x.shape[-1]
+        and tuple(weight.shape) == (x.shape[-1],)
+        and out_dtype in _ROUND
+        and triton.next_power_of_2(x.shape[-1]) <= _MAX_BLOCK_N
+    )
+
+
+def silu_supported(gate: Tensor, up: Tensor) -> bool:
+    """Whether the SiLU-and-mul kernel takes these operands (same shape, a float output dtype)."""
+    out_dtype = torch.promote_types(gate.dtype, up.dtype)
+    return (
+        gate.dim() >= 1
+        and gate.dim() == up.dim()  # only static sizes (see norm_supported)
+        and gate.shape[-1] == up.shape[-1]
+        and gate.shape[-1] > 0
+        and out_dtype in _ROUND
+    )
+
+
+def fused_add_rms_norm_fp8(
+    x: Tensor, residual: Tensor, weight: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Triton (e4m3 rms_norm(x + residual), per-token scale, x + residual) in one pass over memory."""
+    if residual.shape != x.shape or not norm_supported(x, residual, weight):
+        raise ValueError(f"fused_add_rms_norm_fp8: unsupported operands {tuple(x.shape)} {x.dtype} / "
+                         f"{tuple(residual.shape)} / {tuple(weight.shape)}; the lowering checks norm_supported")  # fmt: skip
+    n_cols = x.shape[-1]
+    sum_dtype = torch.promote_types(x.dtype, residual.dtype)
+    summed = torch.empty(x.shape, dtype=sum_dtype, device=x.device)
+    q, scale = _outputs(x)
+    x2, r2 = _as_rows(x), _as_rows(residual)
+    q2, s2, sum2 = q.view(-1, n_cols), scale.view(-1), summed.view(-1, n_cols)
+    n_rows = x2.shape[0]
+    if n_rows == 0:
+        return q, scale, summed
+    block_r, block_n, num_warps = _launch_config(n_cols)
+    _add_rms_norm_fp8_kernel[(triton.cdiv(n_rows, block_r),)](
+        x2, r2, weight.contiguous(), q2, s2, sum2, n_rows, n_cols,
+        x2.stride(0), r2.stride(0), q2.stride(0), sum2.stride(0), eps,
+        ROUND=_ROUND[torch.promote_types(sum_dtype, weight.dtype)], QMAX=FP8_MAX, MIN_S=MIN_SCALE,
+        BLOCK_R=block_r, BLOCK_N=block_n, num_warps=num_warps,
+    )  # fmt: skip
+    return q, scale, summed
+
+
+def silu_and_mul_fp8(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    """Triton (e4m3 silu(gate) * up, per-token scale); gate and up may be strided slices of one GEMM output."""
+    if gate.shape != up.shape or not silu_supported(gate, up):
+        raise ValueError(f"silu_and_mul_fp8: unsupported operands {tuple(gate.shape)} {gate.dtype} / "
+                         f"{tuple(up.shape)} {up.dtype}; the lowering checks silu_supported")  # fmt: skip
+    out_dtype = torch.promote_types(gate.dtype, up.dtype)
+    q, scale = _outputs(gate)
+    n_cols = gate.shape[-1]
+    g2, u2 = _as_rows(gate), _as_rows(up)
+    q2 = q.view(-1, n_cols)
+    if g2.shape[0] == 0:
+        return q, scale
+    block = min(_CHUNK, triton.next_power_of_2(n_cols))
+    _silu_and_mul_fp8_kernel[(g2.shape[0],)](
+        g2, u2, q2, scale.view(-1), n_cols, g2.stride(0), u2.stride(0), q2.stride(0),
+        ROUND=_ROUND[out_dtype], QMAX=FP8_MAX, MIN_S=MIN_SCALE, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+    )  # fmt: skip
+    return q, scale
