@@ -1,6 +1,7 @@
 """FP8 weights and activations on the GPU (issue 15): GEMMs, logits and decode of the Llama-3.1-8B preset.
 
-Sections (`--sections gemm,logits,decode`; the default runs all three within `--budget-s`, 290 s, on one H100):
+Sections (`--sections gemm,logits,decode`; the default runs these three within `--budget-s`, 290 s, on one H100;
+fused_quant and fused_decode run when named):
   gemm    Llama-3.1-8B projections at M = 1, 16, 64, 256, 2048, microseconds in a CUDA graph
           (do_bench_cudagraph), weight bytes / time vs 3.0 TB/s, and each path's error vs its reference:
             bf16_mm             F.linear in bfloat16 (cuBLAS)
@@ -19,9 +20,14 @@ Sections (`--sections gemm,logits,decode`; the default runs all three within `--
           fp8_gemm backend (scaled_mm, triton, torch = the reference) against each other and against bf16.
   decode  the full preset, bf16 then FP8, one engine at a time: batch-1 decode tok/s (128 tokens after a
           128-token prompt) and offline throughput, 256 requests x 128 prompt / 128 output tokens.
+  fused_quant   the activation quantization in ATen after fxllm's Triton add + RMSNorm / SiLU-and-mul
+          (Inductor's kernel) vs fused into them (quantization.fuse_activation_quant), each followed by the
+          same _scaled_mm, at M = 1, 16, 256, 2048 (benchmarks/gpu_fp8_fused.py; ~1 min on an H100).
+  fused_decode  the FP8 engine with fuse_activation_quant on, then off: as decode (two cold 8B builds).
 Each section is skipped (noted in the JSON) when the budget left is below what it needs.
 
     python benchmarks/gpu_fp8.py --out DIR [--sections gemm,logits,decode] [--budget-s 290]
+    python benchmarks/gpu_fp8.py --out DIR --sections fused_quant,fused_decode --budget-s 560   # issue 15 item 2
 
 Two cold 8B engines do not fit 5 minutes next to the other sections (a cold start was 130 s on the H100,
 86 s of it Inductor, benchmarks/RESULTS.md): the default run measures FP8 decode and skips bf16 when
@@ -202,8 +208,17 @@ def logits_section(device: str, smoke: bool) -> dict[str, Any]:
     return out
 
 
-def decode_section(device: str, smoke: bool, deadline: float) -> dict[str, Any]:
-    """Batch-1 decode and 256 x 128/128 throughput, FP8 then bf16, one engine at a time."""
+DECODE_VARIANTS = {"fp8": ["quantization.method=fp8"], "none": ["quantization.method=none"]}  # FP8 first
+FUSED_DECODE_VARIANTS = {
+    "fp8_fused": ["quantization.method=fp8", "quantization.fuse_activation_quant=on"],
+    "fp8_unfused": ["quantization.method=fp8", "quantization.fuse_activation_quant=off"],
+}
+
+
+def decode_section(
+    device: str, smoke: bool, deadline: float, variants: dict[str, list[str]] | None = None
+) -> dict[str, Any]:
+    """Batch-1 decode and 256 x 128/128 throughput per variant (default: FP8 then bf16), one engine at a time."""
     from fxllm.config import load_config
     from fxllm.llm import LLM
     from fxllm.serve.bench_offline import fxllm_decode_rate, fxllm_throughput, random_prompts
@@ -211,13 +226,12 @@ def decode_section(device: str, smoke: bool, deadline: float) -> dict[str, Any]:
     preset = "tiny-llama" if smoke else PRESET
     num, in_len, out_len = (4, 16, 8) if smoke else (256, 128, 128)
     rows: dict[str, Any] = {}
-    for method in ("fp8", "none"):  # FP8 first: it is what this script is for
+    for method, extra in (variants or DECODE_VARIANTS).items():
         left = deadline - time.perf_counter()
         if not smoke and left < NEEDS_S["decode_engine"]:
             rows[method] = {"skipped": f"{left:.0f} s of the budget left; an 8B engine needs ~125 s"}
             continue
-        overrides = [f"model.model={preset}", f"model.device={device}", "model.max_model_len=2048",
-                     f"quantization.method={method}",
+        overrides = [f"model.model={preset}", f"model.device={device}", "model.max_model_len=2048", *extra,
                      "compile.cuda_graph_batch_sizes=[1,2,4,8,16,32,64,128,256]"]  # fmt: skip
         if smoke:
             overrides += ["compile.backend=eager", "cache.num_blocks=64"]
@@ -259,7 +273,12 @@ def _table(results: dict[str, Any]) -> str:
     for key, value in results.get("logits", {}).items():
         if isinstance(value, dict) and "rel_err" in value:
             lines.append(f"logits {key}: rel {value['rel_err']:.4f} top-1 {value['top1']:.3f}")
-    for method, r in results.get("decode", {}).items():
+    if results.get("fused_quant"):
+        from gpu_fp8_fused import fused_quant_table
+
+        lines += fused_quant_table(results["fused_quant"])
+    decodes = {**results.get("decode", {}), **results.get("fused_decode", {})}
+    for method, r in decodes.items():
         if "skipped" in r:
             lines.append(f"decode {method}: skipped ({r['skipped']})")
             continue
@@ -304,8 +323,16 @@ def main() -> int:
                 results["logits"] = logits_section(device, args.smoke)
             elif section == "decode":
                 results["decode"] = decode_section(device, args.smoke, deadline)
+            elif section == "fused_quant":
+                from gpu_fp8_fused import fused_quant_section
+
+                results["fused_quant"] = fused_quant_section(device, args.smoke, _time_us)
+            elif section == "fused_decode":
+                results["fused_decode"] = decode_section(device, args.smoke, deadline, FUSED_DECODE_VARIANTS)
             else:
-                raise ValueError(f"unknown section {section!r}: gemm, logits or decode")
+                raise ValueError(
+                    f"unknown section {section!r}: gemm, logits, decode, fused_quant or fused_decode"
+                )
         except Exception as exc:  # keep what the other sections measured
             logger.exception("section %s failed", section)
             results[f"{section}_error"] = f"{type(exc).__name__}: {exc}"
