@@ -14,7 +14,13 @@ from fxllm.ops.fp8_linear import fp8_linear, fp8_linear_reference
 from fxllm.ops.gemm import linear, linear_reference
 from fxllm.ops.linear import pack_linear_weight, packed_linear, unpack_linear_weight
 from fxllm.ops.norms import fused_add_rms_norm, rms_norm, rms_norm_reference
-from fxllm.ops.paged_attention import paged_attention, paged_attention_reference, write_kv_cache
+from fxllm.ops.paged_attention import (
+    paged_attention,
+    paged_attention_reference,
+    paged_attention_rope,
+    paged_attention_rope_reference,
+    write_kv_cache,
+)
 from fxllm.ops.rotary import rotary_embedding, rotary_embedding_reference
 
 __all__ = [
@@ -33,6 +39,8 @@ __all__ = [
     "packed_linear",
     "paged_attention",
     "paged_attention_reference",
+    "paged_attention_rope",
+    "paged_attention_rope_reference",
     "rms_norm",
     "rms_norm_reference",
     "rotary_embedding",

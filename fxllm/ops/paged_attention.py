@@ -14,6 +14,9 @@ hiding the cache from the graph.
 An FP8 cache (float8_e4m3fn, `cache.dtype: fp8`) comes with float32 scales `k_scale` / `v_scale`
 ([1] or [Hkv], fxllm/ops/kv_quant.py): writing stores k / k_scale (clamped to +-448), reading
 multiplies back; the attention then runs in q's dtype as for any other cache.
+
+`fxllm::paged_attention_rope` is the same op with rotate-half RoPE applied to q and k first (cos/sin [T, D]),
+so a backend can rotate in the attention kernels (fxllm/passes/fuse_rope_attention.py folds the rotary node in).
 """
 
 from __future__ import annotations
@@ -219,3 +222,71 @@ def _paged_attention_fake(q, k, v, k_cache, v_cache, slot_mapping, block_tables,
 
 # Opaque: the reference loops over sequences on host values and writes the caches in place.
 register_canonical_op("paged_attention", paged_attention_reference, inline=False)
+
+
+@eager_only
+def paged_attention_rope_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slot_mapping: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    query_start_loc: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    scale: float,
+    sliding_window: int = -1,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
+) -> Tensor:
+    """`fxllm::rotary_embedding` on q and k (cos/sin [T, D], one row per token), then paged attention."""
+    from fxllm.ops.rotary import rotary_embedding_reference
+
+    q_rot, k_rot = rotary_embedding_reference(q, k, cos[:, None, :], sin[:, None, :])
+    return paged_attention_reference(
+        q_rot, k_rot, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc,
+        scale, sliding_window, softcap, sinks, k_scale, v_scale,
+    )  # fmt: skip
+
+
+@torch.library.custom_op("fxllm::paged_attention_rope", mutates_args=())
+def paged_attention_rope(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slot_mapping: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    query_start_loc: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    scale: float,
+    sliding_window: int = -1,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
+    k_scale: Tensor | None = None,
+    v_scale: Tensor | None = None,
+) -> Tensor:
+    """Rotate-half RoPE on q [T,Hq,D] and k [T,Hkv,D] with cos/sin [T, D], then `fxllm::paged_attention`."""
+    return paged_attention_rope_reference(
+        q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc, cos, sin,
+        scale, sliding_window, softcap, sinks, k_scale, v_scale,
+    )  # fmt: skip
+
+
+@paged_attention_rope.register_fake
+def _paged_attention_rope_fake(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc,
+                               cos, sin, scale, sliding_window=-1, softcap=0.0, sinks=None, k_scale=None,
+                               v_scale=None):  # fmt: skip
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+# Opaque like paged_attention (it writes the caches in place); fxllm/passes/fuse_rope_attention.py emits it.
+register_canonical_op("paged_attention_rope", paged_attention_rope_reference, inline=False)

@@ -6,6 +6,7 @@ from fxllm.passes import (  # noqa: F401
     cleanup,
     fuse_add_rms_norm,
     fuse_fp8_quant,
+    fuse_rope_attention,
     gather_logits,
     insert_cached_attention,
     linear_ops,

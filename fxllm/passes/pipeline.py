@@ -31,6 +31,7 @@ BUILTIN_PIPELINE: tuple[str, ...] = (
     "shard_tp",  # tensor parallelism: an all-reduce after each row-parallel linear (no-op on one rank)
     "fuse_allreduce_rms_norm",
     "insert_cached_attention",
+    "fuse_rope_attention",  # RoPE into the cached attention kernels where they can rotate (Triton on CUDA)
     "gather_logits",
     "pack_linears",
     "linear_ops",

@@ -1,8 +1,8 @@
 """Triton kernels for fxllm's canonical ops, registered as the "triton" op backend for CUDA devices.
 
 Importing this package defines `fxllm_triton::<op>` for rms_norm, fused_add_rms_norm,
-rotary_embedding, silu_and_mul, gelu_and_mul and paged_attention and registers them as the
-"triton" implementation (priority 10, so the lowering pass picks them for CUDA nodes). Without
+rotary_embedding, silu_and_mul, gelu_and_mul, paged_attention and paged_attention_rope and registers
+them as the "triton" implementation (priority 10, so the lowering pass picks them for CUDA nodes). Without
 triton installed the import still succeeds and registers nothing. On a CPU-only machine the tests
 run the same kernel functions on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1).
 """
@@ -126,6 +126,7 @@ def _register() -> bool:
         "silu_and_mul": activations.silu_and_mul,
         "gelu_and_mul": activations.gelu_and_mul,
         "paged_attention": paged_attention.paged_attention,
+        "paged_attention_rope": paged_attention.paged_attention_rope,
     }
     for op, fn in kernels.items():
         register_op_backend(op, BACKEND, fn, supports=supports, priority=PRIORITY)

@@ -1,0 +1,154 @@
+"""Triton paged attention, shared device code: the KV write kernel and the jit helpers both attention
+kernels call (`_attend_range`, the online softmax over paged key tiles; `_load_heads`, a tile of head
+vectors, RoPE-rotated on load when the fused op asks for it).
+
+RoPE (`ROPE`, the `fxllm::paged_attention_rope` op): rotate-half (NeoX) with this step's per-token cos/sin
+tables [T, D]. A row's rotated value at d is x[d] * cos[d] + sign * x[partner] * sin[d], with partner =
+d + D/2 (sign -1) in the first half and d - D/2 (sign +1) in the second: the same float32 products as the
+standalone RoPE kernel (rotary.py), rounded once to the input's dtype, which is the dtype the unfused
+graph hands attention. The partner is a second load of the same row (L1-resident), so the tile layout the
+dots need is unchanged.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _mma(a, b, F32_DOT: tl.constexpr):
+    if F32_DOT:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        r = tl.dot(a, b)
+    return r
+
+
+@triton.jit
+def _load_heads(
+    ptr, row_off, row_ok, tok, cos_ptr, sin_ptr, sc_t, sc_d, ss_t, ss_d,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr,
+):  # fmt: skip
+    """Rows `ptr + row_off` ([R, BLOCK_D], zeros where masked); with ROPE, rotated by token `tok`'s cos/sin."""
+    d = tl.arange(0, BLOCK_D)
+    mask = row_ok[:, None] & (d < HEAD_DIM)[None, :]
+    x = tl.load(ptr + row_off[:, None] + d[None, :], mask=mask, other=0.0)
+    if ROPE:
+        half: tl.constexpr = HEAD_DIM // 2
+        first = d < half
+        partner = tl.where(first, d + half, d - half)
+        xp = tl.load(ptr + row_off[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+        xp = tl.where(first[None, :], -xp, xp)  # rotate_half(x) = [-x2, x1]
+        c = tl.load(cos_ptr + tok[:, None] * sc_t + d[None, :] * sc_d, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + tok[:, None] * ss_t + d[None, :] * ss_d, mask=mask, other=0.0).to(tl.float32)
+        x = (x.to(tl.float32) * c + xp * s).to(x.dtype)
+    return x
+
+
+@triton.jit(do_not_specialize=["num_seqs"])
+def _write_kv_kernel(
+    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, qsl_ptr, out_ptr,
+    num_seqs, n_kv_heads, n_heads, block_size,
+    sk_t, sk_h, sv_t, sv_h,
+    skc_b, skc_s, skc_h, svc_b, svc_s, svc_h,
+    so_t, so_h, ks_ptr, vs_ptr, sks_h, svs_h,
+    cos_ptr, sin_ptr, sc_t, sc_d, ss_t, ss_d,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_HKV: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ZERO_PADDING: tl.constexpr, KV_FP8: tl.constexpr = False, ROPE: tl.constexpr = False,
+):  # fmt: skip
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.arange(0, BLOCK_HKV)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        blk = slot // block_size
+        off = slot % block_size
+        km = (h < n_kv_heads)[:, None] & (d < HEAD_DIM)[None, :]
+        # This step's key, RoPE-rotated here when the fused op passes cos/sin: the cache holds rotated keys.
+        kx = _load_heads(k_ptr, t * sk_t + h * sk_h, h < n_kv_heads, t + h * 0, cos_ptr, sin_ptr,
+                         sc_t, sc_d, ss_t, ss_d, HEAD_DIM, BLOCK_D, ROPE)  # fmt: skip
+        if KV_FP8:  # saturate: e4m3fn has no inf, an out-of-range value would become NaN
+            ks = tl.load(ks_ptr + h * sks_h, mask=h < n_kv_heads, other=1.0)
+            kx = tl.clamp(kx.to(tl.float32) / ks[:, None], -448.0, 448.0)
+        tl.store(kc_ptr + blk * skc_b + off * skc_s + h[:, None] * skc_h + d[None, :],
+                 kx.to(kc_ptr.dtype.element_ty), mask=km)  # fmt: skip
+        vm = (h < n_kv_heads)[:, None] & (dv < HEAD_DIM_V)[None, :]
+        vx = tl.load(v_ptr + t * sv_t + h[:, None] * sv_h + dv[None, :], mask=vm)
+        if KV_FP8:
+            vs = tl.load(vs_ptr + h * svs_h, mask=h < n_kv_heads, other=1.0)
+            vx = tl.clamp(vx.to(tl.float32) / vs[:, None], -448.0, 448.0)
+        tl.store(vc_ptr + blk * svc_b + off * svc_s + h[:, None] * svc_h + dv[None, :],
+                 vx.to(vc_ptr.dtype.element_ty), mask=vm)  # fmt: skip
+    if ZERO_PADDING:  # noqa: SIM102  (a compile-time branch: kept apart so that it folds away)
+        if t >= tl.load(qsl_ptr + num_seqs):
+            hq = tl.arange(0, BLOCK_HQ)
+            om = (hq < n_heads)[:, None] & (dv < HEAD_DIM_V)[None, :]
+            zeros = tl.zeros((BLOCK_HQ, BLOCK_DV), dtype=out_ptr.dtype.element_ty)
+            tl.store(out_ptr + t * so_t + hq[:, None] * so_h + dv[None, :], zeros, mask=om)
+
+
+@triton.jit
+def _attend_range(
+    acc, m_i, l_i, q, q_pos, lo, hi,
+    bt_ptr, kc_ptr, vc_ptr, kv_head, block_size,
+    skc_b, skc_s, skc_h, svc_b, svc_s, svc_h,
+    qk_scale, softcap, window,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, F32_DOT: tl.constexpr, MASKED: tl.constexpr = True,
+):  # fmt: skip
+    """Online softmax of q rows against keys [lo, hi) of one sequence; scores in log2 units.
+
+    MASKED=False is the fast path for whole BLOCK_N tiles that every row may see in full (below the
+    causal diagonal, no window): no bounds, causal or window masks on the loads or the scores.
+    """
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    d_ok = d < HEAD_DIM
+    dv_ok = dv < HEAD_DIM_V
+    for start in range(lo, hi, BLOCK_N):
+        k_pos = start + tl.arange(0, BLOCK_N)
+        off = k_pos % block_size
+        if MASKED:
+            k_ok = k_pos < hi
+            page = tl.load(bt_ptr + k_pos // block_size, mask=k_ok, other=0).to(tl.int64)
+            # K is loaded row-major ([tokens, D], each row contiguous in the cache), transposed in registers.
+            k = tl.load(kc_ptr + page[:, None] * skc_b + off[:, None] * skc_s + kv_head * skc_h + d[None, :],
+                        mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+        else:
+            page = tl.load(bt_ptr + k_pos // block_size).to(tl.int64)
+            k = tl.load(kc_ptr + page[:, None] * skc_b + off[:, None] * skc_s + kv_head * skc_h + d[None, :],
+                        mask=d_ok[None, :], other=0.0)  # fmt: skip
+        if k.dtype.is_fp8():  # exact in bf16/fp16/fp32; k_scale is folded into qk_scale by the caller
+            k = k.to(q.dtype)
+        s = _mma(q, tl.trans(k), F32_DOT)
+        if USE_SOFTCAP:
+            # softcap * tanh(s / softcap), tanh(x) = 1 - 2 / (exp(2x) + 1): saturates cleanly at +-1.
+            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * (s * qk_scale) / softcap) + 1.0)) * 1.4426950408889634
+        else:
+            s = s * (qk_scale * 1.4426950408889634)
+        if MASKED:
+            allowed = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
+            if USE_WINDOW:
+                allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
+            s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # Rows with nothing allowed yet keep m = -inf; shift by 0 there so no inf - inf appears.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if MASKED:
+            v = tl.load(vc_ptr + page[:, None] * svc_b + off[:, None] * svc_s + kv_head * svc_h + dv[None, :],
+                        mask=k_ok[:, None] & dv_ok[None, :], other=0.0)  # fmt: skip
+        else:
+            v = tl.load(vc_ptr + page[:, None] * svc_b + off[:, None] * svc_s + kv_head * svc_h + dv[None, :],
+                        mask=dv_ok[None, :], other=0.0)  # fmt: skip
+        if v.dtype.is_fp8():  # v_scale multiplies the caller's output
+            v = v.to(q.dtype)
+        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, F32_DOT)
+        m_i = m_new
+    return acc, m_i, l_i

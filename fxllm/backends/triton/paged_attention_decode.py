@@ -1,0 +1,100 @@
+"""Triton paged attention, decode path (T == S: one query per sequence, a shape fact).
+
+`_decode_kernel`, grid (S, Hkv, splits): one program takes all G = Hq/Hkv query heads of a KV head (padded
+to 16 rows for tl.dot) and one of `splits` equal slices of the sequence's key range (sliced in-kernel from
+seq_lens), and writes a normalised float32 partial output plus its log2-sum-exp. `_combine_kernel`, grid
+(T, Hq), merges the splits, adds the attention sink and writes zeros for padding tokens. The launch is in
+paged_attention.py.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from fxllm.backends.triton.paged_attention_common import _attend_range, _load_heads
+
+
+@triton.jit(do_not_specialize=["num_seqs", "num_splits"])
+def _decode_kernel(
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, qsl_ptr, part_ptr, lse_ptr,
+    num_seqs, num_heads, group, block_size, num_splits,
+    sq_t, sq_h, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, sbt,
+    qk_scale, softcap, window, ks_ptr, vs_ptr, sks_h, svs_h,
+    cos_ptr, sin_ptr, sc_t, sc_d, ss_t, ss_d,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, F32_DOT: tl.constexpr, KV_FP8: tl.constexpr = False,
+    ROPE: tl.constexpr = False,
+):  # fmt: skip
+    seq = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    if seq < tl.load(qsl_ptr + num_seqs):  # else a padding token: the combine kernel writes zeros
+        seq_len = tl.load(lens_ptr + seq)
+        lo = 0
+        if USE_WINDOW:
+            lo = tl.maximum(seq_len - window, 0)
+        # Equal slices of whole BLOCK_N tiles; some splits are empty when the sequence is short.
+        per_split = tl.cdiv(tl.cdiv(seq_len - lo, num_splits), BLOCK_N) * BLOCK_N
+        start = lo + split * per_split
+        end = tl.minimum(start + per_split, seq_len)
+        hh = tl.arange(0, BLOCK_H)
+        head = kv_head * group + hh
+        # Token `seq` is the sequence's one query (decode: T == S); ROPE rotates it here.
+        q = _load_heads(q_ptr, seq * sq_t + head * sq_h, hh < group, seq + hh * 0, cos_ptr, sin_ptr,
+                        sc_t, sc_d, ss_t, ss_d, HEAD_DIM, BLOCK_D, ROPE)  # fmt: skip
+        q_pos = tl.zeros((BLOCK_H,), dtype=tl.int32) + seq_len - 1
+        acc = tl.zeros((BLOCK_H, BLOCK_DV), dtype=tl.float32)
+        m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        qk = qk_scale
+        if KV_FP8:
+            qk = qk_scale * tl.load(ks_ptr + kv_head * sks_h)
+        acc, m_i, l_i = _attend_range(
+            acc, m_i, l_i, q, q_pos, start, end, bt_ptr + seq * sbt, kc_ptr, vc_ptr, kv_head, block_size,
+            skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, qk, softcap, window,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, USE_SOFTCAP, USE_WINDOW, F32_DOT,
+        )  # fmt: skip
+        nonempty = l_i > 0.0
+        lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+        out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+        if KV_FP8:
+            out = out * tl.load(vs_ptr + kv_head * svs_h)
+        row = (seq * num_heads + head) * num_splits + split  # partials are [T, Hq, splits]
+        dv = tl.arange(0, BLOCK_DV)
+        tl.store(part_ptr + row[:, None] * HEAD_DIM_V + dv[None, :], out,
+                 mask=(hh < group)[:, None] & (dv < HEAD_DIM_V)[None, :])  # fmt: skip
+        tl.store(lse_ptr + row, lse, mask=hh < group)
+
+
+@triton.jit(do_not_specialize=["num_seqs", "num_splits"])
+def _combine_kernel(
+    part_ptr, lse_ptr, sink_ptr, qsl_ptr, out_ptr,
+    num_seqs, num_heads, num_splits, so_t, so_h,
+    HAS_SINKS: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    dv = tl.arange(0, BLOCK_DV)
+    dmask = dv < HEAD_DIM_V
+    o_ptrs = out_ptr + t * so_t + head * so_h + dv
+    if t >= tl.load(qsl_ptr + num_seqs):
+        tl.store(o_ptrs, tl.zeros((BLOCK_DV,), dtype=out_ptr.dtype.element_ty), mask=dmask)
+    else:
+        sp = tl.arange(0, BLOCK_S)
+        row = (t * num_heads + head) * num_splits + sp
+        lse = tl.load(lse_ptr + row, mask=sp < num_splits, other=float("-inf"))
+        m = tl.max(lse, axis=0)
+        if HAS_SINKS:
+            sink = tl.load(sink_ptr + head).to(tl.float32) * 1.4426950408889634
+            m = tl.maximum(m, sink)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.exp2(lse - m)
+        denom = tl.sum(w, axis=0)
+        if HAS_SINKS:
+            denom += tl.exp2(sink - m)
+        part = tl.load(part_ptr + row[:, None] * HEAD_DIM_V + dv[None, :],
+                       mask=(sp < num_splits)[:, None] & dmask[None, :], other=0.0)  # fmt: skip
+        out = tl.sum(part * w[:, None], axis=0) / tl.where(denom > 0.0, denom, 1.0)
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=dmask)

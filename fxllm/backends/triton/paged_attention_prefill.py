@@ -1,0 +1,95 @@
+"""Triton paged attention, prefill / chunked prefill / mixed path (T != S).
+
+`_prefill_kernel`, grid (T // BLOCK_Q + S, Hkv): each program finds its (sequence, query block) by binary
+search over query_start_loc, takes BLOCK_Q tokens x G heads as BLOCK_M rows, and runs an online softmax
+over the sequence's paged keys, causal w.r.t. absolute positions (query i of a sequence of length L with
+q_len queries sits at L - q_len + i). The launch is in paged_attention.py.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from fxllm.backends.triton.paged_attention_common import _attend_range, _load_heads
+
+
+@triton.jit(do_not_specialize=["num_seqs"])
+def _prefill_kernel(
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, qsl_ptr, sink_ptr, out_ptr,
+    num_seqs, group, block_size,
+    sq_t, sq_h, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, sbt, so_t, so_h,
+    qk_scale, softcap, window, ks_ptr, vs_ptr, sks_h, svs_h,
+    cos_ptr, sin_ptr, sc_t, sc_d, ss_t, ss_d,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, F32_DOT: tl.constexpr,
+    KV_FP8: tl.constexpr = False, ROPE: tl.constexpr = False,
+):  # fmt: skip
+    # Last query blocks first: under the causal mask they see the most keys, so the long programs
+    # start in the first wave and the short ones fill in behind them.
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    kv_head = tl.program_id(1)
+    # Sequence s owns program ids [qsl[s] // BLOCK_Q + s, qsl[s+1] // BLOCK_Q + s + 1): enough for
+    # cdiv(q_len, BLOCK_Q) blocks, and the grid T // BLOCK_Q + S covers every sequence.
+    left: tl.int32 = 0
+    right = num_seqs
+    while left < right:
+        mid = (left + right) // 2
+        if tl.load(qsl_ptr + mid) // BLOCK_Q + mid <= pid:
+            left = mid + 1
+        else:
+            right = mid
+    seq = left - 1
+    q_start = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    q_block = pid - (q_start // BLOCK_Q + seq)
+    if q_block * BLOCK_Q < q_len:
+        seq_len = tl.load(lens_ptr + seq)
+        ctx = seq_len - q_len  # absolute position of the first query
+        r = tl.arange(0, BLOCK_Q * GROUP_P)
+        tok = q_block * BLOCK_Q + r // GROUP_P
+        hh = r % GROUP_P
+        row_ok = (tok < q_len) & (hh < group)
+        head = kv_head * group + hh
+        flat_tok = (q_start + tok).to(tl.int64)
+        q = _load_heads(q_ptr, flat_tok * sq_t + head * sq_h, row_ok, flat_tok, cos_ptr, sin_ptr,
+                        sc_t, sc_d, ss_t, ss_d, HEAD_DIM, BLOCK_D, ROPE)  # fmt: skip
+        q_pos = ctx + tok
+        hi = tl.minimum(seq_len, ctx + tl.minimum((q_block + 1) * BLOCK_Q, q_len))
+        lo = 0
+        if USE_WINDOW:
+            lo = tl.maximum(ctx + q_block * BLOCK_Q - window + 1, 0)
+        acc = tl.zeros((BLOCK_Q * GROUP_P, BLOCK_DV), dtype=tl.float32)
+        if HAS_SINKS:
+            # The sink is one extra logit per head: start the online softmax from it.
+            m_i = tl.load(sink_ptr + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+            l_i = tl.full((BLOCK_Q * GROUP_P,), 1.0, dtype=tl.float32)
+        else:
+            m_i = tl.full((BLOCK_Q * GROUP_P,), float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros((BLOCK_Q * GROUP_P,), dtype=tl.float32)
+        bt_seq = bt_ptr + seq.to(tl.int64) * sbt
+        qk = qk_scale
+        if KV_FP8:
+            qk = qk_scale * tl.load(ks_ptr + kv_head * sks_h)
+        # Keys up to the block's first query position are visible to every row: whole tiles there skip
+        # the masks; the tiles from `mid` on (the diagonal, or everything under a window) keep them.
+        mid = lo
+        if not USE_WINDOW:
+            mid = lo + (ctx + q_block * BLOCK_Q + 1 - lo) // BLOCK_N * BLOCK_N
+        acc, m_i, l_i = _attend_range(
+            acc, m_i, l_i, q, q_pos, lo, mid, bt_seq, kc_ptr, vc_ptr, kv_head,
+            block_size, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, qk, softcap, window,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, USE_SOFTCAP, USE_WINDOW, F32_DOT, False,
+        )  # fmt: skip
+        acc, m_i, l_i = _attend_range(
+            acc, m_i, l_i, q, q_pos, mid, hi, bt_seq, kc_ptr, vc_ptr, kv_head,
+            block_size, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, qk, softcap, window,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, USE_SOFTCAP, USE_WINDOW, F32_DOT, True,
+        )  # fmt: skip
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        if KV_FP8:
+            out = out * tl.load(vs_ptr + kv_head * svs_h)
+        dv = tl.arange(0, BLOCK_DV)
+        tl.store(out_ptr + flat_tok[:, None] * so_t + head[:, None] * so_h + dv[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (dv < HEAD_DIM_V)[None, :])  # fmt: skip
