@@ -6,7 +6,8 @@ Per GEMM and M (1, 16, 256, 2048), microseconds in a CUDA graph:
   unfused_producer  the Triton producer (add + RMSNorm or SiLU-and-mul, bf16 out), then quantize_activation
                     compiled by Inductor (one kernel of its own: what the FP8 engine runs with the option off)
   fused_producer    the fused Triton kernel (fuse_activation_quant on)
-  unfused / fused   each followed by the same fp8_gemm "scaled_mm" backend (_scaled_mm)
+  fused_2pass_producer  (down only) the SiLU kernel walking the row twice instead of holding it in registers
+  unfused / fused / fused_2pass   each followed by the same fp8_gemm "scaled_mm" backend (_scaled_mm)
 and whether the two agree: the fraction of e4m3 bytes that differ, the largest relative scale difference,
 and the GEMM outputs' relative difference (Inductor's division is div.full.f32 by default, the fused
 kernel's div_rn: rare one-step differences are expected, quant_fused.py's docstring).
@@ -65,6 +66,20 @@ def _then_gemm(
     return lambda: scaled_mm_gemm(*producer(), wq, ws, None, torch.bfloat16)
 
 
+def _two_pass(fn: Callable[[], Quant]) -> Callable[[], Quant]:
+    """fn with the SiLU kernel's row walk (ONE_PASS_MAX = 0): read while the CUDA graph is captured."""
+    from fxllm.backends.triton import quant_fused
+
+    def call() -> Quant:
+        saved, quant_fused.ONE_PASS_MAX = quant_fused.ONE_PASS_MAX, 0
+        try:
+            return fn()
+        finally:
+            quant_fused.ONE_PASS_MAX = saved
+
+    return call
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30))
 
@@ -90,6 +105,9 @@ def fused_quant_section(
                 "unfused": _then_gemm(unfused, wq, ws),
                 "fused": _then_gemm(fused, wq, ws),
             }
+            if kind == "silu":  # the SiLU kernel's two-pass walk (wide rows) on the same shape
+                paths["fused_2pass_producer"] = _two_pass(fused)
+                paths["fused_2pass"] = _then_gemm(_two_pass(fused), wq, ws)
             row: dict[str, Any] = {}
             for label, fn in paths.items():
                 try:
@@ -115,15 +133,25 @@ def fused_quant_section(
 
 def fused_quant_table(rows: dict[str, Any]) -> list[str]:
     """The section's rows as text lines (us; fused speed-up over unfused; e4m3 bytes that differ)."""
-    labels = ("bf16", "unfused_producer", "fused_producer", "unfused", "fused")
+    labels = (
+        "bf16",
+        "unfused_producer",
+        "fused_producer",
+        "fused_2pass_producer",
+        "unfused",
+        "fused",
+        "fused_2pass",
+    )
     lines = [
         f"{'fused_quant':<16}"
-        + "".join(f" {label:>16}" for label in labels)
+        + "".join(f" {label:>20}" for label in labels)
         + f" {'speedup':>8} {'bytes_diff':>10}"
     ]
     for case, row in rows.items():
         cells = [
-            f"{row[label]:>16.1f}" if isinstance(row.get(label), float) else f"{'ERROR':>16}"
+            f"{row[label]:>20.1f}"
+            if isinstance(row.get(label), float)
+            else f"{'ERROR' if label in row else '-':>20}"
             for label in labels
         ]
         speed = f"{row['fused_speedup']:>8.2f}" if "fused_speedup" in row else f"{'-':>8}"

@@ -98,8 +98,13 @@ def test_add_rms_norm_fp8_kernel_equals_the_unfused_kernels(dtype: torch.dtype, 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("inter", [80, 2500])  # 2500: the row walk takes two chunks, the last one masked
-def test_silu_and_mul_fp8_kernel_equals_the_unfused_kernels(dtype: torch.dtype, inter: int) -> None:
+@pytest.mark.parametrize("inter", [80, 2500])  # masked columns; two-pass: two chunks, the last one masked
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_silu_and_mul_fp8_kernel_equals_the_unfused_kernels(
+    dtype: torch.dtype, inter: int, two_pass: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if two_pass:  # the walk wide rows take (one pass holds rows up to ONE_PASS_MAX columns in registers)
+        monkeypatch.setattr(quant_fused, "ONE_PASS_MAX", 0)
     gen = torch.Generator().manual_seed(1)
     merged = (torch.randn(5, 2 * inter, generator=gen) * 2).to(dtype).to(DEVICE)
     merged[3] = 0  # a zero row

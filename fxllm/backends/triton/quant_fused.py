@@ -11,9 +11,9 @@ within ~2 ulp of a rounding boundary (rare; benchmarks/gpu_fp8.py's fused_quant 
 The e4m3 row is written once: the bf16 activation the unfused path wrote and read back is never stored.
 
 SiLU-and-mul needs the row's amax before it can write any e4m3 value and its rows are long (Llama-3.1-8B:
-14,336), so one program takes a row and walks it twice in BLOCK-wide chunks: pass 1 the amax, pass 2
-recomputes and writes (the second read of gate/up mostly hits L2). The norm holds its row in registers
-(norms.py's tiling), so it reads once.
+14,336), so one program takes a row: up to ONE_PASS_MAX columns it holds the row in registers (one read);
+wider, it walks the row twice in chunks: pass 1 the amax, pass 2 recomputes and writes (the second read of
+gate/up mostly hits L2). The norm holds its row in registers (norms.py's tiling), so it reads once.
 """
 
 from __future__ import annotations
@@ -26,7 +26,11 @@ from torch import Tensor
 from fxllm.backends.triton.norms import _MAX_BLOCK_N, _as_rows, _launch_config
 from fxllm.quantization.fp8 import FP8_DTYPE, FP8_MAX, MIN_SCALE
 
-_CHUNK = 2048  # SiLU-and-mul columns per step of a row's walk
+_CHUNK = 2048  # SiLU-and-mul columns per step of a row's two-pass walk
+# Rows up to this (power-of-2) width are held in registers and read once (Llama-3.1-8B's 14,336 -> 16,384,
+# 16 warps: 32 values per thread per operand); wider rows walk twice. benchmarks/gpu_fp8.py (fused_quant)
+# times both on the 8B shape (`fused_2pass` sets this to 0), which is how the default is to be chosen.
+ONE_PASS_MAX = 16384
 _ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the unquantized output's dtype
 
 
@@ -111,20 +115,29 @@ def _silu_and_mul_fp8_kernel(
     QMAX: tl.constexpr,
     MIN_S: tl.constexpr,
     BLOCK: tl.constexpr,
+    ONE_PASS: tl.constexpr,  # BLOCK >= n_cols: the row stays in registers, read once
 ):
     row = tl.program_id(0).to(tl.int64)
     g_row, u_row, q_row = g_ptr + row * stride_g, u_ptr + row * stride_u, q_ptr + row * stride_q
-    amax = tl.zeros((BLOCK,), dtype=tl.float32)
-    for start in range(0, n_cols, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
+    if ONE_PASS:
+        cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
-        amax = tl.maximum(amax, tl.abs(_silu_mul(g_row + cols, u_row + cols, mask, ROUND)))  # masked: 0
-    scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), QMAX), MIN_S)
-    tl.store(s_ptr + row, scale)
-    for start in range(0, n_cols, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        _quantize(_silu_mul(g_row + cols, u_row + cols, mask, ROUND), scale, q_row + cols, mask, QMAX)
+        v = _silu_mul(g_row + cols, u_row + cols, mask, ROUND)
+        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(v), axis=0), QMAX), MIN_S)
+        tl.store(s_ptr + row, scale)
+        _quantize(v, scale, q_row + cols, mask, QMAX)
+    else:
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            amax = tl.maximum(amax, tl.abs(_silu_mul(g_row + cols, u_row + cols, mask, ROUND)))  # masked: 0
+        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), QMAX), MIN_S)
+        tl.store(s_ptr + row, scale)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            _quantize(_silu_mul(g_row + cols, u_row + cols, mask, ROUND), scale, q_row + cols, mask, QMAX)
 
 
 def _outputs(like: Tensor) -> tuple[Tensor, Tensor]:
@@ -196,9 +209,12 @@ def silu_and_mul_fp8(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     q2 = q.view(-1, n_cols)
     if g2.shape[0] == 0:
         return q, scale
-    block = min(_CHUNK, triton.next_power_of_2(n_cols))
+    width = triton.next_power_of_2(n_cols)
+    one_pass = width <= ONE_PASS_MAX
+    block = width if one_pass else min(_CHUNK, width)
+    num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
     _silu_and_mul_fp8_kernel[(g2.shape[0],)](
         g2, u2, q2, scale.view(-1), n_cols, g2.stride(0), u2.stride(0), q2.stride(0),
-        ROUND=_ROUND[out_dtype], QMAX=FP8_MAX, MIN_S=MIN_SCALE, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+        ROUND=_ROUND[out_dtype], QMAX=FP8_MAX, MIN_S=MIN_SCALE, BLOCK=block, ONE_PASS=one_pass, num_warps=num_warps,
     )  # fmt: skip
     return q, scale
