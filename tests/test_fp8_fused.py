@@ -209,3 +209,49 @@ def test_explain_lists_the_fused_quantizations() -> None:
     assert "3 add + RMSNorm -> e4m3 fused (fxllm::fused_add_rms_norm_fp8)" in text, text
     assert "2 SiLU-and-mul -> e4m3 fused (fxllm::silu_and_mul_fp8)" in text
     assert sum(line.split()[1:2] == ["silu_and_mul_fp8"] for line in text.splitlines()) == 2  # per-node rows
+
+
+_PTX_CHECK = """
+import json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fxllm.backends.triton import quant_fused as qf
+consts = {"QMAX": 448.0, "MIN_S": qf.MIN_SCALE, "ROUND": 1}
+norm_sig = {n: "*bf16" for n in ("x_ptr", "r_ptr", "w_ptr", "sum_ptr")} | {"q_ptr": "*fp8e4nv", "s_ptr": "*fp32"}
+norm_sig |= {n: "i32" for n in ("n_rows", "n_cols", "stride_x", "stride_r", "stride_q", "stride_sum")} | {"eps": "fp32"}
+silu_sig = {"g_ptr": "*bf16", "u_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32"}
+silu_sig |= {n: "i32" for n in ("n_cols", "stride_g", "stride_u", "stride_q")}
+cases = {  # the launches of Llama-3.1-8B's shapes: hidden 4,096 (8 warps), intermediate 14,336 (16; 8 for the walk)
+    "norm": (qf._add_rms_norm_fp8_kernel, norm_sig, {"BLOCK_R": 1, "BLOCK_N": 4096}, 8),
+    "silu_one_pass": (qf._silu_and_mul_fp8_kernel, silu_sig, {"BLOCK": 16384, "ONE_PASS": True}, 16),
+    "silu_two_pass": (qf._silu_and_mul_fp8_kernel, silu_sig, {"BLOCK": 2048, "ONE_PASS": False}, 8),
+}
+out = {}
+for name, (fn, sig, more, warps) in cases.items():
+    c = consts | more
+    src = ASTSource(fn=fn, signature=sig | {k: "constexpr" for k in c}, constexprs=c)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+    out[name] = {"div_rn": ptx.count("div.rn.f32"), "e4m3": ptx.count("e4m3")}
+print(json.dumps(out))
+"""
+
+
+def test_kernels_compile_for_the_h100() -> None:
+    """The interpreter runs numpy, which broadcasts and converts anything: compile the kernels for sm_90 (to
+    PTX; no GPU needed) at the 8B launch settings, and check they divide with div.rn and convert to e4m3."""
+    import json
+    import subprocess
+    import sys
+
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        pytest.skip("triton has no nvidia backend here")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled mode, not interpreted
+    proc = subprocess.run(
+        [sys.executable, "-c", _PTX_CHECK], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(result) == {"norm", "silu_one_pass", "silu_two_pass"}
+    assert all(r["div_rn"] > 0 and r["e4m3"] > 0 for r in result.values()), result
