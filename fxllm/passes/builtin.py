@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fxllm.passes import (  # noqa: F401
     cleanup,
+    expose_hidden_states,
     fuse_add_rms_norm,
     fuse_fp8_quant,
     fuse_rope_attention,

@@ -18,6 +18,7 @@ from fxllm.runtime.model_runner import ModelRunner
 from fxllm.runtime.scheduler import resolve_scheduler_limits
 from fxllm.runtime.speculative.decoder import build_speculator
 from fxllm.runtime.speculative.drafters import build_drafter, drafter_source
+from fxllm.runtime.speculative.eagle3 import with_hidden_state_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,8 @@ def build_engine(
     generation_config = getattr(model, "generation_config", None)
     max_positions = int(getattr(hf_config, "max_position_embeddings", 0) or 8192)
     draft_source = drafter_source(config.speculative, model)  # self_draft: the target's first layers
+    # eagle3: the graph also returns the hidden states the head reads (pass expose_hidden_states)
+    config = with_hidden_state_outputs(config, hf_config)
     built = build_graph(config, model, name, device, dtype)  # capture + passes, or the compile cache's entry
     del model
     chosen = implementations_chosen(built.gm)

@@ -81,6 +81,11 @@ class ModelRunner:
         self.graph_module = gm
         self._forward = get_graph_backend(backend)(gm)
         self.decode_graphs: DecodeGraphs | None = None
+        # EAGLE-3: the graph also returns hidden states (pass expose_hidden_states); `execute` keeps the last
+        # step's (inputs, hidden [T, width]) for the head to read. Graphs without them pay nothing.
+        self.returns_hidden = _num_outputs(gm) > 1
+        self.hidden_width = 0
+        self.last_hidden: tuple[StepInputs, torch.Tensor] | None = None
         # Speculative decoding (build_speculator sets them): verify buckets' 1 + k query lengths, captured
         # with the decode buckets up to this batch size (0: every size).
         self.verify_query_lens: list[int] = []
@@ -98,8 +103,9 @@ class ModelRunner:
         """Set up decode buckets (CUDA graphs when `capture`, else padded eager) and, for speculative
         decoding, verify buckets of `query_lens` tokens per sequence; returns seconds taken."""
         max_blocks = -(-max_model_len // self.block_size)
+        forward = self._packed_forward if self.returns_hidden else self._forward
         self.decode_graphs = DecodeGraphs(
-            self._forward, self.signature, self._cache_by_name, batch_sizes, max_blocks, self.device,
+            forward, self.signature, self._cache_by_name, batch_sizes, max_blocks, self.device,
             capture=capture,
             query_lens=self.verify_query_lens if query_lens is None else query_lens,
             verify_max_batch=verify_max_batch or self.verify_max_batch,
@@ -130,9 +136,34 @@ class ModelRunner:
         """Run one step; returns logits [N, V] for the sampled tokens, in the model's dtype (the sampler
         converts what it needs; a greedy CPU batch reads bfloat16 logits as they are)."""
         if self.decode_graphs is not None and self.decode_graphs.accepts(inputs):
-            return self.decode_graphs.run(inputs)
+            logits = self.decode_graphs.run(inputs)
+            if self.returns_hidden:  # decode / verify buckets sample every token: rows are the step's tokens
+                logits, hidden = logits[:, : -self.hidden_width], logits[:, -self.hidden_width :]
+                self.last_hidden = (inputs, hidden)
+            return logits
         args = self.signature.arguments(inputs.named_args(), self._cache_by_name)
-        logits = self._forward(*args)[0]  # type: ignore[index]  # [1, N or T, V] -> [N or T, V]
+        out = self._forward(*args)
+        logits = out[0]  # type: ignore[index]  # [1, N or T, V] -> [N or T, V]
+        if self.returns_hidden:  # (logits [1, N, V], hidden [1, T, width])
+            logits, hidden = logits[0], out[1][0]  # type: ignore[index]
+            self.last_hidden = (inputs, hidden)
         if self.signature.logits_rows == "all":  # no LM head was found to gather before
             return logits.index_select(0, inputs.logits_indices)
         return logits
+
+    def _packed_forward(self, *args: torch.Tensor) -> tuple[torch.Tensor]:
+        """The forward for decode / verify buckets when hidden states are returned: (logits | hidden,) in one
+        tensor, so the buckets (which keep and slice output 0) carry both; their rows are the step's tokens."""
+        out = self._forward(*args)
+        logits, hidden = out[0], out[1]  # type: ignore[index]
+        logits = logits.reshape(-1, logits.shape[-1])
+        hidden = hidden.reshape(-1, hidden.shape[-1]).to(logits.dtype)
+        self.hidden_width = hidden.shape[-1]
+        return (torch.cat([logits, hidden], dim=-1),)
+
+
+def _num_outputs(gm: GraphModule) -> int:
+    """How many values the graph returns."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    result = output.args[0]
+    return len(result) if isinstance(result, (tuple, list)) else 1

@@ -28,6 +28,9 @@ class StepInputs:
     # Speculative decoding: per sampled sequence, how many drafted tokens follow its last known token in
     # this step; such a sequence has 1 + drafts consecutive logits rows (verification), others one.
     draft_counts: list[int] = field(default_factory=list)
+    # Per scheduled sequence (seq_id, first flat row, first position, tokens): where its chunk sits, so that
+    # per-token outputs other than logits (EAGLE-3's hidden states) can be read back per sequence.
+    chunks: list[tuple[int, int, int, int]] = field(default_factory=list)
 
     @property
     def num_sample_rows(self) -> int:
@@ -80,12 +83,14 @@ def build_step_inputs(
     draft_counts: list[int] = []
     prompt_rows: list[tuple[int, int, int]] = []
     prompt_indices: list[int] = []
+    chunks: list[tuple[int, int, int, int]] = []
     max_blocks = max(len(item.seq.block_table) for item in scheduled)
     tables: list[list[int]] = []
     for index, item in enumerate(scheduled):
         seq, begin = item.seq, item.seq.num_computed_tokens
         end = begin + item.num_new_tokens
         table = seq.block_table
+        chunks.append((seq.seq_id, len(tokens), begin, end - begin))
         tokens += seq.token_ids[begin:end]
         # A decode scheduled past its last known token verifies that many drafts (speculative decoding).
         num_drafts = max(0, end - seq.num_tokens)
@@ -134,4 +139,5 @@ def build_step_inputs(
         sampled=sampled,
         prompt_rows=prompt_rows,
         draft_counts=draft_counts,
+        chunks=chunks,
     )

@@ -117,6 +117,9 @@ class SpeculativeDecoder:
     # ---- before scheduling --------------------------------------------------------------------
     def propose(self, engine: Engine) -> None:
         """Set draft_token_ids on every eligible decoding sequence (and clear everyone else's)."""
+        before_step = getattr(self.proposer, "before_step", None)
+        if before_step is not None:  # EAGLE-3: the head reads the previous step's hidden states first
+            before_step(engine)
         decoding = [s for s in engine.scheduler.running if s.num_uncomputed_tokens == 1]
         for seq in decoding:
             seq.draft_token_ids = []

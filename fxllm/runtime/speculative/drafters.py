@@ -76,25 +76,28 @@ def truncated_model(model: torch.nn.Module, num_layers: int) -> torch.nn.Module:
 
 
 def drafter_source(config: SpeculativeConfig, model: torch.nn.Module) -> torch.nn.Module | None:
-    """What the drafter needs from the loaded target before the builder frees it (self_draft: its first layers)."""
+    """What the drafter needs from the loaded target before the builder frees it (self_draft: its first layers;
+    eagle3: its input embedding, shared with the head)."""
+    if config.method == "eagle3":
+        return model.get_input_embeddings()  # type: ignore[operator,no-any-return]
     if config.method != "self_draft":
         return None
     return truncated_model(model, config.draft_layers)
 
 
-def build_drafter(
-    config: FxllmConfig, engine: Engine, source: torch.nn.Module | None, tokenizer: Any
-) -> EngineDrafter | None:
-    """The drafter for draft_model / self_draft, None for none / ngram (eagle3 is not implemented: fails)."""
+def build_drafter(config: FxllmConfig, engine: Engine, source: torch.nn.Module | None, tokenizer: Any) -> Any:
+    """The drafter for draft_model / self_draft (an EngineDrafter) or eagle3 (eagle3.Eagle3Proposer), None for
+    none / ngram."""
     from fxllm.runtime.builder import build_engine
 
     spec = config.speculative
     if spec.method in ("none", "ngram"):
         return None
     if spec.method == "eagle3":
-        raise ValueError(
-            "speculative.method=eagle3 is not implemented yet; use ngram, draft_model or self_draft"
-        )
+        from fxllm.runtime.speculative.eagle3 import build_eagle3_drafter
+
+        weight = getattr(source, "weight", None)
+        return build_eagle3_drafter(config, engine, weight if isinstance(weight, torch.Tensor) else None)
     if config.parallel.tensor_parallel_size > 1:
         raise ValueError(
             "speculative.method draft_model/self_draft runs with parallel.tensor_parallel_size=1 only"

@@ -1,0 +1,199 @@
+"""EAGLE-3 speculative decoding (issue 16): hidden-state outputs, the head's own KV cache, lossless output.
+
+A random-weight head in the public checkpoint layout (written here: no hub download) drafts for tiny-llama
+(float32, eager) and SmolLM2. Its drafts are almost never accepted, so losslessness is checked against
+plain decoding under every runtime feature (prefix caching, chunked prefill, preemption, n > 1), and the
+accept path runs with drafts that are partly the known continuation: then the head catches up on accepted
+runs of every length, and its KV entries must equal the ones a fresh engine computes by prefilling the
+same tokens (float32; prefill vs decode GEMM shapes move them by ~1e-6, a wrong token, hidden state or
+position by ~1e-2).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_speculative_engine import CASES, GREEDY, PROMPTS, run
+
+from fxllm.config import load_config
+from fxllm.llm import LLM
+from fxllm.models import load_model
+from fxllm.passes.expose_hidden_states import default_layer_ids
+from fxllm.runtime.engine import Engine
+from fxllm.runtime.sampling_params import SamplingParams
+from fxllm.runtime.speculative.eagle3 import Eagle3Proposer
+from fxllm.runtime.speculative.eagle3_head import read_head_config, read_head_weights, write_random_head
+
+KV_ATOL = 1e-4  # see the module docstring
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Any, Path]:
+    tokenizer = load_model("smollm2").tokenizer  # decodes the tiny model's ids (< 512) into real text
+    model = load_model("tiny-llama").model
+    head = write_random_head(tmp_path_factory.mktemp("eagle3") / "head", model.config, draft_vocab_size=128)
+    return model, tokenizer, head
+
+
+def make_engine(parts: tuple[torch.nn.Module, Any, Path], spec: bool, *overrides: str) -> Engine:
+    model, tokenizer, head = parts
+    sections = ["speculative.method=eagle3", f"speculative.model={head}", "speculative.min_acceptance_rate=0"]
+    config = load_config(None, ["compile.backend=eager", "model.dtype=float32", *(sections if spec else []),
+                                *overrides])  # fmt: skip
+    return LLM(copy.deepcopy(model), config=config, tokenizer=tokenizer).engine
+
+
+def proposer(engine: Engine) -> Eagle3Proposer:
+    prop = engine.speculator.proposer  # type: ignore[union-attr]
+    assert isinstance(prop, Eagle3Proposer)
+    return prop
+
+
+def test_checkpoint_layout_and_layer_ids(parts) -> None:
+    """The written head reads back in the public layout; default layers follow (2, N/2, N-3), clamped."""
+    model, _, head = parts
+    config = read_head_config(head)
+    weights = read_head_weights(head)
+    h = model.config.hidden_size
+    assert tuple(weights["fc.weight"].shape) == (h, 3 * h)
+    assert tuple(weights["midlayer.self_attn.q_proj.weight"].shape)[1] == 2 * h
+    assert tuple(weights["lm_head.weight"].shape) == (128, h) and config.draft_vocab_size == 128
+    assert weights["d2t"].dtype == torch.int64 and int((torch.arange(128) + weights["d2t"]).max()) < 512
+    assert default_layer_ids(32) == [2, 16, 29] and default_layer_ids(2) == [1, 1, 0]
+    with pytest.raises(ValueError, match=r"config\.json"):
+        read_head_config(head.parent)
+
+
+def test_hidden_states_are_the_layer_inputs(parts) -> None:
+    """Output 1 of the graph is HF's hidden_states[i] (the stream entering layer i) for the head's layers."""
+    engine = make_engine(parts, True)
+    prompt = PROMPTS[1]
+    engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True), "r")
+    engine.step()
+    inputs, hidden = engine.runner.last_hidden  # type: ignore[misc]
+    assert hidden.shape == (len(prompt), 3 * 128)
+    with torch.no_grad():
+        ref = parts[0](torch.tensor([prompt]), output_hidden_states=True).hidden_states
+    expected = torch.cat([ref[i][0] for i in default_layer_ids(2)], dim=-1)
+    torch.testing.assert_close(hidden, expected, atol=1e-5, rtol=1e-5)
+    assert inputs.chunks[0][1:] == (0, 0, len(prompt))
+    plain = make_engine(parts, False)
+    assert not plain.runner.returns_hidden, "hidden states are returned with speculation off"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_equals_plain_decoding(parts, case: str) -> None:
+    requests = [(p, GREEDY) for p in PROMPTS]
+    plain = run(make_engine(parts, False, *CASES[case]), requests)
+    engine = make_engine(parts, True, *CASES[case])
+    assert run(engine, requests) == plain
+    assert engine.speculator.stats.draft_tokens > 0  # type: ignore[union-attr]
+    if case == "tiny-pool-preempts":
+        assert engine.stats.num_preemptions > 0
+
+
+def test_prefix_cache_second_round_and_n(parts) -> None:
+    """A second round reuses cached blocks (the head's entries with them); n = 2 equals plain decoding."""
+    sampled = SamplingParams(max_tokens=16, temperature=0, n=2, ignore_eos=True)
+    requests = [(p, GREEDY) for p in PROMPTS[:3]] + [(PROMPTS[3], sampled)]
+    plain_engine, engine = make_engine(parts, False), make_engine(parts, True)
+    for _ in range(2):
+        assert run(engine, requests) == run(plain_engine, requests)
+    assert engine.kv_cache.stats.num_hit_tokens > 0
+
+
+def _snapshot_head_kv(engine: Engine) -> dict[int, tuple[list[int], int]]:
+    """Wrap the proposer's catch-up: after each, every running sequence's (tokens, computed) and head keys."""
+    prop = proposer(engine)
+    snaps: dict[int, Any] = {}
+    original = prop.before_step
+
+    def before_step(eng: Engine) -> None:
+        original(eng)
+        bs = prop.block_size
+        for seq in eng.scheduler.running:
+            n = seq.num_computed_tokens
+            slots = [seq.block_table[p // bs] * bs + p % bs for p in range(n)]
+            keys = prop.k_cache.view(-1, *prop.k_cache.shape[2:])[
+                torch.tensor(slots, dtype=torch.long)
+            ].clone()
+            snaps[seq.seq_id] = (list(seq.token_ids), n, keys)
+
+    prop.before_step = before_step  # type: ignore[method-assign]
+    return snaps
+
+
+def test_accepted_runs_keep_the_head_kv_exact(parts) -> None:
+    """Drafts that are 0..k tokens of the known continuation (cycling): outputs equal plain decoding, drafts
+    are accepted, and the head's KV after every catch-up equals a fresh prefill of the same tokens."""
+    requests = [(p, GREEDY) for p in PROMPTS[:3]]
+    plain = run(make_engine(parts, False), requests)
+    continuation = {tuple(PROMPTS[i]): ids for (i, _), (ids, _, _) in plain.items()}
+    engine = make_engine(parts, True)
+    prop = proposer(engine)
+    head_propose, cycle = prop.propose, itertools.count()
+
+    def propose(seqs: list[Any], limits: list[int]) -> list[list[int]]:
+        drafts = head_propose(seqs, limits)
+        for i, seq in enumerate(seqs):
+            ref = continuation[tuple(seq.token_ids[: seq.num_prompt_tokens])]
+            good = next(cycle) % (limits[i] + 1)
+            o = seq.num_output_tokens
+            drafts[i] = ref[o : o + good] + [t + 1 for t in ref[o + good : o + limits[i]]]  # then wrong ones
+        return drafts
+
+    prop.propose = propose  # type: ignore[method-assign]
+    snaps = _snapshot_head_kv(engine)
+    assert run(engine, requests) == plain
+    stats = engine.speculator.stats  # type: ignore[union-attr]
+    assert stats.accepted_tokens > 0 and stats.accepted_tokens < stats.draft_tokens
+    for tokens, computed, keys in snaps.values():
+        assert computed > len(PROMPTS[0])  # caught up past the prompt
+        fresh = make_engine(parts, True, "cache.enable_prefix_caching=false")
+        fresh_snaps = _snapshot_head_kv(fresh)
+        fresh.add_request(
+            tokens[: computed + 1], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+        )
+        fresh.run_until_done()
+        (_, fresh_computed, fresh_keys), = fresh_snaps.values()  # fmt: skip
+        assert fresh_computed >= computed
+        torch.testing.assert_close(keys, fresh_keys[:computed], atol=KV_ATOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_equals_plain() -> None:
+    """The real model (30 layers: the head reads layers 2, 15, 27), float32, a few chat prompts."""
+    loaded = load_model("smollm2")
+    tok = loaded.tokenizer
+    texts = ["Copy this exactly: the meeting is on Tuesday at 10am in room 4B.",
+             "def area(w, h):\n    return w * h\n\nExplain this function in one sentence.",
+             "List three colours of the rainbow."]  # fmt: skip
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True) for t in texts
+    ]
+    prompts = [list(p["input_ids"] if isinstance(p, dict) or hasattr(p, "keys") else p) for p in prompts]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    outs = []
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        head = write_random_head(Path(folder) / "head", loaded.model.config, draft_vocab_size=4096)
+        for spec in (False, True):
+            extra = [
+                "speculative.method=eagle3",
+                f"speculative.model={head}",
+                "speculative.min_acceptance_rate=0",
+            ]
+            config = load_config(None, ["model.dtype=float32", *(extra if spec else [])])
+            llm = LLM(copy.deepcopy(loaded.model), config=config, tokenizer=tok)
+            outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
+            if spec:
+                assert proposer(llm.engine).head.config.aux_layer_ids is None  # defaults: (2, 15, 27)
+                assert llm.engine.speculator.stats.draft_tokens > 0  # type: ignore[union-attr]
+            llm.shutdown()
+    assert outs[0] == outs[1]
