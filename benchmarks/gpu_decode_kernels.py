@@ -1,17 +1,21 @@
-"""Batch-1 decode with RoPE fused into the paged-attention kernels on vs off (issue 14), one process.
+"""Batch-1 decode with this step's attention work fused (issue 14) vs the state before, one process.
 
-Usage (GPU machine, repo root; ~3-4 min on one H100, two cold 8B engine builds):
+Usage (GPU machine, repo root; ~3-4 min on one H100: two cold 8B engine builds; add `--modes
+fused,unfused,baseline` for the three-way split, ~5 min):
     PYTHONPATH=. python3 benchmarks/gpu_decode_kernels.py --out $OUT
-CPU smoke (tiny-llama, eager, the fusion forced onto the reference path; ~1 min on 2 cores):
+CPU smoke (tiny-llama, eager, the fusion forced onto the reference path, kernel check in Triton's
+interpreter; ~1.5 min on 2 cores):
     PYTHONPATH=. python3 benchmarks/gpu_decode_kernels.py --smoke --out /tmp/decode_kernels
 
-First the fused kernels are checked against the reference at Llama-3.1-8B head shapes (bf16, decode and
-chunked prefill; GPU only). Then, per mode (`compile.passes.fuse_rope_attention` true / false), the
-Llama-3.1-8B preset engine (bf16, only the batch-1 CUDA graph) is built and measured: the bucket-1
-graph's replay time (median of 5 x 50 replays, CUDA events), kernels per step and GPU time per kernel
-kind (torch.profiler over 20 replays), batch-1 decode tok/s (one 128-token prompt, 256 tokens decoded)
-and 64 greedy tokens of a fixed prompt, compared across modes. Writes decode_kernels.json after each
-step and prints a table.
+Modes: "fused" = RoPE inside the attention kernels (fuse_rope_attention) and the KV write inside the decode
+kernel (2 attention launches per layer and step); "unfused" = the pass off, KV write still in decode (3);
+"baseline" = the pass off and the separate KV write kernel (4: RoPE, write, decode, combine).
+First the fused kernels are checked against the reference and against the baseline kernels at Llama-3.1-8B
+head shapes (bf16, decode and chunked prefill). Then per mode the Llama-3.1-8B preset engine (bf16, only
+the batch-1 CUDA graph) is built and measured: the bucket-1 graph's replay time (median of 5 x 50
+replays, CUDA events), kernels per step and GPU time per kernel kind (torch.profiler over 20 replays),
+batch-1 decode tok/s (one 128-token prompt, 256 tokens decoded) and 64 greedy tokens of a fixed prompt,
+compared with the first mode's. Writes decode_kernels.json after each step and prints a table.
 """
 
 from __future__ import annotations
@@ -45,9 +49,12 @@ logger = logging.getLogger("fxllm.gpu.decode_kernels")
 GPU_BASE = ["model.model=llama-3.1-8b", "model.device=cuda", "model.dtype=bfloat16", "model.max_model_len=2048",
             "scheduler.max_num_seqs=8", "compile.cuda_graph_batch_sizes=[1]", "cache.gpu_memory_fraction=0.4"]  # fmt: skip
 SMOKE_BASE = ["model.model=tiny-llama", "model.device=cpu", "compile.backend=eager", "cache.num_blocks=64"]
-MODES = {  # mode -> overrides; the smoke run forces the fusion onto the CPU reference path
-    "fused": ["compile.passes.fuse_rope_attention.enabled=true"],
-    "unfused": ["compile.passes.fuse_rope_attention=false"],
+# mode -> (overrides, the decode kernel writes this step's k/v); the smoke run forces the fusion onto the CPU
+# reference path. "baseline" is the state before issue 14's attention fusions: RoPE kernel + KV write kernel.
+MODES: dict[str, tuple[list[str], bool]] = {
+    "fused": (["compile.passes.fuse_rope_attention.enabled=true"], True),
+    "unfused": (["compile.passes.fuse_rope_attention=false"], True),
+    "baseline": (["compile.passes.fuse_rope_attention=false"], False),
 }
 
 
@@ -100,9 +107,14 @@ def _kernels(graph: Any, replays: int = 20) -> dict[str, Any]:
 
 def measure(mode: str, base: list[str], smoke: bool) -> tuple[dict[str, Any], list[int]]:
     """Build the engine for `mode`, measure it, shut it down; (results, greedy tokens)."""
-    extra = list(MODES[mode])
+    overrides, write_in_decode = MODES[mode]
+    extra = list(overrides)
     if smoke and mode == "fused":
         extra.append("compile.passes.fuse_rope_attention.options.force=true")
+    from fxllm.backends.triton import paged_attention
+
+    # Read when the kernels launch, i.e. when the decode graphs are captured during the build.
+    paged_attention.WRITE_KV_IN_DECODE = write_in_decode
     start = time.perf_counter()
     llm = LLM(config=load_config(None, [*base, *extra]))
     info = llm.info
@@ -111,6 +123,7 @@ def measure(mode: str, base: list[str], smoke: bool) -> tuple[dict[str, Any], li
         "fused_layers": info.pass_report.matches("fuse_rope_attention"),
         "attention_layers": info.pass_report.matches("insert_cached_attention"),
         "op_backends": dict(info.op_backends),
+        "kv_write_in_decode_kernel": write_in_decode,
     }
     vocab = llm.engine.vocab_size
     params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
@@ -123,6 +136,7 @@ def measure(mode: str, base: list[str], smoke: bool) -> tuple[dict[str, Any], li
         result["replay_ms"] = _replay_ms(graph)
         result.update(_kernels(graph))
     llm.shutdown()
+    paged_attention.WRITE_KV_IN_DECODE = True
     del llm
     gc.collect()
     if torch.cuda.is_available():
@@ -131,8 +145,8 @@ def measure(mode: str, base: list[str], smoke: bool) -> tuple[dict[str, Any], li
 
 
 def kernel_check(small: bool) -> dict[str, Any]:
-    """Fused kernels vs the reference (rel. error, bf16 tolerance 1e-2) and vs the unfused kernels
-    (max |diff|) at Llama-3.1-8B heads (32 query, 8 KV, head dim 128); `small`: interpreter-sized, CPU."""
+    """Fused kernels vs the reference (rel. error, bf16 tolerance 1e-2) and vs the unfused kernels (the RoPE
+    kernel, the KV write kernel, then attention; max |diff|) at Llama-3.1-8B heads (32 query, 8 KV, head dim 128); `small`: interpreter-sized, CPU."""
     from fxllm.backends.triton import paged_attention, rotary, selfcheck
     from fxllm.ops import paged_attention_rope_reference
 
@@ -165,7 +179,8 @@ def kernel_check(small: bool) -> dict[str, Any]:
         rotary.rotary_embedding_out(q4, k4, cos[None, None], sin[None, None], q_rot, k_rot)
         unfused = torch.empty_like(fused)
         paged_attention.paged_attention_out(q_rot[0].transpose(0, 1), k_rot[0].transpose(0, 1), c.v,
-                                            c.k_cache.clone(), c.v_cache.clone(), *meta, *tail, unfused)  # fmt: skip
+                                            c.k_cache.clone(), c.v_cache.clone(), *meta, *tail, unfused,
+                                            write_in_decode=False)  # fmt: skip
         err = selfcheck.rel_err(fused[: c.num_real], ref[: c.num_real])
         out[name] = {"rel_err_vs_reference": err, "ok": err < 1e-2,
                      "max_abs_diff_vs_unfused": float((fused - unfused).abs().max())}  # fmt: skip
@@ -175,8 +190,8 @@ def kernel_check(small: bool) -> dict[str, Any]:
 def _table(results: dict[str, Any]) -> str:
     keys = ("fused_layers", "replay_ms", "step_ms", "tok_s", "kernels_per_step", "build_seconds")
     lines = [f"{'mode':<10}" + "".join(f"{k:>18}" for k in keys)]
-    for mode in MODES:
-        row = results.get(mode, {})
+    for mode in [m for m in MODES if m in results]:
+        row = results[mode]
         cells = [row.get(k) for k in keys]
         lines.append(
             f"{mode:<10}" + "".join(f"{c:>18.3f}" if isinstance(c, float) else f"{c!s:>18}" for c in cells)
@@ -192,6 +207,8 @@ def main() -> int:
     parser.add_argument(
         "--layers", type=int, default=0, help="cut the 8B preset to this many layers (0: all)"
     )
+    parser.add_argument("--modes", default="fused,baseline", help=f"comma-separated, of {','.join(MODES)}; "
+                        "each is one cold 8B engine build (~80-100 s on an H100)")  # fmt: skip
     parser.add_argument("--set", action="append", default=[], help="extra config overrides for both modes")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
@@ -209,18 +226,27 @@ def main() -> int:
     if torch.cuda.is_available() or args.smoke:
         results["kernel_check"] = kernel_check(small=args.smoke)
         out_file.write_text(json.dumps(results, indent=1))
+    modes = args.modes.split(",")
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        parser.error(f"unknown mode {unknown[0]!r}; modes: {', '.join(MODES)}")
     tokens: dict[str, list[int]] = {}
-    for mode in MODES:
+    for mode in modes:
         results[mode], tokens[mode] = measure(mode, base, args.smoke)
         out_file.write_text(json.dumps(results, indent=1))
-    fused, plain = tokens["fused"], tokens["unfused"]
-    same = next((i for i, (a, b) in enumerate(zip(fused, plain)) if a != b), len(fused))
-    results["greedy_tokens_equal_prefix"] = f"{same} of {len(fused)}"
-    if "replay_ms" in results["fused"] and "replay_ms" in results["unfused"]:
-        results["replay_saving_ms"] = results["unfused"]["replay_ms"] - results["fused"]["replay_ms"]
+    first = tokens[modes[0]]
+    for mode in modes[1:]:
+        same = next((i for i, (a, b) in enumerate(zip(first, tokens[mode])) if a != b), len(first))
+        results[f"greedy_equal_prefix_{modes[0]}_vs_{mode}"] = f"{same} of {len(first)}"
+        if "replay_ms" in results[modes[0]] and "replay_ms" in results[mode]:
+            results[f"replay_saving_ms_{modes[0]}_vs_{mode}"] = (
+                results[mode]["replay_ms"] - results[modes[0]]["replay_ms"]
+            )
     out_file.write_text(json.dumps(results, indent=1))
     print(_table(results))
-    print(f"greedy tokens equal (fused vs unfused): {results['greedy_tokens_equal_prefix']}")
+    for key, value in results.items():
+        if key.startswith(("greedy_equal", "replay_saving")):
+            print(f"{key}: {value}")
     if "kernel_check" in results:
         print(json.dumps(results["kernel_check"], indent=1))
     return 0

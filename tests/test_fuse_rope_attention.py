@@ -15,6 +15,7 @@ left alone (no fused kernel there), with a note.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -42,7 +43,7 @@ SMALL_LAUNCH = {"block_m": 16, "block_n": 16, "num_splits": 3}
 
 
 @pytest.fixture(scope="module")
-def kernels():  # type: ignore[no-untyped-def]
+def kernels() -> tuple[Any, Any, Any]:
     """The Triton attention and RoPE kernel modules, interpreted on a CPU-only machine."""
     pytest.importorskip("triton", reason="triton is not installed")
     import importlib
@@ -68,9 +69,14 @@ def _tables(tokens: int, dim: int, dtype: torch.dtype, seed: int) -> tuple[torch
     return emb.cos().to(DEVICE, dtype), emb.sin().to(DEVICE, dtype)
 
 
+@pytest.mark.parametrize("write_in_decode", [True, False], ids=["kv write in decode", "kv write kernel"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_fused_kernels_match_reference_and_unfused(kernels, dtype: torch.dtype, case: str) -> None:  # type: ignore[no-untyped-def]
+def test_fused_kernels_match_reference_and_unfused(
+    kernels: tuple[Any, Any, Any], dtype: torch.dtype, case: str, write_in_decode: bool
+) -> None:
+    """Decode writes this step's k/v (rotated) in the decode kernel by default, or in the write kernel; the
+    unfused comparison always takes the other route on decode, so the two write paths also meet."""
     paged_attention, rotary, selfcheck = kernels
     q_lens, ctx_lens, extra = CASES[case]
     c = selfcheck.make_paged_case(q_lens, ctx_lens, 8, 2, 32, dtype=dtype, device=DEVICE, seed=7, **extra)
@@ -80,7 +86,18 @@ def test_fused_kernels_match_reference_and_unfused(kernels, dtype: torch.dtype, 
     k_cache, v_cache = c.k_cache.clone(), c.v_cache.clone()
     out = torch.full((*c.q.shape[:-1], c.v.shape[-1]), float("nan"), dtype=dtype, device=DEVICE)
     paged_attention.paged_attention_out(
-        c.q, c.k, c.v, k_cache, v_cache, *meta, *tail, out, cos=cos, sin=sin, **SMALL_LAUNCH
+        c.q,
+        c.k,
+        c.v,
+        k_cache,
+        v_cache,
+        *meta,
+        *tail,
+        out,
+        cos=cos,
+        sin=sin,
+        write_in_decode=write_in_decode,
+        **SMALL_LAUNCH,
     )
     # The reference on float32 copies (caches with every context slot finite).
     kr, vr = c.k_cache_ref.float(), c.v_cache_ref.float()
@@ -107,13 +124,13 @@ def test_fused_kernels_match_reference_and_unfused(kernels, dtype: torch.dtype, 
     out2 = torch.full_like(out, float("nan"))
     paged_attention.paged_attention_out(
         q_rot[0].transpose(0, 1), k_rot[0].transpose(0, 1), c.v, k_cache2, v_cache2, *meta, *tail, out2,
-        **SMALL_LAUNCH,
+        write_in_decode=not write_in_decode, **SMALL_LAUNCH,
     )  # fmt: skip
     assert torch.equal(out, out2)
     assert torch.equal(k_cache.flatten(0, 1)[slots], k_cache2.flatten(0, 1)[slots])
 
 
-def test_public_op_falls_back_with_a_count(kernels) -> None:  # type: ignore[no-untyped-def]
+def test_public_op_falls_back_with_a_count(kernels: tuple[Any, Any, Any]) -> None:
     """cos/sin of another dtype than q: the reference runs, logged and counted (not silently)."""
     paged_attention, _, selfcheck = kernels
     c = selfcheck.make_paged_case([1, 1], [5, 9], 4, 2, 16, device=DEVICE, seed=3)

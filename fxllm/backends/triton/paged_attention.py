@@ -55,6 +55,9 @@ logger = logging.getLogger(__name__)
 
 
 _MAX_SPLITS = 64
+# Decode: the decode kernel writes this step's k/v itself, one launch fewer per layer and step. Not a config
+# option: benchmarks/gpu_decode_kernels.py sets it False to measure the separate write kernel (the old path).
+WRITE_KV_IN_DECODE = True
 _DOT_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -132,11 +135,13 @@ def paged_attention_out(
     *, num_splits: int | None = None, block_m: int | None = None, block_n: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None,
     k_scale: Tensor | None = None, v_scale: Tensor | None = None,
-    cos: Tensor | None = None, sin: Tensor | None = None,
+    cos: Tensor | None = None, sin: Tensor | None = None, write_in_decode: bool | None = None,
 ) -> None:  # fmt: skip
     """Write k/v into the caches, then paged attention into `out` [T, Hq, Dv]; launch knobs overridable.
 
-    With cos/sin ([T, D], see `rope_supported`) q and k are RoPE-rotated in-kernel first (the fused op)."""
+    With cos/sin ([T, D], see `rope_supported`) q and k are RoPE-rotated in-kernel first (the fused op). On the
+    decode path the decode kernel writes this step's k/v itself unless `write_in_decode` (default
+    WRITE_KV_IN_DECODE) is False."""
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     head_dim_v = v_cache.shape[-1]
@@ -160,16 +165,18 @@ def paged_attention_out(
     (ks, sks), (vs, svs) = (_scale_args(s, q, num_kv_heads) for s in (k_scale, v_scale))
     rope = cos is not None
     rope_args = _rope_args(cos, sin, q)
-    _write_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping, query_start_loc, out,
-        num_seqs, num_kv_heads, num_heads, block_size,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1), kc[0], kc[1], kc[2], vc[0], vc[1], vc[2],
-        out.stride(0), out.stride(1), ks, vs, sks, svs, *rope_args,
-        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
-        BLOCK_HKV=triton.next_power_of_2(num_kv_heads), BLOCK_HQ=triton.next_power_of_2(num_heads),
-        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_DV=triton.next_power_of_2(head_dim_v),
-        ZERO_PADDING=not decode, KV_FP8=kv_fp8, ROPE=rope, num_warps=4,
-    )  # fmt: skip
+    write_in_decode = decode and (WRITE_KV_IN_DECODE if write_in_decode is None else write_in_decode)
+    if not write_in_decode:
+        _write_kv_kernel[(num_tokens,)](
+            k, v, k_cache, v_cache, slot_mapping, query_start_loc, out,
+            num_seqs, num_kv_heads, num_heads, block_size,
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1), kc[0], kc[1], kc[2], vc[0], vc[1], vc[2],
+            out.stride(0), out.stride(1), ks, vs, sks, svs, *rope_args,
+            HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
+            BLOCK_HKV=triton.next_power_of_2(num_kv_heads), BLOCK_HQ=triton.next_power_of_2(num_heads),
+            BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_DV=triton.next_power_of_2(head_dim_v),
+            ZERO_PADDING=not decode, KV_FP8=kv_fp8, ROPE=rope, num_warps=4,
+        )  # fmt: skip
     # float32 (or mixed) inputs: IEEE float32 dots, not tf32, so float32 stays exact to ~1e-7.
     # FP8 tiles are converted to q's dtype in-kernel, so they dot in q's dtype.
     same_dtype = kv_fp8 or q.dtype == k_cache.dtype == v_cache.dtype
@@ -189,9 +196,11 @@ def paged_attention_out(
             num_seqs, num_heads, group, block_size, splits,
             q.stride(0), q.stride(1), kc[0], kc[1], kc[2], vc[0], vc[1], vc[2], block_tables.stride(0),
             scale, softcap, sliding_window, ks, vs, sks, svs, *rope_args,
+            k, v, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_H=max(16, group_p), BLOCK_N=bn,
             BLOCK_D=block_d, BLOCK_DV=block_dv, USE_SOFTCAP=use_softcap, USE_WINDOW=use_window,
-            F32_DOT=f32_dot, KV_FP8=kv_fp8, ROPE=rope, num_warps=num_warps or 4, num_stages=num_stages or 3,
+            F32_DOT=f32_dot, KV_FP8=kv_fp8, ROPE=rope, WRITE_KV=write_in_decode,
+            num_warps=num_warps or 4, num_stages=num_stages or 3,
         )  # fmt: skip
         _combine_kernel[(num_tokens, num_heads)](
             part, lse, sink_arg, query_start_loc, out, num_seqs, num_heads, splits, out.stride(0), out.stride(1),

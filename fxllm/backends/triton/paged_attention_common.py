@@ -46,6 +46,37 @@ def _load_heads(
     return x
 
 
+@triton.jit
+def _write_token_kv(
+    k_ptr, v_ptr, kc_ptr, vc_ptr, t, slot, h, h_ok, block_size,
+    sk_t, sk_h, sv_t, sv_h, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h,
+    ks_ptr, vs_ptr, sks_h, svs_h, cos_ptr, sin_ptr, sc_t, sc_d, ss_t, ss_d,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    KV_FP8: tl.constexpr, ROPE: tl.constexpr,
+):  # fmt: skip
+    """Token t's k/v rows of KV heads `h` (where `h_ok`) into cache slot `slot` (>= 0); k RoPE-rotated with ROPE."""
+    blk = slot // block_size
+    off = slot % block_size
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    km = h_ok[:, None] & (d < HEAD_DIM)[None, :]
+    # This step's key, RoPE-rotated here when the fused op passes cos/sin: the cache holds rotated keys.
+    kx = _load_heads(k_ptr, t * sk_t + h * sk_h, h_ok, t + h * 0, cos_ptr, sin_ptr,
+                     sc_t, sc_d, ss_t, ss_d, HEAD_DIM, BLOCK_D, ROPE)  # fmt: skip
+    if KV_FP8:  # saturate: e4m3fn has no inf, an out-of-range value would become NaN
+        ks = tl.load(ks_ptr + h * sks_h, mask=h_ok, other=1.0)
+        kx = tl.clamp(kx.to(tl.float32) / ks[:, None], -448.0, 448.0)
+    tl.store(kc_ptr + blk * skc_b + off * skc_s + h[:, None] * skc_h + d[None, :],
+             kx.to(kc_ptr.dtype.element_ty), mask=km)  # fmt: skip
+    vm = h_ok[:, None] & (dv < HEAD_DIM_V)[None, :]
+    vx = tl.load(v_ptr + t * sv_t + h[:, None] * sv_h + dv[None, :], mask=vm)
+    if KV_FP8:
+        vs = tl.load(vs_ptr + h * svs_h, mask=h_ok, other=1.0)
+        vx = tl.clamp(vx.to(tl.float32) / vs[:, None], -448.0, 448.0)
+    tl.store(vc_ptr + blk * svc_b + off * svc_s + h[:, None] * svc_h + dv[None, :],
+             vx.to(vc_ptr.dtype.element_ty), mask=vm)  # fmt: skip
+
+
 @triton.jit(do_not_specialize=["num_seqs"])
 def _write_kv_kernel(
     k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, qsl_ptr, out_ptr,
@@ -60,31 +91,18 @@ def _write_kv_kernel(
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, BLOCK_HKV)
-    d = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
-        blk = slot // block_size
-        off = slot % block_size
-        km = (h < n_kv_heads)[:, None] & (d < HEAD_DIM)[None, :]
-        # This step's key, RoPE-rotated here when the fused op passes cos/sin: the cache holds rotated keys.
-        kx = _load_heads(k_ptr, t * sk_t + h * sk_h, h < n_kv_heads, t + h * 0, cos_ptr, sin_ptr,
-                         sc_t, sc_d, ss_t, ss_d, HEAD_DIM, BLOCK_D, ROPE)  # fmt: skip
-        if KV_FP8:  # saturate: e4m3fn has no inf, an out-of-range value would become NaN
-            ks = tl.load(ks_ptr + h * sks_h, mask=h < n_kv_heads, other=1.0)
-            kx = tl.clamp(kx.to(tl.float32) / ks[:, None], -448.0, 448.0)
-        tl.store(kc_ptr + blk * skc_b + off * skc_s + h[:, None] * skc_h + d[None, :],
-                 kx.to(kc_ptr.dtype.element_ty), mask=km)  # fmt: skip
-        vm = (h < n_kv_heads)[:, None] & (dv < HEAD_DIM_V)[None, :]
-        vx = tl.load(v_ptr + t * sv_t + h[:, None] * sv_h + dv[None, :], mask=vm)
-        if KV_FP8:
-            vs = tl.load(vs_ptr + h * svs_h, mask=h < n_kv_heads, other=1.0)
-            vx = tl.clamp(vx.to(tl.float32) / vs[:, None], -448.0, 448.0)
-        tl.store(vc_ptr + blk * svc_b + off * svc_s + h[:, None] * svc_h + dv[None, :],
-                 vx.to(vc_ptr.dtype.element_ty), mask=vm)  # fmt: skip
+        _write_token_kv(
+            k_ptr, v_ptr, kc_ptr, vc_ptr, t, slot, h, h < n_kv_heads, block_size,
+            sk_t, sk_h, sv_t, sv_h, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h,
+            ks_ptr, vs_ptr, sks_h, svs_h, cos_ptr, sin_ptr, sc_t, sc_d, ss_t, ss_d,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KV_FP8, ROPE,
+        )  # fmt: skip
     if ZERO_PADDING:  # noqa: SIM102  (a compile-time branch: kept apart so that it folds away)
         if t >= tl.load(qsl_ptr + num_seqs):
             hq = tl.arange(0, BLOCK_HQ)
+            dv = tl.arange(0, BLOCK_DV)
             om = (hq < n_heads)[:, None] & (dv < HEAD_DIM_V)[None, :]
             zeros = tl.zeros((BLOCK_HQ, BLOCK_DV), dtype=out_ptr.dtype.element_ty)
             tl.store(out_ptr + t * so_t + hq[:, None] * so_h + dv[None, :], zeros, mask=om)

@@ -2,7 +2,9 @@
 
 `_decode_kernel`, grid (S, Hkv, splits): one program takes all G = Hq/Hkv query heads of a KV head (padded
 to 16 rows for tl.dot) and one of `splits` equal slices of the sequence's key range (sliced in-kernel from
-seq_lens), and writes a normalised float32 partial output plus its log2-sum-exp. `_combine_kernel`, grid
+seq_lens), and writes a normalised float32 partial output plus its log2-sum-exp. With WRITE_KV the program
+whose slice holds the new token first writes this step's k/v of its KV head into the cache (no separate
+write launch). `_combine_kernel`, grid
 (T, Hq), merges the splits, adds the attention sink and writes zeros for padding tokens. The launch is in
 paged_attention.py.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fxllm.backends.triton.paged_attention_common import _attend_range, _load_heads
+from fxllm.backends.triton.paged_attention_common import _attend_range, _load_heads, _write_token_kv
 
 
 @triton.jit(do_not_specialize=["num_seqs", "num_splits"])
@@ -22,10 +24,11 @@ def _decode_kernel(
     sq_t, sq_h, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, sbt,
     qk_scale, softcap, window, ks_ptr, vs_ptr, sks_h, svs_h,
     cos_ptr, sin_ptr, sc_t, sc_d, ss_t, ss_d,
+    k_ptr, v_ptr, slot_ptr, sk_t, sk_h, sv_t, sv_h,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, F32_DOT: tl.constexpr, KV_FP8: tl.constexpr = False,
-    ROPE: tl.constexpr = False,
+    ROPE: tl.constexpr = False, WRITE_KV: tl.constexpr = False,
 ):  # fmt: skip
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -39,6 +42,22 @@ def _decode_kernel(
         per_split = tl.cdiv(tl.cdiv(seq_len - lo, num_splits), BLOCK_N) * BLOCK_N
         start = lo + split * per_split
         end = tl.minimum(start + per_split, seq_len)
+        if WRITE_KV:
+            # The program whose slice holds the new token (position seq_len - 1) stores this KV head's k/v
+            # (one program per sequence and KV head, so no other CTA reads them), then reads them back from
+            # the cache like every other key once the barrier has made the stores visible to the whole CTA.
+            slot = tl.load(slot_ptr + seq).to(tl.int64)
+            if (slot >= 0) & (start <= seq_len - 1) & (seq_len - 1 < end):
+                hk = kv_head + tl.arange(
+                    0, 2
+                )  # a two-row tile with one row used: the helper takes [R, D] tiles
+                _write_token_kv(
+                    k_ptr, v_ptr, kc_ptr, vc_ptr, seq, slot, hk, hk == kv_head, block_size,
+                    sk_t, sk_h, sv_t, sv_h, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h,
+                    ks_ptr, vs_ptr, sks_h, svs_h, cos_ptr, sin_ptr, sc_t, sc_d, ss_t, ss_d,
+                    HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KV_FP8, ROPE,
+                )  # fmt: skip
+            tl.debug_barrier()
         hh = tl.arange(0, BLOCK_H)
         head = kv_head * group + hh
         # Token `seq` is the sequence's one query (decode: T == S); ROPE rotates it here.
