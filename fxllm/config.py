@@ -135,8 +135,9 @@ class QuantizationConfig:
     method: str = "none"
     # FP8 weight scales: channel (one per output feature), tensor (one), block (one per 128 x 128 tile).
     weight_granularity: str = "channel"
-    # dynamic_token: each token's scale is its amax / 448 at run time; static_tensor: one scale per
-    # GEMM input, from the checkpoint (input_scale): every FP8 layer of the checkpoint must have one.
+    # dynamic_token: each token's scale is its amax / 448 at run time; dynamic_tensor: one scale per GEMM
+    # input, the whole step's amax / 448 at run time; static_tensor: one scale per GEMM input, from the
+    # checkpoint (input_scale): every FP8 layer of the checkpoint must have one.
     activation_scheme: str = "dynamic_token"
     # Linears left in the model's dtype, matched against the module path or weight name (`lm_head` matches
     # `lm_head.weight`; `mlp.down_proj` every layer's down projection).
@@ -248,7 +249,7 @@ def _one_of(*allowed: str) -> Callable[[Any], None]:
 _VALUE_CHECKS: dict[str, Callable[[Any], None]] = {
     "quantization.method": _one_of("none", "fp8"),
     "quantization.weight_granularity": _one_of("channel", "tensor", "block"),
-    "quantization.activation_scheme": _one_of("dynamic_token", "static_tensor"),
+    "quantization.activation_scheme": _one_of("dynamic_token", "dynamic_tensor", "static_tensor"),
     "quantization.fuse_activation_quant": _one_of("auto", "on", "off"),
     "model.dtype": _check_dtype,
     "cache.dtype": check_cache_dtype,

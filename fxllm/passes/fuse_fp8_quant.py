@@ -10,7 +10,8 @@ Where that activation is the normed output of `fxllm::fused_add_rms_norm` or the
 its scale are written by the producer and the unquantized activation is never stored. Several GEMMs
 quantizing the same activation (unmerged q/k/v) share the one fused output. Left in ATen, for Inductor
 to fuse: quantizations of activations made by plain ATen ops or by other fxllm ops (the first layer's
-RMSNorm has no residual add; the attention output), and static input scales (an FP8 checkpoint's).
+RMSNorm has no residual add; the attention output), static input scales (an FP8 checkpoint's) and
+per-tensor dynamic scales (activation_scheme dynamic_tensor: one amax over every row, not one kernel's).
 
 Stage "quantize", after quantize_fp8 (which runs after fuse_add_rms_norm and merge_fp8_linears, stage
 "fuse"). `auto` is off: the fused Triton kernels have not been measured against Inductor's kernel on a
@@ -29,7 +30,7 @@ from torch.fx import GraphModule, Node
 
 import fxllm.ops.fp8_fused  # noqa: F401  (defines the fused ops)
 from fxllm.passes.graph_utils import is_op, val
-from fxllm.passes.quantize_fp8 import QUANT_INPUT_META
+from fxllm.passes.quantize_fp8 import QUANT_INPUT_META, QUANT_SCHEME_META
 from fxllm.passes.registry import PassContext, PassResult, register_pass
 
 logger = logging.getLogger(__name__)
@@ -103,20 +104,25 @@ def fuse_fp8_quant(gm: GraphModule, ctx: PassContext) -> PassResult:
     graph = gm.graph
     by_name = {node.name: node for node in graph.nodes}
     groups: dict[Node, list[tuple[Node, Node]]] = defaultdict(list)  # activation -> [(e4m3, scale)]
+    left: Counter[str] = Counter()
     for gemm in graph.find_nodes(op="call_function", target=torch.ops.fxllm.fp8_gemm.default):
         q, s = gemm.args[0], gemm.args[1]
-        if isinstance(q, Node) and isinstance(s, Node) and q.meta.get(QUANT_INPUT_META) in by_name:
-            groups[by_name[q.meta[QUANT_INPUT_META]]].append((q, s))
-    if not groups:
+        if not (isinstance(q, Node) and isinstance(s, Node) and q.meta.get(QUANT_INPUT_META) in by_name):
+            continue
+        scheme = q.meta.get(QUANT_SCHEME_META, "dynamic_token")
+        if scheme != "dynamic_token":  # the fused kernels make per-token scales only
+            left[f"{scheme} activation scale"] += 1
+            continue
+        groups[by_name[q.meta[QUANT_INPUT_META]]].append((q, s))
+    if not groups and not left:
         return result
     if effective == "off":
         result.notes.append(
             f"quantization.fuse_activation_quant={setting}"
             + (" (auto = off until measured on a GPU)" if setting == "auto" else "")
-            + f": {sum(map(len, groups.values()))} activation quantization(s) stay in ATen"
+            + f": {sum(map(len, groups.values())) + sum(left.values())} activation quantization(s) stay in ATen"
         )
         return result
-    left: Counter[str] = Counter()
     fused: Counter[str] = Counter()
     for x, members in groups.items():
         found = _producer(x)

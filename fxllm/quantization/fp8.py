@@ -4,7 +4,8 @@ A value v with scale s is stored as e4m3(clamp(v / s, -448, 448)) and read back 
 Scales are float32 and are never below MIN_SCALE, so an all-zero row quantizes to zeros, not NaN.
 Weights: `channel` ([N, 1], amax of each output row / 448), `tensor` ([1]) or `block` ([ceil(N/128),
 ceil(K/128)], one scale per 128 x 128 tile, as DeepSeek-V3 / compressed-tensors `block`). Activations:
-per token ([M, 1], amax of the row / 448, computed at run time) or one static scale ([1]).
+per token ([M, 1], amax of the row / 448, computed at run time), per tensor at run time ([1, 1], amax of
+the whole input / 448: `quantize_activation_tensor`) or one static scale ([1]).
 Only torch calls on tensors are made here (no Python scalars built from tensor values), so the compile
 cache's recorder can replay the weight quantization on a warm start.
 """
@@ -79,4 +80,10 @@ def quantize_activation(x: Tensor, input_scale: Tensor | None = None) -> tuple[T
         scale = x.detach().abs().amax(dim=-1, keepdim=True).float().div(FP8_MAX).clamp(min=MIN_SCALE)
     else:
         scale = input_scale.float().reshape(1, 1)
+    return _cast(x, scale), scale
+
+
+def quantize_activation_tensor(x: Tensor) -> tuple[Tensor, Tensor]:
+    """[M, K] activations -> (e4m3 [M, K], float32 scale [1, 1]): one scale, amax of the whole input / 448."""
+    scale = x.detach().abs().amax().float().div(FP8_MAX).clamp(min=MIN_SCALE).reshape(1, 1)
     return _cast(x, scale), scale
