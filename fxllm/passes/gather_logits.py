@@ -10,6 +10,8 @@ on its own (dtype casts, final logit soft-capping, views), to the projection tha
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch.fx import GraphModule, Node
 
@@ -19,6 +21,7 @@ from fxllm.passes.registry import PassContext, PassResult, register_pass
 from fxllm.passes.runtime_signature import ensure_signature
 
 aten = torch.ops.aten
+logger = logging.getLogger(__name__)
 
 # Per-token ops allowed between the LM head and the output: they commute with picking token rows.
 _PER_TOKEN = (
@@ -45,15 +48,28 @@ def find_lm_head(gm: GraphModule) -> Node | None:
     return None
 
 
+def _describe_output(gm: GraphModule) -> str:
+    """The first few ops walking back from the graph's output (what stopped `find_lm_head`)."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    result = output.args[0]
+    node, chain = (result[0] if isinstance(result, (tuple, list)) else result), []
+    while isinstance(node, Node) and len(chain) < 4:
+        chain.append(str(node.target))
+        inputs = [a for a in node.args if isinstance(a, Node)]
+        node = inputs[0] if inputs else None
+    return " <- ".join(chain)
+
+
 @register_pass("gather_logits", "cache", needs_runtime=True, _builtin=True)
 def gather_logits(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Index the final hidden states with `logits_indices` before the LM head."""
     result = PassResult()
     lm_head = find_lm_head(gm)
     if lm_head is None:
-        result.notes.append(
-            "no LM head found walking back from the output: logits for every token are returned"
-        )
+        note = "no LM head found walking back from the output: logits for every token are returned"
+        # A slow path (a prefill projects every prompt token onto the vocabulary): said, not silent.
+        logger.warning("gather_logits: %s (output produced by %s)", note, _describe_output(gm))
+        result.notes.append(note)
         return result
     indices = add_input(gm, "logits_indices", "logits_indices", [None], torch.long)
     hidden = lm_head.args[0]
