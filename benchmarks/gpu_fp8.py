@@ -221,6 +221,7 @@ def decode_section(
     """Batch-1 decode and 256 x 128/128 throughput per variant (default: FP8 then bf16), one engine at a time."""
     from fxllm.config import load_config
     from fxllm.llm import LLM
+    from fxllm.runtime.sampling_params import SamplingParams
     from fxllm.serve.bench_offline import fxllm_decode_rate, fxllm_throughput, random_prompts
 
     preset = "tiny-llama" if smoke else PRESET
@@ -246,6 +247,8 @@ def decode_section(
         }  # fmt: skip
         prompt = random_prompts(1, in_len, vocab, 7)[0]
         fxllm_decode_rate(llm, prompt, 8)  # warm
+        greedy = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+        row["greedy_tokens"] = list(llm.generate([prompt], greedy)[0].outputs[0].token_ids)
         row["batch1_decode_tok_s"] = fxllm_decode_rate(llm, prompt, out_len).tokens_per_second
         result = fxllm_throughput(llm, random_prompts(num, in_len, vocab, 11), out_len)
         row[f"throughput_{num}x{in_len}x{out_len}"] = {"output_tok_s": result.tokens_per_second,
@@ -257,6 +260,10 @@ def decode_section(
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
+    done = [r["greedy_tokens"] for r in rows.values() if "greedy_tokens" in r]
+    if len(done) == 2:  # where the two variants' greedy tokens part (random weights: near-ties are common)
+        same = [a == b for a, b in zip(*done)]
+        rows["greedy_same_prefix"] = same.index(False) if False in same else len(same)
     return rows
 
 
@@ -279,6 +286,9 @@ def _table(results: dict[str, Any]) -> str:
         lines += fused_quant_table(results["fused_quant"])
     decodes = {**results.get("decode", {}), **results.get("fused_decode", {})}
     for method, r in decodes.items():
+        if not isinstance(r, dict):
+            lines.append(f"decode {method}: {r}")
+            continue
         if "skipped" in r:
             lines.append(f"decode {method}: skipped ({r['skipped']})")
             continue
