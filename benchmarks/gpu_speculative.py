@@ -2,6 +2,9 @@
 
 Usage (GPU machine, repo root, < 4 minutes on one H100 from a cold compile cache):
     PYTHONPATH=. python3 benchmarks/gpu_speculative.py --out $OUT
+    PYTHONPATH=. python3 benchmarks/gpu_speculative.py --eagle3 --ks 2,4 --batches 1,8 --output-len 64 --out $OUT
+The second is the EAGLE-3 section (`eagle3_main`: a random-weight head in the public layout, written to a
+temporary folder; writes speculative_eagle3.json).
 `--smoke` runs the same on tiny-llama on the CPU in a minute (the verify buckets run padded, uncaptured),
 to check the script itself.
 
@@ -114,6 +117,119 @@ def _speculate(
     return result
 
 
+def _timed(obj: Any, name: str, totals: dict[str, float]) -> None:
+    """Wrap obj.name so its wall time (device work included: it ends in a host read) adds up in totals[name]."""
+    original = getattr(obj, name)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            totals[name] = totals.get(name, 0.0) + time.perf_counter() - start
+
+    setattr(obj, name, wrapper)
+
+
+def eagle3_main(args: argparse.Namespace) -> int:
+    """`--eagle3`: the 8B preset with a random-weight EAGLE-3 head (acceptance ~0: the machinery is measured).
+
+    Plain decoding (async on and off) against eagle3 at each k, one engine: tok/s, acceptance, and the head's
+    time per engine step (catch-up on the accepted rows + k - 1 draft steps), with verify CUDA graphs."""
+    import tempfile
+
+    from fxllm.models.presets import preset_config
+    from fxllm.runtime.speculative.eagle3_head import write_random_head
+
+    start = time.perf_counter()
+    ks = [int(k) for k in args.ks.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    name = "tiny-llama" if args.smoke else "llama-3.1-8b"
+    target_config = preset_config(name)
+    folder = Path(tempfile.mkdtemp(prefix="eagle3-head-"))
+    head = write_random_head(
+        folder, target_config, draft_vocab_size=min(32000, int(target_config.vocab_size))
+    )
+    base = (
+        ["model.model=tiny-llama", "model.device=cpu", "model.dtype=float32", "compile.backend=eager"]
+        if args.smoke
+        else [
+            "model.model=llama-3.1-8b",
+            "model.device=cuda",
+            "model.dtype=bfloat16",
+            "model.max_model_len=4096",
+        ]
+    )
+    sizes = ",".join(map(str, batches))
+    overrides = [*base, f"compile.cuda_graph_batch_sizes=[{sizes}]", "speculative.method=eagle3",
+                 f"speculative.model={head}", f"speculative.num_speculative_tokens={max(ks)}",
+                 "speculative.disable_batch_size=0", "speculative.min_acceptance_rate=0", *args.set]  # fmt: skip
+    llm = LLM(config=load_config(None, overrides))
+    engine = llm.engine
+    if args.smoke:  # no CUDA on the CPU: the same buckets (hidden states packed after the logits), uncaptured
+        engine.runner.enable_decode_graphs(batches, engine.max_model_len, capture=False)
+    build_seconds = time.perf_counter() - start
+    speculator = engine.speculator
+    assert speculator is not None
+    proposer = speculator.proposer
+    totals: dict[str, float] = {}
+    _timed(proposer, "before_step", totals)
+    _timed(proposer, "propose", totals)
+    results: dict[str, Any] = {"config": overrides, "output_len": args.output_len, "build_seconds": build_seconds,
+                               "device": str(engine.runner.device), "rows": []}  # fmt: skip
+    if engine.runner.device.type == "cuda":
+        results["gpu"] = torch.cuda.get_device_name()
+    out_file = Path(args.out) / "speculative_eagle3.json"
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    table = []
+    for batch in batches:
+        prompts = random_prompts(batch, 128, engine.vocab_size, 7 + batch)
+        engine.speculator = None
+        llm.generate(prompts[:1], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm
+        plain, want = _plain(llm, prompts, args.output_len)
+        for k in ks:
+            if time.perf_counter() - start > args.max_seconds:
+                results["cut_short"] = f"stopped before batch {batch} k {k}"
+                logger.warning("--max-seconds %.0f reached: %s", args.max_seconds, results["cut_short"])
+                break
+            speculator.config.num_speculative_tokens = k
+            engine.speculator = speculator
+            speculator.reset_stats()
+            totals.clear()
+            caught0, drafts0 = proposer.num_caught_up, proposer.num_draft_steps  # type: ignore[attr-defined]
+            row, got = _run(llm, prompts, args.output_len)
+            engine.speculator = None
+            steps = row["steps"]
+            row.update(
+                batch=batch, k=k, same_tokens=sum(a == b for a, b in zip(got, want)) / len(want),
+                head_catch_up_ms_per_step=1e3 * totals.get("before_step", 0.0) / steps,
+                head_draft_ms_per_step=1e3 * totals.get("propose", 0.0) / steps,
+                head_rows=proposer.num_caught_up - caught0,  # type: ignore[attr-defined]
+                head_draft_forwards=proposer.num_draft_steps - drafts0,  # type: ignore[attr-defined]
+                plain=plain, vs_async=row["output_tok_s"] / plain["async_on"]["output_tok_s"],
+                step_vs_decode=row["ms_per_step"] / plain["async_off"]["ms_per_step"],
+            )  # fmt: skip
+            results["rows"].append(row)
+            out_file.write_text(json.dumps(results, indent=1))
+            table.append(row)
+            logger.info("eagle3 batch %d k %d: %.1f tok/s, acceptance %s, head %.2f + %.2f ms/step, graphs %s",
+                        batch, k, row["output_tok_s"], row["acceptance"], row["head_catch_up_ms_per_step"],
+                        row["head_draft_ms_per_step"], row["graphs"])  # fmt: skip
+    results["seconds"] = time.perf_counter() - start
+    out_file.write_text(json.dumps(results, indent=1))
+    print(f"{'batch':>5} {'k':>2} {'tok/s':>8} {'plain':>8} {'x async':>7} {'accept':>6} {'same':>5} "
+          f"{'ms/step':>7} {'step/decode':>11} {'head catch-up ms':>16} {'head draft ms':>13} {'replays':>7}")  # fmt: skip
+    for r in table:
+        acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}"
+        replays = r["graphs"].get("num_verify_replays", 0) + r["graphs"].get("num_replays", 0)
+        print(f"{r['batch']:>5} {r['k']:>2} {r['output_tok_s']:>8.1f} {r['plain']['async_on']['output_tok_s']:>8.1f} "
+              f"{r['vs_async']:>7.2f} {acc:>6} {r['same_tokens']:>5.2f} {r['ms_per_step']:>7.2f} "
+              f"{r['step_vs_decode']:>11.2f} {r['head_catch_up_ms_per_step']:>16.2f} "
+              f"{r['head_draft_ms_per_step']:>13.2f} {replays:>7}")  # fmt: skip
+    print(f"total {results['seconds']:.0f} s (engine build {build_seconds:.0f} s)")
+    return 0
+
+
 def main() -> int:
     """Build the engine once (verify buckets up to max k); plain, oracle and n-gram runs at each batch size."""
     parser = argparse.ArgumentParser()
@@ -129,8 +245,13 @@ def main() -> int:
     parser.add_argument(
         "--max-seconds", type=float, default=225.0, help="start no new run after this (total)"
     )
+    parser.add_argument(
+        "--eagle3", action="store_true", help="the EAGLE-3 section: a random head on the 8B preset"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
+    if args.eagle3:
+        return eagle3_main(args)
     ks = [int(k) for k in args.ks.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     base = (

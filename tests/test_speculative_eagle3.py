@@ -128,13 +128,18 @@ def _snapshot_head_kv(engine: Engine) -> dict[int, tuple[list[int], int]]:
     return snaps
 
 
-def test_accepted_runs_keep_the_head_kv_exact(parts) -> None:
+@pytest.mark.parametrize("buckets", [False, True])
+def test_accepted_runs_keep_the_head_kv_exact(parts, buckets: bool) -> None:
     """Drafts that are 0..k tokens of the known continuation (cycling): outputs equal plain decoding, drafts
-    are accepted, and the head's KV after every catch-up equals a fresh prefill of the same tokens."""
+    are accepted, and the head's KV after every catch-up equals a fresh prefill of the same tokens. With
+    `buckets`, decode and verify steps run the CUDA-graph buckets' padded path (uncaptured on the CPU), where
+    the hidden states come back packed after the logits (unequal draft counts: padded verify rows)."""
     requests = [(p, GREEDY) for p in PROMPTS[:3]]
     plain = run(make_engine(parts, False), requests)
     continuation = {tuple(PROMPTS[i]): ids for (i, _), (ids, _, _) in plain.items()}
     engine = make_engine(parts, True)
+    if buckets:
+        engine.runner.enable_decode_graphs([1, 2, 4], engine.max_model_len, capture=False)
     prop = proposer(engine)
     head_propose, cycle = prop.propose, itertools.count()
 
@@ -152,6 +157,9 @@ def test_accepted_runs_keep_the_head_kv_exact(parts) -> None:
     assert run(engine, requests) == plain
     stats = engine.speculator.stats  # type: ignore[union-attr]
     assert stats.accepted_tokens > 0 and stats.accepted_tokens < stats.draft_tokens
+    graphs = engine.runner.decode_graphs
+    if graphs is not None:
+        assert graphs.num_verify_padded > 0 and graphs.num_verify_replays > 0
     for tokens, computed, keys in snaps.values():
         assert computed > len(PROMPTS[0])  # caught up past the prompt
         fresh = make_engine(parts, True, "cache.enable_prefix_caching=false")

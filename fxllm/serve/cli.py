@@ -50,6 +50,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     else:
         name, layers = config.model.model, config.model.num_layers  # type: ignore[attr-defined]
         model = load_model(name, device=device, dtype=dtype, num_layers=layers).model
+        from fxllm.runtime.speculative.eagle3 import with_hidden_state_outputs
+
+        # speculative.method=eagle3: the pass table shows expose_hidden_states returning the head's layers
+        config = with_hidden_state_outputs(config, model.config)  # type: ignore[arg-type]
     compiled = compile_model(model, backend=config.compile.backend, passes=config.compile.passes,  # type: ignore[attr-defined]
                              op_backends=config.compile.op_backends,  # type: ignore[attr-defined]
                              quantization=config.quantization)  # type: ignore[attr-defined]  # fmt: skip
@@ -104,9 +108,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return bench_serve_main(args.rest)
     from fxllm.serve.bench_offline import format_results, results_json, run_offline_bench
 
-    if args.speculative:  # METHOD[:K], e.g. ngram:4; the other speculative.* keys come from --set
-        method, _, k = args.speculative.partition(":")
+    if args.speculative:  # METHOD[:K[:MODEL]], e.g. ngram:4 or eagle3:4:HEAD; other speculative.* keys: --set
+        method, _, rest = args.speculative.partition(":")
+        k, _, drafter = rest.partition(":")
         spec = [f"speculative.method={method}"] + ([f"speculative.num_speculative_tokens={k}"] if k else [])
+        spec += [f"speculative.model={drafter}"] if drafter else []
         args.set = [*spec, *args.set]
     config = _load(args, args.model)
     rows = run_offline_bench(config, input_len=args.input_len, output_len=args.output_len,  # type: ignore[arg-type]
@@ -184,8 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--skip-hf", action="store_true", help="do not run the HF eager baseline")
-    p.add_argument("--speculative", default=None, metavar="METHOD[:K]",
-                   help="also run with speculative decoding (ngram, draft_model, self_draft), e.g. ngram:4")  # fmt: skip
+    p.add_argument("--speculative", default=None, metavar="METHOD[:K[:MODEL]]",
+                   help="also run with speculative decoding (ngram, draft_model, self_draft, eagle3), e.g. ngram:4 "
+                        "or eagle3:4:PATH (draft_model / eagle3: MODEL is speculative.model, the drafter)")  # fmt: skip
     p.add_argument("--json", help="also write the results here")
     _config_args(p)
     p.set_defaults(fn=cmd_bench)
