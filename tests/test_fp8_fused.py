@@ -47,7 +47,8 @@ if DEVICE == "cpu" and not isinstance(quant_fused._add_rms_norm_fp8_kernel, Inte
     norms, activations, quant_fused = (importlib.reload(m) for m in (norms, activations, quant_fused))
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-FUSED = {"fxllm.fused_add_rms_norm_fp8.default", "fxllm.silu_and_mul_fp8.default"}
+FUSED_OPS = ("fused_add_rms_norm_fp8", "rms_norm_fp8", "silu_and_mul_fp8")
+FUSED = {f"fxllm.{op}.default" for op in FUSED_OPS}
 
 
 def _bytes(q: torch.Tensor) -> torch.Tensor:
@@ -98,6 +99,21 @@ def test_add_rms_norm_fp8_kernel_equals_the_unfused_kernels(dtype: torch.dtype, 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [96, 4096])
+def test_rms_norm_fp8_kernel_equals_the_unfused_kernel(dtype: torch.dtype, hidden: int) -> None:
+    from fxllm.ops.fp8_fused import rms_norm_fp8_reference
+
+    gen = torch.Generator().manual_seed(2)
+    x = (torch.randn(4, 3, hidden + 8, generator=gen) * 3).to(dtype)[..., 4 : hidden + 4].to(DEVICE)
+    x[2, 1] = 0  # a zero row
+    weight = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype).to(DEVICE)
+    q, scale = quant_fused.rms_norm_fp8(x, weight, 1e-5)
+    _assert_same_quant((q, scale), quantize_activation(norms.rms_norm(x, weight, 1e-5)))
+    assert scale.shape == (4, 3, 1) and float(scale[2, 1]) == pytest.approx(MIN_SCALE)
+    _assert_close_to_reference((q.cpu(), scale.cpu()), rms_norm_fp8_reference(x.cpu(), weight.cpu(), 1e-5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("inter", [80, 2500])  # masked columns; two-pass: two chunks, the last one masked
 @pytest.mark.parametrize("two_pass", [False, True])
 def test_silu_and_mul_fp8_kernel_equals_the_unfused_kernels(
@@ -130,7 +146,12 @@ def test_empty_rows_and_unsupported_operands() -> None:
 def test_the_lowering_picks_the_kernels_for_cuda_nodes_only() -> None:
     x, w = torch.empty(3, 4096, dtype=torch.bfloat16), torch.empty(4096, dtype=torch.bfloat16)
     gate = torch.empty(3, 14336, dtype=torch.bfloat16)
-    for op, args in {"fused_add_rms_norm_fp8": (x, x, w, 1e-5), "silu_and_mul_fp8": (gate, gate)}.items():
+    sites = {
+        "fused_add_rms_norm_fp8": (x, x, w, 1e-5),
+        "rms_norm_fp8": (x, w, 1e-5),
+        "silu_and_mul_fp8": (gate, gate),
+    }
+    for op, args in sites.items():
         assert choose_implementation(OpSite(op, torch.device("cuda"), args)).backend == "triton"
         assert choose_implementation(OpSite(op, torch.device("cpu"), args)).backend == "torch"
     odd = (x, x, torch.empty(7, dtype=torch.bfloat16), 1e-5)  # a weight that does not fit the row
@@ -150,38 +171,37 @@ def _fp8(fuse: str, **more: object) -> dict[str, object]:
 
 @pytest.mark.parametrize("merged", [True, False])
 def test_pass_puts_the_quantization_into_the_producers(tiny: torch.nn.Module, merged: bool) -> None:
-    """tiny-llama (2 layers): 3 add + RMSNorms (layer 0's post-attention, layer 1's two) and 2 SiLU-and-muls
-    feed FP8 GEMMs; layer 0's input RMSNorm (no residual add) and the attention outputs stay in ATen. With
-    q/k/v unmerged, the three quantizations of one normed activation share the fused op's output."""
+    """tiny-llama (2 layers): layer 0's input RMSNorm (no residual add), 3 add + RMSNorms (layer 0's
+    post-attention, layer 1's two) and 2 SiLU-and-muls feed FP8 GEMMs; the attention outputs stay in ATen.
+    With q/k/v unmerged, the three quantizations of one normed activation share the fused op's output."""
     passes = {"lower_ops": False, "merge_linears": merged}
     cm = fxllm.compile(copy.deepcopy(tiny), backend="eager", passes=passes, quantization=_fp8("on"))
     counts = cm.fxllm_op_counts()
-    assert (
-        counts["fxllm.fused_add_rms_norm_fp8.default"] == 3 and counts["fxllm.silu_and_mul_fp8.default"] == 2
-    )
+    assert counts["fxllm.fused_add_rms_norm_fp8.default"] == 3 and counts["fxllm.rms_norm_fp8.default"] == 1
+    assert counts["fxllm.silu_and_mul_fp8.default"] == 2 and "fxllm.rms_norm.default" not in counts
     assert counts["fxllm.fused_add_rms_norm.default"] == 1  # the final norm feeds the float LM head
     assert counts["fxllm.fp8_gemm.default"] == (8 if merged else 14)
     gm = cm.graph_module
     fused_reads = sum(
         1
         for n in gm.graph.find_nodes(op="call_function", target=torch.ops.fxllm.fp8_gemm.default)
-        if n.args[0].args[0].target
-        in (torch.ops.fxllm.fused_add_rms_norm_fp8.default, torch.ops.fxllm.silu_and_mul_fp8.default)
+        if n.args[0].args[0].target in {getattr(torch.ops.fxllm, op).default for op in FUSED_OPS}
     )
-    # Merged: layer 0's gate_up and down, layer 1's qkv, gate_up and down; unmerged: q, k, v, gate, up each.
-    assert fused_reads == (5 if merged else 9)
+    # Merged: qkv, gate_up and down of both layers; unmerged: q, k, v, gate, up, down each.
+    assert fused_reads == (6 if merged else 12)
     amaxes = len(gm.graph.find_nodes(op="call_function", target=torch.ops.aten.amax.default))
-    assert amaxes == (3 if merged else 5)  # layer 0's input norm (x1 or x3 GEMMs) + two attention outputs
+    assert amaxes == 2  # the two attention outputs (o_proj)
     notes = " | ".join(next(r for r in cm.pass_report.records if r.name == "fuse_fp8_quant").notes)
     assert "3 add + RMSNorm -> e4m3 fused" in notes and "2 SiLU-and-mul -> e4m3 fused" in notes
-    assert "left in ATen (after rms_norm" in notes
+    assert "1 RMSNorm -> e4m3 fused (fxllm::rms_norm_fp8)" in notes
+    assert "2 quantization(s) left in ATen (after" in notes
 
 
 def test_logits_with_the_pass_equal_without(tiny: torch.nn.Module) -> None:
     ids = torch.randint(3, 500, (2, 11), generator=torch.Generator().manual_seed(4))
     on = fxllm.compile(copy.deepcopy(tiny), backend="eager", quantization=_fp8("on"))
     off = fxllm.compile(copy.deepcopy(tiny), backend="eager", quantization=_fp8("off"))
-    assert on.pass_report.matches("fuse_fp8_quant") == 5 and off.pass_report.matches("fuse_fp8_quant") == 0
+    assert on.pass_report.matches("fuse_fp8_quant") == 6 and off.pass_report.matches("fuse_fp8_quant") == 0
     decisions = {d.op: d.target for d in lowering_decisions(on.graph_module)}
     assert decisions["fused_add_rms_norm_fp8"] == decisions["silu_and_mul_fp8"] == "inlined"
     with torch.no_grad():
@@ -239,7 +259,8 @@ norm_sig |= {n: "i32" for n in ("n_rows", "n_cols", "stride_x", "stride_r", "str
 silu_sig = {"g_ptr": "*bf16", "u_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32"}
 silu_sig |= {n: "i32" for n in ("n_cols", "stride_g", "stride_u", "stride_q")}
 cases = {  # the launches of Llama-3.1-8B's shapes: hidden 4,096 (8 warps), intermediate 14,336 (16; 8 for the walk)
-    "norm": (qf._add_rms_norm_fp8_kernel, norm_sig, {"BLOCK_R": 1, "BLOCK_N": 4096}, 8),
+    "norm": (qf._add_rms_norm_fp8_kernel, norm_sig, {"BLOCK_R": 1, "BLOCK_N": 4096, "HAS_RESIDUAL": True}, 8),
+    "rms": (qf._add_rms_norm_fp8_kernel, norm_sig, {"BLOCK_R": 1, "BLOCK_N": 4096, "HAS_RESIDUAL": False}, 8),
     "silu_one_pass": (qf._silu_and_mul_fp8_kernel, silu_sig, {"BLOCK": 16384, "ONE_PASS": True}, 16),
     "silu_two_pass": (qf._silu_and_mul_fp8_kernel, silu_sig, {"BLOCK": 2048, "ONE_PASS": False}, 8),
 }
@@ -270,5 +291,5 @@ def test_kernels_compile_for_the_h100() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(result) == {"norm", "silu_one_pass", "silu_two_pass"}
+    assert set(result) == {"norm", "rms", "silu_one_pass", "silu_two_pass"}
     assert all(r["div_rn"] > 0 and r["e4m3"] > 0 for r in result.values()), result

@@ -9,7 +9,7 @@ from __future__ import annotations
 from fxllm.ops.activations import gelu_and_mul, silu_and_mul
 from fxllm.ops.attention import attention, attention_reference
 from fxllm.ops.collectives import all_reduce, all_reduce_add_rms_norm
-from fxllm.ops.fp8_fused import fused_add_rms_norm_fp8, silu_and_mul_fp8
+from fxllm.ops.fp8_fused import fused_add_rms_norm_fp8, rms_norm_fp8, silu_and_mul_fp8
 from fxllm.ops.fp8_linear import fp8_linear, fp8_linear_reference
 from fxllm.ops.gemm import linear, linear_reference
 from fxllm.ops.linear import pack_linear_weight, packed_linear, unpack_linear_weight
@@ -42,6 +42,7 @@ __all__ = [
     "paged_attention_rope",
     "paged_attention_rope_reference",
     "rms_norm",
+    "rms_norm_fp8",
     "rms_norm_reference",
     "rotary_embedding",
     "rotary_embedding_reference",

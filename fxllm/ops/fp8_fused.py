@@ -1,9 +1,11 @@
-"""Producers with the FP8 activation quantization fused in: `fxllm::fused_add_rms_norm_fp8` and
-`fxllm::silu_and_mul_fp8`.
+"""Producers with the FP8 activation quantization fused in: `fxllm::fused_add_rms_norm_fp8`,
+`fxllm::rms_norm_fp8` and `fxllm::silu_and_mul_fp8`.
 
 Each is its unquantized op followed by `quantize_activation` (fxllm/quantization/fp8.py), per token:
   fused_add_rms_norm_fp8(x, residual, weight, eps) -> (q, scale, x + residual)
       q, scale = quantize_activation(rms_norm(x + residual, weight, eps))
+  rms_norm_fp8(x, weight, eps) -> (q, scale)
+      q, scale = quantize_activation(rms_norm(x, weight, eps))
   silu_and_mul_fp8(gate, up) -> (q, scale)
       q, scale = quantize_activation(silu(gate) * up)
 q is e4m3 with the unquantized output's shape, scale float32 [..., 1] (amax(|row|) / 448, floored at
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fxllm.ops.eager import eager_only
-from fxllm.ops.norms import fused_add_rms_norm_reference
+from fxllm.ops.norms import fused_add_rms_norm_reference, rms_norm_reference
 from fxllm.ops.registry import register_canonical_op
 from fxllm.quantization.fp8 import FP8_DTYPE, quantize_activation
 
@@ -34,6 +36,12 @@ def fused_add_rms_norm_fp8_reference(
     normed, summed = fused_add_rms_norm_reference.__wrapped__(x, residual, weight, eps)  # type: ignore[attr-defined]
     q, scale = quantize_activation(normed)
     return q, scale, summed
+
+
+@eager_only
+def rms_norm_fp8_reference(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Plain-torch (e4m3 rms_norm(x), its per-token scale)."""
+    return quantize_activation(rms_norm_reference.__wrapped__(x, weight, eps))  # type: ignore[attr-defined]
 
 
 @eager_only
@@ -63,6 +71,18 @@ def _fused_add_rms_norm_fp8_fake(x, residual, weight, eps):
     return (*_quant_fakes(summed), summed)
 
 
+@torch.library.custom_op("fxllm::rms_norm_fp8", mutates_args=())
+def rms_norm_fp8(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(e4m3 rms_norm(x), float32 per-token scale [..., 1]); both contiguous."""
+    q, scale = rms_norm_fp8_reference(x, weight, eps)
+    return q.contiguous(), scale.contiguous()
+
+
+@rms_norm_fp8.register_fake
+def _rms_norm_fp8_fake(x, weight, eps):
+    return _quant_fakes(x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)))
+
+
 @torch.library.custom_op("fxllm::silu_and_mul_fp8", mutates_args=())
 def silu_and_mul_fp8(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     """(e4m3 silu(gate) * up, float32 per-token scale [..., 1]); both contiguous."""
@@ -76,4 +96,5 @@ def _silu_and_mul_fp8_fake(gate, up):
 
 
 register_canonical_op("fused_add_rms_norm_fp8", fused_add_rms_norm_fp8_reference, inline=True)
+register_canonical_op("rms_norm_fp8", rms_norm_fp8_reference, inline=True)
 register_canonical_op("silu_and_mul_fp8", silu_and_mul_fp8_reference, inline=True)

@@ -4,13 +4,13 @@ activation, where that kernel is fxllm's own (`quantization.fuse_activation_quan
 quantize_fp8 emits, in front of every `fxllm::fp8_gemm`, the activation quantization as ATen ops
 (quantize_activation traced) and marks its e4m3 node with the activation it reads (QUANT_INPUT_META).
 Where that activation is the normed output of `fxllm::fused_add_rms_norm` or the output of
-`fxllm::silu_and_mul`, and nothing else reads it unquantized, this pass rewrites
+`fxllm::rms_norm` or `fxllm::silu_and_mul`, and nothing else reads it unquantized, this pass rewrites
     producer -> ATen quantization -> fp8_gemm   into   producer_fp8 -> fp8_gemm
-(`fxllm::fused_add_rms_norm_fp8`, `fxllm::silu_and_mul_fp8`, fxllm/ops/fp8_fused.py), so the e4m3 row and
+(`fxllm::fused_add_rms_norm_fp8`, `rms_norm_fp8`, `silu_and_mul_fp8`, fxllm/ops/fp8_fused.py), so the e4m3 row and
 its scale are written by the producer and the unquantized activation is never stored. Several GEMMs
 quantizing the same activation (unmerged q/k/v) share the one fused output. Left in ATen, for Inductor
-to fuse: quantizations of activations made by plain ATen ops or by other fxllm ops (the first layer's
-RMSNorm has no residual add; the attention output), static input scales (an FP8 checkpoint's) and
+to fuse: quantizations of activations made by plain ATen ops or by other fxllm ops (the attention
+output before o_proj), static input scales (an FP8 checkpoint's) and
 per-tensor dynamic scales (activation_scheme dynamic_tensor: one amax over every row, not one kernel's).
 
 Stage "quantize", after quantize_fp8 (which runs after fuse_add_rms_norm and merge_fp8_linears, stage
@@ -54,10 +54,21 @@ def _quant_closure(x: Node, outputs: list[Node]) -> set[Node] | None:
     return closure
 
 
+_FUSED = {
+    "norm": torch.ops.fxllm.fused_add_rms_norm_fp8,
+    "rms": torch.ops.fxllm.rms_norm_fp8,
+    "silu": torch.ops.fxllm.silu_and_mul_fp8,
+}
+_WHAT = {"norm": "add + RMSNorm -> e4m3", "rms": "RMSNorm -> e4m3", "silu": "SiLU-and-mul -> e4m3"}
+
+
 def _producer(x: Node) -> tuple[str, Node] | None:
-    """("norm", the fused_add_rms_norm node) when x is its normed output, ("silu", x) for silu_and_mul."""
+    """("norm", the fused_add_rms_norm node) when x is its normed output, ("rms", x) for rms_norm, ("silu",
+    x) for silu_and_mul."""
     if is_op(x, torch.ops.fxllm.silu_and_mul.default):
         return "silu", x
+    if is_op(x, torch.ops.fxllm.rms_norm.default):
+        return "rms", x
     if x.target is operator.getitem and x.args[1] == 0:
         fused = x.args[0]
         if isinstance(fused, Node) and is_op(fused, torch.ops.fxllm.fused_add_rms_norm.default):
@@ -73,9 +84,7 @@ def _describe(x: Node) -> str:
 def _replace_producer(gm: GraphModule, kind: str, producer: Node) -> tuple[Node, Node]:
     """Insert the fused op in place of `producer`; returns its (e4m3, scale) getitems."""
     graph = gm.graph
-    target = (
-        torch.ops.fxllm.fused_add_rms_norm_fp8 if kind == "norm" else torch.ops.fxllm.silu_and_mul_fp8
-    ).default
+    target = _FUSED[kind].default
     with graph.inserting_before(producer):
         fused = graph.call_function(target, producer.args, producer.kwargs)
         outs = [graph.call_function(operator.getitem, (fused, i)) for i in range(3 if kind == "norm" else 2)]
@@ -151,10 +160,10 @@ def fuse_fp8_quant(gm: GraphModule, ctx: PassContext) -> PassResult:
             s.replace_all_uses_with(new_s)
         _erase(gm, closure)
         _erase(gm, set(producer.users) | {producer} if kind == "norm" else {producer})
-        fused["add + RMSNorm -> e4m3" if kind == "norm" else "SiLU-and-mul -> e4m3"] += 1
+        fused[kind] += 1
         result.num_matches += 1
-    result.notes += [f"{count} {what} fused (fxllm::{'fused_add_rms_norm' if 'RMS' in what else 'silu_and_mul'}_fp8)"
-                     for what, count in fused.items()]  # fmt: skip
+    result.notes += [f"{count} {_WHAT[kind]} fused (fxllm::{_FUSED[kind]._qualified_op_name.split('::')[1]})"
+                     for kind, count in fused.items()]  # fmt: skip
     result.notes += [f"{count} quantization(s) left in ATen ({why})" for why, count in left.items()]
     if left:
         logger.info("fuse_fp8_quant: %d fused, %d quantization(s) left in ATen: %s", result.num_matches,

@@ -139,6 +139,8 @@ def _register() -> bool:
     # Producers with the FP8 activation quantization fused in (emitted by fuse_fp8_quant when it is on).
     register_op_backend("fused_add_rms_norm_fp8", BACKEND, quant_fused.fused_add_rms_norm_fp8, priority=PRIORITY,
                         supports=lambda site: supports(site) and len(site.args) >= 3 and quant_fused.norm_supported(*site.args[:3]))  # fmt: skip
+    register_op_backend("rms_norm_fp8", BACKEND, quant_fused.rms_norm_fp8, priority=PRIORITY,
+                        supports=lambda site: supports(site) and len(site.args) >= 2 and quant_fused.norm_supported(site.args[0], None, site.args[1]))  # fmt: skip
     register_op_backend("silu_and_mul_fp8", BACKEND, quant_fused.silu_and_mul_fp8, priority=PRIORITY,
                         supports=lambda site: supports(site) and len(site.args) >= 2 and quant_fused.silu_supported(*site.args[:2]))  # fmt: skip
 

@@ -1,5 +1,5 @@
-"""Triton kernels that write the FP8 activation directly: `fxllm::fused_add_rms_norm_fp8` and
-`fxllm::silu_and_mul_fp8` (fxllm/ops/fp8_fused.py has the semantics).
+"""Triton kernels that write the FP8 activation directly: `fxllm::fused_add_rms_norm_fp8`,
+`fxllm::rms_norm_fp8` and `fxllm::silu_and_mul_fp8` (fxllm/ops/fp8_fused.py has the semantics).
 
 Each is its unquantized kernel (norms.py, activations.py: the same operations in the same order, so the
 normed / activated row is bit for bit what they store) followed, in registers, by quantize_activation:
@@ -67,6 +67,7 @@ def _add_rms_norm_fp8_kernel(
     stride_q,
     stride_sum,
     eps,
+    HAS_RESIDUAL: tl.constexpr,
     ROUND: tl.constexpr,
     QMAX: tl.constexpr,
     MIN_S: tl.constexpr,
@@ -78,14 +79,19 @@ def _add_rms_norm_fp8_kernel(
     row_ok = rows < n_rows
     mask = row_ok[:, None] & (cols < n_cols)[None, :]
     x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-    r = tl.load(r_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
     # norms.py's operations: the sum rounded to its storage dtype, normalised in float32, rounded to the
-    # sum's dtype, times the weight in float32.
-    summed = (x.to(tl.float32) + r.to(tl.float32)).to(sum_ptr.dtype.element_ty)
-    tl.store(sum_ptr + rows[:, None] * stride_sum + cols[None, :], summed, mask=mask)
-    xf = summed.to(tl.float32)
+    # input's (or sum's) dtype, times the weight in float32.
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+        summed = (x.to(tl.float32) + r.to(tl.float32)).to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + rows[:, None] * stride_sum + cols[None, :], summed, mask=mask)
+        xf = summed.to(tl.float32)
+        in_dtype = sum_ptr.dtype.element_ty
+    else:
+        xf = x.to(tl.float32)
+        in_dtype = x_ptr.dtype.element_ty
     var = tl.sum(xf * xf, axis=1) / n_cols
-    normed = (xf * tl.rsqrt(var + eps)[:, None]).to(sum_ptr.dtype.element_ty)
+    normed = (xf * tl.rsqrt(var + eps)[:, None]).to(in_dtype)
     w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0)
     out = _round_to(normed.to(tl.float32) * w.to(tl.float32)[None, :], ROUND)
     # Masked columns are 0 (x, r and w load 0), so they leave the amax alone.
@@ -146,8 +152,9 @@ def _outputs(like: Tensor) -> tuple[Tensor, Tensor]:
     return q, scale
 
 
-def norm_supported(x: Tensor, residual: Tensor, weight: Tensor) -> bool:
-    """Whether the fused add + RMSNorm kernel takes these operands (else the reference is lowered)."""
+def norm_supported(x: Tensor, residual: Tensor | None, weight: Tensor) -> bool:
+    """Whether the (fused add +) RMSNorm kernel takes these operands (else the reference is lowered)."""
+    residual = x if residual is None else residual
     out_dtype = torch.promote_types(torch.promote_types(x.dtype, residual.dtype), weight.dtype)
     return (
         x.dim() >= 1
@@ -171,6 +178,29 @@ def silu_supported(gate: Tensor, up: Tensor) -> bool:
     )
 
 
+def _launch_norm(
+    x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, summed: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    n_cols = x.shape[-1]
+    in_dtype = summed.dtype if summed is not None else x.dtype
+    q, scale = _outputs(x)
+    x2 = _as_rows(x)
+    r2 = _as_rows(residual) if residual is not None else x2
+    q2 = q.view(-1, n_cols)
+    sum2 = summed.view(-1, n_cols) if summed is not None else q2
+    n_rows = x2.shape[0]
+    if n_rows == 0:
+        return q, scale
+    block_r, block_n, num_warps = _launch_config(n_cols)
+    _add_rms_norm_fp8_kernel[(triton.cdiv(n_rows, block_r),)](
+        x2, r2, weight.contiguous(), q2, scale.view(-1), sum2, n_rows, n_cols,
+        x2.stride(0), r2.stride(0), q2.stride(0), sum2.stride(0), eps, HAS_RESIDUAL=residual is not None,
+        ROUND=_ROUND[torch.promote_types(in_dtype, weight.dtype)], QMAX=FP8_MAX, MIN_S=MIN_SCALE,
+        BLOCK_R=block_r, BLOCK_N=block_n, num_warps=num_warps,
+    )  # fmt: skip
+    return q, scale
+
+
 def fused_add_rms_norm_fp8(
     x: Tensor, residual: Tensor, weight: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -178,23 +208,17 @@ def fused_add_rms_norm_fp8(
     if residual.shape != x.shape or not norm_supported(x, residual, weight):
         raise ValueError(f"fused_add_rms_norm_fp8: unsupported operands {tuple(x.shape)} {x.dtype} / "
                          f"{tuple(residual.shape)} / {tuple(weight.shape)}; the lowering checks norm_supported")  # fmt: skip
-    n_cols = x.shape[-1]
-    sum_dtype = torch.promote_types(x.dtype, residual.dtype)
-    summed = torch.empty(x.shape, dtype=sum_dtype, device=x.device)
-    q, scale = _outputs(x)
-    x2, r2 = _as_rows(x), _as_rows(residual)
-    q2, s2, sum2 = q.view(-1, n_cols), scale.view(-1), summed.view(-1, n_cols)
-    n_rows = x2.shape[0]
-    if n_rows == 0:
-        return q, scale, summed
-    block_r, block_n, num_warps = _launch_config(n_cols)
-    _add_rms_norm_fp8_kernel[(triton.cdiv(n_rows, block_r),)](
-        x2, r2, weight.contiguous(), q2, s2, sum2, n_rows, n_cols,
-        x2.stride(0), r2.stride(0), q2.stride(0), sum2.stride(0), eps,
-        ROUND=_ROUND[torch.promote_types(sum_dtype, weight.dtype)], QMAX=FP8_MAX, MIN_S=MIN_SCALE,
-        BLOCK_R=block_r, BLOCK_N=block_n, num_warps=num_warps,
-    )  # fmt: skip
+    summed = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
+    q, scale = _launch_norm(x, residual, weight, eps, summed)
     return q, scale, summed
+
+
+def rms_norm_fp8(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Triton (e4m3 rms_norm(x), per-token scale) in one pass over memory."""
+    if not norm_supported(x, None, weight):
+        raise ValueError(f"rms_norm_fp8: unsupported operands {tuple(x.shape)} {x.dtype} / "
+                         f"{tuple(weight.shape)}; the lowering checks norm_supported")  # fmt: skip
+    return _launch_norm(x, None, weight, eps, None)
 
 
 def silu_and_mul_fp8(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
