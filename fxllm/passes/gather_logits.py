@@ -15,6 +15,7 @@ import logging
 import torch
 from torch.fx import GraphModule, Node
 
+import fxllm.ops.collectives  # noqa: F401  (defines fxllm::all_gather)
 from fxllm.passes.graph_utils import is_op
 from fxllm.passes.insert_cached_attention import add_input
 from fxllm.passes.registry import PassContext, PassResult, register_pass
@@ -23,10 +24,12 @@ from fxllm.passes.runtime_signature import ensure_signature
 aten = torch.ops.aten
 logger = logging.getLogger(__name__)
 
-# Per-token ops allowed between the LM head and the output: they commute with picking token rows.
+# Per-token ops allowed between the LM head and the output: they commute with picking token rows. The
+# all-gather after a vocabulary-parallel LM head (shard_tp, which runs before this pass) joins each token's
+# logits across ranks along the last dimension, so it is one of them.
 _PER_TOKEN = (
     aten.to, aten._to_copy, aten.contiguous, aten.clone, aten.alias, aten.view, aten.reshape,
-    aten.div, aten.mul, aten.tanh, aten.add, aten.sub,
+    aten.div, aten.mul, aten.tanh, aten.add, aten.sub, torch.ops.fxllm.all_gather,
 )  # fmt: skip
 _PROJECTIONS = (aten.linear, torch.ops.fxllm.packed_linear)
 
