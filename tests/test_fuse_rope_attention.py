@@ -14,6 +14,7 @@ left alone (no fused kernel there), with a note.
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -130,6 +131,47 @@ def test_fused_kernels_match_reference_and_unfused(
     assert torch.equal(k_cache.flatten(0, 1)[slots], k_cache2.flatten(0, 1)[slots])
 
 
+@pytest.mark.parametrize("case", ["decode", "prefill chunked"])
+def test_fused_kernels_fp8_cache_equal_unfused(kernels: tuple[Any, Any, Any], case: str) -> None:
+    """An FP8 cache (per-head scales): the rotated key is rounded to q's dtype, then quantized, as unfused."""
+    from fxllm.ops.kv_quant import quantize_kv
+
+    paged_attention, rotary, selfcheck = kernels
+    q_lens, ctx_lens, extra = CASES[case]
+    c = selfcheck.make_paged_case(
+        q_lens, ctx_lens, 8, 2, 32, dtype=torch.bfloat16, device=DEVICE, seed=5, **extra
+    )
+    cos, sin = _tables(c.q.shape[0], 32, torch.bfloat16, seed=6)
+    k_scale, v_scale = torch.tensor([0.5, 1.5], device=DEVICE), torch.tensor([2.0, 0.25], device=DEVICE)
+    caches = [quantize_kv(c.k_cache_ref, k_scale), quantize_kv(c.v_cache_ref, v_scale)]
+    meta = (c.slot_mapping, c.block_tables, c.seq_lens, c.query_start_loc)
+    tail = (c.scale, c.sliding_window, c.softcap, c.sinks)
+    scales = {"k_scale": k_scale, "v_scale": v_scale}
+    fused_caches = [t.clone() for t in caches]
+    fused = torch.full((*c.q.shape[:-1], 32), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    paged_attention.paged_attention_out(
+        c.q, c.k, c.v, *fused_caches, *meta, *tail, fused, cos=cos, sin=sin, **scales, **SMALL_LAUNCH
+    )
+    q4, k4 = c.q.transpose(0, 1)[None], c.k.transpose(0, 1)[None]
+    q_rot, k_rot = torch.empty_like(q4), torch.empty_like(k4)
+    rotary.rotary_embedding_out(q4, k4, cos[None, None], sin[None, None], q_rot, k_rot)
+    plain_caches = [t.clone() for t in caches]
+    plain = torch.full_like(fused, float("nan"))
+    paged_attention.paged_attention_out(
+        q_rot[0].transpose(0, 1), k_rot[0].transpose(0, 1), c.v, *plain_caches, *meta, *tail, plain,
+        write_in_decode=False, **scales, **SMALL_LAUNCH,
+    )  # fmt: skip
+    assert not fused.isnan().any()
+    if (
+        DEVICE != "cpu"
+    ):  # compiled kernels may contract the rotation differently: one bf16 ulp moves an e4m3 step
+        assert selfcheck.rel_err(fused, plain) < TOL[torch.bfloat16]
+        return
+    for a, b in zip(fused_caches, plain_caches):  # the interpreter: same operations, no FMA contraction
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    assert torch.equal(fused, plain)
+
+
 def test_public_op_falls_back_with_a_count(kernels: tuple[Any, Any, Any]) -> None:
     """cos/sin of another dtype than q: the reference runs, logged and counted (not silently)."""
     paged_attention, _, selfcheck = kernels
@@ -155,9 +197,13 @@ def _run(preset: str, *overrides: str) -> tuple[LLM, list[list[int]]]:
     return llm, [list(o.outputs[0].token_ids) for o in outs]
 
 
-@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen3", "tiny-gemma2"])
+@pytest.mark.parametrize(
+    "preset", ["tiny-llama", "tiny-qwen3", "tiny-gemma2", "tiny-mistral", "tiny-phi3", "tiny-qwen2"]
+)
 def test_greedy_equal_with_fusion_on_and_off(preset: str) -> None:
-    """tiny-qwen3 rotates per-head-normed q/k; tiny-gemma2 has a window, soft-caps and layers of two kinds."""
+    """tiny-qwen3 rotates per-head-normed q/k; tiny-gemma2 has a window, soft-caps and layers of two kinds;
+    tiny-mistral a 16-token window (the 19-token prompt plus 12 tokens pass it); tiny-phi3 slices q/k/v out
+    of one fused projection; tiny-qwen2 has q/k/v biases."""
     fused, fused_ids = _run(preset, "compile.passes.fuse_rope_attention.options.force=true")
     plain, plain_ids = _run(preset, "compile.passes.fuse_rope_attention=false")
     assert fused_ids == plain_ids
@@ -169,6 +215,32 @@ def test_greedy_equal_with_fusion_on_and_off(preset: str) -> None:
         fused.info.op_backends.get("paged_attention_rope") and "paged_attention" not in fused.info.op_backends
     )
     assert "paged_attention_rope" not in plain.info.op_backends
+
+
+def test_partial_rotary_left_unfused_and_correct() -> None:
+    """Phi-3 rotating half of each head: the rotated half reaches attention through a cat with the pass-through
+    half, which the kernels do not do; the pass leaves those layers alone (noted) and generation is unchanged."""
+    from fxllm.config import load_config
+    from fxllm.models import load_model
+
+    hf = load_model("tiny-phi3").model
+    data = hf.config.to_dict()
+    data["partial_rotary_factor"] = 0.5
+    data["rope_parameters"] = {**data["rope_parameters"], "partial_rotary_factor": 0.5}
+    torch.manual_seed(0)
+    model = type(hf)(hf.config.__class__(**data)).eval()
+    assert model.model.rotary_emb.inv_freq.numel() == 8  # 16 of the 32 head dims rotate
+    force = "compile.passes.fuse_rope_attention.options.force=true"
+    outs = []
+    for overrides in ([force], ["compile.passes.fuse_rope_attention=false"]):
+        llm = LLM(copy.deepcopy(model), config=load_config(None, [*BASE, *overrides]))
+        outs.append([list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, GREEDY)])
+        if overrides == [force]:
+            report = llm.info.pass_report
+            assert report.matches("fuse_rope_attention") == 0
+            notes = [n for r in report.records if r.name == "fuse_rope_attention" for n in r.notes]
+            assert any("partial rotary" in n for n in notes), notes
+    assert outs[0] == outs[1]
 
 
 def test_cpu_graph_left_alone_without_force() -> None:

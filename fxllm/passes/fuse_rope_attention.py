@@ -14,9 +14,10 @@ symmetric), so which output feeds q is read off the graph.
 
 It fuses only where the fused op has a kernel for the graph's device (the Triton backend on CUDA): on the
 CPU the reference would replace the C++ attention kernel, so the pass leaves the graph alone and says so.
-Option `force: true` fuses anyway (tests use it to run the reference path on the CPU). Rotary outputs used
-elsewhere, partial-rotary slices (they reach attention through a cat), cos/sin that vary over heads and
-mixed dtypes are left unfused, each counted in a note. Disable with `compile.passes.fuse_rope_attention=false`.
+Option `force: true` fuses anyway (tests use it to run the reference path on the CPU). A cat with empty
+pass-through slices (Hugging Face's partial-rotary code rotating the whole head, e.g. Phi-3) is looked
+through. Rotary outputs used elsewhere, partial rotary (a non-empty pass-through), cos/sin that vary over
+heads and mixed dtypes are left unfused, each counted in a note. Disable with `compile.passes.fuse_rope_attention=false`.
 """
 
 from __future__ import annotations
@@ -43,8 +44,16 @@ def _single_user(node: Node) -> bool:
     return len(node.users) == 1
 
 
+def _empty_last_dim(node: Any) -> bool:
+    value = val(node)
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and _same(value.shape[-1], 0)
+
+
 def _rotary_source(node: Any) -> tuple[Node, int, list[Node]] | str:
-    """(rotary node, output index, view nodes to erase) for squeeze(transpose(rot[i], 1, 2), 0), else why not."""
+    """(rotary node, output index, nodes to erase) for squeeze(transpose(rot[i], 1, 2), 0), else why not.
+
+    A cat of rot[i] with empty pass-through slices (Hugging Face's partial-rotary code when the whole head
+    is rotated, e.g. Phi-3) counts as rot[i]; a non-empty pass-through is partial rotary, not fused."""
     if not (is_op(node, aten.squeeze.dim) and tuple(node.args[1:]) == (0,) and _single_user(node)):
         return "q/k not squeeze(., 0) of a view"
     transposed = node.args[0]
@@ -53,12 +62,19 @@ def _rotary_source(node: Any) -> tuple[Node, int, list[Node]] | str:
     if sorted(d % 4 for d in transposed.args[1:]) != [1, 2]:
         return "q/k transposed other than (1, 2)"
     item = transposed.args[0]
+    erase = [node, transposed]
+    if is_op(item, aten.cat.default) and _single_user(item):
+        parts, dim = item.args[0], item.args[1] if len(item.args) > 1 else 0
+        if dim not in (-1, 3) or not parts or not all(_empty_last_dim(p) for p in parts[1:]):
+            return "partial rotary (a non-empty pass-through slice)"
+        erase.append(item)
+        item = parts[0]
     if not (isinstance(item, Node) and item.target is operator.getitem and _single_user(item)):
         return "q/k not (only) an output of fxllm::rotary_embedding"
     rot = item.args[0]
     if not is_op(rot, torch.ops.fxllm.rotary_embedding.default):
         return "q/k not rotated by fxllm::rotary_embedding"
-    return rot, int(item.args[1]), [node, transposed, item]
+    return rot, int(item.args[1]), [*erase, item]
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -126,8 +142,12 @@ def _fuse_one(gm: GraphModule, attn: Node) -> str | None:
     fused.meta["nn_module_stack"] = attn.meta.get("nn_module_stack", {})
     attn.replace_all_uses_with(fused)
     graph.erase_node(attn)
+    empties = [p for n in (*q_views, *k_views) if is_op(n, aten.cat.default) for p in n.args[0][1:]]
     for node in (*q_views, *k_views, rot):
         graph.erase_node(node)
+    for node in dict.fromkeys(empties):  # the empty pass-through slices, now unused
+        if isinstance(node, Node) and not node.users and node.op == "call_function":
+            graph.erase_node(node)
     return None
 
 
