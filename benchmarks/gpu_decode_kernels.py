@@ -9,7 +9,8 @@ interpreter; ~1.5 min on 2 cores):
 
 Modes: "fused" = RoPE inside the attention kernels (fuse_rope_attention) and the KV write inside the decode
 kernel (2 attention launches per layer and step); "unfused" = the pass off, KV write still in decode (3);
-"baseline" = the pass off and the separate KV write kernel (4: RoPE, write, decode, combine).
+"baseline" = the pass off and the separate KV write kernel (4: RoPE, write, decode, combine); "fused+pdl" =
+"fused" with programmatic dependent launch on decode and combine (experimental; docs/kernels.md).
 First the fused kernels are checked against the reference and against the baseline kernels at Llama-3.1-8B
 head shapes (bf16, decode and chunked prefill). Then per mode the Llama-3.1-8B preset engine (bf16, only
 the batch-1 CUDA graph) is built and measured: the bucket-1 graph's replay time (median of 5 x 50
@@ -51,10 +52,12 @@ GPU_BASE = ["model.model=llama-3.1-8b", "model.device=cuda", "model.dtype=bfloat
 SMOKE_BASE = ["model.model=tiny-llama", "model.device=cpu", "compile.backend=eager", "cache.num_blocks=64"]
 # mode -> (overrides, the decode kernel writes this step's k/v); the smoke run forces the fusion onto the CPU
 # reference path. "baseline" is the state before issue 14's attention fusions: RoPE kernel + KV write kernel.
-MODES: dict[str, tuple[list[str], bool]] = {
-    "fused": (["compile.passes.fuse_rope_attention.enabled=true"], True),
-    "unfused": (["compile.passes.fuse_rope_attention=false"], True),
-    "baseline": (["compile.passes.fuse_rope_attention=false"], False),
+# "fused+pdl" adds programmatic dependent launch on the decode and combine kernels (experimental, off by default).
+MODES: dict[str, tuple[list[str], bool, bool]] = {
+    "fused": (["compile.passes.fuse_rope_attention.enabled=true"], True, False),
+    "unfused": (["compile.passes.fuse_rope_attention=false"], True, False),
+    "baseline": (["compile.passes.fuse_rope_attention=false"], False, False),
+    "fused+pdl": (["compile.passes.fuse_rope_attention.enabled=true"], True, True),
 }
 
 
@@ -107,14 +110,15 @@ def _kernels(graph: Any, replays: int = 20) -> dict[str, Any]:
 
 def measure(mode: str, base: list[str], smoke: bool) -> tuple[dict[str, Any], list[int]]:
     """Build the engine for `mode`, measure it, shut it down; (results, greedy tokens)."""
-    overrides, write_in_decode = MODES[mode]
+    overrides, write_in_decode, pdl = MODES[mode]
     extra = list(overrides)
-    if smoke and mode == "fused":
+    if smoke and mode.startswith("fused"):
         extra.append("compile.passes.fuse_rope_attention.options.force=true")
     from fxllm.backends.triton import paged_attention
 
     # Read when the kernels launch, i.e. when the decode graphs are captured during the build.
     paged_attention.WRITE_KV_IN_DECODE = write_in_decode
+    paged_attention.PDL_IN_DECODE = pdl and not smoke
     start = time.perf_counter()
     llm = LLM(config=load_config(None, [*base, *extra]))
     info = llm.info
@@ -124,6 +128,7 @@ def measure(mode: str, base: list[str], smoke: bool) -> tuple[dict[str, Any], li
         "attention_layers": info.pass_report.matches("insert_cached_attention"),
         "op_backends": dict(info.op_backends),
         "kv_write_in_decode_kernel": write_in_decode,
+        "pdl_decode_combine": pdl,
     }
     vocab = llm.engine.vocab_size
     params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
@@ -136,7 +141,7 @@ def measure(mode: str, base: list[str], smoke: bool) -> tuple[dict[str, Any], li
         result["replay_ms"] = _replay_ms(graph)
         result.update(_kernels(graph))
     llm.shutdown()
-    paged_attention.WRITE_KV_IN_DECODE = True
+    paged_attention.WRITE_KV_IN_DECODE, paged_attention.PDL_IN_DECODE = True, False
     del llm
     gc.collect()
     if torch.cuda.is_available():
@@ -184,6 +189,20 @@ def kernel_check(small: bool) -> dict[str, Any]:
         err = selfcheck.rel_err(fused[: c.num_real], ref[: c.num_real])
         out[name] = {"rel_err_vs_reference": err, "ok": err < 1e-2,
                      "max_abs_diff_vs_unfused": float((fused - unfused).abs().max())}  # fmt: skip
+        if not small and q_lens == [1] * len(q_lens):  # PDL launches: the same kernels, so the same bits
+            paged_attention.PDL_IN_DECODE = True
+            try:
+                pdl = torch.empty_like(fused)
+                for _ in range(20):  # a race would show as a difference in some of the runs
+                    paged_attention.paged_attention_out(c.q, c.k, c.v, c.k_cache.clone(), c.v_cache.clone(), *meta,
+                                                        *tail, pdl, cos=cos, sin=sin)  # fmt: skip
+                    out[name]["pdl_equal"] = out[name].get("pdl_equal", True) and bool(
+                        torch.equal(pdl, fused)
+                    )
+            except Exception as exc:  # experimental: report it, do not stop the benchmark
+                out[name]["pdl_error"] = repr(exc)[:300]
+            finally:
+                paged_attention.PDL_IN_DECODE = False
     return out
 
 

@@ -58,6 +58,9 @@ _MAX_SPLITS = 64
 # Decode: the decode kernel writes this step's k/v itself, one launch fewer per layer and step. Not a config
 # option: benchmarks/gpu_decode_kernels.py sets it False to measure the separate write kernel (the old path).
 WRITE_KV_IN_DECODE = True
+# Experimental, off: launch the decode and combine kernels with programmatic dependent launch (sm_90+; see
+# docs/kernels.md). benchmarks/gpu_decode_kernels.py's mode "fused+pdl" measures it.
+PDL_IN_DECODE = False
 _DOT_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -186,6 +189,7 @@ def paged_attention_out(
     group_p = triton.next_power_of_2(group)
     on_gpu = q.device.type == "cuda"
     if decode:
+        pdl = PDL_IN_DECODE and on_gpu
         bn = block_n or 64
         splits = num_splits or _decode_splits(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, bn,
                                               q.device)  # fmt: skip
@@ -199,13 +203,13 @@ def paged_attention_out(
             k, v, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_H=max(16, group_p), BLOCK_N=bn,
             BLOCK_D=block_d, BLOCK_DV=block_dv, USE_SOFTCAP=use_softcap, USE_WINDOW=use_window,
-            F32_DOT=f32_dot, KV_FP8=kv_fp8, ROPE=rope, WRITE_KV=write_in_decode,
-            num_warps=num_warps or 4, num_stages=num_stages or 3,
+            F32_DOT=f32_dot, KV_FP8=kv_fp8, ROPE=rope, WRITE_KV=write_in_decode, USE_PDL=pdl,
+            num_warps=num_warps or 4, num_stages=num_stages or 3, launch_pdl=pdl,
         )  # fmt: skip
         _combine_kernel[(num_tokens, num_heads)](
             part, lse, sink_arg, query_start_loc, out, num_seqs, num_heads, splits, out.stride(0), out.stride(1),
             HAS_SINKS=sinks is not None, HEAD_DIM_V=head_dim_v, BLOCK_S=triton.next_power_of_2(splits),
-            BLOCK_DV=block_dv, num_warps=4,
+            BLOCK_DV=block_dv, USE_PDL=pdl, num_warps=4, launch_pdl=pdl,
         )  # fmt: skip
         return
     # H100, Llama-3.1-8B heads (32/8, D 128), causal bf16 (benchmarks/gpu_attention.py sweep, RESULTS.md):

@@ -4,7 +4,9 @@
 to 16 rows for tl.dot) and one of `splits` equal slices of the sequence's key range (sliced in-kernel from
 seq_lens), and writes a normalised float32 partial output plus its log2-sum-exp. With WRITE_KV the program
 whose slice holds the new token first writes this step's k/v of its KV head into the cache (no separate
-write launch). `_combine_kernel`, grid
+write launch). USE_PDL (experimental, off by default; docs/kernels.md): both kernels launch with programmatic
+dependent launch, wait for their predecessor before any memory access, and the decode kernel lets the combine
+kernel launch once its key loop is done. `_combine_kernel`, grid
 (T, Hq), merges the splits, adds the attention sink and writes zeros for padding tokens. The launch is in
 paged_attention.py.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from fxllm.backends.triton.paged_attention_common import _attend_range, _load_heads, _write_token_kv
 
@@ -28,8 +31,12 @@ def _decode_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, F32_DOT: tl.constexpr, KV_FP8: tl.constexpr = False,
-    ROPE: tl.constexpr = False, WRITE_KV: tl.constexpr = False,
+    ROPE: tl.constexpr = False, WRITE_KV: tl.constexpr = False, USE_PDL: tl.constexpr = False,
 ):  # fmt: skip
+    if (
+        USE_PDL
+    ):  # launched early (programmatic dependent launch): wait for the kernel before, read nothing first
+        gdc_wait()
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -75,6 +82,8 @@ def _decode_kernel(
             skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, qk, softcap, window,
             HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, USE_SOFTCAP, USE_WINDOW, F32_DOT,
         )  # fmt: skip
+        if USE_PDL:  # the combine kernel may start now; it waits for this grid to finish before reading
+            gdc_launch_dependents()
         nonempty = l_i > 0.0
         lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
         out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
@@ -92,7 +101,10 @@ def _combine_kernel(
     part_ptr, lse_ptr, sink_ptr, qsl_ptr, out_ptr,
     num_seqs, num_heads, num_splits, so_t, so_h,
     HAS_SINKS: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):  # fmt: skip
+    if USE_PDL:
+        gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     dv = tl.arange(0, BLOCK_DV)
