@@ -3,7 +3,8 @@
 Usage (on the GPU machine, from the repo root; issue 13's goal: 8B preset warm <= 20 s incl. CUDA graphs,
 cold <= 60 s):
     PYTHONPATH=. python3 benchmarks/gpu_startup.py --out $OUT --warm-runs 1 --budget-s 290
-    PYTHONPATH=. python3 benchmarks/gpu_startup.py --out /tmp/s --model tiny-llama --device cpu   # smoke test
+    PYTHONPATH=. python3 benchmarks/gpu_startup.py --out /tmp/s --smoke   # CPU check (tiny-llama, Inductor)
+Add `--set compile.standalone=false` for the Dynamo path (the "before" of the standalone warm start).
 --budget-s caps all starts together (each start gets what is left of it), so a slow cold start leaves the
 warm one whatever time remains instead of a fixed share; a start cut off keeps the tail of its log.
 Each start is a fresh Python process (a warm start must not reuse this process's in-memory caches); the
@@ -45,7 +46,11 @@ info = llm.info
 out = {"import_s": t_import, "ready_s": ready, "load_s": info.load_seconds, "capture_s": info.capture_seconds,
        "passes_s": info.passes_seconds, "cache": info.compile_cache, "cache_s": info.cache_seconds,
        "warmup_s": info.warmup_seconds, "cuda_graphs_s": info.decode_graph_seconds,
-       "graph_sizes": list(info.decode_graph_sizes)}
+       "graph_sizes": list(info.decode_graph_sizes),
+       # How the compiled graph came: "loaded" (the Inductor artifact, no Dynamo), "compiled" (standalone
+       # compile, saved), "dynamo" (torch.compile), "-" (eager); and how many Inductor compiles it took.
+       "compiled": getattr(llm.engine.runner._forward, "source", "dynamo" if info.warmup_seconds else "-"),
+       "num_compiles": llm.engine.runner.num_compiles}
 print("%s" + json.dumps(out), flush=True)
 llm.shutdown()
 """.replace("%s", MARK)
@@ -88,7 +93,7 @@ def start_once(overrides: list[str], cache_dir: Path, timeout_s: float, log: Pat
 def table(rows: list[tuple[str, dict[str, Any]]]) -> str:
     """One line per start: the breakdown in seconds."""
     head = f"{'start':<8}{'ready':>8}{'import':>8}{'load':>8}{'capture':>9}{'passes':>8}{'cache':>7}"
-    head += f"{'compile':>9}{'graphs':>8}  cache"
+    head += f"{'compile':>9}{'graphs':>8}  {'graph':<10}cache"
     lines = [head]
     for label, r in rows:
         if "error" in r:
@@ -99,7 +104,7 @@ def table(rows: list[tuple[str, dict[str, Any]]]) -> str:
         lines.append(
             f"{label:<8}{r['ready_s']:>8.1f}{r['import_s']:>8.1f}{r['load_s']:>8.1f}{r['capture_s']:>9.1f}"
             f"{r['passes_s']:>8.1f}{r['cache_s']:>7.1f}{r['warmup_s']:>9.1f}{r['cuda_graphs_s']:>8.1f}  "
-            f"{r['cache'][:60]}"
+            f"{r.get('compiled', '?') + '/' + str(r.get('num_compiles')):<10}{r['cache'][:60]}"
         )
     return "\n".join(lines)
 
@@ -117,7 +122,12 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=290.0,
                         help="all starts together (a device command may run 600 s); each start gets what is left")  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--smoke", action="store_true",
+                        help="CPU check of the script: tiny-llama, Inductor without freezing, budget 900 s")  # fmt: skip
     args = parser.parse_args()
+    if args.smoke:
+        args.model, args.device, args.budget_s, args.timeout_s = "tiny-llama", "cpu", 900.0, 600.0
+        args.set = ["compile.cpu_freezing=off", "cache.num_blocks=64", *args.set]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -71,6 +71,10 @@ class CompileConfig:
     # A frozen graph is never cached by Inductor: every start compiles it again. (YAML reads a bare on / off
     # as a bool, so True / False are taken too.)
     cpu_freezing: str | bool = "auto"
+    # Inductor compiles the runtime graph without Dynamo (torch._inductor.standalone_compile), once for every
+    # step shape, and the compile cache keeps the artifact: a warm start loads it (no Dynamo re-trace).
+    # Off (or with frozen weights, or tensor parallelism): through torch.compile, a variant per shape class.
+    standalone: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.cpu_freezing, bool):
@@ -89,6 +93,9 @@ class ParallelConfig:
     # Split the LM head by vocabulary rows (each rank reads 1/N of it; its logits are all-gathered), where
     # the head is a linear of its own (not tied to the embedding) and the vocabulary divides by the size.
     vocab_parallel_lm_head: bool = True
+    # Split the input embedding by vocabulary rows too (each rank holds 1/N of the table; one more
+    # all-reduce per step, of [tokens, hidden]): saves memory, costs latency; off by default.
+    vocab_parallel_embedding: bool = False
     # Largest message (bytes) of the peer-to-peer one-shot / two-shot all-reduce on CUDA; NCCL above.
     one_shot_max_bytes: int = 256 * 1024
     two_shot_max_bytes: int = 8 * 2**20

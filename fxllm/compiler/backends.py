@@ -102,10 +102,10 @@ class InductorGraph:
     """A graph compiled by Inductor through Dynamo; once `freeze_guards` is called, calls skip Dynamo's
     guard checks (0.2-0.3 ms per call for SmolLM2: ~200 guards per compiled variant)."""
 
-    def __init__(self, gm: GraphModule) -> None:
+    def __init__(self, gm: GraphModule, settings: dict[str, object] | None = None) -> None:
         from fxllm.passes.graph_utils import graph_device
 
-        self._inductor_patches = _inductor_settings(gm, graph_device(gm))
+        self._inductor_patches = _inductor_settings(gm, graph_device(gm)) if settings is None else settings
         self.num_compiles = 0
         self.guards_frozen = False
         self.num_unfrozen = 0  # calls that needed a new variant after freeze_guards
@@ -161,5 +161,18 @@ class InductorGraph:
 
 @register_graph_backend("inductor")
 def inductor_backend(gm: GraphModule) -> Callable[..., object]:
-    """Compile with Inductor (the lowering pass already chose each op's kernel or inlined its reference)."""
-    return InductorGraph(gm)
+    """Compile with Inductor (the lowering pass already chose each op's kernel or inlined its reference):
+    the runtime graph without Dynamo where its builder allows it (compiler/standalone.py), else through
+    torch.compile."""
+    from fxllm.compiler.standalone import STANDALONE_META, StandaloneGraph
+    from fxllm.passes.graph_utils import graph_device
+    from fxllm.passes.runtime_signature import runtime_signature
+
+    settings = _inductor_settings(gm, graph_device(gm))
+    if gm.meta.get(STANDALONE_META) and runtime_signature(gm) is not None:
+        if not settings.get("freezing"):
+            return StandaloneGraph(gm, settings)
+        # Frozen (oneDNN-packed) weights leave no AOTAutograd artifact to save: nothing to load next start.
+        logger.info("frozen weights: the graph is compiled through Dynamo (compile.standalone needs "
+                    "compile.cpu_freezing=off on this CPU)")  # fmt: skip
+    return InductorGraph(gm, settings)

@@ -108,6 +108,10 @@ class GraphCache:
         """The directory of entry `key`."""
         return self.graphs / key
 
+    def has_entry(self, key: str) -> bool:
+        """Whether entry `key` is on disk (its manifest is written last)."""
+        return (self.entry_path(key) / MANIFEST).exists()
+
     @contextmanager
     def lock(self, key: str, timeout: float = LOCK_TIMEOUT_S) -> Iterator[bool]:
         """Hold the lock of `key` (concurrent starts of one model build it once); yields False when it

@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from fxllm.compiler.cache import GraphCache, cache_root, use_cache_root
 from fxllm.compiler.cache_graph import WeightRecorder, named_tensors
 from fxllm.compiler.cache_key import cache_key_parts, key_of, registered_code
 from fxllm.compiler.capture import capture
+from fxllm.compiler.standalone import ARTIFACT_DIR_META, STANDALONE_META
 from fxllm.ops.kv_quant import KV_SCALES_ATTR, scale_tensor
 from fxllm.passes.pipeline import PassReport, run_passes
 from fxllm.passes.registry import PassContext
@@ -39,6 +41,7 @@ class GraphBuild:
     passes_seconds: float
     cache: str  # "hit", "miss (why)", "off (why)"
     cache_seconds: float = 0.0  # reading the entry on a hit, writing it on a miss
+    entry: Path | None = None  # the compile-cache entry holding this graph (Inductor's artifact goes there)
 
 
 def _cold(model: torch.nn.Module, ctx: PassContext, passes: Any, recorder: WeightRecorder | None) -> tuple[
@@ -100,6 +103,12 @@ def build_graph(
     the settings its graph backend reads (compile.cpu_freezing) in `gm.meta`."""
     built = _build_graph(config, model, model_name, device, dtype)
     built.gm.meta[FREEZING_META] = str(getattr(config.compile, "cpu_freezing", "auto"))
+    # Tensor-parallel graphs (collectives, one process per rank) keep compiling through Dynamo: not measured.
+    built.gm.meta[STANDALONE_META] = bool(getattr(config.compile, "standalone", True)) and (
+        getattr(getattr(config, "parallel", None), "tensor_parallel_size", 1) == 1
+    )
+    if built.entry is not None:
+        built.gm.meta[ARTIFACT_DIR_META] = str(built.entry)
     return built
 
 
@@ -127,7 +136,9 @@ def _build_graph(
         if hit is not None:
             logger.info("compile cache hit: %s (graph and weights bound in %.1f s; capture and passes skipped)",
                         cache.entry_path(key), time.perf_counter() - start)  # fmt: skip
-            return GraphBuild(hit.gm, hit.report, 0.0, 0.0, "hit", time.perf_counter() - start)
+            return GraphBuild(
+                hit.gm, hit.report, 0.0, 0.0, "hit", time.perf_counter() - start, cache.entry_path(key)
+            )
         why = cache.explain_miss(parts)
         logger.info("compile cache miss (%s): capturing %s and running the passes; the result goes to %s",
                     why, model_name, cache.entry_path(key))  # fmt: skip
@@ -135,4 +146,7 @@ def _build_graph(
         gm, report, capture_s, passes_s = _cold(model, ctx, compile_config.passes, recorder)
         start = time.perf_counter()
         gm = cache.store(key, parts, gm, recorder, report, model_tensors)
-        return GraphBuild(gm, report, capture_s, passes_s, f"miss ({why})", time.perf_counter() - start)
+        entry = cache.entry_path(key) if cache.has_entry(key) else None  # None: the graph was not cacheable
+        return GraphBuild(
+            gm, report, capture_s, passes_s, f"miss ({why})", time.perf_counter() - start, entry
+        )

@@ -1,0 +1,231 @@
+"""The runtime graph compiled by Inductor without Dynamo (`torch._inductor.standalone_compile`), its
+artifact kept in the graph's compile-cache entry so a warm start loads it instead of compiling or tracing.
+
+Dynamo re-traced the cached post-pass graph on every start (SmolLM2 on the 2-core box: ~29 of a 58.8 s
+warm start; the 8B preset on an H100: most of 68.7 s) and compiled a prefill-shaped and a one-token
+variant. The runner already calls the graph with a flat list of tensors of fixed rank, so Dynamo has
+nothing to do: here the graph is compiled once with symbolic sizes for everything a step varies (tokens T,
+sequences S, block-table width M, sampled rows N, and the pool's block count) and that one artifact serves
+every step, one token or many. Its shape guards are checked to be empty when it is built (a guard would
+mean some size is assumed, which a loaded artifact never re-checks); if Inductor added any, the graph
+goes through Dynamo instead and the log says so.
+
+Artifact files (`inductor-<settings>.bin` and a `.json` with its size and sha256) sit beside the entry's
+graph; the entry key already covers the graph, device, torch version and `compile.cpu_freezing`, and the
+file name covers the Inductor settings. A file whose checksum or load fails is logged, removed and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+
+from fxllm.passes.runtime_signature import RuntimeSignature, runtime_signature
+
+logger = logging.getLogger(__name__)
+
+STANDALONE_META = "fxllm_standalone"  # gm.meta: compile.standalone (and no tensor parallelism) for this graph
+ARTIFACT_DIR_META = "fxllm_artifact_dir"  # gm.meta: the compile-cache entry that keeps the artifact, if any
+# Size hints of the symbolic sizes: distinct and > 1 (Inductor would specialise a 0 or 1 hint).
+_HINTS = {"tokens": 61, "seqs": 3, "blocks_per_seq": 7, "rows": 5}
+
+
+class ShapeAssumption(RuntimeError):
+    """Inductor's compile assumed something about a size (a shape guard): one artifact cannot serve all steps."""
+
+
+def artifact_name(settings: dict[str, object]) -> str:
+    """The artifact's file stem for these Inductor settings (cpp_wrapper, freezing, ...)."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"inductor-{digest}"
+
+
+def lifted_weights(gm: GraphModule) -> list[torch.Tensor]:
+    """The graph's parameters then buffers, as AOTAutograd lifts them: a loaded artifact takes them first."""
+    return [
+        *dict(gm.named_parameters(remove_duplicate=False)).values(),
+        *dict(gm.named_buffers(remove_duplicate=False)).values(),
+    ]
+
+
+def symbolic_inputs(signature: RuntimeSignature, args: Sequence[torch.Tensor], fake_mode: Any) -> list[Any]:
+    """Fake copies of one step's arguments whose step-dependent sizes are symbols shared across inputs."""
+    from torch._dynamo.source import ConstantSource
+
+    shape_env = fake_mode.shape_env
+
+    def symbol(name: str, hint: int) -> Any:
+        return shape_env.create_symintnode(shape_env.create_symbol(hint, ConstantSource(name)), hint=hint)
+
+    caches = [a for a, i in zip(args, signature.inputs) if i.role in ("k_cache", "v_cache")]
+    # All caches are views of one pool: one symbol for its block count (the pool is sized at each start).
+    blocks = symbol("num_blocks", int(caches[0].shape[0]) if caches else 2)
+    tokens, seqs = symbol("tokens", _HINTS["tokens"]), symbol("seqs", _HINTS["seqs"])
+    width, rows = symbol("blocks_per_seq", _HINTS["blocks_per_seq"]), symbol("rows", _HINTS["rows"])
+    out = []
+    with fake_mode:
+        for arg, inp in zip(args, signature.inputs):
+            if inp.role in ("input_ids", "position_ids"):
+                shape: tuple[Any, ...] = (*arg.shape[:-1], tokens)  # [1, T] (mrope: [3, 1, T])
+            elif inp.role == "slot_mapping":
+                shape = (tokens,)
+            elif inp.role == "block_tables":
+                shape = (seqs, width)
+            elif inp.role == "seq_lens":
+                shape = (seqs,)
+            elif inp.role == "query_start_loc":
+                shape = (seqs + 1,)
+            elif inp.role == "logits_indices":
+                shape = (rows,)
+            else:  # a KV cache: [blocks, block size, heads, dim], contiguous
+                shape = (blocks, *arg.shape[1:])
+            out.append(torch.empty(shape, dtype=arg.dtype, device=arg.device))
+    return out
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class StandaloneGraph:
+    """The runtime graph as one Inductor artifact, loaded from the compile cache or compiled (and saved) on
+    the first call; calls go straight to the compiled code (no Dynamo, no guards)."""
+
+    def __init__(self, gm: GraphModule, settings: dict[str, object]) -> None:
+        signature = runtime_signature(gm)
+        if signature is None:
+            raise ValueError("standalone compile needs the graph's runtime signature (the runtime passes)")
+        self.gm = gm
+        self.signature = signature
+        self.settings = settings
+        entry = gm.meta.get(ARTIFACT_DIR_META)
+        self.path = Path(entry) / f"{artifact_name(settings)}.bin" if entry else None
+        self._num_compiles = 0
+        self.source = "none"  # "loaded", "compiled" or "dynamo" once the first call has run
+        self._fn: Callable[..., Any] | None = None
+        self._dynamo: Any = None  # the InductorGraph used where one artifact cannot serve every step
+
+    def __call__(self, *args: torch.Tensor) -> Any:
+        if self._fn is None:
+            self._fn = self._prepare(args)
+        return self._fn(*args)
+
+    @property
+    def num_compiles(self) -> int:
+        """Inductor compiles so far (0 when the artifact was loaded)."""
+        return self._num_compiles + (self._dynamo.num_compiles if self._dynamo is not None else 0)
+
+    def freeze_guards(self) -> None:
+        """Nothing to freeze without Dynamo; passed on where the graph went through Dynamo."""
+        if self._dynamo is not None:
+            self._dynamo.freeze_guards()
+
+    def _prepare(self, args: Sequence[torch.Tensor]) -> Callable[..., Any]:
+        loaded = self._load()
+        if loaded is not None:
+            weights = lifted_weights(self.gm)
+            self.source = "loaded"
+            # A loaded artifact returns its outputs as a flat list; the graph (and the in-process artifact)
+            # returns a single tensor where its output node holds one.
+            if isinstance(self.gm.graph.output_node().args[0], torch.fx.Node):
+                return lambda *step: loaded(*weights, *step)[0]
+            return lambda *step: tuple(loaded(*weights, *step))
+        try:
+            compiled = self._compile(args)
+        except ShapeAssumption as exc:
+            from fxllm.compiler.backends import InductorGraph
+
+            logger.warning("%s: compiling through Dynamo instead (a variant per shape class, re-traced every "
+                           "start)", exc)  # fmt: skip
+            self._dynamo = InductorGraph(self.gm, self.settings)
+            self.source = "dynamo"
+            return self._dynamo  # type: ignore[no-any-return]
+        self.source = "compiled"
+        return compiled
+
+    def _load(self) -> Any:
+        """The saved artifact, or None (missing; a damaged one is logged and removed)."""
+        if self.path is None or not self.path.exists():
+            return None
+        start = time.perf_counter()
+        meta_path = self.path.with_suffix(".json")
+        try:
+            recorded = json.loads(meta_path.read_text())
+            size = self.path.stat().st_size
+            if size != recorded["bytes"] or _sha256(self.path) != recorded["sha256"]:
+                raise ValueError(f"{self.path.name} is {size} bytes with another checksum than recorded "
+                                 "(truncated or corrupted)")  # fmt: skip
+            with torch._inductor.config.patch(self.settings):
+                artifact = torch._inductor.CompiledArtifact.load(path=str(self.path), format="binary")
+        except Exception as exc:  # whatever is wrong with it, the start goes on and compiles again
+            logger.warning("compile cache: Inductor artifact %s is unusable (%s: %s); removing it and compiling",
+                           self.path, type(exc).__name__, exc)  # fmt: skip
+            for path in (self.path, meta_path):
+                path.unlink(missing_ok=True)
+            return None
+        logger.info("Inductor: compiled graph loaded from %s in %.1f s (no Dynamo, no compile)", self.path,
+                    time.perf_counter() - start)  # fmt: skip
+        return artifact
+
+    def _compile(self, args: Sequence[torch.Tensor]) -> Callable[..., Any]:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        self._num_compiles += 1
+        fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+        example = symbolic_inputs(self.signature, args, fake_mode)
+        logger.info("Inductor: compiling the graph (%d nodes) once for every step shape, without Dynamo%s",
+                    len(self.gm.graph.nodes), "" if self.path else " (not saved: no compile-cache entry)")  # fmt: skip
+        start = time.perf_counter()
+        # A GraphModule over the same attributes (no copy of the weights) that Inductor may change.
+        owned = GraphModule(self.gm, _copy_graph(self.gm))
+        with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+            artifact = torch._inductor.standalone_compile(
+                owned, example, dynamic_shapes="from_example_inputs", fake_mode=fake_mode,
+                options={"config_patches": dict(self.settings)}, donate_graph_module=True,
+            )  # fmt: skip
+        guards = [str(g.expr) for g in fake_mode.shape_env.guards]
+        if guards:
+            raise ShapeAssumption(f"Inductor's compile assumed {guards[:5]} about the step's sizes")
+        logger.info("Inductor: graph ready in %.1f s", time.perf_counter() - start)
+        if self.path is not None:
+            self._save(artifact)
+        return artifact  # type: ignore[no-any-return]
+
+    def _save(self, artifact: Any) -> None:
+        assert self.path is not None
+        tmp = ""
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".bin", dir=self.path.parent)
+            os.close(fd)
+            os.unlink(tmp)  # save() refuses to write over a file it did not create
+            artifact.save(path=tmp, format="binary")
+            tmp_path = Path(tmp)
+            record = {"bytes": tmp_path.stat().st_size, "sha256": _sha256(tmp_path), "settings": self.settings,
+                      "created": time.time(), "torch": torch.__version__}  # fmt: skip
+            self.path.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
+            os.replace(tmp_path, self.path)  # the .json first: a reader that sees the .bin sees its record
+            logger.info("compile cache: stored the Inductor artifact %s (%.1f MiB)", self.path,
+                        record["bytes"] / 2**20)  # fmt: skip
+        except Exception as exc:  # a graph whose artifact cannot be written still runs; later starts compile
+            logger.warning("compile cache: the Inductor artifact is not saved (%s: %s); later starts compile "
+                           "the graph again", type(exc).__name__, exc)  # fmt: skip
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
+
+
+def _copy_graph(gm: GraphModule) -> torch.fx.Graph:
+    graph = torch.fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return graph
