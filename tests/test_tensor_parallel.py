@@ -121,6 +121,21 @@ def test_tp2_speculative_verify_buckets_on_every_rank(llama_tp1: tuple) -> None:
         assert [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS[1:], short)] == llama_tp1[0][1:]
 
 
+def test_tp2_vocab_parallel_embedding_equals_tp1(llama_tp1: tuple) -> None:
+    """The embedding table split by vocabulary rows: each rank holds half of it, looks up the ids in its
+    range and the all-reduce adds the other rank's zeros, so tokens and logprobs stay TP=1's. (Before the
+    module's shared TP engine starts: one TP engine per process.)"""
+    with _engine(
+        "tiny-llama", "parallel.tensor_parallel_size=2", "parallel.vocab_parallel_embedding=true"
+    ) as llm:
+        # 2 layers x (o_proj, down_proj) all-reduces, the LM head's all-gather, the embedding's lookup
+        assert llm.info.pass_report.matches("shard_tp") == 6
+        gm = llm.engine.runner.graph_module
+        tables = [t for n, t in [*gm.named_parameters(), *gm.named_buffers()] if "embed_tokens" in n]
+        assert [tuple(t.shape) for t in tables] == [(256, 128)]  # the rank's half of the 512-row table
+        _assert_same(llama_tp1, _run(llm))
+
+
 def test_tp2_fused_allreduce_norm_equals_tp1(llama_tp2_fused: LLM, llama_tp1: tuple) -> None:
     """all_reduce + residual add + RMSNorm as one op: same tokens, logprobs within the tolerance."""
     expected = llama_tp1
@@ -162,8 +177,12 @@ def test_plan_from_tp_plan_and_structural_rule() -> None:
     model.config.base_model_tp_plan = None
     structural, source = resolve_plan(model)
     assert source == "structural" and structural == plan
+    split = resolve_plan(model, vocab_parallel_embedding=True, size=2)[0]
+    assert split == {**plan, "model.embed_tokens": "vocab_embedding"}
+    assert "model.embed_tokens" not in resolve_plan(model, vocab_parallel_embedding=True, size=3)[0]
     model.config.tie_word_embeddings = True  # a tied head would split the embedding table with it
     assert "lm_head" not in resolve_plan(model, vocab_parallel=True, size=2)[0]
+    assert "model.embed_tokens" not in resolve_plan(model, vocab_parallel_embedding=True, size=2)[0]
     with pytest.raises(ValueError, match="num_key_value_heads"):
         check_divisible(type("C", (), {"num_attention_heads": 8, "num_key_value_heads": 2})(), 4)
 

@@ -4,8 +4,8 @@ The weights arrive already split (fxllm/runtime/distributed/sharding.py shards t
 so each rank holds only its part and the graph is captured with the rank's head counts). What the
 graph still lacks is the sum of the row-parallel linears' partial products: `shard_tp` inserts a
 canonical `fxllm::all_reduce` after each of them (the linears the plan names rowwise: o_proj and
-down_proj), an `fxllm::all_gather` of the logits after a vocabulary-parallel LM head, and checks that
-every one was found. `fuse_allreduce_rms_norm` then turns
+down_proj), an `fxllm::all_gather` of the logits after a vocabulary-parallel LM head, a masked lookup +
+`fxllm::all_reduce` for a vocabulary-parallel input embedding, and checks that every one was found. `fuse_allreduce_rms_norm` then turns
 all_reduce -> fused_add_rms_norm into one `fxllm::all_reduce_add_rms_norm` (off unless
 parallel.fuse_allreduce_rms_norm). Which all-reduce algorithm runs is the lowering's choice
 (fxllm/backends/cuda_collectives.py), so these patterns match the abstract op only.
@@ -41,6 +41,38 @@ def _row_parallel_site(node: Node, wanted: dict[str, str]) -> str | None:
     return next((fqn for flat, fqn in wanted.items() if target == flat or target.endswith(f"_{flat}")), None)
 
 
+def _embedding_site(node: Node, wanted: dict[str, str]) -> str | None:
+    """The fqn of the `wanted` embedding weight that `node` (an aten.embedding) looks up in, if any."""
+    if not is_op(node, aten.embedding.default) or not isinstance(node.args[0], Node):
+        return None
+    weight = node.args[0]
+    if weight.op != "get_attr":
+        return None
+    target = _flat(str(weight.target))
+    return next((fqn for flat, fqn in wanted.items() if target == flat or target.endswith(f"_{flat}")), None)
+
+
+def _split_lookup(graph: Graph, node: Node, rank: int, group_name: str) -> None:
+    """embedding(table part, ids) -> the rows of the ids in this rank's range, zeros for the others, summed
+    over the ranks (each id lives on exactly one rank, so the all-reduce adds zeros to it: exact)."""
+    weight, ids = node.args[0], node.args[1]
+    rows = int(val(weight).shape[0])
+    start = rank * rows
+    with graph.inserting_before(node):
+        local = graph.call_function(aten.sub.Scalar, (ids, start))
+        below = graph.call_function(aten.lt.Scalar, (local, 0))
+        above = graph.call_function(aten.ge.Scalar, (local, rows))
+        outside = graph.call_function(aten.bitwise_or.Tensor, (below, above))
+        safe = graph.call_function(aten.masked_fill.Scalar, (local, outside, 0))
+    node.replace_input_with(ids, safe)
+    with graph.inserting_after(node):
+        mask = graph.call_function(aten.unsqueeze.default, (outside, -1))
+    with graph.inserting_after(mask):
+        zeroed = graph.call_function(aten.masked_fill.Scalar, (node, mask, 0.0))
+    node.replace_all_uses_with(zeroed, delete_user_cb=lambda user: user is not zeroed)
+    _insert_after(graph, zeroed, torch.ops.fxllm.all_reduce.default, (group_name,))
+
+
 def _insert_after(graph: Graph, node: Node, op: object, args: tuple[object, ...]) -> None:
     """Put `op(node, *args)` right after `node` and make every other user of `node` read it instead."""
     with graph.inserting_after(node):
@@ -60,9 +92,16 @@ def shard_tp(gm: GraphModule, ctx: PassContext) -> PassResult:
     graph = gm.graph
     wanted = {_flat(name): name for name in info.row_parallel_weights}
     heads = {_flat(name): name for name in info.vocab_parallel_weights}
+    tables = {_flat(name): name for name in info.vocab_parallel_embedding_weights}
     found: set[str] = set()
     gathered: set[str] = set()
+    looked_up: set[str] = set()
     for node in list(graph.nodes):
+        if (fqn := _embedding_site(node, tables)) is not None:  # each id's row lives on one rank
+            _split_lookup(graph, node, info.rank, info.group_name)
+            looked_up.add(fqn)
+            result.num_matches += 1
+            continue
         if (fqn := _row_parallel_site(node, wanted)) is not None:  # the sum of the partial products
             _insert_after(graph, node, torch.ops.fxllm.all_reduce.default, (info.group_name,))
             found.add(fqn)
@@ -72,14 +111,19 @@ def shard_tp(gm: GraphModule, ctx: PassContext) -> PassResult:
         else:
             continue
         result.num_matches += 1
-    missing = sorted(set(wanted.values()) - found) + sorted(set(heads.values()) - gathered)
+    missing = (
+        sorted(set(wanted.values()) - found)
+        + sorted(set(heads.values()) - gathered)
+        + sorted(set(tables.values()) - looked_up)
+    )
     if missing:
         raise RuntimeError(
-            f"shard_tp: the split weights {missing[:4]} are not the weight of any linear in the graph, so their "
-            "partial results would never be combined; is a pass before `shard` rewriting them?"
+            f"shard_tp: the split weights {missing[:4]} are not the weight of any linear (or embedding lookup) in "
+            "the graph, so their partial results would never be combined; is a pass before `shard` rewriting them?"
         )
     columns = sum(1 for style in info.plan.values() if style == "colwise")
     head = ", vocab-parallel LM head + fxllm::all_gather of its logits" if gathered else ""
+    head += ", vocab-parallel embedding (masked lookup + fxllm::all_reduce)" if looked_up else ""
     result.notes.append(
         f"rank {info.rank} of {info.size} ({info.source}): {columns} column-parallel and {len(found)} "
         f"row-parallel linears, {len(found)} fxllm::all_reduce over group {info.group_name!r}{head}"

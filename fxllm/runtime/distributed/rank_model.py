@@ -31,11 +31,14 @@ def load_rank_model(
 
     size = config.parallel.tensor_parallel_size
     vocab_parallel = config.parallel.vocab_parallel_lm_head
+    split_embedding = config.parallel.vocab_parallel_embedding
     name = config.model.model
     common = {"seed": config.model.seed, "num_layers": config.model.num_layers}
     if name.strip().lower() in list_presets():
         skeleton = load_model(name, device="meta", dtype=dtype, **common).model
-        plan, source = resolve_plan(skeleton, vocab_parallel=vocab_parallel, size=size)
+        plan, source = resolve_plan(
+            skeleton, vocab_parallel=vocab_parallel, size=size, vocab_parallel_embedding=split_embedding
+        )
         check_divisible(skeleton.config, size)
         del skeleton
         loaded = load_model(
@@ -50,7 +53,9 @@ def load_rank_model(
         loaded = load_model(name, device="cpu", dtype=dtype, **common)
         model, tokenizer = loaded.model, loaded.tokenizer
         check_divisible(model.config, size)
-        plan, source = resolve_plan(model, vocab_parallel=vocab_parallel, size=size)
+        plan, source = resolve_plan(
+            model, vocab_parallel=vocab_parallel, size=size, vocab_parallel_embedding=split_embedding
+        )
         info = TensorParallelInfo(
             rank, size, group_name, plan, source, config.parallel.fuse_allreduce_rms_norm
         )

@@ -28,6 +28,9 @@ TP_ATTR = "fxllm_tensor_parallel"  # attribute of a sharded model holding its Te
 COLWISE = "colwise"
 ROWWISE = "rowwise"
 VOCAB = "vocab"  # the LM head split by vocabulary rows; the shard pass all-gathers its logits
+# The input embedding split by vocabulary rows: each rank looks up the ids in its range (zeros elsewhere)
+# and the shard pass all-reduces the rows (exactly one rank contributes each, so the sum is exact).
+VOCAB_EMBEDDING = "vocab_embedding"
 # Hugging Face plan styles and what they mean for a rank's weights here.
 _STYLE_OF: dict[str, str] = {"colwise": COLWISE, "local_colwise": COLWISE, "rowwise": ROWWISE,
                              "local_rowwise": ROWWISE}  # fmt: skip
@@ -64,11 +67,17 @@ class TensorParallelInfo:
         """The vocabulary-parallel LM head's weight, if split (an all-gather of the logits follows it)."""
         return [f"{name}.weight" for name, style in self.plan.items() if style == VOCAB]
 
+    @property
+    def vocab_parallel_embedding_weights(self) -> list[str]:
+        """The vocabulary-parallel input embedding's weight, if split (masked lookup + all-reduce)."""
+        return [f"{name}.weight" for name, style in self.plan.items() if style == VOCAB_EMBEDDING]
+
     def key_part(self) -> str:
         """The compile cache key's "parallel" part."""
         fused = ", all-reduce + norm fused" if self.fuse_allreduce_rms_norm else ""
         vocab = ", vocab-parallel LM head" if self.vocab_parallel_weights else ""
-        return f"rank {self.rank} of {self.size}, group {self.group_name}{fused}{vocab}"
+        embedding = ", vocab-parallel embedding" if self.vocab_parallel_embedding_weights else ""
+        return f"rank {self.rank} of {self.size}, group {self.group_name}{fused}{vocab}{embedding}"
 
 
 def _base_prefix(model: nn.Module) -> str:
@@ -101,11 +110,28 @@ def _vocab_parallel_head(model: nn.Module, size: int) -> tuple[str | None, str]:
     return name, ""
 
 
+def _vocab_parallel_embedding(model: nn.Module, size: int) -> tuple[str | None, str]:
+    """The input embedding's module name if it can be split by vocabulary rows, else None; and why not."""
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if type(embed) is not nn.Embedding:  # subclasses (e.g. Gemma's scaled embedding) do more than a lookup
+        return None, f"the input embedding is a {type(embed).__name__}, not a plain nn.Embedding"
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if tied or (head is not None and getattr(head, "weight", None) is embed.weight):
+        return None, "the embedding shares its weight with the LM head"
+    if embed.num_embeddings % size:
+        return None, f"vocabulary {embed.num_embeddings} does not divide by {size}"
+    if embed.max_norm is not None:
+        return None, "the embedding renormalises its rows (max_norm)"
+    return next((n for n, m in model.named_modules() if m is embed), None), ""
+
+
 def resolve_plan(
-    model: nn.Module, *, vocab_parallel: bool = False, size: int = 1
+    model: nn.Module, *, vocab_parallel: bool = False, size: int = 1, vocab_parallel_embedding: bool = False
 ) -> tuple[dict[str, str], str]:
-    """{linear module fqn: colwise | rowwise | vocab} for `model`, and where the plan came from; with
-    `vocab_parallel`, the LM head is split by vocabulary rows over `size` ranks where it can be."""
+    """{module fqn: colwise | rowwise | vocab | vocab_embedding} for `model`, and where the plan came from;
+    with `vocab_parallel` the LM head, with `vocab_parallel_embedding` the input embedding, is split by
+    vocabulary rows over `size` ranks where it can be."""
     hf_plan = _hf_plan(model)
     plan: dict[str, str] = {}
     for name, module in model.named_modules():
@@ -135,6 +161,12 @@ def resolve_plan(
             logger.info("vocab-parallel LM head off: %s (each rank keeps the whole head)", why_not)
         else:
             plan[head] = VOCAB
+    if vocab_parallel_embedding and size > 1:
+        embed, why_not = _vocab_parallel_embedding(model, size)
+        if embed is None:
+            logger.info("vocab-parallel embedding off: %s (each rank keeps the whole table)", why_not)
+        else:
+            plan[embed] = VOCAB_EMBEDDING
     return plan, "tp_plan" if hf_plan is not None else "structural"
 
 
@@ -155,8 +187,9 @@ def check_divisible(config: Any, size: int) -> None:
 
 
 def shard_tensor(tensor: torch.Tensor, style: str, leaf: str, rank: int, size: int) -> torch.Tensor:
-    """The rank's part of a linear's `weight` or `bias` (a copy, so the full tensor can be freed)."""
-    if style in (COLWISE, VOCAB):
+    """The rank's part of a linear's (or a vocab-parallel embedding's) `weight` or `bias` (a copy, so the
+    full tensor can be freed)."""
+    if style in (COLWISE, VOCAB, VOCAB_EMBEDDING):
         part = tensor.shape[0] // size
         return tensor.narrow(0, rank * part, part).clone()
     if leaf == "bias":
