@@ -1,5 +1,6 @@
-"""FP8 activation quantization fused into fxllm's producers (issue 15): fxllm::fused_add_rms_norm_fp8 and
-fxllm::silu_and_mul_fp8, their Triton kernels (Triton's interpreter on the CPU) and the fuse_fp8_quant pass.
+"""FP8 activation quantization fused into fxllm's producers (issue 15): fxllm::fused_add_rms_norm_fp8,
+rms_norm_fp8, silu_and_mul_fp8 and gelu_and_mul_fp8, their Triton kernels (Triton's interpreter on the CPU)
+and the fuse_fp8_quant pass.
 
 Tolerances. The kernels do their unfused kernel's operations (norms.py, activations.py) and then
 quantize_activation's, with IEEE divisions, so against the unfused Triton kernel followed by
@@ -47,7 +48,7 @@ if DEVICE == "cpu" and not isinstance(quant_fused._add_rms_norm_fp8_kernel, Inte
     norms, activations, quant_fused = (importlib.reload(m) for m in (norms, activations, quant_fused))
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-FUSED_OPS = ("fused_add_rms_norm_fp8", "rms_norm_fp8", "silu_and_mul_fp8")
+FUSED_OPS = ("fused_add_rms_norm_fp8", "rms_norm_fp8", "silu_and_mul_fp8", "gelu_and_mul_fp8")
 FUSED = {f"fxllm.{op}.default" for op in FUSED_OPS}
 
 
@@ -131,6 +132,19 @@ def test_silu_and_mul_fp8_kernel_equals_the_unfused_kernels(
     _assert_close_to_reference((q.cpu(), scale.cpu()), silu_and_mul_fp8_reference(gate.cpu(), up.cpu()))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_and_mul_fp8_kernel_equals_the_unfused_kernel(dtype: torch.dtype, approximate: str) -> None:
+    from fxllm.ops.fp8_fused import gelu_and_mul_fp8_reference
+
+    merged = (torch.randn(5, 2 * 300, generator=torch.Generator().manual_seed(6)) * 2).to(dtype).to(DEVICE)
+    gate, up = merged[:, :300], merged[:, 300:]
+    q, scale = quant_fused.gelu_and_mul_fp8(gate, up, approximate)
+    _assert_same_quant((q, scale), quantize_activation(activations.gelu_and_mul(gate, up, approximate)))
+    ref = gelu_and_mul_fp8_reference(gate.cpu(), up.cpu(), approximate)
+    _assert_close_to_reference((q.cpu(), scale.cpu()), ref)
+
+
 def test_empty_rows_and_unsupported_operands() -> None:
     q, scale = quant_fused.silu_and_mul_fp8(
         torch.empty(0, 64, device=DEVICE), torch.empty(0, 64, device=DEVICE)
@@ -150,6 +164,7 @@ def test_the_lowering_picks_the_kernels_for_cuda_nodes_only() -> None:
         "fused_add_rms_norm_fp8": (x, x, w, 1e-5),
         "rms_norm_fp8": (x, w, 1e-5),
         "silu_and_mul_fp8": (gate, gate),
+        "gelu_and_mul_fp8": (gate, gate, "tanh"),
     }
     for op, args in sites.items():
         assert choose_implementation(OpSite(op, torch.device("cuda"), args)).backend == "triton"
@@ -208,6 +223,22 @@ def test_logits_with_the_pass_equal_without(tiny: torch.nn.Module) -> None:
         assert torch.equal(on(ids), off(ids))  # the inlined references are the unfused ATen ops
 
 
+def test_gemma2_norms_and_geglu() -> None:
+    """tiny-gemma2 (2 layers): sandwich norms are plain RMSNorms (the residual add comes after the post-norm),
+    GeGLU with tanh gelu; 8 RMSNorms and 4 GeLU-and-muls feed GEMMs, the 4 attention outputs stay in ATen.
+    On the CPU the logits equal those with the option off (same ATen ops)."""
+    model = load_model("tiny-gemma2").model.eval()
+    ids = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(4))
+    on = fxllm.compile(copy.deepcopy(model), backend="eager", quantization=_fp8("on"))
+    off = fxllm.compile(copy.deepcopy(model), backend="eager", quantization=_fp8("off"))
+    notes = next(r for r in on.pass_report.records if r.name == "fuse_fp8_quant").notes
+    assert notes[:3] == ["8 RMSNorm -> e4m3 fused (fxllm::rms_norm_fp8)",
+                         "4 GeLU-and-mul -> e4m3 fused (fxllm::gelu_and_mul_fp8)",
+                         "4 quantization(s) left in ATen (after reshape.default)"], notes  # fmt: skip
+    with torch.no_grad():
+        assert torch.equal(on(ids), off(ids))
+
+
 def test_model_through_the_triton_kernels(tiny: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
     """The lowering's Triton path end to end: the fused ops (and fp8_gemm) lowered to their CUDA backends, run
     on the CPU in the interpreter. Against the same model with the quantization in ATen (same GEMM backend):
@@ -261,8 +292,10 @@ silu_sig |= {n: "i32" for n in ("n_cols", "stride_g", "stride_u", "stride_q")}
 cases = {  # the launches of Llama-3.1-8B's shapes: hidden 4,096 (8 warps), intermediate 14,336 (16; 8 for the walk)
     "norm": (qf._add_rms_norm_fp8_kernel, norm_sig, {"BLOCK_R": 1, "BLOCK_N": 4096, "HAS_RESIDUAL": True}, 8),
     "rms": (qf._add_rms_norm_fp8_kernel, norm_sig, {"BLOCK_R": 1, "BLOCK_N": 4096, "HAS_RESIDUAL": False}, 8),
-    "silu_one_pass": (qf._silu_and_mul_fp8_kernel, silu_sig, {"BLOCK": 16384, "ONE_PASS": True}, 16),
-    "silu_two_pass": (qf._silu_and_mul_fp8_kernel, silu_sig, {"BLOCK": 2048, "ONE_PASS": False}, 8),
+    "silu_one_pass": (qf._gated_fp8_kernel, silu_sig, {"BLOCK": 16384, "ONE_PASS": True, "ACT": 0}, 16),
+    "silu_two_pass": (qf._gated_fp8_kernel, silu_sig, {"BLOCK": 2048, "ONE_PASS": False, "ACT": 0}, 8),
+    "gelu_tanh": (qf._gated_fp8_kernel, silu_sig, {"BLOCK": 16384, "ONE_PASS": True, "ACT": 2}, 16),
+    "gelu_erf": (qf._gated_fp8_kernel, silu_sig, {"BLOCK": 2048, "ONE_PASS": False, "ACT": 1}, 8),
 }
 out = {}
 for name, (fn, sig, more, warps) in cases.items():
@@ -291,5 +324,5 @@ def test_kernels_compile_for_the_h100() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(result) == {"norm", "rms", "silu_one_pass", "silu_two_pass"}
+    assert set(result) == {"norm", "rms", "silu_one_pass", "silu_two_pass", "gelu_tanh", "gelu_erf"}
     assert all(r["div_rn"] > 0 and r["e4m3"] > 0 for r in result.values()), result

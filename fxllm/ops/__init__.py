@@ -9,7 +9,7 @@ from __future__ import annotations
 from fxllm.ops.activations import gelu_and_mul, silu_and_mul
 from fxllm.ops.attention import attention, attention_reference
 from fxllm.ops.collectives import all_reduce, all_reduce_add_rms_norm
-from fxllm.ops.fp8_fused import fused_add_rms_norm_fp8, rms_norm_fp8, silu_and_mul_fp8
+from fxllm.ops.fp8_fused import fused_add_rms_norm_fp8, gelu_and_mul_fp8, rms_norm_fp8, silu_and_mul_fp8
 from fxllm.ops.fp8_linear import fp8_linear, fp8_linear_reference
 from fxllm.ops.gemm import linear, linear_reference
 from fxllm.ops.linear import pack_linear_weight, packed_linear, unpack_linear_weight
@@ -33,6 +33,7 @@ __all__ = [
     "fused_add_rms_norm",
     "fused_add_rms_norm_fp8",
     "gelu_and_mul",
+    "gelu_and_mul_fp8",
     "linear",
     "linear_reference",
     "pack_linear_weight",

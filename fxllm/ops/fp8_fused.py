@@ -1,5 +1,5 @@
 """Producers with the FP8 activation quantization fused in: `fxllm::fused_add_rms_norm_fp8`,
-`fxllm::rms_norm_fp8` and `fxllm::silu_and_mul_fp8`.
+`fxllm::rms_norm_fp8`, `fxllm::silu_and_mul_fp8` and `fxllm::gelu_and_mul_fp8`.
 
 Each is its unquantized op followed by `quantize_activation` (fxllm/quantization/fp8.py), per token:
   fused_add_rms_norm_fp8(x, residual, weight, eps) -> (q, scale, x + residual)
@@ -8,6 +8,8 @@ Each is its unquantized op followed by `quantize_activation` (fxllm/quantization
       q, scale = quantize_activation(rms_norm(x, weight, eps))
   silu_and_mul_fp8(gate, up) -> (q, scale)
       q, scale = quantize_activation(silu(gate) * up)
+  gelu_and_mul_fp8(gate, up, approximate) -> (q, scale)
+      q, scale = quantize_activation(gelu(gate, approximate) * up)
 q is e4m3 with the unquantized output's shape, scale float32 [..., 1] (amax(|row|) / 448, floored at
 1 / (448 * 512)); the normed / activated row is rounded to its own dtype (promote of the inputs, as the
 unfused op returns it) before its amax is taken, so the pair is what the unfused op + quantization give.
@@ -48,6 +50,12 @@ def rms_norm_fp8_reference(x: Tensor, weight: Tensor, eps: float) -> tuple[Tenso
 def silu_and_mul_fp8_reference(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     """Plain-torch (e4m3 silu(gate) * up, its per-token scale)."""
     return quantize_activation(F.silu(gate) * up)
+
+
+@eager_only
+def gelu_and_mul_fp8_reference(gate: Tensor, up: Tensor, approximate: str) -> tuple[Tensor, Tensor]:
+    """Plain-torch (e4m3 gelu(gate, approximate) * up, its per-token scale)."""
+    return quantize_activation(F.gelu(gate, approximate=approximate) * up)
 
 
 def _quant_fakes(like: Tensor) -> tuple[Tensor, Tensor]:
@@ -96,5 +104,20 @@ def _silu_and_mul_fp8_fake(gate, up):
 
 
 register_canonical_op("fused_add_rms_norm_fp8", fused_add_rms_norm_fp8_reference, inline=True)
+
+
+@torch.library.custom_op("fxllm::gelu_and_mul_fp8", mutates_args=())
+def gelu_and_mul_fp8(gate: Tensor, up: Tensor, approximate: str = "none") -> tuple[Tensor, Tensor]:
+    """(e4m3 gelu(gate, approximate) * up, float32 per-token scale [..., 1]); both contiguous."""
+    q, scale = gelu_and_mul_fp8_reference(gate, up, approximate)
+    return q.contiguous(), scale.contiguous()
+
+
+@gelu_and_mul_fp8.register_fake
+def _gelu_and_mul_fp8_fake(gate, up, approximate="none"):
+    return _quant_fakes(gate * up)
+
+
+register_canonical_op("gelu_and_mul_fp8", gelu_and_mul_fp8_reference, inline=True)
 register_canonical_op("rms_norm_fp8", rms_norm_fp8_reference, inline=True)
 register_canonical_op("silu_and_mul_fp8", silu_and_mul_fp8_reference, inline=True)

@@ -4,9 +4,11 @@ activation, where that kernel is fxllm's own (`quantization.fuse_activation_quan
 quantize_fp8 emits, in front of every `fxllm::fp8_gemm`, the activation quantization as ATen ops
 (quantize_activation traced) and marks its e4m3 node with the activation it reads (QUANT_INPUT_META).
 Where that activation is the normed output of `fxllm::fused_add_rms_norm` or the output of
-`fxllm::rms_norm` or `fxllm::silu_and_mul`, and nothing else reads it unquantized, this pass rewrites
+`fxllm::rms_norm`, `fxllm::silu_and_mul` or `fxllm::gelu_and_mul`, and nothing else reads it unquantized,
+this pass rewrites
     producer -> ATen quantization -> fp8_gemm   into   producer_fp8 -> fp8_gemm
-(`fxllm::fused_add_rms_norm_fp8`, `rms_norm_fp8`, `silu_and_mul_fp8`, fxllm/ops/fp8_fused.py), so the e4m3 row and
+(`fxllm::fused_add_rms_norm_fp8`, `rms_norm_fp8`, `silu_and_mul_fp8`, `gelu_and_mul_fp8`,
+fxllm/ops/fp8_fused.py), so the e4m3 row and
 its scale are written by the producer and the unquantized activation is never stored. Several GEMMs
 quantizing the same activation (unmerged q/k/v) share the one fused output. Left in ATen, for Inductor
 to fuse: quantizations of activations made by plain ATen ops or by other fxllm ops (the attention
@@ -58,15 +60,23 @@ _FUSED = {
     "norm": torch.ops.fxllm.fused_add_rms_norm_fp8,
     "rms": torch.ops.fxllm.rms_norm_fp8,
     "silu": torch.ops.fxllm.silu_and_mul_fp8,
+    "gelu": torch.ops.fxllm.gelu_and_mul_fp8,
 }
-_WHAT = {"norm": "add + RMSNorm -> e4m3", "rms": "RMSNorm -> e4m3", "silu": "SiLU-and-mul -> e4m3"}
+_WHAT = {
+    "norm": "add + RMSNorm -> e4m3",
+    "rms": "RMSNorm -> e4m3",
+    "silu": "SiLU-and-mul -> e4m3",
+    "gelu": "GeLU-and-mul -> e4m3",
+}
 
 
 def _producer(x: Node) -> tuple[str, Node] | None:
     """("norm", the fused_add_rms_norm node) when x is its normed output, ("rms", x) for rms_norm, ("silu",
-    x) for silu_and_mul."""
+    x) for silu_and_mul, ("gelu", x) for gelu_and_mul."""
     if is_op(x, torch.ops.fxllm.silu_and_mul.default):
         return "silu", x
+    if is_op(x, torch.ops.fxllm.gelu_and_mul.default):
+        return "gelu", x
     if is_op(x, torch.ops.fxllm.rms_norm.default):
         return "rms", x
     if x.target is operator.getitem and x.args[1] == 0:

@@ -143,6 +143,9 @@ def _register() -> bool:
                         supports=lambda site: supports(site) and len(site.args) >= 2 and quant_fused.norm_supported(site.args[0], None, site.args[1]))  # fmt: skip
     register_op_backend("silu_and_mul_fp8", BACKEND, quant_fused.silu_and_mul_fp8, priority=PRIORITY,
                         supports=lambda site: supports(site) and len(site.args) >= 2 and quant_fused.silu_supported(*site.args[:2]))  # fmt: skip
+    register_op_backend("gelu_and_mul_fp8", BACKEND, quant_fused.gelu_and_mul_fp8, priority=PRIORITY,
+                        supports=lambda site: supports(site) and len(site.args) >= 2 and quant_fused.silu_supported(*site.args[:2])
+                        and (len(site.args) < 3 or site.args[2] in ("none", "tanh")))  # fmt: skip
 
     def fp8_site(site: OpSite, check: Callable[..., bool]) -> bool:
         xq, x_scale, weight, weight_scale, _bias, out_dtype = site.args

@@ -1,5 +1,6 @@
 """Triton kernels that write the FP8 activation directly: `fxllm::fused_add_rms_norm_fp8`,
-`fxllm::rms_norm_fp8` and `fxllm::silu_and_mul_fp8` (fxllm/ops/fp8_fused.py has the semantics).
+`fxllm::rms_norm_fp8`, `fxllm::silu_and_mul_fp8` and `fxllm::gelu_and_mul_fp8` (fxllm/ops/fp8_fused.py has
+the semantics).
 
 Each is its unquantized kernel (norms.py, activations.py: the same operations in the same order, so the
 normed / activated row is bit for bit what they store) followed, in registers, by quantize_activation:
@@ -10,7 +11,7 @@ unfused Inductor-compiled quantization may put a value one e4m3 step away where 
 within ~2 ulp of a rounding boundary (rare; benchmarks/gpu_fp8.py's fused_quant section counts them).
 The e4m3 row is written once: the bf16 activation the unfused path wrote and read back is never stored.
 
-SiLU-and-mul needs the row's amax before it can write any e4m3 value and its rows are long (Llama-3.1-8B:
+A gated activation (SiLU- or GeLU-and-mul) needs the row's amax before it can write any e4m3 value and its rows are long (Llama-3.1-8B:
 14,336), so one program takes a row: up to ONE_PASS_MAX columns it holds the row in registers (one read);
 wider, it walks the row twice in chunks: pass 1 the amax, pass 2 recomputes and writes (the second read of
 gate/up mostly hits L2). The norm holds its row in registers (norms.py's tiling), so it reads once.
@@ -101,14 +102,22 @@ def _add_rms_norm_fp8_kernel(
 
 
 @triton.jit
-def _silu_mul(g_ptrs, u_ptrs, mask, ROUND: tl.constexpr):
+def _act_mul(g_ptrs, u_ptrs, mask, ACT: tl.constexpr, ROUND: tl.constexpr):
+    """activations.py's act(gate) * up (0 silu, 1 erf gelu, 2 tanh gelu), then one rounding."""
     g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptrs, mask=mask, other=0.0).to(tl.float32)
-    return _round_to((g / (1.0 + tl.exp(-g))) * u, ROUND)  # activations.py's silu, then one rounding
+    if ACT == 0:
+        a = g / (1.0 + tl.exp(-g))
+    elif ACT == 1:
+        a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+    else:
+        y = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        a = g / (1.0 + tl.exp(-2.0 * y))
+    return _round_to(a * u, ROUND)
 
 
 @triton.jit
-def _silu_and_mul_fp8_kernel(
+def _gated_fp8_kernel(
     g_ptr,
     u_ptr,
     q_ptr,
@@ -117,6 +126,7 @@ def _silu_and_mul_fp8_kernel(
     stride_g,
     stride_u,
     stride_q,
+    ACT: tl.constexpr,
     ROUND: tl.constexpr,
     QMAX: tl.constexpr,
     MIN_S: tl.constexpr,
@@ -128,7 +138,7 @@ def _silu_and_mul_fp8_kernel(
     if ONE_PASS:
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
-        v = _silu_mul(g_row + cols, u_row + cols, mask, ROUND)
+        v = _act_mul(g_row + cols, u_row + cols, mask, ACT, ROUND)
         scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(v), axis=0), QMAX), MIN_S)
         tl.store(s_ptr + row, scale)
         _quantize(v, scale, q_row + cols, mask, QMAX)
@@ -137,13 +147,15 @@ def _silu_and_mul_fp8_kernel(
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
-            amax = tl.maximum(amax, tl.abs(_silu_mul(g_row + cols, u_row + cols, mask, ROUND)))  # masked: 0
+            amax = tl.maximum(
+                amax, tl.abs(_act_mul(g_row + cols, u_row + cols, mask, ACT, ROUND))
+            )  # masked: 0
         scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), QMAX), MIN_S)
         tl.store(s_ptr + row, scale)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
-            _quantize(_silu_mul(g_row + cols, u_row + cols, mask, ROUND), scale, q_row + cols, mask, QMAX)
+            _quantize(_act_mul(g_row + cols, u_row + cols, mask, ACT, ROUND), scale, q_row + cols, mask, QMAX)
 
 
 def _outputs(like: Tensor) -> tuple[Tensor, Tensor]:
@@ -221,10 +233,12 @@ def rms_norm_fp8(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]
     return _launch_norm(x, None, weight, eps, None)
 
 
-def silu_and_mul_fp8(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
-    """Triton (e4m3 silu(gate) * up, per-token scale); gate and up may be strided slices of one GEMM output."""
+_ACTS = {"silu": 0, "none": 1, "tanh": 2}  # activations.py's codes
+
+
+def _gated_fp8(gate: Tensor, up: Tensor, act: str, name: str) -> tuple[Tensor, Tensor]:
     if gate.shape != up.shape or not silu_supported(gate, up):
-        raise ValueError(f"silu_and_mul_fp8: unsupported operands {tuple(gate.shape)} {gate.dtype} / "
+        raise ValueError(f"{name}: unsupported operands {tuple(gate.shape)} {gate.dtype} / "
                          f"{tuple(up.shape)} {up.dtype}; the lowering checks silu_supported")  # fmt: skip
     out_dtype = torch.promote_types(gate.dtype, up.dtype)
     q, scale = _outputs(gate)
@@ -237,8 +251,20 @@ def silu_and_mul_fp8(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     one_pass = width <= ONE_PASS_MAX
     block = width if one_pass else min(_CHUNK, width)
     num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
-    _silu_and_mul_fp8_kernel[(g2.shape[0],)](
-        g2, u2, q2, scale.view(-1), n_cols, g2.stride(0), u2.stride(0), q2.stride(0),
+    _gated_fp8_kernel[(g2.shape[0],)](
+        g2, u2, q2, scale.view(-1), n_cols, g2.stride(0), u2.stride(0), q2.stride(0), ACT=_ACTS[act],
         ROUND=_ROUND[out_dtype], QMAX=FP8_MAX, MIN_S=MIN_SCALE, BLOCK=block, ONE_PASS=one_pass, num_warps=num_warps,
     )  # fmt: skip
     return q, scale
+
+
+def silu_and_mul_fp8(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    """Triton (e4m3 silu(gate) * up, per-token scale); gate and up may be strided slices of one GEMM output."""
+    return _gated_fp8(gate, up, "silu", "silu_and_mul_fp8")
+
+
+def gelu_and_mul_fp8(gate: Tensor, up: Tensor, approximate: str = "none") -> tuple[Tensor, Tensor]:
+    """Triton (e4m3 gelu(gate, approximate) * up, per-token scale); approximate "none" (erf) or "tanh"."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu_and_mul_fp8: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return _gated_fp8(gate, up, approximate, "gelu_and_mul_fp8")
