@@ -147,9 +147,9 @@ def eagle3_main(args: argparse.Namespace) -> int:
     name = "tiny-llama" if args.smoke else "llama-3.1-8b"
     target_config = preset_config(name)
     folder = Path(tempfile.mkdtemp(prefix="eagle3-head-"))
-    head = write_random_head(
-        folder, target_config, draft_vocab_size=min(32000, int(target_config.vocab_size))
-    )
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    head = write_random_head(folder, target_config, draft_vocab_size=min(32000, int(target_config.vocab_size)),
+                             dtype=dtype)  # fmt: skip
     base = (
         ["model.model=tiny-llama", "model.device=cpu", "model.dtype=float32", "compile.backend=eager"]
         if args.smoke

@@ -197,7 +197,9 @@ def test_smollm2_greedy_equals_plain() -> None:
                 f"speculative.model={head}",
                 "speculative.min_acceptance_rate=0",
             ]
-            config = load_config(None, ["model.dtype=float32", *(extra if spec else [])])
+            config = load_config(
+                None, ["model.dtype=float32", "compile.backend=eager", *(extra if spec else [])]
+            )
             llm = LLM(copy.deepcopy(loaded.model), config=config, tokenizer=tok)
             outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
             if spec:
@@ -205,3 +207,19 @@ def test_smollm2_greedy_equals_plain() -> None:
                 assert llm.engine.speculator.stats.draft_tokens > 0  # type: ignore[union-attr]
             llm.shutdown()
     assert outs[0] == outs[1]
+
+
+def test_stopped_requests_leave_the_head_alone(parts) -> None:
+    """A request that stops speculating for low acceptance is no longer caught up by the head (its KV is never
+    read again); its output still equals plain decoding."""
+    requests = [(PROMPTS[0], GREEDY)]
+    plain = run(make_engine(parts, False), requests)
+    engine = make_engine(
+        parts, True, "speculative.min_acceptance_rate=0.9", "speculative.min_acceptance_window=4"
+    )
+    before = proposer(engine).num_caught_up  # warm-up rows
+    assert run(engine, requests) == plain
+    assert engine.speculator.stats.requests_disabled == 1  # type: ignore[union-attr]
+    # Caught up: the prompt, then a few rows before the switch (window 4 = one verify step); without the
+    # skip it would be the prompt plus all 23 further tokens.
+    assert proposer(engine).num_caught_up - before < len(PROMPTS[0]) + 8

@@ -157,6 +157,16 @@ class SpeculativeDecoder:
         metrics = request.metrics
         return not self._low_acceptance(metrics.spec_draft_tokens, metrics.spec_accepted_tokens)
 
+    def stopped(self, request: Request) -> bool:
+        """Whether `request` will never speculate again (penalties, logprobs, or low acceptance): a drafter
+        with per-sequence state (EAGLE-3's head KV) may stop maintaining it."""
+        params, metrics = request.params, request.metrics
+        return (
+            params.has_penalties
+            or params.logprobs is not None
+            or self._low_acceptance(metrics.spec_draft_tokens, metrics.spec_accepted_tokens)
+        )
+
     def _low_acceptance(self, drafted: int, accepted: int) -> bool:
         rate = self.config.min_acceptance_rate
         return rate > 0 and drafted >= self.config.min_acceptance_window and accepted < rate * drafted

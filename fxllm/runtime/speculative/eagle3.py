@@ -160,9 +160,14 @@ class Eagle3Proposer:
         starts = [0]
         # (seq_id, row) of the sequences whose last row is their last known token: they get a first draft
         ends: list[tuple[int, int]] = []
+        speculator = engine.speculator
         for seq_id, start, first, count in inputs.chunks:
             seq = running.get(seq_id)
-            if seq is None:
+            entry = engine._by_seq.get(seq_id)
+            if seq is None or entry is None:
+                continue
+            if speculator is not None and speculator.stopped(entry[0]):
+                self.states.pop(seq_id, None)  # never drafts again: its head KV is not kept up
                 continue
             last = min(first + count, seq.num_computed_tokens, seq.num_tokens - 1)  # exclusive
             if last <= first:

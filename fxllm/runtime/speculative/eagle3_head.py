@@ -102,7 +102,13 @@ def read_head_weights(folder: str | Path) -> dict[str, Tensor]:
         tensors = torch.load(root / "pytorch_model.bin", map_location="cpu", weights_only=True)
     else:
         raise ValueError(f"speculative.model={folder}: no *.safetensors or pytorch_model.bin")
-    return tensors
+    return {_canonical_name(name): tensor for name, tensor in tensors.items()}
+
+
+def _canonical_name(name: str) -> str:
+    """Names of re-packaged heads (`model.` prefix, `layers.0.` for the one layer) in the original layout."""
+    name = name.removeprefix("model.")
+    return "midlayer." + name.removeprefix("layers.0.") if name.startswith("layers.0.") else name
 
 
 def _rms(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -224,6 +230,7 @@ def write_random_head(
     draft_vocab_size: int | None = None,
     seed: int = 0,
     std: float = 0.02,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Write a random-weight EAGLE-3 head for `target_config` (an HF config) in the public layout (tests,
     benchmarks: no hub download). The draft vocabulary is the target's first `draft_vocab_size` ids spread
@@ -265,7 +272,8 @@ def write_random_head(
         "d2t": targets - torch.arange(draft_vocab),
         "t2d": t2d,
     }
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(root / "model.safetensors"))
+    floats = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    save_file({k: v.contiguous() for k, v in floats.items()}, str(root / "model.safetensors"))
     rope = getattr(target_config, "rope_parameters", None) or {}
     config = {
         "architectures": [ARCHITECTURE],
