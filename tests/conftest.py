@@ -6,6 +6,12 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from model_fixtures import first_layers
+
+from fxllm.models import LoadedModel, load_model
+
+# SmolLM2's first layers: every kind of node in the graph, a seventh of the capture and compile time.
+SMOLLM2_SHORT_LAYERS = 4
 
 
 @pytest.fixture
@@ -22,3 +28,17 @@ def native_op() -> Callable[[str], torch._ops.OpOverload]:
         return op
 
     return get
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> LoadedModel:
+    """The embedded SmolLM2, de-quantized from its GGUF once per session (~6 s per load) and shared: read it
+    (HF generate, its tokenizer) but hand an LLM a `copy.deepcopy` of the model, never the model itself."""
+    return load_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_short(smollm2: LoadedModel) -> LoadedModel:
+    """SmolLM2 cut to its first SMOLLM2_SHORT_LAYERS layers (real weights, vocabulary and tokenizer), shared
+    per session like `smollm2`: deepcopy the model before building an LLM on it."""
+    return first_layers(smollm2, SMOLLM2_SHORT_LAYERS)

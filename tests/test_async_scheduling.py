@@ -17,7 +17,7 @@ import torch
 
 from fxllm.config import load_config
 from fxllm.llm import LLM
-from fxllm.models import load_model
+from fxllm.models import LoadedModel, load_model
 from fxllm.runtime.engine import Engine
 from fxllm.runtime.sampling_params import RequestOutputKind, SamplingParams
 from fxllm.runtime.step_inputs import PENDING_TOKEN
@@ -50,8 +50,8 @@ class Stream:
 
 
 @pytest.fixture(scope="module")
-def parts() -> tuple[torch.nn.Module, Any]:
-    tokenizer = load_model("smollm2").tokenizer  # decodes the tiny model's ids (< 512) into real text
+def parts(smollm2: LoadedModel) -> tuple[torch.nn.Module, Any]:
+    tokenizer = smollm2.tokenizer  # decodes the tiny model's ids (< 512) into real text
     return load_model(PRESET).model, tokenizer
 
 

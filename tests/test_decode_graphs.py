@@ -11,11 +11,9 @@ import copy
 
 import pytest
 import torch
-from model_fixtures import first_layers
 
 from fxllm.config import load_config
 from fxllm.llm import LLM
-from fxllm.models import load_model
 from fxllm.passes.runtime_signature import RuntimeSignature
 from fxllm.runtime.builder import decode_bucket_sizes
 from fxllm.runtime.cuda_graphs import DecodeGraphs
@@ -33,10 +31,10 @@ MAX_NEW = 20
 
 
 @pytest.fixture(scope="module")
-def hf():
-    """SmolLM2's first 4 layers: the padding and bucket logic does not depend on depth, capture and
-    passes take a seventh of the time."""
-    return first_layers(load_model("smollm2"), 4)
+def hf(smollm2_short):
+    """SmolLM2's first 4 layers (conftest.py, shared; engines build on deepcopies): the padding and bucket
+    logic does not depend on depth, capture and passes take a seventh of the time."""
+    return smollm2_short
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,9 @@ import copy
 
 import pytest
 import torch
-from model_fixtures import first_layers
 
 from fxllm.config import load_config
 from fxllm.llm import LLM
-from fxllm.models import load_model
 from fxllm.runtime.sampling_params import SamplingParams
 from fxllm.runtime.scheduler import MaxUtilizationScheduler, register_scheduler
 
@@ -58,8 +56,9 @@ CHAT = [
 
 
 @pytest.fixture(scope="module")
-def hf():
-    return load_model("smollm2")
+def hf(smollm2):
+    """The session's shared SmolLM2 (conftest.py): `_llm` builds on a deepcopy."""
+    return smollm2
 
 
 @pytest.fixture(scope="module")
@@ -119,14 +118,11 @@ def test_greedy_matches_hf(hf, default_llm, prompts, expected, name: str) -> Non
         assert max(len(p) for p in prompts) > 48  # at least one prompt was split into chunks
 
 
-INDUCTOR_LAYERS = 4  # Inductor's compile time grows with the graph: SmolLM2's first 4 of 30 layers
-
-
 @pytest.fixture(scope="module")
-def hf_short(hf):
-    """SmolLM2 cut to its first INDUCTOR_LAYERS layers (its real weights, vocabulary and tokenizer): the
-    graph Inductor compiles is 7x smaller, every kind of node is still in it."""
-    return first_layers(hf, INDUCTOR_LAYERS)
+def hf_short(smollm2_short):
+    """SmolLM2 cut to its first 4 layers (conftest.py; its real weights, vocabulary and tokenizer): Inductor's
+    compile time grows with the graph, 7x smaller here, and every kind of node is still in it."""
+    return smollm2_short
 
 
 def test_inductor_backend_matches_hf(hf_short, prompts) -> None:

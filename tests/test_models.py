@@ -29,8 +29,9 @@ PROMPT = torch.tensor([[5, 17, 42, 99, 3, 7, 250, 11]])
 
 
 @pytest.fixture(scope="module")
-def embedded() -> LoadedModel:
-    return load_model("smollm2")
+def embedded(smollm2: LoadedModel) -> LoadedModel:
+    """The session's shared SmolLM2 (conftest.py), loaded by `load_model("smollm2")`: read, never modified."""
+    return smollm2
 
 
 def _greedy(lm: LoadedModel, ids: torch.Tensor, n: int) -> list[int]:

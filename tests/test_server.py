@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import time
 from collections.abc import Iterator
@@ -12,12 +13,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from model_fixtures import first_layers
 from server_fixtures import uvicorn_on_loopback
 
 from fxllm.config import FxllmConfig, config_from_dict
 from fxllm.llm import LLM
-from fxllm.models import load_model
+from fxllm.models import LoadedModel
 from fxllm.runtime.outputs import CompletionOutput
 from fxllm.runtime.sampling_params import SamplingParams
 from fxllm.serve.server import create_app
@@ -56,15 +56,15 @@ def _config(**server: Any) -> FxllmConfig:
 
 
 @pytest.fixture(scope="module")
-def served() -> Iterator[Served]:
+def served(smollm2_short: LoadedModel) -> Iterator[Served]:
     """Load smollm2, record greedy answers with the sync API, then serve it on a free loopback port.
 
     SmolLM2's first LAYERS layers (its real weights, vocabulary and chat template): every test compares the
     server with the LLM API on the same engine, so depth adds nothing but 7x the capture and step time."""
     config = _config()
     assert config.model.model == MODEL  # the name the server serves
-    loaded = first_layers(load_model(MODEL), LAYERS)
-    llm = LLM(loaded.model, config=config, tokenizer=loaded.tokenizer)
+    assert smollm2_short.config.num_hidden_layers == LAYERS  # shared per session (conftest.py)
+    llm = LLM(copy.deepcopy(smollm2_short.model), config=config, tokenizer=smollm2_short.tokenizer)
     greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
     expected = {p: o.outputs[0].text for p, o in zip(PROMPTS, llm.generate(PROMPTS, greedy))}
     expected_chat = llm.chat(CHAT, greedy)[0].outputs[0]

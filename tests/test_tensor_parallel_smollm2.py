@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from model_fixtures import first_layers, save_hf_folder
+from model_fixtures import save_hf_folder
 
 from fxllm import LLM, SamplingParams
-from fxllm.models import load_model
+from fxllm.models import LoadedModel
 
 LAYERS = 4
 OVERRIDES = ["compile.backend=eager", "cache.num_blocks=32", "scheduler.max_num_seqs=2"]
@@ -29,8 +29,9 @@ def _run(llm: LLM) -> tuple[list[list[int]], list[list[dict[int, float]]]]:
 
 
 @pytest.mark.slow  # four builds (TP=1 and three ranks) of a 4-layer SmolLM2, three of them in spawned ranks
-def test_smollm2_tp3_equals_tp1(tmp_path: Path) -> None:
-    folder = save_hf_folder(first_layers(load_model("smollm2"), LAYERS), tmp_path / "smollm2")
+def test_smollm2_tp3_equals_tp1(smollm2_short: LoadedModel, tmp_path: Path) -> None:
+    assert smollm2_short.config.num_hidden_layers == LAYERS  # shared per session (conftest.py)
+    folder = save_hf_folder(smollm2_short, tmp_path / "smollm2")
     reference = LLM(folder, overrides=OVERRIDES)
     assert reference.info.pass_report.matches("shard_tp") == 0
     expected = _run(reference)
