@@ -93,7 +93,7 @@ def start_once(overrides: list[str], cache_dir: Path, timeout_s: float, log: Pat
 def table(rows: list[tuple[str, dict[str, Any]]]) -> str:
     """One line per start: the breakdown in seconds."""
     head = f"{'start':<8}{'ready':>8}{'import':>8}{'load':>8}{'capture':>9}{'passes':>8}{'cache':>7}"
-    head += f"{'compile':>9}{'graphs':>8}  {'graph':<10}cache"
+    head += f"{'compile':>9}{'graphs':>8}  {'graph':<12}cache"
     lines = [head]
     for label, r in rows:
         if "error" in r:
@@ -104,7 +104,7 @@ def table(rows: list[tuple[str, dict[str, Any]]]) -> str:
         lines.append(
             f"{label:<8}{r['ready_s']:>8.1f}{r['import_s']:>8.1f}{r['load_s']:>8.1f}{r['capture_s']:>9.1f}"
             f"{r['passes_s']:>8.1f}{r['cache_s']:>7.1f}{r['warmup_s']:>9.1f}{r['cuda_graphs_s']:>8.1f}  "
-            f"{r.get('compiled', '?') + '/' + str(r.get('num_compiles')):<10}{r['cache'][:60]}"
+            f"{r.get('compiled', '?') + '/' + str(r.get('num_compiles')):<12}{r['cache'][:60]}"
         )
     return "\n".join(lines)
 
