@@ -86,9 +86,27 @@ def _producer(x: Node) -> tuple[str, Node] | None:
     return None
 
 
+_LAYOUT_OPS = {"view", "_unsafe_view", "reshape", "transpose", "permute", "contiguous", "clone", "squeeze",
+               "unsqueeze", "flatten"}  # fmt: skip
+
+
+def _name(node: Node) -> str:
+    target = (
+        node.args[0].target
+        if node.target is operator.getitem and isinstance(node.args[0], Node)
+        else node.target
+    )
+    return getattr(target, "__name__", str(target)) if node.op == "call_function" else node.op
+
+
 def _describe(x: Node) -> str:
-    target = x.args[0].target if x.target is operator.getitem and isinstance(x.args[0], Node) else x.target
-    return getattr(target, "__name__", str(target)) if x.op == "call_function" else x.op
+    """What made x, seen through layout ops: "attention.default (via reshape)" for an attention output."""
+    node, steps = x, 0
+    while node.op == "call_function" and _name(node).split(".")[0] in _LAYOUT_OPS and steps < 8:
+        if not node.args or not isinstance(node.args[0], Node):
+            break
+        node, steps = node.args[0], steps + 1
+    return _name(x) if node is x else f"{_name(node)} (via {_name(x).split('.')[0]})"
 
 
 def _replace_producer(gm: GraphModule, kind: str, producer: Node) -> tuple[Node, Node]:
