@@ -27,7 +27,12 @@ from fxllm.passes.expose_hidden_states import default_layer_ids
 from fxllm.runtime.engine import Engine
 from fxllm.runtime.sampling_params import SamplingParams
 from fxllm.runtime.speculative.eagle3 import Eagle3Proposer
-from fxllm.runtime.speculative.eagle3_head import read_head_config, read_head_weights, write_random_head
+from fxllm.runtime.speculative.eagle3_head import (
+    Eagle3Head,
+    read_head_config,
+    read_head_weights,
+    write_random_head,
+)
 
 KV_ATOL = 1e-4  # see the module docstring
 
@@ -223,3 +228,53 @@ def test_stopped_requests_leave_the_head_alone(parts) -> None:
     # Caught up: the prompt, then a few rows before the switch (window 4 = one verify step); without the
     # skip it would be the prompt plus all 23 further tokens.
     assert proposer(engine).num_caught_up - before < len(PROMPTS[0]) + 8
+
+
+def test_head_matches_hugging_face_modules(parts) -> None:
+    """The head's forward over a fresh paged cache equals the public EAGLE-3 layer assembled from Hugging Face's
+    Llama modules (attention over 2H inputs, o_proj back to H, MLP, norms, RoPE), causal over 7 rows."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import (
+        LlamaAttention,
+        LlamaMLP,
+        LlamaRMSNorm,
+        LlamaRotaryEmbedding,
+    )
+
+    model, _, folder = parts
+    config, weights = read_head_config(folder), read_head_weights(folder)
+    embedding = model.get_input_embeddings().weight.detach()
+    head = Eagle3Head(config, weights, embedding)
+    h, n = config.hidden_size, 7
+    gen = torch.Generator().manual_seed(3)
+    tokens, target = torch.randint(0, 512, (n,), generator=gen), torch.randn(n, 3 * h, generator=gen)
+    cache = torch.zeros(2, 16, config.num_key_value_heads, config.head_dim)
+    v_cache = torch.zeros_like(cache)
+    got = head(tokens, target, torch.arange(n), torch.ops.fxllm.paged_attention.default, cache, v_cache,
+               16 + torch.arange(n), torch.tensor([[1]], dtype=torch.int32), torch.tensor([n], dtype=torch.int32),
+               torch.tensor([0, n], dtype=torch.int32))  # fmt: skip
+    known = {k: v for k, v in config.raw.items() if k not in ("architectures", "eagle_config")}
+    hf = LlamaConfig(**{**known, "hidden_size": 2 * h})  # the attention reads [embedding | hidden]
+    hf._attn_implementation = "eager"
+    attn = LlamaAttention(hf, layer_idx=0)
+    attn.o_proj = torch.nn.Linear(config.num_attention_heads * config.head_dim, h, bias=False)
+    mlp = LlamaMLP(LlamaConfig(**known))
+    norms = {name: LlamaRMSNorm(h, eps=config.rms_norm_eps) for name in ("input", "hidden", "post")}
+    with torch.no_grad():
+        for proj in ("q", "k", "v", "o"):
+            getattr(attn, f"{proj}_proj").weight.copy_(weights[f"midlayer.self_attn.{proj}_proj.weight"])
+        for proj in ("gate", "up", "down"):
+            getattr(mlp, f"{proj}_proj").weight.copy_(weights[f"midlayer.mlp.{proj}_proj.weight"])
+        for name, key in (
+            ("input", "input_layernorm"),
+            ("hidden", "hidden_norm"),
+            ("post", "post_attention_layernorm"),
+        ):
+            norms[name].weight.copy_(weights[f"midlayer.{key}.weight"])
+        hidden = target @ weights["fc.weight"].T
+        x = torch.cat([norms["input"](embedding[tokens]), norms["hidden"](hidden)], dim=-1)[None]
+        rope = LlamaRotaryEmbedding(LlamaConfig(**known))(x, torch.arange(n)[None])
+        mask = torch.full((n, n), float("-inf")).triu(1)[None, None]
+        out = hidden + attn(x, rope, mask)[0][0]
+        expected = out + mlp(norms["post"](out))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
