@@ -125,6 +125,16 @@ class StandaloneGraph:
         """Inductor compiles so far (0 when the artifact was loaded)."""
         return self._num_compiles + (self._dynamo.num_compiles if self._dynamo is not None else 0)
 
+    @property
+    def guards_frozen(self) -> bool:
+        """No Dynamo guard is checked per call (none exist, or those of the Dynamo fallback are frozen)."""
+        return self._dynamo is None or bool(self._dynamo.guards_frozen)
+
+    @property
+    def num_unfrozen(self) -> int:
+        """Calls that turned Dynamo's guard checks back on (only in the Dynamo fallback)."""
+        return int(self._dynamo.num_unfrozen) if self._dynamo is not None else 0
+
     def freeze_guards(self) -> None:
         """Nothing to freeze without Dynamo; passed on where the graph went through Dynamo."""
         if self._dynamo is not None:
