@@ -138,7 +138,8 @@ class ModelRunner:
         if self.decode_graphs is not None and self.decode_graphs.accepts(inputs):
             logits = self.decode_graphs.run(inputs)
             if self.returns_hidden:  # decode / verify buckets sample every token: rows are the step's tokens
-                logits, hidden = logits[:, : -self.hidden_width], logits[:, -self.hidden_width :]
+                # contiguous: the sampler's kernels may take the logits as a dense [N, V] tensor
+                logits, hidden = logits[:, : -self.hidden_width].contiguous(), logits[:, -self.hidden_width :]
                 self.last_hidden = (inputs, hidden)
             return logits
         args = self.signature.arguments(inputs.named_args(), self._cache_by_name)
