@@ -235,12 +235,12 @@ def lowering_table(gm: GraphModule) -> str:
     decisions = lowering_decisions(gm)
     if not decisions:
         return "lowering: no canonical op nodes were lowered (lower_ops disabled or nothing matched)"
-    lines = [f"{'op':<22}{'implementation':<40}{'nodes':>6}  why"]
+    lines = [f"{'op':<24}{'implementation':<40}{'nodes':>6}  why"]
     groups = Counter((d.op, d.target, d.reason) for d in decisions)
     for (op, target, reason), count in groups.items():
-        lines.append(f"{op:<22}{target:<40}{count:>6}  {reason}")
+        lines.append(f"{op:<24}{target:<40}{count:>6}  {reason}")
     lines += ["", "per node:"]
-    lines += [f"  {d.node:<32}{d.op:<22}{d.target}" for d in decisions]
+    lines += [f"  {d.node:<32}{d.op:<24}{d.target}" for d in decisions]
     return "\n".join(lines)
 
 
