@@ -53,11 +53,15 @@ SMOKE_BASE = ["model.model=tiny-llama", "model.device=cpu", "compile.backend=eag
 # mode -> (overrides, the decode kernel writes this step's k/v); the smoke run forces the fusion onto the CPU
 # reference path. "baseline" is the state before issue 14's attention fusions: RoPE kernel + KV write kernel.
 # "fused+pdl" adds programmatic dependent launch on the decode and combine kernels (experimental, off by default).
-MODES: dict[str, tuple[list[str], bool, bool]] = {
-    "fused": (["compile.passes.fuse_rope_attention.enabled=true"], True, False),
-    "unfused": (["compile.passes.fuse_rope_attention=false"], True, False),
-    "baseline": (["compile.passes.fuse_rope_attention=false"], False, False),
-    "fused+pdl": (["compile.passes.fuse_rope_attention.enabled=true"], True, True),
+# mode -> config overrides. The attention launch variant is an op backend chosen per node
+# (fxllm/backends/triton/paged_attention.py VARIANTS), named here through compile.op_backends.
+_SEPARATE_WRITE = "compile.op_backends={paged_attention: triton_separate_write, paged_attention_rope: triton_separate_write}"
+_PDL = "compile.op_backends={paged_attention: triton_pdl, paged_attention_rope: triton_pdl}"
+MODES: dict[str, list[str]] = {
+    "fused": ["compile.passes.fuse_rope_attention.enabled=true"],
+    "unfused": ["compile.passes.fuse_rope_attention=false"],
+    "baseline": ["compile.passes.fuse_rope_attention=false", _SEPARATE_WRITE],
+    "fused+pdl": ["compile.passes.fuse_rope_attention.enabled=true", _PDL],
 }
 
 
@@ -110,15 +114,11 @@ def _kernels(graph: Any, replays: int = 20) -> dict[str, Any]:
 
 def measure(mode: str, base: list[str], smoke: bool) -> tuple[dict[str, Any], list[int]]:
     """Build the engine for `mode`, measure it, shut it down; (results, greedy tokens)."""
-    overrides, write_in_decode, pdl = MODES[mode]
-    extra = list(overrides)
+    extra = list(MODES[mode])
     if smoke and mode.startswith("fused"):
         extra.append("compile.passes.fuse_rope_attention.options.force=true")
-    from fxllm.backends.triton import paged_attention
-
-    # Read when the kernels launch, i.e. when the decode graphs are captured during the build.
-    paged_attention.WRITE_KV_IN_DECODE = write_in_decode
-    paged_attention.PDL_IN_DECODE = pdl and not smoke
+    if smoke and mode == "fused+pdl":  # PDL launches need a GPU: the smoke run checks the default launch
+        extra.remove(_PDL)
     start = time.perf_counter()
     llm = LLM(config=load_config(None, [*base, *extra]))
     info = llm.info
@@ -127,8 +127,8 @@ def measure(mode: str, base: list[str], smoke: bool) -> tuple[dict[str, Any], li
         "fused_layers": info.pass_report.matches("fuse_rope_attention"),
         "attention_layers": info.pass_report.matches("insert_cached_attention"),
         "op_backends": dict(info.op_backends),
-        "kv_write_in_decode_kernel": write_in_decode,
-        "pdl_decode_combine": pdl,
+        "attention_backend": info.op_backends.get("paged_attention_rope")
+        or info.op_backends.get("paged_attention"),
     }
     vocab = llm.engine.vocab_size
     params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
@@ -141,7 +141,6 @@ def measure(mode: str, base: list[str], smoke: bool) -> tuple[dict[str, Any], li
         result["replay_ms"] = _replay_ms(graph)
         result.update(_kernels(graph))
     llm.shutdown()
-    paged_attention.WRITE_KV_IN_DECODE, paged_attention.PDL_IN_DECODE = True, False
     del llm
     gc.collect()
     if torch.cuda.is_available():
@@ -190,19 +189,16 @@ def kernel_check(small: bool) -> dict[str, Any]:
         out[name] = {"rel_err_vs_reference": err, "ok": err < 1e-2,
                      "max_abs_diff_vs_unfused": float((fused - unfused).abs().max())}  # fmt: skip
         if not small and q_lens == [1] * len(q_lens):  # PDL launches: the same kernels, so the same bits
-            paged_attention.PDL_IN_DECODE = True
             try:
                 pdl = torch.empty_like(fused)
                 for _ in range(20):  # a race would show as a difference in some of the runs
                     paged_attention.paged_attention_out(c.q, c.k, c.v, c.k_cache.clone(), c.v_cache.clone(), *meta,
-                                                        *tail, pdl, cos=cos, sin=sin)  # fmt: skip
+                                                        *tail, pdl, cos=cos, sin=sin, pdl=True)  # fmt: skip
                     out[name]["pdl_equal"] = out[name].get("pdl_equal", True) and bool(
                         torch.equal(pdl, fused)
                     )
             except Exception as exc:  # experimental: report it, do not stop the benchmark
                 out[name]["pdl_error"] = repr(exc)[:300]
-            finally:
-                paged_attention.PDL_IN_DECODE = False
     return out
 
 

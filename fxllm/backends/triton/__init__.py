@@ -9,6 +9,7 @@ run the same kernel functions on CPU tensors through Triton's interpreter (TRITO
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -130,6 +131,15 @@ def _register() -> bool:
     }
     for op, fn in kernels.items():
         register_op_backend(op, BACKEND, fn, supports=supports, priority=PRIORITY)
+    # The attention kernels' launch variants other than the default (paged_attention.VARIANTS): only where
+    # compile.op_backends names them, e.g. {paged_attention_rope: triton_separate_write}.
+    for variant, knobs in paged_attention.VARIANTS.items():
+        if variant == BACKEND:
+            continue
+        for op in ("paged_attention", "paged_attention_rope"):
+            register_op_backend(
+                op, variant, functools.partial(kernels[op], **knobs), supports=supports, priority=0
+            )
     # Only where named (compile.op_backends: {linear: triton}): inside CUDA graphs on the H100 cuBLAS
     # already streams Llama-3.1-8B's weights at 2.5-2.9 TB/s at M = 1 and the GEMV measured 0.84-1.0x of
     # it (benchmarks/gpu_gemv.py, RESULTS.md), so by default the reference (aten.linear, cuBLAS) runs.

@@ -55,12 +55,17 @@ logger = logging.getLogger(__name__)
 
 
 _MAX_SPLITS = 64
-# Decode: the decode kernel writes this step's k/v itself, one launch fewer per layer and step. Not a config
-# option: benchmarks/gpu_decode_kernels.py sets it False to measure the separate write kernel (the old path).
-WRITE_KV_IN_DECODE = True
-# Experimental, off: launch the decode and combine kernels with programmatic dependent launch (sm_90+; see
-# docs/kernels.md). benchmarks/gpu_decode_kernels.py's mode "fused+pdl" measures it.
-PDL_IN_DECODE = False
+# Launch variants, each an op backend of its own (fxllm/backends/triton/__init__.py), so which one runs is
+# the lowering's per-node choice, visible in `fxllm compile --explain`, never a process-wide switch:
+# "triton" (default): the decode kernel writes this step's k/v itself (one launch fewer per layer and step);
+# "triton_separate_write": the separate KV write kernel first (the path before; benchmarks compare);
+# "triton_pdl": experimental, decode and combine launched with programmatic dependent launch (sm_90+,
+# docs/kernels.md). The last two run only where compile.op_backends names them.
+VARIANTS: dict[str, dict[str, bool]] = {
+    "triton": {"write_in_decode": True, "pdl": False},
+    "triton_separate_write": {"write_in_decode": False, "pdl": False},
+    "triton_pdl": {"write_in_decode": True, "pdl": True},
+}
 _DOT_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -138,13 +143,13 @@ def paged_attention_out(
     *, num_splits: int | None = None, block_m: int | None = None, block_n: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None,
     k_scale: Tensor | None = None, v_scale: Tensor | None = None,
-    cos: Tensor | None = None, sin: Tensor | None = None, write_in_decode: bool | None = None,
+    cos: Tensor | None = None, sin: Tensor | None = None, write_in_decode: bool = True, pdl: bool = False,
 ) -> None:  # fmt: skip
     """Write k/v into the caches, then paged attention into `out` [T, Hq, Dv]; launch knobs overridable.
 
     With cos/sin ([T, D], see `rope_supported`) q and k are RoPE-rotated in-kernel first (the fused op). On the
-    decode path the decode kernel writes this step's k/v itself unless `write_in_decode` (default
-    WRITE_KV_IN_DECODE) is False."""
+    decode path the decode kernel writes this step's k/v itself unless `write_in_decode` is False; `pdl`
+    launches decode and combine with programmatic dependent launch (see VARIANTS)."""
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     head_dim_v = v_cache.shape[-1]
@@ -168,7 +173,7 @@ def paged_attention_out(
     (ks, sks), (vs, svs) = (_scale_args(s, q, num_kv_heads) for s in (k_scale, v_scale))
     rope = cos is not None
     rope_args = _rope_args(cos, sin, q)
-    write_in_decode = decode and (WRITE_KV_IN_DECODE if write_in_decode is None else write_in_decode)
+    write_in_decode = decode and write_in_decode
     if not write_in_decode:
         _write_kv_kernel[(num_tokens,)](
             k, v, k_cache, v_cache, slot_mapping, query_start_loc, out,
@@ -189,7 +194,7 @@ def paged_attention_out(
     group_p = triton.next_power_of_2(group)
     on_gpu = q.device.type == "cuda"
     if decode:
-        pdl = PDL_IN_DECODE and on_gpu
+        pdl = pdl and on_gpu
         bn = block_n or 64
         splits = num_splits or _decode_splits(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, bn,
                                               q.device)  # fmt: skip
@@ -237,7 +242,8 @@ def paged_attention(
     q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor,
     block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor, scale: float,
     sliding_window: int = -1, softcap: float = 0.0, sinks: Tensor | None = None,
-    k_scale: Tensor | None = None, v_scale: Tensor | None = None,
+    k_scale: Tensor | None = None, v_scale: Tensor | None = None, *, write_in_decode: bool = True,
+    pdl: bool = False,
 ) -> Tensor:  # fmt: skip
     """Triton paged attention (KV write + decode split-KV or prefill flash kernel), no host sync."""
     if not supported(q, k_cache, v_cache):
@@ -251,6 +257,7 @@ def paged_attention(
     paged_attention_out(
         q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc,
         scale, sliding_window, softcap, sinks, out, k_scale=k_scale, v_scale=v_scale,
+        write_in_decode=write_in_decode, pdl=pdl,
     )  # fmt: skip
     return out
 
@@ -263,7 +270,8 @@ def paged_attention_rope(
     q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor,
     block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor, cos: Tensor, sin: Tensor, scale: float,
     sliding_window: int = -1, softcap: float = 0.0, sinks: Tensor | None = None,
-    k_scale: Tensor | None = None, v_scale: Tensor | None = None,
+    k_scale: Tensor | None = None, v_scale: Tensor | None = None, *, write_in_decode: bool = True,
+    pdl: bool = False,
 ) -> Tensor:  # fmt: skip
     """Triton RoPE + paged attention: k rotated in the KV write, q rotated on load; no host sync."""
     reason = None
@@ -286,6 +294,6 @@ def paged_attention_rope(
     paged_attention_out(
         q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc,
         scale, sliding_window, softcap, sinks, out, k_scale=k_scale, v_scale=v_scale,
-        cos=_unit_last(cos), sin=_unit_last(sin),
+        cos=_unit_last(cos), sin=_unit_last(sin), write_in_decode=write_in_decode, pdl=pdl,
     )  # fmt: skip
     return out
