@@ -1,4 +1,10 @@
-"""Runtime end to end on SmolLM2: greedy outputs equal HF generate token for token."""
+"""Runtime end to end on SmolLM2: greedy outputs equal HF generate token for token.
+
+The runtime's paths (prefix reuse, preemption, chunked prefill, arrivals while decoding, streaming, the
+Inductor backend) run on SmolLM2's first 4 of 30 layers (conftest.smollm2_short: its real weights,
+vocabulary and tokenizer): every layer is the same kind of node, so a paging, scheduling or cache defect
+shows in any layer, and each engine and HF reference costs a third of the full model's (the LM head stays).
+test_full_depth_matches_hf keeps the real 30-layer model against HF on four of the prompts."""
 
 from __future__ import annotations
 
@@ -56,9 +62,9 @@ CHAT = [
 
 
 @pytest.fixture(scope="module")
-def hf(smollm2):
-    """The session's shared SmolLM2 (conftest.py): `_llm` builds on a deepcopy."""
-    return smollm2
+def hf(smollm2_short):
+    """The session's shared 4-layer SmolLM2 (conftest.py; see the module docstring): `_llm` builds on a deepcopy."""
+    return smollm2_short
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +80,18 @@ def prompts(hf) -> list[list[int]]:
     return raw + [list(c) for c in chat]
 
 
-@pytest.fixture(scope="module")
-def expected(hf, prompts) -> list[list[int]]:
+def _hf_greedy(model: torch.nn.Module, prompts: list[list[int]]) -> list[list[int]]:
     outs = []
     with torch.no_grad():
         for ids in prompts:
-            out = hf.model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False)
+            out = model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False)
             outs.append(out[0, len(ids) :].tolist())
     return outs
+
+
+@pytest.fixture(scope="module")
+def expected(hf, prompts) -> list[list[int]]:
+    return _hf_greedy(hf.model, prompts)
 
 
 def _llm(hf, *overrides: str) -> LLM:
@@ -118,26 +128,26 @@ def test_greedy_matches_hf(hf, default_llm, prompts, expected, name: str) -> Non
         assert max(len(p) for p in prompts) > 48  # at least one prompt was split into chunks
 
 
-@pytest.fixture(scope="module")
-def hf_short(smollm2_short):
-    """SmolLM2 cut to its first 4 layers (conftest.py; its real weights, vocabulary and tokenizer): Inductor's
-    compile time grows with the graph, 7x smaller here, and every kind of node is still in it."""
-    return smollm2_short
+# One of each kind of prompt: short raw, the few-hundred-token raw one, chat with the short and the long system.
+FULL_DEPTH_PROMPTS = [0, 8, 16, 17]
 
 
-def test_inductor_backend_matches_hf(hf_short, prompts) -> None:
+def test_full_depth_matches_hf(smollm2, prompts) -> None:
+    """The real 30-layer SmolLM2 through the default engine equals HF generate on the same model."""
+    subset = [prompts[i] for i in FULL_DEPTH_PROMPTS]
+    assert len(prompts[8]) > 100 and len(prompts[17]) > len(prompts[16])  # the kinds named above
+    outs = _llm(smollm2).generate(subset, GREEDY)
+    for i, out, ref in zip(FULL_DEPTH_PROMPTS, outs, _hf_greedy(smollm2.model, subset)):
+        assert out.outputs[0].token_ids == ref, f"prompt {i} differs at full depth"
+
+
+def test_inductor_backend_matches_hf(hf, prompts, expected) -> None:
     """The default backend: Inductor, on the CPU with frozen weights where oneDNN has linears to pre-pack
     (and, where they build, the native C++ kernels and C++ wrapper), against HF generate on the same
-    4-layer SmolLM2. The warm-up settles compilation, so Dynamo's guard checks are off and no step of
-    these 32 varied prompts needs a variant the warm-up did not compile."""
-    with torch.no_grad():
-        expected = [
-            hf_short.model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False)[
-                0, len(ids) :
-            ].tolist()
-            for ids in prompts
-        ]
-    llm = _llm(hf_short, "compile.backend=inductor")
+    4-layer SmolLM2 (Inductor's compile time grows with the graph). The warm-up settles compilation, so
+    Dynamo's guard checks are off and no step of these 32 varied prompts needs a variant the warm-up did
+    not compile."""
+    llm = _llm(hf, "compile.backend=inductor")
     outs = llm.generate(prompts, GREEDY)
     for i, (out, ref) in enumerate(zip(outs, expected)):
         assert out.outputs[0].token_ids == ref, f"prompt {i} differs with the inductor backend"
@@ -186,9 +196,8 @@ class ShortestPromptFirst(MaxUtilizationScheduler):
         return sorted(waiting, key=lambda s: s.num_prompt_tokens)
 
 
-def test_user_scheduler_selected_by_config(hf_short) -> None:
-    # The policy decides the admission order, whatever the depth: the 4-layer model builds 7x faster.
-    llm = _llm(hf_short, "scheduler.policy=shortest_prompt_first_test", "scheduler.max_num_seqs=1")
+def test_user_scheduler_selected_by_config(hf) -> None:
+    llm = _llm(hf, "scheduler.policy=shortest_prompt_first_test", "scheduler.max_num_seqs=1")
     assert type(llm.engine.scheduler).__name__ == "ShortestPromptFirst"
     engine = llm.engine
     long_id = engine.add_request("word " * 60, SamplingParams(max_tokens=1, temperature=0))
