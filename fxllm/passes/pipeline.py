@@ -33,6 +33,7 @@ BUILTIN_PIPELINE: tuple[str, ...] = (
     "insert_cached_attention",
     "fuse_rope_attention",  # RoPE into the cached attention kernels where they can rotate (Triton on CUDA)
     "gather_logits",
+    "expose_hidden_states",  # speculative.method eagle3: the hidden states the EAGLE-3 head reads, as an output
     "pack_linears",
     "linear_ops",
     "lower_ops",  # last: every canonical op node gets its implementation
