@@ -94,36 +94,47 @@ def _hf_plan(model: nn.Module) -> dict[str, str] | None:
     return {(f"{prefix}.{k}" if prefix else k): v for k, v in plan.items()}
 
 
+def _embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None, bool]:
+    """(input embedding, LM head, whether they share one weight tensor)."""
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    shared = (
+        embed is not None
+        and head is not None
+        and getattr(embed, "weight", None) is getattr(head, "weight", 0)
+    )
+    return embed, head, tied or shared
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str | None:
+    return next((n for n, m in model.named_modules() if m is module), None)
+
+
 def _vocab_parallel_head(model: nn.Module, size: int) -> tuple[str | None, str]:
     """The LM head's module name if it can be split by vocabulary rows, else None; and why not."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    _, head, tied = _embeddings(model)
     if not isinstance(head, nn.Linear):
         return None, "no linear LM head"
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    if tied or (embed is not None and getattr(embed, "weight", None) is head.weight):
-        # Splitting a tied head would split the embedding table with it (one tensor).
+    if tied:  # splitting a tied head would split the embedding table with it (one tensor)
         return None, "the LM head shares its weight with the embedding"
     if head.out_features % size:
         return None, f"vocabulary {head.out_features} does not divide by {size}"
-    name = next((n for n, m in model.named_modules() if m is head), None)
-    return name, ""
+    return _module_name(model, head), ""
 
 
 def _vocab_parallel_embedding(model: nn.Module, size: int) -> tuple[str | None, str]:
     """The input embedding's module name if it can be split by vocabulary rows, else None; and why not."""
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    embed, _, tied = _embeddings(model)
     if type(embed) is not nn.Embedding:  # subclasses (e.g. Gemma's scaled embedding) do more than a lookup
         return None, f"the input embedding is a {type(embed).__name__}, not a plain nn.Embedding"
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
-    if tied or (head is not None and getattr(head, "weight", None) is embed.weight):
+    if tied:
         return None, "the embedding shares its weight with the LM head"
     if embed.num_embeddings % size:
         return None, f"vocabulary {embed.num_embeddings} does not divide by {size}"
     if embed.max_norm is not None:
         return None, "the embedding renormalises its rows (max_norm)"
-    return next((n for n, m in model.named_modules() if m is embed), None), ""
+    return _module_name(model, embed), ""
 
 
 def resolve_plan(
