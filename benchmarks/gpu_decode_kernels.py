@@ -117,7 +117,8 @@ def measure(mode: str, base: list[str], smoke: bool) -> tuple[dict[str, Any], li
     extra = list(MODES[mode])
     if smoke and mode.startswith("fused"):
         extra.append("compile.passes.fuse_rope_attention.options.force=true")
-    if smoke:  # the launch variants are CUDA backends; on the CPU the reference runs (kernel_check covers them)
+    # The launch variants are CUDA backends; on the CPU the reference runs (kernel_check covers them).
+    if smoke:
         extra = [o for o in extra if o not in (_SEPARATE_WRITE, _PDL)]
     start = time.perf_counter()
     llm = LLM(config=load_config(None, [*base, *extra]))
