@@ -20,6 +20,20 @@ _BLOCK = 1024
 
 
 @triton.jit
+def gated_activation(g, ACT: tl.constexpr):
+    """act(g) in float32: 0 silu, 1 exact (erf) gelu, 2 tanh gelu (shared with quant_fused.py's FP8 kernels)."""
+    if ACT == 0:
+        a = g / (1.0 + tl.exp(-g))
+    elif ACT == 1:
+        a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+    else:
+        # 0.5 * (1 + tanh(y)) == sigmoid(2y): exact identity, and needs no tanh intrinsic.
+        y = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        a = g / (1.0 + tl.exp(-2.0 * y))
+    return a
+
+
+@triton.jit
 def _gated_kernel(
     g_ptr,
     u_ptr,
@@ -36,14 +50,7 @@ def _gated_kernel(
     mask = cols < n_cols
     g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
-    if ACT == 0:
-        a = g / (1.0 + tl.exp(-g))
-    elif ACT == 1:
-        a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
-    else:
-        # 0.5 * (1 + tanh(y)) == sigmoid(2y): exact identity, and needs no tanh intrinsic.
-        y = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        a = g / (1.0 + tl.exp(-2.0 * y))
+    a = gated_activation(g, ACT)
     tl.store(o_ptr + row * stride_o + cols, (a * u).to(o_ptr.dtype.element_ty), mask=mask)
 
 

@@ -24,6 +24,30 @@ _MAX_BLOCK_N = 65536  # one row in registers; wider rows fall back to the refere
 
 
 # `n_rows` changes every step: no variant per value class (1, multiples of 16), see paged_attention.py.
+@triton.jit
+def rms_norm_rows(
+    x_ptr, r_ptr, w_ptr, sum_ptr, rows, cols, mask, n_cols, stride_x, stride_r, stride_sum, eps,
+    HAS_RESIDUAL: tl.constexpr,
+):  # fmt: skip
+    """(x [+ residual, stored to sum_ptr]) RMS-normalised, times the weight: float32 [BLOCK_R, BLOCK_N]
+    (the caller rounds it). Shared with the fused FP8 kernels (quant_fused.py), which must match it bit for bit."""
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+        # x + residual is rounded to its storage dtype first: the reference normalises the rounded sum.
+        summed = (x.to(tl.float32) + r.to(tl.float32)).to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + rows[:, None] * stride_sum + cols[None, :], summed, mask=mask)
+        xf = summed.to(tl.float32)
+        in_dtype = sum_ptr.dtype.element_ty
+    else:
+        xf = x.to(tl.float32)
+        in_dtype = x_ptr.dtype.element_ty
+    var = tl.sum(xf * xf, axis=1) / n_cols
+    normed = (xf * tl.rsqrt(var + eps)[:, None]).to(in_dtype)
+    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0)
+    return normed.to(tl.float32) * w.to(tl.float32)[None, :]
+
+
 @triton.jit(do_not_specialize=["n_rows"])
 def _rms_norm_kernel(
     x_ptr,
@@ -45,21 +69,21 @@ def _rms_norm_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_N)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(r_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
-        # x + residual is rounded to its storage dtype first: the reference normalises the rounded sum.
-        summed = (x.to(tl.float32) + r.to(tl.float32)).to(sum_ptr.dtype.element_ty)
-        tl.store(sum_ptr + rows[:, None] * stride_sum + cols[None, :], summed, mask=mask)
-        xf = summed.to(tl.float32)
-        in_dtype = sum_ptr.dtype.element_ty
-    else:
-        xf = x.to(tl.float32)
-        in_dtype = x_ptr.dtype.element_ty
-    var = tl.sum(xf * xf, axis=1) / n_cols
-    normed = (xf * tl.rsqrt(var + eps)[:, None]).to(in_dtype)
-    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0)
-    out = normed.to(tl.float32) * w.to(tl.float32)[None, :]
+    out = rms_norm_rows(
+        x_ptr,
+        r_ptr,
+        w_ptr,
+        sum_ptr,
+        rows,
+        cols,
+        mask,
+        n_cols,
+        stride_x,
+        stride_r,
+        stride_sum,
+        eps,
+        HAS_RESIDUAL,
+    )
     tl.store(
         out_ptr + rows[:, None] * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask
     )

@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fxllm.backends.triton.norms import _MAX_BLOCK_N, _as_rows, _launch_config
+from fxllm.backends.triton.activations import gated_activation
+from fxllm.backends.triton.norms import _MAX_BLOCK_N, _as_rows, _launch_config, rms_norm_rows
 from fxllm.quantization.fp8 import FP8_DTYPE, FP8_MAX, MIN_SCALE
 
 _CHUNK = 2048  # SiLU-and-mul columns per step of a row's two-pass walk
@@ -79,22 +80,25 @@ def _add_rms_norm_fp8_kernel(
     cols = tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     mask = row_ok[:, None] & (cols < n_cols)[None, :]
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-    # norms.py's operations: the sum rounded to its storage dtype, normalised in float32, rounded to the
-    # input's (or sum's) dtype, times the weight in float32.
-    if HAS_RESIDUAL:
-        r = tl.load(r_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
-        summed = (x.to(tl.float32) + r.to(tl.float32)).to(sum_ptr.dtype.element_ty)
-        tl.store(sum_ptr + rows[:, None] * stride_sum + cols[None, :], summed, mask=mask)
-        xf = summed.to(tl.float32)
-        in_dtype = sum_ptr.dtype.element_ty
-    else:
-        xf = x.to(tl.float32)
-        in_dtype = x_ptr.dtype.element_ty
-    var = tl.sum(xf * xf, axis=1) / n_cols
-    normed = (xf * tl.rsqrt(var + eps)[:, None]).to(in_dtype)
-    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0)
-    out = _round_to(normed.to(tl.float32) * w.to(tl.float32)[None, :], ROUND)
+    # norms.py's operations exactly (the same helper), then one rounding to ROUND.
+    out = _round_to(
+        rms_norm_rows(
+            x_ptr,
+            r_ptr,
+            w_ptr,
+            sum_ptr,
+            rows,
+            cols,
+            mask,
+            n_cols,
+            stride_x,
+            stride_r,
+            stride_sum,
+            eps,
+            HAS_RESIDUAL,
+        ),
+        ROUND,
+    )
     # Masked columns are 0 (x, r and w load 0), so they leave the amax alone.
     scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(out), axis=1), QMAX), MIN_S)
     tl.store(s_ptr + rows, scale, mask=row_ok)
@@ -106,13 +110,7 @@ def _act_mul(g_ptrs, u_ptrs, mask, ACT: tl.constexpr, ROUND: tl.constexpr):
     """activations.py's act(gate) * up (0 silu, 1 erf gelu, 2 tanh gelu), then one rounding."""
     g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptrs, mask=mask, other=0.0).to(tl.float32)
-    if ACT == 0:
-        a = g / (1.0 + tl.exp(-g))
-    elif ACT == 1:
-        a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
-    else:
-        y = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        a = g / (1.0 + tl.exp(-2.0 * y))
+    a = gated_activation(g, ACT)
     return _round_to(a * u, ROUND)
 
 
