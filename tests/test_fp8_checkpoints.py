@@ -24,7 +24,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from fp8_checkpoint_layouts import (
+    LINEARS,
+    PROMPTS,
+    checkpoint_tensors,
+    copy_checkpoint,
+    edit_config,
+    float_model,
+    write_block,
+    write_compressed_tensors,
+    write_modelopt,
+)
 from safetensors.torch import save_file
 
 from fxllm.config import load_config
@@ -33,154 +43,40 @@ from fxllm.models import load_model
 from fxllm.ops.kv_quant import KV_SCALES_ATTR
 from fxllm.quantization.checkpoint import Fp8CheckpointError
 from fxllm.quantization.checkpoint_modules import Fp8Linear
-from fxllm.quantization.fp8 import FP8_DTYPE, FP8_MAX, dequantize_weight, quantize_activation, quantize_weight
+from fxllm.quantization.fp8 import FP8_DTYPE, dequantize_weight, quantize_activation
 from fxllm.runtime.sampling_params import SamplingParams
 
 pytest.importorskip("compressed_tensors")
 
-_gen = torch.Generator().manual_seed(11)
-PROMPTS = [torch.randint(3, 512, (n,), generator=_gen).tolist() for n in (6, 17)]
 NEW = 8
 GREEDY = SamplingParams(max_tokens=NEW, min_tokens=NEW, temperature=0)
 BASE = ["compile.backend=eager", "cache.num_blocks=32"]
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def _float_model() -> torch.nn.Module:
-    return load_model("tiny-llama", dtype="float32").model
-
-
-def _input_amax(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Each linear's largest |input| over the test prompts (calibration for static input scales)."""
-    amax: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name != "lm_head":
-
-            def hook(_m: torch.nn.Module, args: tuple[torch.Tensor, ...], name: str = name) -> None:
-                value = args[0].detach().abs().amax().reshape(1)
-                amax[name] = torch.maximum(amax.get(name, value), value)
-
-            hooks.append(module.register_forward_pre_hook(hook))
-    with torch.no_grad():
-        for prompt in PROMPTS:
-            model(torch.tensor([prompt]))
-    for h in hooks:
-        h.remove()
-    return amax
-
-
-def _write_compressed_tensors(folder: Path, preset: str) -> Path:
-    """tiny-llama saved by compressed-tensors' own compressor: FP8_DYNAMIC (channel) or FP8 (tensor, static)."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (
-        QuantizationConfig,
-        apply_quantization_config,
-        preset_name_to_scheme,
-    )
-
-    model = _float_model()
-    amax = _input_amax(model)
-    scheme = preset_name_to_scheme(preset, ["Linear"])
-    apply_quantization_config(
-        model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"])
-    )
-    for name, module in model.named_modules():
-        if hasattr(module, "weight_scale"):  # what llm-compressor's min-max observer computes: amax / 448
-            _, scale = quantize_weight(
-                module.weight, "channel" if module.weight_scale.numel() > 1 else "tensor"
-            )
-            module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
-            if hasattr(module, "input_scale"):
-                module.input_scale.data.copy_((amax[name] / FP8_MAX).reshape(module.input_scale.shape))
-    compressor = ModelCompressor.from_pretrained_model(model)
-    compressor.compress_model(model)
-    model.save_pretrained(str(folder))
-    compressor.update_config(str(folder))
-    return folder
-
-
-def _write_modelopt(folder: Path) -> Path:
-    """tiny-llama in ModelOpt's FP8 layout (hf_quant_config.json, scalar scales, k_proj.k_scale / v_proj.v_scale)."""
-    model = _float_model()
-    amax = _input_amax(model)
-    model.save_pretrained(str(folder))
-    tensors: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        module = name.rsplit(".", 1)[0]
-        if module.endswith(LINEARS) and name.endswith(".weight"):
-            q, scale = quantize_weight(tensor, "tensor")
-            tensors[name] = q
-            tensors[f"{module}.weight_scale"] = scale.reshape(())
-            tensors[f"{module}.input_scale"] = (amax[module] / FP8_MAX).reshape(())
-        else:
-            tensors[name] = tensor.contiguous()
-    for layer in range(model.config.num_hidden_layers):
-        tensors[f"model.layers.{layer}.self_attn.k_proj.k_scale"] = torch.tensor(0.05 + 0.01 * layer)
-        tensors[f"model.layers.{layer}.self_attn.v_proj.v_scale"] = torch.tensor(0.02 + 0.01 * layer)
-    for old in folder.glob("*.safetensors"):
-        old.unlink()
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "hf_quant_config.json").write_text(
-        json.dumps(
-            {
-                "producer": {"name": "modelopt", "version": "0.19.0"},
-                "quantization": {
-                    "quant_algo": "FP8",
-                    "kv_cache_quant_algo": "FP8",
-                    "exclude_modules": ["lm_head"],
-                },
-            }
-        )
-    )
-    return folder
-
-
-def _write_block(folder: Path, ct_channel: Path) -> Path:
-    """ct_channel's layout with 128 x 128 block weight scales (hand-made: the package's FP8_BLOCK preset
-    quantizes activations by 128-groups, which fxllm does not read)."""
-    _copy(ct_channel, folder)
-    model = _float_model()
-    tensors = _checkpoint_tensors(folder)
-    for name, tensor in model.state_dict().items():
-        if name.rsplit(".", 1)[0].endswith(LINEARS) and name.endswith(".weight"):
-            tensors[name], tensors[name.replace(".weight", ".weight_scale")] = quantize_weight(
-                tensor, "block"
-            )
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    _edit_config(folder, {"weights.strategy": "block", "weights.block_structure": [128, 128]})
-    return folder
 
 
 @pytest.fixture(scope="module")
 def ct_channel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _write_compressed_tensors(tmp_path_factory.mktemp("ct_channel"), "FP8_DYNAMIC")
+    return write_compressed_tensors(tmp_path_factory.mktemp("ct_channel"), "FP8_DYNAMIC")
 
 
 @pytest.fixture(scope="module")
 def ct_static(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _write_compressed_tensors(tmp_path_factory.mktemp("ct_static"), "FP8")
+    return write_compressed_tensors(tmp_path_factory.mktemp("ct_static"), "FP8")
 
 
 @pytest.fixture(scope="module")
 def ct_block(tmp_path_factory: pytest.TempPathFactory, ct_channel: Path) -> Path:
-    return _write_block(tmp_path_factory.mktemp("ct_block") / "folder", ct_channel)
+    return write_block(tmp_path_factory.mktemp("ct_block") / "folder", ct_channel)
 
 
 @pytest.fixture(scope="module")
 def modelopt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _write_modelopt(tmp_path_factory.mktemp("modelopt"))
-
-
-def _checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-        return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    return write_modelopt(tmp_path_factory.mktemp("modelopt"))
 
 
 def _dequantized(model: torch.nn.Module, fake_quant_activations: bool) -> torch.nn.Module:
     """tiny-llama with each FP8 layer as a float nn.Linear over its dequantized weight; optionally with
     the layer's activation quantization applied to its input (per token, or its static scale)."""
-    reference = _float_model()
+    reference = float_model()
     for name, module in model.named_modules():
         if not isinstance(module, Fp8Linear):
             continue
@@ -214,7 +110,7 @@ def test_loaded_fp8_checkpoint_matches_its_dequantized_model(
     model = load_model(str(folder)).model
     layers = {n: m for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
     assert len(layers) == 2 * len(LINEARS) and isinstance(model.lm_head, torch.nn.Linear)  # lm_head ignored
-    stored = _checkpoint_tensors(folder)
+    stored = checkpoint_tensors(folder)
     for name, layer in layers.items():
         assert layer.weight.dtype == FP8_DTYPE and layer.weight_scale.dtype == torch.float32
         assert torch.equal(layer.weight.view(torch.uint8), stored[f"{name}.weight"].view(torch.uint8))
@@ -345,23 +241,6 @@ def test_compile_explain_lists_the_checkpoint_fp8_gemms(ct_channel: Path) -> Non
     assert len(rows) == 8, out.getvalue()  # one row per FP8 GEMM: merged qkv, o, gate_up, down x 2 layers
 
 
-def _edit_config(folder: Path, edit: dict[str, object]) -> None:
-    path = folder / "config.json"
-    config = json.loads(path.read_text())
-    group = config["quantization_config"]["config_groups"]["group_0"]
-    for key, value in edit.items():
-        section, _, field = key.partition(".")
-        group[section][field] = value
-    path.write_text(json.dumps(config))
-
-
-def _copy(folder: Path, dest: Path) -> Path:
-    dest.mkdir()
-    for file in folder.iterdir():
-        (dest / file.name).write_bytes(file.read_bytes())
-    return dest
-
-
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -373,22 +252,22 @@ def _copy(folder: Path, dest: Path) -> Path:
 def test_unsupported_compressed_tensors_schemes_fail_at_load(
     ct_channel: Path, tmp_path: Path, edit: dict[str, object], message: str
 ) -> None:
-    folder = _copy(ct_channel, tmp_path / "bad")
-    _edit_config(folder, edit)
+    folder = copy_checkpoint(ct_channel, tmp_path / "bad")
+    edit_config(folder, edit)
     with pytest.raises(Fp8CheckpointError, match=message):
         load_model(str(folder))
 
 
 def test_bad_fp8_tensors_fail_at_load_naming_the_tensor(modelopt: Path, tmp_path: Path) -> None:
-    tensors = _checkpoint_tensors(modelopt)
-    missing = _copy(modelopt, tmp_path / "missing")
+    tensors = checkpoint_tensors(modelopt)
+    missing = copy_checkpoint(modelopt, tmp_path / "missing")
     save_file({k: v for k, v in tensors.items() if k != "model.layers.1.mlp.up_proj.input_scale"},
               str(missing / "model.safetensors"))  # fmt: skip
     with pytest.raises(
         ValueError, match=r"missing from the checkpoint.*model.layers.1.mlp.up_proj.input_scale"
     ):
         load_model(str(missing))
-    wrong = _copy(modelopt, tmp_path / "wrong")
+    wrong = copy_checkpoint(modelopt, tmp_path / "wrong")
     tensors["model.layers.0.self_attn.q_proj.weight"] = tensors[
         "model.layers.0.self_attn.q_proj.weight"
     ].float()
@@ -397,13 +276,13 @@ def test_bad_fp8_tensors_fail_at_load_naming_the_tensor(modelopt: Path, tmp_path
         Fp8CheckpointError, match=r"'model.layers.0.self_attn.q_proj.weight' is torch.float32"
     ):
         load_model(str(wrong))
-    gptq = _copy(modelopt, tmp_path / "gptq")
+    gptq = copy_checkpoint(modelopt, tmp_path / "gptq")
     (gptq / "hf_quant_config.json").unlink()
     config = json.loads((gptq / "config.json").read_text())
     (gptq / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq"}}))
     with pytest.raises(Fp8CheckpointError, match=r"quant_method 'gptq' is not supported"):
         load_model(str(gptq))
-    nvfp4 = _copy(modelopt, tmp_path / "nvfp4")
+    nvfp4 = copy_checkpoint(modelopt, tmp_path / "nvfp4")
     (nvfp4 / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "NVFP4"}}))
     with pytest.raises(Fp8CheckpointError, match=r"quant_algo 'NVFP4' is not supported"):
         load_model(str(nvfp4))
