@@ -29,8 +29,8 @@ def _dump_forever(seconds: float, path: str) -> None:
                 f.write(f"-- thread {ident}\n")
                 stack = traceback.format_stack(frame, limit=None)
                 # A deep recursion: keep its innermost and outermost frames, say how many were left out.
-                if len(stack) > 160:
-                    stack = [*stack[:60], f"  ... {len(stack) - 120} frames ...\n", *stack[-60:]]
+                if len(stack) > 400:
+                    stack = [*stack[:300], f"  ... {len(stack) - 360} frames ...\n", *stack[-60:]]
                 f.write("".join(stack))
 
 
