@@ -18,6 +18,7 @@ file name covers the Inductor settings. A file whose checksum or load fails is l
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -199,10 +200,17 @@ class StandaloneGraph:
         start = time.perf_counter()
         # A GraphModule over the same attributes (no copy of the weights) that Inductor may change.
         owned = GraphModule(self.gm, _copy_graph(self.gm))
-        with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        # Our fake mode reaches Inductor through an ambient tracing context, not the `fake_mode=` argument:
+        # torch 2.11 (the GPU machines) has no such argument; "from_tracing_context" is in every version
+        # since 2.8 and treats fake tensor inputs the same way.
+        extra = {"donate_graph_module": True} if "donate_graph_module" in _standalone_parameters() else {}
+        with (
+            torch.fx.experimental._config.patch(backed_size_oblivious=True),
+            torch._guards.tracing(torch._guards.TracingContext(fake_mode)),
+        ):
             artifact = torch._inductor.standalone_compile(
-                owned, example, dynamic_shapes="from_example_inputs", fake_mode=fake_mode,
-                options={"config_patches": dict(self.settings)}, donate_graph_module=True,
+                owned, example, dynamic_shapes="from_tracing_context",
+                options={"config_patches": dict(self.settings)}, **extra,
             )  # fmt: skip
         guards = [str(g.expr) for g in fake_mode.shape_env.guards]
         if guards:
@@ -232,6 +240,10 @@ class StandaloneGraph:
                            "the graph again", type(exc).__name__, exc)  # fmt: skip
             if tmp:
                 Path(tmp).unlink(missing_ok=True)
+
+
+def _standalone_parameters() -> set[str]:
+    return set(inspect.signature(torch._inductor.standalone_compile).parameters)
 
 
 def _copy_graph(gm: GraphModule) -> torch.fx.Graph:

@@ -6,7 +6,8 @@ Each is its unquantized kernel (norms.py, activations.py: the same operations in
 normed / activated row is bit for bit what they store) followed, in registers, by quantize_activation:
 round the row to its output dtype, amax(|row|) / 448 floored at MIN_SCALE, then row / scale clamped to
 +-448 and cast to e4m3 (round to nearest even). Both divisions are IEEE (`div_rn`), as torch's eager
-division; Triton's plain `/` is div.full.f32 (approximate), which Inductor emits by default, so the
+tensor division (torch on CUDA divides by a Python number as a multiplication by its reciprocal, so its
+scale can be 1 ulp off these); Triton's plain `/` is div.full.f32 (approximate), which Inductor emits by default, so the
 unfused Inductor-compiled quantization may put a value one e4m3 step away where the quotient sits
 within ~2 ulp of a rounding boundary (rare; benchmarks/gpu_fp8.py's fused_quant section counts them).
 The e4m3 row is written once: the bf16 activation the unfused path wrote and read back is never stored.
