@@ -68,12 +68,24 @@ def _ieee_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _assert_same_quant(
-    got: tuple[torch.Tensor, torch.Tensor], expected: tuple[torch.Tensor, torch.Tensor]
+    got: tuple[torch.Tensor, torch.Tensor], expected: tuple[torch.Tensor, torch.Tensor], exact: bool = True
 ) -> None:
     assert got[0].dtype == FP8_DTYPE and got[1].dtype == torch.float32
     assert got[1].shape == expected[1].shape and got[0].shape == expected[0].shape
-    assert torch.equal(_bytes(got[0]), _bytes(expected[0]))
-    assert torch.equal(got[1], expected[1])
+    if exact:
+        assert torch.equal(_bytes(got[0]), _bytes(expected[0]))
+        assert torch.equal(got[1], expected[1])
+        return
+    # float32 rows on the GPU: the fused and the unfused kernel are compiled apart, and ptxas may contract a
+    # multiply-add in one and not the other, moving a normed value (so a row's amax) by an ulp (H100,
+    # 2026-11-28: scales 1 ulp apart, 16-bit rows bit-equal). A wrong scale or byte moves these by >= 2^-4.
+    assert float(((got[1] - expected[1]).abs() / expected[1]).max()) <= 2**-20
+    assert float((_bytes(got[0]) != _bytes(expected[0])).float().mean()) <= 1e-3
+
+
+def _exact(dtype: torch.dtype) -> bool:
+    """Bit-equality holds for 16-bit rows everywhere and for float32 rows in the interpreter."""
+    return DEVICE == "cpu" or dtype != torch.float32
 
 
 def _assert_close_to_reference(
@@ -102,7 +114,7 @@ def test_add_rms_norm_fp8_kernel_equals_the_unfused_kernels(dtype: torch.dtype, 
     normed, summed_unfused = norms.fused_add_rms_norm(
         x.to(DEVICE), residual.to(DEVICE), weight.to(DEVICE), 1e-5
     )
-    _assert_same_quant((q, scale), _ieee_quantize(normed))
+    _assert_same_quant((q, scale), _ieee_quantize(normed), _exact(dtype))
     assert scale.shape == (4, 3, 1) and torch.equal(summed, summed_unfused)
     assert float(scale[1, 2]) == pytest.approx(MIN_SCALE) and not q[1, 2].float().any()
     rq, rs, rsum = fused_add_rms_norm_fp8_reference(x, residual, weight, 1e-5)
@@ -120,7 +132,7 @@ def test_rms_norm_fp8_kernel_equals_the_unfused_kernel(dtype: torch.dtype, hidde
     x[2, 1] = 0  # a zero row
     weight = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype).to(DEVICE)
     q, scale = quant_fused.rms_norm_fp8(x, weight, 1e-5)
-    _assert_same_quant((q, scale), _ieee_quantize(norms.rms_norm(x, weight, 1e-5)))
+    _assert_same_quant((q, scale), _ieee_quantize(norms.rms_norm(x, weight, 1e-5)), _exact(dtype))
     assert scale.shape == (4, 3, 1) and float(scale[2, 1]) == pytest.approx(MIN_SCALE)
     _assert_close_to_reference((q.cpu(), scale.cpu()), rms_norm_fp8_reference(x.cpu(), weight.cpu(), 1e-5))
 
@@ -252,13 +264,13 @@ def test_gemma2_norms_and_geglu() -> None:
 
 def test_model_through_the_triton_kernels(tiny: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
     """The lowering's Triton path end to end: the fused ops (and fp8_gemm) lowered to their CUDA backends, run
-    on the CPU in the interpreter. Against the same model with the quantization in ATen (same GEMM backend):
+    on the GPU, or on the CPU in the interpreter. Against the same model with the quantization in ATen (same GEMM backend):
     measured rel 1.8e-7 on the logits (float32: the interpreter's rsqrt and the kernels' summation order move
     a scale by ~1e-7 relative; a wrong scale or e4m3 byte would move them by >= 1e-3), bound 1e-5."""
     monkeypatch.setattr(tb, "supports", lambda site: site.device.type in ("cuda", "cpu"))  # read per call
-    ids = torch.randint(3, 500, (2, 11), generator=torch.Generator().manual_seed(4))
-    on = fxllm.compile(copy.deepcopy(tiny), backend="eager", quantization=_fp8("on"))
-    off = fxllm.compile(copy.deepcopy(tiny), backend="eager", quantization=_fp8("off"))
+    ids = torch.randint(3, 500, (2, 11), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    on = fxllm.compile(copy.deepcopy(tiny).to(DEVICE), backend="eager", quantization=_fp8("on"))
+    off = fxllm.compile(copy.deepcopy(tiny).to(DEVICE), backend="eager", quantization=_fp8("off"))
     targets = {d.op: d.target for d in lowering_decisions(on.graph_module)}
     assert targets["fused_add_rms_norm_fp8"] == "fxllm_triton.fused_add_rms_norm_fp8.default"
     assert targets["silu_and_mul_fp8"] == "fxllm_triton.silu_and_mul_fp8.default"

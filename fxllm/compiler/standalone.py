@@ -6,9 +6,10 @@ warm start; the 8B preset on an H100: most of 68.7 s) and compiled a prefill-sha
 variant. The runner already calls the graph with a flat list of tensors of fixed rank, so Dynamo has
 nothing to do: here the graph is compiled once with symbolic sizes for everything a step varies (tokens T,
 sequences S, block-table width M, sampled rows N, and the pool's block count) and that one artifact serves
-every step, one token or many. Its shape guards are checked to be empty when it is built (a guard would
-mean some size is assumed, which a loaded artifact never re-checks); if Inductor added any, the graph
-goes through Dynamo instead and the log says so.
+every step, one token or many. Its shape guards are checked when it is built: upper bounds on one size
+(Inductor's 32-bit indexing) become limits checked on every call (size_limits.py; a step above one runs
+through Dynamo, logged with a count); any other guard means some size is assumed, which a loaded
+artifact never re-checks, so the graph goes through Dynamo instead and the log says so.
 
 Artifact files (`inductor-<settings>.bin` and a `.json` with its size and sha256) sit beside the entry's
 graph; the entry key already covers the graph, device, torch version and `compile.cpu_freezing`, and the
@@ -31,6 +32,13 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
+from fxllm.compiler.size_limits import (
+    ShapeAssumption,
+    SizeCheck,
+    first_violation,
+    limits_from_guards,
+    size_checks,
+)
 from fxllm.passes.runtime_signature import RuntimeSignature, runtime_signature
 
 logger = logging.getLogger(__name__)
@@ -41,8 +49,7 @@ ARTIFACT_DIR_META = "fxllm_artifact_dir"  # gm.meta: the compile-cache entry tha
 _HINTS = {"tokens": 61, "seqs": 3, "blocks_per_seq": 7, "rows": 5}
 
 
-class ShapeAssumption(RuntimeError):
-    """Inductor's compile assumed something about a size (a shape guard): one artifact cannot serve all steps."""
+__all__ = ["ShapeAssumption", "StandaloneGraph", "artifact_name", "lifted_weights", "symbolic_inputs"]
 
 
 def artifact_name(settings: dict[str, object]) -> str:
@@ -59,8 +66,14 @@ def lifted_weights(gm: GraphModule) -> list[torch.Tensor]:
     ]
 
 
-def symbolic_inputs(signature: RuntimeSignature, args: Sequence[torch.Tensor], fake_mode: Any) -> list[Any]:
-    """Fake copies of one step's arguments whose step-dependent sizes are symbols shared across inputs."""
+def symbolic_inputs(
+    signature: RuntimeSignature,
+    args: Sequence[torch.Tensor],
+    fake_mode: Any,
+    symbols: dict[str, Any] | None = None,
+) -> list[Any]:
+    """Fake copies of one step's arguments whose step-dependent sizes are symbols shared across inputs
+    (their sympy symbols by name go into `symbols` when given)."""
     from torch._dynamo.source import ConstantSource
 
     shape_env = fake_mode.shape_env
@@ -73,6 +86,9 @@ def symbolic_inputs(signature: RuntimeSignature, args: Sequence[torch.Tensor], f
     blocks = symbol("num_blocks", int(caches[0].shape[0]) if caches else 2)
     tokens, seqs = symbol("tokens", _HINTS["tokens"]), symbol("seqs", _HINTS["seqs"])
     width, rows = symbol("blocks_per_seq", _HINTS["blocks_per_seq"]), symbol("rows", _HINTS["rows"])
+    if symbols is not None:
+        named = {"num_blocks": blocks, "tokens": tokens, "seqs": seqs, "blocks_per_seq": width, "rows": rows}
+        symbols.update({name: size.node.expr for name, size in named.items()})
     out = []
     with fake_mode:
         for arg, inp in zip(args, signature.inputs):
@@ -115,6 +131,9 @@ class StandaloneGraph:
         self.source = "none"  # "loaded", "compiled" or "dynamo" once the first call has run
         self._fn: Callable[..., Any] | None = None
         self._dynamo: Any = None  # the InductorGraph used where one artifact cannot serve every step
+        self.limits: dict[str, int] = {}  # step sizes' upper bounds the artifact assumes (size_limits.py)
+        self._oversized: Any = None  # the InductorGraph for steps above a limit, made on the first one
+        self.num_oversized = 0
 
     def __call__(self, *args: torch.Tensor) -> Any:
         if self._fn is None:
@@ -124,7 +143,8 @@ class StandaloneGraph:
     @property
     def num_compiles(self) -> int:
         """Inductor compiles so far (0 when the artifact was loaded)."""
-        return self._num_compiles + (self._dynamo.num_compiles if self._dynamo is not None else 0)
+        graphs = [g for g in (self._dynamo, self._oversized) if g is not None]
+        return self._num_compiles + sum(int(g.num_compiles) for g in graphs)
 
     @property
     def guards_frozen(self) -> bool:
@@ -142,6 +162,32 @@ class StandaloneGraph:
             self._dynamo.freeze_guards()
 
     def _prepare(self, args: Sequence[torch.Tensor]) -> Callable[..., Any]:
+        fn = self._prepare_artifact(args)
+        checks = size_checks(self.signature, self.limits) if self.source != "dynamo" else []
+        if not checks:
+            return fn
+        logger.info("Inductor: the compiled graph takes steps up to %s (32-bit indexing); larger ones run "
+                    "through Dynamo", ", ".join(f"{c.name} {c.limit}" for c in checks))  # fmt: skip
+        return lambda *step: self._call_checked(fn, checks, step)
+
+    def _call_checked(
+        self, fn: Callable[..., Any], checks: list[SizeCheck], step: Sequence[torch.Tensor]
+    ) -> Any:
+        over = first_violation(checks, step)
+        if over is None:
+            return fn(*step)
+        from fxllm.compiler.backends import InductorGraph
+
+        self.num_oversized += 1
+        if self._oversized is None or self.num_oversized % 1000 == 0:
+            logger.warning("Inductor: a step with %s %d is above the compiled graph's limit %d: it runs through "
+                           "Dynamo (%d such steps so far)", over.name, step[over.index].shape[over.dim],
+                           over.limit, self.num_oversized)  # fmt: skip
+        if self._oversized is None:
+            self._oversized = InductorGraph(self.gm, self.settings)
+        return self._oversized(*step)
+
+    def _prepare_artifact(self, args: Sequence[torch.Tensor]) -> Callable[..., Any]:
         loaded = self._load()
         if loaded is not None:
             weights = lifted_weights(self.gm)
@@ -176,6 +222,7 @@ class StandaloneGraph:
             if size != recorded["bytes"] or _sha256(self.path) != recorded["sha256"]:
                 raise ValueError(f"{self.path.name} is {size} bytes with another checksum than recorded "
                                  "(truncated or corrupted)")  # fmt: skip
+            limits = {str(k): int(v) for k, v in recorded.get("size_limits", {}).items()}
             with torch._inductor.config.patch(self.settings):
                 artifact = torch._inductor.CompiledArtifact.load(path=str(self.path), format="binary")
         except Exception as exc:  # whatever is wrong with it, the start goes on and compiles again
@@ -186,6 +233,7 @@ class StandaloneGraph:
             return None
         logger.info("Inductor: compiled graph loaded from %s in %.1f s (no Dynamo, no compile)", self.path,
                     time.perf_counter() - start)  # fmt: skip
+        self.limits = limits
         return artifact
 
     def _compile(self, args: Sequence[torch.Tensor]) -> Callable[..., Any]:
@@ -194,7 +242,8 @@ class StandaloneGraph:
 
         self._num_compiles += 1
         fake_mode = FakeTensorMode(shape_env=ShapeEnv())
-        example = symbolic_inputs(self.signature, args, fake_mode)
+        symbols: dict[str, Any] = {}
+        example = symbolic_inputs(self.signature, args, fake_mode, symbols)
         logger.info("Inductor: compiling the graph (%d nodes) once for every step shape, without Dynamo%s",
                     len(self.gm.graph.nodes), "" if self.path else " (not saved: no compile-cache entry)")  # fmt: skip
         start = time.perf_counter()
@@ -203,7 +252,11 @@ class StandaloneGraph:
         # Our fake mode reaches Inductor through an ambient tracing context, not the `fake_mode=` argument:
         # torch 2.11 (the GPU machines) has no such argument; "from_tracing_context" is in every version
         # since 2.8 and treats fake tensor inputs the same way.
-        extra = {"donate_graph_module": True} if "donate_graph_module" in _standalone_parameters() else {}
+        extra: dict[str, Any] = {}
+        if "donate_graph_module" in _standalone_parameters():
+            extra["donate_graph_module"] = True
+        else:  # torch 2.11 deep-copies the graph module, weights included (the 8B preset ran out of memory)
+            type(owned).__deepcopy__ = _copy_sharing_attributes  # type: ignore[method-assign]
         with (
             torch.fx.experimental._config.patch(backed_size_oblivious=True),
             torch._guards.tracing(torch._guards.TracingContext(fake_mode)),
@@ -212,9 +265,7 @@ class StandaloneGraph:
                 owned, example, dynamic_shapes="from_tracing_context",
                 options={"config_patches": dict(self.settings)}, **extra,
             )  # fmt: skip
-        guards = [str(g.expr) for g in fake_mode.shape_env.guards]
-        if guards:
-            raise ShapeAssumption(f"Inductor's compile assumed {guards[:5]} about the step's sizes")
+        self.limits = limits_from_guards([g.expr for g in fake_mode.shape_env.guards], symbols)
         logger.info("Inductor: graph ready in %.1f s", time.perf_counter() - start)
         if self.path is not None:
             self._save(artifact)
@@ -230,7 +281,7 @@ class StandaloneGraph:
             artifact.save(path=tmp, format="binary")
             tmp_path = Path(tmp)
             record = {"bytes": tmp_path.stat().st_size, "sha256": _sha256(tmp_path), "settings": self.settings,
-                      "created": time.time(), "torch": torch.__version__}  # fmt: skip
+                      "size_limits": self.limits, "created": time.time(), "torch": torch.__version__}  # fmt: skip
             self.path.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
             os.replace(tmp_path, self.path)  # the .json first: a reader that sees the .bin sees its record
             logger.info("compile cache: stored the Inductor artifact %s (%.1f MiB)", self.path,
@@ -244,6 +295,11 @@ class StandaloneGraph:
 
 def _standalone_parameters() -> set[str]:
     return set(inspect.signature(torch._inductor.standalone_compile).parameters)
+
+
+def _copy_sharing_attributes(gm: GraphModule, memo: dict[int, Any]) -> GraphModule:
+    """A deep copy of the graph over the same weight tensors (each GraphModule has a class of its own)."""
+    return GraphModule(gm, _copy_graph(gm))
 
 
 def _copy_graph(gm: GraphModule) -> torch.fx.Graph:
