@@ -99,6 +99,9 @@ class ParallelConfig:
     # Largest message (bytes) of the peer-to-peer one-shot / two-shot all-reduce on CUDA; NCCL above.
     one_shot_max_bytes: int = 256 * 1024
     two_shot_max_bytes: int = 8 * 2**20
+    # Largest message (bytes) of the "triton_lamport" all-reduce backend (one barrier-free launch;
+    # backends/cuda_lamport.py), where compile.op_backends chooses it; above it symm_mem runs. 0 = never.
+    lamport_max_bytes: int = 256 * 1024
     collective_timeout_s: float = 300.0  # a collective waiting longer fails (a dead rank never hangs)
     master_port: int | None = None  # the rendezvous port on 127.0.0.1; None = a free port
 
@@ -263,6 +266,7 @@ _VALUE_CHECKS: dict[str, Callable[[Any], None]] = {
     "compile.cpu_freezing": _check_cpu_freezing,
     "parallel.tensor_parallel_size": _check_tp_size,
     "parallel.distributed_backend": _check_distributed_backend,
+    "parallel.lamport_max_bytes": _check_non_negative,
     "speculative.method": _check_spec_method,
     "speculative.num_speculative_tokens": _check_positive,
     "speculative.prompt_lookup_min": _check_positive,

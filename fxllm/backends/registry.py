@@ -196,6 +196,7 @@ def import_device_backends(device: torch.device) -> None:
 
         with contextlib.suppress(ImportError):  # without triton the unfused symm_mem backend serves the op
             from fxllm.backends.triton import allreduce_norm  # noqa: F401
+        from fxllm.backends import cuda_lamport  # noqa: F401  (imports triton only when it runs)
 
 
 def check_preferences(preferences: Mapping[str, str]) -> None:

@@ -66,6 +66,11 @@ def init_group(
         configure_group(
             str(group.group_name), parallel.one_shot_max_bytes, parallel.two_shot_max_bytes, device, dtype
         )
+        from fxllm.backends import cuda_lamport
+
+        cuda_lamport.configure_group(
+            str(group.group_name), parallel.lamport_max_bytes, parallel.collective_timeout_s
+        )
     logger.info("rank %d of %d joined the %s group %r on %s", rank, parallel.tensor_parallel_size, backend,
                 group.group_name, device)  # fmt: skip
     return str(group.group_name)

@@ -1,0 +1,187 @@
+"""CUDA all-reduce "triton_lamport": one barrier-free Triton launch per decode-sized message.
+
+Op backend of `fxllm::all_reduce`. Messages up to `parallel.lamport_max_bytes` run the Lamport kernel
+(fxllm/backends/triton/lamport_all_reduce.py: each rank writes its part straight into every peer's
+buffer and spins until every peer's part arrived, the data itself being the flag, so a call costs one
+launch and one NVLink write + read, without the two signal-pad barriers of PyTorch's one-shot). Larger
+messages, and every message when the limit is 0, take the "symm_mem" backend
+(`cuda_collectives.all_reduce`: one-shot, two-shot or NCCL by size), logged with a count.
+
+Per (group, device, dtype) one symmetric buffer of 3 slots x W segments x `lamport_max_bytes` (1.5 MiB
+for W=2 at 256 KiB) and a device-side state (current slot, per-slot sizes) are made on the first call,
+which every rank makes together in the warm-up request, outside any CUDA-graph capture (the same rule as
+cuda_all_gather.py): filled with the sentinel, then a barrier over the buffer's signal pad so that no
+peer writes into a buffer before its owner filled it. A spin that outlasts `parallel.collective_timeout_s`
+traps (the rank dies and the engine reports it) instead of hanging.
+
+Priority 0: chosen only where `compile.op_backends={all_reduce: triton_lamport}` names it, until the
+H100 measurements (benchmarks/gpu_allreduce.py) say it beats "symm_mem".
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fxllm.backends.registry import OpSite, register_op_backend
+from fxllm.config import ParallelConfig
+
+logger = logging.getLogger(__name__)
+
+BACKEND = "triton_lamport"
+PRIORITY = 0  # below symm_mem (10): only where compile.op_backends names it, until measured faster
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_WORLD_SIZES = (2, 4, 8)
+_ALIGN_ELEMS = 16  # segments a multiple of 16 elements: 16-byte vector accesses for every dtype
+
+
+@dataclass
+class LamportLimits:
+    """Largest message (bytes) of the Lamport kernel for a group (0: never), and its spin timeout."""
+
+    max_bytes: int = ParallelConfig.lamport_max_bytes
+    timeout_s: float = ParallelConfig.collective_timeout_s
+
+
+@dataclass
+class Counts:
+    """Calls per path (benchmarks and tests read these)."""
+
+    lamport: int = 0
+    fallback: int = 0
+
+
+@dataclass
+class _State:
+    buffer: Tensor  # 3 x world x seg_elems integers of the dtype's width, this rank's part
+    peer_ptrs: Tensor  # int64 [world]: every rank's buffer address
+    state: Tensor  # int32: current slot, programs arrived, elements per slot
+    rank: int
+    world: int
+    seg_elems: int
+
+
+COUNTS = Counts()
+_LIMITS: dict[str, LamportLimits] = {}
+_STATES: dict[tuple[str, torch.device, torch.dtype], _State] = {}
+
+
+def configure_group(group_name: str, max_bytes: int, timeout_s: float) -> None:
+    """Set group `group_name`'s Lamport limit (bytes; 0 disables) and spin timeout."""
+    if max_bytes < 0:
+        raise ValueError(f"parallel.lamport_max_bytes must be >= 0, got {max_bytes}")
+    _LIMITS[group_name] = LamportLimits(max_bytes, timeout_s)
+
+
+def limits(group_name: str) -> LamportLimits:
+    """The limits of `group_name` (the config's defaults where it was never configured)."""
+    return _LIMITS.get(group_name, LamportLimits())
+
+
+def segment_elems(max_bytes: int, dtype: torch.dtype) -> int:
+    """Elements per segment of a buffer for messages up to `max_bytes` of `dtype` (a multiple of 16)."""
+    elems = max_bytes // dtype.itemsize
+    return -(-elems // _ALIGN_ELEMS) * _ALIGN_ELEMS
+
+
+def route(nbytes: int, dtype: torch.dtype, max_bytes: int) -> str:
+    """ "lamport" or "fallback" for a message of `nbytes` (host logic, tested on the CPU)."""
+    if max_bytes <= 0 or nbytes == 0 or nbytes > max_bytes or dtype not in _DTYPES:
+        return "fallback"
+    return "lamport"
+
+
+def _state(group_name: str, device: torch.device, dtype: torch.dtype, max_bytes: int) -> _State:
+    key = (group_name, device, dtype)
+    state = _STATES.get(key)
+    if state is not None:
+        return state
+    from fxllm.backends.cuda_collectives import _group_size, symmetric_buffer
+    from fxllm.backends.triton.lamport_all_reduce import INT_TYPES, SENTINELS, new_state
+
+    seg = segment_elems(max_bytes, dtype)
+    world = _group_size(group_name)
+    buffer, handle = symmetric_buffer(
+        group_name, 3 * world * seg, INT_TYPES[dtype], device, "lamport all_reduce"
+    )
+    buffer.fill_(SENTINELS[dtype])
+    # No peer may write into this buffer before it holds the sentinel everywhere: the barrier follows
+    # the fill on this stream, and a peer's first kernel follows the barrier on its stream.
+    handle.barrier(channel=0)
+    torch.cuda.synchronize(device)
+    # buffer_ptrs are the bases of the ranks' allocations; a buffer carved out of a pool sits at the same
+    # offset into each of them (the symmetric layout), which the tensor's own address gives.
+    bases = [int(p) for p in handle.buffer_ptrs]
+    offset = buffer.data_ptr() - bases[int(handle.rank)]
+    if any((b + offset) % 16 for b in bases):  # the kernel's 16-byte vector accesses need it
+        raise RuntimeError(
+            f"lamport all_reduce: symmetric buffers not 16-byte aligned: {bases}, offset {offset}"
+        )
+    ptrs = torch.tensor([b + offset for b in bases], dtype=torch.int64, device=device)
+    state = _State(buffer, ptrs, new_state(device), int(handle.rank), int(handle.world_size), seg)
+    _STATES[key] = state
+    return state
+
+
+def _fallback(x: Tensor, group_name: str) -> Tensor:
+    from fxllm.backends import cuda_collectives
+
+    COUNTS.fallback += 1
+    if COUNTS.fallback == 1 or COUNTS.fallback % 10000 == 0:
+        logger.info("lamport all_reduce: %d bytes of %s above parallel.lamport_max_bytes (%d) took symm_mem "
+                    "(%d calls so far)", x.numel() * x.element_size(), x.dtype,
+                    limits(group_name).max_bytes, COUNTS.fallback)  # fmt: skip
+    return cuda_collectives.all_reduce(x, group_name)
+
+
+def all_reduce(x: Tensor, group_name: str) -> Tensor:
+    """Sum over the group: the Lamport kernel up to the group's limit, symm_mem above."""
+    group_limits = limits(group_name)
+    nbytes = x.numel() * x.element_size()
+    if nbytes == 0:
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if route(nbytes, x.dtype, group_limits.max_bytes) != "lamport":
+        return _fallback(x, group_name)
+    from fxllm.backends.triton.lamport_all_reduce import lamport_all_reduce
+
+    state = _state(group_name, x.device, x.dtype, group_limits.max_bytes)
+    COUNTS.lamport += 1
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    lamport_all_reduce(x.contiguous(), out, state.peer_ptrs, state.state, state.rank, state.world,
+                       state.seg_elems, int(group_limits.timeout_s * 1e9))  # fmt: skip
+    return out
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def supports(site: OpSite) -> bool:
+    """CUDA bf16/fp16/fp32 over a group of 2, 4 or 8 ranks, where torch has symmetric memory and triton."""
+    from fxllm.backends.cuda_collectives import _group_size, symm_mem_available
+
+    if site.device.type != "cuda" or site.dtype not in _DTYPES or not symm_mem_available():
+        return False
+    if not _triton_available():
+        return False
+    group_name = site.args[-1]
+    try:
+        return isinstance(group_name, str) and _group_size(group_name) in _WORLD_SIZES
+    except (RuntimeError, ValueError, KeyError):
+        return False  # no such group in this process (e.g. `fxllm compile --explain` without ranks)
+
+
+def _register() -> None:
+    import fxllm.ops  # noqa: F401  (the canonical ops exist before backends register for them)
+
+    register_op_backend("all_reduce", BACKEND, all_reduce, supports=supports, priority=PRIORITY)
+
+
+_register()
