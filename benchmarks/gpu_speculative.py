@@ -163,7 +163,8 @@ def eagle3_main(args: argparse.Namespace) -> int:
     sizes = ",".join(map(str, batches))
     overrides = [*base, f"compile.cuda_graph_batch_sizes=[{sizes}]", "speculative.method=eagle3",
                  f"speculative.model={head}", f"speculative.num_speculative_tokens={max(ks)}",
-                 "speculative.disable_batch_size=0", "speculative.min_acceptance_rate=0", *args.set]  # fmt: skip
+                 "speculative.disable_batch_size=0", "speculative.min_acceptance_rate=0",
+                 "speculative.auto_disable=off", *args.set]  # fmt: skip
     llm = LLM(config=load_config(None, overrides))
     engine = llm.engine
     if args.smoke:  # no CUDA on the CPU: the same buckets (hidden states packed after the logits), uncaptured
@@ -268,7 +269,7 @@ def main() -> int:
     sizes = ",".join(map(str, batches))
     overrides = [*base, f"compile.cuda_graph_batch_sizes=[{sizes}]", "speculative.method=ngram",
                  f"speculative.num_speculative_tokens={max(ks)}", "speculative.disable_batch_size=0",
-                 "speculative.min_acceptance_rate=0", *args.set]  # fmt: skip
+                 "speculative.min_acceptance_rate=0", "speculative.auto_disable=off", *args.set]  # fmt: skip
     start = time.perf_counter()
     llm = LLM(config=load_config(None, overrides))
     engine = llm.engine

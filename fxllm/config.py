@@ -119,12 +119,24 @@ class SpeculativeConfig:
     # A step with more decoding sequences than this does not speculate (verification of many rows costs
     # more than it saves); 0 = never limit.
     disable_batch_size: int = 32
-    # A request whose acceptance rate stays below this after `min_acceptance_window` drafted tokens stops
-    # speculating (0 = never); its remaining tokens decode one at a time.
+    # A sequence whose acceptance over a window of `min_acceptance_window` drafted tokens is below this
+    # drafts nothing for `backoff_tokens` of its tokens, doubled per further backoff up to
+    # `backoff_max_tokens` (0 = never). With a drafter that keeps per-sequence state (EAGLE-3's head KV) the
+    # first backoff lasts for the rest of the request.
     min_acceptance_rate: float = 0.2
     min_acceptance_window: int = 24
+    backoff_tokens: int = 16
+    backoff_max_tokens: int = 256
+    # on | off: per step, speculate only when the expected tokens per second with it (measured verify and
+    # decode step times per batch bucket, each sequence's accepted drafts per verify step) beat plain
+    # decoding by `auto_margin`; every `auto_explore_interval` steps of a bucket re-measure the other kind.
+    auto_disable: str | bool = "on"
+    auto_margin: float = 0.1
+    auto_explore_interval: int = 32
 
     def __post_init__(self) -> None:
+        if isinstance(self.auto_disable, bool):  # YAML reads `auto_disable: on` as true
+            self.auto_disable = "on" if self.auto_disable else "off"
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(
                 f"config: speculative.prompt_lookup_min={self.prompt_lookup_min} is larger than "
@@ -233,6 +245,11 @@ def _check_cpu_freezing(value: str | bool) -> None:
         raise ValueError(f"must be auto, on or off, got {value!r}")
 
 
+def _check_on_off(value: str | bool) -> None:
+    if not isinstance(value, bool) and value not in ("on", "off"):
+        raise ValueError(f"must be on or off, got {value!r}")
+
+
 def _check_positive(value: int) -> None:
     if value < 1:
         raise ValueError(f"must be >= 1, got {value}")
@@ -275,6 +292,11 @@ _VALUE_CHECKS: dict[str, Callable[[Any], None]] = {
     "speculative.disable_batch_size": _check_non_negative,
     "speculative.min_acceptance_rate": _check_rate,
     "speculative.min_acceptance_window": _check_positive,
+    "speculative.backoff_tokens": _check_positive,
+    "speculative.backoff_max_tokens": _check_positive,
+    "speculative.auto_disable": _check_on_off,
+    "speculative.auto_margin": _check_non_negative,
+    "speculative.auto_explore_interval": _check_positive,
 }
 
 

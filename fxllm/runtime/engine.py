@@ -181,6 +181,8 @@ class Engine:
                 if not item.seq.status.is_finished:
                     self.kv_cache.cache_full_blocks(item.seq)
             stats.update_seconds += clock() - t
+        if self.speculator is not None:  # the step's wall time feeds the speculate-or-not cost model
+            self.speculator.end_step(launched.scheduled if launched is not None else [])
         if not self.requests:  # what is still in flight belongs to finished requests only
             self._in_flight = self._last_done = None
         self._refresh_gauges()

@@ -139,9 +139,12 @@ def run_offline_bench(
         spec_rows = [fxllm_decode_rate(llm, single, output_len), fxllm_throughput(llm, prompts, output_len)]
         rows += [replace(r, system=name) for r in spec_rows]
         stats = speculator.stats
-        logger.info("speculative %s: %d of %d drafted tokens accepted (%.2f), %d steps without speculation "
-                    "(batch > %d)", speculator.config.method, stats.accepted_tokens, stats.draft_tokens,
-                    stats.acceptance_rate, stats.steps_disabled_batch, speculator.config.disable_batch_size)  # fmt: skip
+        logger.info("speculative %s: %d of %d drafted tokens accepted (%.2f); steps: %d drafted, %d plain by cost "
+                    "(auto_disable=%s), %d explored, %d plain for batch > %d; %d backoffs of %d requests",
+                    speculator.config.method, stats.accepted_tokens, stats.draft_tokens, stats.acceptance_rate,
+                    stats.steps_speculated, stats.steps_skipped_cost, speculator.config.auto_disable,
+                    stats.steps_explored, stats.steps_disabled_batch, speculator.config.disable_batch_size,
+                    stats.backoffs, stats.requests_disabled)  # fmt: skip
     if before is not None:
         logger.info("host memory read bandwidth: %.1f GB/s before the fxllm runs, %.1f GB/s after "
                     "(batch-1 decode follows it)", before, read_bandwidth_gbs())  # fmt: skip

@@ -129,8 +129,18 @@ class ServerMetrics:
                                          "Steps that did not speculate: more decoding sequences than speculative.disable_batch_size.",
                                          labels, registry=reg)  # fmt: skip
         self.spec_disabled_requests = Gauge("fxllm:spec_decode_disabled_requests",
-                                            "Requests that stopped speculating: acceptance below speculative.min_acceptance_rate.",
+                                            "Requests that backed off (drafted nothing a while): acceptance below speculative.min_acceptance_rate.",
                                             labels, registry=reg)  # fmt: skip
+        self.spec_backoffs = Gauge("fxllm:spec_decode_backoffs", "Sequence backoffs for low acceptance (one may back off repeatedly).",
+                                   labels, registry=reg)  # fmt: skip
+        self.spec_steps_speculated = Gauge("fxllm:spec_decode_steps_speculated", "Steps that drafted tokens.",
+                                           labels, registry=reg)  # fmt: skip
+        self.spec_steps_skipped_cost = Gauge("fxllm:spec_decode_steps_skipped_cost",
+                                             "Steps kept plain because verification would not pay (speculative.auto_disable).",
+                                             labels, registry=reg)  # fmt: skip
+        self.spec_steps_explored = Gauge("fxllm:spec_decode_steps_explored",
+                                         "Steps run against the cost model's verdict to re-measure step times.",
+                                         labels, registry=reg)  # fmt: skip
 
     def count_http(self, endpoint: str, status: int) -> None:
         """Count one HTTP response."""
@@ -176,8 +186,13 @@ class ServerMetrics:
         self.waiting.labels(name).set(engine.scheduler.num_waiting)
         speculator = getattr(engine, "speculator", None)
         if speculator is not None:
-            self.spec_disabled_steps.labels(name).set(speculator.stats.steps_disabled_batch)
-            self.spec_disabled_requests.labels(name).set(speculator.stats.requests_disabled)
+            spec = speculator.stats
+            self.spec_disabled_steps.labels(name).set(spec.steps_disabled_batch)
+            self.spec_disabled_requests.labels(name).set(spec.requests_disabled)
+            self.spec_backoffs.labels(name).set(spec.backoffs)
+            self.spec_steps_speculated.labels(name).set(spec.steps_speculated)
+            self.spec_steps_skipped_cost.labels(name).set(spec.steps_skipped_cost)
+            self.spec_steps_explored.labels(name).set(spec.steps_explored)
 
     def render(self) -> bytes:
         """The registry in Prometheus' text format."""

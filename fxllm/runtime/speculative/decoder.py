@@ -8,11 +8,16 @@ the known tokens (`rollback_drafts`) and `append_run` appends the accepted run o
 stop strings, stop tokens and max_tokens cut it where plain decoding would have stopped. KV entries of
 rejected drafts stay in the sequence's blocks past num_computed_tokens: they are overwritten later and
 never hashed into the prefix cache (cache_full_blocks only hashes computed tokens).
+
+When to speculate is policy.py's: per step the cost model (verify vs decode step time, accepted drafts per
+verify step), per sequence the acceptance backoff. `end_step` times each step for the cost model.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -25,6 +30,7 @@ from fxllm.runtime.request import Request, SequenceState
 from fxllm.runtime.sampler import PendingSample, Sampler, SamplingRow
 from fxllm.runtime.scheduler import ScheduledSequence
 from fxllm.runtime.sequence import Sequence
+from fxllm.runtime.speculative.policy import SequencePolicy, StepCostModel
 from fxllm.runtime.speculative.rejection import greedy_run, is_greedy, verify_sequence
 
 if TYPE_CHECKING:
@@ -49,7 +55,11 @@ class SpecStats:
     draft_tokens: int = 0
     accepted_tokens: int = 0
     steps_disabled_batch: int = 0  # steps that did not speculate because the batch was too large
-    requests_disabled: int = 0  # requests that stopped speculating for low acceptance
+    requests_disabled: int = 0  # requests that backed off (stopped drafting a while) at least once
+    backoffs: int = 0  # backoffs of sequences for low acceptance (a sequence may back off repeatedly)
+    steps_speculated: int = 0  # steps that proposed drafts
+    steps_skipped_cost: int = 0  # steps the cost model kept plain (verification would not pay)
+    steps_explored: int = 0  # steps run against (or before) the cost model's verdict to re-measure a kind
 
     @property
     def acceptance_rate(self) -> float:
@@ -109,18 +119,35 @@ class SpeculativeDecoder:
         self.proposer = proposer
         self.stats = SpecStats()
         self.async_was_on = False  # whether the engine scheduled asynchronously before speculation
+        self.clock: Callable[[], float] = time.perf_counter  # step times for the cost model (tests fake it)
+        # A drafter with per-sequence state (EAGLE-3's head KV, kept up by before_step) cannot resume after a
+        # backoff without catching up every skipped position: there a backoff is for the rest of the request.
+        self._stateful = hasattr(proposer, "before_step")
+        self._reset_policy()
+
+    def _reset_policy(self) -> None:
+        on = self.config.auto_disable == "on"
+        self.cost = StepCostModel(self.config.auto_margin, self.config.auto_explore_interval) if on else None
+        self._seqs: dict[int, SequencePolicy] = {}
+        self._backed_off: set[str] = set()  # request ids counted in stats.requests_disabled
+        self._stopped: set[str] = set()  # request ids that never draft again (stateful drafters)
+        self._step_start: float | None = None
+        self._decoding: set[int] = set()  # seq ids that decoded in this step (the step is timed if all did)
 
     def reset_stats(self) -> None:
-        """Forget the counters (after the engine's warm-up)."""
+        """Forget the counters and the policy's estimates (after the engine's warm-up: compile times)."""
         self.stats = SpecStats()
+        self._reset_policy()
 
     # ---- before scheduling --------------------------------------------------------------------
     def propose(self, engine: Engine) -> None:
         """Set draft_token_ids on every eligible decoding sequence (and clear everyone else's)."""
+        self._step_start = self.clock()
         before_step = getattr(self.proposer, "before_step", None)
         if before_step is not None:  # EAGLE-3: the head reads the previous step's hidden states first
             before_step(engine)
         decoding = [s for s in engine.scheduler.running if s.num_uncomputed_tokens == 1]
+        self._decoding = {s.seq_id for s in decoding}
         for seq in decoding:
             seq.draft_token_ids = []
         limit = self.config.disable_batch_size
@@ -143,33 +170,88 @@ class SpeculativeDecoder:
             if room > 0 and self._eligible(request, seq):
                 seqs.append(seq)
                 limits.append(room)
-        if not seqs:
+        if not seqs or not self._worth_it(len(decoding), seqs):
             return
+        proposed = False
         for seq, drafts in zip(seqs, self.proposer.propose(seqs, limits)):
             seq.draft_token_ids = list(drafts)
+            proposed = proposed or bool(drafts)
+        self.stats.steps_speculated += proposed
+
+    def _worth_it(self, batch: int, seqs: list[Sequence]) -> bool:
+        """The cost model's verdict for this step (always yes with speculative.auto_disable=off)."""
+        if self.cost is None:
+            return True
+        # A sequence that never verified counts as accepting all k: each gets tried once (its prompt may
+        # suit the drafter where the previous ones did not) unless even that would not pay.
+        prior = float(self.config.num_speculative_tokens)
+        accepted = 0.0
+        for seq in seqs:
+            policy = self._seqs.get(seq.seq_id)
+            ema = policy.accepted_ema if policy is not None else None
+            accepted += prior if ema is None else ema
+        decision = self.cost.decide(batch, batch + accepted)
+        if decision.reason != "cost":
+            self.stats.steps_explored += 1
+        elif not decision.speculate:
+            self.stats.steps_skipped_cost += 1
+        return decision.speculate
+
+    def end_step(self, scheduled: list[ScheduledSequence]) -> None:
+        """After the engine's step: its wall time goes to the cost model if it ran decodes only."""
+        start, self._step_start = self._step_start, None
+        if self.cost is None or start is None or not scheduled:
+            return
+        if any(item.seq.seq_id not in self._decoding for item in scheduled):
+            return  # a prefill chunk rode along: the time says nothing about either step kind
+        verified = any(item.num_new_tokens > 1 for item in scheduled)
+        self.cost.record(len(scheduled), verified, self.clock() - start)
 
     def _eligible(self, request: Request, seq: Sequence) -> bool:
         """Requests whose sampling reads the history per token (penalties, min_tokens) or asks logprobs
-        are decoded plainly; so are those whose acceptance stayed low."""
+        are decoded plainly; so are sequences backed off for low acceptance."""
         params = request.params
         if params.has_penalties or params.logprobs is not None or seq.num_output_tokens < params.min_tokens:
             return False
-        metrics = request.metrics
-        return not self._low_acceptance(metrics.spec_draft_tokens, metrics.spec_accepted_tokens)
+        if request.request_id in self._stopped:
+            return False
+        policy = self._seqs.get(seq.seq_id)
+        return policy is None or not policy.backed_off(seq.num_output_tokens)
 
     def stopped(self, request: Request) -> bool:
-        """Whether `request` will never speculate again (penalties, logprobs, or low acceptance): a drafter
-        with per-sequence state (EAGLE-3's head KV) may stop maintaining it."""
-        params, metrics = request.params, request.metrics
-        return (
-            params.has_penalties
-            or params.logprobs is not None
-            or self._low_acceptance(metrics.spec_draft_tokens, metrics.spec_accepted_tokens)
-        )
+        """Whether `request` will never speculate again (penalties, logprobs, or a stateful drafter's
+        backoff): a drafter with per-sequence state (EAGLE-3's head KV) may stop maintaining it."""
+        params = request.params
+        return params.has_penalties or params.logprobs is not None or request.request_id in self._stopped
 
-    def _low_acceptance(self, drafted: int, accepted: int) -> bool:
-        rate = self.config.min_acceptance_rate
-        return rate > 0 and drafted >= self.config.min_acceptance_window and accepted < rate * drafted
+    def _observe(self, engine: Engine, request: Request, seq: Sequence, drafted: int, accepted: int) -> None:
+        """Fold one verify step into the sequence's acceptance; back it off when a window closes low."""
+        if len(self._seqs) > 2 * len(engine._by_seq) + 64:  # forget finished sequences now and then
+            self._seqs = {i: p for i, p in self._seqs.items() if i in engine._by_seq}
+            self._backed_off &= engine.requests.keys()
+            self._stopped &= engine.requests.keys()
+        policy = self._seqs.setdefault(seq.seq_id, SequencePolicy())
+        config, stats = self.config, self.stats
+        if not policy.observe(drafted, accepted, config.min_acceptance_rate, config.min_acceptance_window):
+            return
+        stats.backoffs += 1
+        if request.request_id not in self._backed_off:
+            self._backed_off.add(request.request_id)
+            stats.requests_disabled += 1
+        if self._stateful:
+            self._stopped.add(request.request_id)
+            policy.num_backoffs += 1
+            length = "the rest of the request"
+        else:
+            length = f"{policy.back_off(seq.num_output_tokens, config.backoff_tokens, config.backoff_max_tokens)} tokens"
+        # Powers of two: under load many sequences back off; the log grows with the logarithm of the count.
+        level = logging.INFO if stats.backoffs & (stats.backoffs - 1) == 0 else logging.DEBUG
+        logger.log(
+            level, "request %s (sequence %d) drafts nothing for %s: acceptance below speculative.min_acceptance_rate"
+            "=%.2f over its last %d+ drafted tokens (backoff %d of this sequence); %d backoffs of %d requests so far",
+            request.request_id, seq.seq_id, length, config.min_acceptance_rate, config.min_acceptance_window,
+            policy.num_backoffs, stats.backoffs, stats.requests_disabled,
+        )  # fmt: skip
 
     # ---- after the forward ----------------------------------------------------------------------
     def launch(
@@ -214,21 +296,14 @@ class SpeculativeDecoder:
         """Append a verified run token by token until the sequence finishes; count acceptance."""
         metrics, stats = request.metrics, self.stats
         accepted = len(run.tokens) - 1
-        was_low = self._low_acceptance(metrics.spec_draft_tokens, metrics.spec_accepted_tokens)
         metrics.spec_verify_steps += 1
         metrics.spec_draft_tokens += run.num_drafts
         metrics.spec_accepted_tokens += accepted
         stats.verify_steps += 1
         stats.draft_tokens += run.num_drafts
         stats.accepted_tokens += accepted
-        if not was_low and self._low_acceptance(metrics.spec_draft_tokens, metrics.spec_accepted_tokens):
-            stats.requests_disabled += 1
-            logger.info(
-                "request %s stops speculating: %d of %d drafted tokens accepted (< speculative.min_acceptance_rate"
-                "=%.2f); %d requests so far", request.request_id, metrics.spec_accepted_tokens,
-                metrics.spec_draft_tokens, self.config.min_acceptance_rate, stats.requests_disabled,
-            )  # fmt: skip
         seq = state.seq
+        self._observe(engine, request, seq, run.num_drafts, accepted)
         for i, token in enumerate(run.tokens):
             if state.finish_reason is not None:
                 break  # a stop inside the accepted run cuts it there
@@ -271,9 +346,10 @@ def build_speculator(
         )
         engine.async_scheduling = False
     logger.info(
-        "speculative decoding: method %s, %d tokens per step, off above %d decoding sequences or below %.2f "
-        "acceptance", config.method, config.num_speculative_tokens, config.disable_batch_size,
-        config.min_acceptance_rate,
+        "speculative decoding: method %s, %d tokens per step, off above %d decoding sequences, per step when "
+        "verification does not pay (auto_disable=%s, margin %.2f), per sequence below %.2f acceptance",
+        config.method, config.num_speculative_tokens, config.disable_batch_size, config.auto_disable,
+        config.auto_margin, config.min_acceptance_rate,
     )  # fmt: skip
     # The decode CUDA graphs (captured after this, on a GPU) get verify buckets for every 1 + d, d <= k, up
     # to the batch size that still speculates.
