@@ -160,10 +160,22 @@ def _watchdog(seconds: float, rank: int) -> None:
     timer.start()
 
 
-def _worker(rank: int, world: int, port: int, smoke: bool, out_file: str, watchdog_s: float) -> None:
+def _worker(
+    rank: int,
+    world: int,
+    port: int,
+    smoke: bool,
+    out_file: str,
+    watchdog_s: float,
+    min_block_bytes: int | None,
+) -> None:
     """One rank: join the group as fxllm does, then (a) and (b) per size; rank 0 writes the results."""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(name)s: %(message)s")
     _watchdog(watchdog_s, rank)
+    if min_block_bytes is not None and not smoke:
+        from fxllm.backends.triton import lamport_all_reduce
+
+        lamport_all_reduce.MIN_BLOCK_BYTES = min_block_bytes
     import torch
     import torch.distributed as dist
 
@@ -249,6 +261,8 @@ def main() -> int:
     parser.add_argument("--out", default=".")
     parser.add_argument("--budget-s", type=float, default=150.0, help="the whole run, ranks killed after it")
     parser.add_argument("--smoke", action="store_true", help="CPU, gloo: checks the script only")
+    parser.add_argument("--min-block-bytes", type=int, default=None,
+                        help="the Lamport kernel's bytes per program (a tuning sweep; default: the module's)")  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import torch.multiprocessing as mp
@@ -275,7 +289,8 @@ def main() -> int:
     ctx = mp.get_context("spawn")
     watchdog_s = max(10.0, args.budget_s - 15.0)
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, args.smoke, str(rank_file), watchdog_s))
+    procs = [ctx.Process(target=_worker, args=(r, world, port, args.smoke, str(rank_file), watchdog_s,
+                                               args.min_block_bytes))
              for r in range(world)]  # fmt: skip
     for p in procs:
         p.start()
@@ -291,6 +306,7 @@ def main() -> int:
     results["exit_codes"] = [p.exitcode for p in procs]
     results["killed_at_budget"] = killed
     results["wall_s"] = time.perf_counter() - start
+    results["min_block_bytes"] = args.min_block_bytes
     (out / "allreduce.json").write_text(json.dumps(results, indent=1))
     print(_table(results))
     print(f"exit codes {results['exit_codes']}, killed {killed}, {results['wall_s']:.0f} s")
