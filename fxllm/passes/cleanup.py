@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
-from fxllm.passes.graph_utils import arg, is_noop_slice, is_op, val
+from fxllm.passes.graph_utils import arg, is_noop_slice, is_op, recompile, val
 from fxllm.passes.registry import PassContext, PassResult, register_pass
 
 aten = torch.ops.aten
@@ -61,7 +61,7 @@ def normalize_graph(gm: GraphModule) -> int:
             removed += 1
     removed += _dead_code(gm)
     if removed:
-        gm.recompile()
+        recompile(gm)
     return removed
 
 

@@ -20,7 +20,7 @@ import re
 import torch
 from torch.fx import GraphModule, Node
 
-from fxllm.passes.graph_utils import is_op
+from fxllm.passes.graph_utils import is_op, recompile
 from fxllm.passes.registry import PassContext, PassResult, register_pass
 
 aten = torch.ops.aten
@@ -82,7 +82,7 @@ def expose_hidden_states(gm: GraphModule, ctx: PassContext) -> PassResult:
     with gm.graph.inserting_before(output):
         hidden = gm.graph.call_function(aten.cat.default, (streams, -1))
     output.args = ((first, hidden),)
-    gm.recompile()
+    recompile(gm)
     result.num_matches = len(layers)
     result.notes.append(f"hidden states of layers {list(layers)} returned as output 1")
     return result

@@ -11,7 +11,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from fxllm.passes.graph_utils import is_op, val
+from fxllm.passes.graph_utils import is_op, recompile, val
 from fxllm.passes.registry import PassContext, PassResult, register_pass
 
 aten = torch.ops.aten
@@ -56,8 +56,9 @@ def fuse_add_rms_norm(gm: GraphModule, ctx: PassContext) -> PassResult:
         summed.replace_all_uses_with(new_sum)
         graph.erase_node(norm)
         graph.erase_node(summed)
-        order = {node: i for i, node in enumerate(graph.nodes)}
+        # The new nodes stand where `summed` stood (its neighbours keep their positions): no renumbering.
+        order[fused] = order[normed] = order[new_sum] = order[summed]
         result.num_matches += 1
     if result.num_matches:
-        gm.recompile()
+        recompile(gm)
     return result

@@ -31,7 +31,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 import fxllm.ops.fp8_fused  # noqa: F401  (defines the fused ops)
-from fxllm.passes.graph_utils import is_op, val
+from fxllm.passes.graph_utils import is_op, recompile, val
 from fxllm.passes.quantize_fp8 import QUANT_INPUT_META, QUANT_SCHEME_META
 from fxllm.passes.registry import PassContext, PassResult, register_pass
 
@@ -197,5 +197,5 @@ def fuse_fp8_quant(gm: GraphModule, ctx: PassContext) -> PassResult:
         logger.info("fuse_fp8_quant: %d fused, %d quantization(s) left in ATen: %s", result.num_matches,
                     sum(left.values()), dict(left))  # fmt: skip
     if result.num_matches:
-        gm.recompile()
+        recompile(gm)
     return result

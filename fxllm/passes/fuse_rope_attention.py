@@ -31,7 +31,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from fxllm.backends.registry import REFERENCE, OpSite, choose_implementation, import_device_backends
-from fxllm.passes.graph_utils import is_op, val
+from fxllm.passes.graph_utils import is_op, recompile, val
 from fxllm.passes.registry import PassContext, PassResult, register_pass
 
 logger = logging.getLogger(__name__)
@@ -176,5 +176,5 @@ def fuse_rope_attention(gm: GraphModule, ctx: PassContext) -> PassResult:
                     len(attentions), ", ".join(f"{why} x{n}" for why, n in skipped.items()))  # fmt: skip
     result.notes += [f"unfused: {why} x{n}" for why, n in skipped.items()]
     if result.num_matches:
-        gm.recompile()
+        recompile(gm)
     return result

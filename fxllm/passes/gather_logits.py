@@ -16,7 +16,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 import fxllm.ops.collectives  # noqa: F401  (defines fxllm::all_gather)
-from fxllm.passes.graph_utils import is_op
+from fxllm.passes.graph_utils import is_op, recompile
 from fxllm.passes.insert_cached_attention import add_input
 from fxllm.passes.registry import PassContext, PassResult, register_pass
 from fxllm.passes.runtime_signature import ensure_signature
@@ -80,6 +80,6 @@ def gather_logits(gm: GraphModule, ctx: PassContext) -> PassResult:
         picked = gm.graph.call_function(aten.index_select.default, (hidden, 1, indices))
     lm_head.replace_input_with(hidden, picked)
     ensure_signature(gm).logits_rows = "logits_indices"
-    gm.recompile()
+    recompile(gm)
     result.num_matches = 1
     return result

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import re
 from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,7 +92,9 @@ def refresh_meta(gm: GraphModule) -> None:
 
     Rewrites preserve the values of the nodes they keep, so only nodes without a value are
     computed, in graph order, by running their target on fake inputs: far cheaper than
-    re-propagating a 2,000-node graph after every pass.
+    re-propagating a 2,000-node graph after every pass. A model's layers repeat the same ops on
+    the same (symbolic) shapes, so a value is computed once per target and input signature and
+    shared by the nodes that repeat it (`_MemoizedValues`).
     """
     mode = fake_mode_of(gm)
     if mode is None:
@@ -101,6 +104,7 @@ def refresh_meta(gm: GraphModule) -> None:
         return
     prev = mode.allow_non_fake_inputs
     mode.allow_non_fake_inputs = True
+    values = _MemoizedValues(mode)
     try:
         with (
             mode,
@@ -110,10 +114,79 @@ def refresh_meta(gm: GraphModule) -> None:
                 if node.op == "get_attr" and "val" not in node.meta:
                     node.meta["val"] = mode.from_tensor(fetch_attr(gm, node.target), static_shapes=True)
                 elif node.op == "call_function" and "val" not in node.meta:
-                    args, kwargs = torch.fx.map_arg((node.args, node.kwargs), lambda a: a.meta["val"])
-                    node.meta["val"] = _fake_value(node.target, args, kwargs)
+                    node.meta["val"] = values.compute(node)
     finally:
         mode.allow_non_fake_inputs = prev
+    REFRESH_COUNTS["computed"] += values.computed
+    REFRESH_COUNTS["shared"] += values.shared
+
+
+REFRESH_COUNTS = {"computed": 0, "shared": 0}  # fake values refresh_meta computed / shared (tests read them)
+
+
+def size_key(size: Any) -> Any:
+    """A hashable stand-in for a size or stride: an int itself, a symbolic one by its expression. Printing
+    the expression (str) cost a third of the memoized passes' time; the expression object hashes cheaply."""
+    if isinstance(size, torch.SymInt | torch.SymFloat | torch.SymBool):
+        expr = getattr(size.node, "_expr", None)  # the raw expression: no replacement lookups
+        return ("sym", str(size) if expr is None else expr)
+    return size
+
+
+def value_signature(value: Any) -> Any:
+    """What an op's fake output depends on in an input: a tensor's type, dtype, device, sizes, strides and
+    offset (symbolic ones by expression), a constant's type and value. TypeError for anything else."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", type(value).__name__, value.dtype, str(value.device), value.requires_grad,
+                tuple(map(size_key, value.shape)), tuple(map(size_key, value.stride())),
+                size_key(value.storage_offset()))  # fmt: skip
+    if isinstance(value, torch.SymInt | torch.SymFloat | torch.SymBool):
+        return (type(value).__name__, size_key(value))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(value_signature(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, value_signature(v)) for k, v in value.items()))
+    if value is None or isinstance(value, (int, float, bool, str, torch.dtype, torch.device)):
+        return ("const", type(value).__name__, repr(value))
+    if isinstance(value, (torch.memory_format, torch.layout)):
+        return ("const", type(value).__name__, str(value))
+    raise TypeError(f"no signature for {type(value).__name__}")
+
+
+class _MemoizedValues:
+    """Fake values of new nodes, computed once per (target, input signature) within one refresh.
+
+    Shared only where computing one made no fresh symbol (an unbacked size is a new unknown per node, so
+    such values are computed per node): the shared value is then exactly what running the op again
+    would give, apart from object identity (inlined references already share values that way).
+    """
+
+    def __init__(self, mode: Any) -> None:
+        self.mode = mode
+        self.memo: dict[Any, Any] = {}
+        self.computed = 0
+        self.shared = 0
+
+    def _symbols(self) -> int:
+        env = self.mode.shape_env
+        return -1 if env is None else len(env.var_to_range)
+
+    def compute(self, node: Node) -> Any:
+        """The fake value of call_function `node`, whose inputs have theirs."""
+        args, kwargs = torch.fx.map_arg((node.args, node.kwargs), lambda a: a.meta["val"])
+        try:
+            key: Any = (node.target, value_signature(args), value_signature(kwargs))
+        except TypeError:
+            key = None
+        if key is not None and key in self.memo:
+            self.shared += 1
+            return self.memo[key]
+        before = self._symbols()
+        value = _fake_value(node.target, args, kwargs)
+        self.computed += 1
+        if key is not None and before >= 0 and self._symbols() == before:
+            self.memo[key] = value
+        return value
 
 
 def _fake_value(target: Any, args: Any, kwargs: Any) -> Any:
@@ -123,6 +196,41 @@ def _fake_value(target: Any, args: Any, kwargs: Any) -> Any:
         x, weight = args[0], args[1]
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
     return target(*args, **kwargs)
+
+
+# The graph run_passes transforms, and whether a pass changed its code since it was last generated.
+_deferred: ContextVar[tuple[GraphModule, list[bool]] | None] = ContextVar(
+    "fxllm_deferred_recompile", default=None
+)
+
+
+def recompile(gm: GraphModule) -> None:
+    """`gm.recompile()`, or, while run_passes holds `gm` (`deferred_recompile`), once after the last pass:
+    generating a 2,000-node graph's Python code after every pass cost SmolLM2 about a second."""
+    deferred = _deferred.get()
+    if deferred is not None and deferred[0] is gm:
+        deferred[1][0] = True
+    else:
+        gm.recompile()
+
+
+@contextlib.contextmanager
+def deferred_recompile(gm: GraphModule) -> Iterator[None]:
+    """Within: `recompile(gm)` only marks `gm` stale; on leaving (and at `flush_recompile`) it recompiles once."""
+    token = _deferred.set((gm, [False]))
+    try:
+        yield
+    finally:
+        flush_recompile(gm)
+        _deferred.reset(token)
+
+
+def flush_recompile(gm: GraphModule) -> None:
+    """Recompile `gm` now if a deferred `recompile(gm)` is pending (before code that runs or reads `gm.code`)."""
+    deferred = _deferred.get()
+    if deferred is not None and deferred[0] is gm and deferred[1][0]:
+        deferred[1][0] = False
+        gm.recompile()
 
 
 def fetch_attr(gm: GraphModule, target: str) -> Any:

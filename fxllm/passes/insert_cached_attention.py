@@ -21,7 +21,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from fxllm.ops.kv_quant import is_fp8, kv_cache_dtype, scale_tensor
-from fxllm.passes.graph_utils import fake_mode_of, graph_device, is_op, val
+from fxllm.passes.graph_utils import fake_mode_of, graph_device, is_op, recompile, val
 from fxllm.passes.registry import PassContext, PassResult, register_pass
 from fxllm.passes.runtime_signature import GraphInput, InputRole, KVCacheLayer, ensure_signature
 
@@ -152,5 +152,5 @@ def insert_cached_attention(gm: GraphModule, ctx: PassContext) -> PassResult:
         node.replace_all_uses_with(out)
         graph.erase_node(node)
         result.num_matches += 1
-    gm.recompile()
+    recompile(gm)
     return result

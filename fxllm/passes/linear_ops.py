@@ -11,7 +11,7 @@ import torch
 from torch.fx import GraphModule
 
 import fxllm.ops.gemm  # noqa: F401  (defines fxllm::linear)
-from fxllm.passes.graph_utils import constant_linears
+from fxllm.passes.graph_utils import constant_linears, recompile
 from fxllm.passes.registry import PassContext, PassResult, register_pass
 
 
@@ -35,5 +35,5 @@ def linear_ops(gm: GraphModule, ctx: PassContext) -> PassResult:
         gm.graph.erase_node(node)
         result.num_matches += 1
     if result.num_matches:
-        gm.recompile()
+        recompile(gm)
     return result

@@ -33,7 +33,7 @@ from fxllm.backends.registry import (
     import_device_backends,
 )
 from fxllm.ops.registry import CanonicalOp, canonical_op_of
-from fxllm.passes.graph_utils import fake_mode_of, val
+from fxllm.passes.graph_utils import fake_mode_of, recompile, val, value_signature
 from fxllm.passes.registry import PassContext, PassResult, register_pass
 
 logger = logging.getLogger(__name__)
@@ -94,9 +94,7 @@ def _trace_key(fn: Callable[..., Any], args: Sequence[Any]) -> tuple[Any, ...] |
             value = val(a)
             if not isinstance(value, torch.Tensor):
                 return None
-            key.append(
-                (value.dtype, value.device, tuple(map(str, value.shape)), tuple(map(str, value.stride())))
-            )
+            key.append(value_signature(value))
         else:
             key.append(("const", repr(a)))
     return tuple(key)
@@ -210,7 +208,7 @@ def lower_ops(gm: GraphModule, ctx: PassContext) -> PassResult:
         if canonical is not None:
             decisions.append(lower_node(gm, node, canonical, ctx, traced))
     gm.meta["fxllm_lowering"] = decisions
-    gm.recompile()
+    recompile(gm)
     fallbacks = Counter(f"{d.op} ({d.reason})" for d in decisions if d.fallback)
     if fallbacks:
         logger.warning("lower_ops: %d node(s) fell back to the reference: %s", sum(fallbacks.values()),

@@ -17,7 +17,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 import fxllm.ops  # noqa: F401  (registers torch.ops.fxllm)
-from fxllm.passes.graph_utils import arg, is_op, layer_index, strip_passthrough, val
+from fxllm.passes.graph_utils import arg, is_op, layer_index, recompile, strip_passthrough, val
 from fxllm.passes.registry import PassContext, PassResult, register_pass
 
 logger = logging.getLogger(__name__)
@@ -159,5 +159,5 @@ def match_attention(gm: GraphModule, ctx: PassContext) -> PassResult:
             result.num_matches += 1
     if result.num_matches:
         gm.graph.eliminate_dead_code()
-        gm.recompile()
+        recompile(gm)
     return result

@@ -36,15 +36,19 @@ def _gelu_rewrites(approximate: str) -> list[Rewrite]:
     def replace(gate: Tensor, up: Tensor) -> Tensor:
         return torch.ops.fxllm.gelu_and_mul(gate, up, approximate)
 
-    return [Rewrite(gate_first, replace, _inputs), Rewrite(up_first, replace, _inputs)]
+    anchors = (torch.ops.aten.gelu,)
+    return [
+        Rewrite(gate_first, replace, _inputs, anchors=anchors),
+        Rewrite(up_first, replace, _inputs, anchors=anchors),
+    ]
 
 
 match_gated_mlp = PatternPass(
     "match_gated_mlp",
     "match",
     [
-        Rewrite(_silu_gate_first, _silu_replace, _inputs),
-        Rewrite(_silu_up_first, _silu_replace, _inputs),
+        Rewrite(_silu_gate_first, _silu_replace, _inputs, anchors=(torch.ops.aten.silu,)),
+        Rewrite(_silu_up_first, _silu_replace, _inputs, anchors=(torch.ops.aten.silu,)),
         *_gelu_rewrites("tanh"),
         *_gelu_rewrites("none"),
     ],

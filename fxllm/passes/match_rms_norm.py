@@ -33,6 +33,9 @@ def _gemma_replace(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return torch.ops.fxllm.rms_norm(x, (1.0 + weight.float()).to(x.dtype), eps)
 
 
+_ANCHORS = (torch.ops.aten.rsqrt, torch.ops.aten.mean)
+
+
 def _inputs(dtype: torch.dtype) -> list[object]:
     return [torch.randn(2, 3, 16, dtype=dtype), torch.randn(16, dtype=dtype), _EPS]
 
@@ -41,8 +44,8 @@ match_rms_norm = PatternPass(
     "match_rms_norm",
     "match",
     [
-        Rewrite(_llama_search, _llama_replace, _inputs, scalars={"eps": _EPS}),
-        Rewrite(_gemma_search, _gemma_replace, _inputs, scalars={"eps": _EPS}),
+        Rewrite(_llama_search, _llama_replace, _inputs, scalars={"eps": _EPS}, anchors=_ANCHORS),
+        Rewrite(_gemma_search, _gemma_replace, _inputs, scalars={"eps": _EPS}, anchors=_ANCHORS),
     ],
     description="RMSNorm (Llama and Gemma forms) -> fxllm::rms_norm",
     builtin=True,

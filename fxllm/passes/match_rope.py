@@ -47,7 +47,15 @@ def _splits_in_half(match: object) -> bool:
 match_rope = PatternPass(
     "match_rope",
     "match",
-    [Rewrite(_search, _replace, _inputs, extra_check=_splits_in_half)],
+    [
+        Rewrite(
+            _search,
+            _replace,
+            _inputs,
+            extra_check=_splits_in_half,
+            anchors=(torch.ops.aten.cat, torch.ops.aten.neg),
+        )
+    ],
     description="rotate-half RoPE on q and k -> fxllm::rotary_embedding",
     builtin=True,
 )

@@ -20,7 +20,14 @@ import torch
 from torch.fx import GraphModule, Node
 
 import fxllm.ops.fp8_linear  # noqa: F401  (defines fxllm::fp8_linear)
-from fxllm.passes.graph_utils import arg, drop_attr_if_unused, fetch_attr, is_op, split_merged_output
+from fxllm.passes.graph_utils import (
+    arg,
+    drop_attr_if_unused,
+    fetch_attr,
+    is_op,
+    recompile,
+    split_merged_output,
+)
 from fxllm.passes.registry import PassContext, PassResult, register_pass
 from fxllm.quantization.fp8 import BLOCK, weight_granularity
 
@@ -140,5 +147,5 @@ def merge_fp8_linears(gm: GraphModule, ctx: PassContext) -> PassResult:
         _merge_group(gm, source, linears, result.num_matches, order)
         result.num_matches += 1
     if result.num_matches:
-        gm.recompile()
+        recompile(gm)
     return result

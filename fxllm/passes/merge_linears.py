@@ -12,7 +12,14 @@ from collections import defaultdict
 import torch
 from torch.fx import GraphModule, Node
 
-from fxllm.passes.graph_utils import arg, drop_attr_if_unused, fetch_attr, is_op, split_merged_output
+from fxllm.passes.graph_utils import (
+    arg,
+    drop_attr_if_unused,
+    fetch_attr,
+    is_op,
+    recompile,
+    split_merged_output,
+)
 from fxllm.passes.registry import PassContext, PassResult, register_pass
 
 logger = logging.getLogger(__name__)
@@ -84,5 +91,5 @@ def merge_linears(gm: GraphModule, ctx: PassContext) -> PassResult:
         _merge_group(gm, source, linears, result.num_matches, order)
         result.num_matches += 1
     if result.num_matches:
-        gm.recompile()
+        recompile(gm)
     return result

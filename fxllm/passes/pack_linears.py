@@ -12,7 +12,7 @@ import torch
 from torch.fx import GraphModule
 
 from fxllm.ops.linear import pack_linear_weight
-from fxllm.passes.graph_utils import constant_linears, drop_attr_if_unused
+from fxllm.passes.graph_utils import constant_linears, drop_attr_if_unused, recompile
 from fxllm.passes.registry import PassContext, PassResult, register_pass
 
 
@@ -61,5 +61,5 @@ def pack_linears(gm: GraphModule, ctx: PassContext) -> PassResult:
         drop_attr_if_unused(gm, weight)
         result.num_matches += 1
     if result.num_matches:
-        gm.recompile()
+        recompile(gm)
     return result

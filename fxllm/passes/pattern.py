@@ -21,6 +21,7 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from fxllm.passes.cleanup import normalize_graph
+from fxllm.passes.graph_utils import recompile, value_signature
 from fxllm.passes.registry import PassContext, PassResult, register_pass
 
 logger = logging.getLogger(__name__)
@@ -34,19 +35,6 @@ PATTERN_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.
 # signature: SmolLM2's 120 matches needed 242 traces, now a handful.
 _trace_memo: ContextVar[dict[Any, GraphModule] | None] = ContextVar("fxllm_pattern_trace_memo", default=None)
 TRACE_COUNTS = {"traced": 0, "reused": 0}  # for tests and the pass report
-
-
-def _value_key(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return ("tensor", type(value).__name__, value.dtype, str(value.device), value.requires_grad,
-                tuple(map(str, value.shape)), tuple(map(str, value.stride())))  # fmt: skip
-    if isinstance(value, torch.SymInt | torch.SymFloat | torch.SymBool):
-        return ("sym", type(value).__name__, str(value))
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, tuple(_value_key(v) for v in value))
-    if isinstance(value, (int, float, bool, str, type(None), torch.dtype, torch.device)):
-        return ("const", type(value).__name__, repr(value))
-    raise TypeError(f"no trace key for {type(value).__name__}")
 
 
 def _function_key(fn: Callable[..., Any]) -> Any:
@@ -63,7 +51,7 @@ def _function_key(fn: Callable[..., Any]) -> Any:
         elif isinstance(value, (list, tuple)):
             cells.append(("sequence", len(value)))
         else:
-            cells.append(("value", _value_key(value)))
+            cells.append(("value", value_signature(value)))
     return (code, tuple(cells))
 
 
@@ -83,7 +71,7 @@ def trace_pattern(fn: Callable[..., Any], args: Sequence[Any], **_: Any) -> Grap
     key = None
     if memo is not None:
         try:
-            key = (_function_key(fn), _value_key(list(args)))
+            key = (_function_key(fn), value_signature(list(args)))
         except TypeError:
             key = None
         if key is not None and key in memo:
@@ -100,13 +88,16 @@ def trace_pattern(fn: Callable[..., Any], args: Sequence[Any], **_: Any) -> Grap
 
 @dataclass
 class Rewrite:
-    """One search/replace pair. `make_inputs(dtype)` returns example inputs for tracing."""
+    """One search/replace pair. `make_inputs(dtype)` returns example inputs for tracing; `anchors` are ATen
+    ops (packets) the search pattern calls: a graph lacking one cannot match, so the rewrite is skipped there
+    without tracing its pattern."""
 
     search: Callable[..., Any]
     replace: Callable[..., Any]
     make_inputs: Callable[[torch.dtype], list[Any]]
     scalars: dict[str, float] = field(default_factory=dict)
     extra_check: Callable[[Match], bool] | None = None
+    anchors: tuple[Any, ...] = ()
 
 
 class PatternPass:
@@ -117,15 +108,18 @@ class PatternPass:
     ) -> None:
         self.name = name
         self.rewrites = list(rewrites)
-        self._matchers: dict[torch.dtype, PatternMatcherPass] = {}
+        # Built once per process for each dtype and set of rewrites whose anchors a graph has.
+        self._matchers: dict[tuple[torch.dtype, tuple[int, ...]], PatternMatcherPass] = {}
         register_pass(name, stage, description=description or f"pattern pass {name}", _builtin=builtin)(self)
 
-    def _matcher(self, dtype: torch.dtype) -> PatternMatcherPass:
+    def _matcher(self, dtype: torch.dtype, active: tuple[int, ...]) -> PatternMatcherPass:
         # Patterns are traced lazily per dtype: a float32 graph has no casts to float32 left,
         # a bfloat16 one does, so the two need different patterns.
-        if dtype not in self._matchers:
+        key = (dtype, active)
+        if key not in self._matchers:
             matcher = PatternMatcherPass(pass_name=self.name)
-            for rewrite in self.rewrites:
+            for index in active:
+                rewrite = self.rewrites[index]
                 kwargs: dict[str, Any] = {"scalar_workaround": dict(rewrite.scalars)}
                 if rewrite.extra_check is not None:
                     kwargs["extra_check"] = rewrite.extra_check
@@ -137,14 +131,24 @@ class PatternPass:
                     matcher,
                     **kwargs,
                 )
-            self._matchers[dtype] = matcher
-        return self._matchers[dtype]
+            self._matchers[key] = matcher
+        return self._matchers[key]
+
+    def active_rewrites(self, gm: GraphModule) -> tuple[int, ...]:
+        """Indices of the rewrites whose anchor ops all occur in `gm` (one walk over the graph)."""
+        ops = {
+            getattr(n.target, "overloadpacket", n.target) for n in gm.graph.nodes if n.op == "call_function"
+        }
+        return tuple(i for i, r in enumerate(self.rewrites) if all(op in ops for op in r.anchors))
 
     def __call__(self, gm: GraphModule, ctx: PassContext) -> PassResult:
         """Apply every rewrite until none matches."""
+        active = self.active_rewrites(gm)
+        if not active:
+            return PassResult(notes=["skipped: the graph has none of the patterns' anchor ops"])
         total = 0
         for dtype in _graph_float_dtypes(gm, ctx):
-            matcher = self._matcher(dtype)
+            matcher = self._matcher(dtype, active)
             token = _trace_memo.set({})  # the memo's symbolic sizes belong to this graph's fake mode
             try:
                 total += matcher.apply(gm.graph)
@@ -152,7 +156,7 @@ class PatternPass:
                 _trace_memo.reset(token)
         if total:
             gm.graph.eliminate_dead_code()
-            gm.recompile()
+            recompile(gm)
         return PassResult(num_matches=total)
 
 

@@ -26,7 +26,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 import fxllm.ops.fp8_linear  # noqa: F401  (defines fxllm::fp8_linear and fxllm::fp8_gemm)
-from fxllm.passes.graph_utils import arg, drop_attr_if_unused, fake_mode_of, fetch_attr, is_op, val
+from fxllm.passes.graph_utils import arg, drop_attr_if_unused, fake_mode_of, fetch_attr, is_op, recompile, val
 from fxllm.passes.lower_ops import inline_call
 from fxllm.passes.registry import PassContext, PassResult, register_pass
 from fxllm.quantization.fp8 import quantize_activation, quantize_activation_tensor, quantize_weight
@@ -143,7 +143,7 @@ def quantize_fp8(gm: GraphModule, ctx: PassContext) -> PassResult:
             result.notes.append(
                 f"{len(quant_nodes)} fxllm::fp8_linear node(s) split into aten quantization + fp8_gemm"
             )
-            gm.recompile()
+            recompile(gm)
         return result
     if not ctx.weights_are_attributes:
         result.notes.append("weights are graph inputs (Dynamo graph): they would be quantized every call")
@@ -211,5 +211,5 @@ def quantize_fp8(gm: GraphModule, ctx: PassContext) -> PassResult:
         f"{count} linear(s) kept in {ctx.dtype} by exclude {p!r}" for p, count in skipped.items()
     ]
     if result.num_matches:
-        gm.recompile()
+        recompile(gm)
     return result

@@ -20,7 +20,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 import fxllm.ops.collectives  # noqa: F401  (defines fxllm::all_reduce and fxllm::all_gather)
-from fxllm.passes.graph_utils import is_op, val
+from fxllm.passes.graph_utils import is_op, recompile, val
 from fxllm.passes.registry import PassContext, PassResult, register_pass
 
 aten = torch.ops.aten
@@ -129,7 +129,7 @@ def shard_tp(gm: GraphModule, ctx: PassContext) -> PassResult:
         f"row-parallel linears, {len(found)} fxllm::all_reduce over group {info.group_name!r}{head}"
     )
     if result.num_matches:
-        gm.recompile()
+        recompile(gm)
     return result
 
 
@@ -173,5 +173,5 @@ def fuse_allreduce_rms_norm(gm: GraphModule, ctx: PassContext) -> PassResult:
         graph.erase_node(reduced)
         result.num_matches += 1
     if result.num_matches:
-        gm.recompile()
+        recompile(gm)
     return result
