@@ -84,7 +84,7 @@ def fake_mode_of(gm: GraphModule) -> Any:
     """The FakeTensorMode that produced the graph's placeholder values, if any."""
     from torch._guards import detect_fake_mode
 
-    return detect_fake_mode([val(n) for n in gm.graph.nodes if n.op == "placeholder"])
+    return detect_fake_mode([val(n) for n in gm.graph.find_nodes(op="placeholder")])  # indexed: no graph walk
 
 
 def refresh_meta(gm: GraphModule) -> None:
@@ -294,9 +294,9 @@ def split_merged_output(gm: GraphModule, merged: Node, members: list[Node], widt
 def graph_device(gm: GraphModule) -> torch.device:
     """The device of the graph's first tensor input, else of its first weight (a graph from the compile
     cache has no fake values), else cpu."""
-    for node in gm.graph.nodes:
+    for node in gm.graph.find_nodes(op="placeholder"):
         value = val(node)
-        if node.op == "placeholder" and isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor):
             return value.device
     for tensor in (*gm.parameters(), *gm.buffers()):
         return tensor.device

@@ -41,7 +41,7 @@ def add_input(
     """Append a graph input after the existing ones and record it in the runtime signature; `shape`
     entries of None get fresh sizes."""
     signature = ensure_signature(gm)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    placeholders = gm.graph.find_nodes(op="placeholder")  # indexed, in graph order: no walk per input
     with gm.graph.inserting_after(placeholders[-1]):
         node = gm.graph.placeholder(name)
     signature.inputs.append(GraphInput(str(node.target), role, dtype, layer))
