@@ -4,7 +4,8 @@ One SmolLM2 engine (float32); three modes share it: plain (no speculator), n-gra
 (speculative.auto_disable=off) and n-gram with the cost switch (auto_disable=on, estimates kept across the
 runs as a server keeps them). Runs go prompt by prompt, the modes interleaved and their order reversed
 every repeat, so the shared box's drift hits every mode alike. Prompts: the one where n-gram loses (add
-type hints: most lines change) and input-grounded ones where it wins (rewrite / copy). Greedy, so every mode
+type hints: most lines change), a mixed one (docstrings: bad, then good stretches) and input-grounded ones
+where it wins (rewrite / copy). Greedy, so every mode
 must give the same tokens (mismatches are counted). The load average is recorded before and after.
 
     PYTHONPATH=. python benchmarks/speculative_auto_cpu.py --out /tmp/spec_auto --backend eager --threads 1
@@ -33,7 +34,7 @@ from fxllm.runtime.speculative.decoder import SpeculativeDecoder
 
 logger = logging.getLogger("speculative_auto_cpu")
 
-CASES = {"type-hints": 3, "rewrite": 0, "copy-replace": 1}  # name -> index into PROMPTS
+CASES = {"type-hints": 3, "docstrings": 5, "rewrite": 0, "copy-replace": 1}  # name -> index into PROMPTS
 MODES = ("plain", "on", "auto")
 
 

@@ -132,7 +132,7 @@ class SpeculativeConfig:
     # decoding by `auto_margin`; every `auto_explore_interval` steps of a bucket re-measure the other kind.
     auto_disable: str | bool = "on"
     auto_margin: float = 0.1
-    auto_explore_interval: int = 32
+    auto_explore_interval: int = 16
 
     def __post_init__(self) -> None:
         if isinstance(self.auto_disable, bool):  # YAML reads `auto_disable: on` as true
