@@ -1,8 +1,10 @@
 """All-reduce timings for gpu_tp.py's section `allreduce`: one spawned process per GPU.
 
 bf16 [tokens, 4096] over every GPU of the machine: NCCL, symmetric-memory one-shot and two-shot, and
-fxllm's size-picked backend, eager and inside a CUDA graph, each result checked; then the one-kernel
-all-reduce + add + RMSNorm against the unfused path (differences and timings). Rank 0 writes the JSON.
+fxllm's size-picked backend, eager and inside a CUDA graph, each result checked; then the barrier-free Lamport
+all-reduce (backend triton_lamport) the same way; then the one-kernel all-reduce + add + RMSNorm (barrier-based
+triton_symm and Lamport) against the unfused path (differences and timings). Rank 0 writes the JSON after
+each part, so a part that dies (a Lamport spin that times out traps) leaves the earlier ones.
 """
 
 from __future__ import annotations
@@ -80,7 +82,11 @@ def _allreduce_rank(rank: int, world: int, port: int, out_file: str) -> None:
             logger.info("all-reduce %s", row)
     result: dict[str, Any] = {"world": world, "counts": dict(vars(cuda_collectives.COUNTS)), "rows": rows}
     if rank == 0:
-        Path(out_file).write_text(json.dumps(result))  # kept if the fused part below fails or hangs
+        Path(out_file).write_text(json.dumps(result))  # kept if the parts below fail or hang
+    dist.barrier()
+    result["lamport"] = _lamport_rows(rank, world, device, group)
+    if rank == 0:
+        Path(out_file).write_text(json.dumps(result))
     dist.barrier()
     result["fused"] = _fused_allreduce_norm_rows(rank, world, device, group)
     if rank == 0:
@@ -123,13 +129,52 @@ def _time_us(fn: Any, graphed: bool) -> float:
     return 1e3 * start.elapsed_time(end) / 50
 
 
+def _lamport_rows(rank: int, world: int, device: Any, group: str) -> list[dict[str, Any]]:
+    """The Lamport all-reduce (backends/cuda_lamport.py) per size: exact sum check, us eager and in a graph."""
+    import torch
+
+    from fxllm.backends import cuda_lamport
+    from fxllm.backends.triton.lamport_all_reduce import lamport_all_reduce
+
+    cuda_lamport.configure_group(group, 256 * 1024, 10.0)  # a lost peer traps after 10 s, not 5 minutes
+    rows: list[dict[str, Any]] = []
+    for tokens in [t for t in TOKENS if t * HIDDEN * 2 <= 256 * 1024]:
+        x = torch.randn(tokens, HIDDEN, device=device).to(torch.bfloat16) * (rank + 1)
+        out = torch.empty_like(x)
+        state = cuda_lamport._state(group, device, x.dtype, 256 * 1024)
+
+        def call(x: torch.Tensor = x, out: torch.Tensor = out, state: Any = state) -> None:
+            lamport_all_reduce(x, out, state.peer_ptrs, state.state, state.rank, state.world, state.seg_elems,
+                               10**10)  # fmt: skip
+
+        parts = [torch.empty_like(x) for _ in range(world)]
+        torch.distributed.all_gather(parts, x)
+        expected = sum(p.float() for p in parts).to(torch.bfloat16)  # fp32 in rank order, one rounding
+        call()
+        torch.cuda.synchronize()
+        row: dict[str, Any] = {
+            "tokens": tokens,
+            "bytes": x.numel() * 2,
+            "ok": bool(torch.equal(out, expected)),
+        }
+        row["eager_us"] = _time_us(call, graphed=False)
+        row["graph_us"] = _time_us(call, graphed=True)
+        call()
+        torch.cuda.synchronize()
+        row["ok_after_graphs"] = bool(torch.equal(out, expected))
+        rows.append(row)
+        if rank == 0:
+            logger.info("lamport all-reduce %s", row)
+    return rows
+
+
 def _fused_allreduce_norm_rows(rank: int, world: int, device: Any, group: str) -> list[dict[str, Any]]:
     """The one-kernel all-reduce + add + RMSNorm (backends/triton/allreduce_norm.py) against the unfused
     symm_mem path: largest |difference| of both outputs, and us per call eager and in a CUDA graph."""
     import torch
 
     from fxllm.backends import cuda_collectives
-    from fxllm.backends.triton import allreduce_norm
+    from fxllm.backends.triton import allreduce_norm, lamport_add_rms_norm
 
     rows: list[dict[str, Any]] = []
     gen = torch.Generator(device=device).manual_seed(0)  # same residual and weight on every rank
@@ -149,13 +194,20 @@ def _fused_allreduce_norm_rows(rank: int, world: int, device: Any, group: str) -
                 def fused(args: tuple = args) -> Any:
                     return allreduce_norm.all_reduce_add_rms_norm(*args)
 
+                def lamport(args: tuple = args) -> Any:
+                    return lamport_add_rms_norm.all_reduce_add_rms_norm(*args)
+
                 ref_norm, ref_sum = unfused()
                 got_norm, got_sum = fused()
                 torch.cuda.synchronize()
                 row["max_abs_diff_norm"] = float((got_norm.float() - ref_norm.float()).abs().max())
                 row["max_abs_diff_sum"] = float((got_sum.float() - ref_sum.float()).abs().max())
                 row["max_abs_norm"] = float(ref_norm.float().abs().max())
-                for name, fn in (("unfused", unfused), ("fused", fused)):
+                got_norm, got_sum = lamport()
+                torch.cuda.synchronize()
+                row["lamport_equal"] = bool(torch.equal(got_norm, ref_norm) and torch.equal(got_sum, ref_sum))
+                row["lamport_max_abs_diff_norm"] = float((got_norm.float() - ref_norm.float()).abs().max())
+                for name, fn in (("unfused", unfused), ("fused", fused), ("lamport", lamport)):
                     row[f"{name}_eager_us"] = _time_us(fn, graphed=False)
                     row[f"{name}_graph_us"] = _time_us(fn, graphed=True)
             except Exception as exc:  # reported; the next sizes still run

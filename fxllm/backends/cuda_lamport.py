@@ -15,7 +15,9 @@ peer writes into a buffer before its owner filled it. A spin that outlasts `para
 traps (the rank dies and the engine reports it) instead of hanging.
 
 Priority 0: chosen only where `compile.op_backends={all_reduce: triton_lamport}` names it, until the
-H100 measurements (benchmarks/gpu_allreduce.py) say it beats "symm_mem".
+H100 measurements (benchmarks/gpu_allreduce.py) say it beats "symm_mem". The same buffer and slot state
+serve backend "triton_lamport" of `fxllm::all_reduce_add_rms_norm` (triton/lamport_add_rms_norm.py: the
+all-reduce, residual add and RMSNorm in one launch; with `parallel.fuse_allreduce_rms_norm=true`).
 """
 
 from __future__ import annotations
@@ -178,10 +180,25 @@ def supports(site: OpSite) -> bool:
         return False  # no such group in this process (e.g. `fxllm compile --explain` without ranks)
 
 
+def all_reduce_add_rms_norm(
+    x: Tensor, residual: Tensor, weight: Tensor, eps: float, group_name: str
+) -> tuple[Tensor, Tensor]:
+    """All-reduce + residual add + RMSNorm in one Lamport launch (triton/lamport_add_rms_norm.py)."""
+    from fxllm.backends.triton import lamport_add_rms_norm
+
+    return lamport_add_rms_norm.all_reduce_add_rms_norm(x, residual, weight, eps, group_name)
+
+
+def _supports_fused(site: OpSite) -> bool:
+    return site.dtype in (torch.bfloat16, torch.float16) and supports(site)
+
+
 def _register() -> None:
     import fxllm.ops  # noqa: F401  (the canonical ops exist before backends register for them)
 
     register_op_backend("all_reduce", BACKEND, all_reduce, supports=supports, priority=PRIORITY)
+    register_op_backend("all_reduce_add_rms_norm", BACKEND, all_reduce_add_rms_norm, supports=_supports_fused,
+                        priority=PRIORITY)  # fmt: skip
 
 
 _register()

@@ -27,6 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fxllm.backends.registry import OpSite, register_op_backend
+from fxllm.backends.triton.norms import add_rms_norm_epilogue
 
 logger = logging.getLogger(__name__)
 
@@ -146,16 +147,7 @@ def _allreduce_add_rms_norm_kernel(
         peer_buffer = tl.load(buffers + peer).to(tl.pointer_type(dtype))
         acc += tl.load(peer_buffer + offset + cols, mask=mask, other=0.0, volatile=True).to(tl.float32)
     _row_barrier(pads, row, rank, WORLD)  # every peer has read this rank's row: it may be overwritten
-    reduced = acc.to(dtype).to(tl.float32)  # the all-reduce's result in the model's dtype, as unfused
-    residual = tl.load(residual_ptr + offset + cols, mask=mask, other=0.0).to(tl.float32)
-    summed = (reduced + residual).to(dtype)
-    tl.store(sum_ptr + offset + cols, summed, mask=mask)
-    xf = summed.to(tl.float32)
-    var = tl.sum(xf * xf, axis=0) / n_cols
-    normed = (xf * tl.rsqrt(var + eps)).to(dtype)
-    w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
-    out = normed.to(tl.float32) * w.to(tl.float32)
-    tl.store(out_ptr + offset + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    add_rms_norm_epilogue(acc, residual_ptr, weight_ptr, out_ptr, sum_ptr, offset, cols, mask, n_cols, eps)
 
 
 def _group_rank_size(group_name: str) -> tuple[int, int]:

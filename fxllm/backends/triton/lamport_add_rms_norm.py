@@ -1,0 +1,161 @@
+"""All-reduce + residual add + RMSNorm in one barrier-free launch: op backend "triton_lamport" of
+`fxllm::all_reduce_add_rms_norm`.
+
+The Lamport all-reduce (lamport_all_reduce.py: clear the next slot, fence, write this rank's part into
+every peer's buffer, spin until every part arrived, sum in rank order) with one program per token row,
+followed by the epilogue the barrier-based fused kernel uses (norms.add_rms_norm_epilogue: the sum
+rounded to the model's dtype, + residual, RMSNorm, times weight; both outputs rounded where the unfused
+path rounds). It shares the plain Lamport all-reduce's buffer and device-side slot state
+(cuda_lamport._state), so the two kernels may follow each other in any order: both follow the same
+protocol, and every program of either sends data after its clears. Rows beyond the buffer's segment,
+other dtypes and widths above `MAX_COLS` take the unfused path, counted and logged.
+
+Registered by cuda_lamport.py (this module holds no registration, so a CPU test may re-import it under
+Triton's interpreter), at priority 0: chosen only where `compile.op_backends={all_reduce_add_rms_norm:
+triton_lamport}` names it (with `parallel.fuse_allreduce_rms_norm=true`), until the H100 says it is faster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fxllm.backends.triton.lamport_all_reduce import SENTINELS, _fence_acq_rel_sys, _globaltimer, _trap
+from fxllm.backends.triton.norms import add_rms_norm_epilogue
+
+logger = logging.getLogger(__name__)
+
+MAX_COLS = 16384
+_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@dataclass
+class Counts:
+    """Calls through the fused kernel and through the unfused path (benchmarks and tests read these)."""
+
+    fused: int = 0
+    fallback: int = 0
+
+
+COUNTS = Counts()
+
+
+@triton.jit
+def _lamport_add_rms_norm_kernel(
+    x_ptr, residual_ptr, weight_ptr, out_ptr, sum_ptr, peer_ptrs, state_ptr, rank, n_cols, seg_elems, eps,
+    timeout_ns, WORLD: tl.constexpr, BLOCK_N: tl.constexpr, SENTINEL: tl.constexpr, USE_ASM: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    int_ty = tl.int16  # bf16 / fp16 bit patterns: -0.0 is the sentinel
+    slot = tl.load(state_ptr).to(tl.int64)  # read before this program arrives at the end
+    nxt = (slot + 1) % 3
+    slot_elems = seg_elems.to(tl.int64) * WORLD
+    own = tl.multiple_of(tl.load(peer_ptrs + rank).to(tl.pointer_type(int_ty)), 16)
+    cols = tl.arange(0, BLOCK_N)
+    sentinel = tl.full([BLOCK_N], SENTINEL, int_ty)
+
+    # 1. Clear slot (b+1)%3 of this rank's buffer where the call that last used it wrote (lamport_all_reduce.py).
+    clear_n = tl.multiple_of((tl.load(state_ptr + 2 + nxt) + 15) // 16 * 16, 16)
+    for start in range(row * BLOCK_N, clear_n, nprog * BLOCK_N):
+        idx = start + cols
+        for r in tl.static_range(WORLD):
+            tl.store(own + nxt * slot_elems + r * seg_elems + idx, sentinel, mask=idx < clear_n)
+    if row == 0:
+        tl.store(state_ptr + 2 + slot, nprog * n_cols)  # slot b holds this many elements per segment
+    # 2. Every thread's clears, then a system-scope fence, before any data leaves this program.
+    tl.debug_barrier()
+    if USE_ASM:
+        _fence_acq_rel_sys()
+
+    # 3. This row, -0.0 sent as +0.0, into segment `rank` of every rank's slot b.
+    mask = cols < n_cols
+    offset = row.to(tl.int64) * n_cols
+    bits = tl.load(x_ptr + offset + cols, mask=mask, other=0.0).to(int_ty, bitcast=True)
+    bits = tl.where(bits == SENTINEL, tl.zeros_like(bits), bits)
+    for r in tl.static_range(WORLD):
+        peer = tl.multiple_of(tl.load(peer_ptrs + r).to(tl.pointer_type(int_ty)), 16)
+        tl.store(peer + slot * slot_elems + rank * seg_elems + offset + cols, bits, mask=mask)
+
+    # 4. Wait for each rank's row, sum in rank order in fp32 (the same sum on every rank).
+    if USE_ASM:
+        started = _globaltimer()
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    dtype = x_ptr.dtype.element_ty
+    for r in tl.static_range(WORLD):
+        segment = own + slot * slot_elems + r * seg_elems + offset + cols
+        got = tl.load(segment, mask=mask, other=0, volatile=True)
+        pending = tl.max(((got == SENTINEL) & mask).to(tl.int32), axis=0)
+        while pending > 0:
+            got = tl.load(segment, mask=mask, other=0, volatile=True)
+            pending = tl.max(((got == SENTINEL) & mask).to(tl.int32), axis=0)
+            if USE_ASM:  # noqa: SIM102  (a constexpr: the interpreter must not see the timer's inline asm)
+                if _globaltimer() - started > timeout_ns:
+                    _trap()  # a peer never sent: fail the context (the rank dies) rather than hang
+        acc += got.to(dtype, bitcast=True).to(tl.float32)
+
+    # 5. + residual, RMSNorm, times weight.
+    add_rms_norm_epilogue(acc, residual_ptr, weight_ptr, out_ptr, sum_ptr, offset, cols, mask, n_cols, eps)
+
+    # The last program of this call moves every rank's next call to slot (b+1)%3.
+    arrived = tl.atomic_add(state_ptr + 1, 1)
+    if arrived == nprog - 1:
+        tl.store(state_ptr + 1, 0)
+        tl.store(state_ptr, nxt.to(tl.int32))
+
+
+def eligible(x: Tensor, residual: Tensor, weight: Tensor, max_bytes: int) -> bool:
+    """Whether the fused Lamport kernel takes these tensors (else the unfused path does)."""
+    n_cols = x.shape[-1]
+    return (
+        x.dtype in _DTYPES
+        and residual.dtype == x.dtype
+        and residual.shape == x.shape
+        and weight.shape == (n_cols,)
+        and 0 < n_cols <= MAX_COLS
+        and 0 < x.numel() * x.element_size() <= max_bytes
+    )
+
+
+def _fallback(
+    x: Tensor, residual: Tensor, weight: Tensor, eps: float, group_name: str
+) -> tuple[Tensor, Tensor]:
+    from fxllm.backends import cuda_collectives
+
+    COUNTS.fallback += 1
+    if COUNTS.fallback == 1 or COUNTS.fallback % 10000 == 0:
+        logger.info("lamport all-reduce + RMSNorm: %s rows of %s %s take the unfused path (%d calls so far)",
+                    x.numel() // max(x.shape[-1], 1), x.shape[-1], x.dtype, COUNTS.fallback)  # fmt: skip
+    return cuda_collectives.all_reduce_add_rms_norm(x, residual, weight, eps, group_name)
+
+
+def all_reduce_add_rms_norm(
+    x: Tensor, residual: Tensor, weight: Tensor, eps: float, group_name: str
+) -> tuple[Tensor, Tensor]:
+    """(rms_norm(all_reduce(x) + residual) * weight, all_reduce(x) + residual) in one barrier-free launch."""
+    from fxllm.backends import cuda_lamport
+
+    max_bytes = cuda_lamport.limits(group_name).max_bytes
+    if not eligible(x, residual, weight, max_bytes):
+        return _fallback(x, residual, weight, eps, group_name)
+    state = cuda_lamport._state(group_name, x.device, x.dtype, max_bytes)
+    n_cols = x.shape[-1]
+    x2 = x.reshape(-1, n_cols).contiguous()
+    r2 = residual.reshape(-1, n_cols).contiguous()
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    summed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    COUNTS.fused += 1
+    block_n = triton.next_power_of_2(n_cols)
+    timeout_ns = int(cuda_lamport.limits(group_name).timeout_s * 1e9)
+    _lamport_add_rms_norm_kernel[(x2.shape[0],)](
+        x2, r2, weight.contiguous(), out, summed, state.peer_ptrs, state.state, state.rank, n_cols,
+        state.seg_elems, eps, timeout_ns, WORLD=state.world, BLOCK_N=block_n, SENTINEL=SENTINELS[x.dtype],
+        USE_ASM=os.environ.get("TRITON_INTERPRET") != "1", num_warps=4 if block_n <= 4096 else 8,
+    )  # fmt: skip
+    return out, summed
