@@ -17,6 +17,7 @@ from fxllm.passes.graph_utils import (
     drop_attr_if_unused,
     fetch_attr,
     is_op,
+    one_thread,
     recompile,
     split_merged_output,
 )
@@ -78,18 +79,21 @@ def merge_linears(gm: GraphModule, ctx: PassContext) -> PassResult:
     # Positions of the original nodes: merging inserts new nodes before a group's first linear only,
     # so the order among the nodes still to be merged never changes.
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    for source, linears in groups.items():
-        if len(linears) < 2:
-            continue
-        has_bias = {arg(n, 2, "bias") is not None for n in linears}
-        tensors = [fetch_attr(gm, _weight_of(n).target) for n in linears]  # type: ignore[union-attr]
-        if len(has_bias) != 1 or len({(t.dtype, t.device, t.shape[1:]) for t in tensors}) != 1:
-            result.notes.append(f"{source.name}: linears differ in bias/dtype/shape; not merged")
-            continue
-        if any(isinstance(arg(n, 2, "bias"), Node) and arg(n, 2, "bias").op != "get_attr" for n in linears):
-            continue
-        _merge_group(gm, source, linears, result.num_matches, order)
-        result.num_matches += 1
+    with one_thread():  # the weight copies are memory-bound (graph_utils.one_thread)
+        for source, linears in groups.items():
+            if len(linears) < 2:
+                continue
+            has_bias = {arg(n, 2, "bias") is not None for n in linears}
+            tensors = [fetch_attr(gm, _weight_of(n).target) for n in linears]  # type: ignore[union-attr]
+            if len(has_bias) != 1 or len({(t.dtype, t.device, t.shape[1:]) for t in tensors}) != 1:
+                result.notes.append(f"{source.name}: linears differ in bias/dtype/shape; not merged")
+                continue
+            if any(
+                isinstance(arg(n, 2, "bias"), Node) and arg(n, 2, "bias").op != "get_attr" for n in linears
+            ):
+                continue
+            _merge_group(gm, source, linears, result.num_matches, order)
+            result.num_matches += 1
     if result.num_matches:
         recompile(gm)
     return result
