@@ -3,6 +3,7 @@
     python benchmarks/pass_profile.py --out /tmp/passes            # SmolLM2, CPU, as a start runs them
     python benchmarks/pass_profile.py --out /tmp/passes --profile 40   # plus the cProfile's top 40 (cumulative)
     python benchmarks/pass_profile.py --out /tmp/passes --smoke     # tiny-llama, 2 layers: seconds
+    python benchmarks/pass_profile.py --out /tmp/passes --model llama-3.1-8b --device cuda --runs 2   # the H100
 
 Writes `passes.json` (per-pass seconds of each run, the load average, the code's sha256) and `code.txt` (the
 post-pass graph's Python code: two versions of the passes must print the same text). `--runs 2` runs the
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 def _one_run(model: torch.nn.Module, recorder: bool, profiler: cProfile.Profile | None) -> dict[str, Any]:
     captured = capture(model)
-    ctx = PassContext(model_config=model.config, device=torch.device("cpu"), dtype=torch.float32)
+    ctx = PassContext(model_config=model.config, device=captured.device, dtype=captured.dtype)
     start, cpu_start = time.perf_counter(), time.process_time()
     if profiler is not None:
         profiler.enable()
@@ -70,6 +71,12 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--smoke", action="store_true", help="tiny-llama with 2 layers")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda (the H100: --model llama-3.1-8b --device cuda)"
+    )
+    parser.add_argument(
+        "--dtype", default=None, help="the model's dtype (default: the loader's for the device)"
+    )
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--profile", type=int, default=0, help="print the cProfile's top N (first run)")
     parser.add_argument(
@@ -86,7 +93,7 @@ def main() -> None:
     if args.cpu_time:  # the pipeline times each pass with time.perf_counter: give it the process's CPU clock
         pipeline.time = SimpleNamespace(perf_counter=time.process_time)  # type: ignore[attr-defined]
     name = "tiny-llama" if args.smoke else args.model
-    model = load_model(name, num_layers=2 if args.smoke else None).model
+    model = load_model(name, device=args.device, dtype=args.dtype, num_layers=2 if args.smoke else None).model
     load_before = os.getloadavg()
     runs = []
     for index in range(args.runs):
