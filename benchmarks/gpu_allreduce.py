@@ -4,7 +4,8 @@ Usage (GPU machine, repo root; < 150 s on 2 H100s):
     PYTHONPATH=. python3 benchmarks/gpu_allreduce.py --out $OUT [--budget-s 150]
 One process per GPU (spawned), joined as fxllm joins a tensor-parallel group (runtime/distributed/group.py:
 NCCL, symmetric-memory buffers). Per message size, bf16, 8 KB .. 1 MB:
-  (a) correctness of cuda_lamport.all_reduce: 200 eager calls with new data each (some -0.0 entries), then
+  (a) correctness of the Lamport kernel (called directly: the backend routes eager calls to symm_mem):
+      200 eager calls with new data each (some -0.0 entries), then
       one CUDA graph of 64 calls replayed 50 times with new inputs copied in between, each replay followed
       by one eager call (eager and graph calls share the device-side slot); every result must EQUAL the
       fp32 sum in rank order rounded once to bf16, on every rank (so the ranks are bit-identical); the
@@ -57,6 +58,21 @@ def _reference(xs: Any) -> Any:
     for x in xs[1:]:
         total = total + x.float()
     return total.to(xs.dtype)
+
+
+def _lamport(x: Any, group: str) -> Any:
+    """The Lamport kernel itself, eager or captured (cuda_lamport.all_reduce sends eager calls to symm_mem)."""
+    import torch
+
+    from fxllm.backends import cuda_lamport
+    from fxllm.backends.triton.lamport_all_reduce import lamport_all_reduce
+
+    limits = cuda_lamport.limits(group)
+    state = cuda_lamport._state(group, x.device, x.dtype, limits.max_bytes)
+    out = torch.empty_like(x)
+    lamport_all_reduce(x.contiguous(), out, state.peer_ptrs, state.state, state.rank, state.world,
+                       state.seg_elems, int(limits.timeout_s * 1e9))  # fmt: skip
+    return out
 
 
 def _check_size(
@@ -209,11 +225,9 @@ def _worker(
                 row["lamport"].update(_latency_us(lambda x=x: nccl_out_of_place(x), device, graphs=False))
             else:
                 row["lamport"] = _check_size(
-                    rank, world, n, device, lambda t: cuda_lamport.all_reduce(t, group), graphs=True
+                    rank, world, n, device, lambda t: _lamport(t, group), graphs=True
                 )
-                row["lamport"].update(
-                    _latency_us(lambda x=x: cuda_lamport.all_reduce(x, group), device, graphs=True)
-                )
+                row["lamport"].update(_latency_us(lambda x=x: _lamport(x, group), device, graphs=True))
                 row["symm_mem"] = _latency_us(
                     lambda x=x: cuda_collectives.all_reduce(x, group), device, graphs=True
                 )

@@ -34,7 +34,10 @@ from fxllm.config import ParallelConfig
 logger = logging.getLogger(__name__)
 
 BACKEND = "triton_lamport"
-PRIORITY = 0  # below symm_mem (10): only where compile.op_backends names it, until measured faster
+# Above symm_mem (10): 2 x H100, 8B TP=2 batch-1 decode 3.94 vs 4.14 ms/token, every result exact
+# (2026-11-28, benchmarks/RESULTS.md). The fused all-reduce + RMSNorm stays at 0 (not run on a GPU yet).
+PRIORITY = 15
+FUSED_PRIORITY = 0
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _WORLD_SIZES = (2, 4, 8)
 _ALIGN_ELEMS = 16  # segments a multiple of 16 elements: 16-byte vector accesses for every dtype
@@ -53,7 +56,8 @@ class Counts:
     """Calls per path (benchmarks and tests read these)."""
 
     lamport: int = 0
-    fallback: int = 0
+    fallback: int = 0  # above parallel.lamport_max_bytes (or a dtype the kernel does not take)
+    eager: int = 0  # outside a CUDA-graph capture: symm_mem by design
 
 
 @dataclass
@@ -89,9 +93,11 @@ def segment_elems(max_bytes: int, dtype: torch.dtype) -> int:
     return -(-elems // _ALIGN_ELEMS) * _ALIGN_ELEMS
 
 
-def route(nbytes: int, dtype: torch.dtype, max_bytes: int) -> str:
-    """ "lamport" or "fallback" for a message of `nbytes` (host logic, tested on the CPU)."""
-    if max_bytes <= 0 or nbytes == 0 or nbytes > max_bytes or dtype not in _DTYPES:
+def route(nbytes: int, dtype: torch.dtype, max_bytes: int, capturing: bool = True) -> str:
+    """ "lamport" or "fallback" for a message of `nbytes` (host logic, tested on the CPU). Outside a CUDA-graph
+    capture the fallback too: an eager Lamport call costs ~65 us of Triton's Python launch path against
+    ~37 us for symm_mem (2 x H100), while inside a graph the Lamport kernel is 4.9 us against 8.6."""
+    if max_bytes <= 0 or nbytes == 0 or nbytes > max_bytes or dtype not in _DTYPES or not capturing:
         return "fallback"
     return "lamport"
 
@@ -140,16 +146,26 @@ def _fallback(x: Tensor, group_name: str) -> Tensor:
 
 
 def all_reduce(x: Tensor, group_name: str) -> Tensor:
-    """Sum over the group: the Lamport kernel up to the group's limit, symm_mem above."""
+    """Sum over the group: the Lamport kernel inside CUDA graphs up to the group's limit, symm_mem otherwise."""
     group_limits = limits(group_name)
     nbytes = x.numel() * x.element_size()
     if nbytes == 0:
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if route(nbytes, x.dtype, group_limits.max_bytes) != "lamport":
         return _fallback(x, group_name)
+    # Made in the eager warm-up call that precedes every capture (every rank together): a rendezvous cannot
+    # run inside a capture.
+    state = _state(group_name, x.device, x.dtype, group_limits.max_bytes)
+    if route(nbytes, x.dtype, group_limits.max_bytes, torch.cuda.is_current_stream_capturing()) != "lamport":
+        from fxllm.backends import cuda_collectives
+
+        COUNTS.eager += 1
+        if COUNTS.eager == 1:
+            logger.info("lamport all_reduce: eager calls (outside CUDA graphs) take symm_mem, whose launch is "
+                        "cheaper; counted in cuda_lamport.COUNTS.eager")  # fmt: skip
+        return cuda_collectives.all_reduce(x, group_name)
     from fxllm.backends.triton.lamport_all_reduce import lamport_all_reduce
 
-    state = _state(group_name, x.device, x.dtype, group_limits.max_bytes)
     COUNTS.lamport += 1
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     lamport_all_reduce(x.contiguous(), out, state.peer_ptrs, state.state, state.rank, state.world,
@@ -198,7 +214,7 @@ def _register() -> None:
 
     register_op_backend("all_reduce", BACKEND, all_reduce, supports=supports, priority=PRIORITY)
     register_op_backend("all_reduce_add_rms_norm", BACKEND, all_reduce_add_rms_norm, supports=_supports_fused,
-                        priority=PRIORITY)  # fmt: skip
+                        priority=FUSED_PRIORITY)  # fmt: skip
 
 
 _register()
