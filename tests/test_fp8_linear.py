@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import fxllm
 from fxllm.config import load_config
-from fxllm.models import load_model
+from fxllm.models import LoadedModel, load_model
 from fxllm.ops.fp8_linear import fp8_linear_reference
 from fxllm.passes.quantize_fp8 import excluded_by
 from fxllm.quantization.fp8 import (
@@ -144,24 +144,24 @@ def test_method_none_and_config_checks(tiny: torch.nn.Module) -> None:
                       quantization={"method": "fp8", "activation_scheme": "static_tensor"})  # fmt: skip
 
 
-@pytest.mark.slow
-def test_smollm2_fp8_logits() -> None:
-    """SmolLM2 (real weights) on real English: compiled FP8 == its dequantized reference (1e-4), and vs the
-    float model e4m3's error only: measured rel 0.061 and top-1 0.93 on 311 tokens (bounds 0.1 / 0.85)."""
+def test_smollm2_fp8_logits(smollm2_short: LoadedModel) -> None:
+    """SmolLM2 (real weights, its first 4 layers: every kind of GEMM) on real English: compiled FP8 == its
+    dequantized reference (1e-4), and vs the float model e4m3's error only. Measured on these 128 tokens:
+    rel 0.0195 and top-1 0.93 (4 layers; 30 layers: 0.065 and 0.88); bounds 0.04 / 0.85, and rel > 0.005
+    (e4m3 rounding did happen: float32 rounding alone is ~1e-6)."""
     import pydoc_data.topics
 
-    loaded = load_model("smollm2")
-    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    model, tokenizer = smollm2_short.model.eval(), smollm2_short.tokenizer
     text = pydoc_data.topics.topics["if"] + pydoc_data.topics.topics["while"]
     ids = torch.tensor([tokenizer(text)["input_ids"][:128]])
     cm = fxllm.compile(copy.deepcopy(model), backend="eager", quantization="fp8")
-    assert cm.fxllm_op_counts()["fxllm.fp8_gemm.default"] == 120  # 30 layers x (qkv, o, gate_up, down)
+    assert cm.fxllm_op_counts()["fxllm.fp8_gemm.default"] == 16  # 4 layers x (qkv, o, gate_up, down)
     out = cm(ids)
     with torch.no_grad():
         expected = fp8_reference_model(model)(ids).logits
         exact = model(ids).logits
     assert rel(out, expected) < 1e-4
-    assert rel(out, exact) < 0.1
+    assert 0.005 < rel(out, exact) < 0.04
     assert float((out.argmax(-1) == exact.argmax(-1)).float().mean()) >= 0.85
 
 
