@@ -21,6 +21,7 @@ import logging
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,10 @@ def main() -> None:
     prompts = {c: chat(engine.tokenizer, PROMPTS[CASES[c]]) for c in cases}
 
     rates: dict[str, dict[str, list[float]]] = {c: {m: [] for m in MODES} for c in cases}
+    # Tokens per CPU-second of this process over the whole request (prefill included, alike in all modes):
+    # on an oversubscribed box wall time follows the other processes; 1-thread CPU time less so (cache and
+    # core sharing still move it).
+    cpu_rates: dict[str, dict[str, list[float]]] = {c: {m: [] for m in MODES} for c in cases}
     tokens: dict[str, dict[str, list[int]]] = {c: {} for c in cases}
     counters: dict[str, dict[str, Any]] = {c: {} for c in cases}
     for rep in range(args.repeats):
@@ -83,7 +88,9 @@ def main() -> None:
                 engine.speculator = spec
                 engine.kv_cache.reset_prefix_cache()  # every run prefills its prompt
                 before = dict(vars(spec.stats)) if spec is not None else {}
+                cpu = time.process_time()
                 toks, rate, m = run_one(llm, prompts[case], args.max_tokens)
+                cpu_rates[case][mode].append(len(toks) / (time.process_time() - cpu))
                 rates[case][mode].append(rate)
                 tokens[case].setdefault(mode, toks)
                 if spec is not None:
@@ -99,12 +106,16 @@ def main() -> None:
           f"{'auto/plain':>10} {'auto/on':>8}  auto: speculated / skipped / explored steps, mismatches")  # fmt: skip
     for case in cases:
         med = {m: statistics.median(rates[case][m]) for m in MODES}
+        cpu_med = {m: statistics.median(cpu_rates[case][m]) for m in MODES}
         auto_counts = counters[case].get("auto", [])
         total = {k: sum(c[k] for c in auto_counts) for k in ("steps_speculated", "steps_skipped_cost",
                                                               "steps_explored")}  # fmt: skip
         mismatches = sum(tokens[case][m] != tokens[case]["plain"] for m in ("on", "auto"))
         results["cases"][case] = {
             "tok_s": rates[case],
+            "tok_per_cpu_s": cpu_rates[case],
+            "cpu_on_vs_plain": cpu_med["on"] / cpu_med["plain"],
+            "cpu_auto_vs_plain": cpu_med["auto"] / cpu_med["plain"],
             "median_tok_s": med,
             "on_vs_plain": med["on"] / med["plain"],
             "auto_vs_plain": med["auto"] / med["plain"],
@@ -116,7 +127,8 @@ def main() -> None:
         r = results["cases"][case]
         print(f"{case:<14} {med['plain']:>11.2f} {med['on']:>9.2f} {med['auto']:>10.2f} {r['on_vs_plain']:>8.2f}x "
               f"{r['auto_vs_plain']:>9.2f}x {r['auto_vs_on']:>7.2f}x  {total['steps_speculated']} / "
-              f"{total['steps_skipped_cost']} / {total['steps_explored']}, {mismatches}")  # fmt: skip
+              f"{total['steps_skipped_cost']} / {total['steps_explored']}, {mismatches}; per CPU-second: "
+              f"on {r['cpu_on_vs_plain']:.2f}x, auto {r['cpu_auto_vs_plain']:.2f}x")  # fmt: skip
     cost = auto.cost
     results["auto_estimates_ms"] = {
         str(b): {"plain": cost.plain[b].seconds * 1e3, "verify": cost.verify[b].seconds * 1e3}

@@ -17,7 +17,7 @@ import torch
 
 from fxllm.config import config_from_dict, load_config
 from fxllm.llm import LLM
-from fxllm.models import load_model
+from fxllm.models import LoadedModel, load_model
 from fxllm.runtime.engine import Engine
 from fxllm.runtime.sampling_params import SamplingParams
 from fxllm.runtime.sequence import Sequence
@@ -32,8 +32,8 @@ GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def parts() -> tuple[torch.nn.Module, Any]:
-    return load_model("tiny-llama").model, load_model("smollm2").tokenizer
+def parts(smollm2: LoadedModel) -> tuple[torch.nn.Module, Any]:
+    return load_model("tiny-llama").model, smollm2.tokenizer  # decodes the tiny model's ids into text
 
 
 def make_engine(parts: tuple[torch.nn.Module, Any], *overrides: str) -> Engine:
