@@ -199,8 +199,8 @@ def lower_node(
 @register_pass("lower_ops", "lower", _builtin=True)
 def lower_ops(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Rewrite every canonical fxllm op node to its chosen implementation (or inline the reference)."""
+    import_device_backends(ctx.device)  # first: a preference may name a backend only the device registers
     check_preferences(ctx.op_backends)
-    import_device_backends(ctx.device)
     decisions = []
     traced: dict[tuple[Any, ...], GraphModule] = {}
     for node in list(gm.graph.nodes):
