@@ -6,6 +6,8 @@ import copy
 import dataclasses
 from pathlib import Path
 
+import torch
+
 from fxllm.models.loader import LoadedModel
 
 
@@ -26,3 +28,13 @@ def save_hf_folder(loaded: LoadedModel, folder: Path) -> str:
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def cast_parameters(loaded: LoadedModel, dtype: torch.dtype) -> LoadedModel:
+    """A copy of `loaded` with its parameters in `dtype` and its buffers (RoPE's float32 inv_freq) as they
+    are: parameter for parameter what `load_model(..., dtype=dtype)` gives, without another GGUF load."""
+    model = copy.deepcopy(loaded.model)
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+    model.config.dtype = dtype
+    return dataclasses.replace(loaded, model=model)

@@ -22,7 +22,7 @@ from test_speculative_engine import CASES, GREEDY, PROMPTS, run
 
 from fxllm.config import load_config
 from fxllm.llm import LLM
-from fxllm.models import load_model
+from fxllm.models import LoadedModel, load_model
 from fxllm.passes.expose_hidden_states import default_layer_ids
 from fxllm.runtime.engine import Engine
 from fxllm.runtime.sampling_params import SamplingParams
@@ -38,8 +38,10 @@ KV_ATOL = 1e-4  # see the module docstring
 
 
 @pytest.fixture(scope="module")
-def parts(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Any, Path]:
-    tokenizer = load_model("smollm2").tokenizer  # decodes the tiny model's ids (< 512) into real text
+def parts(
+    tmp_path_factory: pytest.TempPathFactory, smollm2: LoadedModel
+) -> tuple[torch.nn.Module, Any, Path]:
+    tokenizer = smollm2.tokenizer  # decodes the tiny model's ids (< 512) into real text
     model = load_model("tiny-llama").model
     head = write_random_head(tmp_path_factory.mktemp("eagle3") / "head", model.config, draft_vocab_size=128)
     return model, tokenizer, head
@@ -179,9 +181,9 @@ def test_accepted_runs_keep_the_head_kv_exact(parts, buckets: bool) -> None:
 
 
 @pytest.mark.slow
-def test_smollm2_greedy_equals_plain() -> None:
+def test_smollm2_greedy_equals_plain(smollm2: LoadedModel) -> None:
     """The real model (30 layers: the head reads layers 2, 15, 27), float32, a few chat prompts."""
-    loaded = load_model("smollm2")
+    loaded = smollm2
     tok = loaded.tokenizer
     texts = ["Copy this exactly: the meeting is on Tuesday at 10am in room 4B.",
              "def area(w, h):\n    return w * h\n\nExplain this function in one sentence.",

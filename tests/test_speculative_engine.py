@@ -19,7 +19,7 @@ import torch
 
 from fxllm.config import load_config
 from fxllm.llm import LLM
-from fxllm.models import load_model
+from fxllm.models import LoadedModel, load_model
 from fxllm.runtime.engine import Engine
 from fxllm.runtime.sampling_params import RequestOutputKind, SamplingParams
 
@@ -30,8 +30,8 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def parts() -> tuple[torch.nn.Module, Any]:
-    tokenizer = load_model("smollm2").tokenizer  # decodes the tiny model's ids (< 512) into real text
+def parts(smollm2: LoadedModel) -> tuple[torch.nn.Module, Any]:
+    tokenizer = smollm2.tokenizer  # decodes the tiny model's ids (< 512) into real text
     return load_model("tiny-llama").model, tokenizer
 
 

@@ -25,7 +25,7 @@ import torch
 
 from fxllm.config import load_config
 from fxllm.llm import LLM
-from fxllm.models import load_model
+from fxllm.models import LoadedModel
 from fxllm.runtime.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -48,11 +48,6 @@ TASKS = [
     "Extract the names, numbers and places from the following text, in order:\n\n{}",
     "Edit the following text: replace every full stop by an exclamation mark and keep the rest:\n\n{}",
 ]
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> Any:
-    return load_model("smollm2")
 
 
 def _prompts(tokenizer: Any) -> list[list[int]]:
@@ -80,7 +75,7 @@ def _near_tie(model: torch.nn.Module, context: list[int], tokens: tuple[int, int
 
 
 @pytest.mark.slow  # ~30 s on an idle 2-core box (loading SmolLM2 included); minutes when it is shared
-def test_ngram_greedy_equals_plain_on_32_input_grounded_prompts(smollm2) -> None:
+def test_ngram_greedy_equals_plain_on_32_input_grounded_prompts(smollm2: LoadedModel) -> None:
     overrides = ["compile.backend=eager", "model.dtype=float32", "model.max_model_len=512",
                  "speculative.method=ngram", "speculative.num_speculative_tokens=4",
                  "speculative.disable_batch_size=0", "speculative.min_acceptance_rate=0"]  # fmt: skip
