@@ -8,6 +8,7 @@ finish_reason "stop", and stop_reason the string or the id, streamed or not.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ from server_fixtures import uvicorn_on_loopback
 
 from fxllm.config import config_from_dict
 from fxllm.llm import LLM
+from fxllm.models import LoadedModel
 from fxllm.runtime.sampling_params import SamplingParams
 from fxllm.serve.server import create_app
 
@@ -65,9 +67,10 @@ def _stops(tok: Any, ids: list[int]) -> Stops:
 
 
 @pytest.fixture(scope="module")
-def llm() -> Iterator[LLM]:
+def llm(smollm2: LoadedModel) -> Iterator[LLM]:
     config = config_from_dict({"compile": {"backend": "eager"}, "cache": {"cpu_kv_bytes": 64 << 20}})
-    llm = LLM(MODEL, config=config)
+    # The session's SmolLM2 (conftest.py), not a second GGUF load; the model served under its name.
+    llm = LLM(copy.deepcopy(smollm2.model), config=config, tokenizer=smollm2.tokenizer)
     yield llm
     llm.shutdown()
 
