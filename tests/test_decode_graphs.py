@@ -127,7 +127,7 @@ SPEC_PROMPTS = [
 
 def _spec_llm(hf, sizes: list[int] | None, k: int = 4) -> LLM:
     overrides = ["compile.backend=eager", "model.max_model_len=256", "speculative.method=ngram",
-                 f"speculative.num_speculative_tokens={k}", "speculative.min_acceptance_rate=0"]  # fmt: skip
+                 f"speculative.num_speculative_tokens={k}", "speculative.min_acceptance_rate=0", "speculative.auto_disable=off"]  # fmt: skip
     llm = LLM(copy.deepcopy(hf.model), config=load_config(None, overrides), tokenizer=hf.tokenizer)
     if sizes is not None:  # what the builder does on a GPU, without capture
         llm.engine.runner.enable_decode_graphs(sizes, llm.engine.max_model_len, capture=False)

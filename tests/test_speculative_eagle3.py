@@ -49,7 +49,12 @@ def parts(
 
 def make_engine(parts: tuple[torch.nn.Module, Any, Path], spec: bool, *overrides: str) -> Engine:
     model, tokenizer, head = parts
-    sections = ["speculative.method=eagle3", f"speculative.model={head}", "speculative.min_acceptance_rate=0"]
+    sections = [
+        "speculative.method=eagle3",
+        f"speculative.model={head}",
+        "speculative.min_acceptance_rate=0",
+        "speculative.auto_disable=off",
+    ]
     config = load_config(None, ["compile.backend=eager", "model.dtype=float32", *(sections if spec else []),
                                 *overrides])  # fmt: skip
     return LLM(copy.deepcopy(model), config=config, tokenizer=tokenizer).engine
@@ -203,6 +208,7 @@ def test_smollm2_greedy_equals_plain(smollm2: LoadedModel) -> None:
                 "speculative.method=eagle3",
                 f"speculative.model={head}",
                 "speculative.min_acceptance_rate=0",
+                "speculative.auto_disable=off",
             ]
             config = load_config(
                 None, ["model.dtype=float32", "compile.backend=eager", *(extra if spec else [])]

@@ -37,7 +37,11 @@ def parts(smollm2: LoadedModel) -> tuple[torch.nn.Module, Any]:
 
 def make_engine(parts: tuple[torch.nn.Module, Any], spec: bool, *overrides: str) -> Engine:
     model, tokenizer = parts
-    sections = ["speculative.method=ngram", "speculative.min_acceptance_rate=0"] if spec else []
+    sections = (
+        ["speculative.method=ngram", "speculative.min_acceptance_rate=0", "speculative.auto_disable=off"]
+        if spec
+        else []
+    )
     config = load_config(None, ["compile.backend=eager", "model.dtype=float32", *sections, *overrides])
     return LLM(copy.deepcopy(model), config=config, tokenizer=tokenizer).engine
 
@@ -157,7 +161,15 @@ def test_model_drafters(method: str) -> None:
     base = ["model.model=tiny-llama", "compile.backend=eager", "model.dtype=float32"]
     extra = ["speculative.model=tiny-llama"] if method == "draft_model" else ["speculative.draft_layers=1"]
     plain = LLM(overrides=base)
-    spec = LLM(overrides=[*base, f"speculative.method={method}", "speculative.min_acceptance_rate=0", *extra])
+    spec = LLM(
+        overrides=[
+            *base,
+            f"speculative.method={method}",
+            "speculative.min_acceptance_rate=0",
+            "speculative.auto_disable=off",
+            *extra,
+        ]
+    )
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
     want = [o.outputs[0].token_ids for o in plain.generate(PROMPTS, params)]
     outs = spec.generate(PROMPTS, params)

@@ -78,7 +78,8 @@ def _near_tie(model: torch.nn.Module, context: list[int], tokens: tuple[int, int
 def test_ngram_greedy_equals_plain_on_32_input_grounded_prompts(smollm2: LoadedModel) -> None:
     overrides = ["compile.backend=eager", "model.dtype=float32", "model.max_model_len=512",
                  "speculative.method=ngram", "speculative.num_speculative_tokens=4",
-                 "speculative.disable_batch_size=0", "speculative.min_acceptance_rate=0"]  # fmt: skip
+                 "speculative.disable_batch_size=0", "speculative.min_acceptance_rate=0",
+                 "speculative.auto_disable=off"]  # fmt: skip
     llm = LLM(copy.deepcopy(smollm2.model), config=load_config(None, overrides), tokenizer=smollm2.tokenizer)
     engine = llm.engine
     speculator = engine.speculator
