@@ -26,7 +26,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fxllm.backends.triton.lamport_all_reduce import SENTINELS, _fence_acq_rel_sys, _globaltimer, _trap
+from fxllm.backends.triton.lamport_all_reduce import (
+    SENTINELS,
+    _fence_acq_rel_sys,
+    clear_next_slot,
+    finish_call,
+    wait_and_sum,
+)
 from fxllm.backends.triton.norms import add_rms_norm_epilogue
 
 logger = logging.getLogger(__name__)
@@ -62,11 +68,7 @@ def _lamport_add_rms_norm_kernel(
     sentinel = tl.full([BLOCK_N], SENTINEL, int_ty)
 
     # 1. Clear slot (b+1)%3 of this rank's buffer where the call that last used it wrote (lamport_all_reduce.py).
-    clear_n = tl.multiple_of((tl.load(state_ptr + 2 + nxt) + 15) // 16 * 16, 16)
-    for start in range(row * BLOCK_N, clear_n, nprog * BLOCK_N):
-        idx = start + cols
-        for r in tl.static_range(WORLD):
-            tl.store(own + nxt * slot_elems + r * seg_elems + idx, sentinel, mask=idx < clear_n)
+    clear_next_slot(own, state_ptr, nxt, slot_elems, seg_elems, row, nprog, cols, sentinel, WORLD, BLOCK_N)
     if row == 0:
         tl.store(state_ptr + 2 + slot, nprog * n_cols)  # slot b holds this many elements per segment
     # 2. Every thread's clears, then a system-scope fence, before any data leaves this program.
@@ -84,30 +86,14 @@ def _lamport_add_rms_norm_kernel(
         tl.store(peer + slot * slot_elems + rank * seg_elems + offset + cols, bits, mask=mask)
 
     # 4. Wait for each rank's row, sum in rank order in fp32 (the same sum on every rank).
-    if USE_ASM:
-        started = _globaltimer()
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     dtype = x_ptr.dtype.element_ty
-    for r in tl.static_range(WORLD):
-        segment = own + slot * slot_elems + r * seg_elems + offset + cols
-        got = tl.load(segment, mask=mask, other=0, volatile=True)
-        pending = tl.max(((got == SENTINEL) & mask).to(tl.int32), axis=0)
-        while pending > 0:
-            got = tl.load(segment, mask=mask, other=0, volatile=True)
-            pending = tl.max(((got == SENTINEL) & mask).to(tl.int32), axis=0)
-            if USE_ASM:  # noqa: SIM102  (a constexpr: the interpreter must not see the timer's inline asm)
-                if _globaltimer() - started > timeout_ns:
-                    _trap()  # a peer never sent: fail the context (the rank dies) rather than hang
-        acc += got.to(dtype, bitcast=True).to(tl.float32)
+    acc = wait_and_sum(own + slot * slot_elems + offset + cols, seg_elems, mask, state_ptr, timeout_ns, dtype,
+                       BLOCK_N, WORLD, SENTINEL, USE_ASM)  # fmt: skip
 
     # 5. + residual, RMSNorm, times weight.
     add_rms_norm_epilogue(acc, residual_ptr, weight_ptr, out_ptr, sum_ptr, offset, cols, mask, n_cols, eps)
 
-    # The last program of this call moves every rank's next call to slot (b+1)%3.
-    arrived = tl.atomic_add(state_ptr + 1, 1)
-    if arrived == nprog - 1:
-        tl.store(state_ptr + 1, 0)
-        tl.store(state_ptr, nxt.to(tl.int32))
+    finish_call(state_ptr, nxt, nprog)
 
 
 def eligible(x: Tensor, residual: Tensor, weight: Tensor, max_bytes: int) -> bool:

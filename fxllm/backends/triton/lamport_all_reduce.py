@@ -88,11 +88,7 @@ def _lamport_all_reduce_kernel(
     # 1. Clear slot (b+1)%3 of this rank's buffer where the call that last used it wrote.
     # Rounded up to 16 elements (the segments are, and those past the size are the sentinel already) so
     # the stores are 16-byte vectors.
-    clear_n = tl.multiple_of((tl.load(state_ptr + 2 + nxt) + 15) // 16 * 16, 16)
-    for start in range(pid * BLOCK, clear_n, nprog * BLOCK):
-        idx = tl.max_contiguous(tl.multiple_of(start + arange, BLOCK), BLOCK)
-        for r in tl.static_range(WORLD):
-            tl.store(own + nxt * slot_elems + r * seg_elems + idx, sentinel, mask=idx < clear_n)
+    clear_next_slot(own, state_ptr, nxt, slot_elems, seg_elems, pid, nprog, arange, sentinel, WORLD, BLOCK)
     if pid == 0:
         tl.store(state_ptr + 2 + slot, n)  # slot b holds n elements per segment after this call
     # 2. Every thread's clears, then a system-scope fence, before any data leaves this program.
@@ -110,11 +106,34 @@ def _lamport_all_reduce_kernel(
         tl.store(peer + slot * slot_elems + rank * seg_elems + offs, bits, mask=mask)
 
     # 4-5. Wait for each rank's segment, sum in rank order in fp32.
+    acc = wait_and_sum(own + slot * slot_elems + offs, seg_elems, mask, state_ptr, timeout_ns, dtype, BLOCK,
+                       WORLD, SENTINEL, USE_ASM)  # fmt: skip
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    finish_call(state_ptr, nxt, nprog)
+
+
+@triton.jit
+def clear_next_slot(own, state_ptr, nxt, slot_elems, seg_elems, pid, nprog, arange, sentinel,
+                    WORLD: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Step 1: this program's share of slot `nxt` of its own buffer (every segment, as far as the call that
+    last used it wrote, rounded up to 16 elements so the stores are 16-byte vectors) back to the sentinel."""
+    clear_n = tl.multiple_of((tl.load(state_ptr + 2 + nxt) + 15) // 16 * 16, 16)
+    for start in range(pid * BLOCK, clear_n, nprog * BLOCK):
+        idx = tl.max_contiguous(tl.multiple_of(start + arange, BLOCK), BLOCK)
+        for r in tl.static_range(WORLD):
+            tl.store(own + nxt * slot_elems + r * seg_elems + idx, sentinel, mask=idx < clear_n)
+
+
+@triton.jit
+def wait_and_sum(first, seg_elems, mask, state_ptr, timeout_ns, dtype: tl.constexpr, BLOCK: tl.constexpr,
+                 WORLD: tl.constexpr, SENTINEL: tl.constexpr, USE_ASM: tl.constexpr):  # fmt: skip
+    """Steps 4-5: spin on each rank's segment (`first` + r * seg_elems) until no element is the sentinel,
+    then the fp32 sum in rank order."""
     if USE_ASM:
         started = _globaltimer()
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for r in tl.static_range(WORLD):
-        segment = own + slot * slot_elems + r * seg_elems + offs
+        segment = first + r * seg_elems
         got = tl.load(segment, mask=mask, other=0, volatile=True)
         pending = tl.max(((got == SENTINEL) & mask).to(tl.int32), axis=0)
         spins = 0
@@ -130,9 +149,12 @@ def _lamport_all_reduce_kernel(
                     pending = 0
                     tl.store(state_ptr + 1, -(2**30))  # the host raises (the interpreter has no assert)
         acc += got.to(dtype, bitcast=True).to(tl.float32)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    return acc
 
-    # The last program of this call moves every rank's next call to slot (b+1)%3.
+
+@triton.jit
+def finish_call(state_ptr, nxt, nprog):
+    """The last program of a call moves every rank's next call to slot (b+1)%3."""
     arrived = tl.atomic_add(state_ptr + 1, 1)
     if arrived == nprog - 1:
         tl.store(state_ptr + 1, 0)
