@@ -182,18 +182,13 @@ def _triton_available() -> bool:
 
 
 def supports(site: OpSite) -> bool:
-    """CUDA bf16/fp16/fp32 over a group of 2, 4 or 8 ranks, where torch has symmetric memory and triton."""
-    from fxllm.backends.cuda_collectives import _group_size, symm_mem_available
+    """Where symm_mem serves the op (CUDA, its dtypes, a group of this process), over 2, 4 or 8 ranks, with
+    triton."""
+    from fxllm.backends import cuda_collectives
 
-    if site.device.type != "cuda" or site.dtype not in _DTYPES or not symm_mem_available():
+    if not cuda_collectives.supports(site) or not _triton_available():
         return False
-    if not _triton_available():
-        return False
-    group_name = site.args[-1]
-    try:
-        return isinstance(group_name, str) and _group_size(group_name) in _WORLD_SIZES
-    except (RuntimeError, ValueError, KeyError):
-        return False  # no such group in this process (e.g. `fxllm compile --explain` without ranks)
+    return cuda_collectives._group_size(site.args[-1]) in _WORLD_SIZES  # the group exists: supports said so
 
 
 def all_reduce_add_rms_norm(
