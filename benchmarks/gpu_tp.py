@@ -8,7 +8,8 @@ llama70b fused), or `--sections a,b`:
              two-shot vs fxllm's backend (by size), us per call, eager and inside a CUDA graph; checked sums
   greedy     TP=N vs TP=1 in float32 (tiny-llama at TP=2; the Llama-3.1-8B preset cut to 2 layers at TP=4):
              greedy tokens equal, max |logprob difference| of the top-5 over the common prefix
-  decode8b   Llama-3.1-8B preset bf16 batch-1 decode at TP=1 and TP=2 (goal TP=2 >= 1.6x)
+  decode8b   Llama-3.1-8B preset bf16 batch-1 decode at TP=1 and TP=2 (goal TP=2 >= 1.6x), greedy tokens and
+             top-5 logprobs of 4 prompts (to compare engines of one run), `--profile`: GPU time by kernel
   decode8b_nccl  the same at TP=2 with every all-reduce through NCCL (op backend "torch")
   tp8b       Llama-3.1-8B preset, one engine per --decode-tp size: batch-1 decode, 1000 x 128/128 and a
              profiled 256 x 128/32 run (the 70B section's batch limits: 256 sequences, graphs up to 256)
@@ -67,6 +68,8 @@ def child_engine(spec: dict[str, Any], out_file: str) -> None:
                 times[n] = time.perf_counter() - t0
             result["decode1_tok_s"] = (long - short) / (times[long] - times[short])
             result["decode1_ms_per_token"] = 1e3 * (times[long] - times[short]) / (long - short)
+        elif scenario == "decode1_profile":  # where a batch-1 decode step's time goes on rank 0's GPU
+            result["decode1_profile"] = _profile_decode1(llm, random_prompts(1, 128, vocab, 4))
         elif scenario == "throughput":
             prompts = random_prompts(spec.get("num_prompts", 1000), 128, vocab, 10)
             params = SamplingParams(max_tokens=spec.get("output_len", 128), temperature=0, ignore_eos=True)
@@ -124,6 +127,49 @@ def child_engine(spec: dict[str, Any], out_file: str) -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     Path(out_file).write_text(json.dumps(result))
+
+
+def _profile_decode1(llm: Any, prompt: Any, tokens: int = 64) -> dict[str, Any]:
+    """GPU time per decode step by kernel (torch.profiler, rank 0), against the step's wall time: what the
+    kernels take vs the gaps between them (host, launch, a peer arriving late at a collective)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from fxllm.runtime.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    llm.generate(prompt, params)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        llm.generate(prompt, params)
+    wall = time.perf_counter() - t0
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    by_name: dict[str, list[float]] = {}
+    for event in kernels:
+        by_name.setdefault(event.name[:90], []).append(event.time_range.elapsed_us())
+    busy = sum(sum(v) for v in by_name.values())
+    span = (
+        (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) if kernels else 0
+    )
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:25]
+    return {
+        "tokens": tokens,
+        "wall_ms_per_token": 1e3 * wall / tokens,
+        "kernel_ms_per_token": busy / 1e3 / tokens,
+        "kernel_span_ms_per_token": span / 1e3 / tokens,
+        "kernels_per_token": len(kernels) / tokens,
+        "top": [
+            {
+                "name": n,
+                "calls_per_token": len(v) / tokens,
+                "us_per_token": sum(v) / tokens,
+                "median_us": sorted(v)[len(v) // 2],
+            }
+            for n, v in top
+        ],
+    }
 
 
 # ---------------------------------------------------------------- orchestration
@@ -208,6 +254,8 @@ def main() -> int:
     parser.add_argument(
         "--smoke", action="store_true", help="CPU, gloo, tiny presets: checks the script only"
     )
+    parser.add_argument("--profile", action="store_true",
+                        help="decode8b: also profile 64 batch-1 decode steps (GPU time by kernel on rank 0)")  # fmt: skip
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--spec", default="{}", help=argparse.SUPPRESS)
@@ -258,7 +306,13 @@ def main() -> int:
             results[f"decode8b_tp{size}"] = _run_child(
                 args,
                 "engine",
-                _engine_spec(big, size, ["decode1"], extra, **lengths),
+                _engine_spec(
+                    big,
+                    size,
+                    ["decode1", "greedy", *(["decode1_profile"] if args.profile else [])],
+                    extra,
+                    **lengths,
+                ),
                 f"decode8b_tp{size}",
                 240,
             )
@@ -287,7 +341,8 @@ def main() -> int:
         results["llama70b"] = _run_child(args, "engine", spec, f"llama70b_tp{tp}", 420)
         save()
     if "fused" in sections:
-        extra = [*device, *dtype, *one_bucket, "model.num_layers=2" if args.smoke else "model.num_layers=8"]
+        extra = [*device, *dtype, *one_bucket, "model.num_layers=2" if args.smoke else "model.num_layers=8",
+                 *(s for s in args.set if "fuse_allreduce_rms_norm" not in s)]  # fmt: skip
         runs = {}
         for fused in (False, True):
             spec = _engine_spec(big, tp, ["greedy", "decode1"], [*extra, f"parallel.fuse_allreduce_rms_norm={fused}"],
@@ -339,6 +394,14 @@ def _print_table(results: dict[str, Any]) -> None:
             print(
                 f"{key}: batch-1 decode {r.get('decode1_tok_s', 'n/a')} tok/s, build {r.get('build_s')} s {r.get('error', '')}"
             )
+            prof = r.get("decode1_profile")
+            if prof:
+                print(f"  per token: wall {prof['wall_ms_per_token']:.3f} ms, kernels {prof['kernel_ms_per_token']:.3f} ms "
+                      f"(span {prof['kernel_span_ms_per_token']:.3f} ms, {prof['kernels_per_token']:.0f} kernels)")  # fmt: skip
+                for row in prof["top"][:15]:
+                    print(
+                        f"  {row['us_per_token']:9.1f} us {row['calls_per_token']:6.1f}x {row['median_us']:7.1f} us  {row['name']}"
+                    )
     if "decode8b_tp1" in results and "decode8b_tp2" in results:
         a, b = results["decode8b_tp1"].get("decode1_tok_s"), results["decode8b_tp2"].get("decode1_tok_s")
         if a and b:
