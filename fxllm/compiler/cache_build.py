@@ -103,10 +103,7 @@ def build_graph(
     the settings its graph backend reads (compile.cpu_freezing) in `gm.meta`."""
     built = _build_graph(config, model, model_name, device, dtype)
     built.gm.meta[FREEZING_META] = str(getattr(config.compile, "cpu_freezing", "auto"))
-    # Tensor-parallel graphs (collectives, one process per rank) keep compiling through Dynamo: not measured.
-    built.gm.meta[STANDALONE_META] = bool(getattr(config.compile, "standalone", True)) and (
-        getattr(getattr(config, "parallel", None), "tensor_parallel_size", 1) == 1
-    )
+    built.gm.meta[STANDALONE_META] = bool(getattr(config.compile, "standalone", True))
     if built.entry is not None:
         built.gm.meta[ARTIFACT_DIR_META] = str(built.entry)
     return built

@@ -83,5 +83,8 @@ def _all_gather_fake(x, group_name, group_size):
 
 
 register_canonical_op("all_reduce", all_reduce_reference, inline=True)
-register_canonical_op("all_gather", all_gather_reference, inline=True)
+# Opaque where no backend is chosen (the CPU): its functional reference's `group_name` is typed `Any` in
+# the schema (str or ProcessGroup), which Inductor's C++ wrapper cannot pass to a Python fallback; this
+# op's `str` it can. It runs once per step on the logits, so nothing is lost by not fusing it.
+register_canonical_op("all_gather", all_gather_reference, inline=False)
 register_canonical_op("all_reduce_add_rms_norm", all_reduce_add_rms_norm_reference, inline=True)
