@@ -25,6 +25,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import fxllm.backends.triton as tb  # noqa: E402
+from fxllm.backends import cuda_lamport  # noqa: E402, F401  (registers the backend read below)
 from fxllm.backends.registry import implementation  # noqa: E402
 from fxllm.backends.triton import lamport_add_rms_norm as fused  # noqa: E402
 from fxllm.backends.triton import lamport_all_reduce as lamport  # noqa: E402
@@ -64,12 +65,16 @@ class TwoRanks:
             bits == -(2**15), torch.zeros_like(bits), bits
         )
 
-    def fused(self, rank: int, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> tuple:
+    def fused(
+        self, rank: int, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, *, split: bool = False
+    ) -> tuple:
         out, summed = torch.empty_like(x), torch.empty_like(x)
         block = 1 << (x.shape[-1] - 1).bit_length()
-        fused._lamport_add_rms_norm_kernel[(x.shape[0],)](
+        # split: the host wrapper's grid, several programs per row (each stores only its columns)
+        parts, part = fused.split_row(x.shape[0], x.shape[-1], x.element_size()) if split else (1, 0)
+        fused._lamport_add_rms_norm_kernel[(x.shape[0], parts)](
             x, residual, weight, out, summed, self.ptrs, self.states[rank], rank, x.shape[-1], SEG, EPS,
-            TIMEOUT_NS, WORLD=WORLD, BLOCK_N=block, SENTINEL=-(2**15), USE_ASM=False,
+            TIMEOUT_NS, WORLD=WORLD, BLOCK_N=block, SENTINEL=-(2**15), USE_ASM=False, PART=part,
         )  # fmt: skip
         return out, summed
 
@@ -96,13 +101,16 @@ def _inputs(rows: int, cols: int, seed: int) -> tuple:
     return xs, residual, weight
 
 
-@pytest.mark.parametrize(("rows", "cols"), [(1, 4096), (3, 96), (5, 640)])
-def test_equals_the_unfused_path_bit_for_bit(rows: int, cols: int) -> None:
+@pytest.mark.parametrize(("rows", "cols", "split"), [(1, 4096, False), (3, 96, False), (5, 640, False),
+                                                    (1, 4096, True), (2, 2048, True)])  # fmt: skip
+def test_equals_the_unfused_path_bit_for_bit(rows: int, cols: int, split: bool) -> None:
+    if split:  # several programs per row, so each one's store mask is tested
+        assert fused.split_row(rows, cols, 2)[0] > 1
     ranks = TwoRanks()
     xs, residual, weight = _inputs(rows, cols, rows)
     xs[1][0, ::7] = -0.0  # never the sentinel on the wire
     ranks.presend(xs[1])
-    out, summed = ranks.fused(0, xs[0], residual, weight)
+    out, summed = ranks.fused(0, xs[0], residual, weight, split=split)
     expected_out, expected_sum = _unfused(xs, residual, weight)
     assert torch.equal(summed, expected_sum) and torch.equal(out, expected_out)
     assert ranks.states[0].tolist()[:3] == [1, 0, rows * cols] and ranks.slot_is_clear(0, 1)
@@ -118,7 +126,7 @@ def test_shares_slots_with_the_plain_all_reduce() -> None:
             out = ranks.plain(0, flat[0])
             assert torch.equal(out, (flat[0].float() + flat[1].float()).to(BF16)), f"call {call}"
         else:
-            out, summed = ranks.fused(0, xs[0], residual, weight)
+            out, summed = ranks.fused(0, xs[0], residual, weight, split=call % 2 == 0)
             expected_out, expected_sum = _unfused(xs, residual, weight)
             assert torch.equal(out, expected_out) and torch.equal(summed, expected_sum), f"call {call}"
         assert int(ranks.states[0][0]) == (call + 1) % 3 and ranks.slot_is_clear(0, (call + 1) % 3)
@@ -146,15 +154,17 @@ from fxllm.backends.triton import lamport_add_rms_norm as fused
 signature = {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16",
              "sum_ptr": "*bf16", "peer_ptrs": "*i64", "state_ptr": "*i32", "rank": "i32", "n_cols": "i32",
              "seg_elems": "i32", "eps": "fp32", "timeout_ns": "i64", "WORLD": "constexpr",
-             "BLOCK_N": "constexpr", "SENTINEL": "constexpr", "USE_ASM": "constexpr"}
-source = ASTSource(fn=fused._lamport_add_rms_norm_kernel, signature=signature,
-                   constexprs={"WORLD": 2, "BLOCK_N": 4096, "SENTINEL": -(2**15), "USE_ASM": True})
-try:
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-except RuntimeError as exc:
-    print("SKIP", exc)
-else:
+             "BLOCK_N": "constexpr", "SENTINEL": "constexpr", "USE_ASM": "constexpr", "PART": "constexpr"}
+for part in (0, 1024):  # one program per row; the row's columns sent by several programs
+    source = ASTSource(fn=fused._lamport_add_rms_norm_kernel, signature=signature,
+                       constexprs={"WORLD": 2, "BLOCK_N": 4096, "SENTINEL": -(2**15), "USE_ASM": True, "PART": part})
+    try:
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    except RuntimeError as exc:
+        print("SKIP", exc)
+        break
     print(compiled.asm["ptx"])
+    print("=== END OF PTX ===")
 """
 
 
@@ -168,7 +178,10 @@ def test_ptx_for_hopper_fences_before_sending_and_traps_on_timeout() -> None:
                          timeout=300, check=True).stdout  # fmt: skip
     if ptx.startswith("SKIP"):
         pytest.skip(f"cannot compile for sm_90 here: {ptx}")
-    fence = ptx.index("fence.acq_rel.sys")
-    first_volatile = ptx.index("ld.volatile.global")
-    assert fence < first_volatile and "trap;" in ptx and "%globaltimer" in ptx
-    assert "multimem" not in ptx
+    variants = ptx.split("=== END OF PTX ===")[:-1]
+    assert len(variants) == 2
+    for variant in variants:
+        fence = variant.index("fence.acq_rel.sys")
+        first_volatile = variant.index("ld.volatile.global")
+        assert fence < first_volatile and "trap;" in variant and "%globaltimer" in variant
+        assert "multimem" not in variant

@@ -147,7 +147,9 @@ def _allreduce_add_rms_norm_kernel(
         peer_buffer = tl.load(buffers + peer).to(tl.pointer_type(dtype))
         acc += tl.load(peer_buffer + offset + cols, mask=mask, other=0.0, volatile=True).to(tl.float32)
     _row_barrier(pads, row, rank, WORLD)  # every peer has read this rank's row: it may be overwritten
-    add_rms_norm_epilogue(acc, residual_ptr, weight_ptr, out_ptr, sum_ptr, offset, cols, mask, n_cols, eps)
+    add_rms_norm_epilogue(
+        acc, residual_ptr, weight_ptr, out_ptr, sum_ptr, offset, cols, mask, mask, n_cols, eps
+    )
 
 
 def _group_rank_size(group_name: str) -> tuple[int, int]:

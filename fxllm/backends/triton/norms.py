@@ -49,20 +49,23 @@ def rms_norm_rows(
 
 
 @triton.jit
-def add_rms_norm_epilogue(acc, residual_ptr, weight_ptr, out_ptr, sum_ptr, offset, cols, mask, n_cols, eps):
-    """A row's fp32 all-reduce sum `acc` -> + residual, RMSNorm, times weight: both outputs stored, each
-    rounded where the unfused path (all-reduce, then the Triton add + RMSNorm) rounds."""
+def add_rms_norm_epilogue(
+    acc, residual_ptr, weight_ptr, out_ptr, sum_ptr, offset, cols, mask, store_mask, n_cols, eps
+):
+    """A row's fp32 all-reduce sum `acc` -> + residual, RMSNorm, times weight: both outputs stored where
+    `store_mask` (a part of the row `mask` covers), each rounded where the unfused path (all-reduce, then
+    the Triton add + RMSNorm) rounds."""
     dtype = residual_ptr.dtype.element_ty
     reduced = acc.to(dtype).to(tl.float32)  # the all-reduce's result in the model's dtype, as unfused
     residual = tl.load(residual_ptr + offset + cols, mask=mask, other=0.0).to(tl.float32)
     summed = (reduced + residual).to(dtype)
-    tl.store(sum_ptr + offset + cols, summed, mask=mask)
+    tl.store(sum_ptr + offset + cols, summed, mask=store_mask)
     xf = summed.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / n_cols
     normed = (xf * tl.rsqrt(var + eps)).to(dtype)
-    w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    w = tl.load(weight_ptr + cols, mask=store_mask, other=0.0)
     out = normed.to(tl.float32) * w.to(tl.float32)
-    tl.store(out_ptr + offset + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offset + cols, out.to(out_ptr.dtype.element_ty), mask=store_mask)
 
 
 @triton.jit(do_not_specialize=["n_rows"])
