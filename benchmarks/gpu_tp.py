@@ -57,6 +57,7 @@ def child_engine(spec: dict[str, Any], out_file: str) -> None:
                               "op_backends": llm.info.op_backends, "compile_cache": llm.info.compile_cache}  # fmt: skip
     vocab = llm.engine.vocab_size
     for scenario in spec["scenarios"]:
+        Path(out_file).write_text(json.dumps({**result, "partial": True}))  # what a timed-out part still has
         if scenario == "decode1":
             prompt = random_prompts(1, 128, vocab, 4)
             short, long = spec.get("decode_lengths", (32, 288))
@@ -203,6 +204,10 @@ def _run_child(
         log_tail = f"timed out after {timeout:.0f} s; {str(exc.stderr or '')[-2000:]}"
         code = -1
     seconds = time.perf_counter() - start
+    if code == -1 and out_file.exists():  # the scenarios finished before the limit
+        part = json.loads(out_file.read_text())
+        logger.error("part %s timed out after %.0f s; its finished scenarios are kept", name, timeout)
+        return {**part, "error": "timed out", "log_tail": log_tail, "wall_s": seconds}
     if code == 0 and out_file.exists():
         part = json.loads(out_file.read_text())
         part["wall_s"] = seconds
@@ -338,7 +343,7 @@ def main() -> int:
             {"num_prompts": 8, "output_len": 8} if args.smoke else {"num_prompts": 1000, "output_len": 128}
         )
         spec = _engine_spec(big70, tp, ["decode1", "throughput"], extra, **sizes, **lengths)
-        results["llama70b"] = _run_child(args, "engine", spec, f"llama70b_tp{tp}", 420)
+        results["llama70b"] = _run_child(args, "engine", spec, f"llama70b_tp{tp}", 600)
         save()
     if "fused" in sections:
         extra = [*device, *dtype, *one_bucket, "model.num_layers=2" if args.smoke else "model.num_layers=8",
