@@ -2,9 +2,11 @@
 
 For M in 1, 2, 4, 8, 16 rows and each projection (weights [N, K], bf16): time per call inside a CUDA
 graph (no launch overhead: `do_bench_cudagraph`), the weight bytes over that time in TB/s, and a check
-against F.linear. With --sweep, a grid of launch sizes at M = 1 and 8.
+against F.linear. With --sweep, a grid of launch sizes at M = 1 and 8 (--quick-sweep: a smaller grid).
+`--tp N` takes one rank's shapes under tensor parallelism (qkv, gate_up and the LM head split by output
+features, o and down by input features); `--shapes` and `--rows` pick cases.
 
-    python benchmarks/gpu_gemv.py --out DIR [--sweep]
+    python benchmarks/gpu_gemv.py --out DIR [--sweep | --quick-sweep] [--tp 2] [--shapes qkv,o] [--rows 1,8]
 """
 
 from __future__ import annotations
@@ -33,21 +35,36 @@ def _us(fn: Any) -> float:
     return 1000 * float(triton.testing.do_bench_cudagraph(fn, rep=50))
 
 
-def run(sweep: bool) -> dict[str, Any]:
+COLUMN_PARALLEL = ("qkv", "gate_up", "lm_head")  # split by output features under TP; o and down by input
+
+
+def shapes_for(tp: int, names: list[str] | None) -> dict[str, tuple[int, int]]:
+    """One rank's [N, K] per projection at tensor-parallel size `tp`."""
+    picked = {name: SHAPES[name] for name in names} if names else dict(SHAPES)
+    return {
+        name: (n // tp, k) if name in COLUMN_PARALLEL else (n, k // tp) for name, (n, k) in picked.items()
+    }
+
+
+def run(sweep: str, shapes: dict[str, tuple[int, int]], rows_list: tuple[int, ...] = ROWS) -> dict[str, Any]:
     """Time F.linear and the GEMV (default launch, optionally a sweep) for every shape and row count."""
     from fxllm.backends.triton import gemv
 
     configs: list[dict[str, int]] = [{}]
+    grid = {
+        "full": ((16, 32, 64), (256, 512, 1024), (4, 8), (3, 4, 5)),
+        "quick": ((8, 16, 32), (256, 512), (4,), (3, 4)),
+    }
     if sweep:
         configs += [
             {"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": s}
-            for bn, bk, w, s in itertools.product((16, 32, 64), (256, 512, 1024), (4, 8), (3, 4, 5))
+            for bn, bk, w, s in itertools.product(*grid[sweep])
         ]
     results: dict[str, Any] = {}
-    for name, (n, k) in SHAPES.items():
+    for name, (n, k) in shapes.items():
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
         gbytes = n * k * 2 / 1e9
-        for rows in ROWS:
+        for rows in rows_list:
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             ref = F.linear(x, w)
             row: dict[str, Any] = {}
@@ -84,13 +101,25 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--quick-sweep", action="store_true")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--shapes", default=None, help=f"comma-separated, of {', '.join(SHAPES)}")
+    parser.add_argument("--rows", default=None, help="comma-separated row counts (default 1,2,4,8,16)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
-    results = {"device": torch.cuda.get_device_name(0), **run(args.sweep)}
+    sweep = "full" if args.sweep else "quick" if args.quick_sweep else ""
+    shapes = shapes_for(args.tp, args.shapes.split(",") if args.shapes else None)
+    rows = tuple(int(r) for r in args.rows.split(",")) if args.rows else ROWS
+    results = {
+        "device": torch.cuda.get_device_name(0),
+        "tp": args.tp,
+        "shapes": shapes,
+        **run(sweep, shapes, rows),
+    }
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "gemv.json").write_text(json.dumps(results, indent=1))
     for case, row in results.items():
-        if isinstance(row, dict):
+        if isinstance(row, dict) and "cublas_us" in row:
             print(
                 case,
                 "cublas_us",
