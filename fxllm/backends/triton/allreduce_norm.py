@@ -50,6 +50,19 @@ class Counts:
 COUNTS = Counts()
 
 
+def unfused_fallback(
+    counts: Counts, what: str, x: Tensor, residual: Tensor, weight: Tensor, eps: float, group_name: str
+) -> tuple[Tensor, Tensor]:
+    """The unfused all-reduce, then add + RMSNorm, for tensors a fused kernel does not take: counted, logged."""
+    from fxllm.backends import cuda_collectives
+
+    counts.fallback += 1
+    if counts.fallback == 1 or counts.fallback % 10000 == 0:
+        logger.info("%s: %s rows of %s %s take the unfused path (%d calls so far)", what,
+                    x.numel() // max(x.shape[-1], 1), x.shape[-1], x.dtype, counts.fallback)  # fmt: skip
+    return cuda_collectives.all_reduce_add_rms_norm(x, residual, weight, eps, group_name)
+
+
 @dataclass
 class _PeerState:
     buffer: Tensor
@@ -197,14 +210,8 @@ def all_reduce_add_rms_norm(
     x: Tensor, residual: Tensor, weight: Tensor, eps: float, group_name: str
 ) -> tuple[Tensor, Tensor]:
     """(rms_norm(all_reduce(x) + residual) * weight, all_reduce(x) + residual) in one kernel launch."""
-    from fxllm.backends import cuda_collectives
-
     if not _eligible(x, residual, weight):
-        COUNTS.fallback += 1
-        if COUNTS.fallback == 1 or COUNTS.fallback % 10000 == 0:
-            logger.info("fused all-reduce + RMSNorm: %s rows of %s %s take the unfused path (%d calls so far)",
-                        x.numel() // max(x.shape[-1], 1), x.shape[-1], x.dtype, COUNTS.fallback)  # fmt: skip
-        return cuda_collectives.all_reduce_add_rms_norm(x, residual, weight, eps, group_name)
+        return unfused_fallback(COUNTS, "fused all-reduce + RMSNorm", x, residual, weight, eps, group_name)
     n_cols = x.shape[-1]
     state = _state(group_name, x.device, x.dtype)
     x2 = x.reshape(-1, n_cols).contiguous()

@@ -18,15 +18,14 @@ triton_lamport}` names it (with `parallel.fuse_allreduce_rms_norm=true`), until 
 
 from __future__ import annotations
 
-import logging
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from fxllm.backends.triton.allreduce_norm import Counts, unfused_fallback
 from fxllm.backends.triton.lamport_all_reduce import (
     MAX_PROGRAMS,
     MIN_BLOCK_BYTES,
@@ -38,21 +37,11 @@ from fxllm.backends.triton.lamport_all_reduce import (
 )
 from fxllm.backends.triton.norms import add_rms_norm_epilogue
 
-logger = logging.getLogger(__name__)
-
 MAX_COLS = 16384
 _DTYPES = (torch.bfloat16, torch.float16)
 
 
-@dataclass
-class Counts:
-    """Calls through the fused kernel and through the unfused path (benchmarks and tests read these)."""
-
-    fused: int = 0
-    fallback: int = 0
-
-
-COUNTS = Counts()
+COUNTS = Counts()  # calls through the fused kernel and through the unfused path
 
 
 @triton.jit
@@ -141,18 +130,6 @@ def eligible(x: Tensor, residual: Tensor, weight: Tensor, max_bytes: int) -> boo
     )
 
 
-def _fallback(
-    x: Tensor, residual: Tensor, weight: Tensor, eps: float, group_name: str
-) -> tuple[Tensor, Tensor]:
-    from fxllm.backends import cuda_collectives
-
-    COUNTS.fallback += 1
-    if COUNTS.fallback == 1 or COUNTS.fallback % 10000 == 0:
-        logger.info("lamport all-reduce + RMSNorm: %s rows of %s %s take the unfused path (%d calls so far)",
-                    x.numel() // max(x.shape[-1], 1), x.shape[-1], x.dtype, COUNTS.fallback)  # fmt: skip
-    return cuda_collectives.all_reduce_add_rms_norm(x, residual, weight, eps, group_name)
-
-
 def all_reduce_add_rms_norm(
     x: Tensor, residual: Tensor, weight: Tensor, eps: float, group_name: str
 ) -> tuple[Tensor, Tensor]:
@@ -161,7 +138,7 @@ def all_reduce_add_rms_norm(
 
     max_bytes = cuda_lamport.limits(group_name).max_bytes
     if not eligible(x, residual, weight, max_bytes):
-        return _fallback(x, residual, weight, eps, group_name)
+        return unfused_fallback(COUNTS, "lamport all-reduce + RMSNorm", x, residual, weight, eps, group_name)
     state = cuda_lamport._state(group_name, x.device, x.dtype, max_bytes)
     n_cols = x.shape[-1]
     x2 = x.reshape(-1, n_cols).contiguous()
