@@ -16,7 +16,15 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from fxllm.config_types import ConfigTypeError, check_value, type_name
+from fxllm.config_speculative import SPECULATIVE_VALUE_CHECKS, SpeculativeConfig
+from fxllm.config_types import (
+    ConfigTypeError,
+    check_auto_on_off,
+    check_non_negative,
+    check_value,
+    one_of,
+    type_name,
+)
 from fxllm.dtypes import is_auto_dtype, parse_dtype
 from fxllm.ops.kv_quant import check_cache_dtype
 from fxllm.passes.pipeline import PassConfig
@@ -107,48 +115,6 @@ class ParallelConfig:
 
 
 @dataclass
-class SpeculativeConfig:
-    """Speculative decoding (docs/speculative.md): a proposer drafts tokens, one forward verifies them."""
-
-    method: str = "none"  # none | ngram | draft_model | self_draft | eagle3
-    num_speculative_tokens: int = 4  # drafts per sequence and step (k); a verify step runs 1 + k tokens
-    prompt_lookup_min: int = 2  # ngram: shortest suffix n-gram matched against the earlier tokens
-    prompt_lookup_max: int = 4  # ngram: longest one (tried first)
-    model: str | None = None  # draft_model / eagle3: the drafter (same tokenizer as the target)
-    draft_layers: int = 4  # self_draft: the target's first layers that draft (plus its final norm and head)
-    # A step with more decoding sequences than this does not speculate (verification of many rows costs
-    # more than it saves); 0 = never limit.
-    disable_batch_size: int = 32
-    # A sequence whose acceptance over a window of `min_acceptance_window` drafted tokens is below this
-    # drafts nothing for `backoff_tokens` of its tokens, doubled per further backoff up to
-    # `backoff_max_tokens` (0 = never). With a drafter that keeps per-sequence state (EAGLE-3's head KV) the
-    # first backoff lasts for the rest of the request.
-    min_acceptance_rate: float = 0.2
-    min_acceptance_window: int = 24
-    backoff_tokens: int = 16
-    backoff_max_tokens: int = 256
-    # on | off: per step, speculate only when the expected tokens per second with it (measured verify and
-    # decode step times per batch bucket, each sequence's accepted drafts per verify step) beat plain
-    # decoding by `auto_margin`; every `auto_explore_interval` steps of a bucket re-measure the other kind.
-    auto_disable: str | bool = "on"
-    auto_margin: float = 0.1
-    auto_explore_interval: int = 16
-
-    def __post_init__(self) -> None:
-        if isinstance(self.auto_disable, bool):  # YAML reads `auto_disable: on` as true
-            self.auto_disable = "on" if self.auto_disable else "off"
-        if self.prompt_lookup_min > self.prompt_lookup_max:
-            raise ValueError(
-                f"config: speculative.prompt_lookup_min={self.prompt_lookup_min} is larger than "
-                f"speculative.prompt_lookup_max={self.prompt_lookup_max}; lower the min or raise the max"
-            )
-        if self.method in ("draft_model", "eagle3") and not self.model:
-            raise ValueError(
-                f"config: speculative.method={self.method} needs speculative.model (the drafter)"
-            )
-
-
-@dataclass
 class QuantizationConfig:
     """FP8 weights and activations (docs/quantization.md): which GEMMs, which scale granularity."""
 
@@ -232,71 +198,18 @@ def _check_distributed_backend(value: str) -> None:
         raise ValueError(f"must be auto, gloo or nccl, got {value!r}")
 
 
-SPECULATIVE_METHODS = ("none", "ngram", "draft_model", "self_draft", "eagle3")
-
-
-def _check_spec_method(value: str) -> None:
-    if value not in SPECULATIVE_METHODS:
-        raise ValueError(f"must be one of {', '.join(SPECULATIVE_METHODS)}, got {value!r}")
-
-
-def _check_cpu_freezing(value: str | bool) -> None:
-    if not isinstance(value, bool) and value not in ("auto", "on", "off"):
-        raise ValueError(f"must be auto, on or off, got {value!r}")
-
-
-def _check_on_off(value: str | bool) -> None:
-    if not isinstance(value, bool) and value not in ("on", "off"):
-        raise ValueError(f"must be on or off, got {value!r}")
-
-
-def _check_positive(value: int) -> None:
-    if value < 1:
-        raise ValueError(f"must be >= 1, got {value}")
-
-
-def _check_non_negative(value: float) -> None:
-    if value < 0:
-        raise ValueError(f"must be >= 0, got {value}")
-
-
-def _check_rate(value: float) -> None:
-    if not 0 <= value <= 1:
-        raise ValueError(f"must be between 0 and 1, got {value}")
-
-
-def _one_of(*allowed: str) -> Callable[[Any], None]:
-    def check(value: Any) -> None:
-        if value not in allowed:
-            raise ValueError(f"must be one of {', '.join(allowed)}, got {value!r}")
-
-    return check
-
-
 _VALUE_CHECKS: dict[str, Callable[[Any], None]] = {
-    "quantization.method": _one_of("none", "fp8"),
-    "quantization.weight_granularity": _one_of("channel", "tensor", "block"),
-    "quantization.activation_scheme": _one_of("dynamic_token", "dynamic_tensor", "static_tensor"),
-    "quantization.fuse_activation_quant": _one_of("auto", "on", "off"),
+    "quantization.method": one_of("none", "fp8"),
+    "quantization.weight_granularity": one_of("channel", "tensor", "block"),
+    "quantization.activation_scheme": one_of("dynamic_token", "dynamic_tensor", "static_tensor"),
+    "quantization.fuse_activation_quant": one_of("auto", "on", "off"),
     "model.dtype": _check_dtype,
     "cache.dtype": check_cache_dtype,
-    "compile.cpu_freezing": _check_cpu_freezing,
+    "compile.cpu_freezing": check_auto_on_off,
     "parallel.tensor_parallel_size": _check_tp_size,
     "parallel.distributed_backend": _check_distributed_backend,
-    "parallel.lamport_max_bytes": _check_non_negative,
-    "speculative.method": _check_spec_method,
-    "speculative.num_speculative_tokens": _check_positive,
-    "speculative.prompt_lookup_min": _check_positive,
-    "speculative.prompt_lookup_max": _check_positive,
-    "speculative.draft_layers": _check_positive,
-    "speculative.disable_batch_size": _check_non_negative,
-    "speculative.min_acceptance_rate": _check_rate,
-    "speculative.min_acceptance_window": _check_positive,
-    "speculative.backoff_tokens": _check_positive,
-    "speculative.backoff_max_tokens": _check_positive,
-    "speculative.auto_disable": _check_on_off,
-    "speculative.auto_margin": _check_non_negative,
-    "speculative.auto_explore_interval": _check_positive,
+    "parallel.lamport_max_bytes": check_non_negative,
+    **SPECULATIVE_VALUE_CHECKS,
 }
 
 

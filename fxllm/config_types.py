@@ -66,3 +66,44 @@ def check_value(hint: Any, value: Any, where: str = "") -> Any:
             return value
         raise ConfigTypeError(f"input should be a valid {hint.__name__}", where)
     raise ConfigTypeError(f"unsupported field type {type_name(hint)}", where)
+
+
+# Value checks of single fields (config.py's _VALUE_CHECKS): each raises ValueError saying what is allowed.
+def check_auto_on_off(value: str | bool) -> None:
+    """auto, on or off (YAML's on/off arrive as booleans)."""
+    if not isinstance(value, bool) and value not in ("auto", "on", "off"):
+        raise ValueError(f"must be auto, on or off, got {value!r}")
+
+
+def check_on_off(value: str | bool) -> None:
+    """on or off (YAML's on/off arrive as booleans)."""
+    if not isinstance(value, bool) and value not in ("on", "off"):
+        raise ValueError(f"must be on or off, got {value!r}")
+
+
+def check_positive(value: int) -> None:
+    """At least 1."""
+    if value < 1:
+        raise ValueError(f"must be >= 1, got {value}")
+
+
+def check_non_negative(value: float) -> None:
+    """At least 0."""
+    if value < 0:
+        raise ValueError(f"must be >= 0, got {value}")
+
+
+def check_rate(value: float) -> None:
+    """Between 0 and 1."""
+    if not 0 <= value <= 1:
+        raise ValueError(f"must be between 0 and 1, got {value}")
+
+
+def one_of(*allowed: str) -> typing.Callable[[Any], None]:
+    """A check that `value` is one of `allowed`."""
+
+    def check(value: Any) -> None:
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}, got {value!r}")
+
+    return check
