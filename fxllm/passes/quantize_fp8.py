@@ -61,6 +61,9 @@ QUANT_META = "fxllm_fp8_activation_quant"  # on the e4m3 activation node: the na
 # and the scheme: dynamic_token, dynamic_tensor or static_tensor.
 QUANT_INPUT_META = "fxllm_fp8_activation_quant_input"
 QUANT_SCHEME_META = "fxllm_fp8_activation_scheme"
+# On an fp8_gemm node quantized from an aten.linear: the name of the weight it replaced (the e4m3 copy gets a
+# name of its own), so shard_tp still finds the row-parallel GEMMs of a tensor-parallel rank.
+WEIGHT_NAME_META = "fxllm_fp8_source_weight"
 
 
 def emit_fp8_linear(
@@ -148,9 +151,6 @@ def quantize_fp8(gm: GraphModule, ctx: PassContext) -> PassResult:
     if not ctx.weights_are_attributes:
         result.notes.append("weights are graph inputs (Dynamo graph): they would be quantized every call")
         return result
-    if ctx.parallel is not None and getattr(ctx.parallel, "size", 1) > 1:
-        raise ValueError("quantization.method fp8 with parallel.tensor_parallel_size > 1 is not supported yet: "
-                         "shard_tp finds row-parallel GEMMs as aten.linear; run FP8 on one rank")  # fmt: skip
     graph = gm.graph
     done: dict[str, tuple[str, str]] = {}  # weight attr -> (fp8 weight attr, scale attr): quantized once
     skipped: dict[str, int] = {}
@@ -192,6 +192,7 @@ def quantize_fp8(gm: GraphModule, ctx: PassContext) -> PassResult:
         replacement = emit_fp8_linear(gm, node, node.args[0], w_node, s_node, bias, None, traced, per_tensor)  # type: ignore[arg-type]
         # Without "val": refresh_meta fills it after the pass.
         replacement.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+        replacement.meta[WEIGHT_NAME_META] = target
         quant_nodes.append(str(replacement.args[0]))
         node.replace_all_uses_with(replacement)
         graph.erase_node(node)

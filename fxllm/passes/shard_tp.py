@@ -4,7 +4,8 @@ The weights arrive already split (fxllm/runtime/distributed/sharding.py shards t
 so each rank holds only its part and the graph is captured with the rank's head counts). What the
 graph still lacks is the sum of the row-parallel linears' partial products: `shard_tp` inserts a
 canonical `fxllm::all_reduce` after each of them (the linears the plan names rowwise: o_proj and
-down_proj), an `fxllm::all_gather` of the logits after a vocabulary-parallel LM head, a masked lookup +
+down_proj; as aten.linear, or as the fxllm::fp8_gemm quantize_fp8 made of one: each rank quantizes its own
+shard, per-token activation scales over its part of the row, and the all-reduce sums dequantized partials), an `fxllm::all_gather` of the logits after a vocabulary-parallel LM head, a masked lookup +
 `fxllm::all_reduce` for a vocabulary-parallel input embedding, and checks that every one was found. `fuse_allreduce_rms_norm` then turns
 all_reduce -> fused_add_rms_norm into one `fxllm::all_reduce_add_rms_norm` (off unless
 parallel.fuse_allreduce_rms_norm). Which all-reduce algorithm runs is the lowering's choice
@@ -19,8 +20,10 @@ import operator
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-import fxllm.ops.collectives  # noqa: F401  (defines fxllm::all_reduce and fxllm::all_gather)
+import fxllm.ops.collectives  # defines fxllm::all_reduce and fxllm::all_gather
+import fxllm.ops.fp8_gemm  # noqa: F401  (defines fxllm::fp8_gemm)
 from fxllm.passes.graph_utils import is_op, recompile, val
+from fxllm.passes.quantize_fp8 import WEIGHT_NAME_META
 from fxllm.passes.registry import PassContext, PassResult, register_pass
 
 aten = torch.ops.aten
@@ -30,14 +33,25 @@ def _flat(name: str) -> str:
     return name.replace(".", "_")
 
 
-def _row_parallel_site(node: Node, wanted: dict[str, str]) -> str | None:
-    """The fqn of the `wanted` weight (flat name -> fqn) that `node` (a linear) multiplies by, if any."""
+def _weight_name(node: Node) -> str | None:
+    """The weight a GEMM node multiplies by: an aten.linear's get_attr, or the weight an FP8 GEMM was
+    quantized from (quantize_fp8 runs before this pass and renames the e4m3 copy)."""
+    if is_op(node, torch.ops.fxllm.fp8_gemm.default):
+        return node.meta.get(WEIGHT_NAME_META)
     if not is_op(node, aten.linear.default) or len(node.args) < 2:
         return None
     weight = node.args[1]
     if not isinstance(weight, Node) or weight.op != "get_attr":
         return None
-    target = _flat(str(weight.target))
+    return str(weight.target)
+
+
+def _row_parallel_site(node: Node, wanted: dict[str, str]) -> str | None:
+    """The fqn of the `wanted` weight (flat name -> fqn) that `node` (a GEMM) multiplies by, if any."""
+    name = _weight_name(node)
+    if name is None:
+        return None
+    target = _flat(name)
     return next((fqn for flat, fqn in wanted.items() if target == flat or target.endswith(f"_{flat}")), None)
 
 
