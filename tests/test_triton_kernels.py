@@ -119,19 +119,6 @@ def test_paged_attention_default_launch(case: str) -> None:
     _assert_ok(selfcheck.check_paged(c, case))  # block sizes and split count as on the GPU path
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", ["decode gqa", "decode padded seq", "decode window+softcap+sinks"])
-def test_paged_attention_decode_merges_splits_in_one_launch(dtype: torch.dtype, case: str) -> None:
-    # Variant "triton_one_launch": the last split program of each (sequence, KV head) merges the splits
-    # (no combine kernel); the output starts as NaN, so a head it missed fails, and padding must be zeros.
-    c = selfcheck.paged_cases(True, dtype, DEVICE)[case]
-    _assert_ok(selfcheck.check_paged(c, case, combine_in_decode=True, **SMALL_LAUNCH))
-    counters = paged_attention._SPLIT_COUNTERS[str(torch.device(DEVICE))]
-    assert (
-        int(counters.abs().sum()) == 0
-    )  # every count was reset by its last program: ready for the next call
-
-
 def test_paged_attention_public_op_strided_q() -> None:
     c = selfcheck.make_paged_case([4, 1, 9], [4, 30, 9], 8, 2, 32, pad_tokens=2, seed=7, device=DEVICE)
     tokens = c.q.shape[0]

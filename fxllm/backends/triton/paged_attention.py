@@ -60,21 +60,12 @@ _MAX_SPLITS = 64
 # "triton" (default): the decode kernel writes this step's k/v itself (one launch fewer per layer and step);
 # "triton_separate_write": the separate KV write kernel first (the path before; benchmarks compare);
 # "triton_pdl": experimental, decode and combine launched with programmatic dependent launch (sm_90+,
-# docs/kernels.md); "triton_one_launch": the decode kernel's last split program per (sequence, KV head) merges
-# the splits, so no combine launch (one launch per layer and step). All but "triton" run only where
-# compile.op_backends names them.
+# docs/kernels.md). The last two run only where compile.op_backends names them.
 VARIANTS: dict[str, dict[str, bool]] = {
     "triton": {"write_in_decode": True, "pdl": False},
     "triton_separate_write": {"write_in_decode": False, "pdl": False},
     "triton_pdl": {"write_in_decode": True, "pdl": True},
-    "triton_one_launch": {"write_in_decode": True, "combine_in_decode": True},
 }
-# Split counters of the one-launch decode, per device: zero between calls (the last program of each
-# (sequence, KV head) resets its own), so one buffer serves every layer, step and CUDA graph.
-_SPLIT_COUNTERS: dict[str, Tensor] = {}
-_MIN_COUNTERS = (
-    16384  # sequences x KV heads: 1,024 x 16; grown (outside graph capture) when a step needs more
-)
 _DOT_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -93,18 +84,6 @@ def _decode_splits(num_seqs: int, num_kv_heads: int, max_ctx: int, block_n: int,
     # took 190 us, 8 or 16 splits ~135 us); S=1 x 32K ran 1.2x faster with 64 splits than with 32.
     splits = 4 * sms // max(1, num_seqs * num_kv_heads)
     return max(1, min(splits, _MAX_SPLITS, triton.cdiv(max_ctx, block_n)))
-
-
-def _split_counters(device: torch.device, needed: int) -> Tensor | None:
-    """The zeroed counters of the one-launch decode on `device`, or None where none can be made now (a
-    CUDA graph being captured needs more than exist: the step takes the combine kernel)."""
-    counters = _SPLIT_COUNTERS.get(str(device))
-    if counters is None or counters.numel() < needed:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        counters = torch.zeros(max(needed, _MIN_COUNTERS), dtype=torch.int32, device=device)
-        _SPLIT_COUNTERS[str(device)] = counters
-    return counters
 
 
 def _unit_last(t: Tensor) -> Tensor:
@@ -165,7 +144,6 @@ def paged_attention_out(
     num_warps: int | None = None, num_stages: int | None = None,
     k_scale: Tensor | None = None, v_scale: Tensor | None = None,
     cos: Tensor | None = None, sin: Tensor | None = None, write_in_decode: bool = True, pdl: bool = False,
-    combine_in_decode: bool = False,
 ) -> None:  # fmt: skip
     """Write k/v into the caches, then paged attention into `out` [T, Hq, Dv]; launch knobs overridable.
 
@@ -222,24 +200,17 @@ def paged_attention_out(
                                               q.device)  # fmt: skip
         part = torch.empty((num_tokens, num_heads, splits, head_dim_v), dtype=torch.float32, device=q.device)
         lse = torch.empty((num_tokens, num_heads, splits), dtype=torch.float32, device=q.device)
-        counters = (
-            _split_counters(q.device, num_tokens * num_kv_heads) if combine_in_decode and not pdl else None
-        )
         _decode_kernel[(num_seqs, num_kv_heads, splits)](
             q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, part, lse,
             num_seqs, num_heads, group, block_size, splits,
             q.stride(0), q.stride(1), kc[0], kc[1], kc[2], vc[0], vc[1], vc[2], block_tables.stride(0),
             scale, softcap, sliding_window, ks, vs, sks, svs, *rope_args,
             k, v, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out, out.stride(0), out.stride(1), sink_arg, counters if counters is not None else seq_lens,
             HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_H=max(16, group_p), BLOCK_N=bn,
             BLOCK_D=block_d, BLOCK_DV=block_dv, USE_SOFTCAP=use_softcap, USE_WINDOW=use_window,
             F32_DOT=f32_dot, KV_FP8=kv_fp8, ROPE=rope, WRITE_KV=write_in_decode, USE_PDL=pdl,
-            COMBINE=counters is not None, HAS_SINKS=sinks is not None, BLOCK_S=triton.next_power_of_2(splits),
             num_warps=num_warps or 4, num_stages=num_stages or 3, launch_pdl=pdl,
         )  # fmt: skip
-        if counters is not None:
-            return
         _combine_kernel[(num_tokens, num_heads)](
             part, lse, sink_arg, query_start_loc, out, num_seqs, num_heads, splits, out.stride(0), out.stride(1),
             HAS_SINKS=sinks is not None, HEAD_DIM_V=head_dim_v, BLOCK_S=triton.next_power_of_2(splits),
@@ -272,7 +243,7 @@ def paged_attention(
     block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor, scale: float,
     sliding_window: int = -1, softcap: float = 0.0, sinks: Tensor | None = None,
     k_scale: Tensor | None = None, v_scale: Tensor | None = None, *, write_in_decode: bool = True,
-    pdl: bool = False, combine_in_decode: bool = False,
+    pdl: bool = False,
 ) -> Tensor:  # fmt: skip
     """Triton paged attention (KV write + decode split-KV or prefill flash kernel), no host sync."""
     if not supported(q, k_cache, v_cache):
@@ -286,7 +257,7 @@ def paged_attention(
     paged_attention_out(
         q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc,
         scale, sliding_window, softcap, sinks, out, k_scale=k_scale, v_scale=v_scale,
-        write_in_decode=write_in_decode, pdl=pdl, combine_in_decode=combine_in_decode,
+        write_in_decode=write_in_decode, pdl=pdl,
     )  # fmt: skip
     return out
 
@@ -300,7 +271,7 @@ def paged_attention_rope(
     block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor, cos: Tensor, sin: Tensor, scale: float,
     sliding_window: int = -1, softcap: float = 0.0, sinks: Tensor | None = None,
     k_scale: Tensor | None = None, v_scale: Tensor | None = None, *, write_in_decode: bool = True,
-    pdl: bool = False, combine_in_decode: bool = False,
+    pdl: bool = False,
 ) -> Tensor:  # fmt: skip
     """Triton RoPE + paged attention: k rotated in the KV write, q rotated on load; no host sync."""
     reason = None
@@ -324,6 +295,5 @@ def paged_attention_rope(
         q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc,
         scale, sliding_window, softcap, sinks, out, k_scale=k_scale, v_scale=v_scale,
         cos=_unit_last(cos), sin=_unit_last(sin), write_in_decode=write_in_decode, pdl=pdl,
-        combine_in_decode=combine_in_decode,
     )  # fmt: skip
     return out

@@ -7,9 +7,8 @@ whose slice holds the new token first writes this step's k/v of its KV head into
 write launch). USE_PDL (experimental, off by default; docs/kernels.md): both kernels launch with programmatic
 dependent launch, wait for their predecessor before any memory access, and the decode kernel lets the combine
 kernel launch once its key loop is done. `_combine_kernel`, grid
-(T, Hq), merges the splits, adds the attention sink and writes zeros for padding tokens. COMBINE (launch variant
-"triton_one_launch"): the last split program of each (sequence, KV head), found by an atomic count, merges them
-itself (`_merge_splits`) and the combine kernel is not launched. The launch is in paged_attention.py.
+(T, Hq), merges the splits, adds the attention sink and writes zeros for padding tokens. The launch is in
+paged_attention.py.
 """
 
 from __future__ import annotations
@@ -29,12 +28,10 @@ def _decode_kernel(
     qk_scale, softcap, window, ks_ptr, vs_ptr, sks_h, svs_h,
     cos_ptr, sin_ptr, sc_t, sc_d, ss_t, ss_d,
     k_ptr, v_ptr, slot_ptr, sk_t, sk_h, sv_t, sv_h,
-    out_ptr, so_t, so_h, sink_ptr, cnt_ptr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, F32_DOT: tl.constexpr, KV_FP8: tl.constexpr = False,
     ROPE: tl.constexpr = False, WRITE_KV: tl.constexpr = False, USE_PDL: tl.constexpr = False,
-    COMBINE: tl.constexpr = False, HAS_SINKS: tl.constexpr = False, BLOCK_S: tl.constexpr = 1,
 ):  # fmt: skip
     if (
         USE_PDL
@@ -97,56 +94,6 @@ def _decode_kernel(
         tl.store(part_ptr + row[:, None] * HEAD_DIM_V + dv[None, :], out,
                  mask=(hh < group)[:, None] & (dv < HEAD_DIM_V)[None, :])  # fmt: skip
         tl.store(lse_ptr + row, lse, mask=hh < group)
-        if COMBINE:
-            # The last of this (sequence, KV head)'s split programs to finish merges them (no combine
-            # launch): every thread's partial stores are issued before the count (barrier), the count
-            # releases them at GPU scope and acquires the others', and the merge reads past L1 (.cg).
-            tl.debug_barrier()
-            counter = cnt_ptr + seq * tl.num_programs(1) + kv_head
-            if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
-                tl.store(counter, 0)  # ready for the next call (a CUDA-graph replay included)
-                _merge_splits(part_ptr, lse_ptr, sink_ptr, out_ptr, seq, head, hh < group, num_heads,
-                              num_splits, so_t, so_h, HAS_SINKS, HEAD_DIM_V, BLOCK_H, BLOCK_S, BLOCK_DV)  # fmt: skip
-    elif COMBINE:  # noqa: SIM102  (a constexpr test apart from the runtime one, for Triton)
-        if split == 0:  # a padding token: zeros, as the combine kernel writes them
-            hh = tl.arange(0, BLOCK_H)
-            dv = tl.arange(0, BLOCK_DV)
-            head = kv_head * group + hh
-            zeros = tl.zeros((BLOCK_H, BLOCK_DV), dtype=out_ptr.dtype.element_ty)
-            tl.store(out_ptr + seq * so_t + head[:, None] * so_h + dv[None, :], zeros,
-                     mask=(hh < group)[:, None] & (dv < HEAD_DIM_V)[None, :])  # fmt: skip
-
-
-@triton.jit
-def _merge_splits(part_ptr, lse_ptr, sink_ptr, out_ptr, t, head, hmask, num_heads, num_splits, so_t, so_h,
-                  HAS_SINKS: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
-                  BLOCK_DV: tl.constexpr):  # fmt: skip
-    """Token `t`'s heads `head` [BLOCK_H]: the splits' partial outputs weighted by their log2-sum-exps (and
-    the attention sink), as `_combine_kernel` computes them for one head."""
-    sp = tl.arange(0, BLOCK_S)
-    dv = tl.arange(0, BLOCK_DV)
-    dmask = dv < HEAD_DIM_V
-    base = (t * num_heads + head) * num_splits  # [BLOCK_H]
-    lse = tl.load(lse_ptr + base[:, None] + sp[None, :], mask=hmask[:, None] & (sp < num_splits)[None, :],
-                  other=float("-inf"), cache_modifier=".cg")  # fmt: skip
-    m = tl.max(lse, axis=1)
-    if HAS_SINKS:
-        sink = tl.load(sink_ptr + head, mask=hmask, other=float("-inf")).to(tl.float32) * 1.4426950408889634
-        m = tl.maximum(m, sink)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m[:, None])
-    denom = tl.sum(w, axis=1)
-    if HAS_SINKS:
-        denom += tl.exp2(sink - m)
-    acc = tl.zeros((BLOCK_H, BLOCK_DV), dtype=tl.float32)
-    for s in range(0, num_splits):
-        w_s = tl.sum(tl.where(sp[None, :] == s, w, 0.0), axis=1)
-        part = tl.load(part_ptr + (base + s)[:, None] * HEAD_DIM_V + dv[None, :], mask=hmask[:, None] & dmask[None, :],
-                       other=0.0, cache_modifier=".cg")  # fmt: skip
-        acc += part * w_s[:, None]
-    out = acc / tl.where(denom > 0.0, denom, 1.0)[:, None]
-    tl.store(out_ptr + t * so_t + head[:, None] * so_h + dv[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=hmask[:, None] & dmask[None, :])  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["num_seqs", "num_splits"])
