@@ -69,7 +69,7 @@ def run(sweep: str, shapes: dict[str, tuple[int, int]], rows_list: tuple[int, ..
             ref = F.linear(x, w)
             row: dict[str, Any] = {}
             cublas = _us(lambda x=x, w=w: F.linear(x, w))
-            row["cublas_us"], row["cublas_tbs"] = cublas, gbytes / cublas * 1e3 / 1e3
+            row["cublas_us"], row["cublas_tbs"] = cublas, gbytes / cublas * 1e3  # GB per us -> TB/s
             out = torch.empty(rows, n, device="cuda", dtype=torch.bfloat16)
             for launch in configs if rows in (1, 8) else [{}]:
                 label = "gemv" + ("" if not launch else " " + ",".join(f"{a}={b}" for a, b in launch.items()))
@@ -85,7 +85,7 @@ def run(sweep: str, shapes: dict[str, tuple[int, int]], rows_list: tuple[int, ..
                 except Exception as exc:
                     row[label] = {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
                     continue
-                row[label] = {"us": us, "tbs": gbytes / us * 1e3 / 1e3, "vs_cublas": cublas / us}
+                row[label] = {"us": us, "tbs": gbytes / us * 1e3, "vs_cublas": cublas / us}
             timed = {key: v for key, v in row.items() if isinstance(v, dict) and "us" in v}
             if timed:
                 best = min(timed, key=lambda key: timed[key]["us"])
