@@ -80,12 +80,14 @@ def _lamport_add_rms_norm_kernel(
     # runs a launch's programs one after another: a program waiting for columns a later program of its own
     # rank sends would wait forever), -0.0 sent as +0.0, into segment `rank` of every rank's slot b.
     mask = cols < n_cols
-    if PART > 0 and USE_ASM:
-        send_cols = part * PART + tl.arange(0, PART)
+    if PART > 0:
         store_mask = mask & (cols >= part * PART) & (cols < part * PART + PART)
     else:
-        send_cols = cols
         store_mask = mask
+    if PART > 0 and USE_ASM:
+        send_cols = part * PART + tl.arange(0, PART)
+    else:
+        send_cols = cols
     send_mask = send_cols < n_cols
     offset = row.to(tl.int64) * n_cols
     bits = tl.load(x_ptr + offset + send_cols, mask=send_mask, other=0.0).to(int_ty, bitcast=True)
@@ -93,8 +95,6 @@ def _lamport_add_rms_norm_kernel(
     for r in tl.static_range(WORLD):
         peer = tl.multiple_of(tl.load(peer_ptrs + r).to(tl.pointer_type(int_ty)), 16)
         tl.store(peer + slot * slot_elems + rank * seg_elems + offset + send_cols, bits, mask=send_mask)
-    if PART > 0 and not USE_ASM:
-        store_mask = mask & (cols >= part * PART) & (cols < part * PART + PART)
 
     # 4. Wait for each rank's whole row, sum in rank order in fp32 (the same sum on every rank).
     dtype = x_ptr.dtype.element_ty
