@@ -5,8 +5,9 @@ Usage (GPU machine, repo root; about 5 minutes on one H100 from a cold compile c
     PYTHONPATH=. python3 benchmarks/gpu_speculative_auto.py --smoke --out /tmp/auto_smoke   # tiny-llama, CPU
 
 With random weights acceptance means nothing, so the drafts are made to be accepted a fixed number of tokens
-per verify step: a partial oracle drafts the first `accept` tokens of the target's own greedy continuation
-(computed first without speculation) and then wrong ones, k = 4 in all. Per batch size and `accept`, the
+per verify step: the model's greedy output is forced (gpu_speculative.forced_model, oracle.force_chain_) and a
+partial oracle drafts the first `accept` tokens of the forced chain from each sequence's own last token and then
+wrong ones, k = 4 in all (drafting the plain run's tokens lost the path on bf16 near-ties). Per batch size and `accept`, the
 same prompts run plain (async scheduling on, the GPU default, and off), speculating on every step
 (auto_disable=off) and with the cost switch (auto_disable=on; one short run first so its estimates are
 measured, as a running server's are). The switch should be near the faster of plain and always-on:
@@ -28,45 +29,29 @@ from typing import Any
 
 import torch
 
-from fxllm.config import load_config
-from fxllm.llm import LLM
-from fxllm.runtime.sampling_params import SamplingParams
+from benchmarks.gpu_speculative import forced_model
+from benchmarks.gpu_speculative_common import base_overrides, build_llm, run_greedy
 from fxllm.runtime.sequence import Sequence
 from fxllm.runtime.speculative.decoder import SpeculativeDecoder
+from fxllm.runtime.speculative.oracle import ChainOracle
 from fxllm.serve.bench_offline import random_prompts
 
 logger = logging.getLogger("fxllm.gpu.speculative_auto")
 
 
 class PartialOracle:
-    """Drafts `accept` tokens of the known greedy continuation, then wrong ones: exactly `accept` accepted."""
+    """Drafts the forced chain from each sequence's own last token, `accept` right and the rest wrong."""
 
-    def __init__(self, continuations: dict[tuple[int, ...], list[int]], accept: int, vocab: int) -> None:
-        self.continuations, self.accept, self.vocab = continuations, accept, vocab
+    def __init__(self, accept: int, vocab: int) -> None:
+        self.accept, self.vocab = accept, vocab
 
     def propose(self, seqs: list[Sequence], limits: list[int]) -> list[list[int]]:
-        """Per sequence `limit` drafts: the first `accept` right, the rest the right token + 1."""
+        """Per sequence `limit` drafts: the first `accept` the chain's, the rest the chain's token + 1."""
         drafts = []
         for seq, limit in zip(seqs, limits):
-            follow = self.continuations.get(tuple(seq.token_ids[: seq.num_prompt_tokens]), [])
-            done = seq.num_output_tokens
-            right = follow[done : done + limit]
+            right = ChainOracle(self.vocab).propose([seq], [limit])[0]
             drafts.append([t if i < self.accept else (t + 1) % self.vocab for i, t in enumerate(right)])
         return drafts
-
-
-def _run(llm: LLM, prompts: list[list[int]], output_len: int) -> tuple[float, list[list[int]]]:
-    """Greedy generation from an empty prefix cache: output tok/s and the tokens."""
-    engine = llm.engine
-    engine.kv_cache.reset_prefix_cache()
-    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
-    if engine.runner.device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    seconds = time.perf_counter() - start
-    tokens = [o.outputs[0].token_ids for o in outs]
-    return sum(map(len, tokens)) / seconds, tokens
 
 
 def main() -> int:
@@ -88,14 +73,12 @@ def main() -> int:
     if args.smoke:
         batches, accepts, args.output_len = batches[:2], accepts[:2], 16
     sizes = ",".join(map(str, batches))
-    gpu = ["model.model=llama-3.1-8b", "model.device=cuda", "model.dtype=bfloat16", "model.max_model_len=4096",
-           f"compile.cuda_graph_batch_sizes=[{sizes}]"]  # fmt: skip
-    cpu = ["model.model=tiny-llama", "model.device=cpu", "model.dtype=float32", "compile.backend=eager"]
-    base = cpu if args.smoke else gpu
-    overrides = [*base, "speculative.method=ngram", "speculative.num_speculative_tokens=4",
+    overrides = [*base_overrides(args.smoke), f"compile.cuda_graph_batch_sizes=[{sizes}]", "speculative.method=ngram", "speculative.num_speculative_tokens=4",
                  "speculative.disable_batch_size=0", "speculative.min_acceptance_rate=0", *args.set]  # fmt: skip
     start = time.perf_counter()
-    llm = LLM(config=load_config(None, overrides))
+    model, vocab = forced_model(args.smoke)  # greedy output forced: the drafts' acceptance is exact
+    llm = build_llm(overrides, model, batches, args.smoke)
+    del model
     engine = llm.engine
     build_seconds = time.perf_counter() - start
     assert engine.speculator is not None
@@ -114,24 +97,25 @@ def main() -> int:
         want: list[list[int]] = []
         for async_on in (True, False):
             engine.speculator, engine.async_scheduling = None, async_on and async_default
-            plain[f"async_{'on' if async_on else 'off'}"], want = _run(llm, prompts, args.output_len)
+            run, want = run_greedy(llm, prompts, args.output_len)
+            plain[f"async_{'on' if async_on else 'off'}"] = run["output_tok_s"]
         engine.async_scheduling = False
-        continuations = {tuple(p): w for p, w in zip(prompts, want)}
         for accept in accepts:
             if time.perf_counter() - start > args.max_seconds:
                 results["cut_short"] = f"stopped before batch {batch} accept {accept}"
                 logger.warning("--max-seconds %.0f reached: %s", args.max_seconds, results["cut_short"])
                 break
-            proposer = PartialOracle(continuations, accept, engine.vocab_size)
+            proposer = PartialOracle(accept, vocab)
             row: dict[str, Any] = {"batch": batch, "accept": accept, "plain_tok_s": plain}
             for mode, config in (("on", on_config), ("auto", auto_config)):
                 spec = SpeculativeDecoder(config, proposer)
                 engine.speculator = spec
                 if mode == "auto":  # a server's estimates are measured already: a short run first
-                    _run(llm, prompts, min(32, args.output_len))
+                    run_greedy(llm, prompts, min(32, args.output_len))
                     spec.stats = type(spec.stats)()
-                rate, got = _run(llm, prompts, args.output_len)
-                row[f"{mode}_tok_s"] = rate
+                run, got = run_greedy(llm, prompts, args.output_len)
+                row[f"{mode}_tok_s"] = run["output_tok_s"]
+                row[f"{mode}_acceptance"] = run["acceptance"]
                 row[f"{mode}_same_tokens"] = sum(a == b for a, b in zip(got, want)) / len(want)
                 if mode == "auto":
                     stats = spec.stats
