@@ -12,7 +12,9 @@ against bf16 rounding of ~0.25) and the oracle drafts t + 1, t + 2, ... from eac
 OracleProposer) lost the path on bf16 near-ties after a few steps. Per batch size (default 1 and 32) and k
 (default 1, 2, 4, 8): tok/s against plain decoding (async scheduling on, the GPU default, and off) and
 `step_vs_decode`: ms per speculative step (all verify steps of 1 + k tokens per sequence, on their CUDA
-graphs) against a plain synchronous decode step (CUDA graph). Ideal tok/s gain at batch 1: ~(k + 1)x.
+graphs) against a plain synchronous decode step (CUDA graph), host work included; `verify_vs_decode`: the
+verify bucket's graph replay (batch x (1 + k) tokens) against the decode bucket's (batch tokens), device time
+of the forward alone (20 replays, inputs as the runs left them). Ideal tok/s gain at batch 1: ~(k + 1)x.
 
 Section "eagle3": the same forced model, its graph returning the hidden states the head reads, with a
 random-weight EAGLE-3 head in the public layout: runs end to end with the decode and verify CUDA graphs
@@ -74,6 +76,29 @@ def forced_fraction(prompts: list[list[int]], outputs: list[list[int]], vocab: i
     return good / max(total, 1)
 
 
+def replay_ms(llm: Any, size: int, query_len: int, repeats: int = 20) -> float | None:
+    """Mean ms of one replay of the bucket (size, query_len), its static inputs as the last run left them (real
+    block tables and context lengths of ~input + output tokens; it rewrites the same K/V into the same slots)."""
+    graphs = llm.engine.runner.decode_graphs
+    if graphs is None:
+        return None
+    pool = graphs.buckets if query_len == 1 else graphs.verify_buckets
+    bucket = next((b for b in pool if b.size == size and b.query_len == query_len), None)
+    if bucket is None:
+        return None
+    cuda = llm.engine.runner.device.type == "cuda"
+    with torch.inference_mode():
+        graphs._replay(bucket)
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            graphs._replay(bucket)
+        if cuda:
+            torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - start) / repeats
+
+
 def spec_overrides(args: argparse.Namespace, method: str, k: int, extra: list[str]) -> list[str]:
     """Speculation always on (no auto switch, no backoff) with buckets for the measured batch sizes."""
     sizes = ",".join(args.batches.split(","))
@@ -133,7 +158,10 @@ def oracle_section(
                     engine.speculator = None
                     if hidden is not None and graphs is not None:
                         graphs.verify_buckets = hidden
+                decode_ms, verify_ms = replay_ms(llm, batch, 1), replay_ms(llm, batch, 1 + k)
                 row.update(
+                    decode_replay_ms=decode_ms, verify_replay_ms=verify_ms,
+                    verify_vs_decode=verify_ms / decode_ms if decode_ms and verify_ms else None,
                     batch=batch, k=k, mode=mode, plain=plain, forced=forced_fraction(prompts, got, vocab),
                     same_tokens=sum(a == b for a, b in zip(got, want)) / len(want),
                     vs_async=row["output_tok_s"] / plain["async_on"]["output_tok_s"],
@@ -224,17 +252,21 @@ def print_table(table: list[dict[str, Any]]) -> None:
     """One line per speculative run."""
     print(f"{'section':>7} {'batch':>5} {'k':>2} {'verify graphs':>13} {'tok/s':>9} {'plain':>9} {'x async':>7} "
           f"{'x sync':>6} {'accept':>6} {'forced':>6} {'same':>5} {'ms/step':>7} {'step/decode':>11} "
-          f"{'replays':>7} {'head ms':>7}")  # fmt: skip
+          f"{'replays':>7} {'head ms':>7} {'verify/decode graph':>19}")  # fmt: skip
     for r in table:
         acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}"
         section = "eagle3" if r["mode"] == "eagle3" else "oracle"
         graphs = "off" if r["mode"] == "no_verify_graphs" else "on"
         replays = r["graphs"].get("num_verify_replays", 0) + r["graphs"].get("num_replays", 0)
         head = r.get("head_catch_up_ms_per_step", 0.0) + r.get("head_draft_ms_per_step", 0.0)
+        ratio = r.get("verify_vs_decode")
+        graph = (
+            "-" if ratio is None else f"{r['verify_replay_ms']:.2f}/{r['decode_replay_ms']:.2f} {ratio:.2f}"
+        )
         print(f"{section:>7} {r['batch']:>5} {r['k']:>2} {graphs:>13} {r['output_tok_s']:>9.1f} "
               f"{r['plain']['async_on']['output_tok_s']:>9.1f} {r['vs_async']:>7.2f} {r['vs_sync']:>6.2f} {acc:>6} "
               f"{r['forced']:>6.2f} {r['same_tokens']:>5.2f} {r['ms_per_step']:>7.2f} {r['step_vs_decode']:>11.2f} "
-              f"{replays:>7} {head:>7.2f}")  # fmt: skip
+              f"{replays:>7} {head:>7.2f} {graph:>19}")  # fmt: skip
 
 
 def main() -> int:
