@@ -114,3 +114,32 @@ def test_static_aliased_outputs_change_nothing(tmp_path: Path, monkeypatch: pyte
     for key in ("drafted", "accepted", "caught_up", "verify_replays", "padded"):
         assert shared[key] == fresh[key], key
     assert torch.equal(shared["k"], fresh["k"]) and torch.equal(shared["v"], fresh["v"])
+
+
+def test_head_attention_follows_the_fused_rope_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the target's graph holds paged_attention_rope only (fuse_rope_attention): the head takes the same
+    backend's paged_attention, not the reference; the reference only where no backend has it."""
+    import types
+
+    import fxllm.backends.registry as registry
+    import fxllm.passes.lower_ops as lower_ops
+    from fxllm.runtime.speculative.eagle3 import attention_for
+
+    kernel = object()
+    impls = {("paged_attention", "triton"): kernel}
+
+    def implementation(op: str, name: str) -> Any:
+        return types.SimpleNamespace(target=lambda: impls[(op, name)])
+
+    runner: Any = types.SimpleNamespace(graph_module=None, device=torch.device("cpu"))
+    reference = torch.ops.fxllm.paged_attention.default
+    monkeypatch.setattr(registry, "implementation", implementation)
+    for chosen, want in (
+        ({"paged_attention_rope": "triton", "rms_norm": "triton"}, kernel),
+        ({"paged_attention": "triton"}, kernel),
+        ({"paged_attention_rope": "other"}, reference),  # no paged_attention in that backend
+        ({"paged_attention_rope": registry.REFERENCE}, reference),
+        ({}, reference),
+    ):
+        monkeypatch.setattr(lower_ops, "implementations_chosen", lambda gm, chosen=chosen: chosen)
+        assert attention_for(runner) is want, chosen

@@ -73,15 +73,31 @@ def with_hidden_state_outputs(config: FxllmConfig, target_config: Any) -> FxllmC
 
 
 def attention_for(runner: ModelRunner) -> Any:
-    """The paged-attention implementation the target's graph got (a backend's op, or the reference op)."""
+    """The paged-attention implementation the target's graph got (a backend's op, or the reference op).
+
+    On CUDA the target's attention is usually fused with its RoPE (pass fuse_rope_attention: the graph holds
+    paged_attention_rope only); the head applies its RoPE itself and calls plain paged_attention, so it takes
+    the same backend's paged_attention (the Triton backend registers both). Without this it got the reference
+    op on the GPU: correct, but a PyTorch loop per sequence in every head step."""
     from fxllm.backends.registry import REFERENCE, implementation
     from fxllm.passes.lower_ops import implementations_chosen
 
-    backend = implementations_chosen(runner.graph_module).get("paged_attention", REFERENCE)
-    if backend != REFERENCE and "," not in backend:
-        target = implementation("paged_attention", backend).target()
+    chosen = implementations_chosen(runner.graph_module)
+    for op in ("paged_attention", "paged_attention_rope"):
+        backend = chosen.get(op, REFERENCE)
+        if backend == REFERENCE or "," in backend:
+            continue
+        try:
+            target = implementation("paged_attention", backend).target()
+        except KeyError:  # a backend with the fused op only
+            continue
         if target is not None:
             return target
+    if runner.device.type == "cuda":
+        logger.warning(
+            "speculative eagle3: the head's attention runs the reference paged_attention (the target's graph "
+            "chose %s): slow", {k: v for k, v in chosen.items() if "attention" in k},
+        )  # fmt: skip
     return torch.ops.fxllm.paged_attention.default
 
 
