@@ -207,6 +207,7 @@ def eagle3_section(
         "config": overrides,
         "build_seconds": time.perf_counter() - section_start,
         "rows": [],
+        "head_attention": str(getattr(proposer, "attention", None)),
     }
     results["eagle3"] = section
     table = []
@@ -291,7 +292,12 @@ def main() -> int:
         "--oracle-seconds", type=float, default=240.0, help="no new oracle run after this (total)"
     )
     parser.add_argument("--max-seconds", type=float, default=450.0, help="no new run after this (total)")
+    parser.add_argument(
+        "--eagle3", action="store_true", help="old form: --sections eagle3 with --ks / --output-len"
+    )
     args = parser.parse_args()
+    if args.eagle3:
+        args.sections, args.eagle3_ks, args.eagle3_output_len = "eagle3", args.ks, args.output_len
     logging.basicConfig(level=logging.INFO)
     start = time.perf_counter()
     out_file = Path(args.out) / "speculative.json"
