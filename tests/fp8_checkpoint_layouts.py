@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -44,8 +45,23 @@ def input_amax(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return amax
 
 
-def write_compressed_tensors(folder: Path, preset: str) -> Path:
-    """tiny-llama saved by compressed-tensors' own compressor: FP8_DYNAMIC (channel) or FP8 (tensor, static)."""
+def ct_scheme(weights: str, activations: str, targets: tuple[str, ...] = ("Linear",)) -> Any:
+    """A compressed-tensors FP8 QuantizationScheme: `weights` channel | tensor, `activations` token | tensor
+    (dynamic) | static (per-tensor input_scale)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    def fp8(strategy: str, dynamic: bool) -> Any:
+        return QuantizationArgs(num_bits=8, type="float", strategy=strategy, symmetric=True, dynamic=dynamic)
+
+    act = fp8("tensor" if activations in ("tensor", "static") else "token", activations != "static")
+    return QuantizationScheme(targets=list(targets), weights=fp8(weights, False), input_activations=act)
+
+
+def write_compressed_tensors(
+    folder: Path, preset: str | dict[str, Any], ignore: tuple[str, ...] = ("lm_head",)
+) -> Path:
+    """tiny-llama saved by compressed-tensors' own compressor: a preset (FP8_DYNAMIC: channel; FP8: tensor,
+    static) or config groups {name: QuantizationScheme} (first match wins, as the package applies them)."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
         QuantizationConfig,
@@ -55,10 +71,8 @@ def write_compressed_tensors(folder: Path, preset: str) -> Path:
 
     model = float_model()
     amax = input_amax(model)
-    scheme = preset_name_to_scheme(preset, ["Linear"])
-    apply_quantization_config(
-        model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"])
-    )
+    groups = {"group_0": preset_name_to_scheme(preset, ["Linear"])} if isinstance(preset, str) else preset
+    apply_quantization_config(model, QuantizationConfig(config_groups=groups, ignore=list(ignore)))
     for name, module in model.named_modules():
         if hasattr(module, "weight_scale"):  # what llm-compressor's min-max observer computes: amax / 448
             _, scale = quantize_weight(

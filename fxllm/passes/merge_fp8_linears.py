@@ -7,7 +7,9 @@ value repeated over its rows) rather than requantizing the weights to the larges
 merged GEMM computes the same products as the separate ones. Block scales are concatenated when every
 member's N is a multiple of 128 (else the group is left unmerged). Static input scales: the merged GEMM
 uses the members' largest (the same as vLLM; members of one input usually share the value, since they
-were calibrated on the same activations, and then nothing changes).
+were calibrated on the same activations, and then nothing changes). Members whose activation schemes differ
+(per token vs per tensor dynamic, or static vs dynamic) stay separate GEMMs, logged: one quantization of
+the shared input cannot serve both.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ def _operands(node: Node) -> list[Any]:
     return [node.args[1], node.args[2], arg(node, 3, "bias"), arg(node, 4, "input_scale")]
 
 
+def _per_tensor(node: Node) -> bool:
+    """Whether the node quantizes its input with one dynamic per-tensor scale (its `per_tensor` argument)."""
+    return bool(arg(node, 5, "per_tensor", False))
+
+
 def _mergeable(gm: GraphModule, linears: list[Node]) -> str | None:
     """Why these fp8_linears cannot be one GEMM, or None."""
     ops = [_operands(n) for n in linears]
@@ -50,6 +57,8 @@ def _mergeable(gm: GraphModule, linears: list[Node]) -> str | None:
         return "weights or scales are not constants"
     if len({b is None for _, _, b, _ in ops}) != 1 or len({i is None for *_, i in ops}) != 1:
         return "members differ in bias or static input scale"
+    if len({_per_tensor(n) for n in linears}) != 1:
+        return "members differ in activation scheme (dynamic per token vs per tensor)"
     if any(i is not None and not _attr(i) for *_, i in ops):
         return "an input scale is not a constant"
     weights = [fetch_attr(gm, str(w.target)) for w, *_ in ops]
@@ -92,7 +101,8 @@ def _merge_group(
         b_node = graph.get_attr(f"{name}_bias") if ops[0][2] is not None else None
         i_node = graph.get_attr(f"{name}_input_scale") if ops[0][3] is not None else None
         merged = graph.call_function(
-            torch.ops.fxllm.fp8_linear.default, (source, w_node, s_node, b_node, i_node)
+            torch.ops.fxllm.fp8_linear.default,
+            (source, w_node, s_node, b_node, i_node, _per_tensor(first)),
         )
         merged.meta["nn_module_stack"] = first.meta.get("nn_module_stack", {})
         merged.meta["fxllm_merged_from"] = [str(w.target) for w, *_ in ops]
@@ -142,6 +152,12 @@ def merge_fp8_linears(gm: GraphModule, ctx: PassContext) -> PassResult:
             continue
         why = _mergeable(gm, linears)
         if why is not None:
+            logger.info(
+                "merge_fp8_linears: %d FP8 linears reading %s stay separate: %s",
+                len(linears),
+                source.name,
+                why,
+            )
             result.notes.append(f"{source.name}: {why}; not merged")
             continue
         _merge_group(gm, source, linears, result.num_matches, order)

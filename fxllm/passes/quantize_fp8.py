@@ -117,9 +117,10 @@ def split_fp8_linear(
     per_tensor: bool = False,
 ) -> Node:
     """Replace an `fxllm::fp8_linear` node by its ATen quantization + `fxllm::fp8_gemm` (a node without a
-    static input scale quantizes per token, or per tensor when `per_tensor`)."""
+    static input scale quantizes per token, or per tensor when `per_tensor` or the node's own argument says so)."""
     x, weight, weight_scale = node.args[0], node.args[1], node.args[2]
     bias, input_scale = arg(node, 3, "bias"), arg(node, 4, "input_scale")
+    per_tensor = per_tensor or bool(arg(node, 5, "per_tensor", False))  # a checkpoint layer's own scheme
     gemm = emit_fp8_linear(gm, node, x, weight, weight_scale, bias, input_scale, traced, per_tensor)  # type: ignore[arg-type]
     gemm.meta.update({k: v for k, v in node.meta.items() if k != "val"})
     node.replace_all_uses_with(gemm)
@@ -136,10 +137,16 @@ def quantize_fp8(gm: GraphModule, ctx: PassContext) -> PassResult:
     config = ctx.quantization
     per_tensor = getattr(config, "activation_scheme", "dynamic_token") == "dynamic_tensor"
     # Whole-layer fp8_linear nodes that something else put in the graph (e.g. a checkpoint loader).
+    own_per_tensor = 0
     for node in list(gm.graph.nodes):
         if is_op(node, torch.ops.fxllm.fp8_linear.default):
+            own_per_tensor += bool(arg(node, 5, "per_tensor", False)) and arg(node, 4, "input_scale") is None
             quant_nodes.append(str(split_fp8_linear(gm, node, traced, per_tensor).args[0]))
             result.num_matches += 1
+    if own_per_tensor:
+        result.notes.append(
+            f"{own_per_tensor} fxllm::fp8_linear node(s) quantize per tensor (their own scheme)"
+        )
     if config is None or getattr(config, "method", "none") == "none":
         result.notes.append("quantization.method is none")
         if quant_nodes:

@@ -3,8 +3,8 @@
 Two layouts are read (docs/quantization.md, "FP8 checkpoints"):
 * compressed-tensors: config.json `quantization_config` with `quant_method: compressed-tensors`, format
   `float-quantized`, config groups whose weights are 8-bit floats (strategy channel, tensor or 128 x 128
-  block) and whose input activations are dynamic per token or static per tensor; an `ignore` list; an
-  optional `kv_cache_scheme` (per-tensor or per-head `k_scale` / `v_scale`).
+  block) and whose input activations are dynamic per token, dynamic per tensor or static per tensor; an
+  `ignore` list; an optional `kv_cache_scheme` (per-tensor or per-head `k_scale` / `v_scale`).
 * ModelOpt: `hf_quant_config.json` (or config.json `quantization_config` with `quant_method: modelopt`) with
   `quant_algo: FP8` (per-tensor weight and static per-tensor input scales) or `FP8_PER_CHANNEL_PER_TOKEN`,
   `exclude_modules`, and `kv_cache_quant_algo: FP8` (per-layer `k_scale` / `v_scale`).
@@ -33,7 +33,7 @@ class Fp8LayerScheme:
     """How one linear layer of the checkpoint is stored: weight scale granularity, activation scheme."""
 
     weight: str  # "channel" ([N, 1]) | "tensor" ([1]) | "block" ([ceil(N/128), ceil(K/128)])
-    activations: str  # "dynamic_token" | "static_tensor" (the checkpoint's input_scale)
+    activations: str  # "dynamic_token" | "dynamic_tensor" | "static_tensor" (the checkpoint's input_scale)
 
 
 @dataclass
@@ -147,6 +147,8 @@ def _fp8_args(args: dict[str, Any] | None, where: str) -> dict[str, Any]:
         )
     if args.get("symmetric") is False:
         raise Fp8CheckpointError(f"{where}: asymmetric FP8 (a zero point) is not supported")
+    if args.get("dynamic", False) not in (True, False):  # e.g. "local" (NVFP4's global + local scales)
+        raise Fp8CheckpointError(f"{where}.dynamic {args.get('dynamic')!r} is not supported (true or false)")
     return args
 
 
@@ -170,12 +172,12 @@ def _ct_activations(group: dict[str, Any], where: str) -> str:
     strategy, dynamic = args.get("strategy"), bool(args.get("dynamic"))
     if strategy == "token" and dynamic:
         return "dynamic_token"
-    if strategy == "tensor" and not dynamic:
-        return "static_tensor"
+    if strategy == "tensor":
+        return "dynamic_tensor" if dynamic else "static_tensor"
     raise Fp8CheckpointError(
         f"{where}.input_activations: strategy {strategy!r} with dynamic {dynamic} (group_size "
         f"{args.get('group_size')}) is not supported; fxllm::fp8_linear quantizes activations per token "
-        "(dynamic) or with one static per-tensor input_scale"
+        "(dynamic), per tensor (dynamic) or with one static per-tensor input_scale"
     )
 
 

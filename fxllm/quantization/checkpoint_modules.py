@@ -62,6 +62,10 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """The canonical FP8 GEMM (the lowering picks its kernel)."""
+        if self.scheme.activations == "dynamic_tensor":  # the scheme rides on the op (merging must see it)
+            return torch.ops.fxllm.fp8_linear(
+                x, self.weight, self.weight_scale, self.bias, self.input_scale, True
+            )
         return torch.ops.fxllm.fp8_linear(x, self.weight, self.weight_scale, self.bias, self.input_scale)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Fp8Linear:  # type: ignore[override]

@@ -1,0 +1,190 @@
+"""FP8 checkpoint schemes beyond the presets (tests/test_fp8_checkpoints.py has those): every weight x
+activation combination compressed-tensors writes, dynamic per-tensor activations (one scale per call over
+the whole activation) included, config groups whose schemes differ inside one merged GEMM, the `ignore`
+list, and bad configs / tensors failing at load naming the key or tensor.
+
+Tolerances (as in test_fp8_checkpoints.py): the FP8 model against the dequantized float model with the
+same activation quantization applied by hook is summation order only, < 1e-5 (measured 0.0); against the
+plain dequantized model the e4m3 activations alone give a ~0.1 relative logit error on tiny-llama, so
+(1e-4, 0.2). That the per-tensor scheme is really per tensor: the same model with per-token activations
+differs from it by far more than 1e-5 (measured 0.03-0.06), so the first bound could not hold by accident.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from fp8_checkpoint_layouts import (
+    PROMPTS,
+    checkpoint_tensors,
+    copy_checkpoint,
+    ct_scheme,
+    edit_config,
+    float_model,
+    write_compressed_tensors,
+)
+from safetensors.torch import save_file
+
+from fxllm.config import load_config
+from fxllm.llm import LLM
+from fxllm.models import load_model
+from fxllm.passes.quantize_fp8 import QUANT_SCHEME_META
+from fxllm.quantization.checkpoint import Fp8CheckpointError
+from fxllm.quantization.checkpoint_modules import Fp8Linear
+from fxllm.quantization.fp8 import (
+    FP8_DTYPE,
+    dequantize_weight,
+    quantize_activation,
+    quantize_activation_tensor,
+)
+from fxllm.runtime.sampling_params import SamplingParams
+
+pytest.importorskip("compressed_tensors")
+
+NEW = 8
+GREEDY = SamplingParams(max_tokens=NEW, min_tokens=NEW, temperature=0)
+BASE = ["compile.backend=eager", "cache.num_blocks=32"]
+COMBOS = [("channel", "tensor"), ("tensor", "tensor"), ("tensor", "token"), ("channel", "static")]
+
+
+@pytest.fixture(scope="module")
+def ct_tensor_dynamic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_compressed_tensors(
+        tmp_path_factory.mktemp("ct_td"), {"group_0": ct_scheme("channel", "tensor")}
+    )
+
+
+def _dequantized(model: torch.nn.Module, activations: str | None) -> torch.nn.Module:
+    """tiny-llama with each FP8 layer as a float nn.Linear over its dequantized weight, its input quantized
+    by hook per token, per tensor or with its static scale (`activations` None: not quantized)."""
+    reference = float_model()
+    for name, module in model.named_modules():
+        if not isinstance(module, Fp8Linear):
+            continue
+        linear = reference.get_submodule(name)
+        linear.weight.data = dequantize_weight(module.weight, module.weight_scale)
+        if activations is None:
+            continue
+
+        def hook(
+            _m: torch.nn.Module,
+            args: tuple[torch.Tensor, ...],
+            scale: torch.Tensor | None = module.input_scale,
+        ):
+            x = args[0]
+            xq, xs = (
+                quantize_activation_tensor(x) if activations == "tensor" else quantize_activation(x, scale)
+            )
+            return ((xq.float() * xs).to(x.dtype),)
+
+        linear.register_forward_pre_hook(hook)
+    return reference.eval()
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(torch.tensor([p])).logits[0] for p in PROMPTS])
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _eager_greedy(model: torch.nn.Module) -> list[list[int]]:
+    with torch.no_grad():
+        outs = [
+            model.generate(torch.tensor([p]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+            for p in PROMPTS
+        ]
+    return [out[0, len(p) :].tolist() for out, p in zip(outs, PROMPTS)]
+
+
+@pytest.mark.parametrize(("weights", "activations"), COMBOS)
+def test_scheme_matches_its_dequantized_model(weights: str, activations: str, tmp_path: Path) -> None:
+    folder = write_compressed_tensors(tmp_path, {"group_0": ct_scheme(weights, activations)})
+    model = load_model(str(folder)).model
+    layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    expected = {"tensor": "dynamic_tensor", "token": "dynamic_token", "static": "static_tensor"}[activations]
+    assert len(layers) == 14 and {(m.scheme.weight, m.scheme.activations) for m in layers} == {
+        (weights, expected)
+    }
+    assert all((m.input_scale is not None) == (activations == "static") for m in layers)
+    fp8 = _logits(model)
+    assert _rel(fp8, _logits(_dequantized(model, activations))) < 1e-5
+    assert 1e-4 < _rel(fp8, _logits(_dequantized(model, None))) < 0.2
+    if activations == "tensor":  # per token would be a different model: the bound above can fail
+        assert _rel(fp8, _logits(_dequantized(model, "token"))) > 1e-3
+
+
+def test_llm_serves_per_tensor_dynamic_activations_merged(
+    ct_tensor_dynamic: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FXLLM_NO_COMPILE_CACHE", "1")
+    llm = LLM(str(ct_tensor_dynamic), config=load_config(None, BASE))
+    gm = llm.engine.runner.graph_module
+    assert sum(p.dtype == FP8_DTYPE for p in gm.parameters()) == 8  # merged qkv, o, gate_up, down x 2 layers
+    schemes = [n.meta[QUANT_SCHEME_META] for n in gm.graph.nodes if QUANT_SCHEME_META in n.meta]
+    assert schemes == ["dynamic_tensor"] * 8, schemes
+    # One request at a time: a per-tensor dynamic scale is one amax over every token of the step, so requests
+    # batched together share it (as in vLLM) and a batch's tokens legitimately differ from solo runs.
+    tokens = [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in PROMPTS]
+    assert tokens == _eager_greedy(load_model(str(ct_tensor_dynamic)).model)
+
+
+def test_mixed_schemes_stay_unmerged_and_ignore_keeps_float(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    groups = {
+        "group_0": ct_scheme("channel", "tensor", ("re:.*q_proj$",)),
+        "group_1": ct_scheme("channel", "token", ("re:.*(k|v|o|gate|up|down)_proj$",)),
+    }
+    folder = write_compressed_tensors(
+        tmp_path / "mixed", groups, ("lm_head", "re:.*layers\\.1\\.mlp\\.down_proj$")
+    )
+    model = load_model(str(folder)).model
+    assert type(model.model.layers[1].mlp.down_proj) is torch.nn.Linear
+    assert model.model.layers[0].self_attn.q_proj.scheme.activations == "dynamic_tensor"
+    assert model.model.layers[0].self_attn.k_proj.scheme.activations == "dynamic_token"
+    monkeypatch.setenv("FXLLM_NO_COMPILE_CACHE", "1")
+    with caplog.at_level("INFO", logger="fxllm.passes.merge_fp8_linears"):
+        llm = LLM(str(folder), config=load_config(None, BASE))
+    assert caplog.text.count("stay separate: members differ in activation scheme") == 2
+    gm = llm.engine.runner.graph_module
+    # q, k, v separate (3) + o + gate_up in both layers, down only in layer 0 (layer 1's is ignored): 11.
+    assert sum(p.dtype == FP8_DTYPE for p in gm.parameters()) == 11
+    schemes = sorted(n.meta[QUANT_SCHEME_META] for n in gm.graph.nodes if QUANT_SCHEME_META in n.meta)
+    assert schemes == ["dynamic_tensor"] * 2 + ["dynamic_token"] * 9
+    tokens = [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in PROMPTS]  # solo: see above
+    assert tokens == _eager_greedy(model)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"weights.strategy": "block", "weights.block_structure": [64, 64]}, r"weights.block_structure \[64, 64\] is not supported"),
+        ({"input_activations.strategy": "block"}, r"input_activations: strategy 'block' with dynamic True"),
+        ({"input_activations.dynamic": "local"}, r"input_activations.dynamic 'local' is not supported"),
+        ({"weights.dynamic": True}, r"weights: strategy 'channel' \(dynamic True\) is not supported"),
+        ({"input_activations.num_bits": 4}, r"input_activations: type 'float' with num_bits 4"),
+    ],
+)  # fmt: skip
+def test_bad_schemes_fail_at_load_naming_the_key(
+    ct_tensor_dynamic: Path, tmp_path: Path, edit: dict[str, object], message: str
+) -> None:
+    folder = copy_checkpoint(ct_tensor_dynamic, tmp_path / "bad")
+    edit_config(folder, edit)
+    with pytest.raises(Fp8CheckpointError, match=message):
+        load_model(str(folder))
+
+
+def test_missing_weight_scale_fails_naming_the_tensor(ct_tensor_dynamic: Path, tmp_path: Path) -> None:
+    tensors = checkpoint_tensors(ct_tensor_dynamic)
+    folder = copy_checkpoint(ct_tensor_dynamic, tmp_path / "missing")
+    del tensors["model.layers.1.self_attn.v_proj.weight_scale"]
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(
+        ValueError, match=r"missing from the checkpoint.*model.layers.1.self_attn.v_proj.weight_scale"
+    ):
+        load_model(str(folder))
