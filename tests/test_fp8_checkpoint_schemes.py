@@ -1,7 +1,8 @@
 """FP8 checkpoint schemes beyond the presets (tests/test_fp8_checkpoints.py has those): every weight x
 activation combination compressed-tensors writes, dynamic per-tensor activations (one scale per call over
 the whole activation) included, config groups whose schemes differ inside one merged GEMM, the `ignore`
-list, and bad configs / tensors failing at load naming the key or tensor.
+list, ModelOpt FP8_PER_CHANNEL_PER_TOKEN, compressed-tensors `kv_cache_scheme` scales, and bad configs /
+tensors failing at load naming the key or tensor.
 
 Tolerances (as in test_fp8_checkpoints.py): the FP8 model against the dequantized float model with the
 same activation quantization applied by hook is summation order only, < 1e-5 (measured 0.0); against the
@@ -12,11 +13,13 @@ differs from it by far more than 1e-5 (measured 0.03-0.06), so the first bound c
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from fp8_checkpoint_layouts import (
+    LINEARS,
     PROMPTS,
     checkpoint_tensors,
     copy_checkpoint,
@@ -24,12 +27,14 @@ from fp8_checkpoint_layouts import (
     edit_config,
     float_model,
     write_compressed_tensors,
+    write_modelopt,
 )
 from safetensors.torch import save_file
 
 from fxllm.config import load_config
 from fxllm.llm import LLM
 from fxllm.models import load_model
+from fxllm.ops.kv_quant import KV_SCALES_ATTR
 from fxllm.passes.quantize_fp8 import QUANT_SCHEME_META
 from fxllm.quantization.checkpoint import Fp8CheckpointError
 from fxllm.quantization.checkpoint_modules import Fp8Linear
@@ -38,6 +43,7 @@ from fxllm.quantization.fp8 import (
     dequantize_weight,
     quantize_activation,
     quantize_activation_tensor,
+    quantize_weight,
 )
 from fxllm.runtime.sampling_params import SamplingParams
 
@@ -188,3 +194,54 @@ def test_missing_weight_scale_fails_naming_the_tensor(ct_tensor_dynamic: Path, t
         ValueError, match=r"missing from the checkpoint.*model.layers.1.self_attn.v_proj.weight_scale"
     ):
         load_model(str(folder))
+
+
+def test_modelopt_per_channel_per_token(tmp_path: Path) -> None:
+    """ModelOpt FP8_PER_CHANNEL_PER_TOKEN (by hand in its layout: [N] weight scales, no input scales)."""
+    folder = write_modelopt(tmp_path / "mo")
+    tensors = {
+        k: v
+        for k, v in checkpoint_tensors(folder).items()
+        if not k.endswith(("input_scale", "_proj.k_scale", "_proj.v_scale"))
+    }
+    for name, tensor in float_model().state_dict().items():
+        if name.rsplit(".", 1)[0].endswith(LINEARS) and name.endswith(".weight"):
+            q, scale = quantize_weight(tensor, "channel")
+            tensors[name], tensors[name.replace(".weight", ".weight_scale")] = q, scale.reshape(-1)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "hf_quant_config.json").write_text(
+        '{"quantization": {"quant_algo": "FP8_PER_CHANNEL_PER_TOKEN", "exclude_modules": ["lm_head"]}}'
+    )
+    model = load_model(str(folder)).model
+    layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    assert len(layers) == 14 and all(m.input_scale is None and m.weight_scale.shape[1] == 1 for m in layers)
+    assert {m.scheme.activations for m in layers} == {"dynamic_token"}
+    fp8 = _logits(model)
+    assert _rel(fp8, _logits(_dequantized(model, "token"))) < 1e-5
+    assert 1e-4 < _rel(fp8, _logits(_dequantized(model, None))) < 0.2
+
+
+def test_compressed_tensors_kv_cache_scheme(ct_tensor_dynamic: Path, tmp_path: Path) -> None:
+    """kv_cache_scheme (static per tensor): `self_attn.k_scale` / `v_scale` reach model.fxllm_kv_scales;
+    one missing, or a dynamic KV scheme, fails at load naming it."""
+    folder = copy_checkpoint(ct_tensor_dynamic, tmp_path / "kv")
+    config = json.loads((folder / "config.json").read_text())
+    kv = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+    config["quantization_config"]["kv_cache_scheme"] = kv
+    (folder / "config.json").write_text(json.dumps(config))
+    tensors = checkpoint_tensors(folder)
+    for layer in (0, 1):
+        tensors[f"model.layers.{layer}.self_attn.k_scale"] = torch.tensor([0.04 + layer / 100])
+        tensors[f"model.layers.{layer}.self_attn.v_scale"] = torch.tensor([0.03])
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    scales = getattr(load_model(str(folder)).model, KV_SCALES_ATTR)
+    assert [float(s) for s in scales[1]] == pytest.approx([0.05, 0.03])
+    missing = copy_checkpoint(folder, tmp_path / "kv_missing")
+    del tensors["model.layers.1.self_attn.k_scale"], tensors["model.layers.1.self_attn.v_scale"]
+    save_file(tensors, str(missing / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(Fp8CheckpointError, match=r"FP8 KV cache, but layers \[1\] have no k_scale"):
+        load_model(str(missing))
+    config["quantization_config"]["kv_cache_scheme"] = {**kv, "dynamic": True}
+    (missing / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Fp8CheckpointError, match=r"kv_cache_scheme: strategy 'tensor' \(dynamic True\)"):
+        load_model(str(missing))
