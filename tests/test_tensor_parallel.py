@@ -16,30 +16,19 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from tp_outputs import PARAMS, PROMPTS, assert_same, greedy_outputs
 
 from fxllm import LLM, SamplingParams
 from fxllm.runtime.distributed import RankDied
 from fxllm.runtime.distributed.sharding import check_divisible, resolve_plan
 
 BASE = ["compile.backend=eager", "cache.num_blocks=64", "scheduler.max_num_seqs=4"]
-PROMPTS = [[1, 5, 9, 33, 7, 100, 12, 40, 41, 42], [1, 300, 2, 77], [1, *range(60, 100)]]
-PARAMS = SamplingParams(max_tokens=12, temperature=0.0, logprobs=3, ignore_eos=True)
 LOGPROB_TOL = 1e-4  # float32; the all-reduce sums the row-parallel partial products in another order
-
-
-def _run(llm: LLM) -> tuple[list[list[int]], list[list[dict[int, float]]]]:
-    outputs = [o.outputs[0] for o in llm.generate(PROMPTS, PARAMS)]
-    logprobs = [[{t: lp.logprob for t, lp in step.items()} for step in o.logprobs or []] for o in outputs]
-    return [list(o.token_ids) for o in outputs], logprobs
+_run = greedy_outputs
 
 
 def _assert_same(reference: tuple, sharded: tuple) -> None:
-    assert sharded[0] == reference[0]
-    for ref_seq, tp_seq in zip(reference[1], sharded[1]):
-        assert len(ref_seq) == len(tp_seq) == PARAMS.max_tokens
-        for ref_step, tp_step in zip(ref_seq, tp_seq):
-            for token, value in ref_step.items():
-                assert abs(tp_step[token] - value) <= LOGPROB_TOL, (token, value, tp_step[token])
+    assert_same(reference, sharded, LOGPROB_TOL)
 
 
 @contextlib.contextmanager

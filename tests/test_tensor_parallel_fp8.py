@@ -10,9 +10,9 @@ rank's scales, moves log-probabilities by whole units.
 
 from __future__ import annotations
 
-from fxllm import LLM, SamplingParams
+from tp_outputs import PROMPTS
 
-PROMPTS = [[1, 5, 9, 33, 7, 100, 12, 40, 41, 42], [1, 300, 2, 77], [1, *range(60, 100)]]
+from fxllm import LLM, SamplingParams
 
 
 def _prompt_logprobs(*overrides: str) -> list[list[float]]:
