@@ -1,0 +1,145 @@
+"""One engine of benchmarks/gpu_tp.py in its own child process: its scenarios, results as JSON.
+
+Scenarios: decode1 (batch-1 decode tok/s from a 288- minus a 32-token run), decode1_profile (GPU time per
+kernel over 64 decode steps on rank 0), throughput (N x 128/128), greedy (tokens + top-5 logprobs of 4
+prompts), profile (a profiled 256 x 128/32 run, rank 0's view).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+def child_engine(spec: dict[str, Any], out_file: str) -> None:
+    """Build one engine from `spec` and run its scenarios; writes a JSON of the results."""
+    import torch
+
+    from fxllm.llm import LLM
+    from fxllm.runtime.sampling_params import SamplingParams
+    from fxllm.serve.bench_offline import random_prompts
+
+    overrides = [f"model.model={spec['model']}", f"parallel.tensor_parallel_size={spec['tp']}", *spec["set"]]
+    start = time.perf_counter()
+    llm = LLM(overrides=overrides)
+    result: dict[str, Any] = {"spec": spec, "build_s": time.perf_counter() - start,
+                              "op_backends": llm.info.op_backends, "compile_cache": llm.info.compile_cache}  # fmt: skip
+    vocab = llm.engine.vocab_size
+    for scenario in spec["scenarios"]:
+        Path(out_file).write_text(json.dumps({**result, "partial": True}))  # what a timed-out part still has
+        if scenario == "decode1":
+            prompt = random_prompts(1, 128, vocab, 4)
+            short, long = spec.get("decode_lengths", (32, 288))
+            times = {}
+            for n in (short, short, long):  # the first run warms up; tok/s from the difference of the others
+                params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+                t0 = time.perf_counter()
+                llm.generate(prompt, params)
+                times[n] = time.perf_counter() - t0
+            result["decode1_tok_s"] = (long - short) / (times[long] - times[short])
+            result["decode1_ms_per_token"] = 1e3 * (times[long] - times[short]) / (long - short)
+        elif scenario == "decode1_profile":  # where a batch-1 decode step's time goes on rank 0's GPU
+            result["decode1_profile"] = _profile_decode1(llm, random_prompts(1, 128, vocab, 4))
+        elif scenario == "throughput":
+            prompts = random_prompts(spec.get("num_prompts", 1000), 128, vocab, 10)
+            params = SamplingParams(max_tokens=spec.get("output_len", 128), temperature=0, ignore_eos=True)
+            t0 = time.perf_counter()
+            outs = llm.generate(prompts, params)
+            seconds = time.perf_counter() - t0
+            result["throughput_output_tok_s"] = sum(len(o.outputs[0].token_ids) for o in outs) / seconds
+            result["throughput_seconds"] = seconds
+        elif scenario == "greedy":
+            prompts = random_prompts(4, 24, vocab, 7)
+            params = SamplingParams(max_tokens=spec.get("greedy_tokens", 24), temperature=0, logprobs=5,
+                                    ignore_eos=True)  # fmt: skip
+            t0 = time.perf_counter()
+            outs = [o.outputs[0] for o in llm.generate(prompts, params)]
+            seconds = time.perf_counter() - t0
+            result["greedy_tokens"] = [list(o.token_ids) for o in outs]
+            result["greedy_logprobs"] = [
+                [{str(t): lp.logprob for t, lp in step.items()} for step in (o.logprobs or [])] for o in outs
+            ]
+            steps = max(llm.engine.stats.num_steps, 1)
+            result["greedy_seconds"] = seconds
+            result["steps_total"] = steps
+        elif scenario == "profile":  # where a throughput run's time goes, rank 0's view
+            from torch.profiler import ProfilerActivity, profile
+
+            prompts = random_prompts(spec.get("profile_prompts", 256), 128, vocab, 11)
+            params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+            llm.generate(prompts[:8], params)
+            activities = [ProfilerActivity.CPU] + (
+                [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+            )
+            t0 = time.perf_counter()
+            with profile(activities=activities) as prof:
+                llm.generate(prompts, params)
+            result["profile_seconds"] = time.perf_counter() - t0
+            averages = prof.key_averages()
+            sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            result["profile_device_table"] = averages.table(
+                sort_by=sort, row_limit=25, max_name_column_width=60
+            )
+            result["profile_host_table"] = averages.table(
+                sort_by="cpu_time_total", row_limit=25, max_name_column_width=60
+            )
+    result["engine_stats"] = dataclasses.asdict(llm.engine.stats)
+    graphs = getattr(llm.engine.runner, "decode_graphs", None)
+    if graphs is not None:
+        result["decode_graphs"] = {"buckets": [b.size for b in graphs.buckets],
+                                   "num_too_large": graphs.num_too_large}  # fmt: skip
+    if torch.cuda.is_available():
+        from fxllm.backends import cuda_collectives
+
+        result["collective_counts"] = dataclasses.asdict(cuda_collectives.COUNTS)
+    llm.shutdown()
+    del llm
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    Path(out_file).write_text(json.dumps(result))
+
+
+def _profile_decode1(llm: Any, prompt: Any, tokens: int = 64) -> dict[str, Any]:
+    """GPU time per decode step by kernel (torch.profiler, rank 0), against the step's wall time: what the
+    kernels take vs the gaps between them (host, launch, a peer arriving late at a collective)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from fxllm.runtime.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    llm.generate(prompt, params)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        llm.generate(prompt, params)
+    wall = time.perf_counter() - t0
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    by_name: dict[str, list[float]] = {}
+    for event in kernels:
+        by_name.setdefault(event.name[:90], []).append(event.time_range.elapsed_us())
+    busy = sum(sum(v) for v in by_name.values())
+    span = (
+        (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels)) if kernels else 0
+    )
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:25]
+    return {
+        "tokens": tokens,
+        "wall_ms_per_token": 1e3 * wall / tokens,
+        "kernel_ms_per_token": busy / 1e3 / tokens,
+        "kernel_span_ms_per_token": span / 1e3 / tokens,
+        "kernels_per_token": len(kernels) / tokens,
+        "top": [
+            {
+                "name": n,
+                "calls_per_token": len(v) / tokens,
+                "us_per_token": sum(v) / tokens,
+                "median_us": sorted(v)[len(v) // 2],
+            }
+            for n, v in top
+        ],
+    }
