@@ -8,11 +8,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fxllm.models import load_model
+from fxllm.quantization.checkpoint import Fp8CheckpointError
 from fxllm.quantization.fp8 import FP8_MAX, quantize_weight
 
 _gen = torch.Generator().manual_seed(11)
@@ -163,3 +165,11 @@ def copy_checkpoint(folder: Path, dest: Path) -> Path:
     for file in folder.iterdir():
         (dest / file.name).write_bytes(file.read_bytes())
     return dest
+
+
+def assert_edit_fails_at_load(folder: Path, dest: Path, edit: dict[str, object], message: str) -> None:
+    """A copy of `folder` at `dest` with `edit` applied (edit_config) fails to load with `message`."""
+    edited = copy_checkpoint(folder, dest)
+    edit_config(edited, edit)
+    with pytest.raises(Fp8CheckpointError, match=message):
+        load_model(str(edited))

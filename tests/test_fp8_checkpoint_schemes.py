@@ -21,10 +21,10 @@ import torch
 from fp8_checkpoint_layouts import (
     LINEARS,
     PROMPTS,
+    assert_edit_fails_at_load,
     checkpoint_tensors,
     copy_checkpoint,
     ct_scheme,
-    edit_config,
     float_model,
     write_compressed_tensors,
     write_modelopt,
@@ -179,10 +179,7 @@ def test_mixed_schemes_stay_unmerged_and_ignore_keeps_float(
 def test_bad_schemes_fail_at_load_naming_the_key(
     ct_tensor_dynamic: Path, tmp_path: Path, edit: dict[str, object], message: str
 ) -> None:
-    folder = copy_checkpoint(ct_tensor_dynamic, tmp_path / "bad")
-    edit_config(folder, edit)
-    with pytest.raises(Fp8CheckpointError, match=message):
-        load_model(str(folder))
+    assert_edit_fails_at_load(ct_tensor_dynamic, tmp_path / "bad", edit, message)
 
 
 def test_missing_weight_scale_fails_naming_the_tensor(ct_tensor_dynamic: Path, tmp_path: Path) -> None:

@@ -27,9 +27,9 @@ import torch
 from fp8_checkpoint_layouts import (
     LINEARS,
     PROMPTS,
+    assert_edit_fails_at_load,
     checkpoint_tensors,
     copy_checkpoint,
-    edit_config,
     float_model,
     write_block,
     write_compressed_tensors,
@@ -252,10 +252,7 @@ def test_compile_explain_lists_the_checkpoint_fp8_gemms(ct_channel: Path) -> Non
 def test_unsupported_compressed_tensors_schemes_fail_at_load(
     ct_channel: Path, tmp_path: Path, edit: dict[str, object], message: str
 ) -> None:
-    folder = copy_checkpoint(ct_channel, tmp_path / "bad")
-    edit_config(folder, edit)
-    with pytest.raises(Fp8CheckpointError, match=message):
-        load_model(str(folder))
+    assert_edit_fails_at_load(ct_channel, tmp_path / "bad", edit, message)
 
 
 def test_bad_fp8_tensors_fail_at_load_naming_the_tensor(modelopt: Path, tmp_path: Path) -> None:
