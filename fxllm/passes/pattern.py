@@ -131,6 +131,9 @@ class PatternPass:
                     matcher,
                     **kwargs,
                 )
+            for entries in matcher.patterns.values():
+                for entry in entries:
+                    _keep_module_stack(entry)
             self._matchers[key] = matcher
         return self._matchers[key]
 
@@ -158,6 +161,26 @@ class PatternPass:
             gm.graph.eliminate_dead_code()
             recompile(gm)
         return PassResult(num_matches=total)
+
+
+def _keep_module_stack(entry: Any) -> None:
+    """Make `entry`'s replacement nodes carry the matched node's nn_module_stack where they have none.
+
+    Passes find layers by module path (expose_hidden_states: `layers.<i>.input_layernorm`). torch 2.13's
+    matcher copies the stack onto replacements; torch 2.11's (the GPU machines') does not, and EAGLE-3's
+    hidden-state pass then found no layer norms there."""
+    apply = entry.apply
+
+    def apply_keeping_stack(match: Match, graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+        stack = node.meta.get("nn_module_stack")
+        before = set(graph.nodes) if stack else None
+        apply(match, graph, node)
+        if before is not None:
+            for new in graph.nodes:
+                if new not in before and not new.meta.get("nn_module_stack"):
+                    new.meta["nn_module_stack"] = stack
+
+    entry.apply = apply_keeping_stack
 
 
 def _graph_float_dtypes(gm: GraphModule, ctx: PassContext) -> list[torch.dtype]:
