@@ -127,6 +127,9 @@ def main() -> int:
     parser.add_argument(
         "--smoke", action="store_true", help="CPU, gloo, tiny presets: checks the script only"
     )
+    parser.add_argument(
+        "--throughput-cases", default=None, help="tp8b: PROMPTSxINPUTxOUTPUT,... (default 1000x128x128)"
+    )
     parser.add_argument("--profile", action="store_true",
                         help="decode8b: also profile 64 batch-1 decode steps (GPU time by kernel on rank 0)")  # fmt: skip
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -200,6 +203,10 @@ def main() -> int:
         extra = [*device, *dtype, "scheduler.max_num_seqs=256",
                  "compile.cuda_graph_batch_sizes=[1,2,4,8,16,32,64,128,256]", *args.set]  # fmt: skip
         sizes = {"num_prompts": 16, "output_len": 8, "profile_prompts": 8} if args.smoke else {}
+        if args.throughput_cases:  # e.g. 1000x128x128,256x1024x1024: prompts x input x output
+            sizes["throughput_cases"] = [
+                [int(v) for v in c.split("x")] for c in args.throughput_cases.split(",")
+            ]
         for size in (int(v) for v in args.decode_tp.split(",")):
             spec = _engine_spec(big, size, ["decode1", "throughput", "profile"], extra, **sizes, **lengths)
             results[f"tp8b_tp{size}"] = _run_child(args, "engine", spec, f"tp8b_tp{size}", 420)
@@ -258,6 +265,8 @@ def _print_table(results: dict[str, Any]) -> None:
         print(f"{key}: batch-1 {r.get('decode1_tok_s')} tok/s, 1000 x 128/128 {r.get('throughput_output_tok_s')} "
               f"out tok/s, build {r.get('build_s')} s, steps {stats.get('num_steps')}, preemptions "
               f"{stats.get('num_preemptions')}, gpu idle {stats.get('gpu_idle_seconds')} s {r.get('error', '')}")  # fmt: skip
+        for row in r.get("throughput_cases") or []:
+            print("   ", row)
         print(r.get("profile_device_table", "")[:3000])
         print(r.get("profile_host_table", "")[:2500])
         print("warnings:", r.get("log_warnings"))

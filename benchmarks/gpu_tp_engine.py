@@ -43,14 +43,27 @@ def child_engine(spec: dict[str, Any], out_file: str) -> None:
             result["decode1_ms_per_token"] = 1e3 * (times[long] - times[short]) / (long - short)
         elif scenario == "decode1_profile":  # where a batch-1 decode step's time goes on rank 0's GPU
             result["decode1_profile"] = _profile_decode1(llm, random_prompts(1, 128, vocab, 4))
-        elif scenario == "throughput":
-            prompts = random_prompts(spec.get("num_prompts", 1000), 128, vocab, 10)
-            params = SamplingParams(max_tokens=spec.get("output_len", 128), temperature=0, ignore_eos=True)
-            t0 = time.perf_counter()
-            outs = llm.generate(prompts, params)
-            seconds = time.perf_counter() - t0
-            result["throughput_output_tok_s"] = sum(len(o.outputs[0].token_ids) for o in outs) / seconds
-            result["throughput_seconds"] = seconds
+        elif scenario == "throughput":  # the first case is the headline; more as [prompts, input, output]
+            cases = spec.get("throughput_cases") or [
+                [spec.get("num_prompts", 1000), 128, spec.get("output_len", 128)]
+            ]
+            for i, (num, input_len, output_len) in enumerate(cases):
+                prompts = random_prompts(num, input_len, vocab, 10 + i)
+                params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+                before = dataclasses.asdict(llm.engine.stats)
+                t0 = time.perf_counter()
+                outs = llm.generate(prompts, params)
+                seconds = time.perf_counter() - t0
+                after = dataclasses.asdict(llm.engine.stats)
+                row = {"prompts": num, "input_len": input_len, "output_len": output_len, "seconds": seconds,
+                       "output_tok_s": sum(len(o.outputs[0].token_ids) for o in outs) / seconds,
+                       **{f"{k}_delta": after[k] - before[k] for k in ("num_steps", "num_preemptions")
+                          if isinstance(after.get(k), (int, float))}}  # fmt: skip
+                result.setdefault("throughput_cases", []).append(row)
+                if i == 0:
+                    result["throughput_output_tok_s"] = row["output_tok_s"]
+                    result["throughput_seconds"] = seconds
+                Path(out_file).write_text(json.dumps({**result, "partial": True}))
         elif scenario == "greedy":
             prompts = random_prompts(4, 24, vocab, 7)
             params = SamplingParams(max_tokens=spec.get("greedy_tokens", 24), temperature=0, logprobs=5,
