@@ -1,82 +1,43 @@
 """The Lamport all-reduce kernel (fxllm/backends/triton/lamport_all_reduce.py) and its backend's host logic.
 
-On a CPU-only machine the kernel runs in Triton's interpreter with two ranks simulated in one process:
-two buffers, each rank's kernel given both addresses. A call of rank 1 "that already ran its send" is a
+On a CPU-only machine the kernel runs in Triton's interpreter with two ranks simulated in one process
+(tests/two_rank.py): two buffers, each rank's kernel given both addresses. A call of rank 1 "that already ran its send" is a
 copy of its input's bits into segment 1 of rank 0's buffer; rank 0's kernel then runs whole (its clear,
 its sends into both buffers, its wait, its sum), then rank 1's. The real timings, the fence and the
 cross-GPU behaviour are checked on GPUs by benchmarks/gpu_allreduce.py; here the PTX for Hopper is
-checked to hold the fence before the first store, the timeout trap and no multicast instruction.
+checked (tests/hopper_ptx.py) to hold the fence before the first store, the timeout trap and no multicast
+instruction.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 import torch
+from two_rank import DEVICE, SEG, WORLD, TwoRanks, interpret_on_cpu, interpreted
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+interpret_on_cpu()
 pytest.importorskip("triton", reason="triton is not installed")
 
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+import hopper_ptx  # noqa: E402
 
-import fxllm.backends.triton as tb  # noqa: E402
 from fxllm.backends import cuda_lamport  # noqa: E402
 from fxllm.backends.registry import implementation, op_backends  # noqa: E402
 from fxllm.backends.triton import lamport_all_reduce as lamport  # noqa: E402
 from fxllm.config import load_config  # noqa: E402
 
-if DEVICE == "cpu":
-    tb.patch_interpreter()
-    if not isinstance(lamport._lamport_all_reduce_kernel, InterpretedFunction):
-        lamport = importlib.reload(lamport)  # imported as a GPU kernel before TRITON_INTERPRET=1 was set
+(lamport,) = interpreted([lamport], [lamport._lamport_all_reduce_kernel])
 
-WORLD = 2
-SEG = 4096  # elements per segment: messages up to 4096 elements, 4 programs of 1024 at most (bf16)
-TIMEOUT_NS = 10**10
-
-
-class TwoRanks:
-    """Two ranks' buffers, pointer tables and states in one process."""
-
-    def __init__(self, dtype: torch.dtype, seg: int = SEG) -> None:
-        self.dtype, self.seg = dtype, seg
-        sentinel, int_type = lamport.SENTINELS[dtype], lamport.INT_TYPES[dtype]
-        self.buffers = [
-            torch.full((3 * WORLD * seg,), sentinel, dtype=int_type, device=DEVICE) for _ in range(WORLD)
-        ]
-        self.ptrs = torch.tensor([b.data_ptr() for b in self.buffers], dtype=torch.int64, device=DEVICE)
-        self.states = [lamport.new_state(torch.device(DEVICE)) for _ in range(WORLD)]
-
-    def segment(self, owner: int, slot: int, writer: int, n: int) -> torch.Tensor:
-        """Segment `writer` of slot `slot` in rank `owner`'s buffer, first n elements."""
-        start = (slot * WORLD + writer) * self.seg
-        return self.buffers[owner][start : start + n]
-
-    def run(self, rank: int, x: torch.Tensor) -> torch.Tensor:
-        out = torch.full_like(x, float("nan"))
-        lamport.lamport_all_reduce(x, out, self.ptrs, self.states[rank], rank, WORLD, self.seg, TIMEOUT_NS)
-        return out
-
-    def call(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """One all-reduce: rank 1's send lands first (as if it ran ahead), then each rank's kernel runs."""
-        slot = int(self.states[1][0])
-        bits = xs[1].view(lamport.INT_TYPES[self.dtype])
-        sent = torch.where(bits == lamport.SENTINELS[self.dtype], torch.zeros_like(bits), bits)
-        self.segment(0, slot, 1, xs[1].numel()).copy_(sent)
-        return [self.run(0, xs[0]), self.run(1, xs[1])]
-
-    def slot_is_clear(self, owner: int, slot: int) -> bool:
-        start = slot * WORLD * self.seg
-        chunk = self.buffers[owner][start : start + WORLD * self.seg]
-        return bool((chunk == lamport.SENTINELS[self.dtype]).all())
+hopper_ptx.register(
+    "lamport_all_reduce", "fxllm.backends.triton.lamport_all_reduce", "_lamport_all_reduce_kernel",
+    {"x_ptr": "*bf16", "out_ptr": "*bf16", "peer_ptrs": "*i64", "state_ptr": "*i32", "rank": "i32", "n": "i32",
+     "seg_elems": "i32", "timeout_ns": "i64", "WORLD": "constexpr", "BLOCK": "constexpr", "SENTINEL": "constexpr",
+     "USE_ASM": "constexpr"},
+    {"WORLD": 4, "BLOCK": 1024, "SENTINEL": -(2**15), "USE_ASM": True},
+    divisible=(0, 1, 2, 3, 5, 6),
+)  # fmt: skip
 
 
 def reference(xs: list[torch.Tensor]) -> torch.Tensor:
@@ -203,38 +164,8 @@ def test_config_key_and_backend_registration() -> None:
     assert implementation("all_reduce", "triton_lamport").priority == cuda_lamport.PRIORITY
 
 
-_PTX_SCRIPT = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from fxllm.backends.triton import lamport_all_reduce as lamport
-
-signature = {"x_ptr": "*bf16", "out_ptr": "*bf16", "peer_ptrs": "*i64", "state_ptr": "*i32", "rank": "i32",
-             "n": "i32", "seg_elems": "i32", "timeout_ns": "i64", "WORLD": "constexpr", "BLOCK": "constexpr",
-             "SENTINEL": "constexpr", "USE_ASM": "constexpr"}
-source = ASTSource(fn=lamport._lamport_all_reduce_kernel, signature=signature,
-                   constexprs={"WORLD": 4, "BLOCK": 1024, "SENTINEL": -(2**15), "USE_ASM": True},
-                   attrs={(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 5, 6)})
-try:
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-except RuntimeError as exc:
-    print("SKIP", exc)
-else:
-    print(compiled.asm["ptx"])
-"""
-
-
 def test_ptx_for_hopper_fences_before_sending_and_traps_on_timeout() -> None:
-    # Compiled in a process of its own: this one runs Triton's interpreter, whose patched helpers the
-    # compiler cannot take. ptxas comes with the triton wheel; no device is needed.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    done = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=300, check=True)  # fmt: skip
-    ptx = done.stdout
-    if ptx.startswith("SKIP"):
-        pytest.skip(f"cannot compile for sm_90 here: {ptx}")
+    ptx = hopper_ptx.ptx("lamport_all_reduce")
     fence = ptx.index("fence.acq_rel.sys")
     stores = [i for i in range(len(ptx)) if ptx.startswith("st.global.v4", i)]
     assert len(stores) == 4 + 4 + 1  # clear of 4 segments, send to 4 ranks, the output: 16-byte vectors
