@@ -130,6 +130,7 @@ def main() -> int:
     parser.add_argument(
         "--throughput-cases", default=None, help="tp8b: PROMPTSxINPUTxOUTPUT,... (default 1000x128x128)"
     )
+    parser.add_argument("--profile-case", default=None, help="tp8b: the profiled run, PROMPTSxINPUTxOUTPUT")
     parser.add_argument("--profile", action="store_true",
                         help="decode8b: also profile 64 batch-1 decode steps (GPU time by kernel on rank 0)")  # fmt: skip
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -207,6 +208,8 @@ def main() -> int:
             sizes["throughput_cases"] = [
                 [int(v) for v in c.split("x")] for c in args.throughput_cases.split(",")
             ]
+        if args.profile_case:  # PROMPTSxINPUTxOUTPUT of the profiled run (default 256x128x32)
+            sizes["profile_case"] = [int(v) for v in args.profile_case.split("x")]
         for size in (int(v) for v in args.decode_tp.split(",")):
             spec = _engine_spec(big, size, ["decode1", "throughput", "profile"], extra, **sizes, **lengths)
             results[f"tp8b_tp{size}"] = _run_child(args, "engine", spec, f"tp8b_tp{size}", 420)
@@ -265,6 +268,7 @@ def _print_table(results: dict[str, Any]) -> None:
         print(f"{key}: batch-1 {r.get('decode1_tok_s')} tok/s, 1000 x 128/128 {r.get('throughput_output_tok_s')} "
               f"out tok/s, build {r.get('build_s')} s, steps {stats.get('num_steps')}, preemptions "
               f"{stats.get('num_preemptions')}, gpu idle {stats.get('gpu_idle_seconds')} s {r.get('error', '')}")  # fmt: skip
+        print("    GPU ms by kind in the profiled run:", r.get("profile_gpu_ms_by_kind"))
         for row in r.get("throughput_cases") or []:
             print("   ", row)
         print(r.get("profile_device_table", "")[:3000])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,13 @@ def child_engine(spec: dict[str, Any], out_file: str) -> None:
         elif scenario == "profile":  # where a throughput run's time goes, rank 0's view
             from torch.profiler import ProfilerActivity, profile
 
-            prompts = random_prompts(spec.get("profile_prompts", 256), 128, vocab, 11)
-            params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+            num, input_len, output_len = spec.get("profile_case") or [
+                spec.get("profile_prompts", 256),
+                128,
+                32,
+            ]
+            prompts = random_prompts(num, input_len, vocab, 11)
+            params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
             llm.generate(prompts[:8], params)
             activities = [ProfilerActivity.CPU] + (
                 [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
@@ -91,6 +97,7 @@ def child_engine(spec: dict[str, Any], out_file: str) -> None:
             with profile(activities=activities) as prof:
                 llm.generate(prompts, params)
             result["profile_seconds"] = time.perf_counter() - t0
+            result["profile_gpu_ms_by_kind"] = gpu_ms_by_kind(prof)
             averages = prof.key_averages()
             sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
             result["profile_device_table"] = averages.table(
@@ -156,3 +163,27 @@ def _profile_decode1(llm: Any, prompt: Any, tokens: int = 64) -> dict[str, Any]:
             for n, v in top
         ],
     }
+
+
+# Kernel name -> kind, first match wins: cuBLAS / CUTLASS GEMMs, fxllm's attention kernels, Inductor's fused
+# kernels (the FP8 activation quantization lives there unless fused into fxllm's producers), fxllm's others.
+_KINDS = [
+    ("gemm", re.compile(r"nvjet|cutlass|gemm|xmma|sm90_|cublas", re.I)),
+    ("attention_decode", re.compile(r"_decode_kernel")),
+    ("attention_prefill", re.compile(r"_prefill_kernel")),
+    ("inductor", re.compile(r"^triton_")),
+    ("fxllm_other", re.compile(r"^_")),
+]
+
+
+def gpu_ms_by_kind(prof: Any) -> dict[str, float]:
+    """GPU kernel time of a profile summed by kind (_KINDS; "other" for the rest), in ms."""
+    from torch.autograd import DeviceType
+
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type != DeviceType.CUDA:
+            continue
+        kind = next((k for k, pattern in _KINDS if pattern.search(event.name)), "other")
+        totals[kind] = totals.get(kind, 0.0) + event.time_range.elapsed_us() / 1e3
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
