@@ -144,6 +144,7 @@ def paged_attention_out(
     num_warps: int | None = None, num_stages: int | None = None,
     k_scale: Tensor | None = None, v_scale: Tensor | None = None,
     cos: Tensor | None = None, sin: Tensor | None = None, write_in_decode: bool = True, pdl: bool = False,
+    fp8_f16: bool = False,
 ) -> None:  # fmt: skip
     """Write k/v into the caches, then paged attention into `out` [T, Hq, Dv]; launch knobs overridable.
 
@@ -208,7 +209,7 @@ def paged_attention_out(
             k, v, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_H=max(16, group_p), BLOCK_N=bn,
             BLOCK_D=block_d, BLOCK_DV=block_dv, USE_SOFTCAP=use_softcap, USE_WINDOW=use_window,
-            F32_DOT=f32_dot, KV_FP8=kv_fp8, ROPE=rope, WRITE_KV=write_in_decode, USE_PDL=pdl,
+            F32_DOT=f32_dot, KV_FP8=kv_fp8, ROPE=rope, WRITE_KV=write_in_decode, USE_PDL=pdl, FP8_F16=fp8_f16,
             num_warps=num_warps or 4, num_stages=num_stages or 3, launch_pdl=pdl,
         )  # fmt: skip
         _combine_kernel[(num_tokens, num_heads)](

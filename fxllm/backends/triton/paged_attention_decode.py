@@ -32,6 +32,7 @@ def _decode_kernel(
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, F32_DOT: tl.constexpr, KV_FP8: tl.constexpr = False,
     ROPE: tl.constexpr = False, WRITE_KV: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+    FP8_F16: tl.constexpr = False,
 ):  # fmt: skip
     if (
         USE_PDL
@@ -70,6 +71,8 @@ def _decode_kernel(
         # Token `seq` is the sequence's one query (decode: T == S); ROPE rotates it here.
         q = _load_heads(q_ptr, seq * sq_t + head * sq_h, hh < group, seq + hh * 0, cos_ptr, sin_ptr,
                         sc_t, sc_d, ss_t, ss_d, HEAD_DIM, BLOCK_D, ROPE)  # fmt: skip
+        if KV_FP8 and FP8_F16:  # e4m3 -> float16 is one conversion instruction; bf16 q -> f16 is exact here
+            q = q.to(tl.float16)
         q_pos = tl.zeros((BLOCK_H,), dtype=tl.int32) + seq_len - 1
         acc = tl.zeros((BLOCK_H, BLOCK_DV), dtype=tl.float32)
         m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
