@@ -3,7 +3,8 @@ beside them, so a second start skips capture, the passes and most of Inductor.
 
 Layout of the cache root (`compile.cache_dir`, else `$FXLLM_CACHE_DIR`, else `~/.cache/fxllm`):
 `graphs/<key>/` (manifest.json + graph.pkl, one entry per key), `inductor/` and `triton/` (used when
-TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR are not set), `torch_extensions/` (the C++ CPU kernels).
+TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR are not set), `torch_extensions/` (the C++ CPU kernels), `gguf/`
+(GGUF files' parsed metadata and tensor offsets, fxllm/models/gguf_cache.py).
 An entry is written to a temporary directory and renamed into place under a file lock, so a reader sees a
 whole entry or none; its payload's sha256 is checked on load, and a bad entry is logged, removed and
 rebuilt. Weights are never stored (fxllm/compiler/cache_graph.py); nodes are plain data
@@ -300,7 +301,7 @@ def directory_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
-CACHE_PARTS = ("graphs", "inductor", "triton", "torch_extensions")  # what `fxllm cache clear` removes
+CACHE_PARTS = ("graphs", "gguf", "inductor", "triton", "torch_extensions")  # what `fxllm cache clear` removes
 
 
 def describe(root: Path) -> str:

@@ -44,7 +44,7 @@ def embedded_gguf_path() -> Path:
 
 
 @contextlib.contextmanager
-def _shared_gguf_reads() -> Iterator[None]:
+def _shared_gguf_reads() -> Iterator[dict[tuple[str, str], Any]]:
     """Within this block, transformers parses each GGUF file's metadata once instead of four times."""
     # transformers re-opens the file for config, weights, tokenizer config and tokenizer, and every
     # GGUFReader walks all ~200k vocab/merge strings (~4 s each for SmolLM2); it also rebuilds gguf's
@@ -82,7 +82,7 @@ def _shared_gguf_reads() -> Iterator[None]:
         for module in consumers:
             module.load_gguf_checkpoint = load_checkpoint
         try:
-            yield
+            yield readers  # the GGUF cache records tensor offsets from the reader the load used
         finally:
             gguf.GGUFReader, gguf.get_tensor_name_map = orig_reader, orig_name_map
             for module in consumers:
@@ -112,8 +112,15 @@ def load_gguf(
         raise FileNotFoundError(f"GGUF file not found: {path}")
     if importlib.util.find_spec("gguf") is None:
         raise ModuleNotFoundError(f"loading {path} needs the gguf package: `pip install gguf`")
+    cache = _gguf_cache()
+    if cache is not None:
+        from fxllm.models.gguf_fastload import load_cached
+
+        hit = load_cached(cache, path, dtype, attn_implementation)
+        if hit is not None:
+            return hit[0].to(device).eval(), hit[1]
     folder, name = str(path.parent), path.name
-    with _shared_gguf_reads():
+    with _shared_gguf_reads() as readers:
         model = AutoModelForCausalLM.from_pretrained(
             folder,
             gguf_file=name,
@@ -134,4 +141,20 @@ def load_gguf(
         # GGUF metadata turns this on, but for BPE vocabularies it strips spaces before punctuation.
         tokenizer.clean_up_tokenization_spaces = False
     model = _as_float_model(model, path)
+    # transformers opens the file by its own spelling of the path: match resolved paths.
+    reader = next(
+        (r for (p, mode), r in readers.items() if mode == "r" and Path(p).resolve() == path.resolve()), None
+    )
+    if cache is not None and reader is not None:
+        from fxllm.models.gguf_fastload import store_entry
+
+        store_entry(cache, path, reader, model, tokenizer, dtype, attn_implementation)
     return model.to(device).eval(), tokenizer
+
+
+def _gguf_cache() -> Any:
+    """The GGUF load cache under the fxllm cache root (fxllm/models/gguf_cache.py), None when it is off."""
+    from fxllm.compiler.cache import cache_root
+    from fxllm.models.gguf_cache import GgufCache, cache_enabled
+
+    return GgufCache(cache_root()) if cache_enabled() else None

@@ -84,8 +84,11 @@ def build_engine(
         device = tp_group.device
         model, tokenizer = tp_group.load_model(config, dtype, tokenizer)
     elif model is None:
+        from fxllm.compiler.cache import cache_root, use_cache_root
         from fxllm.models import load_model
 
+        # Before the load: a GGUF file's parsed metadata is cached under compile.cache_dir too.
+        use_cache_root(cache_root(getattr(config.compile, "cache_dir", None)))
         loaded = load_model(
             name, device=device, dtype=dtype, seed=config.model.seed, num_layers=config.model.num_layers
         )
