@@ -144,13 +144,15 @@ def paged_attention_out(
     num_warps: int | None = None, num_stages: int | None = None,
     k_scale: Tensor | None = None, v_scale: Tensor | None = None,
     cos: Tensor | None = None, sin: Tensor | None = None, write_in_decode: bool = True, pdl: bool = False,
-    fp8_f16: bool = False,
+    fp8_f16: bool = True,
 ) -> None:  # fmt: skip
     """Write k/v into the caches, then paged attention into `out` [T, Hq, Dv]; launch knobs overridable.
 
     With cos/sin ([T, D], see `rope_supported`) q and k are RoPE-rotated in-kernel first (the fused op). On the
     decode path the decode kernel writes this step's k/v itself unless `write_in_decode` is False; `pdl`
-    launches decode and combine with programmatic dependent launch (see VARIANTS)."""
+    launches decode and combine with programmatic dependent launch (see VARIANTS). `fp8_f16`: over an FP8
+    cache and a bfloat16 q the decode kernel computes in float16 (e4m3 -> f16 is one instruction): 0.90x
+    the time of the bfloat16 conversion at 8B heads on an H200 (benchmarks/gpu_decode_sweep.py)."""
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     head_dim_v = v_cache.shape[-1]
@@ -196,6 +198,7 @@ def paged_attention_out(
     on_gpu = q.device.type == "cuda"
     if decode:
         pdl = pdl and on_gpu
+        fp8_f16 = fp8_f16 and kv_fp8 and q.dtype == torch.bfloat16  # float32 q keeps its precision
         bn = block_n or 64
         splits = num_splits or _decode_splits(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, bn,
                                               q.device)  # fmt: skip

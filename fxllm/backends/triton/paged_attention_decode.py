@@ -71,7 +71,7 @@ def _decode_kernel(
         # Token `seq` is the sequence's one query (decode: T == S); ROPE rotates it here.
         q = _load_heads(q_ptr, seq * sq_t + head * sq_h, hh < group, seq + hh * 0, cos_ptr, sin_ptr,
                         sc_t, sc_d, ss_t, ss_d, HEAD_DIM, BLOCK_D, ROPE)  # fmt: skip
-        if KV_FP8 and FP8_F16:  # e4m3 -> float16 is one conversion instruction; bf16 q -> f16 is exact here
+        if KV_FP8 and FP8_F16:  # e4m3 -> f16 is one instruction; bf16 q -> f16 is exact for |q| in [6e-5, 65504]
             q = q.to(tl.float16)
         q_pos = tl.zeros((BLOCK_H,), dtype=tl.int32) + seq_len - 1
         acc = tl.zeros((BLOCK_H, BLOCK_DV), dtype=tl.float32)
