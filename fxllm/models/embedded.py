@@ -137,18 +137,19 @@ def load_gguf(
         except (ValueError, KeyError, NotImplementedError) as e:
             logger.warning("no usable tokenizer in %s (%s); tokenizer is None", path, e)
             tokenizer = None
-    if tokenizer is not None:
-        # GGUF metadata turns this on, but for BPE vocabularies it strips spaces before punctuation.
-        tokenizer.clean_up_tokenization_spaces = False
-    model = _as_float_model(model, path)
-    # transformers opens the file by its own spelling of the path: match resolved paths.
-    reader = next(
-        (r for (p, mode), r in readers.items() if mode == "r" and Path(p).resolve() == path.resolve()), None
-    )
-    if cache is not None and reader is not None:
-        from fxllm.models.gguf_fastload import store_entry
+        if tokenizer is not None:
+            # GGUF metadata turns this on, but for BPE vocabularies it strips spaces before punctuation.
+            tokenizer.clean_up_tokenization_spaces = False
+        model = _as_float_model(model, path)
+        # transformers opens the file by its own spelling of the path: match resolved paths.
+        reader = next((r for (p, mode), r in readers.items() if mode == "r" and Path(p).resolve() == path.resolve()),
+                      None)  # fmt: skip
+        if cache is not None and reader is not None:
+            from fxllm.models.gguf_fastload import store_entry
 
-        store_entry(cache, path, reader, model, tokenizer, dtype, attn_implementation)
+            # Inside the block: the entry's name map reuses the memoized gguf tensor-name map (36 s without
+            # it at load 8: one map per submodule).
+            store_entry(cache, path, reader, model, tokenizer, dtype, attn_implementation)
     return model.to(device).eval(), tokenizer
 
 
