@@ -196,14 +196,22 @@ def paged_attention_out(
     sink_arg = sinks if sinks is not None else q  # never read without HAS_SINKS
     group_p = triton.next_power_of_2(group)
     on_gpu = q.device.type == "cuda"
-    if decode:
-        pdl = pdl and on_gpu
-        fp8_f16 = fp8_f16 and kv_fp8 and q.dtype == torch.bfloat16  # float32 q keeps its precision
-        bn = block_n or 64
+    fp8_f16 = fp8_f16 and kv_fp8 and q.dtype == torch.bfloat16  # float32 q keeps its precision
+    # A prefill step outside a CUDA graph capture also carries the sequences that are decoding (chunked
+    # prefill): their one query token goes to the decode kernel, the prefill kernel skips them. Given to the
+    # prefill kernel, each such row took a whole query block over its context: in 256 x 2048/128 on an H200
+    # as much work again as the step's prompt tokens (RESULTS.md). Captured graphs hold uniform steps
+    # (decode, or 1 + k verify tokens), where the two extra launches would be pure cost.
+    split_mixed = not decode and num_seqs > 1 and not (on_gpu and torch.cuda.is_current_stream_capturing())
+    if decode or split_mixed:
+        pdl = pdl and on_gpu and decode
+        # The launch knobs tune the kernel of the step's kind: a mixed step's decode rows use the defaults.
+        knobs = (block_n, num_warps, num_stages) if decode else (None, None, None)
+        bn = knobs[0] or 64
         splits = num_splits or _decode_splits(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, bn,
                                               q.device)  # fmt: skip
-        part = torch.empty((num_tokens, num_heads, splits, head_dim_v), dtype=torch.float32, device=q.device)
-        lse = torch.empty((num_tokens, num_heads, splits), dtype=torch.float32, device=q.device)
+        part = torch.empty((num_seqs, num_heads, splits, head_dim_v), dtype=torch.float32, device=q.device)
+        lse = torch.empty((num_seqs, num_heads, splits), dtype=torch.float32, device=q.device)
         _decode_kernel[(num_seqs, num_kv_heads, splits)](
             q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, part, lse,
             num_seqs, num_heads, group, block_size, splits,
@@ -213,14 +221,15 @@ def paged_attention_out(
             HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_H=max(16, group_p), BLOCK_N=bn,
             BLOCK_D=block_d, BLOCK_DV=block_dv, USE_SOFTCAP=use_softcap, USE_WINDOW=use_window,
             F32_DOT=f32_dot, KV_FP8=kv_fp8, ROPE=rope, WRITE_KV=write_in_decode, USE_PDL=pdl, FP8_F16=fp8_f16,
-            num_warps=num_warps or 4, num_stages=num_stages or 3, launch_pdl=pdl,
+            MIXED=split_mixed, num_warps=knobs[1] or 4, num_stages=knobs[2] or 3, launch_pdl=pdl,
         )  # fmt: skip
-        _combine_kernel[(num_tokens, num_heads)](
+        _combine_kernel[(num_seqs, num_heads)](
             part, lse, sink_arg, query_start_loc, out, num_seqs, num_heads, splits, out.stride(0), out.stride(1),
             HAS_SINKS=sinks is not None, HEAD_DIM_V=head_dim_v, BLOCK_S=triton.next_power_of_2(splits),
-            BLOCK_DV=block_dv, USE_PDL=pdl, num_warps=4, launch_pdl=pdl,
+            BLOCK_DV=block_dv, USE_PDL=pdl, MIXED=split_mixed, num_warps=4, launch_pdl=pdl,
         )  # fmt: skip
-        return
+        if decode:
+            return
     # H100, Llama-3.1-8B heads (32/8, D 128), causal bf16 (benchmarks/gpu_attention.py sweep, RESULTS.md):
     # 128 x 32 tiles, 4 warps, 2 stages ran 0.85x / 0.92x SDPA flash on 4 x 2048 / 1 x 8192; the
     # previous 128 x 64 tiles with 8 warps and 3 stages 0.78x / 0.83x.
@@ -237,7 +246,7 @@ def paged_attention_out(
         out.stride(0), out.stride(1), scale, softcap, sliding_window, ks, vs, sks, svs, *rope_args,
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, GROUP_P=group_p, BLOCK_Q=block_q, BLOCK_N=bn,
         BLOCK_D=block_d, BLOCK_DV=block_dv, USE_SOFTCAP=use_softcap, USE_WINDOW=use_window,
-        HAS_SINKS=sinks is not None, F32_DOT=f32_dot, KV_FP8=kv_fp8, ROPE=rope,
+        HAS_SINKS=sinks is not None, F32_DOT=f32_dot, KV_FP8=kv_fp8, ROPE=rope, SKIP_SINGLE=split_mixed,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
 

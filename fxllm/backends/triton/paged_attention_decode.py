@@ -32,7 +32,7 @@ def _decode_kernel(
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, F32_DOT: tl.constexpr, KV_FP8: tl.constexpr = False,
     ROPE: tl.constexpr = False, WRITE_KV: tl.constexpr = False, USE_PDL: tl.constexpr = False,
-    FP8_F16: tl.constexpr = False,
+    FP8_F16: tl.constexpr = False, MIXED: tl.constexpr = False,
 ):  # fmt: skip
     if (
         USE_PDL
@@ -41,7 +41,15 @@ def _decode_kernel(
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    if seq < tl.load(qsl_ptr + num_seqs):  # else a padding token: the combine kernel writes zeros
+    if (
+        MIXED
+    ):  # a prefill step: this kernel takes the sequences with one query token, the prefill kernel the rest
+        tok = tl.load(qsl_ptr + seq).to(tl.int64)
+        live = tl.load(qsl_ptr + seq + 1) - tok == 1
+    else:  # decode: token `seq` is the sequence's one query (T == S)
+        tok = seq
+        live = seq < tl.load(qsl_ptr + num_seqs)  # else a padding token: the combine kernel writes zeros
+    if live:
         seq_len = tl.load(lens_ptr + seq)
         lo = 0
         if USE_WINDOW:
@@ -68,10 +76,12 @@ def _decode_kernel(
             tl.debug_barrier()
         hh = tl.arange(0, BLOCK_H)
         head = kv_head * group + hh
-        # Token `seq` is the sequence's one query (decode: T == S); ROPE rotates it here.
-        q = _load_heads(q_ptr, seq * sq_t + head * sq_h, hh < group, seq + hh * 0, cos_ptr, sin_ptr,
+        # Token `tok` is the sequence's one query; ROPE rotates it here.
+        q = _load_heads(q_ptr, tok * sq_t + head * sq_h, hh < group, tok + hh * 0, cos_ptr, sin_ptr,
                         sc_t, sc_d, ss_t, ss_d, HEAD_DIM, BLOCK_D, ROPE)  # fmt: skip
-        if KV_FP8 and FP8_F16:  # e4m3 -> f16 is one instruction; bf16 q -> f16 is exact for |q| in [6e-5, 65504]
+        if (
+            KV_FP8 and FP8_F16
+        ):  # e4m3 -> f16 is one instruction; bf16 q -> f16 is exact for |q| in [6e-5, 65504]
             q = q.to(tl.float16)
         q_pos = tl.zeros((BLOCK_H,), dtype=tl.int32) + seq_len - 1
         acc = tl.zeros((BLOCK_H, BLOCK_DV), dtype=tl.float32)
@@ -92,7 +102,7 @@ def _decode_kernel(
         out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
         if KV_FP8:
             out = out * tl.load(vs_ptr + kv_head * svs_h)
-        row = (seq * num_heads + head) * num_splits + split  # partials are [T, Hq, splits]
+        row = (seq * num_heads + head) * num_splits + split  # partials are [S, Hq, splits]
         dv = tl.arange(0, BLOCK_DV)
         tl.store(part_ptr + row[:, None] * HEAD_DIM_V + dv[None, :], out,
                  mask=(hh < group)[:, None] & (dv < HEAD_DIM_V)[None, :])  # fmt: skip
@@ -104,20 +114,27 @@ def _combine_kernel(
     part_ptr, lse_ptr, sink_ptr, qsl_ptr, out_ptr,
     num_seqs, num_heads, num_splits, so_t, so_h,
     HAS_SINKS: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False, MIXED: tl.constexpr = False,
 ):  # fmt: skip
     if USE_PDL:
         gdc_wait()
-    t = tl.program_id(0).to(tl.int64)
+    seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     dv = tl.arange(0, BLOCK_DV)
     dmask = dv < HEAD_DIM_V
-    o_ptrs = out_ptr + t * so_t + head * so_h + dv
-    if t >= tl.load(qsl_ptr + num_seqs):
-        tl.store(o_ptrs, tl.zeros((BLOCK_DV,), dtype=out_ptr.dtype.element_ty), mask=dmask)
+    if MIXED:  # only the one-token sequences the decode kernel took; the prefill kernel wrote the rest
+        t = tl.load(qsl_ptr + seq).to(tl.int64)
+        live = tl.load(qsl_ptr + seq + 1) - t == 1
     else:
+        t = seq
+        live = seq < tl.load(qsl_ptr + num_seqs)
+        if not live:  # a padding token
+            tl.store(out_ptr + t * so_t + head * so_h + dv, tl.zeros((BLOCK_DV,), dtype=out_ptr.dtype.element_ty),
+                     mask=dmask)  # fmt: skip
+    o_ptrs = out_ptr + t * so_t + head * so_h + dv
+    if live:
         sp = tl.arange(0, BLOCK_S)
-        row = (t * num_heads + head) * num_splits + sp
+        row = (seq * num_heads + head) * num_splits + sp
         lse = tl.load(lse_ptr + row, mask=sp < num_splits, other=float("-inf"))
         m = tl.max(lse, axis=0)
         if HAS_SINKS:

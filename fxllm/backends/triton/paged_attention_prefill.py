@@ -24,7 +24,7 @@ def _prefill_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, F32_DOT: tl.constexpr,
-    KV_FP8: tl.constexpr = False, ROPE: tl.constexpr = False,
+    KV_FP8: tl.constexpr = False, ROPE: tl.constexpr = False, SKIP_SINGLE: tl.constexpr = False,
 ):  # fmt: skip
     # Last query blocks first: under the causal mask they see the most keys, so the long programs
     # start in the first wave and the short ones fill in behind them.
@@ -44,7 +44,12 @@ def _prefill_kernel(
     q_start = tl.load(qsl_ptr + seq)
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
     q_block = pid - (q_start // BLOCK_Q + seq)
-    if q_block * BLOCK_Q < q_len:
+    run = q_block * BLOCK_Q < q_len
+    if (
+        SKIP_SINGLE
+    ):  # sequences with one query token are the decode kernel's (paged_attention.py, mixed steps)
+        run = run & (q_len != 1)
+    if run:
         seq_len = tl.load(lens_ptr + seq)
         ctx = seq_len - q_len  # absolute position of the first query
         r = tl.arange(0, BLOCK_Q * GROUP_P)
