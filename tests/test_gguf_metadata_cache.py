@@ -17,7 +17,7 @@ import torch
 
 from fxllm.models.embedded import embedded_gguf_path, load_gguf
 from fxllm.models.gguf_cache import ENTRY, GgufCache, _canonical, _sha256, key_parts
-from fxllm.models.gguf_fastload import model_difference, tokenizer_difference
+from fxllm.models.gguf_fastload import model_difference, tensors_difference, tokenizer_difference
 
 CPU = torch.device("cpu")
 
@@ -52,6 +52,9 @@ def cache_root(cold: tuple[Any, Any, Path], tmp_path: Path, monkeypatch: pytest.
     root = tmp_path / "cache"
     shutil.copytree(cold[2], root)
     monkeypatch.setenv("FXLLM_CACHE_DIR", str(root))
+    # A start points these at the cache root: set them here so they are restored at teardown.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
     monkeypatch.delenv("FXLLM_NO_COMPILE_CACHE", raising=False)
     return root
 
@@ -170,3 +173,66 @@ def test_entry_that_loads_differently_is_not_kept(
     assert "not keeping the entry" in caplog.text and "q_proj.weight differs" in caplog.text
     assert _entries(tmp_path) == []
     assert model_difference(cold[0], model) is None
+
+
+def test_weights_only_model_keys_like_the_real_one(cold: tuple[Any, Any, Path], cache_root: Path) -> None:
+    """The weights-only model has the real model's tensors (same objects' values, names, order, ties) and its
+    compile-cache key; materialized, it is the cold load again."""
+    from fxllm.compiler.cache_build import start_key
+    from fxllm.config import load_config
+    from fxllm.models.gguf_weights import WeightsOnlyModel
+
+    model = cold[0]
+    stub, _ = _load(weights_only=True)
+    assert isinstance(stub, WeightsOnlyModel)
+    assert tensors_difference(model, stub) is None
+    config = load_config(None, ["model.model=smollm2"])
+    args = ("smollm2", CPU, torch.float32)
+    assert start_key(config, stub, *args)[1] == start_key(config, model, *args)[1]
+    real = stub.fxllm_materialize()
+    assert model_difference(model, real) is None
+    assert real.model.embed_tokens.weight.data_ptr() == stub.model.embed_tokens.weight.data_ptr(), "no copy"
+
+
+def test_weights_only_start_imports_no_model_classes(cold: tuple[Any, Any, Path], cache_root: Path) -> None:
+    """In a fresh interpreter, a weights-only load from the entry leaves transformers' modeling_utils (and
+    scipy through its losses) unimported: the seconds item 2 of issue 13 is about."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from fxllm.models import load_model\n"
+        "loaded = load_model('smollm2', weights_only=True)\n"
+        "print(type(loaded.model).__name__, loaded.tokenizer is not None,\n"
+        "      [m for m in ('transformers.modeling_utils', 'scipy') if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True,
+                         env={**os.environ, "FXLLM_CACHE_DIR": str(cache_root)})  # fmt: skip
+    assert out.stdout.strip().splitlines()[-1] == "WeightsOnlyModel True []", out.stderr[-2000:]
+
+
+def test_engine_from_weights_only_model_cold_then_warm(cache_root: Path, caplog: Any) -> None:
+    """A start on the weights-only model that misses the compile cache builds the HF model for the capture; the
+    next start hits the compile cache with the weights-only model; both generate the same tokens."""
+    from fxllm import LLM, SamplingParams
+
+    overrides = [
+        "model.model=smollm2",
+        "compile.backend=eager",
+        "cache.num_blocks=64",
+        "model.max_model_len=256",
+    ]
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
+    outputs, infos = [], []
+    for _ in range(2):
+        with caplog.at_level(logging.INFO):
+            llm = LLM(overrides=overrides)
+        outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0))
+        outputs.append([list(o.outputs[0].token_ids) for o in outs])
+        infos.append(llm.build_info.compile_cache)
+        del llm
+    assert infos[0].startswith("miss") and infos[1] == "hit"
+    assert "built the HF model around the loaded weights" in caplog.text
+    assert caplog.text.count("weights only") == 2
+    assert outputs[0] == outputs[1]

@@ -57,6 +57,18 @@ def _cold(model: torch.nn.Module, ctx: PassContext, passes: Any, recorder: Weigh
     return captured.gm, report, captured.seconds, time.perf_counter() - start
 
 
+def _capturable(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF model to capture: a weights-only GGUF model (fxllm/models/gguf_weights.py) made real."""
+    materialize = getattr(model, "fxllm_materialize", None)
+    if materialize is None:
+        return model
+    start = time.perf_counter()
+    real: torch.nn.Module = materialize()
+    logger.info("compile cache miss: built the HF model around the loaded weights in %.1f s",
+                time.perf_counter() - start)  # fmt: skip
+    return real
+
+
 def kv_cache_part(cache_dtype: str, kv_scales: dict[int, tuple[Any, Any]]) -> str:
     """The key's "kv cache" part: the cache dtype and the checkpoint's scales (stored in the entry as constants)."""
     if not kv_scales:
@@ -124,7 +136,7 @@ def _build_graph(
     key, parts, off = start_key(config, model, model_name, device, dtype)
     if off is not None:
         logger.info("compile cache off: %s", off)
-        gm, report, capture_s, passes_s = _cold(model, ctx, compile_config.passes, None)
+        gm, report, capture_s, passes_s = _cold(_capturable(model), ctx, compile_config.passes, None)
         return GraphBuild(gm, report, capture_s, passes_s, f"off ({off})")
     cache = GraphCache(root)
     model_tensors = dict(named_tensors(model, CAPTURE_PREFIX))
@@ -139,6 +151,9 @@ def _build_graph(
         why = cache.explain_miss(parts)
         logger.info("compile cache miss (%s): capturing %s and running the passes; the result goes to %s",
                     why, model_name, cache.entry_path(key))  # fmt: skip
+        if hasattr(model, "fxllm_materialize"):  # weights only: capture needs the HF model (same tensors)
+            model = _capturable(model)
+            model_tensors = dict(named_tensors(model, CAPTURE_PREFIX))
         recorder = WeightRecorder(model, CAPTURE_PREFIX)
         gm, report, capture_s, passes_s = _cold(model, ctx, compile_config.passes, recorder)
         start = time.perf_counter()

@@ -96,6 +96,11 @@ def _model_structure(model: torch.nn.Module) -> str:
     return digest([(name, list(t.shape), str(t.dtype)) for name, t in named])
 
 
+def _model_class(model: torch.nn.Module) -> str:
+    # A weights-only GGUF model (fxllm/models/gguf_weights.py) names the class it stands for.
+    return getattr(model, "fxllm_model_class", None) or f"{type(model).__module__}.{type(model).__qualname__}"
+
+
 def _model_config(hf_config: Any) -> str:
     to_dict = getattr(hf_config, "to_dict", None)
     data = to_dict() if callable(to_dict) else vars(hf_config)
@@ -171,7 +176,7 @@ def cache_key_parts(
     return {
         "format": str(FORMAT_VERSION),
         "model": model_name,
-        "model class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "model class": _model_class(model),
         "model config": _model_config(model.config),
         "model tensors": _model_structure(model),
         "dtype": str(dtype).removeprefix("torch."),

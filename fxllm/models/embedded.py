@@ -10,11 +10,12 @@ import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.utils.quantization_config import GgufConfig
+
+if TYPE_CHECKING:  # the cold load imports transformers' model classes; a warm start need not
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -105,9 +106,18 @@ def _as_float_model(model: PreTrainedModel, path: Path) -> PreTrainedModel:
 
 
 def load_gguf(
-    path: Path, *, device: torch.device, dtype: torch.dtype, attn_implementation: str | None
+    path: Path,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    attn_implementation: str | None,
+    weights_only: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
-    """Load a .gguf file through transformers, dequantized to `dtype`, plus its embedded tokenizer."""
+    """Load a .gguf file through transformers, dequantized to `dtype`, plus its embedded tokenizer.
+
+    `weights_only`: where the GGUF cache has the file, a WeightsOnlyModel (fxllm/models/gguf_weights.py: the
+    tensors and configs, no forward, no transformers model classes imported) may come back instead; its
+    `fxllm_materialize()` gives the HF model."""
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     if importlib.util.find_spec("gguf") is None:
@@ -116,9 +126,12 @@ def load_gguf(
     if cache is not None:
         from fxllm.models.gguf_fastload import load_cached
 
-        hit = load_cached(cache, path, dtype, attn_implementation)
+        hit = load_cached(cache, path, dtype, attn_implementation, weights_only=weights_only)
         if hit is not None:
             return hit[0].to(device).eval(), hit[1]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils.quantization_config import GgufConfig
+
     folder, name = str(path.parent), path.name
     with _shared_gguf_reads() as readers:
         model = AutoModelForCausalLM.from_pretrained(

@@ -29,7 +29,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when entry.json's layout or the way an entry is turned into a model changes
+FORMAT_VERSION = 2  # bump when entry.json's layout or the way an entry is turned into a model changes
 ENTRY = "entry.json"
 SUBDIR = "gguf"
 # The compile cache's switch (fxllm/compiler/cache_build.py) turns this cache off too: with it set, every

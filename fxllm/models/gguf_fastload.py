@@ -21,6 +21,13 @@ import numpy as np
 import torch
 
 from fxllm.models.gguf_cache import BadEntry, Entry, GgufCache, key_parts
+from fxllm.models.gguf_weights import (
+    BUFFERS_FILE,
+    model_buffers,
+    model_class_name,
+    model_layout,
+    weights_only_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +97,7 @@ def _reverse_permute(weights: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.transpose(1, 2).reshape(weights.shape)
 
 
-def _read_tensors(path: Path, recipes: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, recipes: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """De-quantize every recipe's tensor to float32, straight from the file's data section."""
     from fxllm.models.gguf_dequant import dequantize
 
@@ -108,9 +115,9 @@ def _read_tensors(path: Path, recipes: list[dict[str, Any]]) -> dict[str, torch.
     return tensors
 
 
-def load_entry(entry: Entry, path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
-    """The model (on CPU) and tokenizer an entry describes; raises BadEntry when they cannot be built."""
-    from transformers import AutoTokenizer, GenerationConfig
+def build_model(entry: Entry, dtype: torch.dtype, tensors: dict[str, torch.Tensor]) -> Any:
+    """The HF model (on CPU) an entry describes, its parameters taken from `tensors` (by HF name)."""
+    from transformers import GenerationConfig
     from transformers.initialization import no_init_weights
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -126,22 +133,35 @@ def load_entry(entry: Entry, path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
             )
         slots = _tensor_slots(model)
         loaded = set()
-        for name, tensor in _read_tensors(path, data["tensors"]).items():
+        for name, tensor in tensors.items():
             if name not in slots:
                 raise BadEntry(f"tensor {name} is not in {type(model).__name__}")
-            _assign(slots[name], tensor, name, dtype)
-            loaded.add(id(slots[name]))
+            if id(slots[name]) not in loaded:  # a tied tensor comes once per name
+                _assign(slots[name], tensor, name, dtype)
+                loaded.add(id(slots[name]))
     missing = sorted(n for n, group in slots.items() if id(group) not in loaded and any(p for *_, p in group))
     if missing:
         raise BadEntry(f"{len(missing)} parameter(s) have no recipe, e.g. {missing[:4]}")
     model.hf_quantizer = None  # as the cold load leaves it (fxllm/models/embedded.py: _as_float_model)
     if data["generation_config"] is not None:
         model.generation_config = GenerationConfig.from_dict(data["generation_config"])
-    tokenizer = None
-    if data["tokenizer"]:
-        tokenizer = AutoTokenizer.from_pretrained(str(entry.path), local_files_only=True)
-        tokenizer.clean_up_tokenization_spaces = False
-    return model.eval(), tokenizer
+    return model.eval()
+
+
+def load_tokenizer(entry: Entry) -> Any:
+    """The entry's tokenizer, None when the file had none."""
+    if not entry.data["tokenizer"]:
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(entry.path), local_files_only=True)
+    tokenizer.clean_up_tokenization_spaces = False
+    return tokenizer
+
+
+def load_entry(entry: Entry, path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    """The model (on CPU) and tokenizer an entry describes; raises BadEntry when they cannot be built."""
+    return build_model(entry, dtype, read_tensors(path, entry.data["tensors"])), load_tokenizer(entry)
 
 
 def _tensors_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -172,6 +192,11 @@ def model_difference(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
         return "attention implementation differs"
     if _generation(a) != _generation(b):
         return "generation config differs"
+    return tensors_difference(a, b)
+
+
+def tensors_difference(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
+    """The first way `b`'s parameters and buffers differ from `a`'s (names and order, values, dtypes, ties)."""
     ta, tb = _tensors_of(a), _tensors_of(b)
     if list(ta) != list(tb):
         return f"tensor names differ: {sorted(set(ta) ^ set(tb))[:4]}"
@@ -221,12 +246,26 @@ def tokenizer_difference(a: Any, b: Any) -> str | None:
     return None
 
 
+def weights_only_difference(model: Any, weights_only: Any) -> str | None:
+    """How the weights-only model differs from the real one where the compile cache's key looks, or None."""
+    if model_class_name(weights_only) != model_class_name(model):
+        return f"class {model_class_name(weights_only)} != {model_class_name(model)}"
+    if weights_only.config.to_dict() != model.config.to_dict() or _generation(weights_only) != _generation(
+        model
+    ):
+        return "weights-only config differs"
+    problem = tensors_difference(model, weights_only)
+    return None if problem is None else f"weights-only {problem}"
+
+
 def store_entry(
     cache: GgufCache, path: Path, reader: Any, model: Any, tokenizer: Any, dtype: torch.dtype,
     attn_implementation: str | None,
 ) -> Path | None:  # fmt: skip
     """Record the cold load of `path` (`model` on CPU, `tokenizer`) as a cache entry, published only when a
     load from it reproduces them exactly; returns the entry's directory, or None (logged why)."""
+    from safetensors.torch import save_file
+
     start = time.perf_counter()
     parts = key_parts(path, _dtype_name(dtype), attn_implementation)
     try:
@@ -238,6 +277,8 @@ def store_entry(
             else None,
             "tokenizer": tokenizer is not None,
             "tensors": tensor_recipes(reader, model),
+            "model_class": model_class_name(model),
+            "layout": model_layout(model),
         }
     except Unsupported as exc:
         logger.info("GGUF cache: %s is not cached: %s", path.name, exc)
@@ -245,6 +286,7 @@ def store_entry(
     with tempfile.TemporaryDirectory(prefix="fxllm-gguf-") as tmp:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        save_file(model_buffers(model), str(Path(tmp) / BUFFERS_FILE))
         where = cache.write(parts, data, Path(tmp))
     if where is None:
         return None
@@ -254,6 +296,8 @@ def store_entry(
         try:
             warm_model, warm_tokenizer = load_entry(entry, path, dtype)
             problem = model_difference(model, warm_model) or tokenizer_difference(tokenizer, warm_tokenizer)
+            del warm_model
+            problem = problem or weights_only_difference(model, weights_only_model(entry, path, dtype))
         except Exception as exc:  # anything a load from the entry trips over: no entry, the cold load stands
             problem = f"loading it failed ({type(exc).__name__}: {exc})"
     if problem is not None:
@@ -267,21 +311,29 @@ def store_entry(
 
 
 def load_cached(
-    cache: GgufCache, path: Path, dtype: torch.dtype, attn_implementation: str | None
+    cache: GgufCache,
+    path: Path,
+    dtype: torch.dtype,
+    attn_implementation: str | None,
+    weights_only: bool = False,
 ) -> tuple[Any, Any] | None:
-    """The model (CPU) and tokenizer from `path`'s cache entry, or None (no entry, or a bad one: logged)."""
+    """The model (CPU) and tokenizer from `path`'s cache entry, or None (no entry, or a bad one: logged);
+    with `weights_only`, a WeightsOnlyModel (fxllm/models/gguf_weights.py) instead of the HF model."""
     start = time.perf_counter()
     parts = key_parts(path, _dtype_name(dtype), attn_implementation)
     entry = cache.read(parts)
     if entry is None:
         return None
     try:
-        loaded = load_entry(entry, path, dtype)
+        if weights_only:
+            loaded = weights_only_model(entry, path, dtype), load_tokenizer(entry)
+        else:
+            loaded = load_entry(entry, path, dtype)
     except Exception as exc:  # a bad entry never stops a start: the caller loads the file cold
         logger.warning("GGUF cache: entry %s is unusable (%s: %s); removing it and rebuilding",
                        entry.path, type(exc).__name__, exc)  # fmt: skip
         shutil.rmtree(entry.path, ignore_errors=True)
         return None
-    logger.info("GGUF cache hit: %s loaded from %s in %.1f s (no metadata parse)",
-                path.name, entry.path, time.perf_counter() - start)  # fmt: skip
+    logger.info("GGUF cache hit: %s loaded from %s in %.1f s (no metadata parse%s)", path.name, entry.path,
+                time.perf_counter() - start, "; weights only" if weights_only else "")  # fmt: skip
     return loaded

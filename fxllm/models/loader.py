@@ -7,15 +7,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from fxllm.dtypes import is_auto_dtype, parse_dtype
 from fxllm.models.embedded import EMBEDDED_ALIASES, EMBEDDED_NAME, embedded_gguf_path, load_gguf
 from fxllm.models.presets import list_presets, materialize_random_, preset_config
 from fxllm.models.registry import apply_config_fixups, apply_model_spec, find_model_spec
-from fxllm.models.safetensors_loader import build_empty_model, config_from_dict, load_hf_folder, move_buffers_
+
+if TYPE_CHECKING:  # transformers' modeling_utils (and scipy through its losses) costs seconds to import:
+    # a warm GGUF start (weights only, fxllm/models/gguf_weights.py) never needs it.
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +76,8 @@ def _load_preset(
     attn: str | None,
     shard: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> PreTrainedModel:
+    from fxllm.models.safetensors_loader import build_empty_model, config_from_dict, move_buffers_
+
     config = preset_config(name, num_layers=num_layers)
     spec = find_model_spec(config.architectures)
     if spec is not None and spec.config_fixups is not None:
@@ -93,8 +98,13 @@ def load_model(
     num_layers: int | None = None,
     attn_implementation: str | None = None,
     shard: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    weights_only: bool = False,
 ) -> LoadedModel:
     """Load MODEL `spec`: "smollm2" (embedded), a preset name, a HF model folder, or a .gguf file.
+
+    `weights_only`: a GGUF file the GGUF cache holds may load as a WeightsOnlyModel (its tensors and
+    configs, no forward; `fxllm_materialize()` gives the HF model): the builder asks for it, since a start
+    that hits the compile cache never runs the model.
 
     attn_implementation None means sdpa, or eager for models whose softcapping sdpa would drop.
     `shard(name, tensor)` (tensor parallelism) gives a preset's random weights as a rank's parts while
@@ -121,9 +131,9 @@ def load_model(
             device=dev,
             dtype=resolved or torch.float32,
             attn_implementation=attn_implementation,
+            weights_only=weights_only,
         )
-        apply_model_spec(model, find_model_spec(model.config.architectures))
-        loaded = LoadedModel(model, tokenizer, EMBEDDED_NAME, "embedded")
+        loaded = LoadedModel(_with_model_spec(model), tokenizer, EMBEDDED_NAME, "embedded")
     elif key in list_presets():
         model = _load_preset(
             key,
@@ -137,12 +147,12 @@ def load_model(
         loaded = LoadedModel(model, None, key, "preset")
     elif path.is_file() and path.suffix == ".gguf":
         no_layers("GGUF files")
-        model, tokenizer = load_gguf(
-            path, device=dev, dtype=resolved or torch.float32, attn_implementation=attn_implementation
-        )
-        apply_model_spec(model, find_model_spec(model.config.architectures))
-        loaded = LoadedModel(model, tokenizer, str(path), "gguf")
+        model, tokenizer = load_gguf(path, device=dev, dtype=resolved or torch.float32,
+                                     attn_implementation=attn_implementation, weights_only=weights_only)  # fmt: skip
+        loaded = LoadedModel(_with_model_spec(model), tokenizer, str(path), "gguf")
     elif path.is_dir() and (path / "config.json").is_file():
+        from fxllm.models.safetensors_loader import load_hf_folder
+
         model, tokenizer = load_hf_folder(
             path, device=dev, dtype=resolved, num_layers=num_layers, attn_implementation=attn_implementation
         )
@@ -159,6 +169,16 @@ def load_model(
     loaded.model.requires_grad_(False)
     _log_loaded(loaded, time.perf_counter() - start)
     return loaded
+
+
+def _with_model_spec(model: PreTrainedModel) -> PreTrainedModel:
+    """`model` with its registered ModelSpec's module swaps applied (a weights-only model becomes the real one
+    first: the swaps act on its modules)."""
+    spec = find_model_spec(model.config.architectures)
+    if spec is not None and hasattr(model, "fxllm_materialize"):
+        model = model.fxllm_materialize()
+    apply_model_spec(model, spec)
+    return model
 
 
 def _log_loaded(loaded: LoadedModel, seconds: float) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -15,10 +16,12 @@ from transformers import (
     MistralConfig,
     Phi3Config,
     PretrainedConfig,
-    PreTrainedModel,
     Qwen2Config,
     Qwen3Config,
 )
+
+if TYPE_CHECKING:  # modeling_utils is seconds of imports; a warm GGUF start does not need it
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 

@@ -89,9 +89,11 @@ def build_engine(
 
         # Before the load: a GGUF file's parsed metadata is cached under compile.cache_dir too.
         use_cache_root(cache_root(getattr(config.compile, "cache_dir", None)))
-        loaded = load_model(
-            name, device=device, dtype=dtype, seed=config.model.seed, num_layers=config.model.num_layers
-        )
+        # Weights only (GGUF cache): the compile cache's graph runs without the HF module; build_graph makes
+        # it real on a miss. Speculative drafting reads the target's modules, so it gets the real one.
+        weights_only = config.speculative.method in ("none", "ngram")
+        loaded = load_model(name, device=device, dtype=dtype, seed=config.model.seed,
+                            num_layers=config.model.num_layers, weights_only=weights_only)  # fmt: skip
         model, tokenizer = loaded.model, loaded.tokenizer if tokenizer is None else tokenizer
         del loaded  # the graph keeps the weights it needs; merged q/k/v originals must be freed
     else:
