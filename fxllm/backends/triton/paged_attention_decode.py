@@ -41,12 +41,12 @@ def _decode_kernel(
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    if (
-        MIXED
-    ):  # a prefill step: this kernel takes the sequences with one query token, the prefill kernel the rest
+    # MIXED: a prefill step, where this kernel takes the sequences with one query token and the prefill kernel
+    # the rest; else decode, where token `seq` is the sequence's one query (T == S).
+    if MIXED:
         tok = tl.load(qsl_ptr + seq).to(tl.int64)
         live = tl.load(qsl_ptr + seq + 1) - tok == 1
-    else:  # decode: token `seq` is the sequence's one query (T == S)
+    else:
         tok = seq
         live = seq < tl.load(qsl_ptr + num_seqs)  # else a padding token: the combine kernel writes zeros
     if live:
@@ -79,9 +79,8 @@ def _decode_kernel(
         # Token `tok` is the sequence's one query; ROPE rotates it here.
         q = _load_heads(q_ptr, tok * sq_t + head * sq_h, hh < group, tok + hh * 0, cos_ptr, sin_ptr,
                         sc_t, sc_d, ss_t, ss_d, HEAD_DIM, BLOCK_D, ROPE)  # fmt: skip
-        if (
-            KV_FP8 and FP8_F16
-        ):  # e4m3 -> f16 is one instruction; bf16 q -> f16 is exact for |q| in [6e-5, 65504]
+        # e4m3 -> f16 is one instruction; bf16 q -> f16 is exact for |q| in [6e-5, 65504].
+        if KV_FP8 and FP8_F16:
             q = q.to(tl.float16)
         q_pos = tl.zeros((BLOCK_H,), dtype=tl.int32) + seq_len - 1
         acc = tl.zeros((BLOCK_H, BLOCK_DV), dtype=tl.float32)

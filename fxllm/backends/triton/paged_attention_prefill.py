@@ -45,9 +45,8 @@ def _prefill_kernel(
     q_len = tl.load(qsl_ptr + seq + 1) - q_start
     q_block = pid - (q_start // BLOCK_Q + seq)
     run = q_block * BLOCK_Q < q_len
-    if (
-        SKIP_SINGLE
-    ):  # sequences with one query token are the decode kernel's (paged_attention.py, mixed steps)
+    # With SKIP_SINGLE, sequences with one query token are the decode kernel's (paged_attention.py, mixed steps).
+    if SKIP_SINGLE:
         run = run & (q_len != 1)
     if run:
         seq_len = tl.load(lens_ptr + seq)
