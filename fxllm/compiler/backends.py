@@ -55,9 +55,12 @@ def cpu_freezing(gm: GraphModule) -> tuple[bool, str]:
     at batch 1 and 169 -> 242 at 16 requests (in-process A/B, 2-core AVX2 box, 2026-11-27; earlier
     160 -> 309 with oneDNN GEMMs). But a frozen graph with oneDNN-packed weights bypasses Inductor's graph
     cache and AOTAutograd's cache (torch 2.13), so every start compiles the graph again (minutes on 2
-    cores). Where fxllm's packed kernel took every linear (pack_linears, AVX-512), nothing is left to
-    pre-pack: no freezing, and a warm start loads the compiled graph from the caches. The graph's
-    `compile.cpu_freezing` (set in gm.meta by the builder; "auto" when absent) can force either way."""
+    cores). The linears are pre-packed outside the graph instead: fxllm's packed kernel where it runs
+    (pack_linears, AVX-512), else oneDNN over a weight packed on its first call (fxllm_cpu::onednn_linear,
+    chosen by the lowering); nothing is then left to pre-pack, nothing is frozen, and a warm start loads
+    the compiled graph from the caches. Freezing remains for plain linears neither took (a dtype oneDNN
+    does not pack here, or compile.op_backends.linear=torch). The graph's `compile.cpu_freezing` (set in
+    gm.meta by the builder; "auto" when absent) can force either way."""
     if os.environ.get(_OLD_FREEZING_ENV):
         raise ValueError(f"{_OLD_FREEZING_ENV} is no longer read: unset it and use the config option "
                          "compile.cpu_freezing=on|off|auto (e.g. `fxllm serve --set compile.cpu_freezing=off`)")  # fmt: skip
@@ -72,6 +75,9 @@ def cpu_freezing(gm: GraphModule) -> tuple[bool, str]:
     ]  # fmt: skip
     if linears:
         return True, f"{len(linears)} linears for oneDNN to pre-pack (no packed kernel for them here)"
+    onednn = sum(str(n.target) == "fxllm_cpu.onednn_linear.default" for n in gm.graph.nodes)
+    if onednn:
+        return False, f"no plain linears left to pre-pack: {onednn} run oneDNN over pre-packed weights"
     return False, "no plain linears left to pre-pack"
 
 

@@ -1,7 +1,8 @@
 """C++ kernels for fxllm's ops on the CPU, registered as the "cpu" implementation.
 
 Importing this package registers `fxllm_cpu::paged_attention` and `fxllm_cpu::packed_linear`
-(priority 5, so the lowering pass picks them for CPU nodes of float32 or bfloat16). The library
+(priority 5, so the lowering pass picks them for CPU nodes of float32 or bfloat16), and oneDNN over a
+pre-packed weight for `fxllm::linear` (`fxllm_cpu::onednn_linear`, onednn_linear.py). The library
 builds on first use (native.py); if it does not build, the lowering falls back to the reference
 and logs how many nodes did.
 """
@@ -43,13 +44,16 @@ def supports_attention(site: OpSite) -> bool:
 
 def _register() -> None:
     import fxllm.ops  # noqa: F401  (ops must exist before backends register for them)
-    from fxllm.backends.cpu import native
+    from fxllm.backends.cpu import native, onednn_linear
     from fxllm.backends.registry import register_op_backend
 
     for op, check in (("paged_attention", supports_attention), ("packed_linear", supports)):
         register_op_backend(
             op, BACKEND, target=lambda op=op: native.op(op), supports=check, priority=PRIORITY
         )
+    # fxllm::linear, where the packed kernel above cannot take a linear (pack_linears hands it over).
+    register_op_backend("linear", onednn_linear.BACKEND, target=lambda: native.op("onednn_linear"),
+                        supports=onednn_linear.supports, priority=onednn_linear.PRIORITY)  # fmt: skip
 
 
 _register()

@@ -1,5 +1,5 @@
-"""fxllm's C++ CPU kernels (csrc/) as the ops `fxllm_cpu::packed_linear`, `fxllm_cpu::paged_attention` and
-`fxllm_cpu::argmax_rows`.
+"""fxllm's C++ CPU kernels (csrc/) as the ops `fxllm_cpu::packed_linear`, `fxllm_cpu::paged_attention`,
+`fxllm_cpu::onednn_linear` and `fxllm_cpu::argmax_rows`.
 
 The library builds on first use with `torch.utils.cpp_extension.load` (ninja; ~1 min on the shared 2-core box)
 into a directory keyed by the sources, flags, torch version and CPU, under `$FXLLM_CACHE_DIR` (default
@@ -27,11 +27,11 @@ from fxllm.backends.cpu.isa import DTYPE_CODES, has_avx512, has_avx512_bf16
 
 logger = logging.getLogger(__name__)
 
-NATIVE_OPS = ("packed_linear", "paged_attention", "argmax_rows")
+NATIVE_OPS = ("packed_linear", "paged_attention", "onednn_linear", "argmax_rows")
 
 CSRC = Path(__file__).parent / "csrc"
 # ops.cpp first: with the PyTorch headers it takes longest, and ninja starts jobs in this order.
-_SOURCES = ("ops.cpp", "attention.cpp", "linear.cpp", "argmax.cpp", "write_kv.cpp")
+_SOURCES = ("ops.cpp", "attention.cpp", "linear.cpp", "argmax.cpp", "write_kv.cpp", "onednn_linear.cpp")
 _NAME = "fxllm_cpu_kernels"
 # The flags that matter from the Inductor C++ code cache build this replaced: -O3, -march=native (the
 # AVX-512 intrinsics sit behind target attributes, but the plain loops vectorise for this CPU),
@@ -118,6 +118,10 @@ def _load() -> None:
     torch.ops.fxllm_cpu.set_isa(has_avx512(), has_avx512_bf16())
     for name in ("packed_linear", "paged_attention"):
         torch.library.register_fake(f"fxllm_cpu::{name}", _canonical_fake(name))
+    torch.library.register_fake("fxllm_cpu::onednn_linear", _canonical_fake("linear"))
+    from fxllm.backends.cpu.onednn_linear import BATCH_HINT
+
+    torch.ops.fxllm_cpu.onednn_linear_set_batch_hint(BATCH_HINT)
     torch.library.register_fake("fxllm_cpu::argmax_rows", _argmax_rows_fake)
 
 
