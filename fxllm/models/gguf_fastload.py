@@ -23,6 +23,7 @@ import torch
 from fxllm.models.gguf_cache import BadEntry, Entry, GgufCache, key_parts
 from fxllm.models.gguf_weights import (
     BUFFERS_FILE,
+    WeightsOnlyModel,
     model_buffers,
     model_class_name,
     model_layout,
@@ -294,10 +295,11 @@ def store_entry(
     problem = "it could not be read back" if entry is None else None
     if entry is not None:
         try:
-            warm_model, warm_tokenizer = load_entry(entry, path, dtype)
-            problem = model_difference(model, warm_model) or tokenizer_difference(tokenizer, warm_tokenizer)
-            del warm_model
-            problem = problem or weights_only_difference(model, weights_only_model(entry, path, dtype))
+            # Both warm forms from one read of the tensors (the cold start pays for this check once).
+            tensors = read_tensors(path, entry.data["tensors"])
+            problem = model_difference(model, build_model(entry, dtype, tensors))
+            problem = problem or tokenizer_difference(tokenizer, load_tokenizer(entry))
+            problem = problem or weights_only_difference(model, WeightsOnlyModel(entry, dtype, tensors))
         except Exception as exc:  # anything a load from the entry trips over: no entry, the cold load stands
             problem = f"loading it failed ({type(exc).__name__}: {exc})"
     if problem is not None:
