@@ -76,6 +76,8 @@ class CompileConfig:
     cache_dir: str | None = None
     # Inductor's weight freezing on the CPU: "auto" freezes only where plain linears are left for oneDNN to
     # pre-pack (decode speed) and otherwise not (the compiled graph is then cached); "on" / "off" force it.
+    # Linears are pre-packed outside the graph (fxllm's packed kernel, else fxllm_cpu::onednn_linear), so
+    # "auto" freezes only for linears neither takes (e.g. bfloat16 where oneDNN does not pack it).
     # A frozen graph is never cached by Inductor: every start compiles it again. (YAML reads a bare on / off
     # as a bool, so True / False are taken too.)
     cpu_freezing: str | bool = "auto"
