@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 from model_fixtures import first_layers
 
 from fxllm.models import LoadedModel, load_model
+
+# Where a build's compile.cache_dir points the process's caches (fxllm.compiler.cache.use_cache_root sets these):
+# put back after every test and every module, so that one test's temporary root does not become every later
+# test's (their graphs cold again, and fxllm's C++ kernels built again by each rank spawned after it).
+CACHE_ENV = ("FXLLM_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+
+
+def _restore_cache_env() -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in CACHE_ENV}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+restore_cache_env = pytest.fixture(autouse=True)(_restore_cache_env)
+restore_cache_env_per_module = pytest.fixture(scope="module", autouse=True)(_restore_cache_env)
 
 # SmolLM2's first layers: every kind of node in the graph, a seventh of the capture and compile time.
 SMOLLM2_SHORT_LAYERS = 4

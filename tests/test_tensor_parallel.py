@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from cache_roots import fresh_cache_root
 from tp_outputs import PARAMS, PROMPTS, assert_same, greedy_outputs
 
 from fxllm import LLM, SamplingParams
@@ -53,16 +54,21 @@ def llama_tp1() -> tuple:
 
 
 @pytest.fixture(scope="module")
-def llama_tp2_fused() -> Iterator[LLM]:
+def llama_tp2_shared() -> Iterator[LLM]:
+    """The module's shared TP=2 engine, for the tests that only read it (spawning and building the ranks is most
+    of a TP test's time): the fused all-reduce + norm and the vocab-parallel embedding together, which do not
+    interact (the embedding's all-reduce has two users, the first norm and the residual, so it is never fused;
+    the fused norms' counts below are those of the fusion alone), then decode buckets and a killed rank."""
     with _engine(
-        "tiny-llama", "parallel.tensor_parallel_size=2", "parallel.fuse_allreduce_rms_norm=true"
-    ) as llm:
+        "tiny-llama", "parallel.tensor_parallel_size=2", "parallel.fuse_allreduce_rms_norm=true",
+        "parallel.vocab_parallel_embedding=true",
+    ) as llm:  # fmt: skip
         yield llm
 
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return f"compile.cache_dir={tmp_path_factory.mktemp('fxllm_cache')}"
+    return f"compile.cache_dir={fresh_cache_root(tmp_path_factory.mktemp('fxllm_cache'))}"
 
 
 def test_tp2_greedy_and_logprobs_equal_tp1_qwen2(qwen2_tp1: tuple, cache_dir: str, monkeypatch) -> None:
@@ -93,7 +99,7 @@ def test_tp2_speculative_verify_buckets_on_every_rank(llama_tp1: tuple) -> None:
     verify step the same way (the step header carries the draft counts, the verify buckets go to every
     rank), or their all-reduces would disagree in size; greedy tokens stay those of the bucket-free run
     (40 tokens of a prompt whose output repeats itself, so the lookup drafts) and TP=1's (PROMPTS[1:]).
-    It runs before the module's shared TP engine (llama_tp2_fused) starts: one TP engine per process."""
+    It runs before the module's shared TP engine (llama_tp2_shared) starts: one TP engine at a time."""
     repeating = [[1, 5, 9, 33, 5, 9, 33, 5, 9, 33, 5, 9]]
     long = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     short = SamplingParams(max_tokens=PARAMS.max_tokens, temperature=0.0, ignore_eos=True)
@@ -110,36 +116,33 @@ def test_tp2_speculative_verify_buckets_on_every_rank(llama_tp1: tuple) -> None:
         assert [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS[1:], short)] == llama_tp1[0][1:]
 
 
-def test_tp2_vocab_parallel_embedding_equals_tp1(llama_tp1: tuple) -> None:
+def test_tp2_vocab_parallel_embedding_equals_tp1(llama_tp2_shared: LLM, llama_tp1: tuple) -> None:
     """The embedding table split by vocabulary rows: each rank holds half of it, looks up the ids in its
-    range and the all-reduce adds the other rank's zeros, so tokens and logprobs stay TP=1's. (Before the
-    module's shared TP engine starts: one TP engine per process.)"""
-    with _engine(
-        "tiny-llama", "parallel.tensor_parallel_size=2", "parallel.vocab_parallel_embedding=true"
-    ) as llm:
-        # 2 layers x (o_proj, down_proj) all-reduces, the LM head's all-gather, the embedding's lookup
-        assert llm.info.pass_report.matches("shard_tp") == 6
-        gm = llm.engine.runner.graph_module
-        tables = [t for n, t in [*gm.named_parameters(), *gm.named_buffers()] if "embed_tokens" in n]
-        assert [tuple(t.shape) for t in tables] == [(256, 128)]  # the rank's half of the 512-row table
-        _assert_same(llama_tp1, _run(llm))
+    range and the all-reduce adds the other rank's zeros, so tokens and logprobs stay TP=1's."""
+    llm = llama_tp2_shared
+    # 2 layers x (o_proj, down_proj) all-reduces, the LM head's all-gather, the embedding's lookup
+    assert llm.info.pass_report.matches("shard_tp") == 6
+    gm = llm.engine.runner.graph_module
+    tables = [t for n, t in [*gm.named_parameters(), *gm.named_buffers()] if "embed_tokens" in n]
+    assert [tuple(t.shape) for t in tables] == [(256, 128)]  # the rank's half of the 512-row table
+    _assert_same(llama_tp1, _run(llm))
 
 
-def test_tp2_fused_allreduce_norm_equals_tp1(llama_tp2_fused: LLM, llama_tp1: tuple) -> None:
+def test_tp2_fused_allreduce_norm_equals_tp1(llama_tp2_shared: LLM, llama_tp1: tuple) -> None:
     """all_reduce + residual add + RMSNorm as one op: same tokens, logprobs within the tolerance."""
     expected = llama_tp1
-    assert llama_tp2_fused.info.pass_report.matches("fuse_allreduce_rms_norm") == 4
-    assert "all_reduce_add_rms_norm" in llama_tp2_fused.info.op_backends
-    _assert_same(expected, _run(llama_tp2_fused))
+    assert llama_tp2_shared.info.pass_report.matches("fuse_allreduce_rms_norm") == 4
+    assert "all_reduce_add_rms_norm" in llama_tp2_shared.info.op_backends
+    _assert_same(expected, _run(llama_tp2_shared))
 
 
-def test_tp2_decode_buckets_on_every_rank(llama_tp2_fused: LLM, llama_tp1: tuple) -> None:
+def test_tp2_decode_buckets_on_every_rank(llama_tp2_shared: LLM, llama_tp1: tuple) -> None:
     """Padded decode buckets (CUDA graphs' CPU stand-in) set up on every rank: pure decode steps go through
     them on rank 0 and, from the sampled rows in the step header, on the worker too."""
-    runner, expected = llama_tp2_fused.engine.runner, llama_tp1
+    runner, expected = llama_tp2_shared.engine.runner, llama_tp1
     runner.enable_decode_graphs([1, 2, 4], 256, capture=False)
     try:
-        _assert_same(expected, _run(llama_tp2_fused))
+        _assert_same(expected, _run(llama_tp2_shared))
         assert runner.decode_graphs.num_replays > 0 and runner.decode_graphs.num_too_large == 0
     finally:
         runner._runner.decode_graphs = None  # the rest of the module runs the plain path
@@ -188,15 +191,15 @@ def test_compile_explain_shows_shard_plan_and_all_reduce() -> None:
     assert "all_reduce -> inlined" in text  # the CPU's implementation: functional collectives, traced
 
 
-def test_killed_rank_ends_the_run_with_an_error(llama_tp2_fused: LLM) -> None:
+def test_killed_rank_ends_the_run_with_an_error(llama_tp2_shared: LLM) -> None:
     """Last in the module: it kills the shared engine's worker."""
-    group = llama_tp2_fused.engine.runner.group
+    group = llama_tp2_shared.engine.runner.group
     reasons: list[str] = []
     group.on_death = reasons.append  # `fxllm serve` sends itself SIGTERM here
     os.kill(group.procs[0].pid, signal.SIGKILL)
     start = time.monotonic()
     with pytest.raises(RankDied, match="rank 1 exited"):
-        llama_tp2_fused.generate(PROMPTS, PARAMS)
+        llama_tp2_shared.generate(PROMPTS, PARAMS)
     assert time.monotonic() - start < 30
     deadline = time.monotonic() + 5
     while not reasons and time.monotonic() < deadline:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cache_roots import fresh_cache_root
 from tp_outputs import Outputs, assert_same, greedy_outputs
 
 from fxllm import LLM
@@ -32,7 +33,7 @@ def test_tp2_inductor_cold_and_warm_equal_tp1_eager(tmp_path: Path) -> None:
     reference = _run(["compile.backend=eager"])
     compiled = [
         "compile.backend=inductor", "compile.cpu_freezing=off", "compile.standalone=true",
-        "parallel.tensor_parallel_size=2", f"compile.cache_dir={tmp_path}",
+        "parallel.tensor_parallel_size=2", f"compile.cache_dir={fresh_cache_root(tmp_path)}",
     ]  # fmt: skip
     cold = _run(compiled)
     assert_same(reference, cold, LOGPROB_TOL)
