@@ -185,10 +185,13 @@ def test_accepted_runs_keep_the_head_kv_exact(parts, buckets: bool) -> None:
         torch.testing.assert_close(keys, fresh_keys[:computed], atol=KV_ATOL, rtol=0)
 
 
-@pytest.mark.slow
-def test_smollm2_greedy_equals_plain(smollm2: LoadedModel) -> None:
-    """The real model (30 layers: the head reads layers 2, 15, 27), float32, a few chat prompts."""
-    loaded = smollm2
+def test_smollm2_greedy_equals_plain(smollm2_short: LoadedModel) -> None:
+    """SmolLM2's real weights, vocabulary and tokenizer, cut to its first 4 layers (conftest.py; every layer
+    is the same kind of node, so the hidden-state taps and the head's catch-up are the 30-layer model's, at a
+    seventh of two engines' build): the head reads layers 2, 2, 1 (the defaults, clamped; out of order and one
+    twice, where the full model's 2, 15, 27 are sorted), float32, a few chat prompts; drafts from a 4,096-id
+    draft vocabulary spread over the 49,152 by d2t."""
+    loaded = smollm2_short
     tok = loaded.tokenizer
     texts = ["Copy this exactly: the meeting is on Tuesday at 10am in room 4B.",
              "def area(w, h):\n    return w * h\n\nExplain this function in one sentence.",
@@ -216,10 +219,15 @@ def test_smollm2_greedy_equals_plain(smollm2: LoadedModel) -> None:
             llm = LLM(copy.deepcopy(loaded.model), config=config, tokenizer=tok)
             outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
             if spec:
-                assert proposer(llm.engine).head.config.aux_layer_ids is None  # defaults: (2, 15, 27)
-                assert llm.engine.speculator.stats.draft_tokens > 0  # type: ignore[union-attr]
+                assert proposer(llm.engine).head.config.aux_layer_ids is None  # the defaults
+                assert default_layer_ids(loaded.model.config.num_hidden_layers) == [2, 2, 1]
+                stats = llm.engine.speculator.stats  # type: ignore[union-attr]
+                assert stats.accepted_tokens < stats.draft_tokens  # drafts were rejected: that path ran
             llm.shutdown()
     assert outs[0] == outs[1]
+    # Equality means something: varied tokens (a stuck model would also equal itself), every prompt its own.
+    assert all(len(set(tokens)) > 3 for tokens in outs[0])
+    assert len({tuple(tokens) for tokens in outs[0]}) == len(prompts)
 
 
 def test_stopped_requests_leave_the_head_alone(parts) -> None:
