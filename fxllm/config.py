@@ -81,6 +81,11 @@ class CompileConfig:
     # A frozen graph is never cached by Inductor: every start compiles it again. (YAML reads a bare on / off
     # as a bool, so True / False are taken too.)
     cpu_freezing: str | bool = "auto"
+    # Inductor's C++ wrapper on the CPU (one generated C++ function that calls every kernel of the graph,
+    # compiled with -O3). Off by default: for SmolLM2 on the 2-core box it was more than half of a cold start's
+    # compile (133.7 vs 51.5 s, idle) and decode was no faster without it (batch 1: 29.5 vs 34.4 tok/s,
+    # benchmarks/RESULTS.md, eleventh session). Needs fxllm's C++ CPU kernels (else off anyway).
+    cpu_cpp_wrapper: bool = False
     # Inductor compiles the runtime graph without Dynamo (torch._inductor.standalone_compile), once for every
     # step shape, and the compile cache keeps the artifact: a warm start loads it (no Dynamo re-trace).
     # Off (or with frozen weights, or tensor parallelism): through torch.compile, a variant per shape class.

@@ -122,9 +122,10 @@ def test_dtype_and_graph_config_changes_miss_and_say_what_changed(
     assert "compile.op_backends changed" in _changed_key(caplog, "compile.op_backends.rms_norm=torch")
     assert "model config changed" in _changed_key(caplog, "model.num_layers=1")
     assert "compile.cpu_freezing auto -> off" in _changed_key(caplog, "compile.cpu_freezing=off")
+    assert "compile.cpu_cpp_wrapper False -> True" in _changed_key(caplog, "compile.cpu_cpp_wrapper=true")
     assert "quantization changed" in _changed_key(caplog, "quantization.method=fp8")
     assert "compile cache miss" in caplog.text
-    assert len(_entries(cache_dir)) == 7
+    assert len(_entries(cache_dir)) == 8
     # Each of them is now a hit; the graph without fuse_add_rms_norm really is another graph.
     unfused = _build("compile.passes.fuse_add_rms_norm=false")
     assert unfused.build_info.compile_cache == "hit"
@@ -341,3 +342,16 @@ def test_cpu_freezing_is_a_config_option_the_graph_carries(
     monkeypatch.setenv("FXLLM_CPU_FREEZING", "0")
     with pytest.raises(ValueError, match=r"compile\.cpu_freezing"):
         cpu_freezing(gm)
+
+
+def test_cpu_cpp_wrapper_is_a_config_option_the_graph_carries(cache_dir: Path) -> None:
+    """compile.cpu_cpp_wrapper (off by default) reaches Inductor's settings through the graph's meta."""
+    from fxllm.backends.cpu import native
+    from fxllm.compiler.backends import CPP_WRAPPER_META, _inductor_settings
+
+    gm = _build().engine.runner.graph_module
+    assert gm.meta[CPP_WRAPPER_META] is False
+    assert "cpp_wrapper" not in _inductor_settings(gm, torch.device("cpu"))
+    gm.meta[CPP_WRAPPER_META] = True
+    assert _inductor_settings(gm, torch.device("cpu")).get("cpp_wrapper", False) is native.available()
+    assert _build("compile.cpu_cpp_wrapper=true").engine.runner.graph_module.meta[CPP_WRAPPER_META] is True

@@ -46,6 +46,8 @@ FREEZING_META = (
     "fxllm_cpu_freezing"  # gm.meta key: compile.cpu_freezing ("auto" / "on" / "off") for this graph
 )
 _OLD_FREEZING_ENV = "FXLLM_CPU_FREEZING"  # replaced by compile.cpu_freezing
+# gm.meta key: compile.cpu_cpp_wrapper for this graph (absent: off)
+CPP_WRAPPER_META = "fxllm_cpu_cpp_wrapper"
 
 
 def cpu_freezing(gm: GraphModule) -> tuple[bool, str]:
@@ -96,10 +98,10 @@ def _inductor_settings(gm: GraphModule, device: torch.device) -> dict[str, objec
     settings: dict[str, object] = {"freezing": freeze}
     from fxllm.backends.cpu import native
 
-    if native.available():
-        # With fxllm's ops as C++ dispatcher kernels, a C++ wrapper calls the whole graph without
-        # Python between kernels: SmolLM2 bf16 decode 9.03 -> 8.66 ms a step at batch 1 and 16.69 ->
-        # 16.23 ms at 16 requests (in-process A/B). It needs the same compiler as the native kernels.
+    if gm.meta.get(CPP_WRAPPER_META, False) and native.available():
+        # compile.cpu_cpp_wrapper: a C++ wrapper calls the whole graph without Python between kernels
+        # (SmolLM2 bf16 decode 9.03 -> 8.66 ms a step at batch 1, 2026-11-27), but compiling it was more than
+        # half of a cold start (config.py). It needs the same compiler as the native kernels.
         settings["cpp_wrapper"] = True
     return settings
 

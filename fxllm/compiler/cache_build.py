@@ -15,7 +15,7 @@ import torch
 from torch.fx import GraphModule
 
 from fxllm.backends.registry import import_device_backends
-from fxllm.compiler.backends import FREEZING_META
+from fxllm.compiler.backends import CPP_WRAPPER_META, FREEZING_META
 from fxllm.compiler.cache import GraphCache, cache_root, use_cache_root
 from fxllm.compiler.cache_graph import WeightRecorder, named_tensors
 from fxllm.compiler.cache_key import cache_key_parts, key_of, registered_code
@@ -102,6 +102,10 @@ def start_key(
     parts["compile.cpu_freezing"] = (
         str(getattr(compile_config, "cpu_freezing", "auto")) if device.type == "cpu" else "-"
     )
+    # Likewise the C++ wrapper: the same graph, another compiled artifact.
+    parts["compile.cpu_cpp_wrapper"] = (
+        str(bool(getattr(compile_config, "cpu_cpp_wrapper", False))) if device.type == "cpu" else "-"
+    )
     parts["kv cache"] = kv_cache_part(
         getattr(cache_config, "dtype", "auto"), dict(getattr(model, KV_SCALES_ATTR, {}) or {})
     )
@@ -115,6 +119,7 @@ def build_graph(
     the settings its graph backend reads (compile.cpu_freezing) in `gm.meta`."""
     built = _build_graph(config, model, model_name, device, dtype)
     built.gm.meta[FREEZING_META] = str(getattr(config.compile, "cpu_freezing", "auto"))
+    built.gm.meta[CPP_WRAPPER_META] = bool(getattr(config.compile, "cpu_cpp_wrapper", False))
     built.gm.meta[STANDALONE_META] = bool(getattr(config.compile, "standalone", True))
     if built.entry is not None:
         built.gm.meta[ARTIFACT_DIR_META] = str(built.entry)
