@@ -72,7 +72,8 @@ def test_explain_lists_every_op_node_and_no_canonical_node_remains() -> None:
     decisions = lowering_decisions(gm)
     # 2 layers: 2 attention, 2 rope, 2 silu_and_mul, 1 rms_norm + 4 fused add+norm (golden counts of the passes).
     assert sorted(d.op for d in decisions).count("attention") == 2
-    assert len(decisions) == 11
+    # Linears are lowered too where this CPU packs them (fxllm's AVX-512 kernel or oneDNN): machine-dependent.
+    assert len([d for d in decisions if d.op not in ("linear", "packed_linear")]) == 11
     report = compiled.report()
     assert "implementations (lower_ops)" in report
     for d in decisions:
