@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tied_lm import TiedLM
 
 from fxllm.backends.cpu import linear as cpu_linear
 from fxllm.backends.cpu import onednn_linear
@@ -89,26 +90,13 @@ def test_bfloat16_is_supported_only_where_onednn_packs_it() -> None:
             torch.ops.mkldnn._reorder_linear_weight(weight, 1)
 
 
-class _TiedLM(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = torch.nn.Embedding(100, 32)
-        self.proj = torch.nn.Linear(32, 48, bias=True)
-        self.down = torch.nn.Linear(48, 32, bias=False)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.embed(ids)
-        h = h + self.down(torch.relu(self.proj(h)))
-        return F.linear(h, self.embed.weight)
-
-
 @needs_handover
 def test_lowering_picks_onednn_and_nothing_is_left_to_freeze() -> None:
     from fxllm.passes.lower_ops import lower_ops, lowering_decisions
     from fxllm.passes.pack_linears import pack_linears
     from fxllm.passes.registry import PassContext
 
-    model = _TiedLM().eval()
+    model = TiedLM().eval()
     ids = torch.randint(0, 100, (1, 9))
     gm = torch.export.export(model, (ids,)).run_decompositions({}).module()
     expected = model(ids)

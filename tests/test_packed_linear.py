@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from tied_lm import TiedLM
 
 import fxllm.ops  # noqa: F401
 from fxllm.backends.cpu import linear as cpu_linear
@@ -98,23 +99,10 @@ def test_inductor_compiles_a_graph_calling_the_op(native_op: NativeOp) -> None:
                                    rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
-class _TiedLM(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = torch.nn.Embedding(100, 32)
-        self.proj = torch.nn.Linear(32, 48, bias=True)
-        self.down = torch.nn.Linear(48, 32, bias=False)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.embed(ids)
-        h = h + self.down(torch.relu(self.proj(h)))
-        return F.linear(h, self.embed.weight)  # LM head tied to the embedding
-
-
 def test_pass_rewrites_linears_and_keeps_tied_weights() -> None:
     if not cpu_linear.available(torch.float32):
         pytest.skip("needs an AVX-512 CPU and a C++ compiler")
-    model = _TiedLM().eval()
+    model = TiedLM().eval()
     ids = torch.randint(0, 100, (1, 9))
     gm = torch.export.export(model, (ids,)).run_decompositions({}).module()
     expected = model(ids)
