@@ -15,7 +15,14 @@ from safetensors.torch import save_file
 
 from fxllm.models import load_model
 from fxllm.quantization.checkpoint import Fp8CheckpointError
-from fxllm.quantization.fp8 import FP8_MAX, quantize_weight
+from fxllm.quantization.checkpoint_modules import Fp8Linear
+from fxllm.quantization.fp8 import (
+    FP8_MAX,
+    dequantize_weight,
+    quantize_activation,
+    quantize_activation_tensor,
+    quantize_weight,
+)
 
 _gen = torch.Generator().manual_seed(11)
 PROMPTS = [torch.randint(3, 512, (n,), generator=_gen).tolist() for n in (6, 17)]  # also the calibration set
@@ -173,3 +180,54 @@ def assert_edit_fails_at_load(folder: Path, dest: Path, edit: dict[str, object],
     edit_config(edited, edit)
     with pytest.raises(Fp8CheckpointError, match=message):
         load_model(str(edited))
+
+
+def dequantized_model(model: torch.nn.Module, activations: str | None) -> torch.nn.Module:
+    """tiny-llama with each FP8 layer of `model` as a float nn.Linear over its dequantized weight, its input
+    quantized by hook: "tensor" per tensor (dynamic), any other value the layer's own way (per token, or its
+    static input scale), None not at all."""
+    reference = float_model()
+    for name, module in model.named_modules():
+        if not isinstance(module, Fp8Linear):
+            continue
+        linear = reference.get_submodule(name)
+        linear.weight.data = dequantize_weight(module.weight, module.weight_scale)
+        if activations is None:
+            continue
+
+        def hook(
+            _m: torch.nn.Module,
+            args: tuple[torch.Tensor, ...],
+            scale: torch.Tensor | None = module.input_scale,
+        ) -> tuple[torch.Tensor]:
+            x = args[0]
+            xq, xs = (
+                quantize_activation_tensor(x) if activations == "tensor" else quantize_activation(x, scale)
+            )
+            return ((xq.float() * xs).to(x.dtype),)
+
+        linear.register_forward_pre_hook(hook)
+    return reference.eval()
+
+
+def prompt_logits(model: torch.nn.Module) -> torch.Tensor:
+    """The model's logits over every PROMPTS token, prompts one after another."""
+    with torch.no_grad():
+        return torch.cat([model(torch.tensor([p])).logits[0] for p in PROMPTS])
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||."""
+    return float((a - b).norm() / b.norm())
+
+
+def hf_greedy(model: torch.nn.Module, new_tokens: int) -> list[list[int]]:
+    """Hugging Face greedy `generate` of exactly `new_tokens` tokens after each of PROMPTS."""
+    tokens = []
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            out = model.generate(
+                torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+            )
+            tokens.append(out[0, len(prompt) :].tolist())
+    return tokens

@@ -25,7 +25,11 @@ from fp8_checkpoint_layouts import (
     checkpoint_tensors,
     copy_checkpoint,
     ct_scheme,
+    dequantized_model,
     float_model,
+    hf_greedy,
+    prompt_logits,
+    rel_err,
     write_compressed_tensors,
     write_modelopt,
 )
@@ -40,9 +44,6 @@ from fxllm.quantization.checkpoint import Fp8CheckpointError
 from fxllm.quantization.checkpoint_modules import Fp8Linear
 from fxllm.quantization.fp8 import (
     FP8_DTYPE,
-    dequantize_weight,
-    quantize_activation,
-    quantize_activation_tensor,
     quantize_weight,
 )
 from fxllm.runtime.sampling_params import SamplingParams
@@ -62,51 +63,6 @@ def ct_tensor_dynamic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-def _dequantized(model: torch.nn.Module, activations: str | None) -> torch.nn.Module:
-    """tiny-llama with each FP8 layer as a float nn.Linear over its dequantized weight, its input quantized
-    by hook per token, per tensor or with its static scale (`activations` None: not quantized)."""
-    reference = float_model()
-    for name, module in model.named_modules():
-        if not isinstance(module, Fp8Linear):
-            continue
-        linear = reference.get_submodule(name)
-        linear.weight.data = dequantize_weight(module.weight, module.weight_scale)
-        if activations is None:
-            continue
-
-        def hook(
-            _m: torch.nn.Module,
-            args: tuple[torch.Tensor, ...],
-            scale: torch.Tensor | None = module.input_scale,
-        ):
-            x = args[0]
-            xq, xs = (
-                quantize_activation_tensor(x) if activations == "tensor" else quantize_activation(x, scale)
-            )
-            return ((xq.float() * xs).to(x.dtype),)
-
-        linear.register_forward_pre_hook(hook)
-    return reference.eval()
-
-
-def _logits(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(torch.tensor([p])).logits[0] for p in PROMPTS])
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
-def _eager_greedy(model: torch.nn.Module) -> list[list[int]]:
-    with torch.no_grad():
-        outs = [
-            model.generate(torch.tensor([p]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
-            for p in PROMPTS
-        ]
-    return [out[0, len(p) :].tolist() for out, p in zip(outs, PROMPTS)]
-
-
 @pytest.mark.parametrize(("weights", "activations"), COMBOS)
 def test_scheme_matches_its_dequantized_model(weights: str, activations: str, tmp_path: Path) -> None:
     folder = write_compressed_tensors(tmp_path, {"group_0": ct_scheme(weights, activations)})
@@ -117,11 +73,11 @@ def test_scheme_matches_its_dequantized_model(weights: str, activations: str, tm
         (weights, expected)
     }
     assert all((m.input_scale is not None) == (activations == "static") for m in layers)
-    fp8 = _logits(model)
-    assert _rel(fp8, _logits(_dequantized(model, activations))) < 1e-5
-    assert 1e-4 < _rel(fp8, _logits(_dequantized(model, None))) < 0.2
+    fp8 = prompt_logits(model)
+    assert rel_err(fp8, prompt_logits(dequantized_model(model, activations))) < 1e-5
+    assert 1e-4 < rel_err(fp8, prompt_logits(dequantized_model(model, None))) < 0.2
     if activations == "tensor":  # per token would be a different model: the bound above can fail
-        assert _rel(fp8, _logits(_dequantized(model, "token"))) > 1e-3
+        assert rel_err(fp8, prompt_logits(dequantized_model(model, "token"))) > 1e-3
 
 
 def test_llm_serves_per_tensor_dynamic_activations_merged(
@@ -136,7 +92,7 @@ def test_llm_serves_per_tensor_dynamic_activations_merged(
     # One request at a time: a per-tensor dynamic scale is one amax over every token of the step, so requests
     # batched together share it (as in vLLM) and a batch's tokens legitimately differ from solo runs.
     tokens = [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in PROMPTS]
-    assert tokens == _eager_greedy(load_model(str(ct_tensor_dynamic)).model)
+    assert tokens == hf_greedy(load_model(str(ct_tensor_dynamic)).model, NEW)
 
 
 def test_mixed_schemes_stay_unmerged_and_ignore_keeps_float(
@@ -163,7 +119,7 @@ def test_mixed_schemes_stay_unmerged_and_ignore_keeps_float(
     schemes = sorted(n.meta[QUANT_SCHEME_META] for n in gm.graph.nodes if QUANT_SCHEME_META in n.meta)
     assert schemes == ["dynamic_tensor"] * 2 + ["dynamic_token"] * 9
     tokens = [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in PROMPTS]  # solo: see above
-    assert tokens == _eager_greedy(model)
+    assert tokens == hf_greedy(model, NEW)
 
 
 @pytest.mark.parametrize(
@@ -213,9 +169,9 @@ def test_modelopt_per_channel_per_token(tmp_path: Path) -> None:
     layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
     assert len(layers) == 14 and all(m.input_scale is None and m.weight_scale.shape[1] == 1 for m in layers)
     assert {m.scheme.activations for m in layers} == {"dynamic_token"}
-    fp8 = _logits(model)
-    assert _rel(fp8, _logits(_dequantized(model, "token"))) < 1e-5
-    assert 1e-4 < _rel(fp8, _logits(_dequantized(model, None))) < 0.2
+    fp8 = prompt_logits(model)
+    assert rel_err(fp8, prompt_logits(dequantized_model(model, "token"))) < 1e-5
+    assert 1e-4 < rel_err(fp8, prompt_logits(dequantized_model(model, None))) < 0.2
 
 
 def test_compressed_tensors_kv_cache_scheme(ct_tensor_dynamic: Path, tmp_path: Path) -> None:

@@ -30,7 +30,10 @@ from fp8_checkpoint_layouts import (
     assert_edit_fails_at_load,
     checkpoint_tensors,
     copy_checkpoint,
-    float_model,
+    dequantized_model,
+    hf_greedy,
+    prompt_logits,
+    rel_err,
     write_block,
     write_compressed_tensors,
     write_modelopt,
@@ -43,7 +46,7 @@ from fxllm.models import load_model
 from fxllm.ops.kv_quant import KV_SCALES_ATTR
 from fxllm.quantization.checkpoint import Fp8CheckpointError
 from fxllm.quantization.checkpoint_modules import Fp8Linear
-from fxllm.quantization.fp8 import FP8_DTYPE, dequantize_weight, quantize_activation
+from fxllm.quantization.fp8 import FP8_DTYPE
 from fxllm.runtime.sampling_params import SamplingParams
 
 pytest.importorskip("compressed_tensors")
@@ -73,35 +76,6 @@ def modelopt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_modelopt(tmp_path_factory.mktemp("modelopt"))
 
 
-def _dequantized(model: torch.nn.Module, fake_quant_activations: bool) -> torch.nn.Module:
-    """tiny-llama with each FP8 layer as a float nn.Linear over its dequantized weight; optionally with
-    the layer's activation quantization applied to its input (per token, or its static scale)."""
-    reference = float_model()
-    for name, module in model.named_modules():
-        if not isinstance(module, Fp8Linear):
-            continue
-        linear = reference.get_submodule(name)
-        linear.weight.data = dequantize_weight(module.weight, module.weight_scale)
-        if fake_quant_activations:
-            scale = module.input_scale
-
-            def hook(_m: torch.nn.Module, args: tuple[torch.Tensor, ...], scale: torch.Tensor | None = scale):
-                xq, xs = quantize_activation(args[0], scale)
-                return ((xq.float() * xs).to(args[0].dtype),)
-
-            linear.register_forward_pre_hook(hook)
-    return reference.eval()
-
-
-def _logits(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(torch.tensor([p])).logits[0] for p in PROMPTS])
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
 @pytest.mark.parametrize("layout", ["ct_channel", "ct_static", "ct_block", "modelopt"])
 def test_loaded_fp8_checkpoint_matches_its_dequantized_model(
     layout: str, request: pytest.FixtureRequest
@@ -119,9 +93,9 @@ def test_loaded_fp8_checkpoint_matches_its_dequantized_model(
         n, k = layer.out_features, layer.in_features
         shapes = {"ct_channel": (n, 1), "ct_block": (-(-n // 128), -(-k // 128))}
         assert tuple(layer.weight_scale.shape) == shapes.get(layout, (1,))
-    fp8 = _logits(model)
-    assert _rel(fp8, _logits(_dequantized(model, fake_quant_activations=True))) < 1e-5
-    err = _rel(fp8, _logits(_dequantized(model, fake_quant_activations=False)))
+    fp8 = prompt_logits(model)
+    assert rel_err(fp8, prompt_logits(dequantized_model(model, "token"))) < 1e-5
+    err = rel_err(fp8, prompt_logits(dequantized_model(model, None)))
     assert 1e-4 < err < 0.2, err
     layer = layers["model.layers.0.self_attn.q_proj"]
     model.to(torch.bfloat16)  # Module.to casts floating tensors: an FP8 layer's weight and scales must not
@@ -130,17 +104,6 @@ def test_loaded_fp8_checkpoint_matches_its_dequantized_model(
         torch.float32,
         torch.bfloat16,
     )
-
-
-def _eager_greedy(model: torch.nn.Module) -> list[list[int]]:
-    tokens = []
-    with torch.no_grad():
-        for prompt in PROMPTS:
-            out = model.generate(
-                torch.tensor([prompt]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False
-            )
-            tokens.append(out[0, len(prompt) :].tolist())
-    return tokens
 
 
 @pytest.mark.parametrize("layout", ["ct_channel", "modelopt"])
@@ -157,7 +120,7 @@ def test_llm_serves_the_checkpoint_as_stored(
     }
     assert float_matrices == {"model.model.embed_tokens.weight", "model.lm_head.weight"}  # no float copy
     tokens = [out.outputs[0].token_ids for out in llm.generate(PROMPTS, GREEDY)]
-    assert tokens == _eager_greedy(load_model(str(folder)).model)
+    assert tokens == hf_greedy(load_model(str(folder)).model, NEW)
 
 
 def test_block_scale_checkpoint_merges_and_serves(ct_block: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -170,7 +133,7 @@ def test_block_scale_checkpoint_merges_and_serves(ct_block: Path, monkeypatch: p
     # a [1, 1] block scale is a tensor scale, so they merge as per-tensor members do, into [N, 1] scales.
     assert shapes == [((256, 128), (256, 1))] * 2 + [((512, 128), (4, 1))] * 2
     tokens = [out.outputs[0].token_ids for out in llm.generate(PROMPTS, GREEDY)]
-    assert tokens == _eager_greedy(load_model(str(ct_block)).model)
+    assert tokens == hf_greedy(load_model(str(ct_block)).model, NEW)
 
 
 def test_fp8_checkpoint_warm_start_from_the_compile_cache(
@@ -198,7 +161,7 @@ def test_static_tensor_activations_use_the_checkpoint_scales(
     static = [*BASE, "quantization.activation_scheme=static_tensor"]
     llm = LLM(str(ct_static), config=load_config(None, static))
     tokens = [out.outputs[0].token_ids for out in llm.generate(PROMPTS, GREEDY)]
-    assert tokens == _eager_greedy(load_model(str(ct_static)).model)
+    assert tokens == hf_greedy(load_model(str(ct_static)).model, NEW)
     with pytest.raises(Exception, match=r"static_tensor: 14 FP8 layer.*no input_scale"):
         LLM(str(ct_channel), config=load_config(None, static))
     # method fp8 on top: nothing float is left to quantize but the excluded LM head, so the same tokens;
