@@ -52,14 +52,20 @@ def child_engine(spec: dict[str, Any], out_file: str) -> None:
                 prompts = random_prompts(num, input_len, vocab, 10 + i)
                 params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
                 before = dataclasses.asdict(llm.engine.stats)
+                kernels_before, compiles_before = _triton_kernels(), llm.engine.runner.num_compiles
                 t0 = time.perf_counter()
                 outs = llm.generate(prompts, params)
                 seconds = time.perf_counter() - t0
                 after = dataclasses.asdict(llm.engine.stats)
+                # One-off costs inside the timed run: Triton kernels compiled for the first time (new
+                # constexpr / specialisation variants) and Dynamo recompiles of the forward.
+                new_kernels = sorted(_triton_kernels() - kernels_before)
                 row = {"prompts": num, "input_len": input_len, "output_len": output_len, "seconds": seconds,
                        "output_tok_s": sum(len(o.outputs[0].token_ids) for o in outs) / seconds,
                        **{f"{k}_delta": after[k] - before[k] for k in ("num_steps", "num_preemptions")
-                          if isinstance(after.get(k), (int, float))}}  # fmt: skip
+                          if isinstance(after.get(k), (int, float))},
+                       "triton_kernels_compiled": new_kernels,
+                       "forward_recompiles": (llm.engine.runner.num_compiles or 0) - (compiles_before or 0)}  # fmt: skip
                 result.setdefault("throughput_cases", []).append(row)
                 if i == 0:
                     result["throughput_output_tok_s"] = row["output_tok_s"]
@@ -98,6 +104,7 @@ def child_engine(spec: dict[str, Any], out_file: str) -> None:
                 llm.generate(prompts, params)
             result["profile_seconds"] = time.perf_counter() - t0
             result["profile_gpu_ms_by_kind"] = gpu_ms_by_kind(prof)
+            result["profile_gpu_gaps"] = gpu_gaps(prof)
             averages = prof.key_averages()
             sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
             result["profile_device_table"] = averages.table(
@@ -168,10 +175,13 @@ def _profile_decode1(llm: Any, prompt: Any, tokens: int = 64) -> dict[str, Any]:
 # Kernel name -> kind, first match wins: cuBLAS / CUTLASS GEMMs, fxllm's attention kernels, Inductor's fused
 # kernels (the FP8 activation quantization lives there unless fused into fxllm's producers), fxllm's others.
 _KINDS = [
+    # Inductor names its kernels after the ops they fuse ("..._amax_clamp_div_fp8_gemm_1" is an activation
+    # quantization feeding an FP8 GEMM): Inductor's kinds match before the GEMM pattern.
+    ("inductor_fp8_quant", re.compile(r"^triton_.*amax")),
+    ("inductor", re.compile(r"^triton_")),
     ("gemm", re.compile(r"nvjet|cutlass|gemm|xmma|sm90_|cublas", re.I)),
     ("attention_decode", re.compile(r"_decode_kernel")),
     ("attention_prefill", re.compile(r"_prefill_kernel")),
-    ("inductor", re.compile(r"^triton_")),
     ("fxllm_other", re.compile(r"^_")),
 ]
 
@@ -187,3 +197,49 @@ def gpu_ms_by_kind(prof: Any) -> dict[str, float]:
         kind = next((k for k, pattern in _KINDS if pattern.search(event.name)), "other")
         totals[kind] = totals.get(kind, 0.0) + event.time_range.elapsed_us() / 1e3
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def gpu_gaps(prof: Any, min_gap_us: float = 200.0, top: int = 12) -> dict[str, Any]:
+    """Where the GPU sat idle inside a profile: the span of its kernels minus their union, the gaps of at
+    least `min_gap_us` (count, sum) and the longest ones with the kernels on either side."""
+    from torch.autograd import DeviceType
+
+    spans = sorted(
+        (e.time_range.start, e.time_range.end, e.name[:60])
+        for e in prof.events()
+        if e.device_type == DeviceType.CUDA
+    )
+    if not spans:
+        return {}
+    gaps: list[tuple[float, str, str]] = []
+    busy, end, last = 0.0, spans[0][0], spans[0][2]
+    for start, stop, name in spans:
+        if start > end:
+            gaps.append((start - end, last, name))
+        busy += max(0.0, stop - max(start, end))
+        if stop > end:
+            end, last = stop, name
+    span = end - spans[0][0]
+    long = [g for g in gaps if g[0] >= min_gap_us]
+    return {
+        "span_ms": span / 1e3,
+        "busy_ms": busy / 1e3,
+        "idle_ms": (span - busy) / 1e3,
+        f"gaps_over_{int(min_gap_us)}us": len(long),
+        f"idle_in_gaps_over_{int(min_gap_us)}us_ms": sum(g[0] for g in long) / 1e3,
+        "longest": [
+            {"us": round(g[0]), "after": g[1], "before": g[2]} for g in sorted(gaps, reverse=True)[:top]
+        ],
+    }
+
+
+def _triton_kernels() -> set[str]:
+    """Names of the kernels in this process's Triton cache dir (one `<name>.json` per compiled variant)."""
+    import os
+
+    root = os.environ.get("TRITON_CACHE_DIR") or str(Path.home() / ".triton" / "cache")
+    return {
+        f"{p.parent.name[:8]}/{p.stem}"
+        for p in Path(root).glob("*/*.json")
+        if not p.name.startswith("__grp__")
+    }
