@@ -343,6 +343,7 @@ class Engine:
         start = time.perf_counter()
         greedy = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
         self._run_warmup("first", [[0, 1, 2]], greedy)
+        self._run_mixed_warmup()
         compiles = self.runner.num_compiles
         if compiles is not None:
             longest = max(1, min(20, self.max_model_len - greedy.max_tokens))
@@ -359,6 +360,15 @@ class Engine:
         if self.speculator is not None:
             self.speculator.reset_stats()  # warm-up drafts are not the user's
         return time.perf_counter() - start
+
+    def _run_mixed_warmup(self) -> None:
+        """One step where a sequence decodes while another prefills: its kernels (the attention op splits such
+        a step between its decode and prefill kernels) compile here, not in a user's first busy moment."""
+        params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        self.add_request([5, 6, 7], params, "fxllm-warmup-mixed-0")
+        self.step()
+        self.add_request([8, 9, 10, 11], params, "fxllm-warmup-mixed-1")
+        self.run_until_done()
 
     def _run_warmup(self, name: str, prompts: list[list[int]], params: SamplingParams) -> None:
         for i, prompt in enumerate(prompts):

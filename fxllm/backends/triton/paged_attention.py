@@ -223,9 +223,15 @@ def paged_attention_out(
             F32_DOT=f32_dot, KV_FP8=kv_fp8, ROPE=rope, WRITE_KV=write_in_decode, USE_PDL=pdl, FP8_F16=fp8_f16,
             MIXED=split_mixed, num_warps=knobs[1] or 4, num_stages=knobs[2] or 3, launch_pdl=pdl,
         )  # fmt: skip
+        # A captured decode graph fixes its splits, so BLOCK_S follows them; a mixed step's splits change with
+        # its batch and contexts, and each BLOCK_S would be one more Triton compile in a user's request: one
+        # size covers them all (its masked rows cost nothing next to a prefill step).
+        block_s = (
+            triton.next_power_of_2(splits) if decode else max(_MAX_SPLITS, triton.next_power_of_2(splits))
+        )
         _combine_kernel[(num_seqs, num_heads)](
             part, lse, sink_arg, query_start_loc, out, num_seqs, num_heads, splits, out.stride(0), out.stride(1),
-            HAS_SINKS=sinks is not None, HEAD_DIM_V=head_dim_v, BLOCK_S=triton.next_power_of_2(splits),
+            HAS_SINKS=sinks is not None, HEAD_DIM_V=head_dim_v, BLOCK_S=block_s,
             BLOCK_DV=block_dv, USE_PDL=pdl, MIXED=split_mixed, num_warps=4, launch_pdl=pdl,
         )  # fmt: skip
         if decode:
