@@ -131,6 +131,8 @@ def main() -> int:
         "--throughput-cases", default=None, help="tp8b: PROMPTSxINPUTxOUTPUT,... (default 1000x128x128)"
     )
     parser.add_argument("--profile-case", default=None, help="tp8b: the profiled run, PROMPTSxINPUTxOUTPUT")
+    parser.add_argument("--trace-case", default=None,
+                        help="tp8b: a run PROMPTSxINPUTxOUTPUT written as a Chrome trace (trace_<part>.json.gz)")  # fmt: skip
     parser.add_argument("--profile", action="store_true",
                         help="decode8b: also profile 64 batch-1 decode steps (GPU time by kernel on rank 0)")  # fmt: skip
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -210,8 +212,12 @@ def main() -> int:
             ]
         if args.profile_case:  # PROMPTSxINPUTxOUTPUT of the profiled run (default 256x128x32)
             sizes["profile_case"] = [int(v) for v in args.profile_case.split("x")]
+        scenarios = ["decode1", "throughput", "profile"]
+        if args.trace_case:  # a short run whose host and GPU timelines are read offline
+            sizes["trace_case"] = [int(v) for v in args.trace_case.split("x")]
+            scenarios.append("trace")
         for size in (int(v) for v in args.decode_tp.split(",")):
-            spec = _engine_spec(big, size, ["decode1", "throughput", "profile"], extra, **sizes, **lengths)
+            spec = _engine_spec(big, size, scenarios, extra, **sizes, **lengths)
             results[f"tp8b_tp{size}"] = _run_child(args, "engine", spec, f"tp8b_tp{size}", 420)
             save()
     if "llama70b" in sections:

@@ -113,6 +113,8 @@ def child_engine(spec: dict[str, Any], out_file: str) -> None:
             result["profile_host_table"] = averages.table(
                 sort_by="cpu_time_total", row_limit=25, max_name_column_width=60
             )
+        elif scenario == "trace":  # the whole timeline of a short run, for reading offline (chrome://tracing)
+            result["trace_file"] = _trace(llm, spec["trace_case"], Path(out_file).parent, vocab)
     result["engine_stats"] = dataclasses.asdict(llm.engine.stats)
     graphs = getattr(llm.engine.runner, "decode_graphs", None)
     if graphs is not None:
@@ -243,3 +245,30 @@ def _triton_kernels() -> set[str]:
         for p in Path(root).glob("*/*.json")
         if not p.name.startswith("__grp__")
     }
+
+
+def _trace(llm: Any, case: list[int], folder: Path, vocab: int) -> str:
+    """Run PROMPTSxINPUTxOUTPUT under torch.profiler (shapes recorded) and write a gzipped Chrome trace."""
+    import gzip
+    import shutil
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from fxllm.runtime.sampling_params import SamplingParams
+    from fxllm.serve.bench_offline import random_prompts
+
+    num, input_len, output_len = case
+    prompts = random_prompts(num, input_len, vocab, 12)
+    params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
+    llm.generate(prompts[:8], params)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        llm.generate(prompts, params)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    raw = folder / f"trace_{num}x{input_len}x{output_len}_r{rank}.json"
+    prof.export_chrome_trace(str(raw))
+    with raw.open("rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    raw.unlink()
+    return f"{raw}.gz"
