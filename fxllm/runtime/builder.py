@@ -89,6 +89,12 @@ def build_engine(
 
         # Before the load: a GGUF file's parsed metadata is cached under compile.cache_dir too.
         use_cache_root(cache_root(getattr(config.compile, "cache_dir", None)))
+        if device.type == "cpu":
+            from fxllm.backends.cpu import native
+
+            # Cold only (a file check otherwise): g++ runs while the model loads and is captured; the
+            # lowering's first native.available() joins it (~18 s of a 122 s cold start on 2 idle cores).
+            native.start_background_build()
         # Weights only (GGUF cache): the compile cache's graph runs without the HF module; build_graph makes
         # it real on a miss. Speculative drafting reads the target's modules, so it gets the real one.
         weights_only = config.speculative.method in ("none", "ngram")

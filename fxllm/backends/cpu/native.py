@@ -5,7 +5,9 @@ The library builds on first use with `torch.utils.cpp_extension.load` (ninja; ~1
 into a directory keyed by the sources, flags, torch version and CPU, under `$FXLLM_CACHE_DIR` (default
 `~/.cache/fxllm`); later processes load it from there in well under a second. Nothing is installed on the
 canonical `fxllm::` ops: the lowering pass rewrites graph nodes to `op(name)`. A build failure is logged
-once and `available()` is then False, so callers fall back to the references.
+once and `available()` is then False, so callers fall back to the references. A cold CPU start builds it in a
+background thread (`start_background_build`, only when the library is not built yet) while the model loads
+and is captured; `available()` joins that thread.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ _LDFLAGS = ("-fopenmp",)
 
 _load_lock = threading.Lock()
 _loaded: bool | None = None  # None until the first available()
+_background: BackgroundBuild | None = None  # the cold start's build thread, until available() joins it
+
+
+class NativeBuildError(RuntimeError):
+    """The C++ CPU kernels did not build or load; the message holds the compiler's output."""
 
 
 def cache_root() -> Path:
@@ -125,14 +132,68 @@ def _load() -> None:
     torch.library.register_fake("fxllm_cpu::argmax_rows", _argmax_rows_fake)
 
 
+def is_built() -> bool:
+    """Whether the library for this source, flags, torch and CPU is on disk (a file check, no build tools)."""
+    return (build_directory() / f"{_NAME}.so").exists()
+
+
+class BackgroundBuild:
+    """The library's build in a thread: a cold start compiles it while the model loads and is captured."""
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="fxllm-cpu-kernels-build", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            _load()
+        except BaseException as error:  # kept for join(): the thread has no caller to raise to
+            self.error = error
+
+    def join(self) -> None:
+        """Wait for the build; raises NativeBuildError with the build's message when it failed."""
+        start = time.perf_counter()
+        self.thread.join()
+        waited = time.perf_counter() - start
+        if waited > 0.1:
+            logger.info("waited %.1f s for the background build of fxllm's C++ CPU kernels", waited)
+        if self.error is not None:
+            raise NativeBuildError(f"{type(self.error).__name__}: {self.error}") from self.error
+
+
+def start_background_build() -> BackgroundBuild | None:
+    """Build the library in a thread when it is not built yet (None when it is built, loaded, or building):
+    on a warm start this is one file check, with no cpp_extension import competing with the start."""
+    global _background
+    with _load_lock:
+        if _loaded is not None or _background is not None or is_built():
+            return None
+        _background = BackgroundBuild()
+        return _background
+
+
+def _join_background() -> None:
+    """Join the background build, if one was started; raises NativeBuildError when it failed."""
+    global _background
+    build = _background
+    if build is not None:
+        _background = None
+        build.join()
+
+
 def available() -> bool:
-    """Whether the library builds (or loads from the cache) here; the first call may build it."""
+    """Whether the library builds (or loads from the cache) here; the first call may build it (or wait for
+    the background build)."""
     global _loaded
     if _loaded is None:
         with _load_lock:  # one build and one fake registration, whichever thread asks first
             if _loaded is None:
                 try:
-                    _load()
+                    if _background is not None:
+                        _join_background()
+                    else:
+                        _load()
                     _loaded = True
                 except Exception as error:  # a build failure must not break a run: the references still work
                     # The message holds the compiler's output; the traceback adds nothing but length.
