@@ -1,16 +1,23 @@
-"""Decode attention launch sweep at serving batch sizes, bf16 vs FP8 KV cache (issues 14, 15).
+"""Decode attention sweep at serving batch sizes: key-loop variants x launches, bf16 vs FP8 KV cache (issues 14, 15).
 
 The 1,000 x 128/128 profile on one H200 (benchmarks/RESULTS.md, eleventh session) spent 1.38 s of GPU time in
-the decode kernel with an FP8 KV cache against 1.13 s with a bf16 one: ~1.2 TB/s of KV read where bf16 reads
-~2.8. This times the decode kernel (KV write + split-KV attention + combine) on Llama-3.1-8B heads (32 query,
-8 KV heads, head dim 128, block 16) for each launch in a grid: BLOCK_N x warps x stages, and for FP8 the
-e4m3 -> float16 variant (`fp8_f16`: q and the tiles in float16 instead of bfloat16). Each launch's output is
-compared with the default launch's on the same cache dtype.
+the decode kernel with an FP8 KV cache against 1.13 s with a bf16 one: the FP8 kernel read ~1.1-1.6 TB/s where
+bf16 reads ~2.8-3.8. This times the decode op (KV write + split-KV attention + combine) on Llama-3.1-8B heads
+(32 query, 8 KV heads, head dim 128, block 16) for each key-loop variant (paged_attention_decode_loops.py) and
+a small launch grid per variant (BLOCK_N x warps x stages):
+  default   the current loop (over FP8: the tiles converted to float16, `fp8_f16`, today's default)
+  swap_ab   scores transposed, s^T = K q^T and acc^T = V^T P^T (the big tile is the dots' A operand)
+  fp8_dot   FP8 cache only: e4m3 dots, q and P quantized in-kernel
+  fp8_dot+swap_ab  both
+Every launch's output is compared with the default launch's on the same cache (max abs diff and relative L2
+error); above the variant's tolerance the script reports FAILED and exits 1 (after writing the JSON). For each
+launch it also records the dot instructions in the compiled PTX (wgmma shape and operand types, or mma.sync)
+and registers / spills, which say whether the variant compiled to the intended wgmma.
 
-Usage (GPU machine, repo root; ~2-3 min on one H200):
-    PYTHONPATH=. python3 benchmarks/gpu_decode_sweep.py --out $OUT
-CPU check of the script (Triton's interpreter, tiny cases, two launches): add --smoke.
-Writes DIR/decode_sweep.json and prints the best launch per case and cache dtype.
+Usage (GPU machine, repo root; ~41 compiles + ~120 timed launches, budgeted for <= 240 s on one H200):
+    PYTHONPATH=. python3 benchmarks/gpu_decode_sweep.py --out $OUT/sweep
+CPU check of the script (Triton's interpreter, one tiny case, one launch per variant): add --smoke.
+Writes DIR/decode_sweep.json and prints one table row per case, cache dtype and variant (its best launch).
 """
 
 from __future__ import annotations
@@ -22,10 +29,11 @@ if "--smoke" in sys.argv:  # Triton's interpreter: set before any kernel is defi
     os.environ["TRITON_INTERPRET"] = "1"
 
 import argparse
-import itertools
 import json
 import logging
 import random
+import re
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,14 +41,49 @@ from typing import Any
 import torch
 
 from fxllm.backends.triton import paged_attention as tpa
-from fxllm.backends.triton.selfcheck import make_paged_case
+from fxllm.backends.triton.selfcheck import make_paged_case, rel_err
 from fxllm.ops.kv_quant import quantize_kv
 
 logger = logging.getLogger("fxllm.gpu.decode_sweep")
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 # Sequences x context lengths: the 1,000 x 128/128 run's middle (contexts 129-256), mid and long batches.
 CASES = {"1000 x 129-256": (1000, 129, 256), "256 x 1024": (256, 1024, 1024), "64 x 2048": (64, 2048, 2048)}
-SMOKE_CASES = {"4 x 20-40": (4, 20, 40)}
+SMOKE_CASES = {"4 x 20-90": (4, 20, 90)}
+# Variant -> (paged_attention_out flags, cache dtypes it runs on, tolerance on the relative L2 error vs the
+# default launch). Without FP8 dots every variant does the default's arithmetic in another order: bf16 P and
+# output roundings, ~2e-3 (the interpreter tests' 1e-2 bound). FP8 dots round q and P to e4m3 (3 mantissa
+# bits, <= 2^-4 relative each): measured 0.024 relative on random data (tests/test_decode_variants.py), 5e-2
+# leaves 2x headroom; a broken variant is off by O(1).
+VARIANTS: dict[str, tuple[dict[str, bool], tuple[str, ...], float]] = {
+    "default": ({}, ("bf16", "fp8"), 1e-2),
+    "swap_ab": ({"swap_ab": True}, ("bf16", "fp8"), 1e-2),
+    "fp8_dot": ({"fp8_dot": True}, ("fp8",), 5e-2),
+    "fp8_dot+swap_ab": ({"fp8_dot": True, "swap_ab": True}, ("fp8",), 5e-2),
+}
+
+
+def _grid(triples: list[tuple[int, int, int]]) -> list[dict[str, int]]:
+    return [{"block_n": n, "num_warps": w, "num_stages": s} for n, w, s in triples]
+
+
+_WIDE = [(n, w, s) for n in (64, 128) for w in (4, 8) for s in (2, 3)]  # swap_ab: wgmma's M = BLOCK_N >= 64
+# Per variant: the launches to time ({} is the launch code's default). The default loop's grid was swept in
+# the eleventh session (RESULTS.md): only its best launches are kept here.
+LAUNCHES: dict[str, list[dict[str, int]]] = {
+    "default": [{}, *_grid([(32, 4, 2), (128, 4, 3), (128, 4, 4)])],
+    "swap_ab": _grid(_WIDE),
+    "fp8_dot": _grid([(32, 4, 2), *_WIDE]),
+    "fp8_dot+swap_ab": _grid(_WIDE),
+}
+SMOKE_LAUNCHES: dict[str, list[dict[str, int]]] = {
+    "default": [{}],
+    "swap_ab": _grid([(32, 4, 2)]),
+    "fp8_dot": _grid([(32, 4, 2)]),
+    "fp8_dot+swap_ab": _grid([(32, 4, 2)]),
+}
+_DOT_RE = re.compile(
+    r"\b(wgmma\.mma_async\.sync\.aligned\.m\d+n\d+k\d+\.\w+\.\w+\.\w+|mma\.sync\.aligned\.m\d+n\d+k\d+\S*)"
+)
 
 
 def _time_us(fn: Any) -> float:
@@ -49,17 +92,33 @@ def _time_us(fn: Any) -> float:
     return 1e3 * float(do_bench(fn, warmup=10, rep=40))
 
 
-def _launches(smoke: bool) -> list[dict[str, Any]]:
-    if smoke:
-        return [{}, {"block_n": 32, "num_warps": 4, "num_stages": 2}]
-    grid = itertools.product((32, 64, 128), (4, 8), (2, 3, 4))
-    return [{}] + [{"block_n": n, "num_warps": w, "num_stages": s} for n, w, s in grid]
+def _compiled() -> dict[Any, Any]:
+    """The decode kernel's compiled variants so far, by key (empty under the interpreter)."""
+    caches = getattr(tpa._decode_kernel, "device_caches", None)
+    if not caches:
+        return {}
+    return {key: k for cache in caches.values() for key, k in cache[0].items()}
 
 
-def sweep(cases: dict[str, tuple[int, int, int]], smoke: bool, device: str) -> dict[str, Any]:
-    """Per case and cache dtype: every launch's time, KV read rate and difference from the default launch."""
+def _dots(kernel: Any) -> dict[str, Any]:
+    """The dot instructions (wgmma / mma.sync with shapes and types), registers and spills of a compiled kernel."""
+    try:
+        ptx = kernel.asm["ptx"]
+        return {"dots": sorted(set(_DOT_RE.findall(ptx))), "regs": getattr(kernel, "n_regs", None),
+                "spills": getattr(kernel, "n_spills", None)}  # fmt: skip
+    except Exception as exc:  # diagnostics only: a Triton version without these fields
+        return {"dots_error": str(exc)[:200]}
+
+
+def sweep(
+    cases: dict[str, tuple[int, int, int]], smoke: bool, device: str
+) -> tuple[dict[str, Any], list[str]]:
+    """Per case, cache dtype, variant and launch: time, KV read rate, difference from the default launch."""
     results: dict[str, Any] = {}
+    failures: list[str] = []
     one = torch.ones(1, device=device)
+    launches = SMOKE_LAUNCHES if smoke else LAUNCHES
+    seen_dots: dict[Any, dict[str, Any]] = {}
     for name, (seqs, lo, hi) in cases.items():
         rng = random.Random(0)
         ctx = [rng.randint(lo, hi) for _ in range(seqs)]
@@ -72,64 +131,88 @@ def sweep(cases: dict[str, tuple[int, int, int]], smoke: bool, device: str) -> d
         }  # fmt: skip
         rows = []
         for dtype_name, (kc, vc, scales) in caches.items():
-            variants = [False, True] if dtype_name == "fp8" else [False]
+            kv_bytes = sum(ctx) * KV_HEADS * HEAD_DIM * 2 * (1 if dtype_name == "fp8" else 2)
             reference = None
-            for fp8_f16, launch in itertools.product(variants, _launches(smoke)):
-                out = torch.empty_like(c.q)
-                kwargs = {**launch, **scales, "fp8_f16": fp8_f16}
-
-                run = partial(
-                    tpa.paged_attention_out, c.q, c.k, c.v, kc, vc, *meta, -1, 0.0, None, out, **kwargs
-                )
-                try:
-                    run()
-                    if reference is None:
-                        reference = out.clone()
-                    diff = float((out.float() - reference.float()).abs().max())
-                    us = _time_us(run) if device == "cuda" else 0.0
-                except Exception as exc:  # a launch the compiler rejects (e.g. shared memory): keep going
-                    rows.append({"kv": dtype_name, "fp8_f16": fp8_f16, **launch, "error": str(exc)[:300]})
+            for variant, (flags, dtypes, tol) in VARIANTS.items():
+                if dtype_name not in dtypes:
                     continue
-                kv_bytes = sum(ctx) * KV_HEADS * HEAD_DIM * 2 * (1 if dtype_name == "fp8" else 2)
-                rows.append({"kv": dtype_name, "fp8_f16": fp8_f16, **launch, "us": us, "max_diff": diff,
-                             "kv_TBps": kv_bytes / (us * 1e-6) / 1e12 if us else None})  # fmt: skip
-                logger.info("%s %s", name, rows[-1])
+                for launch in launches[variant]:
+                    row: dict[str, Any] = {"kv": dtype_name, "variant": variant, **launch}
+                    out = torch.empty_like(c.q)
+                    run = partial(tpa.paged_attention_out, c.q, c.k, c.v, kc, vc, *meta, -1, 0.0, None, out,
+                                  **launch, **scales, **flags)  # fmt: skip
+                    before = set(_compiled())
+                    try:
+                        t0 = time.perf_counter()
+                        run()
+                        row["first_call_s"] = time.perf_counter() - t0  # includes the compile, if any
+                        if reference is None:  # the default variant's default launch comes first
+                            reference = out.clone()
+                        n = c.num_real
+                        row["max_diff"] = float((out[:n].float() - reference[:n].float()).abs().max())
+                        row["rel_err"] = rel_err(out[:n].float(), reference[:n].float())
+                        row["us"] = _time_us(run) if device == "cuda" else 0.0
+                    except Exception as exc:  # a launch the compiler rejects (e.g. shared memory): keep going
+                        row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                        logger.warning("%s %s", name, row, exc_info=smoke)
+                        rows.append(row)
+                        continue
+                    new = [k for key, k in _compiled().items() if key not in before]
+                    key = (dtype_name, variant, tuple(sorted(launch.items())))
+                    if new:
+                        seen_dots[key] = _dots(new[0])
+                    row.update(seen_dots.get(key, {}))
+                    row["kv_TBps"] = kv_bytes / (row["us"] * 1e-6) / 1e12 if row["us"] else None
+                    if not row["rel_err"] <= tol:  # NaN fails too
+                        failures.append(f"{name} {dtype_name} {variant} {launch}: relative error "
+                                        f"{row['rel_err']:.3g} > {tol} (max abs diff {row['max_diff']:.3g})")  # fmt: skip
+                        logger.error("FAILED %s", failures[-1])
+                    logger.info("%s %s", name, row)
+                    rows.append(row)
         results[name] = rows
-    return results
+    return results, failures
 
 
 def _print(results: dict[str, Any]) -> None:
+    print(f"{'case':>16} {'kv':>4} {'variant':>16} {'default us':>10} {'best us':>8} {'TB/s':>5} "
+          f"{'best launch':>12} {'max diff':>8} {'rel err':>8}  dots of the best launch")  # fmt: skip
     for name, rows in results.items():
         for kv in ("bf16", "fp8"):
-            mine = [r for r in rows if r["kv"] == kv and "us" in r]
-            if not mine:
-                continue
-            default = next(r for r in mine if "block_n" not in r and not r["fp8_f16"])
-            best = min(mine, key=lambda r: r["us"] or float("inf"))
-            print(f"{name:>16} {kv:>5}: default {default['us']:8.1f} us ({default['kv_TBps'] or 0:.2f} TB/s), "
-                  f"best {best['us']:8.1f} us ({best['kv_TBps'] or 0:.2f} TB/s) with "
-                  f"{ {k: best.get(k) for k in ('block_n', 'num_warps', 'num_stages', 'fp8_f16')} }, "
-                  f"max diff {max(r['max_diff'] for r in mine):.3g}")  # fmt: skip
-            if kv == "fp8":
-                f16 = [r for r in mine if r["fp8_f16"] and "block_n" not in r]
-                if f16:
-                    print(f"{'':>16} fp8 default launch with fp8_f16: {f16[0]['us']:8.1f} us")
+            for variant in VARIANTS:
+                mine = [r for r in rows if r["kv"] == kv and r["variant"] == variant and "us" in r]
+                if not mine:
+                    continue
+                first = mine[0]
+                best = min(mine, key=lambda r: r["us"] or float("inf"))
+                launch = (
+                    f"{best.get('block_n', '-')}x{best.get('num_warps', '-')}w{best.get('num_stages', '-')}s"
+                )
+                print(f"{name:>16} {kv:>4} {variant:>16} {first['us']:10.1f} {best['us']:8.1f} "
+                      f"{best['kv_TBps'] or 0:5.2f} {launch:>12} {max(r['max_diff'] for r in mine):8.3g} "
+                      f"{max(r['rel_err'] for r in mine):8.3g}  {','.join(best.get('dots', [])) or '-'}")  # fmt: skip
 
 
 def main() -> int:
-    """Run the sweep; JSON to --out, a summary on stdout."""
+    """Run the sweep; JSON to --out, a table on stdout; exit 1 when an output is off by more than its tolerance."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".")
-    parser.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, tiny cases")
+    parser.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, tiny case")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     device = "cpu" if args.smoke else "cuda"
-    results = sweep(SMOKE_CASES if args.smoke else CASES, args.smoke, device)
+    t0 = time.perf_counter()
+    results, failures = sweep(SMOKE_CASES if args.smoke else CASES, args.smoke, device)
+    elapsed = time.perf_counter() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "decode_sweep.json").write_text(json.dumps(results, indent=1))
+    doc = {"results": results, "failures": failures, "elapsed_s": elapsed,
+           "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)"}  # fmt: skip
+    (out / "decode_sweep.json").write_text(json.dumps(doc, indent=1))
     _print(results)
-    return 0
+    print(f"sweep took {elapsed:.1f} s")
+    for failure in failures:
+        print(f"FAILED {failure}")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -34,7 +34,12 @@ import torch
 import triton
 from torch import Tensor
 
-from fxllm.backends.triton import paged_attention_common, paged_attention_decode, paged_attention_prefill
+from fxllm.backends.triton import (
+    paged_attention_common,
+    paged_attention_decode,
+    paged_attention_decode_loops,
+    paged_attention_prefill,
+)
 from fxllm.ops.kv_quant import FP8_KV_DTYPE, is_fp8
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -43,7 +48,9 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     if not isinstance(paged_attention_decode._decode_kernel, InterpretedFunction):
         # The tests switch the interpreter on after another module imported these kernels as GPU kernels and
         # then reload this module: reload the kernel modules with it (common first, the others import from it).
-        for _module in (paged_attention_common, paged_attention_decode, paged_attention_prefill):
+        _modules = (paged_attention_common, paged_attention_decode_loops, paged_attention_decode,
+                    paged_attention_prefill)  # fmt: skip
+        for _module in _modules:
             importlib.reload(_module)
 
 # Imported after the reload above; tests and benchmarks reach the kernels through this module too.
@@ -144,7 +151,7 @@ def paged_attention_out(
     num_warps: int | None = None, num_stages: int | None = None,
     k_scale: Tensor | None = None, v_scale: Tensor | None = None,
     cos: Tensor | None = None, sin: Tensor | None = None, write_in_decode: bool = True, pdl: bool = False,
-    fp8_f16: bool = True,
+    fp8_f16: bool = True, swap_ab: bool = False, fp8_dot: bool = False,
 ) -> None:  # fmt: skip
     """Write k/v into the caches, then paged attention into `out` [T, Hq, Dv]; launch knobs overridable.
 
@@ -152,7 +159,10 @@ def paged_attention_out(
     decode path the decode kernel writes this step's k/v itself unless `write_in_decode` is False; `pdl`
     launches decode and combine with programmatic dependent launch (see VARIANTS). `fp8_f16`: over an FP8
     cache and a bfloat16 q the decode kernel computes in float16 (e4m3 -> f16 is one instruction): 0.90x
-    the time of the bfloat16 conversion at 8B heads on an H200 (benchmarks/gpu_decode_sweep.py)."""
+    the time of the bfloat16 conversion at 8B heads on an H200 (benchmarks/gpu_decode_sweep.py).
+    `swap_ab` / `fp8_dot` (issue 15, off by default until a GPU sweep picks): the decode kernel's alternative
+    key loops (paged_attention_decode_loops.py): transposed scores (K and V^T as the dots' A operand), and
+    over an FP8 cache e4m3 dots with q and P quantized in-kernel. They apply to a mixed step's decode rows too."""
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     head_dim_v = v_cache.shape[-1]
@@ -197,6 +207,8 @@ def paged_attention_out(
     group_p = triton.next_power_of_2(group)
     on_gpu = q.device.type == "cuda"
     fp8_f16 = fp8_f16 and kv_fp8 and q.dtype == torch.bfloat16  # float32 q keeps its precision
+    if fp8_dot and not kv_fp8:
+        raise ValueError("fp8_dot needs an FP8 KV cache (float8_e4m3fn)")
     # A prefill step outside a CUDA graph capture also carries the sequences that are decoding (chunked
     # prefill): their one query token goes to the decode kernel, the prefill kernel skips them. Given to the
     # prefill kernel, each such row took a whole query block over its context: in 256 x 2048/128 on an H200
@@ -221,7 +233,8 @@ def paged_attention_out(
             HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_H=max(16, group_p), BLOCK_N=bn,
             BLOCK_D=block_d, BLOCK_DV=block_dv, USE_SOFTCAP=use_softcap, USE_WINDOW=use_window,
             F32_DOT=f32_dot, KV_FP8=kv_fp8, ROPE=rope, WRITE_KV=write_in_decode, USE_PDL=pdl, FP8_F16=fp8_f16,
-            MIXED=split_mixed, num_warps=knobs[1] or 4, num_stages=knobs[2] or 3, launch_pdl=pdl,
+            MIXED=split_mixed, SWAP_AB=swap_ab, FP8_DOT=fp8_dot,
+            num_warps=knobs[1] or 4, num_stages=knobs[2] or 3, launch_pdl=pdl,
         )  # fmt: skip
         # A captured decode graph fixes its splits, so BLOCK_S follows them; a mixed step's splits change with
         # its batch and contexts, and each BLOCK_S would be one more Triton compile in a user's request: one

@@ -6,7 +6,8 @@ seq_lens), and writes a normalised float32 partial output plus its log2-sum-exp.
 whose slice holds the new token first writes this step's k/v of its KV head into the cache (no separate
 write launch). USE_PDL (experimental, off by default; docs/kernels.md): both kernels launch with programmatic
 dependent launch, wait for their predecessor before any memory access, and the decode kernel lets the combine
-kernel launch once its key loop is done. `_combine_kernel`, grid
+kernel launch once its key loop is done. SWAP_AB / FP8_DOT (issue 15, off by default) pick the alternative key
+loops of paged_attention_decode_loops.py (transposed scores; e4m3 dots over an FP8 cache). `_combine_kernel`, grid
 (T, Hq), merges the splits, adds the attention sink and writes zeros for padding tokens. The launch is in
 paged_attention.py.
 """
@@ -18,9 +19,11 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from fxllm.backends.triton.paged_attention_common import _attend_range, _load_heads, _write_token_kv
+from fxllm.backends.triton.paged_attention_decode_loops import _attend_decode
 
 
-@triton.jit(do_not_specialize=["num_seqs", "num_splits"])
+# sbt varies with the longest context of a mixed step (see _prefill_kernel): not specialised on.
+@triton.jit(do_not_specialize=["num_seqs", "num_splits", "sbt"])
 def _decode_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, qsl_ptr, part_ptr, lse_ptr,
     num_seqs, num_heads, group, block_size, num_splits,
@@ -32,7 +35,8 @@ def _decode_kernel(
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, F32_DOT: tl.constexpr, KV_FP8: tl.constexpr = False,
     ROPE: tl.constexpr = False, WRITE_KV: tl.constexpr = False, USE_PDL: tl.constexpr = False,
-    FP8_F16: tl.constexpr = False, MIXED: tl.constexpr = False,
+    FP8_F16: tl.constexpr = False, MIXED: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
+    FP8_DOT: tl.constexpr = False,
 ):  # fmt: skip
     if (
         USE_PDL
@@ -80,20 +84,27 @@ def _decode_kernel(
         q = _load_heads(q_ptr, tok * sq_t + head * sq_h, hh < group, tok + hh * 0, cos_ptr, sin_ptr,
                         sc_t, sc_d, ss_t, ss_d, HEAD_DIM, BLOCK_D, ROPE)  # fmt: skip
         # e4m3 -> f16 is one instruction; bf16 q -> f16 is exact for |q| in [6e-5, 65504].
-        if KV_FP8 and FP8_F16:
+        if KV_FP8 and FP8_F16 and not FP8_DOT:
             q = q.to(tl.float16)
-        q_pos = tl.zeros((BLOCK_H,), dtype=tl.int32) + seq_len - 1
-        acc = tl.zeros((BLOCK_H, BLOCK_DV), dtype=tl.float32)
-        m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
         qk = qk_scale
         if KV_FP8:
             qk = qk_scale * tl.load(ks_ptr + kv_head * sks_h)
-        acc, m_i, l_i = _attend_range(
-            acc, m_i, l_i, q, q_pos, start, end, bt_ptr + seq * sbt, kc_ptr, vc_ptr, kv_head, block_size,
-            skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, qk, softcap, window,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, USE_SOFTCAP, USE_WINDOW, F32_DOT,
-        )  # fmt: skip
+        if SWAP_AB or FP8_DOT:  # the alternative key loops (paged_attention_decode_loops.py)
+            acc, m_i, l_i = _attend_decode(
+                q, start, end, bt_ptr + seq * sbt, kc_ptr, vc_ptr, kv_head, block_size,
+                skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, qk, softcap,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_H, BLOCK_N, BLOCK_D, BLOCK_DV, USE_SOFTCAP, F32_DOT, SWAP_AB, FP8_DOT,
+            )  # fmt: skip
+        else:
+            q_pos = tl.zeros((BLOCK_H,), dtype=tl.int32) + seq_len - 1
+            acc = tl.zeros((BLOCK_H, BLOCK_DV), dtype=tl.float32)
+            m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
+            acc, m_i, l_i = _attend_range(
+                acc, m_i, l_i, q, q_pos, start, end, bt_ptr + seq * sbt, kc_ptr, vc_ptr, kv_head, block_size,
+                skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, qk, softcap, window,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, USE_SOFTCAP, USE_WINDOW, F32_DOT,
+            )  # fmt: skip
         if USE_PDL:  # the combine kernel may start now; it waits for this grid to finish before reading
             gdc_launch_dependents()
         nonempty = l_i > 0.0
