@@ -93,7 +93,9 @@ def child_engine(spec: dict[str, Any], out_file: str) -> None:
                 128,
                 32,
             ]
-            prompts = random_prompts(num, input_len, vocab, 11)
+            prompts = random_prompts(
+                num, input_len, vocab, 101
+            )  # no seed of the throughput cases (10 + i): no prefix hits
             params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
             llm.generate(prompts[:8], params)
             activities = [ProfilerActivity.CPU] + (
@@ -259,7 +261,7 @@ def _trace(llm: Any, case: list[int], folder: Path, vocab: int) -> str:
     from fxllm.serve.bench_offline import random_prompts
 
     num, input_len, output_len = case
-    prompts = random_prompts(num, input_len, vocab, 12)
+    prompts = random_prompts(num, input_len, vocab, 102)
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     llm.generate(prompts[:8], params)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])

@@ -14,7 +14,9 @@ import triton.language as tl
 from fxllm.backends.triton.paged_attention_common import _attend_range, _load_heads
 
 
-@triton.jit(do_not_specialize=["num_seqs"])
+# sbt (the block table's row stride) is the step's longest context in blocks: specialising on it (== 1, % 16)
+# compiled a new variant when a real run's first long prompt arrived (H200, 256 x 2048/128).
+@triton.jit(do_not_specialize=["num_seqs", "sbt"])
 def _prefill_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, qsl_ptr, sink_ptr, out_ptr,
     num_seqs, group, block_size,
