@@ -14,9 +14,11 @@ error); above the variant's tolerance the script reports FAILED and exits 1 (aft
 launch it also records the dot instructions in the compiled PTX (wgmma shape and operand types, or mma.sync)
 and registers / spills, which say whether the variant compiled to the intended wgmma.
 
-Usage (GPU machine, repo root; ~41 compiles + ~120 timed launches, budgeted for <= 240 s on one H200):
+Usage (GPU machine, repo root; 34 compiles + 102 timed launches, budgeted for <= 240 s on one H200):
     PYTHONPATH=. python3 benchmarks/gpu_decode_sweep.py --out $OUT/sweep
 CPU check of the script (Triton's interpreter, one tiny case, one launch per variant): add --smoke.
+No GPU at all, --sm90: compiles every variant x launch for sm_90a with Triton's bundled ptxas and reports
+the dot instructions, where each wgmma's A operand lives, shared memory, registers and spills (~2 min).
 Writes DIR/decode_sweep.json and prints one table row per case, cache dtype and variant (its best launch).
 """
 
@@ -72,7 +74,9 @@ _WIDE = [(n, w, s) for n in (64, 128) for w in (4, 8) for s in (2, 3)]  # swap_a
 LAUNCHES: dict[str, list[dict[str, int]]] = {
     "default": [{}, *_grid([(32, 4, 2), (128, 4, 3), (128, 4, 4)])],
     "swap_ab": _grid(_WIDE),
-    "fp8_dot": _grid([(32, 4, 2), *_WIDE]),
+    # Without SWAP_AB the e4m3 dots have M = BLOCK_H = 16 < wgmma's 64: compiled for sm_90a (--sm90) Triton
+    # upcasts them to f16 mma.sync, i.e. the default loop plus the quantization; two launches show it.
+    "fp8_dot": _grid([(32, 4, 2), (64, 4, 3)]),
     "fp8_dot+swap_ab": _grid(_WIDE),
 }
 SMOKE_LAUNCHES: dict[str, list[dict[str, int]]] = {
@@ -108,6 +112,88 @@ def _dots(kernel: Any) -> dict[str, Any]:
                 "spills": getattr(kernel, "n_spills", None)}  # fmt: skip
     except Exception as exc:  # diagnostics only: a Triton version without these fields
         return {"dots_error": str(exc)[:200]}
+
+
+_PTR_TYPES = {"q_ptr": "bf16", "bt_ptr": "i32", "lens_ptr": "i32", "qsl_ptr": "i32", "part_ptr": "fp32",
+              "lse_ptr": "fp32", "ks_ptr": "fp32", "vs_ptr": "fp32", "cos_ptr": "bf16", "sin_ptr": "bf16",
+              "k_ptr": "bf16", "v_ptr": "bf16", "slot_ptr": "i64"}  # fmt: skip
+# Arguments that are multiples of 16 in the real launch (Triton specialises them: aligned, vectorised loads).
+_ALIGNED = ("skc_b", "skc_s", "skc_h", "svc_b", "svc_s", "svc_h", "sq_t", "sq_h", "sk_t", "sv_t", "sbt")
+
+
+def _compile_sm90(kv: str, launch: dict[str, int], flags: dict[str, bool]) -> Any:
+    """The decode kernel as the sweep launches it (8B heads, WRITE_KV), compiled for sm_90a without a GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fp8 = kv == "fp8"
+    consts: dict[str, Any] = dict(
+        HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM, BLOCK_H=16, BLOCK_N=launch.get("block_n", 64), BLOCK_D=HEAD_DIM,
+        BLOCK_DV=HEAD_DIM, USE_SOFTCAP=False, USE_WINDOW=False, F32_DOT=False, KV_FP8=fp8, ROPE=False,
+        WRITE_KV=True, USE_PDL=False, FP8_F16=fp8 and not flags.get("fp8_dot", False), MIXED=False,
+        SWAP_AB=flags.get("swap_ab", False), FP8_DOT=flags.get("fp8_dot", False),
+    )  # fmt: skip
+    signature, attrs = {}, {}
+    for i, name in enumerate(tpa._decode_kernel.arg_names):
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name in ("kc_ptr", "vc_ptr"):
+            signature[name] = "*fp8e4nv" if fp8 else "*bf16"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + _PTR_TYPES[name]
+        else:
+            signature[name] = "fp32" if name in ("qk_scale", "softcap") else "i32"
+        if name.endswith("_ptr") or name in _ALIGNED:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    options = {"num_warps": launch.get("num_warps", 4), "num_stages": launch.get("num_stages", 3)}
+    return triton.compile(ASTSource(tpa._decode_kernel, signature, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=options)  # fmt: skip
+
+
+def _ptxas_usage(ptx: str) -> dict[str, int]:
+    """Registers and spill bytes that Triton's bundled ptxas reports for sm_90a."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.ptx"
+        path.write_text(ptx)
+        res = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", str(path), "-o", str(Path(tmp) / "k.o")],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+    log = res.stdout + res.stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    return {"regs": int(regs.group(1)) if regs else -1, "spill_bytes": int(spills.group(1)) if spills else -1}
+
+
+def sm90_report() -> list[dict[str, Any]]:
+    """Every variant x launch of the sweep compiled for sm_90a on this machine: what its dots compiled to."""
+    rows = []
+    for kv in ("bf16", "fp8"):
+        for variant, (flags, dtypes, _) in VARIANTS.items():
+            if kv not in dtypes:
+                continue
+            for launch in LAUNCHES[variant]:
+                row: dict[str, Any] = {"kv": kv, "variant": variant, **launch}
+                try:
+                    ck = _compile_sm90(kv, launch, flags)
+                except Exception as exc:  # a launch the compiler rejects: the GPU sweep would record it too
+                    rows.append({**row, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+                    continue
+                ttgir, ptx = ck.asm["ttgir"], ck.asm["ptx"]
+                # Per wgmma: where its A operand comes from (shared memory or registers).
+                a_from = ["smem" if m == "!ttg.memdesc" else "regs"
+                          for m in re.findall(r"ttng\.warp_group_dot [^{]*\{[^}]*\} : (!ttg\.memdesc|tensor)", ttgir)]  # fmt: skip
+                row.update(dots=sorted(set(_DOT_RE.findall(ptx))), wgmma_a=a_from,
+                           mma_v2=len(re.findall(r"= tt\.dot ", ttgir)), shared_bytes=ck.metadata.shared,
+                           async_copies=ttgir.count("ttg.async_copy_global_to_local"),
+                           **_ptxas_usage(ptx))  # fmt: skip
+                rows.append(row)
+                logger.info("sm90 %s", row)
+    return rows
 
 
 def sweep(
@@ -197,8 +283,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".")
     parser.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, tiny case")
+    parser.add_argument("--sm90", action="store_true",
+                        help="no GPU: compile every variant x launch for sm_90a, report dots / registers / spills")  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
+    if args.sm90:
+        rows = sm90_report()
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "decode_sm90.json").write_text(json.dumps(rows, indent=1))
+        for r in rows:
+            launch = f"{r.get('block_n', 64)}x{r.get('num_warps', 4)}w{r.get('num_stages', 3)}s"
+            detail = r.get("error") or (f"{','.join(r['dots']) or '-'} A:{'/'.join(r['wgmma_a']) or '-'} "
+                                        f"mma_v2 {r['mma_v2']} smem {r['shared_bytes']} async {r['async_copies']} "
+                                        f"regs {r['regs']} spill {r['spill_bytes']}")  # fmt: skip
+            print(f"{r['kv']:>4} {r['variant']:>16} {launch:>8}  {detail}")
+        return 0
     device = "cpu" if args.smoke else "cuda"
     t0 = time.perf_counter()
     results, failures = sweep(SMOKE_CASES if args.smoke else CASES, args.smoke, device)

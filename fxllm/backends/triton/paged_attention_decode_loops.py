@@ -31,10 +31,22 @@ import triton.language as tl
 
 from fxllm.backends.triton.paged_attention_common import _mma
 
-_LOG2E: tl.constexpr = 1.4426950408889634
+_LOG2E = tl.constexpr(1.4426950408889634)  # jit code reads globals only as tl.constexpr
 # P's power-of-two scale before the e4m3 rounding: p * 256 is at most 256 < 448 (no saturation); the
 # smallest e4m3 subnormal 2^-9 then represents p = 2^-17, below which a probability rounds to zero.
-_P_SCALE: tl.constexpr = 256.0
+_P_SCALE = tl.constexpr(256.0)
+
+
+@triton.jit
+def _load_v(vc_ptr, page, off, kv_head, svc_b, svc_s, svc_h, dv, k_ok, dv_ok, TRANSPOSED: tl.constexpr):
+    """A V tile: [BLOCK_N, BLOCK_DV], or with TRANSPOSED V^T [BLOCK_DV, BLOCK_N] read in that shape."""
+    if TRANSPOSED:
+        v = tl.load(vc_ptr + page[None, :] * svc_b + off[None, :] * svc_s + kv_head * svc_h + dv[:, None],
+                    mask=k_ok[None, :] & dv_ok[:, None], other=0.0)  # fmt: skip
+    else:
+        v = tl.load(vc_ptr + page[:, None] * svc_b + off[:, None] * svc_s + kv_head * svc_h + dv[None, :],
+                    mask=k_ok[:, None] & dv_ok[None, :], other=0.0)  # fmt: skip
+    return v
 
 
 @triton.jit
@@ -73,6 +85,13 @@ def _attend_decode(
         page = tl.load(bt_ptr + k_pos // block_size, mask=k_ok, other=0).to(tl.int64)
         k = tl.load(kc_ptr + page[:, None] * skc_b + off[:, None] * skc_s + kv_head * skc_h + d[None, :],
                     mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+        if FP8_DOT:
+            # Triton does not turn this V load into a pipelined async copy (with SWAP_AB, V^T reaches shared
+            # memory through registers, transposed to K-major for the fp8 wgmma; compiled for sm_90a): issued
+            # before the score dot, its latency overlaps the dot and the softmax. The converted variants load V
+            # after the softmax: their V load is pipelined, and an early one kept the f16 tile live (161 vs
+            # 135 registers for SWAP_AB, 64 x 4 warps, 3 stages).
+            v = _load_v(vc_ptr, page, off, kv_head, svc_b, svc_s, svc_h, dv, k_ok, dv_ok, SWAP_AB)
         if not FP8_DOT and k.dtype.is_fp8():  # exact in bf16/fp16/fp32
             k = k.to(q.dtype)
         if SWAP_AB:
@@ -105,9 +124,12 @@ def _attend_decode(
         if SWAP_AB:
             p = tl.exp2(s - m_use[None, :])
             l_i = l_i * alpha + tl.sum(p, axis=0)
-            # V^T [BLOCK_DV, BLOCK_N], read straight from the cache in that shape (the A operand).
-            v = tl.load(vc_ptr + page[None, :] * svc_b + off[None, :] * svc_s + kv_head * svc_h + dv[:, None],
-                        mask=k_ok[None, :] & dv_ok[:, None], other=0.0)  # fmt: skip
+        else:
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+        if not FP8_DOT:
+            v = _load_v(vc_ptr, page, off, kv_head, svc_b, svc_s, svc_h, dv, k_ok, dv_ok, SWAP_AB)
+        if SWAP_AB:
             if FP8_DOT:
                 pv = tl.dot(v, (p * _P_SCALE).to(tl.float8e4nv))
             else:
@@ -116,10 +138,6 @@ def _attend_decode(
                 pv = _mma(v, p.to(v.dtype), F32_DOT)
             acc = acc * alpha[None, :] + pv
         else:
-            p = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(vc_ptr + page[:, None] * svc_b + off[:, None] * svc_s + kv_head * svc_h + dv[None, :],
-                        mask=k_ok[:, None] & dv_ok[None, :], other=0.0)  # fmt: skip
             if FP8_DOT:
                 pv = tl.dot((p * _P_SCALE).to(tl.float8e4nv), v)
             else:
