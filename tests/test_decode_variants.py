@@ -1,0 +1,128 @@
+"""The decode kernel's alternative key loops (issue 15: SWAP_AB, FP8_DOT) vs the reference, in Triton's interpreter.
+
+Every case has GQA group 4 (8 query heads over 2 KV heads), a partial last key tile, split-KV with an empty
+split (a 9-token sequence in 2 splits of 32-key tiles), and the launch's outputs NaN-poisoned first. The
+reference is float32 math over the same (dequantized) cache. Tolerances on ||out - ref|| / ||ref||:
+- SWAP_AB does the default loop's arithmetic in another order: float32 1e-5 (IEEE dots, summation order
+  only), bfloat16 1e-2 (q, the tiles and P in bf16 as the default loop: measured ~2e-3).
+- FP8_DOT rounds q (per row, scale amax / 448) and P (times 256) to e4m3, 3 mantissa bits: each rounding is
+  up to 2^-4 relative, ~0.03 rms. The output's error is about that rms (independent roundings across the
+  keys and head dims average in the sum, as does the output itself): measured 0.024-0.030 here, so 5e-2.
+  FlashAttention-3's FP8 forward makes the same two roundings (its paper reports 2.4e-2 RMSE for plain
+  per-tensor FP8 on its test distribution). A broken variant (a lost scale, a wrong transpose, an unmasked
+  tail or NaN slot) is off by O(1) or NaN.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="triton is not installed")
+
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+import fxllm.backends.triton as tb  # noqa: E402
+from fxllm.backends.triton import paged_attention  # noqa: E402
+from fxllm.backends.triton.selfcheck import PagedCase, make_paged_case, rel_err  # noqa: E402
+from fxllm.ops.kv_quant import quantize_kv  # noqa: E402
+from fxllm.ops.paged_attention import paged_attention_reference  # noqa: E402
+
+if DEVICE == "cpu" and not isinstance(paged_attention._decode_kernel, InterpretedFunction):
+    # Imported as GPU kernels before TRITON_INTERPRET=1 was set (see test_triton_kernels.py): reload.
+    tb.patch_interpreter()
+    paged_attention = importlib.reload(paged_attention)
+
+VARIANTS = {
+    "swap_ab": {"swap_ab": True},
+    "fp8_dot": {"fp8_dot": True},
+    "fp8_dot+swap_ab": {"fp8_dot": True, "swap_ab": True},
+}
+# name -> (q_lens, ctx_lens, make_paged_case options, launch). The decode cases pass 32-key tiles (the e4m3
+# dot's K must be >= 32 on a GPU) and 2 or 3 splits; "mixed" is a prefill step whose one-token sequences go
+# to the decode kernel (MIXED) with the launch code's own tiles and splits.
+CASES = {
+    "decode split-KV": ([1, 1, 1], [20, 9, 70], {}, {"num_splits": 2, "block_n": 32}),
+    "decode window softcap": ([1, 1, 1], [20, 9, 70], {"sliding_window": 24, "softcap": 5.0},
+                              {"num_splits": 3, "block_n": 32}),
+    "mixed": ([1, 5, 1], [20, 9, 70], {}, {}),
+}  # fmt: skip
+# cache name -> (q dtype, tolerance for SWAP_AB alone); FP8_DOT's tolerance is FP8_TOL.
+CACHES = {"f32": (torch.float32, 1e-5), "bf16": (torch.bfloat16, 1e-2), "fp8": (torch.bfloat16, 1e-2)}
+FP8_TOL = 5e-2
+K_SCALE, V_SCALE = [0.5, 1.5], [2.0, 0.25]  # per KV head: the scales must reach the right head
+
+
+def _run(c: PagedCase, cache: str, launch: dict, flags: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the kernel's output, the float32 reference) for the real tokens of case `c` over `cache`."""
+    meta = (
+        c.slot_mapping,
+        c.block_tables,
+        c.seq_lens,
+        c.query_start_loc,
+        c.scale,
+        c.sliding_window,
+        c.softcap,
+    )
+    scales: dict = {}
+    if cache == "fp8":
+        ks, vs = (torch.tensor(s, device=DEVICE) for s in (K_SCALE, V_SCALE))
+        k_ref, v_ref = quantize_kv(c.k_cache_ref, ks), quantize_kv(c.v_cache_ref, vs)
+        k_run, v_run = k_ref.clone(), v_ref.clone()
+        scales = {"k_scale": ks, "v_scale": vs}
+    else:
+        k_ref, v_ref = c.k_cache_ref.clone(), c.v_cache_ref.clone()
+        k_run, v_run = c.k_cache, c.v_cache  # NaN outside the context: a stray read shows
+    ref = paged_attention_reference(c.q.float(), c.k.float(), c.v.float(), k_ref, v_ref, *meta, None,
+                                    scales.get("k_scale"), scales.get("v_scale"))  # fmt: skip
+    out = torch.full_like(c.q, float("nan"))
+    paged_attention.paged_attention_out(
+        c.q, c.k, c.v, k_run, v_run, *meta, None, out, **launch, **scales, **flags
+    )
+    n = c.num_real
+    return out[:n].float(), ref[:n].float()
+
+
+# FP8 dots need an FP8 cache (test_fp8_dot_needs_fp8_cache).
+PARAMS = [(v, cache, case) for v in VARIANTS for cache in CACHES for case in CASES
+          if cache == "fp8" or not VARIANTS[v].get("fp8_dot")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("variant", "cache", "case"), PARAMS)
+def test_decode_variant_matches_reference(variant: str, cache: str, case: str) -> None:
+    flags = VARIANTS[variant]
+    q_lens, ctx_lens, options, launch = CASES[case]
+    dtype, tol = CACHES[cache]
+    c = make_paged_case(
+        q_lens, ctx_lens, 8, 2, 32, block_size=8, dtype=dtype, device=DEVICE, seed=3, **options
+    )
+    out, ref = _run(c, cache, launch, flags)
+    err = rel_err(out, ref)
+    assert err <= (FP8_TOL if flags.get("fp8_dot") else tol), err
+
+
+def test_fp8_dot_quantizes() -> None:
+    """With a float32 q the default loop over an FP8 cache is exact to 1e-5; FP8_DOT is not: the flag reaches
+    the kernel (else the tolerance test above would pass on the default loop) and its error stays bounded."""
+    q_lens, ctx_lens, _, launch = CASES["decode split-KV"]
+    c = make_paged_case(q_lens, ctx_lens, 8, 2, 32, block_size=8, dtype=torch.float32, device=DEVICE, seed=3)
+    exact = rel_err(*_run(c, "fp8", launch, {}))
+    swapped = rel_err(*_run(c, "fp8", launch, {"swap_ab": True}))
+    quantized = rel_err(*_run(c, "fp8", launch, {"fp8_dot": True, "swap_ab": True}))
+    assert exact <= 1e-5 and swapped <= 1e-5, (exact, swapped)
+    assert 1e-3 < quantized <= FP8_TOL, quantized
+
+
+def test_fp8_dot_needs_fp8_cache() -> None:
+    c = make_paged_case([1], [9], 8, 2, 32, block_size=8, dtype=torch.bfloat16, device=DEVICE)
+    meta = (c.slot_mapping, c.block_tables, c.seq_lens, c.query_start_loc, c.scale, -1, 0.0, None)
+    with pytest.raises(ValueError, match="fp8_dot needs an FP8 KV cache"):
+        paged_attention.paged_attention_out(
+            c.q, c.k, c.v, c.k_cache, c.v_cache, *meta, c.q.clone(), fp8_dot=True
+        )
