@@ -126,3 +126,41 @@ def test_fp8_dot_needs_fp8_cache() -> None:
         paged_attention.paged_attention_out(
             c.q, c.k, c.v, c.k_cache, c.v_cache, *meta, c.q.clone(), fp8_dot=True
         )
+
+
+def test_decode_loop_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launch code's rule: the default loop today; a table choice runs only where its shape conditions hold."""
+    from fxllm.backends.triton import paged_attention_decode_choice as choice
+
+    assert choice.choose_decode_loop(True, 128, 64) == (False, False)
+    assert choice.choose_decode_loop(False, 128, 64) == (False, False)
+    assert choice.choose_decode_loop(False, 128, 32, swap_ab=True) == (True, False)  # the caller's flags win
+    monkeypatch.setattr(choice, "SKIPPED", {})
+    monkeypatch.setitem(choice.DECODE_LOOPS, "fp8", (True, True))
+    monkeypatch.setitem(choice.DECODE_LOOPS, "other", (False, True))
+    assert choice.choose_decode_loop(True, 128, 64) == (True, True)
+    assert choice.choose_decode_loop(True, 128, 32) == (False, False)  # wgmma's M
+    assert choice.choose_decode_loop(True, 16, 64) == (False, False)  # the e4m3 dot's K
+    assert choice.choose_decode_loop(False, 128, 64) == (False, False)  # no FP8 data to dot
+    assert sorted(reason for _, _, reason in choice.SKIPPED) == [
+        "BLOCK_N 32 < 64 (wgmma's M)", "head dim 16 < 32 (the e4m3 dot's K)", "no FP8 cache",
+    ]  # fmt: skip
+
+
+def test_rule_and_op_backend_reach_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DECODE_LOOPS and the triton_fp8_dot op backend's knobs both switch the kernel to FP8 dots (float32 q: the
+    default loop would be exact to 1e-5)."""
+    from fxllm.backends.triton import paged_attention_decode_choice as choice
+
+    c = make_paged_case([1, 1], [20, 70], 8, 2, 32, block_size=8, dtype=torch.float32, device=DEVICE, seed=3)
+    monkeypatch.setitem(choice.DECODE_LOOPS, "fp8", (True, True))
+    by_rule = rel_err(*_run(c, "fp8", {"num_splits": 2}, {}))
+    monkeypatch.setitem(choice.DECODE_LOOPS, "fp8", (False, False))
+    ks, vs = (torch.tensor(s, device=DEVICE) for s in (K_SCALE, V_SCALE))
+    k8, v8 = quantize_kv(c.k_cache_ref, ks), quantize_kv(c.v_cache_ref, vs)
+    meta = (c.slot_mapping, c.block_tables, c.seq_lens, c.query_start_loc, c.scale)
+    ref = paged_attention_reference(c.q, c.k, c.v, k8.clone(), v8.clone(), *meta, -1, 0.0, None, ks, vs)
+    knobs = paged_attention.VARIANTS["triton_fp8_dot"]
+    out = paged_attention.paged_attention(c.q, c.k, c.v, k8, v8, *meta, k_scale=ks, v_scale=vs, **knobs)
+    by_backend = rel_err(out[: c.num_real], ref[: c.num_real])
+    assert 1e-3 < by_rule <= FP8_TOL and 1e-3 < by_backend <= FP8_TOL, (by_rule, by_backend)
