@@ -170,9 +170,51 @@ def test_entry_that_loads_differently_is_not_kept(
     monkeypatch.delenv("FXLLM_NO_COMPILE_CACHE", raising=False)
     with caplog.at_level(logging.INFO, logger="fxllm.models"):
         model, _ = _load()
-    assert "not keeping the entry" in caplog.text and "q_proj.weight differs" in caplog.text
+    # The check goes through the file's tensors in order: blk.0's attn_k comes before its attn_q.
+    assert "not keeping the entry" in caplog.text and "k_proj.weight differs" in caplog.text
     assert _entries(tmp_path) == []
     assert model_difference(cold[0], model) is None
+
+
+@pytest.mark.parametrize("fault", ["offset + one block", "offset + one row", "offset + 4 bytes", "swapped names",
+                                   "norm offset + 4 bytes", "q without permutation", "data shape"])  # fmt: skip
+def test_the_sampled_check_catches_a_wrong_recipe(cold: tuple[Any, Any, Path], fault: str) -> None:
+    """The write-time check (fxllm/models/gguf_check.py) compares every recipe with the cold load on a strided
+    sample of rows: one tensor's offset shifted by a block, a row or 4 bytes, two same-shape tensors swapped, a
+    norm's offset shifted, q's head permutation dropped, a wrong shape: each is caught and names the tensor."""
+    from fxllm.models.gguf_check import recipes_difference
+    from fxllm.models.gguf_dequant import _BLOCKS
+    from fxllm.models.gguf_fastload import _tensors_of
+
+    model, _, root = cold
+    (entry,) = _entries(root)
+    recipes = json.loads((entry / ENTRY).read_text())["tensors"]
+    tensors = _tensors_of(model)
+    assert recipes_difference(embedded_gguf_path(), recipes, tensors) is None
+    at = {r["gguf"]: i for i, r in enumerate(recipes)}
+    up, gate = at["blk.7.ffn_up.weight"], at["blk.7.ffn_gate.weight"]
+    r = recipes[up]
+    if fault == "offset + one block":
+        recipes[up] = {**r, "offset": r["offset"] + _BLOCKS[r["ggml_type"]][1]}
+    elif fault == "offset + one row":
+        recipes[up] = {**r, "offset": r["offset"] + r["nbytes"] // r["data_shape"][0]}
+    elif fault == "offset + 4 bytes":
+        recipes[up] = {**r, "offset": r["offset"] + 4}
+    elif fault == "swapped names":
+        recipes[up], recipes[gate] = (
+            {**r, "name": recipes[gate]["name"]},
+            {**recipes[gate], "name": r["name"]},
+        )
+    elif fault == "norm offset + 4 bytes":
+        r = recipes[at["blk.7.ffn_norm.weight"]]
+        recipes[at["blk.7.ffn_norm.weight"]] = {**r, "offset": r["offset"] + 4}
+    elif fault == "q without permutation":
+        r = recipes[at["blk.7.attn_q.weight"]]
+        recipes[at["blk.7.attn_q.weight"]] = {**r, "permute_heads": None}
+    else:
+        recipes[up] = {**r, "data_shape": [r["data_shape"][0] // 2, r["data_shape"][1] * 2]}
+    problem = recipes_difference(embedded_gguf_path(), recipes, tensors)
+    assert problem is not None and problem.startswith(f"tensor {r['name']} differs"), problem
 
 
 def test_weights_only_model_keys_like_the_real_one(cold: tuple[Any, Any, Path], cache_root: Path) -> None:

@@ -3,9 +3,10 @@
 The cold load goes through transformers; afterwards `store_entry` records what it produced (the HF config,
 generation config, tokenizer files) and, per model tensor, where its data lies in the file and how
 transformers turned it into the tensor (de-quantization, Llama's q/k head permutation). The entry is
-published only if a load from it gives the same model and tokenizer as the cold load (every tensor
-bit-equal, same configs, same tokenizer serialization and encodings), so a recipe transformers applies
-that this module does not know can never reach a warm start: such a file just gets no entry.
+published only if a load from it gives the same model and tokenizer as the cold load (every tensor's shape,
+dtype and a strided sample of its rows bit-equal (fxllm/models/gguf_check.py), the same names, order and
+ties, same configs, same tokenizer serialization and encodings), so a recipe transformers applies that this
+module does not know can never reach a warm start: such a file just gets no entry.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from fxllm.models.gguf_cache import BadEntry, Entry, GgufCache, key_parts
+from fxllm.models.gguf_check import recipes_difference, same_storage_difference
 from fxllm.models.gguf_weights import (
     BUFFERS_FILE,
     WeightsOnlyModel,
@@ -185,6 +188,10 @@ def _generation(model: torch.nn.Module) -> dict[str, Any] | None:
 
 def model_difference(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
     """The first way `b` differs from `a` (class, configs, tensor names / values / ties), or None."""
+    return _config_difference(a, b) or tensors_difference(a, b)
+
+
+def _config_difference(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
     if type(a) is not type(b):
         return f"class {type(a).__name__} != {type(b).__name__}"
     if a.config.to_dict() != b.config.to_dict():
@@ -193,7 +200,7 @@ def model_difference(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
         return "attention implementation differs"
     if _generation(a) != _generation(b):
         return "generation config differs"
-    return tensors_difference(a, b)
+    return None
 
 
 def tensors_difference(a: torch.nn.Module, b: torch.nn.Module) -> str | None:
@@ -247,15 +254,18 @@ def tokenizer_difference(a: Any, b: Any) -> str | None:
     return None
 
 
-def weights_only_difference(model: Any, weights_only: Any) -> str | None:
-    """How the weights-only model differs from the real one where the compile cache's key looks, or None."""
+def weights_only_difference(
+    model: Any, weights_only: Any, tensors: Callable[[Any, Any], str | None] | None = None
+) -> str | None:
+    """How the weights-only model differs from the real one where the compile cache's key looks, or None
+    (`tensors`: how their tensors are compared, by default every value)."""
     if model_class_name(weights_only) != model_class_name(model):
         return f"class {model_class_name(weights_only)} != {model_class_name(model)}"
     if weights_only.config.to_dict() != model.config.to_dict() or _generation(weights_only) != _generation(
         model
     ):
         return "weights-only config differs"
-    problem = tensors_difference(model, weights_only)
+    problem = (tensors or tensors_difference)(model, weights_only)
     return None if problem is None else f"weights-only {problem}"
 
 
@@ -295,11 +305,20 @@ def store_entry(
     problem = "it could not be read back" if entry is None else None
     if entry is not None:
         try:
-            # Both warm forms from one read of the tensors (the cold start pays for this check once).
-            tensors = read_tensors(path, entry.data["tensors"])
-            problem = model_difference(model, build_model(entry, dtype, tensors))
-            problem = problem or tokenizer_difference(tokenizer, load_tokenizer(entry))
-            problem = problem or weights_only_difference(model, WeightsOnlyModel(entry, dtype, tensors))
+            # Every recipe against the cold load on a sample of its rows (fxllm/models/gguf_check.py: a wrong
+            # offset, type, shape or permutation shows in every sampled row), then both warm forms built
+            # around the cold load's own tensors: each name must hold the very tensor of that name.
+            cold = _tensors_of(model)
+            recipes = entry.data["tensors"]
+            problem = recipes_difference(path, recipes, cold)
+            if problem is None:
+                given = {r["name"]: cold[r["name"]] for r in recipes}
+                real = build_model(entry, dtype, given)
+                problem = _config_difference(model, real) or same_storage_difference(model, real)
+                problem = problem or tokenizer_difference(tokenizer, load_tokenizer(entry))
+                problem = problem or weights_only_difference(
+                    model, WeightsOnlyModel(entry, dtype, given), same_storage_difference
+                )
         except Exception as exc:  # anything a load from the entry trips over: no entry, the cold load stands
             problem = f"loading it failed ({type(exc).__name__}: {exc})"
     if problem is not None:
