@@ -46,28 +46,54 @@ MANIFEST = "manifest.json"
 PAYLOAD = "graph.pkl"
 LOCK_TIMEOUT_S = 900.0  # a cold build of a large model under load; after that a start builds on its own
 _META_KEYS = ("fxllm_runtime_signature", "fxllm_lowering")  # what the runtime and --explain read
-_ENV_WE_SET: dict[str, str] = {}  # TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR values this process chose
+# FXLLM_CACHE_DIR / TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR: the values this process set (for the current
+# engine's root), and the user's values from before it set them. While a variable still holds our value, the
+# user's is the one saved here: a later engine without compile.cache_dir must not inherit an earlier one's.
+_ENV_WE_SET: dict[str, str] = {}
+_ENV_BEFORE: dict[str, str | None] = {}
+DEFAULT_ROOT = Path("~/.cache/fxllm")
+
+
+def _user_env(name: str) -> str | None:
+    """Environment variable `name` as the user set it (its value from before fxllm set it, where it did)."""
+    current = os.environ.get(name)
+    if name in _ENV_WE_SET and current == _ENV_WE_SET[name]:
+        return _ENV_BEFORE.get(name)
+    return current
+
+
+def _set_env(name: str, value: str) -> None:
+    if _user_env(name) == os.environ.get(name):  # the current value is the user's: keep it for _user_env
+        _ENV_BEFORE[name] = os.environ.get(name)
+    os.environ[name] = _ENV_WE_SET[name] = value
 
 
 def cache_root(configured: str | None = None) -> Path:
-    """The cache root: `compile.cache_dir`, else `$FXLLM_CACHE_DIR`, else `~/.cache/fxllm`."""
+    """The cache root: `compile.cache_dir`, else the user's `$FXLLM_CACHE_DIR`, else `~/.cache/fxllm` (never
+    a root an earlier engine of this process set)."""
     if configured:
         return Path(configured).expanduser()
-    return Path(os.environ.get("FXLLM_CACHE_DIR") or Path.home() / ".cache" / "fxllm").expanduser()
+    return Path(_user_env("FXLLM_CACHE_DIR") or DEFAULT_ROOT).expanduser()
+
+
+def current_root() -> Path:
+    """The root this process's caches point at now: the last `use_cache_root`'s, else `cache_root()`."""
+    return Path(os.environ.get("FXLLM_CACHE_DIR") or DEFAULT_ROOT).expanduser()
 
 
 def use_cache_root(root: Path) -> None:
-    """Point this process's caches at `root`: fxllm's C++ kernels (FXLLM_CACHE_DIR), and Inductor's and
-    Triton's unless the user set TORCHINDUCTOR_CACHE_DIR / TRITON_CACHE_DIR."""
-    os.environ["FXLLM_CACHE_DIR"] = str(root)
+    """Point this process's caches at `root` (the engine being built): fxllm's C++ kernels and GGUF entries
+    (FXLLM_CACHE_DIR), and Inductor's and Triton's unless the user set TORCHINDUCTOR_CACHE_DIR /
+    TRITON_CACHE_DIR, which are never overwritten."""
+    _set_env("FXLLM_CACHE_DIR", str(root))
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     # Inductor writes its default into the environment on first use: that value is not a user's choice.
     defaults = {"TORCHINDUCTOR_CACHE_DIR": os.path.abspath(default_cache_dir())}
     for name, sub in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")):
-        current = os.environ.get(name)
-        if current is None or current == _ENV_WE_SET.get(name) or current == defaults.get(name):
-            os.environ[name] = _ENV_WE_SET[name] = str(root / sub)
+        user = _user_env(name)
+        if user is None or user == defaults.get(name):
+            _set_env(name, os.path.abspath(root / sub))  # absolute, as Inductor writes it back
 
 
 @dataclass

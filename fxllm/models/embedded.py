@@ -168,7 +168,8 @@ def load_gguf(
 
 def _gguf_cache() -> Any:
     """The GGUF load cache under the fxllm cache root (fxllm/models/gguf_cache.py), None when it is off."""
-    from fxllm.compiler.cache import cache_root
+    from fxllm.compiler.cache import current_root
     from fxllm.models.gguf_cache import GgufCache, cache_enabled
 
-    return GgufCache(cache_root()) if cache_enabled() else None
+    # The root of the engine being built (compile.cache_dir), which the builder set before the load.
+    return GgufCache(current_root()) if cache_enabled() else None
