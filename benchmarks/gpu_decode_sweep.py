@@ -102,10 +102,11 @@ def _time_us(fn: Any) -> float:
 
 def _compiled() -> dict[Any, Any]:
     """The decode kernel's compiled variants so far, by key (empty under the interpreter)."""
-    caches = getattr(tpa._decode_kernel, "device_caches", None)
-    if not caches:
+    try:  # Triton 3.6's JITFunction internals: diagnostics only, never fatal
+        caches = getattr(tpa._decode_kernel, "device_caches", None) or {}
+        return {key: k for cache in caches.values() for key, k in cache[0].items()}
+    except Exception:
         return {}
-    return {key: k for cache in caches.values() for key, k in cache[0].items()}
 
 
 def _dots(kernel: Any) -> dict[str, Any]:
