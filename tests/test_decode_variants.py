@@ -132,16 +132,24 @@ def test_decode_loop_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     """The launch code's rule: the default loop today; a table choice runs only where its shape conditions hold."""
     from fxllm.backends.triton import paged_attention_decode_choice as choice
 
-    assert choice.choose_decode_loop(True, 128, 64) == (False, False)
-    assert choice.choose_decode_loop(False, 128, 64) == (False, False)
-    assert choice.choose_decode_loop(False, 128, 32, swap_ab=True) == (True, False)  # the caller's flags win
+    assert choice.choose_decode_loop(True, 128) == (False, False, 64, 4, 3)
+    assert choice.choose_decode_loop(False, 128) == (False, False, 64, 4, 3)
+    assert choice.choose_decode_loop(False, 128, swap_ab=True, block_n=32) == (
+        True,
+        False,
+        32,
+        4,
+        3,
+    )  # caller wins
     monkeypatch.setattr(choice, "SKIPPED", {})
-    monkeypatch.setitem(choice.DECODE_LOOPS, "fp8", (True, True))
-    monkeypatch.setitem(choice.DECODE_LOOPS, "other", (False, True))
-    assert choice.choose_decode_loop(True, 128, 64) == (True, True)
-    assert choice.choose_decode_loop(True, 128, 32) == (False, False)  # wgmma's M
-    assert choice.choose_decode_loop(True, 16, 64) == (False, False)  # the e4m3 dot's K
-    assert choice.choose_decode_loop(False, 128, 64) == (False, False)  # no FP8 data to dot
+    monkeypatch.setitem(choice.DECODE_LOOPS, "fp8", "fp8_dot")
+    monkeypatch.setitem(choice.DECODE_LOOPS, "other", "fp8_dot")
+    monkeypatch.setitem(choice.LAUNCH, "fp8_dot", (128, 8, 2))
+    assert choice.choose_decode_loop(True, 128) == (True, True, 128, 8, 2)  # the loop's own launch
+    assert choice.choose_decode_loop(True, 128, num_stages=4) == (True, True, 128, 8, 4)
+    assert choice.choose_decode_loop(True, 128, block_n=32) == (False, False, 32, 4, 3)  # wgmma's M
+    assert choice.choose_decode_loop(True, 16) == (False, False, 64, 4, 3)  # the e4m3 dot's K
+    assert choice.choose_decode_loop(False, 128) == (False, False, 64, 4, 3)  # no FP8 data to dot
     assert sorted(reason for _, _, reason in choice.SKIPPED) == [
         "BLOCK_N 32 < 64 (wgmma's M)", "head dim 16 < 32 (the e4m3 dot's K)", "no FP8 cache",
     ]  # fmt: skip
@@ -153,9 +161,9 @@ def test_rule_and_op_backend_reach_the_kernel(monkeypatch: pytest.MonkeyPatch) -
     from fxllm.backends.triton import paged_attention_decode_choice as choice
 
     c = make_paged_case([1, 1], [20, 70], 8, 2, 32, block_size=8, dtype=torch.float32, device=DEVICE, seed=3)
-    monkeypatch.setitem(choice.DECODE_LOOPS, "fp8", (True, True))
+    monkeypatch.setitem(choice.DECODE_LOOPS, "fp8", "fp8_dot")
     by_rule = rel_err(*_run(c, "fp8", {"num_splits": 2}, {}))
-    monkeypatch.setitem(choice.DECODE_LOOPS, "fp8", (False, False))
+    monkeypatch.setitem(choice.DECODE_LOOPS, "fp8", "default")
     ks, vs = (torch.tensor(s, device=DEVICE) for s in (K_SCALE, V_SCALE))
     k8, v8 = quantize_kv(c.k_cache_ref, ks), quantize_kv(c.v_cache_ref, vs)
     meta = (c.slot_mapping, c.block_tables, c.seq_lens, c.query_start_loc, c.scale)

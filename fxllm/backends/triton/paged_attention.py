@@ -225,10 +225,10 @@ def paged_attention_out(
         pdl = pdl and on_gpu and decode
         # The launch knobs tune the kernel of the step's kind: a mixed step's decode rows use the defaults.
         knobs = (block_n, num_warps, num_stages) if decode else (None, None, None)
-        bn = knobs[0] or 64
+        loop = choose_decode_loop(kv_fp8, head_dim, swap_ab, fp8_dot, *knobs)
+        bn = loop.block_n
         splits = num_splits or _decode_splits(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, bn,
                                               q.device)  # fmt: skip
-        loop = choose_decode_loop(kv_fp8, head_dim, bn, swap_ab, fp8_dot)
         part = torch.empty((num_seqs, num_heads, splits, head_dim_v), dtype=torch.float32, device=q.device)
         lse = torch.empty((num_seqs, num_heads, splits), dtype=torch.float32, device=q.device)
         _decode_kernel[(num_seqs, num_kv_heads, splits)](
@@ -240,8 +240,8 @@ def paged_attention_out(
             HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_H=max(16, group_p), BLOCK_N=bn,
             BLOCK_D=block_d, BLOCK_DV=block_dv, USE_SOFTCAP=use_softcap, USE_WINDOW=use_window,
             F32_DOT=f32_dot, KV_FP8=kv_fp8, ROPE=rope, WRITE_KV=write_in_decode, USE_PDL=pdl, FP8_F16=fp8_f16,
-            MIXED=split_mixed, SWAP_AB=loop[0], FP8_DOT=loop[1],
-            num_warps=knobs[1] or 4, num_stages=knobs[2] or 3, launch_pdl=pdl,
+            MIXED=split_mixed, SWAP_AB=loop.swap_ab, FP8_DOT=loop.fp8_dot,
+            num_warps=loop.num_warps, num_stages=loop.num_stages, launch_pdl=pdl,
         )  # fmt: skip
         # A captured decode graph fixes its splits, so BLOCK_S follows them; a mixed step's splits change with
         # its batch and contexts, and each BLOCK_S would be one more Triton compile in a user's request: one

@@ -1,69 +1,89 @@
-"""Which key loop the decode kernel runs (issue 15): the default, SWAP_AB, or FP8_DOT (+ SWAP_AB); host code.
+"""Which key loop the decode kernel runs (issue 15) and with which launch; host code.
+
+Loops (paged_attention_decode_loops.py): "default" (`_attend_range`), "swap_ab" (SWAP_AB) and "fp8_dot"
+(FP8_DOT + SWAP_AB: without the swap the 16-row e4m3 dot compiles to an f16 mma.sync on sm_90a, i.e. the
+default loop plus quantization error; `benchmarks/gpu_decode_sweep.py --sm90`).
 
 The rule, per launch: flags the caller passes win (benchmarks, tests, the `triton_swap_ab` / `triton_fp8_dot`
-op backends that compile.op_backends can name). Otherwise `DECODE_LOOPS` picks by the cache's kind, and a
-loop runs only where it compiles to what it is for on an H100/H200 (benchmarks/gpu_decode_sweep.py --sm90):
-SWAP_AB needs BLOCK_N >= 64 (wgmma's M is 64: below it Triton emits mma.sync and the swap gains nothing);
-FP8_DOT needs an FP8 cache, SWAP_AB's conditions (without the swap the 16-row e4m3 dot is upcast to f16
-mma.sync: the default loop plus quantization error) and head dim and BLOCK_N >= 32 (the e4m3 dot's K). A
-table choice that the shape rules out runs the default loop, logged with a count in SKIPPED. Every distinct
-choice is logged once at INFO. Both kinds run the default loop until a GPU sweep shows a variant is faster.
+op backends that compile.op_backends can name). Otherwise `DECODE_LOOPS` names the loop per cache kind and
+`LAUNCH` its (BLOCK_N, warps, stages) where the caller passes none, and the loop runs only where it compiles
+to what it is for: SWAP_AB needs BLOCK_N >= 64 (wgmma's M is 64: below it Triton emits mma.sync), "fp8_dot"
+an FP8 cache and head dim >= 32 (the e4m3 dot's K). A choice that the shape rules out runs the default loop,
+logged and counted in SKIPPED. Each distinct choice is logged once at INFO. Both cache kinds run the default
+loop until a GPU sweep shows a variant faster: then DECODE_LOOPS / LAUNCH take the sweep's winner.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 logger = logging.getLogger(__name__)
 
-# Cache kind -> (swap_ab, fp8_dot). "fp8": float8_e4m3fn caches; "other": bf16 / fp16 / fp32 caches.
-DECODE_LOOPS: dict[str, tuple[bool, bool]] = {"fp8": (False, False), "other": (False, False)}
+# Loop name -> (SWAP_AB, FP8_DOT).
+LOOPS: dict[str, tuple[bool, bool]] = {
+    "default": (False, False),
+    "swap_ab": (True, False),
+    "fp8_dot": (True, True),
+}
+# Cache kind -> loop. "fp8": float8_e4m3fn caches; "other": bf16 / fp16 / fp32 caches.
+DECODE_LOOPS: dict[str, str] = {"fp8": "default", "other": "default"}
+# Loop -> (BLOCK_N, warps, stages) where the caller passes none; "default" is the eleventh session's launch.
+LAUNCH: dict[str, tuple[int, int, int]] = {
+    "default": (64, 4, 3),
+    "swap_ab": (64, 4, 3),
+    "fp8_dot": (64, 4, 3),
+}
 # (cache kind, the loop asked for, why it did not run) -> launches that ran the default loop instead.
 SKIPPED: dict[tuple[str, str, str], int] = {}
-_LOGGED: set[tuple[str, bool, bool, bool]] = set()
+_LOGGED: set[tuple[str, DecodeLoop, bool]] = set()
 
 
-def _name(swap_ab: bool, fp8_dot: bool) -> str:
-    return (
-        "fp8_dot+swap_ab"
-        if fp8_dot and swap_ab
-        else "fp8_dot"
-        if fp8_dot
-        else "swap_ab"
-        if swap_ab
-        else "default"
-    )
+class DecodeLoop(NamedTuple):
+    """The decode kernel's key loop and launch for one call."""
+
+    swap_ab: bool
+    fp8_dot: bool
+    block_n: int
+    num_warps: int
+    num_stages: int
 
 
 def choose_decode_loop(
-    kv_fp8: bool, head_dim: int, block_n: int, swap_ab: bool | None = None, fp8_dot: bool | None = None
-) -> tuple[bool, bool]:
-    """(swap_ab, fp8_dot) for one decode launch: the caller's flags where given, else the documented rule."""
+    kv_fp8: bool, head_dim: int, swap_ab: bool | None = None, fp8_dot: bool | None = None,
+    block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+) -> DecodeLoop:  # fmt: skip
+    """The decode launch's loop and (BLOCK_N, warps, stages): the caller's flags and knobs where given, else the rule."""
     kind = "fp8" if kv_fp8 else "other"
     explicit = swap_ab is not None or fp8_dot is not None
     if explicit:
-        chosen = (bool(swap_ab), bool(fp8_dot))
+        name = "fp8_dot" if fp8_dot else "swap_ab" if swap_ab else "default"
+        flags = (bool(swap_ab), bool(fp8_dot))
     else:
-        want_swap, want_fp8 = DECODE_LOOPS[kind]
+        name = DECODE_LOOPS[kind]
+        flags = LOOPS[name]
+    bn, warps, stages = LAUNCH[name] if not (explicit and fp8_dot and not swap_ab) else LAUNCH["default"]
+    launch = (block_n or bn, num_warps or warps, num_stages or stages)
+    if not explicit and name != "default":
         reason = None
-        if (want_swap or want_fp8) and block_n < 64:
-            reason = f"BLOCK_N {block_n} < 64 (wgmma's M)"
-        elif want_fp8 and not kv_fp8:
+        if launch[0] < 64:
+            reason = f"BLOCK_N {launch[0]} < 64 (wgmma's M)"
+        elif flags[1] and not kv_fp8:
             reason = "no FP8 cache"
-        elif want_fp8 and head_dim < 32:
+        elif flags[1] and head_dim < 32:
             reason = f"head dim {head_dim} < 32 (the e4m3 dot's K)"
         if reason is not None:
-            key = (kind, _name(want_swap, want_fp8), reason)
+            key = (kind, name, reason)
             SKIPPED[key] = SKIPPED.get(key, 0) + 1
             if SKIPPED[key] == 1:
                 logger.warning("decode attention over a %s cache: the %s key loop does not apply (%s); "
                                "running the default loop (counted in SKIPPED)", *key)  # fmt: skip
-            chosen = (False, False)
-        else:
-            chosen = (want_swap or want_fp8, want_fp8)  # FP8 dots only with the swap (see the docstring)
-    log_key = (kind, *chosen, explicit)
-    if log_key not in _LOGGED:
-        _LOGGED.add(log_key)
-        logger.info("decode attention over a %s cache: %s key loop (%s)", kind, _name(*chosen),
-                    "the caller's flags" if explicit else "DECODE_LOOPS rule")  # fmt: skip
-    return chosen
+            flags = LOOPS["default"]
+            d_bn, d_warps, d_stages = LAUNCH["default"]
+            launch = (block_n or d_bn, num_warps or d_warps, num_stages or d_stages)
+    loop = DecodeLoop(*flags, *launch)
+    if (kind, loop, explicit) not in _LOGGED:
+        _LOGGED.add((kind, loop, explicit))
+        logger.info("decode attention over a %s cache: %s (%s)", kind, loop,
+                    "the caller's flags" if explicit else "the DECODE_LOOPS rule")  # fmt: skip
+    return loop
