@@ -21,8 +21,7 @@ from fxllm.models import LoadedModel, load_model
 ATOL = 1e-4
 # Where there is no AVX-512 the linears run oneDNN's packed GEMM (fxllm_cpu::onednn_linear), blocked
 # differently again: through SmolLM2's 30 layers 1 of 1.18 M logits landed 1.23e-4 from HF (2-core AVX2 box,
-# 2026-11-28). The 30-layer model gets twice the per-GEMM bound.
-SMOLLM2_ATOL = 2e-4
+# 2026-11-28), so a 30-layer model would need twice the per-GEMM bound; the test below runs the 4-layer cut.
 RTOL = 1e-5
 
 TINY = ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma2", "tiny-phi3"]
@@ -37,22 +36,30 @@ def _ids(vocab: int, length: int = 40, batch: int = 2, seed: int = 0) -> torch.T
 CANONICAL = {"lower_ops": False}
 
 
-def test_smollm2_counts_and_logits(smollm2: LoadedModel) -> None:
-    compiled = compile_model(copy.deepcopy(smollm2.model), backend="eager")  # the session's model: read only
+def test_smollm2_counts_and_logits(smollm2_short: LoadedModel) -> None:
+    """SmolLM2's real weights and shapes (4 of its 30 identical layers, conftest.smollm2_short): every pattern
+    matches in every layer and the logits stay within ATOL of HF. A pattern that misses SmolLM2's layer form
+    misses it in each layer, and a wrong fused op moves the logits in the first; the full depth (~20 s more of
+    capture and passes) added 26 copies of the same layer and a looser bound for their summed float32 error.
+    The 30-layer model runs against HF in test_engine.test_full_depth_matches_hf."""
+    loaded = smollm2_short
+    layers = len(loaded.model.model.layers)
+    assert 2 <= layers < 30
+    compiled = compile_model(copy.deepcopy(loaded.model), backend="eager")  # the session's model: read only
     report = compiled.pass_report
-    assert report.matches("match_attention") == 30
-    assert report.matches("match_rope") == 30
-    assert report.matches("match_rms_norm") == 61
-    assert report.matches("match_gated_mlp") == 30
-    assert report.matches("fuse_add_rms_norm") == 60
-    assert report.matches("merge_linears") == 60
+    assert report.matches("match_attention") == layers
+    assert report.matches("match_rope") == layers
+    assert report.matches("match_rms_norm") == 2 * layers + 1
+    assert report.matches("match_gated_mlp") == layers
+    assert report.matches("fuse_add_rms_norm") == 2 * layers
+    assert report.matches("merge_linears") == 2 * layers
     ops = compiled.fxllm_op_counts()
-    assert ops["fxllm.attention.default"] == 30
-    assert ops["fxllm.rms_norm.default"] + ops["fxllm.fused_add_rms_norm.default"] == 61
-    ids = _ids(smollm2.model.config.vocab_size, 24, 1)
+    assert ops["fxllm.attention.default"] == layers
+    assert ops["fxllm.rms_norm.default"] + ops["fxllm.fused_add_rms_norm.default"] == 2 * layers + 1
+    ids = _ids(loaded.model.config.vocab_size, 24, 1)
     with torch.no_grad():
-        ref = smollm2.model(ids).logits
-    torch.testing.assert_close(compiled(ids), ref, atol=SMOLLM2_ATOL, rtol=RTOL)
+        ref = loaded.model(ids).logits
+    torch.testing.assert_close(compiled(ids), ref, atol=ATOL, rtol=RTOL)
     assert "match_attention" in compiled.report()
 
 
