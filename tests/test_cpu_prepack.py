@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from cache_roots import usual_compiled_code_dirs
 from tied_lm import TiedLM
 
 from fxllm.backends.cpu import linear as cpu_linear
@@ -144,7 +145,7 @@ def _fresh_process(cache: Path, overrides: list[str]) -> dict[str, object]:
     import json
 
     env = {k: v for k, v in os.environ.items() if k not in ("FXLLM_CACHE_DIR", "FXLLM_NO_COMPILE_CACHE")}
-    env.update(TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), PYTHONPATH=str(REPO))
+    env.update(usual_compiled_code_dirs(), PYTHONPATH=str(REPO))  # the graph cache under test is fxllm's
     script = _WARM.format(prompts=PROMPTS)
     proc = subprocess.run([sys.executable, "-c", script, *overrides, f"compile.cache_dir={cache}"], env=env,
                           capture_output=True, text=True, timeout=900)  # fmt: skip

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cache_roots import usual_compiled_code_dirs
 
 from fxllm import LLM, SamplingParams
 from fxllm.compiler.standalone import StandaloneGraph, symbolic_inputs
@@ -31,14 +32,15 @@ BATCH = [[1, 2, 3, 4, 5], [7, 8, 9], [11] * 40]
 
 @pytest.fixture
 def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A fresh cache root (Inductor's cache under it); the C++ kernels are loaded first from the usual place."""
+    """A fresh cache root (no graphs, no artifacts); the C++ kernels are loaded first from the usual place, and
+    Inductor's and Triton's caches are the usual ones (the artifact under test is fxllm's, in the root)."""
     from fxllm.backends.cpu import native
 
     native.available()
+    for name, value in usual_compiled_code_dirs().items():  # restored at teardown
+        monkeypatch.setenv(name, value)
     root = tmp_path / "fxllm-cache"
     monkeypatch.setenv("FXLLM_CACHE_DIR", str(root))
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))  # restored at teardown
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(root / "triton"))
     monkeypatch.delenv("FXLLM_NO_COMPILE_CACHE", raising=False)
     return root
 
