@@ -10,6 +10,8 @@ from collections.abc import Callable
 import torch
 from torch.fx import GraphModule
 
+from fxllm.compiler.inductor_fallbacks import register_custom_op_fallbacks
+
 logger = logging.getLogger(__name__)
 
 GraphBackend = Callable[[GraphModule], Callable[..., object]]
@@ -129,6 +131,7 @@ class InductorGraph:
         logger.info("Inductor: compiling graph variant %d (%d nodes%s)", self.num_compiles, len(gm.graph.nodes),
                     ", weights frozen: not cacheable" if frozen else "")  # fmt: skip
         start = time.perf_counter()
+        register_custom_op_fallbacks(gm)
         compiled = compile_fx(gm, example_inputs)
         logger.info(
             "Inductor: graph variant %d ready in %.1f s", self.num_compiles, time.perf_counter() - start

@@ -17,6 +17,7 @@ import torch
 from torch._guards import detect_fake_mode
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from fxllm.compiler.inductor_fallbacks import register_custom_op_fallbacks
 from fxllm.passes.cleanup import normalize_graph
 from fxllm.passes.pipeline import run_passes
 from fxllm.passes.registry import PassContext
@@ -50,6 +51,7 @@ def fxllm_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **_: Any)
         for record in report.records:
             for note in record.notes:
                 logger.debug("fxllm backend: %s: %s", record.name, note)
+        register_custom_op_fallbacks(traced)
         return compile_fx(traced, example_inputs)
 
 

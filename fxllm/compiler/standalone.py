@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
+from fxllm.compiler.inductor_fallbacks import register_custom_op_fallbacks
 from fxllm.compiler.size_limits import (
     ShapeAssumption,
     SizeCheck,
@@ -249,6 +250,7 @@ class StandaloneGraph:
         start = time.perf_counter()
         # A GraphModule over the same attributes (no copy of the weights) that Inductor may change.
         owned = GraphModule(self.gm, _copy_graph(self.gm))
+        register_custom_op_fallbacks(owned)
         # Our fake mode reaches Inductor through an ambient tracing context, not the `fake_mode=` argument:
         # torch 2.11 (the GPU machines) has no such argument; "from_tracing_context" is in every version
         # since 2.8 and treats fake tensor inputs the same way.
