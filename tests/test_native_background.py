@@ -90,7 +90,7 @@ def test_available_logs_a_failed_background_build(
 ) -> None:
     """available() joins the failed thread, logs its message once and is False, so the references run."""
 
-    def failing_build() -> None:
+    def failing_build(jobs: int | None = None) -> None:
         raise RuntimeError("Error building extension 'fxllm_cpu_kernels': ops.cpp:1: error: boom")
 
     monkeypatch.setattr(native, "_loaded", None)
