@@ -139,7 +139,7 @@ class QuantizationConfig:
     exclude: list[str] = field(default_factory=lambda: ["lm_head"])
     # auto | on | off: the per-token activation quantization written by the kernel that produces the
     # activation (fxllm's fused add + RMSNorm, SiLU-and-mul; pass fuse_fp8_quant) instead of ATen ops
-    # after it. auto = off until the H100 measurement says the fused kernels win (docs/quantization.md).
+    # after it. auto = on on CUDA (measured faster on an H200), off on the CPU (docs/quantization.md).
     fuse_activation_quant: str = "auto"
 
 

@@ -279,11 +279,23 @@ def test_model_through_the_triton_kernels(tiny: torch.nn.Module, monkeypatch: py
     assert float((a - b).norm() / b.norm()) <= 1e-5 and torch.equal(a.argmax(-1), b.argmax(-1))
 
 
-def test_auto_is_off_and_bad_values_name_the_key(tiny: torch.nn.Module) -> None:
+def test_auto_is_off_on_cpu_on_on_cuda_and_bad_values_name_the_key(tiny: torch.nn.Module) -> None:
+    """auto: fused where it was measured faster (CUDA, an H200), left to Inductor on the CPU."""
+    from fxllm.config import QuantizationConfig
+    from fxllm.passes.fuse_fp8_quant import fuse_fp8_quant
+    from fxllm.passes.registry import PassContext
+
     cm = fxllm.compile(copy.deepcopy(tiny), backend="eager", passes={"lower_ops": False}, quantization="fp8")
     assert not FUSED & set(cm.fxllm_op_counts())
     notes = next(r for r in cm.pass_report.records if r.name == "fuse_fp8_quant").notes
-    assert any("auto = off" in note and "8 activation quantization(s) stay in ATen" in note for note in notes)
+    assert any(
+        "auto = off on cpu" in note and "8 activation quantization(s) stay in ATen" in note for note in notes
+    )
+    # The same pass over the same graph, told its nodes run on CUDA: auto fuses (the pass only rewrites the graph).
+    cuda = PassContext(device=torch.device("cuda"), quantization=QuantizationConfig(method="fp8"))
+    assert fuse_fp8_quant(cm.graph_module, cuda).num_matches > 0
+    targets = {str(n.target) for n in cm.graph_module.graph.nodes if n.op == "call_function"}
+    assert FUSED & targets, targets
     with pytest.raises(ValueError, match=r"quantization\.fuse_activation_quant"):
         load_config(None, ["quantization.fuse_activation_quant=yes"])
 
