@@ -15,24 +15,21 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from fxllm.compiler.inductor_fallbacks import register_custom_op_fallbacks
 
 
-@torch.library.custom_op("fxllm_fallback_test::scale_a", mutates_args=())
-def scale_a(x: torch.Tensor) -> torch.Tensor:
-    return x * 3.0
+def _make_op(name: str) -> None:
+    """A fresh fxllm-namespace op with no Inductor lowering: a registration is process-wide, so each case needs
+    an op of its own."""
+
+    @torch.library.custom_op(f"fxllm_fallback_test::{name}", mutates_args=())
+    def op(x: torch.Tensor) -> torch.Tensor:
+        return x * 3.0
+
+    @op.register_fake
+    def _fake(x: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(x)
 
 
-@scale_a.register_fake
-def _scale_a_fake(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("fxllm_fallback_test::scale_b", mutates_args=())
-def scale_b(x: torch.Tensor) -> torch.Tensor:
-    return x * 3.0
-
-
-@scale_b.register_fake
-def _scale_b_fake(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
+_make_op("scale_a")
+_make_op("scale_b")
 
 
 def _graph(op: object) -> torch.fx.GraphModule:
