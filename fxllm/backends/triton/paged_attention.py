@@ -167,8 +167,8 @@ def paged_attention_out(
     the time of the bfloat16 conversion at 8B heads on an H200 (benchmarks/gpu_decode_sweep.py).
     `swap_ab` / `fp8_dot` (issue 15): the decode kernel's alternative key loops (paged_attention_decode_loops.py):
     transposed scores (K and V^T as the dots' A operand), and over an FP8 cache e4m3 dots with q and P quantized
-    in-kernel; also for a mixed step's decode rows. None: the rule of paged_attention_decode_choice.py (today
-    the default loop for every cache, until a GPU sweep picks)."""
+    in-kernel; also for a mixed step's decode rows. None: the rule of paged_attention_decode_choice.py (swap-AB
+    over an FP8 cache, the default loop over others: the H200 sweep's winners)."""
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     head_dim_v = v_cache.shape[-1]
