@@ -94,6 +94,13 @@ _DOT_RE = re.compile(
 )
 
 
+def _short(exc: Exception) -> str:
+    """An error's head and tail: a Triton CompilationError quotes the kernel source first and states the
+    cause last (call C's failures of 2026-11-28 kept only the quoted source)."""
+    text = str(exc)
+    return text if len(text) <= 1200 else f"{text[:300]} ... {text[-900:]}"
+
+
 def _time_us(fn: Any) -> float:
     from triton.testing import do_bench
 
@@ -186,7 +193,7 @@ def sm90_report() -> list[dict[str, Any]]:
                 try:
                     ck = _compile_sm90(kv, launch, flags)
                 except Exception as exc:  # a launch the compiler rejects: the GPU sweep would record it too
-                    rows.append({**row, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+                    rows.append({**row, "error": f"{type(exc).__name__}: {_short(exc)}"})
                     continue
                 ttgir, ptx = ck.asm["ttgir"], ck.asm["ptx"]
                 # Per wgmma: where its A operand comes from (shared memory or registers).
@@ -244,7 +251,7 @@ def sweep(
                         row["rel_err"] = rel_err(out[:n].float(), reference[:n].float())
                         row["us"] = _time_us(run) if device == "cuda" else 0.0
                     except Exception as exc:  # a launch the compiler rejects (e.g. shared memory): keep going
-                        row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                        row["error"] = f"{type(exc).__name__}: {_short(exc)}"
                         logger.warning("%s %s", name, row, exc_info=smoke)
                         rows.append(row)
                         continue
