@@ -15,29 +15,16 @@ reference is float32 math over the same (dequantized) cache. Tolerances on ||out
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton", reason="triton is not installed")
+# First: on a CPU it switches Triton's interpreter on before anything below imports triton.
+from triton_paged_attention import DEVICE, paged_attention
 
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-import fxllm.backends.triton as tb  # noqa: E402
-from fxllm.backends.triton import paged_attention  # noqa: E402
-from fxllm.backends.triton.selfcheck import PagedCase, make_paged_case, rel_err  # noqa: E402
-from fxllm.ops.kv_quant import quantize_kv  # noqa: E402
-from fxllm.ops.paged_attention import paged_attention_reference  # noqa: E402
-
-if DEVICE == "cpu" and not isinstance(paged_attention._decode_kernel, InterpretedFunction):
-    # Imported as GPU kernels before TRITON_INTERPRET=1 was set (see test_triton_kernels.py): reload.
-    tb.patch_interpreter()
-    paged_attention = importlib.reload(paged_attention)
+# isort: split
+from fxllm.backends.triton.selfcheck import PagedCase, make_paged_case, rel_err
+from fxllm.ops.kv_quant import quantize_kv
+from fxllm.ops.paged_attention import paged_attention_reference
 
 VARIANTS = {
     "swap_ab": {"swap_ab": True},
