@@ -134,7 +134,7 @@ def main() -> int:
     parser.add_argument("--trace-case", default=None,
                         help="tp8b: a run PROMPTSxINPUTxOUTPUT written as a Chrome trace (trace_<part>.json.gz)")  # fmt: skip
     parser.add_argument("--profile", action="store_true",
-                        help="decode8b: also profile 64 batch-1 decode steps (GPU time by kernel on rank 0)")  # fmt: skip
+                        help="decode8b, llama70b: also profile 64 batch-1 decode steps (GPU time by kernel on rank 0)")  # fmt: skip
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--spec", default="{}", help=argparse.SUPPRESS)
@@ -226,7 +226,8 @@ def main() -> int:
         sizes = (
             {"num_prompts": 8, "output_len": 8} if args.smoke else {"num_prompts": 1000, "output_len": 128}
         )
-        spec = _engine_spec(big70, tp, ["decode1", "throughput"], extra, **sizes, **lengths)
+        scenarios = ["decode1", "throughput", *(["decode1_profile"] if args.profile else [])]
+        spec = _engine_spec(big70, tp, scenarios, extra, **sizes, **lengths)
         results["llama70b"] = _run_child(args, "engine", spec, f"llama70b_tp{tp}", 600)
         save()
     if "fused" in sections:
@@ -287,14 +288,7 @@ def _print_table(results: dict[str, Any]) -> None:
             print(
                 f"{key}: batch-1 decode {r.get('decode1_tok_s', 'n/a')} tok/s, build {r.get('build_s')} s {r.get('error', '')}"
             )
-            prof = r.get("decode1_profile")
-            if prof:
-                print(f"  per token: wall {prof['wall_ms_per_token']:.3f} ms, kernels {prof['kernel_ms_per_token']:.3f} ms "
-                      f"(span {prof['kernel_span_ms_per_token']:.3f} ms, {prof['kernels_per_token']:.0f} kernels)")  # fmt: skip
-                for row in prof["top"][:15]:
-                    print(
-                        f"  {row['us_per_token']:9.1f} us {row['calls_per_token']:6.1f}x {row['median_us']:7.1f} us  {row['name']}"
-                    )
+            _print_decode_profile(r.get("decode1_profile"))
     if "decode8b_tp1" in results and "decode8b_tp2" in results:
         a, b = results["decode8b_tp1"].get("decode1_tok_s"), results["decode8b_tp2"].get("decode1_tok_s")
         if a and b:
@@ -305,8 +299,20 @@ def _print_table(results: dict[str, Any]) -> None:
         print(f"{spec.get('model')} TP={spec.get('tp')}: batch-1 {r.get('decode1_tok_s')} tok/s (goal >= 60), "
               f"{spec.get('num_prompts')} x 128/{spec.get('output_len')} {r.get('throughput_output_tok_s')} "
               f"output tok/s {r.get('error', '')}")  # fmt: skip
+        _print_decode_profile(r.get("decode1_profile"))
     if "fused" in results:
         print("fused vs unfused all-reduce + add + RMSNorm:", results["fused"])
+
+
+def _print_decode_profile(prof: dict[str, Any] | None) -> None:
+    if not prof:
+        return
+    print(f"  per token: wall {prof['wall_ms_per_token']:.3f} ms, kernels {prof['kernel_ms_per_token']:.3f} ms "
+          f"(span {prof['kernel_span_ms_per_token']:.3f} ms, {prof['kernels_per_token']:.0f} kernels)")  # fmt: skip
+    for row in prof["top"][:15]:
+        print(
+            f"  {row['us_per_token']:9.1f} us {row['calls_per_token']:6.1f}x {row['median_us']:7.1f} us  {row['name']}"
+        )
 
 
 if __name__ == "__main__":
