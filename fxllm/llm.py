@@ -12,6 +12,7 @@ import torch
 from fxllm.config import FxllmConfig, load_config
 from fxllm.runtime.async_engine import AsyncEngine
 from fxllm.runtime.builder import BuildInfo, build_engine
+from fxllm.runtime.gc_heap import unfreeze_heap
 from fxllm.runtime.outputs import RequestOutput
 from fxllm.runtime.sampling_params import RequestOutputKind, SamplingParams
 
@@ -136,6 +137,9 @@ class LLM:
         stop_workers = getattr(self.engine.runner, "shutdown", None)
         if stop_workers is not None:
             stop_workers()
+        if self.engine.heap_frozen:
+            self.engine.heap_frozen = False
+            unfreeze_heap()
 
 
 def _is_token_list(prompts: object) -> bool:

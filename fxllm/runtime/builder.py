@@ -14,6 +14,7 @@ from fxllm.config import FxllmConfig
 from fxllm.passes.lower_ops import implementations_chosen
 from fxllm.passes.pipeline import PassReport, load_plugins
 from fxllm.runtime.engine import Engine, resolve_device_dtype, resolve_eos_token_ids
+from fxllm.runtime.gc_heap import should_freeze
 from fxllm.runtime.model_runner import ModelRunner
 from fxllm.runtime.scheduler import resolve_scheduler_limits
 from fxllm.runtime.speculative.decoder import build_speculator
@@ -148,5 +149,7 @@ def build_engine(
         # After every compile (CUDA-graph capture compiles the bucket sizes): from here on, Dynamo
         # checks only the guards that tell compiled variants apart.
         runner.freeze_guards()
+    if should_freeze(config.scheduler.gc_freeze, device.type):
+        engine.freeze_heap()
     logger.info("engine ready: %s; KV capacity %d tokens", info.summary(), runner.capacity_tokens)
     return engine, info

@@ -38,3 +38,7 @@ class EngineStats:
     result_wait_seconds: float = 0.0
     overlap_seconds: float = 0.0
     gpu_idle_seconds: float = 0.0
+    # Python garbage collections while this engine ran (gc_heap.py): full (generation 2) ones and the
+    # seconds of all generations. On a GPU a long one shows up as GPU idle time: the host feeds every step.
+    gc_full_collections: int = 0
+    gc_pause_seconds: float = 0.0

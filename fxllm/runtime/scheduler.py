@@ -30,6 +30,9 @@ class SchedulerConfig:
     # Launch step N+1 before reading step N's sampled ids (host work overlaps the device's); None = on for
     # CUDA, off on the CPU, where the forward runs on the same cores and there is nothing to overlap with.
     async_scheduling: bool | None = None
+    # Freeze the Python heap after the engine build (gc.freeze; runtime/gc_heap.py), so that full garbage
+    # collections skip the start-up objects; None = on for CUDA, off on the CPU. Undone at shutdown.
+    gc_freeze: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs is not None and self.max_num_seqs < 1:

@@ -12,6 +12,7 @@ from multiprocessing.connection import Connection
 
 from fxllm.config import FxllmConfig
 from fxllm.runtime.distributed.channel import PeerGone, parent_alive, receive, receive_step
+from fxllm.runtime.gc_heap import freeze_heap, should_freeze
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ def worker_main(
     code = 0
     try:
         runner = _build_runner(config, rank, port, conn, parent_pid)
+        if should_freeze(config.scheduler.gc_freeze, runner.device.type):
+            freeze_heap()  # a worker's collection pause stalls every rank at the next collective
         conn.send(("ready",))
         _serve(runner, conn, parent_pid)
     except PeerGone as exc:
