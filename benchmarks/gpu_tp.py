@@ -276,7 +276,7 @@ def _print_table(results: dict[str, Any]) -> None:
               f"out tok/s, build {r.get('build_s')} s, steps {stats.get('num_steps')}, preemptions "
               f"{stats.get('num_preemptions')}, gpu idle {stats.get('gpu_idle_seconds')} s {r.get('error', '')}")  # fmt: skip
         print("    GPU ms by kind in the profiled run:", r.get("profile_gpu_ms_by_kind"))
-        print("    GPU idle in the profiled run:", r.get("profile_gpu_gaps"))
+        print("    GPU idle in the profiled run:", r.get("profile_gpu_gaps"), "GC:", r.get("profile_gc"))
         for row in r.get("throughput_cases") or []:
             print("   ", row)
         print(r.get("profile_device_table", "")[:3000])

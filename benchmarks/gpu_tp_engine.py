@@ -62,7 +62,8 @@ def child_engine(spec: dict[str, Any], out_file: str) -> None:
                 new_kernels = sorted(_triton_kernels() - kernels_before)
                 row = {"prompts": num, "input_len": input_len, "output_len": output_len, "seconds": seconds,
                        "output_tok_s": sum(len(o.outputs[0].token_ids) for o in outs) / seconds,
-                       **{f"{k}_delta": after[k] - before[k] for k in ("num_steps", "num_preemptions")
+                       **{f"{k}_delta": after[k] - before[k] for k in ("num_steps", "num_preemptions", "gpu_idle_seconds",
+                                                                  "gc_full_collections", "gc_pause_seconds")
                           if isinstance(after.get(k), (int, float))},
                        "triton_kernels_compiled": new_kernels,
                        "forward_recompiles": (llm.engine.runner.num_compiles or 0) - (compiles_before or 0)}  # fmt: skip
@@ -101,10 +102,13 @@ def child_engine(spec: dict[str, Any], out_file: str) -> None:
             activities = [ProfilerActivity.CPU] + (
                 [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
             )
+            gc_before = (llm.engine.stats.gc_full_collections, llm.engine.stats.gc_pause_seconds)
             t0 = time.perf_counter()
             with profile(activities=activities) as prof:
                 llm.generate(prompts, params)
             result["profile_seconds"] = time.perf_counter() - t0
+            result["profile_gc"] = {"full_collections": llm.engine.stats.gc_full_collections - gc_before[0],
+                                    "pause_seconds": llm.engine.stats.gc_pause_seconds - gc_before[1]}  # fmt: skip
             result["profile_gpu_ms_by_kind"] = gpu_ms_by_kind(prof)
             result["profile_gpu_gaps"] = gpu_gaps(prof)
             averages = prof.key_averages()
