@@ -14,7 +14,7 @@ from fxllm.runtime.async_step import LaunchedStep, remove_placeholders, timing_e
 from fxllm.runtime.detokenizer import finish_reason_for_token
 from fxllm.runtime.engine_setup import resolve_device_dtype, resolve_eos_token_ids
 from fxllm.runtime.engine_stats import EngineStats
-from fxllm.runtime.gc_heap import freeze_heap, pause_meter
+from fxllm.runtime.gc_heap import GcWindow, freeze_heap
 from fxllm.runtime.kv_cache_manager import KVCacheManager
 from fxllm.runtime.model_runner import ModelRunner
 from fxllm.runtime.outputs import RequestOutput
@@ -70,8 +70,7 @@ class Engine:
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self.stats = EngineStats()
-        self._gc_meter = pause_meter()
-        self._gc_base = self._gc_totals()
+        self._gc = GcWindow()
         self.heap_frozen = False  # the build froze the Python heap (scheduler.gc_freeze); shutdown undoes it
         self.compile_settled = False  # set by warmup: a varied round compiled nothing new
         # Async scheduling: launch step N+1 before reading step N's ids (see async_step.py). Default: on for
@@ -337,18 +336,13 @@ class Engine:
         self.stats.prefix_hit_rate = kv.hit_rate
         self.stats.prefix_hit_tokens = kv.num_hit_tokens
         self.stats.prefix_queried_tokens = kv.num_queried_tokens
-        full, seconds = self._gc_totals()
-        self.stats.gc_full_collections = full - self._gc_base[0]
-        self.stats.gc_pause_seconds = seconds - self._gc_base[1]
+        self.stats.gc_full_collections, self.stats.gc_pause_seconds = self._gc.since()
 
     def freeze_heap(self) -> None:
         """Freeze the Python heap built so far (gc_heap.py); its collection is not the user's pause."""
         freeze_heap()
         self.heap_frozen = True
-        self._gc_base = self._gc_totals()
-
-    def _gc_totals(self) -> tuple[int, float]:
-        return self._gc_meter.collections[2], sum(self._gc_meter.seconds)
+        self._gc.reset()
 
     def warmup(self) -> float:
         """Run tiny requests through every step kind so compilation happens now, not on a user's first
@@ -373,7 +367,7 @@ class Engine:
                 logger.warning("the compiled graph kept recompiling during warm-up; Dynamo guards stay on")
         self.kv_cache.reset_prefix_cache()
         self.stats = EngineStats()
-        self._gc_base = self._gc_totals()
+        self._gc.reset()
         if self.speculator is not None:
             self.speculator.reset_stats()  # warm-up drafts are not the user's
         return time.perf_counter() - start

@@ -51,6 +51,26 @@ def pause_meter() -> GcPauseMeter:
     return _METER
 
 
+class GcWindow:
+    """Full collections and pause seconds since the last `reset()` (an engine's stats window)."""
+
+    def __init__(self) -> None:
+        self._meter = pause_meter()
+        self._base = self._totals()
+
+    def _totals(self) -> tuple[int, float]:
+        return self._meter.collections[2], sum(self._meter.seconds)
+
+    def reset(self) -> None:
+        """Start counting from now."""
+        self._base = self._totals()
+
+    def since(self) -> tuple[int, float]:
+        """(full collections, seconds of all collections) since the last reset."""
+        full, seconds = self._totals()
+        return full - self._base[0], seconds - self._base[1]
+
+
 def should_freeze(configured: bool | None, device_type: str) -> bool:
     """`scheduler.gc_freeze` resolved: None = on for CUDA (a host pause idles the GPU), off elsewhere."""
     return device_type == "cuda" if configured is None else configured
