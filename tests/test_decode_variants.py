@@ -1,10 +1,13 @@
-"""The decode kernel's alternative key loops (issue 15: SWAP_AB, FP8_DOT) vs the reference, in Triton's interpreter.
+"""The decode kernel's alternative key loops (issue 15: SWAP_AB, WIDE, FP8_DOT) vs the reference, in Triton's interpreter.
 
 Every case has GQA group 4 (8 query heads over 2 KV heads), a partial last key tile, split-KV with an empty
 split (a 9-token sequence in 2 splits of 32-key tiles), and the launch's outputs NaN-poisoned first. The
 reference is float32 math over the same (dequantized) cache. Tolerances on ||out - ref|| / ||ref||:
 - SWAP_AB does the default loop's arithmetic in another order: float32 1e-5 (IEEE dots, summation order
-  only), bfloat16 1e-2 (q, the tiles and P in bf16 as the default loop: measured ~2e-3).
+  only), bfloat16 1e-2 (q, the tiles and P in bf16 as the default loop: measured ~2e-3). WIDE (swap_ab_wide)
+  is SWAP_AB over renumbered head dims, the same math: the same bounds. Head dim 32 renumbers K and q only
+  (V^T's rows need BLOCK_DV >= 64), so WIDE also runs at head dims 64 and 128 (one and two 64-row wgmmas).
+  Its point, wide shared-memory reads of the e4m3 tiles, is checked on the sm_90 PTX (test_wide_ptx).
 - FP8_DOT rounds q (per row, scale amax / 448) and P (times 256) to e4m3, 3 mantissa bits: each rounding is
   up to 2^-4 relative, ~0.03 rms. The output's error is about that rms (independent roundings across the
   keys and head dims average in the sum, as does the output itself): measured 0.024-0.030 here, so 5e-2.
@@ -22,12 +25,18 @@ import torch
 from triton_paged_attention import DEVICE, paged_attention
 
 # isort: split
+import hopper_ptx
+import triton
+import triton.language as tl
+
+from fxllm.backends.triton import paged_attention_decode_loops as loops
 from fxllm.backends.triton.selfcheck import PagedCase, make_paged_case, rel_err
 from fxllm.ops.kv_quant import quantize_kv
 from fxllm.ops.paged_attention import paged_attention_reference
 
 VARIANTS = {
     "swap_ab": {"swap_ab": True},
+    "swap_ab_wide": {"wide": True},
     "fp8_dot": {"fp8_dot": True},
     "fp8_dot+swap_ab": {"fp8_dot": True, "swap_ab": True},
 }
@@ -44,6 +53,39 @@ CASES = {
 CACHES = {"f32": (torch.float32, 1e-5), "bf16": (torch.bfloat16, 1e-2), "fp8": (torch.bfloat16, 1e-2)}
 FP8_TOL = 5e-2
 K_SCALE, V_SCALE = [0.5, 1.5], [2.0, 0.25]  # per KV head: the scales must reach the right head
+
+
+# The decode kernel as an 8B decode step launches it over an FP8 cache (head dim 128, WRITE_KV), compiled for
+# sm_90 with 4 warps: swap_ab, and swap_ab_wide (the loop benchmarks/fp8_decode_ptx.py counts in detail).
+_PTX_CONSTS = dict(HEAD_DIM=128, HEAD_DIM_V=128, BLOCK_H=16, BLOCK_N=64, BLOCK_D=128, BLOCK_DV=128,
+                   USE_SOFTCAP=False, USE_WINDOW=False, F32_DOT=False, KV_FP8=True, ROPE=False, WRITE_KV=True,
+                   USE_PDL=False, FP8_F16=True, MIXED=False, SWAP_AB=True, FP8_DOT=False)  # fmt: skip
+_PTX_PTRS = {"kc_ptr": "*fp8e4nv", "vc_ptr": "*fp8e4nv", "bt_ptr": "*i32", "lens_ptr": "*i32", "qsl_ptr": "*i32",
+             "part_ptr": "*fp32", "lse_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32", "slot_ptr": "*i64"}  # fmt: skip
+# Cache strides and pointers are multiples of 16 in the real launch (Triton specialises on it: vector loads).
+_PTX_ALIGNED = ("skc_b", "skc_s", "skc_h", "svc_b", "svc_s", "svc_h", "sq_t", "sq_h", "sk_t", "sv_t", "sbt")
+_PTX_NAMES = paged_attention._decode_kernel.arg_names
+for _wide in (False, True):
+    _consts = {**_PTX_CONSTS, "WIDE": _wide}
+    hopper_ptx.register(
+        f"decode_swap_ab{'_wide' * _wide}", "fxllm.backends.triton.paged_attention_decode", "_decode_kernel",
+        {n: "constexpr" if n in _consts else _PTX_PTRS.get(n, "*bf16" if n.endswith("_ptr") else
+         "fp32" if n in ("qk_scale", "softcap") else "i32") for n in _PTX_NAMES},
+        _consts, tuple(i for i, n in enumerate(_PTX_NAMES) if n.endswith("_ptr") or n in _PTX_ALIGNED),
+    )  # fmt: skip
+
+
+@triton.jit
+def _apply_perms(x_ptr, m_ptr, k_out, m_out, back_out):
+    """WIDE's renumberings of a [16, 128] and a [128, 16] tile, and _unperm_m of the second."""
+    r16 = tl.arange(0, 16)
+    r128 = tl.arange(0, 128)
+    xo = r16[:, None] * 128 + r128[None, :]
+    tl.store(k_out + xo, loops._perm_k(tl.load(x_ptr + xo), 16, 128))
+    mo = r128[:, None] * 16 + r16[None, :]
+    pm = loops._perm_m(tl.load(m_ptr + mo), 128, 16)
+    tl.store(m_out + mo, pm)
+    tl.store(back_out + mo, loops._unperm_m(pm, 128, 16))
 
 
 def _run(c: PagedCase, cache: str, launch: dict, flags: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,16 +124,38 @@ PARAMS = [(v, cache, case) for v in VARIANTS for cache in CACHES for case in CAS
 
 
 @pytest.mark.parametrize(("variant", "cache", "case"), PARAMS)
-def test_decode_variant_matches_reference(variant: str, cache: str, case: str) -> None:
+def test_decode_variant_matches_reference(variant: str, cache: str, case: str, head_dim: int = 32) -> None:
     flags = VARIANTS[variant]
     q_lens, ctx_lens, options, launch = CASES[case]
     dtype, tol = CACHES[cache]
     c = make_paged_case(
-        q_lens, ctx_lens, 8, 2, 32, block_size=8, dtype=dtype, device=DEVICE, seed=3, **options
+        q_lens, ctx_lens, 8, 2, head_dim, block_size=8, dtype=dtype, device=DEVICE, seed=3, **options
     )
     out, ref = _run(c, cache, launch, flags)
     err = rel_err(out, ref)
     assert err <= (FP8_TOL if flags.get("fp8_dot") else tol), err
+
+
+@pytest.mark.parametrize("cache", ["f32", "fp8"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_wide_matches_reference_at_wide_heads(cache: str, head_dim: int) -> None:
+    """WIDE with V^T's rows renumbered too (BLOCK_DV >= 64), float32 (1e-5: a lost or wrong renumbering is
+    O(1)) and FP8 caches."""
+    test_decode_variant_matches_reference("swap_ab_wide", cache, "decode window softcap", head_dim)
+
+
+def test_wide_renumbering_is_a_permutation_and_its_inverse() -> None:
+    """The helpers move every element exactly once, as their docstrings say, and _unperm_m undoes _perm_m."""
+    x = torch.arange(16 * 128, dtype=torch.int32, device=DEVICE).reshape(16, 128)
+    m = torch.arange(128 * 16, dtype=torch.int32, device=DEVICE).reshape(128, 16)
+    got_k, got_m, back = (torch.empty_like(t) for t in (x, m, m))
+    _apply_perms[(1,)](x, m, got_k, got_m, back)
+    j = torch.arange(128)
+    kb, h, c, e = j // 16, (j // 8) % 2, (j // 2) % 4, j % 2
+    assert torch.equal(got_k.cpu(), x.cpu()[:, c * 32 + kb * 4 + h * 2 + e])
+    rep, w, h, r = j // 64, (j // 16) % 4, (j // 8) % 2, j % 8
+    assert torch.equal(got_m.cpu(), m.cpu()[w * 32 + r * 4 + rep * 2 + h])
+    assert torch.equal(back.cpu(), m.cpu())
 
 
 def test_fp8_dot_quantizes() -> None:
@@ -120,19 +184,22 @@ def test_decode_loop_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     table choice runs only where its shape conditions hold."""
     from fxllm.backends.triton import paged_attention_decode_choice as choice
 
-    assert choice.choose_decode_loop(True, 128) == (True, False, 64, 4, 2)
-    assert choice.choose_decode_loop(False, 128) == (False, False, 64, 4, 3)
+    assert choice.choose_decode_loop(True, 128) == (True, False, 64, 4, 2, False)
+    assert choice.choose_decode_loop(False, 128) == (False, False, 64, 4, 3, False)
     # The caller's flags and knobs win; the rest of the launch is the asked loop's own (swap-AB: 2 stages).
-    assert choice.choose_decode_loop(False, 128, swap_ab=True, block_n=32) == (True, False, 32, 4, 2)
+    assert choice.choose_decode_loop(False, 128, swap_ab=True, block_n=32) == (True, False, 32, 4, 2, False)
+    # wide implies the swap; FP8 dots have no WIDE form.
+    assert choice.choose_decode_loop(True, 128, wide=True) == (True, False, 64, 4, 2, True)
+    assert choice.choose_decode_loop(True, 128, fp8_dot=True, wide=True) == (False, True, 64, 4, 3, False)
     monkeypatch.setattr(choice, "SKIPPED", {})
     monkeypatch.setitem(choice.DECODE_LOOPS, "fp8", "fp8_dot")
     monkeypatch.setitem(choice.DECODE_LOOPS, "other", "fp8_dot")
     monkeypatch.setitem(choice.LAUNCH, "fp8_dot", (128, 8, 2))
-    assert choice.choose_decode_loop(True, 128) == (True, True, 128, 8, 2)  # the loop's own launch
-    assert choice.choose_decode_loop(True, 128, num_stages=4) == (True, True, 128, 8, 4)
-    assert choice.choose_decode_loop(True, 128, block_n=32) == (False, False, 32, 4, 3)  # wgmma's M
-    assert choice.choose_decode_loop(True, 16) == (False, False, 64, 4, 3)  # the e4m3 dot's K
-    assert choice.choose_decode_loop(False, 128) == (False, False, 64, 4, 3)  # no FP8 data to dot
+    assert choice.choose_decode_loop(True, 128) == (True, True, 128, 8, 2, False)  # the loop's own launch
+    assert choice.choose_decode_loop(True, 128, num_stages=4) == (True, True, 128, 8, 4, False)
+    assert choice.choose_decode_loop(True, 128, block_n=32) == (False, False, 32, 4, 3, False)  # wgmma's M
+    assert choice.choose_decode_loop(True, 16) == (False, False, 64, 4, 3, False)  # the e4m3 dot's K
+    assert choice.choose_decode_loop(False, 128) == (False, False, 64, 4, 3, False)  # no FP8 data to dot
     assert sorted(reason for _, _, reason in choice.SKIPPED) == [
         "BLOCK_N 32 < 64 (wgmma's M)", "head dim 16 < 32 (the e4m3 dot's K)", "no FP8 cache",
     ]  # fmt: skip
@@ -155,3 +222,40 @@ def test_rule_and_op_backend_reach_the_kernel(monkeypatch: pytest.MonkeyPatch) -
     out = paged_attention.paged_attention(c.q, c.k, c.v, k8, v8, *meta, k_scale=ks, v_scale=vs, **knobs)
     by_backend = rel_err(out[: c.num_real], ref[: c.num_real])
     assert 1e-3 < by_rule <= FP8_TOL and 1e-3 < by_backend <= FP8_TOL, (by_rule, by_backend)
+
+
+def test_wide_op_backend_reaches_the_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The triton_swap_ab_wide op backend's knobs launch the decode kernel with SWAP_AB and WIDE (the
+    reference tests above cannot tell: WIDE computes what SWAP_AB computes)."""
+    launched: list[dict] = []
+    kernel = paged_attention._decode_kernel
+
+    class Spy:
+        def __getitem__(self, grid: tuple) -> object:
+            def launch(*args: object, **kwargs: object) -> None:
+                launched.append(kwargs)
+                kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(paged_attention, "_decode_kernel", Spy())
+    c = make_paged_case([1, 1], [20, 70], 8, 2, 64, block_size=8, dtype=torch.bfloat16, device=DEVICE, seed=3)
+    meta = (c.slot_mapping, c.block_tables, c.seq_lens, c.query_start_loc, c.scale)
+    ref = paged_attention_reference(c.q, c.k, c.v, c.k_cache_ref.clone(), c.v_cache_ref.clone(), *meta, -1,
+                                    0.0, None)  # fmt: skip
+    knobs = paged_attention.VARIANTS["triton_swap_ab_wide"]
+    out = paged_attention.paged_attention(c.q, c.k, c.v, c.k_cache, c.v_cache, *meta, **knobs)
+    assert [(kw["SWAP_AB"], kw["WIDE"], kw["FP8_DOT"]) for kw in launched] == [(True, True, False)]
+    assert rel_err(out[: c.num_real].float(), ref[: c.num_real].float()) <= 1e-2
+
+
+def test_wide_ptx() -> None:
+    """Compiled for sm_90 the WIDE loop reads the e4m3 tiles from shared memory in 16-byte (K) and 4-byte (V^T)
+    loads, converts them with packed cvt, and has no f16 round trip through shared memory (no ldmatrix); the
+    plain swap-AB loop reads them byte by byte, so the same check fails there."""
+    plain, wide = hopper_ptx.ptx("decode_swap_ab"), hopper_ptx.ptx("decode_swap_ab_wide")
+    narrow = ("ld.shared.b8", "ld.shared.b16", "ld.shared.v2.b8", "ld.shared.v4.b8", "ld.shared.u8")
+    assert any(op in plain for op in narrow)
+    assert not [op for op in narrow if op in wide]
+    assert "ld.shared.v4.b32" in wide and "cvt.rn.f16x2.e4m3x2" in wide and "ldmatrix" not in wide
+    assert "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16" in wide

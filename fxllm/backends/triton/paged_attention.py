@@ -68,14 +68,16 @@ _MAX_SPLITS = 64
 # "triton" (default): the decode kernel writes this step's k/v itself (one launch fewer per layer and step);
 # "triton_separate_write": the separate KV write kernel first (the path before; benchmarks compare);
 # "triton_pdl": experimental, decode and combine launched with programmatic dependent launch (sm_90+,
-# docs/kernels.md); "triton_swap_ab" / "triton_fp8_dot": the decode kernel's SWAP_AB / FP8_DOT (+ SWAP_AB) key
-# loops whatever the rule in paged_attention_decode_choice.py says (triton_fp8_dot needs an FP8 cache, else it
-# raises). All but the first run only where compile.op_backends names them.
+# docs/kernels.md); "triton_swap_ab" / "triton_swap_ab_wide" / "triton_fp8_dot": the decode kernel's SWAP_AB /
+# SWAP_AB + WIDE / FP8_DOT (+ SWAP_AB) key loops whatever the rule in paged_attention_decode_choice.py says
+# (triton_fp8_dot needs an FP8 cache, else it raises). All but the first run only where compile.op_backends
+# names them.
 VARIANTS: dict[str, dict[str, bool]] = {
     "triton": {"write_in_decode": True, "pdl": False},
     "triton_separate_write": {"write_in_decode": False, "pdl": False},
     "triton_pdl": {"write_in_decode": True, "pdl": True},
     "triton_swap_ab": {"write_in_decode": True, "pdl": False, "swap_ab": True},
+    "triton_swap_ab_wide": {"write_in_decode": True, "pdl": False, "swap_ab": True, "wide": True},
     "triton_fp8_dot": {"write_in_decode": True, "pdl": False, "swap_ab": True, "fp8_dot": True},
 }
 _DOT_DTYPES = (torch.float16, torch.bfloat16)
@@ -156,7 +158,7 @@ def paged_attention_out(
     num_warps: int | None = None, num_stages: int | None = None,
     k_scale: Tensor | None = None, v_scale: Tensor | None = None,
     cos: Tensor | None = None, sin: Tensor | None = None, write_in_decode: bool = True, pdl: bool = False,
-    fp8_f16: bool = True, swap_ab: bool | None = None, fp8_dot: bool | None = None,
+    fp8_f16: bool = True, swap_ab: bool | None = None, fp8_dot: bool | None = None, wide: bool | None = None,
 ) -> None:  # fmt: skip
     """Write k/v into the caches, then paged attention into `out` [T, Hq, Dv]; launch knobs overridable.
 
@@ -168,7 +170,8 @@ def paged_attention_out(
     `swap_ab` / `fp8_dot` (issue 15): the decode kernel's alternative key loops (paged_attention_decode_loops.py):
     transposed scores (K and V^T as the dots' A operand), and over an FP8 cache e4m3 dots with q and P quantized
     in-kernel; also for a mixed step's decode rows. None: the rule of paged_attention_decode_choice.py (swap-AB
-    over an FP8 cache, the default loop over others: the H200 sweep's winners)."""
+    over an FP8 cache, the default loop over others: the H200 sweep's winners). `wide`: the swap-AB loop with its
+    tiles renumbered for wide e4m3 loads (WIDE, implies swap_ab)."""
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     head_dim_v = v_cache.shape[-1]
@@ -225,7 +228,7 @@ def paged_attention_out(
         pdl = pdl and on_gpu and decode
         # The launch knobs tune the kernel of the step's kind: a mixed step's decode rows use the defaults.
         knobs = (block_n, num_warps, num_stages) if decode else (None, None, None)
-        loop = choose_decode_loop(kv_fp8, head_dim, swap_ab, fp8_dot, *knobs)
+        loop = choose_decode_loop(kv_fp8, head_dim, swap_ab, fp8_dot, *knobs, wide=wide)
         bn = loop.block_n
         splits = num_splits or _decode_splits(num_seqs, num_kv_heads, block_tables.shape[1] * block_size, bn,
                                               q.device)  # fmt: skip
@@ -240,7 +243,7 @@ def paged_attention_out(
             HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_H=max(16, group_p), BLOCK_N=bn,
             BLOCK_D=block_d, BLOCK_DV=block_dv, USE_SOFTCAP=use_softcap, USE_WINDOW=use_window,
             F32_DOT=f32_dot, KV_FP8=kv_fp8, ROPE=rope, WRITE_KV=write_in_decode, USE_PDL=pdl, FP8_F16=fp8_f16,
-            MIXED=split_mixed, SWAP_AB=loop.swap_ab, FP8_DOT=loop.fp8_dot,
+            MIXED=split_mixed, SWAP_AB=loop.swap_ab, FP8_DOT=loop.fp8_dot, WIDE=loop.wide,
             num_warps=loop.num_warps, num_stages=loop.num_stages, launch_pdl=pdl,
         )  # fmt: skip
         # A captured decode graph fixes its splits, so BLOCK_S follows them; a mixed step's splits change with
@@ -282,7 +285,7 @@ def paged_attention(
     block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor, scale: float,
     sliding_window: int = -1, softcap: float = 0.0, sinks: Tensor | None = None,
     k_scale: Tensor | None = None, v_scale: Tensor | None = None, *, write_in_decode: bool = True,
-    pdl: bool = False, swap_ab: bool | None = None, fp8_dot: bool | None = None,
+    pdl: bool = False, swap_ab: bool | None = None, fp8_dot: bool | None = None, wide: bool | None = None,
 ) -> Tensor:  # fmt: skip
     """Triton paged attention (KV write + decode split-KV or prefill flash kernel), no host sync."""
     if not supported(q, k_cache, v_cache):
@@ -296,7 +299,7 @@ def paged_attention(
     paged_attention_out(
         q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc,
         scale, sliding_window, softcap, sinks, out, k_scale=k_scale, v_scale=v_scale,
-        write_in_decode=write_in_decode, pdl=pdl, swap_ab=swap_ab, fp8_dot=fp8_dot,
+        write_in_decode=write_in_decode, pdl=pdl, swap_ab=swap_ab, fp8_dot=fp8_dot, wide=wide,
     )  # fmt: skip
     return out
 
@@ -310,7 +313,7 @@ def paged_attention_rope(
     block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor, cos: Tensor, sin: Tensor, scale: float,
     sliding_window: int = -1, softcap: float = 0.0, sinks: Tensor | None = None,
     k_scale: Tensor | None = None, v_scale: Tensor | None = None, *, write_in_decode: bool = True,
-    pdl: bool = False, swap_ab: bool | None = None, fp8_dot: bool | None = None,
+    pdl: bool = False, swap_ab: bool | None = None, fp8_dot: bool | None = None, wide: bool | None = None,
 ) -> Tensor:  # fmt: skip
     """Triton RoPE + paged attention: k rotated in the KV write, q rotated on load; no host sync."""
     reason = None
@@ -334,6 +337,6 @@ def paged_attention_rope(
         q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc,
         scale, sliding_window, softcap, sinks, out, k_scale=k_scale, v_scale=v_scale,
         cos=_unit_last(cos), sin=_unit_last(sin), write_in_decode=write_in_decode, pdl=pdl, swap_ab=swap_ab,
-        fp8_dot=fp8_dot,
+        fp8_dot=fp8_dot, wide=wide,
     )  # fmt: skip
     return out

@@ -6,8 +6,9 @@ seq_lens), and writes a normalised float32 partial output plus its log2-sum-exp.
 whose slice holds the new token first writes this step's k/v of its KV head into the cache (no separate
 write launch). USE_PDL (experimental, off by default; docs/kernels.md): both kernels launch with programmatic
 dependent launch, wait for their predecessor before any memory access, and the decode kernel lets the combine
-kernel launch once its key loop is done. SWAP_AB / FP8_DOT (issue 15, off by default) pick the alternative key
-loops of paged_attention_decode_loops.py (transposed scores; e4m3 dots over an FP8 cache). `_combine_kernel`, grid
+kernel launch once its key loop is done. SWAP_AB / FP8_DOT / WIDE (issue 15) pick the alternative key loops of
+paged_attention_decode_loops.py (transposed scores; e4m3 dots over an FP8 cache; SWAP_AB with the tiles
+renumbered so that their e4m3 bytes reach registers in wide shared-memory loads). `_combine_kernel`, grid
 (T, Hq), merges the splits, adds the attention sink and writes zeros for padding tokens. The launch is in
 paged_attention.py.
 """
@@ -36,7 +37,7 @@ def _decode_kernel(
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, F32_DOT: tl.constexpr, KV_FP8: tl.constexpr = False,
     ROPE: tl.constexpr = False, WRITE_KV: tl.constexpr = False, USE_PDL: tl.constexpr = False,
     FP8_F16: tl.constexpr = False, MIXED: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
-    FP8_DOT: tl.constexpr = False,
+    FP8_DOT: tl.constexpr = False, WIDE: tl.constexpr = False,
 ):  # fmt: skip
     if (
         USE_PDL
@@ -94,6 +95,7 @@ def _decode_kernel(
                 q, start, end, bt_ptr + seq * sbt, kc_ptr, vc_ptr, kv_head, block_size,
                 skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, qk, softcap,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_H, BLOCK_N, BLOCK_D, BLOCK_DV, USE_SOFTCAP, F32_DOT, SWAP_AB, FP8_DOT,
+                WIDE,
             )  # fmt: skip
         else:
             q_pos = tl.zeros((BLOCK_H,), dtype=tl.int32) + seq_len - 1

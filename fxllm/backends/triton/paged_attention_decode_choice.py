@@ -1,19 +1,22 @@
 """Which key loop the decode kernel runs (issue 15) and with which launch; host code.
 
-Loops (paged_attention_decode_loops.py): "default" (`_attend_range`), "swap_ab" (SWAP_AB) and "fp8_dot"
-(FP8_DOT + SWAP_AB: without the swap the 16-row e4m3 dot compiles to an f16 mma.sync on sm_90a, i.e. the
-default loop plus quantization error; `benchmarks/gpu_decode_sweep.py --sm90`).
+Loops (paged_attention_decode_loops.py): "default" (`_attend_range`), "swap_ab" (SWAP_AB), "swap_ab_wide"
+(SWAP_AB + WIDE: the same math with the tiles renumbered so that the e4m3 bytes reach registers in wide
+shared-memory loads; not in the rule until an H200 sweep times it) and "fp8_dot" (FP8_DOT + SWAP_AB: without
+the swap the 16-row e4m3 dot compiles to an f16 mma.sync on sm_90a, i.e. the default loop plus quantization
+error; `benchmarks/gpu_decode_sweep.py --sm90`).
 
-The rule, per launch: flags the caller passes win (benchmarks, tests, the `triton_swap_ab` / `triton_fp8_dot`
-op backends that compile.op_backends can name). Otherwise `DECODE_LOOPS` names the loop per cache kind and
-`LAUNCH` its (BLOCK_N, warps, stages) where the caller passes none, and the loop runs only where it compiles
-to what it is for: SWAP_AB needs BLOCK_N >= 64 (wgmma's M is 64: below it Triton emits mma.sync), "fp8_dot"
-an FP8 cache and head dim >= 32 (the e4m3 dot's K). A choice that the shape rules out runs the default loop,
-logged and counted in SKIPPED. Each distinct choice is logged once at INFO. The table holds the H200 sweep's
-winners (benchmarks/RESULTS.md, twelfth session, `gpu_decode_sweep.py`, 8B heads): over an FP8 cache "swap_ab"
-with 64 x 4 warps x 2 stages took 0.83x / 0.79x / 0.64x the default loop's time at 1,000 x 129-256 /
-256 x 1,024 / 64 x 2,048 (271.5 / 246.7 / 126.8 us, the last faster than the bf16 cache's 146.0); over bf16
-it was slower (1.14-1.43x), as were the FP8 dots (e4m3 V^T staged byte by byte): those keep the default.
+The rule, per launch: flags the caller passes win (benchmarks, tests, the `triton_swap_ab` /
+`triton_swap_ab_wide` / `triton_fp8_dot` op backends that compile.op_backends can name). Otherwise
+`DECODE_LOOPS` names the loop per cache kind and `LAUNCH` its (BLOCK_N, warps, stages) where the caller passes
+none, and the loop runs only where it compiles to what it is for: SWAP_AB needs BLOCK_N >= 64 (wgmma's M is
+64: below it Triton emits mma.sync), "fp8_dot" an FP8 cache and head dim >= 32 (the e4m3 dot's K). A choice
+that the shape rules out runs the default loop, logged and counted in SKIPPED. Each distinct choice is logged
+once at INFO. The table holds the H200 sweep's winners (benchmarks/RESULTS.md, twelfth session,
+`gpu_decode_sweep.py`, 8B heads): over an FP8 cache "swap_ab" with 64 x 4 warps x 2 stages took 0.83x / 0.79x
+/ 0.64x the default loop's time at 1,000 x 129-256 / 256 x 1,024 / 64 x 2,048 (271.5 / 246.7 / 126.8 us, the
+last faster than the bf16 cache's 146.0); over bf16 it was slower (1.14-1.43x), as were the FP8 dots (e4m3 V^T
+staged byte by byte): those keep the default.
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ from typing import NamedTuple
 
 logger = logging.getLogger(__name__)
 
-# Loop name -> (SWAP_AB, FP8_DOT).
-LOOPS: dict[str, tuple[bool, bool]] = {
-    "default": (False, False),
-    "swap_ab": (True, False),
-    "fp8_dot": (True, True),
+# Loop name -> (SWAP_AB, FP8_DOT, WIDE).
+LOOPS: dict[str, tuple[bool, bool, bool]] = {
+    "default": (False, False, False),
+    "swap_ab": (True, False, False),
+    "swap_ab_wide": (True, False, True),
+    "fp8_dot": (True, True, False),
 }
 # Cache kind -> loop. "fp8": float8_e4m3fn caches; "other": bf16 / fp16 / fp32 caches.
 DECODE_LOOPS: dict[str, str] = {"fp8": "swap_ab", "other": "default"}
@@ -35,6 +39,7 @@ DECODE_LOOPS: dict[str, str] = {"fp8": "swap_ab", "other": "default"}
 LAUNCH: dict[str, tuple[int, int, int]] = {
     "default": (64, 4, 3),
     "swap_ab": (64, 4, 2),
+    "swap_ab_wide": (64, 4, 2),  # swap_ab's; WIDE's layout assumes 4 warps
     "fp8_dot": (64, 4, 3),
 }
 # (cache kind, the loop asked for, why it did not run) -> launches that ran the default loop instead.
@@ -50,18 +55,27 @@ class DecodeLoop(NamedTuple):
     block_n: int
     num_warps: int
     num_stages: int
+    wide: bool = False
 
 
 def choose_decode_loop(
     kv_fp8: bool, head_dim: int, swap_ab: bool | None = None, fp8_dot: bool | None = None,
     block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+    wide: bool | None = None,
 ) -> DecodeLoop:  # fmt: skip
-    """The decode launch's loop and (BLOCK_N, warps, stages): the caller's flags and knobs where given, else the rule."""
+    """The decode launch's loop and (BLOCK_N, warps, stages): the caller's flags and knobs where given, else the rule.
+
+    `wide` asks for the swap-AB loop's WIDE form: it implies swap_ab; FP8_DOT has none (ignored there)."""
     kind = "fp8" if kv_fp8 else "other"
-    explicit = swap_ab is not None or fp8_dot is not None
+    explicit = swap_ab is not None or fp8_dot is not None or wide is not None
     if explicit:
-        name = "fp8_dot" if fp8_dot else "swap_ab" if swap_ab else "default"
-        flags = (bool(swap_ab), bool(fp8_dot))
+        if fp8_dot:
+            name = "fp8_dot"
+        elif wide:
+            name = "swap_ab_wide"
+        else:
+            name = "swap_ab" if swap_ab else "default"
+        flags = (bool(swap_ab or (wide and not fp8_dot)), bool(fp8_dot), bool(wide and not fp8_dot))
     else:
         name = DECODE_LOOPS[kind]
         flags = LOOPS[name]
@@ -84,7 +98,7 @@ def choose_decode_loop(
             flags = LOOPS["default"]
             d_bn, d_warps, d_stages = LAUNCH["default"]
             launch = (block_n or d_bn, num_warps or d_warps, num_stages or d_stages)
-    loop = DecodeLoop(*flags, *launch)
+    loop = DecodeLoop(flags[0], flags[1], *launch, wide=flags[2])
     if (kind, loop, explicit) not in _LOGGED:
         _LOGGED.add((kind, loop, explicit))
         logger.info("decode attention over a %s cache: %s (%s)", kind, loop,

@@ -20,6 +20,20 @@ its tolerance. Triton's fp8 wgmma wants both shared-memory operands K-major: in 
 V [BLOCK_N, DV] is N-major in the cache (DV contiguous), so Triton's lowering has to transpose it on the
 way to the dot; with SWAP_AB, V^T is the A operand, converted to the register layout A needs.
 
+WIDE (with SWAP_AB, not FP8_DOT; loop "swap_ab_wide"): over an FP8 cache the swap-AB loop above stages the
+e4m3 tiles in shared memory (cp.async) and reads them back into the dot operand's registers, where a thread
+holds 2 neighbouring K-dim elements per row and 16-bit register (wgmma's / mma.sync's A fragment, kWidth 2):
+2-byte shared loads for K, and single bytes for V^T, whose K dim (the keys) is not the contiguous one (sm_90a:
+64 ld.shared.b8 + 32 ld.shared.b16 per 64-key tile and thread, 8-byte cp.async). A dot's sum does not care
+in which order it runs over K, nor the output in which order its rows come, so WIDE renumbers both: the K
+tile's head dims (and q's, the same way: `_perm_k`) so that the D/4 columns a thread holds per row are D/4
+contiguous bytes of the cache row, and V^T's rows (the output's head dims, undone once after the loop:
+`_perm_m`) so that a thread's 4 rows are 4 contiguous bytes of a key's V row. The renumbering is a reshape and
+a permute of the loaded tile, which Triton's layout propagation folds into the shared-memory read: 16-byte
+cp.async, ld.shared.v4 for K, ld.shared.b32 + byte permutes for V, packed e4m3x2 -> f16x2 conversions, no
+convert_layout through shared memory (benchmarks/fp8_decode_ptx.py counts them). Laid out for 4 warps
+(one warpgroup along M); with 8 the V reads are 2 bytes wide. Same math as SWAP_AB up to summation order.
+
 Decode needs no causal mask (the one query is the last position: every key below seq_len is visible) and
 no window mask (the caller starts the range at seq_len - window), so only k_pos < hi is masked.
 """
@@ -50,12 +64,40 @@ def _load_v(vc_ptr, page, off, kv_head, svc_b, svc_s, svc_h, dv, k_ok, dv_ok, TR
 
 
 @triton.jit
+def _perm_k(x, R: tl.constexpr, D: tl.constexpr):
+    """[R, D] -> [R, D], column kb*16 + h*8 + c*2 + e taken from column c*(D/4) + kb*4 + h*2 + e (WIDE)."""
+    # In the A fragment lane c (of 4 along K) holds, per 16-wide k step kb, columns kb*16 + c*2 + {0, 1, 8, 9}:
+    # after this renumbering they are c's contiguous D/4 bytes of the row.
+    x = tl.reshape(x, (R, 4, D // 16, 2, 2))
+    x = tl.permute(x, (0, 2, 3, 1, 4))
+    return tl.reshape(x, (R, D))
+
+
+@triton.jit
+def _perm_m(x, M: tl.constexpr, N: tl.constexpr):
+    """[M, N] -> [M, N], row rep*64 + w*16 + h*8 + r taken from row w*(M/4) + r*(M/32) + rep*2 + h (WIDE)."""
+    # Lane 4r + c of warp w holds rows w*16 + r + {0, 8} of each 64-row wgmma (rep): now M/32 contiguous rows.
+    x = tl.reshape(x, (4, 8, M // 64, 2, N))
+    x = tl.permute(x, (2, 0, 3, 1, 4))
+    return tl.reshape(x, (M, N))
+
+
+@triton.jit
+def _unperm_m(x, M: tl.constexpr, N: tl.constexpr):
+    """The inverse of `_perm_m`: rows back in their memory order."""
+    x = tl.reshape(x, (M // 64, 4, 2, 8, N))
+    x = tl.permute(x, (1, 3, 0, 2, 4))
+    return tl.reshape(x, (M, N))
+
+
+@triton.jit
 def _attend_decode(
     q, lo, hi, bt_ptr, kc_ptr, vc_ptr, kv_head, block_size,
     skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, qk_scale, softcap,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, F32_DOT: tl.constexpr, SWAP_AB: tl.constexpr, FP8_DOT: tl.constexpr,
+    WIDE: tl.constexpr = False,
 ):  # fmt: skip
     """Online softmax of the q rows [BLOCK_H, BLOCK_D] over keys [lo, hi); returns (acc, m, l), log2 units."""
     d = tl.arange(0, BLOCK_D)
@@ -72,6 +114,12 @@ def _attend_decode(
         row_scale = row_scale * q_sc
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    # WIDE renumbers the head dims of q and every K tile alike (the scores are unchanged) and V^T's rows where
+    # there are whole 64-row wgmmas of them.
+    perm_k: tl.constexpr = WIDE and SWAP_AB and not FP8_DOT
+    perm_v: tl.constexpr = perm_k and BLOCK_DV >= 64
+    if perm_k:
+        q = _perm_k(q, BLOCK_H, BLOCK_D)
     if SWAP_AB:
         q_t = tl.trans(q)  # [BLOCK_D, BLOCK_H]: loaded once, the B operand of every score dot
         acc = tl.zeros((BLOCK_DV, BLOCK_H), dtype=tl.float32)
@@ -85,6 +133,8 @@ def _attend_decode(
         page = tl.load(bt_ptr + k_pos // block_size, mask=k_ok, other=0).to(tl.int64)
         k = tl.load(kc_ptr + page[:, None] * skc_b + off[:, None] * skc_s + kv_head * skc_h + d[None, :],
                     mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+        if perm_k:
+            k = _perm_k(k, BLOCK_N, BLOCK_D)
         if FP8_DOT:
             # Triton does not turn this V load into a pipelined async copy (with SWAP_AB, V^T reaches shared
             # memory through registers, transposed to K-major for the fp8 wgmma; compiled for sm_90a): issued
@@ -129,6 +179,8 @@ def _attend_decode(
             l_i = l_i * alpha + tl.sum(p, axis=1)
         if not FP8_DOT:
             v = _load_v(vc_ptr, page, off, kv_head, svc_b, svc_s, svc_h, dv, k_ok, dv_ok, SWAP_AB)
+            if perm_v:
+                v = _perm_m(v, BLOCK_DV, BLOCK_N)
         if SWAP_AB:
             if FP8_DOT:
                 pv = tl.dot(v, (p * _P_SCALE).to(tl.float8e4nv))
@@ -146,6 +198,8 @@ def _attend_decode(
                 pv = _mma(p.to(v.dtype), v, F32_DOT)
             acc = acc * alpha[:, None] + pv
         m_i = m_new
+    if perm_v:
+        acc = _unperm_m(acc, BLOCK_DV, BLOCK_H)
     if SWAP_AB:
         acc = tl.trans(acc)
     if FP8_DOT:
