@@ -7,6 +7,8 @@ bf16 reads ~2.8-3.8. This times the decode op (KV write + split-KV attention + c
 a small launch grid per variant (BLOCK_N x warps x stages):
   default   the current loop (over FP8: the tiles converted to float16, `fp8_f16`, today's default)
   swap_ab   scores transposed, s^T = K q^T and acc^T = V^T P^T (the big tile is the dots' A operand)
+  swap_ab_wide  FP8 cache only: swap_ab with the tiles renumbered so that the e4m3 bytes reach registers in
+            wide shared-memory loads (WIDE; benchmarks/fp8_decode_ptx.py counts the loads)
   fp8_dot   FP8 cache only: e4m3 dots, q and P quantized in-kernel
   fp8_dot+swap_ab  both
 Every launch's output is compared with the default launch's on the same cache (max abs diff and relative L2
@@ -14,7 +16,8 @@ error); above the variant's tolerance the script reports FAILED and exits 1 (aft
 launch it also records the dot instructions in the compiled PTX (wgmma shape and operand types, or mma.sync)
 and registers / spills, which say whether the variant compiled to the intended wgmma.
 
-Usage (GPU machine, repo root; 34 compiles + 102 timed launches, budgeted for <= 240 s on one H200):
+Usage (GPU machine, repo root; 39 compiles + 117 timed launches; the 34 + 102 before swap_ab_wide were
+budgeted for <= 240 s on one H200):
     PYTHONPATH=. python3 benchmarks/gpu_decode_sweep.py --out $OUT/sweep
 CPU check of the script (Triton's interpreter, one tiny case, one launch per variant): add --smoke.
 No GPU at all, --sm90: compiles every variant x launch for sm_90a with Triton's bundled ptxas and reports
@@ -63,6 +66,8 @@ VARIANTS: dict[str, tuple[dict[str, bool], tuple[str, ...], float]] = {
         1e-2,
     ),  # explicit: whatever the rule says
     "swap_ab": ({"swap_ab": True}, ("bf16", "fp8"), 1e-2),
+    # swap_ab's arithmetic over renumbered head dims: the same bound.
+    "swap_ab_wide": ({"swap_ab": True, "wide": True}, ("fp8",), 1e-2),
     "fp8_dot": ({"fp8_dot": True}, ("fp8",), 5e-2),
     "fp8_dot+swap_ab": ({"fp8_dot": True, "swap_ab": True}, ("fp8",), 5e-2),
 }
@@ -78,6 +83,8 @@ _WIDE = [(n, w, s) for n in (64, 128) for w in (4, 8) for s in (2, 3)]  # swap_a
 LAUNCHES: dict[str, list[dict[str, int]]] = {
     "default": [{}, *_grid([(32, 4, 2), (128, 4, 3), (128, 4, 4)])],
     "swap_ab": _grid(_WIDE),
+    # WIDE's renumbering is laid out for 4 warps (with 8 its V reads are 2 bytes wide): one 8-warp launch.
+    "swap_ab_wide": _grid([(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (64, 8, 2)]),
     # Without SWAP_AB the e4m3 dots have M = BLOCK_H = 16 < wgmma's 64: compiled for sm_90a (--sm90) Triton
     # upcasts them to f16 mma.sync, i.e. the default loop plus the quantization; two launches show it.
     "fp8_dot": _grid([(32, 4, 2), (64, 4, 3)]),
@@ -86,6 +93,7 @@ LAUNCHES: dict[str, list[dict[str, int]]] = {
 SMOKE_LAUNCHES: dict[str, list[dict[str, int]]] = {
     "default": [{}],
     "swap_ab": _grid([(32, 4, 2)]),
+    "swap_ab_wide": _grid([(32, 4, 2)]),
     "fp8_dot": _grid([(32, 4, 2)]),
     "fp8_dot+swap_ab": _grid([(32, 4, 2)]),
 }
@@ -144,7 +152,7 @@ def _compile_sm90(kv: str, launch: dict[str, int], flags: dict[str, bool]) -> An
         HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM, BLOCK_H=16, BLOCK_N=launch.get("block_n", 64), BLOCK_D=HEAD_DIM,
         BLOCK_DV=HEAD_DIM, USE_SOFTCAP=False, USE_WINDOW=False, F32_DOT=False, KV_FP8=fp8, ROPE=False,
         WRITE_KV=True, USE_PDL=False, FP8_F16=fp8 and not flags.get("fp8_dot", False), MIXED=False,
-        SWAP_AB=flags.get("swap_ab", False), FP8_DOT=flags.get("fp8_dot", False),
+        SWAP_AB=flags.get("swap_ab", False), FP8_DOT=flags.get("fp8_dot", False), WIDE=flags.get("wide", False),
     )  # fmt: skip
     signature, attrs = {}, {}
     for i, name in enumerate(tpa._decode_kernel.arg_names):
