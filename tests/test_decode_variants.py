@@ -180,11 +180,11 @@ def test_fp8_dot_needs_fp8_cache() -> None:
 
 
 def test_decode_loop_rule(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The launch code's rule: swap-AB over FP8 caches, the default loop over others (the H200 sweep's winners); a
-    table choice runs only where its shape conditions hold."""
+    """The launch code's rule: swap-AB with WIDE over FP8 caches, the default loop over others (the H200 sweeps'
+    winners); a table choice runs only where its shape conditions hold."""
     from fxllm.backends.triton import paged_attention_decode_choice as choice
 
-    assert choice.choose_decode_loop(True, 128) == (True, False, 64, 4, 2, False)
+    assert choice.choose_decode_loop(True, 128) == (True, False, 64, 4, 2, True)
     assert choice.choose_decode_loop(False, 128) == (False, False, 64, 4, 3, False)
     # The caller's flags and knobs win; the rest of the launch is the asked loop's own (swap-AB: 2 stages).
     assert choice.choose_decode_loop(False, 128, swap_ab=True, block_n=32) == (True, False, 32, 4, 2, False)

@@ -170,7 +170,7 @@ def paged_attention_out(
     `swap_ab` / `fp8_dot` (issue 15): the decode kernel's alternative key loops (paged_attention_decode_loops.py):
     transposed scores (K and V^T as the dots' A operand), and over an FP8 cache e4m3 dots with q and P quantized
     in-kernel; also for a mixed step's decode rows. None: the rule of paged_attention_decode_choice.py (swap-AB
-    over an FP8 cache, the default loop over others: the H200 sweep's winners). `wide`: the swap-AB loop with its
+    with WIDE over an FP8 cache, the default loop over others: the H200 sweeps' winners). `wide`: the swap-AB loop with its
     tiles renumbered for wide e4m3 loads (WIDE, implies swap_ab)."""
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape

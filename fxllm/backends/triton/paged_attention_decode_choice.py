@@ -2,7 +2,7 @@
 
 Loops (paged_attention_decode_loops.py): "default" (`_attend_range`), "swap_ab" (SWAP_AB), "swap_ab_wide"
 (SWAP_AB + WIDE: the same math with the tiles renumbered so that the e4m3 bytes reach registers in wide
-shared-memory loads; not in the rule until an H200 sweep times it) and "fp8_dot" (FP8_DOT + SWAP_AB: without
+shared-memory loads; the FP8 default since the thirteenth session's H200 sweep) and "fp8_dot" (FP8_DOT + SWAP_AB: without
 the swap the 16-row e4m3 dot compiles to an f16 mma.sync on sm_90a, i.e. the default loop plus quantization
 error; `benchmarks/gpu_decode_sweep.py --sm90`).
 
@@ -16,7 +16,9 @@ once at INFO. The table holds the H200 sweep's winners (benchmarks/RESULTS.md, t
 `gpu_decode_sweep.py`, 8B heads): over an FP8 cache "swap_ab" with 64 x 4 warps x 2 stages took 0.83x / 0.79x
 / 0.64x the default loop's time at 1,000 x 129-256 / 256 x 1,024 / 64 x 2,048 (271.5 / 246.7 / 126.8 us, the
 last faster than the bf16 cache's 146.0); over bf16 it was slower (1.14-1.43x), as were the FP8 dots (e4m3 V^T
-staged byte by byte): those keep the default.
+staged byte by byte): those keep the default. Thirteenth session, same sweep: "swap_ab_wide" (64 x 4 x 2) took
+0.82x / 0.91x / 0.94x swap-AB's time (223.3 / 225.2 / 118.9 us against 271.7 / 246.6 / 126.5), and in the FP8
+engine decode attention of 1,000 x 128/128 went from 1,159 to 934 ms: the FP8 default now.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ LOOPS: dict[str, tuple[bool, bool, bool]] = {
     "fp8_dot": (True, True, False),
 }
 # Cache kind -> loop. "fp8": float8_e4m3fn caches; "other": bf16 / fp16 / fp32 caches.
-DECODE_LOOPS: dict[str, str] = {"fp8": "swap_ab", "other": "default"}
+DECODE_LOOPS: dict[str, str] = {"fp8": "swap_ab_wide", "other": "default"}
 # Loop -> (BLOCK_N, warps, stages) where the caller passes none; "default" is the eleventh session's launch.
 LAUNCH: dict[str, tuple[int, int, int]] = {
     "default": (64, 4, 3),
