@@ -3,7 +3,8 @@
 A full (generation 2) collection walks every tracked object of the process. After an engine is built that
 is millions of them (FX graphs, Inductor's generated modules, tokenizer tables), so one full collection
 stops the host for a large fraction of a second, during which the GPU, fed step by step by this host, idles
-(twelfth session: one 0.5-0.66 s GPU gap per profiled 1,000-request FP8 run). vLLM and SGLang freeze the
+(H200, FP8 1,000 x 128/128: two full collections paused the host 0.64 s and left the GPU idle 259 and 230 ms;
+with the heap frozen the longest gap was 25 ms, benchmarks/RESULTS.md thirteenth session). vLLM and SGLang freeze the
 heap after start-up (`gc.freeze()`): what exists then moves to a permanent generation that collections
 skip. fxllm does the same at the end of an engine build (`scheduler.gc_freeze`, default on for CUDA), and
 `unfreeze_heap()` at shutdown, so that a process building many engines (the tests) does not keep the
