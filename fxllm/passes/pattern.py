@@ -12,10 +12,9 @@ import logging
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch._inductor.pattern_matcher import Match, PatternMatcherPass, register_replacement
 from torch.fx import GraphModule
 from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -23,6 +22,9 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from fxllm.passes.cleanup import normalize_graph
 from fxllm.passes.graph_utils import recompile, value_signature
 from fxllm.passes.registry import PassContext, PassResult, register_pass
+
+if TYPE_CHECKING:  # Inductor's matcher is imported when a pass first runs: a warm start runs none
+    from torch._inductor.pattern_matcher import Match, PatternMatcherPass
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +119,8 @@ class PatternPass:
         # a bfloat16 one does, so the two need different patterns.
         key = (dtype, active)
         if key not in self._matchers:
+            from torch._inductor.pattern_matcher import PatternMatcherPass, register_replacement
+
             matcher = PatternMatcherPass(pass_name=self.name)
             for index in active:
                 rewrite = self.rewrites[index]
