@@ -224,7 +224,12 @@ class StandaloneGraph:
                 raise ValueError(f"{self.path.name} is {size} bytes with another checksum than recorded "
                                  "(truncated or corrupted)")  # fmt: skip
             limits = {str(k): int(v) for k, v in recorded.get("size_limits", {}).items()}
-            with torch._inductor.config.patch(self.settings):
+            settings = dict(self.settings)
+            if _isa_probe_redundant(recorded.get("vec_isa")):
+                # Inductor re-checks the CPU's vector ISA in a Python subprocess on every start (~0.4 s on
+                # the 2-core box); the cold start that compiled this artifact checked the same one.
+                settings["cpp.vec_isa_ok"] = True
+            with torch._inductor.config.patch(settings):
                 artifact = torch._inductor.CompiledArtifact.load(path=str(self.path), format="binary")
         except Exception as exc:  # whatever is wrong with it, the start goes on and compiles again
             logger.warning("compile cache: Inductor artifact %s is unusable (%s: %s); removing it and compiling",
@@ -270,10 +275,10 @@ class StandaloneGraph:
         self.limits = limits_from_guards([g.expr for g in fake_mode.shape_env.guards], symbols)
         logger.info("Inductor: graph ready in %.1f s", time.perf_counter() - start)
         if self.path is not None:
-            self._save(artifact)
+            self._save(artifact, _picked_vec_isa() if args and args[0].device.type == "cpu" else None)
         return artifact  # type: ignore[no-any-return]
 
-    def _save(self, artifact: Any) -> None:
+    def _save(self, artifact: Any, vec_isa: str | None) -> None:
         assert self.path is not None
         tmp = ""
         try:
@@ -283,7 +288,8 @@ class StandaloneGraph:
             artifact.save(path=tmp, format="binary")
             tmp_path = Path(tmp)
             record = {"bytes": tmp_path.stat().st_size, "sha256": _sha256(tmp_path), "settings": self.settings,
-                      "size_limits": self.limits, "created": time.time(), "torch": torch.__version__}  # fmt: skip
+                      "size_limits": self.limits, "created": time.time(), "torch": torch.__version__,
+                      "vec_isa": vec_isa}  # fmt: skip
             self.path.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
             os.replace(tmp_path, self.path)  # the .json first: a reader that sees the .bin sees its record
             logger.info("compile cache: stored the Inductor artifact %s (%.1f MiB)", self.path,
@@ -293,6 +299,33 @@ class StandaloneGraph:
                            "the graph again", type(exc).__name__, exc)  # fmt: skip
             if tmp:
                 Path(tmp).unlink(missing_ok=True)
+
+
+def _picked_vec_isa() -> str | None:
+    """The CPU vector ISA Inductor compiled for (its kernels' flags), None where it cannot tell."""
+    try:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+        return str(pick_vec_isa()) or None
+    except Exception:  # an Inductor without this API: the warm start just keeps its probe
+        return None
+
+
+def _isa_probe_redundant(recorded: object) -> bool:
+    """Whether the ISA the artifact was compiled for is the one Inductor would pick on this CPU without its
+    compile-and-load probe (the most capable one the CPU's flags list), so the probe can only agree."""
+    if not isinstance(recorded, str) or not recorded:
+        return False
+    try:
+        from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+        if os.environ.get("ATEN_CPU_CAPABILITY") or torch._inductor.config.cpp.simdlen is not None:
+            return False  # a pinned ISA: not the first candidate; keep Inductor's own choice and check
+        with torch._inductor.config.patch({"cpp.vec_isa_ok": True}):
+            candidates = valid_vec_isa_list.__wrapped__()  # uncached: the flags' list, nothing probed
+    except Exception:
+        return False
+    return bool(candidates) and str(candidates[0]) == recorded
 
 
 def _standalone_parameters() -> set[str]:

@@ -29,10 +29,34 @@ TOKENIZE_THREADS = 4
 TOKENIZE_NICENESS = 10
 
 
+def _decodes_like_its_backend(tokenizer: Any) -> bool:
+    """Whether `tokenizer.batch_decode` is its Rust backend's decode of each sequence, nothing added: a
+    transformers fast tokenizer that overrides no decode step and cleans up no spaces."""
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return False
+    cls = type(tokenizer)
+    return (
+        isinstance(tokenizer, TokenizersBackend)
+        and cls._decode is TokenizersBackend._decode
+        and cls.decode is PreTrainedTokenizerBase.decode
+        and cls.batch_decode is PreTrainedTokenizerBase.batch_decode
+        and not tokenizer.clean_up_tokenization_spaces
+    )
+
+
 def longest_token_bytes(tokenizer: Any) -> int:
     """The most UTF-8 bytes one token of `tokenizer` stands for (+1: SentencePiece drops a token's leading
     space when it is decoded alone)."""
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=False)
+    ids = [[i] for i in range(len(tokenizer))]
+    if _decodes_like_its_backend(tokenizer):
+        # The same texts in one Rust call: SmolLM2's 49k tokens in 0.06 s instead of 0.43 s, on every
+        # `fxllm serve` start (issue 13).
+        texts = tokenizer.backend_tokenizer.decode_batch(ids, skip_special_tokens=False)
+    else:
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=False)
     return max(len(text.encode()) for text in texts) + 1
 
 
