@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from fxllm.serve.serve_cli import serve_main
+from fxllm.serve.startup_gc import startup_gc
+
+with startup_gc():  # imports torch and the server stack; serve_main's own covers the build
+    from fxllm.serve.serve_cli import serve_main
 
 if __name__ == "__main__":
     raise SystemExit(serve_main())

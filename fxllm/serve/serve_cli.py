@@ -81,10 +81,13 @@ def serve_main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, TypeError) as exc:
         logger.error("bad configuration: %s", exc)
         return 2
-    from fxllm.llm import LLM
-    from fxllm.serve.server import run_server
+    from fxllm.serve.startup_gc import startup_gc
 
-    llm = LLM(config.model.model, config=config)
+    with startup_gc():  # the defaults again before the server takes requests
+        from fxllm.llm import LLM
+        from fxllm.serve.server import run_server
+
+        llm = LLM(config.model.model, config=config)
     group = getattr(llm.engine.runner, "group", None)
     if group is not None:  # tensor parallel: a dead rank takes the server down (drained, then exit)
         group.on_death = lambda reason: os.kill(os.getpid(), signal.SIGTERM)
