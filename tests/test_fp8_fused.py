@@ -324,13 +324,14 @@ norm_sig = {n: "*bf16" for n in ("x_ptr", "r_ptr", "w_ptr", "sum_ptr")} | {"q_pt
 norm_sig |= {n: "i32" for n in ("n_rows", "n_cols", "stride_x", "stride_r", "stride_q", "stride_sum")} | {"eps": "fp32"}
 silu_sig = {"g_ptr": "*bf16", "u_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32"}
 silu_sig |= {n: "i32" for n in ("n_cols", "stride_g", "stride_u", "stride_q")}
+current = {"RECIP": False, "EXP2": False, "CLAMP": True}  # GatedVariant's defaults (ASTSource takes no defaults)
 cases = {  # the launches of Llama-3.1-8B's shapes: hidden 4,096 (8 warps), intermediate 14,336 (16; 8 for the walk)
     "norm": (qf._add_rms_norm_fp8_kernel, norm_sig, {"BLOCK_R": 1, "BLOCK_N": 4096, "HAS_RESIDUAL": True}, 8),
     "rms": (qf._add_rms_norm_fp8_kernel, norm_sig, {"BLOCK_R": 1, "BLOCK_N": 4096, "HAS_RESIDUAL": False}, 8),
-    "silu_one_pass": (qf._gated_fp8_kernel, silu_sig, {"BLOCK": 16384, "ONE_PASS": True, "ACT": 0}, 16),
-    "silu_two_pass": (qf._gated_fp8_kernel, silu_sig, {"BLOCK": 2048, "ONE_PASS": False, "ACT": 0}, 8),
-    "gelu_tanh": (qf._gated_fp8_kernel, silu_sig, {"BLOCK": 16384, "ONE_PASS": True, "ACT": 2}, 16),
-    "gelu_erf": (qf._gated_fp8_kernel, silu_sig, {"BLOCK": 2048, "ONE_PASS": False, "ACT": 1}, 8),
+    "silu_one_pass": (qf._gated_fp8_kernel, silu_sig, {"BLOCK": 16384, "ONE_PASS": True, "ACT": 0} | current, 16),
+    "silu_two_pass": (qf._gated_fp8_kernel, silu_sig, {"BLOCK": 2048, "ONE_PASS": False, "ACT": 0} | current, 8),
+    "gelu_tanh": (qf._gated_fp8_kernel, silu_sig, {"BLOCK": 16384, "ONE_PASS": True, "ACT": 2} | current, 16),
+    "gelu_erf": (qf._gated_fp8_kernel, silu_sig, {"BLOCK": 2048, "ONE_PASS": False, "ACT": 1} | current, 8),
 }
 out = {}
 for name, (fn, sig, more, warps) in cases.items():

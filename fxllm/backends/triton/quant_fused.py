@@ -20,6 +20,8 @@ gate/up mostly hits L2). The norm holds its row in registers (norms.py's tiling)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -51,6 +53,20 @@ def _round_to(v, ROUND: tl.constexpr):
 def _quantize(v, scale, q_ptrs, mask, QMAX: tl.constexpr):
     q = tl.math.div_rn(v, scale)
     q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
+    tl.store(q_ptrs, q.to(q_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _quantize_row(v, scale, inv, q_ptrs, mask, QMAX: tl.constexpr, RECIP: tl.constexpr, CLAMP: tl.constexpr):
+    """_quantize, or (RECIP) v / scale as v * inv plus one exact FMA correction (GatedVariant says why)."""
+    if RECIP:
+        q0 = v * inv
+        # -x as x * -1.0: Triton's unary minus is 0 - x, which turns -0 into +0 (the e4m3 byte of -0 is 0x80).
+        q = tl.fma(tl.fma(q0, scale, v * -1.0) * -1.0, inv, q0)
+    else:
+        q = tl.math.div_rn(v, scale)
+    if CLAMP:
+        q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
     tl.store(q_ptrs, q.to(q_ptrs.dtype.element_ty), mask=mask)
 
 
@@ -107,12 +123,28 @@ def _add_rms_norm_fp8_kernel(
 
 
 @triton.jit
-def _act_mul(g_ptrs, u_ptrs, mask, ACT: tl.constexpr, ROUND: tl.constexpr):
+def _act_mul(g_ptrs, u_ptrs, mask, ACT: tl.constexpr, ROUND: tl.constexpr, EXP2: tl.constexpr):
     """activations.py's act(gate) * up (0 silu, 1 erf gelu, 2 tanh gelu), then one rounding."""
     g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptrs, mask=mask, other=0.0).to(tl.float32)
-    a = gated_activation(g, ACT)
+    if EXP2 and ACT == 0:
+        # tl.exp(-g) is (0 - g) * log2(e) then ex2.approx.f32; this is g * -log2(e) (the same float32 product)
+        # then ex2.approx.ftz.f32: bit for bit the same 1 + exp(-g) (GatedVariant.exp2 says why).
+        a = g / (1.0 + tl.math.exp2(g * -1.4426950408889634))
+    else:
+        a = gated_activation(g, ACT)
     return _round_to(a * u, ROUND)
+
+
+@triton.jit
+def _row_scale(amax, QMAX: tl.constexpr, MIN_S: tl.constexpr, RECIP: tl.constexpr):
+    """The row's scale (amax / QMAX, IEEE, floored at MIN_S) and, for RECIP, its IEEE reciprocal."""
+    scale = tl.maximum(tl.math.div_rn(amax, QMAX), MIN_S)
+    if RECIP:
+        inv = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+    else:
+        inv = scale
+    return scale, inv
 
 
 @triton.jit
@@ -131,30 +163,34 @@ def _gated_fp8_kernel(
     MIN_S: tl.constexpr,
     BLOCK: tl.constexpr,
     ONE_PASS: tl.constexpr,  # BLOCK >= n_cols: the row stays in registers, read once
+    RECIP: tl.constexpr = False,  # GatedVariant's options; the defaults are the current kernel
+    EXP2: tl.constexpr = False,
+    CLAMP: tl.constexpr = True,
 ):
     row = tl.program_id(0).to(tl.int64)
     g_row, u_row, q_row = g_ptr + row * stride_g, u_ptr + row * stride_u, q_ptr + row * stride_q
     if ONE_PASS:
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
-        v = _act_mul(g_row + cols, u_row + cols, mask, ACT, ROUND)
-        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(v), axis=0), QMAX), MIN_S)
+        v = _act_mul(g_row + cols, u_row + cols, mask, ACT, ROUND, EXP2)
+        scale, inv = _row_scale(tl.max(tl.abs(v), axis=0), QMAX, MIN_S, RECIP)
         tl.store(s_ptr + row, scale)
-        _quantize(v, scale, q_row + cols, mask, QMAX)
+        _quantize_row(v, scale, inv, q_row + cols, mask, QMAX, RECIP, CLAMP)
     else:
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
             amax = tl.maximum(
-                amax, tl.abs(_act_mul(g_row + cols, u_row + cols, mask, ACT, ROUND))
+                amax, tl.abs(_act_mul(g_row + cols, u_row + cols, mask, ACT, ROUND, EXP2))
             )  # masked: 0
-        scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), QMAX), MIN_S)
+        scale, inv = _row_scale(tl.max(amax, axis=0), QMAX, MIN_S, RECIP)
         tl.store(s_ptr + row, scale)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < n_cols
-            _quantize(_act_mul(g_row + cols, u_row + cols, mask, ACT, ROUND), scale, q_row + cols, mask, QMAX)
+            v = _act_mul(g_row + cols, u_row + cols, mask, ACT, ROUND, EXP2)
+            _quantize_row(v, scale, inv, q_row + cols, mask, QMAX, RECIP, CLAMP)
 
 
 def _outputs(like: Tensor) -> tuple[Tensor, Tensor]:
@@ -235,7 +271,57 @@ def rms_norm_fp8(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]
 _ACTS = {"silu": 0, "none": 1, "tanh": 2}  # activations.py's codes
 
 
-def _gated_fp8(gate: Tensor, up: Tensor, act: str, name: str) -> tuple[Tensor, Tensor]:
+@dataclass(frozen=True)
+class GatedVariant:
+    """Launch-time options of the gated FP8 kernel (issue 15); the defaults are the current kernel.
+
+    Each writes the current kernel's e4m3 bytes and scales bit for bit (tests/test_fp8_fused_variants.py) for
+    every finite row; a row whose act * up overflows float32 to inf (or holds NaN) has scale inf / NaN, and
+    its bytes, garbage either way, differ (recip: NaN for the whole row; clamp=False: NaN for that element):
+    recip: q = v / scale as q0 = v * inv, inv = div_rn(1, scale) once per row, then one exact FMA
+      correction q0 + (v - q0 * scale) * inv (Markstein's; div.rn's own fast path is this sequence with an
+      approximate reciprocal, behind a per-element range check and slow-path branch). Checked against
+      IEEE division for every (amax, v) pair of bfloat16 and of float16 values with |v| <= amax (1.07e9 /
+      1.01e9 pairs, benchmarks/RESULTS.md, 2026-11-28 silufp8): equal e4m3 bytes in all; the float32
+      quotients differ only below 1.1e-22 (bfloat16 subnormal v: the rest term underflows; e4m3 +-0 either
+      way, same sign). v * inv alone misses 44,554 / 46,108 of those bytes. float32 rows are not
+      exhaustible, so they keep div_rn. (Triton's interpreter rounds tl.fma twice: the tests patch it.)
+    exp2: silu's exp(-g) as exp2(g * -log2 e): tl.exp(-g) compiles to (0 - g) * log2 e then ex2.approx.f32,
+      this to g * -log2 e (the same float32 product up to the sign of zero, and ex2(+-0) = 1) then
+      ex2.approx.ftz.f32, the same MUFU.EX2 on the same input minus the fix-up that keeps results below
+      2^-126 subnormal; 1 + e rounds those to 1 either way. Compiled only: the interpreter's numpy
+      exp2 and exp differ in the last bits, so there it keeps tl.exp.
+    clamp=False: no +-448 clamp before the cast: |v| <= amax makes |q| <= 448 (1 + 2^-24), which the
+      saturating e4m3 cast rounds to 448 anyway.
+    warps / maxnreg: warps per one-pass row (None: the current 16) and ptxas's register cap, which sets
+      how many rows an SM holds (sm_90: 64K registers, 2,048 threads) and, below ~64, how late ptxas
+      issues the row's loads (it spreads them through the math to save registers).
+    """
+
+    recip: bool = False
+    exp2: bool = False
+    clamp: bool = True
+    warps: int | None = None
+    maxnreg: int | None = None
+
+
+# benchmarks/gpu_fp8_fused.py times each next to "current" (sm_90 compiles: benchmarks/RESULTS.md, silufp8).
+GATED_VARIANTS = {
+    "current": GatedVariant(),
+    "recip": GatedVariant(recip=True),  # 51 registers, 2 rows per SM
+    "lean": GatedVariant(recip=True, exp2=True, clamp=False, maxnreg=64),  # 2 rows per SM, loads first
+    "lean_w32": GatedVariant(recip=True, exp2=True, clamp=False, warps=32, maxnreg=32),  # 2 x 32 warps / SM
+    "lean_w8": GatedVariant(recip=True, exp2=True, clamp=False, warps=8, maxnreg=80),  # 3 rows per SM
+}
+
+
+def _interpreted() -> bool:
+    return type(_gated_fp8_kernel).__name__ == "InterpretedFunction"
+
+
+def _gated_fp8(
+    gate: Tensor, up: Tensor, act: str, name: str, variant: GatedVariant = GATED_VARIANTS["current"]
+) -> tuple[Tensor, Tensor]:
     if gate.shape != up.shape or not silu_supported(gate, up):
         raise ValueError(f"{name}: unsupported operands {tuple(gate.shape)} {gate.dtype} / "
                          f"{tuple(up.shape)} {up.dtype}; the lowering checks silu_supported")  # fmt: skip
@@ -250,16 +336,22 @@ def _gated_fp8(gate: Tensor, up: Tensor, act: str, name: str) -> tuple[Tensor, T
     one_pass = width <= ONE_PASS_MAX
     block = width if one_pass else min(_CHUNK, width)
     num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
+    launch: dict[str, int] = {}
+    if one_pass and block > 4096:  # the variants' launch applies to the wide rows it was chosen for
+        num_warps = variant.warps or num_warps
+        launch = {"maxnreg": variant.maxnreg} if variant.maxnreg and not _interpreted() else {}
     _gated_fp8_kernel[(g2.shape[0],)](
         g2, u2, q2, scale.view(-1), n_cols, g2.stride(0), u2.stride(0), q2.stride(0), ACT=_ACTS[act],
-        ROUND=_ROUND[out_dtype], QMAX=FP8_MAX, MIN_S=MIN_SCALE, BLOCK=block, ONE_PASS=one_pass, num_warps=num_warps,
+        ROUND=_ROUND[out_dtype], QMAX=FP8_MAX, MIN_S=MIN_SCALE, BLOCK=block, ONE_PASS=one_pass,
+        RECIP=variant.recip and out_dtype != torch.float32, EXP2=variant.exp2 and not _interpreted(),
+        CLAMP=variant.clamp, num_warps=num_warps, **launch,
     )  # fmt: skip
     return q, scale
 
 
-def silu_and_mul_fp8(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+def silu_and_mul_fp8(gate: Tensor, up: Tensor, variant: str = "current") -> tuple[Tensor, Tensor]:
     """Triton (e4m3 silu(gate) * up, per-token scale); gate and up may be strided slices of one GEMM output."""
-    return _gated_fp8(gate, up, "silu", "silu_and_mul_fp8")
+    return _gated_fp8(gate, up, "silu", "silu_and_mul_fp8", GATED_VARIANTS[variant])
 
 
 def gelu_and_mul_fp8(gate: Tensor, up: Tensor, approximate: str = "none") -> tuple[Tensor, Tensor]:
