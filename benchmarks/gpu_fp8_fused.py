@@ -11,6 +11,10 @@ Per GEMM and M (1, 16, 256, 2048), microseconds in a CUDA graph:
 and whether the two agree: the fraction of e4m3 bytes that differ, the largest relative scale difference,
 and the GEMM outputs' relative difference (Inductor's division is div.full.f32 by default, the fused
 kernel's div_rn: rare one-step differences are expected, quant_fused.py's docstring).
+The SiLU kernel's variants (down only; quant_fused.GATED_VARIANTS): each producer alone (`fused_<name>_producer`)
+at M = 1, 16, 256, 2048 and also 1000 and 8192 (there with the current and two-pass producers only), and
+`variant_bytes_differ` / `variant_scales_differ`: its e4m3 bytes and scales that are not the current kernel's
+(0 expected: the variants are bit-exact by construction, quant_fused.GatedVariant).
 qkv and gate_up read the post-attention / input add + RMSNorm's output (hidden 4096); down reads
 SiLU-and-mul of the gate_up output (intermediate 14336, gate and up as strided halves of one [M, 28672]).
 """
@@ -28,8 +32,10 @@ logger = logging.getLogger("fxllm.gpu.fp8")
 
 FUSED_CASES = {"qkv": ("norm", 4096, 6144), "gate_up": ("norm", 4096, 28672), "down": ("silu", 14336, 4096)}
 FUSED_ROWS = (1, 16, 256, 2048)
+VARIANT_ROWS = (1000, 8192)  # SiLU variants only: the engine's decode batch and a long prefill chunk
 SMOKE_CASES = {"qkv": ("norm", 64, 96), "down": ("silu", 128, 64)}
 SMOKE_ROWS = (1, 5)
+SMOKE_VARIANT_ROWS = (3,)
 
 Quant = tuple[torch.Tensor, torch.Tensor]
 
@@ -96,7 +102,10 @@ def fused_quant_section(
         gen = torch.Generator(device=device).manual_seed(5)
         w = torch.randn(n, k, device=device, generator=gen, dtype=torch.bfloat16) / k**0.5
         wq, ws = quantize_weight(w, "channel")
-        for m in SMOKE_ROWS if smoke else FUSED_ROWS:
+        rows = SMOKE_ROWS if smoke else FUSED_ROWS
+        if kind == "silu":
+            rows = rows + (SMOKE_VARIANT_ROWS if smoke else VARIANT_ROWS)
+        for m in rows:
             bf16, unfused, fused = _producers(kind, m, k, device, quant)
             paths: dict[str, Callable[[], Any]] = {
                 "bf16": lambda bf16=bf16, w=w: F.linear(bf16(), w),
@@ -108,22 +117,16 @@ def fused_quant_section(
             if kind == "silu":  # the SiLU kernel's two-pass walk (wide rows) on the same shape
                 paths["fused_2pass_producer"] = _two_pass(fused)
                 paths["fused_2pass"] = _then_gemm(_two_pass(fused), wq, ws)
-            row: dict[str, Any] = {}
-            for label, fn in paths.items():
-                try:
-                    fn()  # compiles Inductor's quantization for this shape before the graph capture
-                    row[label] = time_us(fn, device)
-                except Exception as exc:  # one path failing must not end the section
-                    row[label] = f"{type(exc).__name__}: {exc}"[:300]
-            try:
-                (qa, sa), (qb, sb) = unfused(), fused()
-                row["e4m3_bytes_differ"] = float(
-                    (qa.view(torch.uint8) != qb.view(torch.uint8)).float().mean()
-                )
-                row["scale_max_rel_diff"] = float(((sa - sb).abs() / sa).max())
-                row["gemm_rel_diff"] = _rel(paths["fused"](), paths["unfused"]())
-            except Exception as exc:
-                row["compare_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                variants = _variants(m, k, device)
+                paths |= {f"fused_{v}_producer": fn for v, fn in variants.items()}
+                if m in SMOKE_VARIANT_ROWS + VARIANT_ROWS:  # the producers alone at these M
+                    paths = {label: fn for label, fn in paths.items() if label.endswith("producer")}
+                    paths.pop("unfused_producer")
+            row = _time_paths(paths, device, time_us)
+            if kind == "silu":
+                row |= _variant_agreement(fused, variants)
+            if "unfused" in paths:
+                row |= _agreement(unfused, fused, paths)
             if isinstance(row.get("unfused"), float) and isinstance(row.get("fused"), float):
                 row["fused_speedup"] = row["unfused"] / row["fused"]
             results[f"{name} M={m}"] = row
@@ -131,8 +134,67 @@ def fused_quant_section(
     return results
 
 
+def _variants(m: int, k: int, device: str) -> dict[str, Callable[[], Quant]]:
+    """The SiLU kernel's variants other than the current one, on _producers' inputs (same seed)."""
+    from fxllm.backends.triton import quant_fused
+
+    gen = torch.Generator(device=device).manual_seed(m)
+    gate_up = torch.randn(m, 2 * k, device=device, generator=gen, dtype=torch.bfloat16) * 2
+    gate, up = gate_up[:, :k], gate_up[:, k:]
+    return {
+        name: lambda name=name: quant_fused.silu_and_mul_fp8(gate, up, variant=name)
+        for name in quant_fused.GATED_VARIANTS
+        if name != "current"
+    }
+
+
+def _time_paths(
+    paths: dict[str, Callable[[], Any]], device: str, time_us: Callable[[Callable[[], Any], str], float]
+) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    for label, fn in paths.items():
+        try:
+            fn()  # compiles Inductor's quantization / the Triton kernel for this shape before the graph capture
+            row[label] = time_us(fn, device)
+        except Exception as exc:  # one path failing must not end the section
+            row[label] = f"{type(exc).__name__}: {exc}"[:300]
+    return row
+
+
+def _variant_agreement(
+    fused: Callable[[], Quant], variants: dict[str, Callable[[], Quant]]
+) -> dict[str, Any]:
+    """Per variant, how many e4m3 bytes and scales are not the current kernel's (0 expected)."""
+    out: dict[str, Any] = {"variant_bytes_differ": {}, "variant_scales_differ": {}}
+    qa, sa = fused()
+    for name, fn in variants.items():
+        try:
+            qb, sb = fn()
+            out["variant_bytes_differ"][name] = int((qa.view(torch.uint8) != qb.view(torch.uint8)).sum())
+            out["variant_scales_differ"][name] = int((sa.view(torch.int32) != sb.view(torch.int32)).sum())
+        except Exception as exc:
+            out["variant_bytes_differ"][name] = f"{type(exc).__name__}: {exc}"[:300]
+    return out
+
+
+def _agreement(
+    unfused: Callable[[], Quant], fused: Callable[[], Quant], paths: dict[str, Callable[[], Any]]
+) -> dict[str, Any]:
+    """The unfused and the fused quantization: e4m3 bytes that differ, scales, GEMM outputs."""
+    try:
+        (qa, sa), (qb, sb) = unfused(), fused()
+        return {
+            "e4m3_bytes_differ": float((qa.view(torch.uint8) != qb.view(torch.uint8)).float().mean()),
+            "scale_max_rel_diff": float(((sa - sb).abs() / sa).max()),
+            "gemm_rel_diff": _rel(paths["fused"](), paths["unfused"]()),
+        }
+    except Exception as exc:
+        return {"compare_error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
 def fused_quant_table(rows: dict[str, Any]) -> list[str]:
-    """The section's rows as text lines (us; fused speed-up over unfused; e4m3 bytes that differ)."""
+    """The section's rows as text lines (us; fused speed-up over unfused; e4m3 bytes that differ), then the
+    SiLU variants' producers (us; the best variant's speed-up over the current kernel; bytes not the current's)."""
     labels = (
         "bf16",
         "unfused_producer",
@@ -148,13 +210,41 @@ def fused_quant_table(rows: dict[str, Any]) -> list[str]:
         + f" {'speedup':>8} {'bytes_diff':>10}"
     ]
     for case, row in rows.items():
-        cells = [
-            f"{row[label]:>20.1f}"
-            if isinstance(row.get(label), float)
-            else f"{'ERROR' if label in row else '-':>20}"
-            for label in labels
-        ]
+        if "unfused" not in row:
+            continue
         speed = f"{row['fused_speedup']:>8.2f}" if "fused_speedup" in row else f"{'-':>8}"
         differ = f"{row['e4m3_bytes_differ']:>10.2e}" if "e4m3_bytes_differ" in row else f"{'-':>10}"
-        lines.append(f"{case:<16}" + "".join(f" {c}" for c in cells) + f" {speed} {differ}")
+        lines.append(
+            f"{case:<16}" + "".join(f" {_cell(row, label)}" for label in labels) + f" {speed} {differ}"
+        )
+    variant_rows = {case: row for case, row in rows.items() if "variant_bytes_differ" in row}
+    if variant_rows:
+        names = list(next(iter(variant_rows.values()))["variant_bytes_differ"])
+        labels = ("fused_producer", "fused_2pass_producer", *(f"fused_{name}_producer" for name in names))
+        heads = ("current", "2pass", *names)
+        lines.append(
+            f"{'silu variants':<16}" + "".join(f" {h:>20}" for h in heads) + f" {'best':>8} {'differ':>10}"
+        )
+        for case, row in variant_rows.items():
+            times = [
+                row[f"fused_{name}_producer"]
+                for name in names
+                if isinstance(row.get(f"fused_{name}_producer"), float)
+            ]
+            current = row.get("fused_producer")
+            best = f"{current / min(times):>8.2f}" if times and isinstance(current, float) else f"{'-':>8}"
+            diffs = list(row["variant_bytes_differ"].values()) + list(row["variant_scales_differ"].values())
+            differ = (
+                sum(d for d in diffs if isinstance(d, int))
+                if all(isinstance(d, int) for d in diffs)
+                else "ERROR"
+            )
+            lines.append(
+                f"{case:<16}" + "".join(f" {_cell(row, label)}" for label in labels) + f" {best} {differ:>10}"
+            )
     return lines
+
+
+def _cell(row: dict[str, Any], label: str) -> str:
+    value = row.get(label)
+    return f"{value:>20.1f}" if isinstance(value, float) else f"{'ERROR' if label in row else '-':>20}"
