@@ -19,33 +19,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
 import io
 import os
 
 import pytest
 import torch
+from triton_quant_fused import DEVICE, activations, norms, quant_fused
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":  # before the kernel modules are imported (see tests/test_triton_kernels.py)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton", reason="triton is not installed")
-
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-import fxllm  # noqa: E402
-import fxllm.backends.triton as tb  # noqa: E402
-from fxllm.backends.registry import OpSite, choose_implementation  # noqa: E402
-from fxllm.backends.triton import activations, norms, quant_fused  # noqa: E402
-from fxllm.config import load_config  # noqa: E402
-from fxllm.models import load_model  # noqa: E402
-from fxllm.ops.fp8_fused import fused_add_rms_norm_fp8_reference, silu_and_mul_fp8_reference  # noqa: E402
-from fxllm.passes.lower_ops import lowering_decisions  # noqa: E402
-from fxllm.quantization.fp8 import FP8_DTYPE, FP8_MAX, MIN_SCALE, quantize_activation  # noqa: E402
-
-if DEVICE == "cpu" and not isinstance(quant_fused._add_rms_norm_fp8_kernel, InterpretedFunction):
-    tb.patch_interpreter()  # another module imported the kernels before TRITON_INTERPRET=1: re-import
-    norms, activations, quant_fused = (importlib.reload(m) for m in (norms, activations, quant_fused))
+import fxllm
+import fxllm.backends.triton as tb
+from fxllm.backends.registry import OpSite, choose_implementation
+from fxllm.config import load_config
+from fxllm.models import load_model
+from fxllm.ops.fp8_fused import fused_add_rms_norm_fp8_reference, silu_and_mul_fp8_reference
+from fxllm.passes.lower_ops import lowering_decisions
+from fxllm.quantization.fp8 import FP8_DTYPE, FP8_MAX, MIN_SCALE, quantize_activation
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 FUSED_OPS = ("fused_add_rms_norm_fp8", "rms_norm_fp8", "silu_and_mul_fp8", "gelu_and_mul_fp8")

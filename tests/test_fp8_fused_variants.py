@@ -11,7 +11,6 @@ many of them, the values whose quotient v / scale a plain v * (1 / scale) rounds
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Iterator
 from fractions import Fraction
@@ -19,22 +18,13 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from triton_quant_fused import DEVICE, activations, quant_fused
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":  # before the kernel modules are imported (see tests/test_triton_kernels.py)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton", reason="triton is not installed")
+from fxllm.quantization.fp8 import FP8_MAX, MIN_SCALE
 
-from triton.runtime import interpreter  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-import fxllm.backends.triton as tb  # noqa: E402
-from fxllm.backends.triton import activations, norms, quant_fused  # noqa: E402
-from fxllm.quantization.fp8 import FP8_MAX, MIN_SCALE  # noqa: E402
-
-if DEVICE == "cpu" and not isinstance(quant_fused._gated_fp8_kernel, InterpretedFunction):
-    tb.patch_interpreter()  # another module imported the kernels before TRITON_INTERPRET=1: re-import
-    norms, activations, quant_fused = (importlib.reload(m) for m in (norms, activations, quant_fused))
+interpreter = pytest.importorskip(
+    "triton.runtime.interpreter"
+)  # after triton_quant_fused set TRITON_INTERPRET
 
 VARIANTS = [name for name in quant_fused.GATED_VARIANTS if name != "current"]
 HARD_AMAX = {torch.bfloat16: 392.0, torch.float16: 13.34375, torch.float32: 392.0}
