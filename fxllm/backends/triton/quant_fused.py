@@ -50,15 +50,9 @@ def _round_to(v, ROUND: tl.constexpr):
 
 
 @triton.jit
-def _quantize(v, scale, q_ptrs, mask, QMAX: tl.constexpr):
-    q = tl.math.div_rn(v, scale)
-    q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
-    tl.store(q_ptrs, q.to(q_ptrs.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _quantize_row(v, scale, inv, q_ptrs, mask, QMAX: tl.constexpr, RECIP: tl.constexpr, CLAMP: tl.constexpr):
-    """_quantize, or (RECIP) v / scale as v * inv plus one exact FMA correction (GatedVariant says why)."""
+    """v / scale (IEEE), clamped to +-QMAX (CLAMP) and cast to the e4m3 store; with RECIP the quotient is
+    v * inv plus one exact FMA correction (GatedVariant says why)."""
     if RECIP:
         q0 = v * inv
         # -x as x * -1.0: Triton's unary minus is 0 - x, which turns -0 into +0 (the e4m3 byte of -0 is 0x80).
@@ -119,7 +113,8 @@ def _add_rms_norm_fp8_kernel(
     # Masked columns are 0 (x, r and w load 0), so they leave the amax alone.
     scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(out), axis=1), QMAX), MIN_S)
     tl.store(s_ptr + rows, scale, mask=row_ok)
-    _quantize(out, scale[:, None], q_ptr + rows[:, None] * stride_q + cols[None, :], mask, QMAX)
+    q_ptrs = q_ptr + rows[:, None] * stride_q + cols[None, :]
+    _quantize_row(out, scale[:, None], scale[:, None], q_ptrs, mask, QMAX, False, True)  # RECIP off, CLAMP on
 
 
 @triton.jit
