@@ -294,7 +294,9 @@ def test_operator_targets_round_trip() -> None:
 
 def test_the_first_key_of_a_process_equals_its_later_ones(tmp_path: Path) -> None:
     """The key reads the op-backend registry, which the device's backends fill on import: a fresh process
-    must compute the same key before and after they are imported (its first start used to miss)."""
+    must compute the same key before and after they are imported (its first start used to miss), and
+    after another device's backends are imported too (a CPU start after a test that imported the CUDA
+    collectives used to compile again instead of loading)."""
     import subprocess
     import sys
 
@@ -308,12 +310,36 @@ def test_the_first_key_of_a_process_equals_its_later_ones(tmp_path: Path) -> Non
         "args = (config, model, 'tiny-llama', torch.device('cpu'), torch.float32)\n"
         "first = start_key(*args)[0]\n"
         "import fxllm.passes.lower_ops, fxllm.backends.cpu\n"
-        "print(first == start_key(*args)[0])\n"
+        "second = start_key(*args)[0]\n"
+        "from fxllm.backends.registry import import_device_backends\n"
+        "import_device_backends(torch.device('cuda'))\n"
+        "print(first == second == start_key(*args)[0])\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True
     )
     assert out.stdout.strip().splitlines()[-1] == "True", out.stderr[-2000:]
+
+
+def _user_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def test_a_user_op_backend_is_in_the_key_with_its_priority_and_file() -> None:
+    """fxllm's own backends are covered by its source digests; a user's backend is keyed by its name,
+    priority and the file that defines it, so a changed user kernel misses."""
+    from fxllm.backends.registry import register_op_backend, unregister_op_backend
+
+    before = cache_key.registered_code()[0][1]
+    register_op_backend("silu_and_mul", "test_user_silu", _user_silu_and_mul, priority=0)
+    try:
+        after = cache_key.registered_code()[0][1]
+    finally:
+        unregister_op_backend("silu_and_mul", "test_user_silu")
+    entry = ("test_user_silu", 0, cache_key.digest(Path(__file__).read_bytes()))
+    assert entry in after["silu_and_mul"] and entry not in before.get("silu_and_mul", [])
+    assert all(name != "triton" for impls in after.values() for name, *_ in impls)
 
 
 def test_cpu_freezing_is_a_config_option_the_graph_carries(

@@ -56,6 +56,7 @@ class OpImplementation:
     load_target: Callable[[], torch._ops.OpOverload | None]  # None: unavailable here (e.g. did not build)
     supports: Supports
     priority: int = 0  # higher wins when the config does not choose; <= 0: only where the config names it
+    code: object = None  # the registered fn or target: where a user's kernel is defined (compile cache key)
     _target: list[torch._ops.OpOverload | None] = field(default_factory=list, repr=False)
 
     def target(self) -> torch._ops.OpOverload | None:
@@ -123,7 +124,7 @@ def register_op_backend(
     else:
         loader = target  # type: ignore[assignment]
     _IMPLS.setdefault(op, {})[name] = OpImplementation(
-        op, name, loader, supports or (lambda _site: True), priority
+        op, name, loader, supports or (lambda _site: True), priority, fn if fn is not None else target
     )
 
 
@@ -135,6 +136,19 @@ def unregister_op_backend(op: str, name: str) -> None:
 def op_backends(op: str) -> list[str]:
     """Names of every backend of `op`, the reference first."""
     return [REFERENCE, *sorted(_IMPLS.get(op, {}))]
+
+
+def registered_code(impl: OpImplementation) -> object:
+    """The function (or op) registered as `impl`, out of any functools.partial around it."""
+    code = impl.code
+    while isinstance(code, functools.partial):
+        code = code.func
+    return code
+
+
+def is_builtin(impl: OpImplementation) -> bool:
+    """Whether fxllm's own package registered `impl` (its code is in the compile cache key's source digests)."""
+    return str(getattr(registered_code(impl), "__module__", None) or "").startswith("fxllm.")
 
 
 def implementation(op: str, name: str) -> OpImplementation:

@@ -126,10 +126,14 @@ def _source_file_digest(fn: Any) -> str | None:
 
 
 def registered_code() -> tuple[list[Any], list[str]]:
-    """What the registries hold that fxllm's own sources do not cover: every user pass (where it is
-    defined, and a digest of that file) and every op backend with its priority; and the names of passes
-    whose code has no file, which the cache cannot tell apart from another version of themselves."""
-    from fxllm.backends.registry import REFERENCE, implementation, op_backends
+    """What the registries hold that fxllm's own sources do not cover: every user pass and every user op
+    backend (where it is defined, a digest of that file, a backend's priority); and the names of passes
+    whose code has no file, which the cache cannot tell apart from another version of themselves.
+
+    fxllm's own backends are left out: their code is in the source digests, and which of them a process
+    has imported (the CUDA collectives after a tensor-parallel test, say) must not change the key."""
+    from fxllm.backends.registry import REFERENCE, implementation, is_builtin, op_backends
+    from fxllm.backends.registry import registered_code as code_of
     from fxllm.ops.registry import canonical_ops
     from fxllm.passes.pipeline import ordered_passes
 
@@ -147,10 +151,14 @@ def registered_code() -> tuple[list[Any], list[str]]:
         if None in digests:
             unhashable.append(spec.name)
         passes.append((spec.name, spec.stage, spec.needs_runtime, sorted(map(str, digests))))
-    backends = {
-        op: [(name, implementation(op, name).priority) for name in op_backends(op) if name != REFERENCE]
-        for op in sorted(canonical_ops())
-    }
+    backends: dict[str, list[Any]] = {}
+    for op in sorted(canonical_ops()):
+        impls = [implementation(op, name) for name in op_backends(op) if name != REFERENCE]
+        user = [
+            (i.name, i.priority, str(_source_file_digest(code_of(i)))) for i in impls if not is_builtin(i)
+        ]
+        if user:
+            backends[op] = user
     return [passes, backends], unhashable
 
 
