@@ -15,8 +15,8 @@ import pytest
 
 import fxllm.llm
 import fxllm.serve.server
+from fxllm.runtime.gc_heap import STARTUP_THRESHOLDS, startup_gc
 from fxllm.serve.serve_cli import serve_main
-from fxllm.serve.startup_gc import STARTUP_THRESHOLDS, startup_gc
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fxllm.serve.startup_gc import startup_gc
+from fxllm.runtime.gc_heap import startup_gc
 
 with startup_gc():  # imports torch and the server stack; serve_main's own covers the build
     from fxllm.serve.serve_cli import serve_main

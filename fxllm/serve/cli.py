@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fxllm` console script."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "serve":  # serve owns its flags (argparse REMAINDER drops leading --options)
-        from fxllm.serve.startup_gc import startup_gc
+        from fxllm.runtime.gc_heap import startup_gc
 
         with startup_gc():  # the server's imports (torch, fastapi, ...); serve_main's own covers the build
             from fxllm.serve.server import serve_main

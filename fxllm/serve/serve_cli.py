@@ -81,7 +81,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, TypeError) as exc:
         logger.error("bad configuration: %s", exc)
         return 2
-    from fxllm.serve.startup_gc import startup_gc
+    from fxllm.runtime.gc_heap import startup_gc
 
     with startup_gc():  # the defaults again before the server takes requests
         from fxllm.llm import LLM
