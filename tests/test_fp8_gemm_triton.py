@@ -13,31 +13,15 @@ _scaled_mm. A scale-layout bug (a transposed or misindexed scale) gives O(1) err
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
+from triton_interpreted import DEVICE, interpreted
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton", reason="triton is not installed")
+from fxllm.backends.registry import OpSite, choose_implementation
+from fxllm.ops.fp8_gemm import fp8_gemm_reference
+from fxllm.quantization.fp8 import quantize_activation, quantize_weight
 
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-import fxllm.backends.triton as tb  # noqa: E402
-from fxllm.backends.registry import OpSite, choose_implementation  # noqa: E402
-from fxllm.backends.triton import fp8_gemm, gemv  # noqa: E402
-from fxllm.ops.fp8_gemm import fp8_gemm_reference  # noqa: E402
-from fxllm.quantization.fp8 import quantize_activation, quantize_weight  # noqa: E402
-
-if DEVICE == "cpu" and not isinstance(gemv._gemv_kernel, InterpretedFunction):
-    tb.patch_interpreter()  # imported as a GPU kernel before TRITON_INTERPRET=1 was set: re-import
-    gemv = importlib.reload(gemv)
-    fp8_gemm = importlib.reload(fp8_gemm)
-if DEVICE == "cpu":
-    tb.patch_interpreter()
+gemv, fp8_gemm = interpreted("gemv", "fp8_gemm")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

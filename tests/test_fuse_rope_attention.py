@@ -15,18 +15,14 @@ left alone (no fused kernel there), with a note.
 from __future__ import annotations
 
 import copy
-import os
 from typing import Any
 
 import pytest
 import torch
+from triton_interpreted import DEVICE, interpreted
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from fxllm import LLM, SamplingParams  # noqa: E402
-from fxllm.ops import paged_attention_rope_reference  # noqa: E402
+from fxllm import LLM, SamplingParams
+from fxllm.ops import paged_attention_rope_reference
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 # (q_lens, ctx_lens, extra make_paged_case arguments): decode with a padding token and sequence, chunked
@@ -46,17 +42,7 @@ SMALL_LAUNCH = {"block_m": 16, "block_n": 16, "num_splits": 3}
 @pytest.fixture(scope="module")
 def kernels() -> tuple[Any, Any, Any]:
     """The Triton attention and RoPE kernel modules, interpreted on a CPU-only machine."""
-    pytest.importorskip("triton", reason="triton is not installed")
-    import importlib
-
-    from triton.runtime.interpreter import InterpretedFunction
-
-    import fxllm.backends.triton as tb
-    from fxllm.backends.triton import paged_attention, rotary, selfcheck
-
-    if DEVICE == "cpu" and not isinstance(rotary._rope_kernel, InterpretedFunction):
-        tb.patch_interpreter()  # imported as GPU kernels before TRITON_INTERPRET=1 was set: reload
-        paged_attention, rotary = importlib.reload(paged_attention), importlib.reload(rotary)
+    paged_attention, rotary, selfcheck = interpreted("paged_attention", "rotary", "selfcheck")
     return paged_attention, rotary, selfcheck
 
 

@@ -8,11 +8,10 @@ relative error < 1e-5 in float32 (only the summation order differs).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-import pytest
 import torch
+from triton_interpreted import DEVICE, interpreted
 
 from fxllm.ops import paged_attention_reference
 
@@ -21,10 +20,7 @@ CTX_LENS = [37, 20, 9 + 40, 18, 1, 12]  # the first query of each sits right aft
 
 
 def _case(device: str = "cpu") -> Any:
-    if device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    from fxllm.backends.triton import selfcheck
-
+    (selfcheck,) = interpreted("selfcheck")
     return selfcheck.make_paged_case(Q_LENS, CTX_LENS, 8, 2, 32, pad_tokens=2, seed=3, device=device)
 
 
@@ -33,7 +29,6 @@ def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def test_cpu_kernel_verify_shapes(native_op) -> None:
-    pytest.importorskip("triton", reason="the case builder lives in the Triton backend's selfcheck")
     c = _case()
     args = (c.q, c.k, c.v)
     tail = (c.slot_mapping, c.block_tables, c.seq_lens, c.query_start_loc, c.scale, -1, 0.0, None)
@@ -43,21 +38,7 @@ def test_cpu_kernel_verify_shapes(native_op) -> None:
 
 
 def test_triton_kernel_verify_shapes() -> None:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    pytest.importorskip("triton", reason="triton is not installed")
-    import importlib
-
-    from triton.runtime.interpreter import InterpretedFunction
-
-    import fxllm.backends.triton as tb
-    from fxllm.backends.triton import norms, paged_attention, selfcheck
-
-    if device == "cpu" and not isinstance(norms._rms_norm_kernel, InterpretedFunction):
-        tb.patch_interpreter()  # kernels were imported before the interpreter was on: reload them
-        importlib.reload(paged_attention)
-        selfcheck = importlib.reload(selfcheck)
-    c = selfcheck.make_paged_case(Q_LENS, CTX_LENS, 8, 2, 32, pad_tokens=2, seed=3, device=device)
+    _, selfcheck = interpreted("paged_attention", "selfcheck")
+    c = selfcheck.make_paged_case(Q_LENS, CTX_LENS, 8, 2, 32, pad_tokens=2, seed=3, device=DEVICE)
     result = selfcheck.check_paged(c, "verify", block_m=16, block_n=16, num_splits=3)
     assert result["ok"], result

@@ -9,48 +9,22 @@ unused cache slots hold NaN, so unwritten outputs and stray reads fail.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import pytest
 import torch
 
-# On a CPU-only machine the kernels run in Triton's interpreter, which triton.jit picks when the kernel
-# modules are imported, so TRITON_INTERPRET=1 is set before that import (and stays set: triton reads it
-# again lazily; nothing else runs Triton kernels on a machine without a GPU). With a GPU the same tests
-# run the compiled kernels on CUDA.
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton", reason="triton is not installed")
+# On a CPU-only machine the kernels run in Triton's interpreter (tests/triton_interpreted.py); with a GPU the
+# same tests run the compiled kernels on CUDA.
+from triton_interpreted import DEVICE, interpreted
 
-import importlib  # noqa: E402
+import fxllm.backends.triton as tb
+from fxllm.backends.registry import OpSite, choose_implementation, op_backends
+from fxllm.ops import paged_attention_reference, rms_norm_reference, rotary_embedding_reference
 
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
-import fxllm.backends.triton as tb  # noqa: E402
-from fxllm.backends.registry import OpSite, choose_implementation, op_backends  # noqa: E402
-from fxllm.backends.triton import activations, gemv, norms, paged_attention, rotary, selfcheck  # noqa: E402
-from fxllm.ops import paged_attention_reference, rms_norm_reference, rotary_embedding_reference  # noqa: E402
-
-_KERNEL_MODULES = (activations, gemv, norms, paged_attention, rotary)
-
-
-def _interpreted(module: object) -> bool:
-    return any(isinstance(v, InterpretedFunction) for v in vars(module).values())
-
-
-if DEVICE == "cpu" and not all(_interpreted(m) for m in _KERNEL_MODULES):
-    # Another test module imported the kernels before TRITON_INTERPRET=1 was set, so triton.jit made
-    # them GPU kernels: re-import the kernel modules now that the interpreter is on, so these tests run
-    # whatever the import order (triton.jit reads TRITON_INTERPRET when a kernel is defined). Every module
-    # is checked: another test module may have re-imported only some of them (norms, for the epilogue).
-    tb.patch_interpreter()
-    activations, gemv, norms, paged_attention, rotary = (
-        importlib.reload(module) for module in (activations, gemv, norms, paged_attention, rotary)
-    )
-    selfcheck = importlib.reload(selfcheck)
-    assert isinstance(norms._rms_norm_kernel, InterpretedFunction), "Triton's interpreter could not be set up"
+activations, gemv, norms, paged_attention, rotary, selfcheck = interpreted(
+    "activations", "gemv", "norms", "paged_attention", "rotary", "selfcheck"
+)
 
 DTYPES = [torch.float32, torch.bfloat16]
 OPS = (
