@@ -11,6 +11,14 @@ from model_fixtures import first_layers
 
 from fxllm.models import LoadedModel, load_model
 
+# Under pytest-xdist (`-n 2`) the workers share the cores: each gets its share of threads, and so do the
+# servers and ranks it spawns (OpenMP threads spinning on a core another worker holds cost seconds a step).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
+    torch.set_num_threads(_THREADS)
+
 # Where a build's compile.cache_dir points the process's caches (fxllm.compiler.cache.use_cache_root sets these):
 # put back after every test and every module, so that one test's temporary root does not become every later
 # test's (their graphs cold again, and fxllm's C++ kernels built again by each rank spawned after it).
