@@ -340,6 +340,15 @@ def test_a_user_op_backend_is_in_the_key_with_its_priority_and_file() -> None:
     entry = ("test_user_silu", 0, cache_key.digest(Path(__file__).read_bytes()))
     assert entry in after["silu_and_mul"] and entry not in before.get("silu_and_mul", [])
     assert all(name != "triton" for impls in after.values() for name, *_ in impls)
+    # fxllm's own function registered by a user is the user's backend: its name and priority pick kernels.
+    from fxllm.ops import rms_norm_reference
+
+    register_op_backend("rms_norm", "test_user_reference", rms_norm_reference, priority=7)
+    try:
+        keyed = cache_key.registered_code()[0][1]["rms_norm"]
+    finally:
+        unregister_op_backend("rms_norm", "test_user_reference")
+    assert [(name, priority) for name, priority, _ in keyed] == [("test_user_reference", 7)]
 
 
 def test_cpu_freezing_is_a_config_option_the_graph_carries(

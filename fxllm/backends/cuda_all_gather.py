@@ -120,4 +120,4 @@ def supports(site: OpSite) -> bool:
     return isinstance(group_name, str) and group_size in _WORLD_SIZES
 
 
-register_op_backend("all_gather", BACKEND, all_gather, supports=supports, priority=PRIORITY)
+register_op_backend("all_gather", BACKEND, all_gather, supports=supports, _builtin=True, priority=PRIORITY)

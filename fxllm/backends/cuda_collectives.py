@@ -185,9 +185,16 @@ def supports(site: OpSite) -> bool:
 def _register() -> None:
     import fxllm.ops  # noqa: F401  (the canonical ops exist before backends register for them)
 
-    register_op_backend("all_reduce", BACKEND, all_reduce, supports=supports, priority=PRIORITY)
     register_op_backend(
-        "all_reduce_add_rms_norm", BACKEND, all_reduce_add_rms_norm, supports=supports, priority=PRIORITY
+        "all_reduce", BACKEND, all_reduce, supports=supports, _builtin=True, priority=PRIORITY
+    )
+    register_op_backend(
+        "all_reduce_add_rms_norm",
+        BACKEND,
+        all_reduce_add_rms_norm,
+        supports=supports,
+        _builtin=True,
+        priority=PRIORITY,
     )
 
 

@@ -207,9 +207,11 @@ def _supports_fused(site: OpSite) -> bool:
 def _register() -> None:
     import fxllm.ops  # noqa: F401  (the canonical ops exist before backends register for them)
 
-    register_op_backend("all_reduce", BACKEND, all_reduce, supports=supports, priority=PRIORITY)
+    register_op_backend(
+        "all_reduce", BACKEND, all_reduce, supports=supports, _builtin=True, priority=PRIORITY
+    )
     register_op_backend("all_reduce_add_rms_norm", BACKEND, all_reduce_add_rms_norm, supports=_supports_fused,
-                        priority=FUSED_PRIORITY)  # fmt: skip
+                        _builtin=True, priority=FUSED_PRIORITY)  # fmt: skip
 
 
 _register()

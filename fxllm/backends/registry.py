@@ -57,6 +57,7 @@ class OpImplementation:
     supports: Supports
     priority: int = 0  # higher wins when the config does not choose; <= 0: only where the config names it
     code: object = None  # the registered fn or target: where a user's kernel is defined (compile cache key)
+    builtin: bool = False  # registered by fxllm's own backends (their code is in the key's source digests)
     _target: list[torch._ops.OpOverload | None] = field(default_factory=list, repr=False)
 
     def target(self) -> torch._ops.OpOverload | None:
@@ -102,12 +103,14 @@ def register_op_backend(
     target: torch._ops.OpOverload | Callable[[], torch._ops.OpOverload | None] | None = None,
     supports: Supports | None = None,
     priority: int = 0,
+    _builtin: bool = False,
 ) -> None:
     """Register backend `name` of canonical op `op`: a Python `fn` with the op's signature (defined as
     `fxllm_<name>::<op>`), or an existing op `target` (or a loader returning one, None if unavailable).
 
     The lowering picks it for nodes it `supports` when its priority beats the reference's (0) and
     every other supporting backend's; with priority <= 0 it runs only where compile.op_backends names it.
+    (`_builtin`: fxllm's own backends, left out of the compile cache key, which digests their sources.)
     """
     if name == REFERENCE:
         raise ValueError(f"backend name {REFERENCE!r} is the built-in reference; pick another name")
@@ -124,7 +127,13 @@ def register_op_backend(
     else:
         loader = target  # type: ignore[assignment]
     _IMPLS.setdefault(op, {})[name] = OpImplementation(
-        op, name, loader, supports or (lambda _site: True), priority, fn if fn is not None else target
+        op,
+        name,
+        loader,
+        supports or (lambda _site: True),
+        priority,
+        fn if fn is not None else target,
+        _builtin,
     )
 
 
@@ -144,11 +153,6 @@ def registered_code(impl: OpImplementation) -> object:
     while isinstance(code, functools.partial):
         code = code.func
     return code
-
-
-def is_builtin(impl: OpImplementation) -> bool:
-    """Whether fxllm's own package registered `impl` (its code is in the compile cache key's source digests)."""
-    return str(getattr(registered_code(impl), "__module__", None) or "").startswith("fxllm.")
 
 
 def implementation(op: str, name: str) -> OpImplementation:

@@ -49,11 +49,11 @@ def _register() -> None:
 
     for op, check in (("paged_attention", supports_attention), ("packed_linear", supports)):
         register_op_backend(
-            op, BACKEND, target=lambda op=op: native.op(op), supports=check, priority=PRIORITY
+            op, BACKEND, target=lambda op=op: native.op(op), supports=check, _builtin=True, priority=PRIORITY
         )
     # fxllm::linear, where the packed kernel above cannot take a linear (pack_linears hands it over).
     register_op_backend("linear", onednn_linear.BACKEND, target=lambda: native.op("onednn_linear"),
-                        supports=onednn_linear.supports, priority=onednn_linear.PRIORITY)  # fmt: skip
+                        supports=onednn_linear.supports, _builtin=True, priority=onednn_linear.PRIORITY)  # fmt: skip
 
 
 _register()

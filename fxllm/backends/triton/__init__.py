@@ -130,7 +130,7 @@ def _register() -> bool:
         "paged_attention_rope": paged_attention.paged_attention_rope,
     }
     for op, fn in kernels.items():
-        register_op_backend(op, BACKEND, fn, supports=supports, priority=PRIORITY)
+        register_op_backend(op, BACKEND, fn, supports=supports, _builtin=True, priority=PRIORITY)
     # The attention kernels' launch variants other than the default (paged_attention.VARIANTS): only where
     # compile.op_backends names them, e.g. {paged_attention_rope: triton_separate_write}.
     for variant, knobs in paged_attention.VARIANTS.items():
@@ -138,22 +138,27 @@ def _register() -> bool:
             continue
         for op in ("paged_attention", "paged_attention_rope"):
             register_op_backend(
-                op, variant, functools.partial(kernels[op], **knobs), supports=supports, priority=0
+                op,
+                variant,
+                functools.partial(kernels[op], **knobs),
+                supports=supports,
+                _builtin=True,
+                priority=0,
             )
     # Only where named (compile.op_backends: {linear: triton}): inside CUDA graphs on the H100 cuBLAS
     # already streams Llama-3.1-8B's weights at 2.5-2.9 TB/s at M = 1 and the GEMV measured 0.84-1.0x of
     # it (benchmarks/gpu_gemv.py, RESULTS.md), so by default the reference (aten.linear, cuBLAS) runs.
-    register_op_backend("linear", BACKEND, gemv.linear, supports=supports, priority=0)
+    register_op_backend("linear", BACKEND, gemv.linear, supports=supports, _builtin=True, priority=0)
     from fxllm.backends.triton import fp8_gemm, quant_fused
 
     # Producers with the FP8 activation quantization fused in (emitted by fuse_fp8_quant when it is on).
-    register_op_backend("fused_add_rms_norm_fp8", BACKEND, quant_fused.fused_add_rms_norm_fp8, priority=PRIORITY,
+    register_op_backend("fused_add_rms_norm_fp8", BACKEND, quant_fused.fused_add_rms_norm_fp8, _builtin=True, priority=PRIORITY,
                         supports=lambda site: supports(site) and len(site.args) >= 3 and quant_fused.norm_supported(*site.args[:3]))  # fmt: skip
-    register_op_backend("rms_norm_fp8", BACKEND, quant_fused.rms_norm_fp8, priority=PRIORITY,
+    register_op_backend("rms_norm_fp8", BACKEND, quant_fused.rms_norm_fp8, _builtin=True, priority=PRIORITY,
                         supports=lambda site: supports(site) and len(site.args) >= 2 and quant_fused.norm_supported(site.args[0], None, site.args[1]))  # fmt: skip
-    register_op_backend("silu_and_mul_fp8", BACKEND, quant_fused.silu_and_mul_fp8, priority=PRIORITY,
+    register_op_backend("silu_and_mul_fp8", BACKEND, quant_fused.silu_and_mul_fp8, _builtin=True, priority=PRIORITY,
                         supports=lambda site: supports(site) and len(site.args) >= 2 and quant_fused.silu_supported(*site.args[:2]))  # fmt: skip
-    register_op_backend("gelu_and_mul_fp8", BACKEND, quant_fused.gelu_and_mul_fp8, priority=PRIORITY,
+    register_op_backend("gelu_and_mul_fp8", BACKEND, quant_fused.gelu_and_mul_fp8, _builtin=True, priority=PRIORITY,
                         supports=lambda site: supports(site) and len(site.args) >= 2 and quant_fused.silu_supported(*site.args[:2])
                         and (len(site.args) < 3 or site.args[2] in ("none", "tanh")))  # fmt: skip
 
@@ -163,9 +168,9 @@ def _register() -> bool:
 
     # FP8 GEMMs (fxllm/backends/triton/fp8_gemm.py says why): _scaled_mm wherever it takes the shape, the
     # Triton weight stream where it does not (K or N not a multiple of 16) or where compile.op_backends names it.
-    register_op_backend("fp8_gemm", "scaled_mm", fp8_gemm.scaled_mm_gemm, priority=PRIORITY,
+    register_op_backend("fp8_gemm", "scaled_mm", fp8_gemm.scaled_mm_gemm, _builtin=True, priority=PRIORITY,
                         supports=lambda site: fp8_site(site, fp8_gemm.supported_by_scaled_mm))  # fmt: skip
-    register_op_backend("fp8_gemm", BACKEND, fp8_gemm.triton_gemm, priority=PRIORITY - 5,
+    register_op_backend("fp8_gemm", BACKEND, fp8_gemm.triton_gemm, _builtin=True, priority=PRIORITY - 5,
                         supports=lambda site: fp8_site(site, fp8_gemm.supported))  # fmt: skip
     return True
 

@@ -243,4 +243,4 @@ def supports(site: OpSite) -> bool:
 
 
 register_op_backend("all_reduce_add_rms_norm", BACKEND, all_reduce_add_rms_norm, supports=supports,
-                    priority=PRIORITY)  # fmt: skip
+                    _builtin=True, priority=PRIORITY)  # fmt: skip
