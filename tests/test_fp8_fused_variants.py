@@ -22,9 +22,8 @@ from triton_quant_fused import DEVICE, activations, quant_fused
 
 from fxllm.quantization.fp8 import FP8_MAX, MIN_SCALE
 
-interpreter = pytest.importorskip(
-    "triton.runtime.interpreter"
-)  # after triton_quant_fused set TRITON_INTERPRET
+# Importable here: triton_quant_fused skipped this module where triton is missing and set TRITON_INTERPRET.
+interpreter = pytest.importorskip("triton.runtime.interpreter")
 
 VARIANTS = [name for name in quant_fused.GATED_VARIANTS if name != "current"]
 HARD_AMAX = {torch.bfloat16: 392.0, torch.float16: 13.34375, torch.float32: 392.0}

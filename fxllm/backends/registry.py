@@ -60,6 +60,13 @@ class OpImplementation:
     builtin: bool = False  # registered by fxllm's own backends (their code is in the key's source digests)
     _target: list[torch._ops.OpOverload | None] = field(default_factory=list, repr=False)
 
+    def defining_code(self) -> object:
+        """The function (or op) registered, out of any functools.partial around it."""
+        code = self.code
+        while isinstance(code, functools.partial):
+            code = code.func
+        return code
+
     def target(self) -> torch._ops.OpOverload | None:
         """The op that lowered nodes call (loaded once)."""
         if not self._target:
@@ -145,14 +152,6 @@ def unregister_op_backend(op: str, name: str) -> None:
 def op_backends(op: str) -> list[str]:
     """Names of every backend of `op`, the reference first."""
     return [REFERENCE, *sorted(_IMPLS.get(op, {}))]
-
-
-def registered_code(impl: OpImplementation) -> object:
-    """The function (or op) registered as `impl`, out of any functools.partial around it."""
-    code = impl.code
-    while isinstance(code, functools.partial):
-        code = code.func
-    return code
 
 
 def implementation(op: str, name: str) -> OpImplementation:

@@ -133,7 +133,6 @@ def registered_code() -> tuple[list[Any], list[str]]:
     fxllm's own backends are left out: their code is in the source digests, and which of them a process
     has imported (the CUDA collectives after a tensor-parallel test, say) must not change the key."""
     from fxllm.backends.registry import REFERENCE, implementation, op_backends
-    from fxllm.backends.registry import registered_code as code_of
     from fxllm.ops.registry import canonical_ops
     from fxllm.passes.pipeline import ordered_passes
 
@@ -154,7 +153,9 @@ def registered_code() -> tuple[list[Any], list[str]]:
     backends: dict[str, list[Any]] = {}
     for op in sorted(canonical_ops()):
         impls = [implementation(op, name) for name in op_backends(op) if name != REFERENCE]
-        user = [(i.name, i.priority, str(_source_file_digest(code_of(i)))) for i in impls if not i.builtin]
+        user = [
+            (i.name, i.priority, str(_source_file_digest(i.defining_code()))) for i in impls if not i.builtin
+        ]
         if user:
             backends[op] = user
     return [passes, backends], unhashable
