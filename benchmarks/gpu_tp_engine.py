@@ -111,6 +111,7 @@ def child_engine(spec: dict[str, Any], out_file: str) -> None:
                                     "pause_seconds": llm.engine.stats.gc_pause_seconds - gc_before[1]}  # fmt: skip
             result["profile_gpu_ms_by_kind"] = gpu_ms_by_kind(prof)
             result["profile_gpu_gaps"] = gpu_gaps(prof)
+            result["profile_prefill_calls_us"] = kernel_calls_us(prof, "_prefill_kernel")
             averages = prof.key_averages()
             sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
             result["profile_device_table"] = averages.table(
@@ -205,6 +206,19 @@ def gpu_ms_by_kind(prof: Any) -> dict[str, float]:
         kind = next((k for k, pattern in _KINDS if pattern.search(event.name)), "other")
         totals[kind] = totals.get(kind, 0.0) + event.time_range.elapsed_us() / 1e3
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def kernel_calls_us(prof: Any, name: str) -> list[int]:
+    """Durations (us, in launch order) of the GPU kernels whose name contains `name`: how a kind's time
+    spreads over a run's steps (e.g. pure prefill steps first, mixed ones later)."""
+    from torch.autograd import DeviceType
+
+    calls = sorted(
+        (e.time_range.start, e.time_range.elapsed_us())
+        for e in prof.events()
+        if e.device_type == DeviceType.CUDA and name in e.name
+    )
+    return [round(us) for _, us in calls]
 
 
 def gpu_gaps(prof: Any, min_gap_us: float = 200.0, top: int = 12) -> dict[str, Any]:
