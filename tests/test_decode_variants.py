@@ -47,6 +47,7 @@ CASES = {
     "decode split-KV": ([1, 1, 1], [20, 9, 70], {}, {"num_splits": 2, "block_n": 32}),
     "decode window softcap": ([1, 1, 1], [20, 9, 70], {"sliding_window": 24, "softcap": 5.0},
                               {"num_splits": 3, "block_n": 32}),
+    "decode one split": ([1, 1, 1], [20, 9, 70], {}, {"num_splits": 1, "block_n": 32}),  # DIRECT: no combine
     "mixed": ([1, 5, 1], [20, 9, 70], {}, {}),
 }  # fmt: skip
 # cache name -> (q dtype, tolerance for SWAP_AB alone); FP8_DOT's tolerance is FP8_TOL.
@@ -56,10 +57,13 @@ K_SCALE, V_SCALE = [0.5, 1.5], [2.0, 0.25]  # per KV head: the scales must reach
 
 
 # The decode kernel as an 8B decode step launches it over an FP8 cache (head dim 128, WRITE_KV), compiled for
-# sm_90 with 4 warps: swap_ab, and swap_ab_wide (the loop benchmarks/fp8_decode_ptx.py counts in detail).
+# sm_90 with 4 warps: swap_ab, and swap_ab_wide (the loop benchmarks/fp8_decode_ptx.py counts in detail). A
+# large batch launches it with DIRECT (one split), which changes only the epilogue (its bf16 output store goes
+# through ldmatrix): the checks below are about the key loop, so the PTX is of the partials' epilogue.
 _PTX_CONSTS = dict(HEAD_DIM=128, HEAD_DIM_V=128, BLOCK_H=16, BLOCK_N=64, BLOCK_D=128, BLOCK_DV=128,
                    USE_SOFTCAP=False, USE_WINDOW=False, F32_DOT=False, KV_FP8=True, ROPE=False, WRITE_KV=True,
-                   USE_PDL=False, FP8_F16=True, MIXED=False, SWAP_AB=True, FP8_DOT=False)  # fmt: skip
+                   USE_PDL=False, FP8_F16=True, MIXED=False, SWAP_AB=True, FP8_DOT=False, DIRECT=False,
+                   HAS_SINKS=False)  # fmt: skip
 _PTX_PTRS = {"kc_ptr": "*fp8e4nv", "vc_ptr": "*fp8e4nv", "bt_ptr": "*i32", "lens_ptr": "*i32", "qsl_ptr": "*i32",
              "part_ptr": "*fp32", "lse_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32", "slot_ptr": "*i64"}  # fmt: skip
 # Cache strides and pointers are multiples of 16 in the real launch (Triton specialises on it: vector loads).

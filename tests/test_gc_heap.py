@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 
 from fxllm.llm import LLM
-from fxllm.runtime.gc_heap import pause_meter, should_freeze
+from fxllm.runtime.gc_heap import FROZEN_FULL_EVERY, pause_meter, should_freeze
 from fxllm.runtime.sampling_params import SamplingParams
 
 BASE = ["model.model=tiny-llama", "compile.backend=eager", "model.dtype=float32", "cache.num_blocks=64"]
@@ -29,6 +29,7 @@ def test_default_freezes_on_cuda_only() -> None:
 
 def test_frozen_engine_generates_the_same_and_unfreezes_at_shutdown() -> None:
     gc.unfreeze()  # whatever an earlier test left
+    thresholds = gc.get_threshold()
     plain = LLM(overrides=BASE)
     assert not plain.engine.heap_frozen and gc.get_freeze_count() == 0  # the CPU default: off
     want = [o.outputs[0].token_ids for o in plain.generate(PROMPTS, GREEDY)]
@@ -37,6 +38,7 @@ def test_frozen_engine_generates_the_same_and_unfreezes_at_shutdown() -> None:
     frozen = LLM(overrides=[*BASE, "scheduler.gc_freeze=true"])
     try:
         assert frozen.engine.heap_frozen
+        assert gc.get_threshold() == (*thresholds[:2], max(thresholds[2], FROZEN_FULL_EVERY))
         assert gc.get_freeze_count() > 10_000  # torch, the model, the engine: all skipped by collections
         assert frozen.engine.stats.gc_full_collections == 0  # the freeze's own collection is not counted
         got = [o.outputs[0].token_ids for o in frozen.generate(PROMPTS, GREEDY)]
@@ -48,3 +50,4 @@ def test_frozen_engine_generates_the_same_and_unfreezes_at_shutdown() -> None:
     finally:
         frozen.shutdown()
     assert not frozen.engine.heap_frozen and gc.get_freeze_count() == 0
+    assert gc.get_threshold() == thresholds

@@ -87,6 +87,14 @@ def test_paged_attention(dtype: torch.dtype, case: str) -> None:
     _assert_ok(selfcheck.check_paged(c, case, **SMALL_LAUNCH))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["decode gqa", "decode padded seq", "decode window+softcap+sinks"])
+def test_paged_attention_one_split_writes_the_output_itself(dtype: torch.dtype, case: str) -> None:
+    # One split (DIRECT): no combine kernel; the decode kernel normalises, adds the sink and zeroes padding.
+    c = selfcheck.paged_cases(True, dtype, DEVICE)[case]
+    _assert_ok(selfcheck.check_paged(c, case, block_n=16, num_splits=1))
+
+
 @pytest.mark.parametrize("case", ["decode gqa", "prefill chunked gqa +pad"])
 def test_paged_attention_default_launch(case: str) -> None:
     c = selfcheck.paged_cases(True, torch.float32, DEVICE)[case]

@@ -31,7 +31,8 @@ class SchedulerConfig:
     # CUDA, off on the CPU, where the forward runs on the same cores and there is nothing to overlap with.
     async_scheduling: bool | None = None
     # Freeze the Python heap after the engine build (gc.freeze; runtime/gc_heap.py), so that full garbage
-    # collections skip the start-up objects; None = on for CUDA, off on the CPU. Undone at shutdown.
+    # collections skip the start-up objects, and space out the full collections left (one per 100 middle
+    # ones); None = on for CUDA, off on the CPU. Undone at shutdown.
     gc_freeze: bool | None = None
 
     def __post_init__(self) -> None:

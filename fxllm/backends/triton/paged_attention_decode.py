@@ -9,7 +9,8 @@ dependent launch, wait for their predecessor before any memory access, and the d
 kernel launch once its key loop is done. SWAP_AB / FP8_DOT / WIDE (issue 15) pick the alternative key loops of
 paged_attention_decode_loops.py (transposed scores; e4m3 dots over an FP8 cache; SWAP_AB with the tiles
 renumbered so that their e4m3 bytes reach registers in wide shared-memory loads). `_combine_kernel`, grid
-(T, Hq), merges the splits, adds the attention sink and writes zeros for padding tokens. The launch is in
+(T, Hq), merges the splits, adds the attention sink and writes zeros for padding tokens. DIRECT (a decode
+step with one split: large batches) writes the output itself and no combine kernel runs. The launch is in
 paged_attention.py.
 """
 
@@ -31,13 +32,14 @@ def _decode_kernel(
     sq_t, sq_h, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, sbt,
     qk_scale, softcap, window, ks_ptr, vs_ptr, sks_h, svs_h,
     cos_ptr, sin_ptr, sc_t, sc_d, ss_t, ss_d,
-    k_ptr, v_ptr, slot_ptr, sk_t, sk_h, sv_t, sv_h,
+    k_ptr, v_ptr, slot_ptr, sk_t, sk_h, sv_t, sv_h, out_ptr, so_t, so_h, sink_ptr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, F32_DOT: tl.constexpr, KV_FP8: tl.constexpr = False,
     ROPE: tl.constexpr = False, WRITE_KV: tl.constexpr = False, USE_PDL: tl.constexpr = False,
     FP8_F16: tl.constexpr = False, MIXED: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
-    FP8_DOT: tl.constexpr = False, WIDE: tl.constexpr = False,
+    FP8_DOT: tl.constexpr = False, WIDE: tl.constexpr = False, DIRECT: tl.constexpr = False,
+    HAS_SINKS: tl.constexpr = False,
 ):  # fmt: skip
     if (
         USE_PDL
@@ -53,7 +55,15 @@ def _decode_kernel(
         live = tl.load(qsl_ptr + seq + 1) - tok == 1
     else:
         tok = seq
-        live = seq < tl.load(qsl_ptr + num_seqs)  # else a padding token: the combine kernel writes zeros
+        # Else a padding token: the combine kernel writes its zeros, or with DIRECT this one.
+        live = seq < tl.load(qsl_ptr + num_seqs)
+    hh = tl.arange(0, BLOCK_H)
+    head = kv_head * group + hh
+    dv = tl.arange(0, BLOCK_DV)
+    o_mask = (hh < group)[:, None] & (dv < HEAD_DIM_V)[None, :]
+    o_ptrs = out_ptr + tok * so_t + head[:, None] * so_h + dv[None, :]
+    if DIRECT and not live:
+        tl.store(o_ptrs, tl.zeros((BLOCK_H, BLOCK_DV), dtype=out_ptr.dtype.element_ty), mask=o_mask)
     if live:
         seq_len = tl.load(lens_ptr + seq)
         lo = 0
@@ -79,8 +89,6 @@ def _decode_kernel(
                     HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KV_FP8, ROPE,
                 )  # fmt: skip
             tl.debug_barrier()
-        hh = tl.arange(0, BLOCK_H)
-        head = kv_head * group + hh
         # Token `tok` is the sequence's one query; ROPE rotates it here.
         q = _load_heads(q_ptr, tok * sq_t + head * sq_h, hh < group, tok + hh * 0, cos_ptr, sin_ptr,
                         sc_t, sc_d, ss_t, ss_d, HEAD_DIM, BLOCK_D, ROPE)  # fmt: skip
@@ -114,11 +122,18 @@ def _decode_kernel(
         out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
         if KV_FP8:
             out = out * tl.load(vs_ptr + kv_head * svs_h)
-        row = (seq * num_heads + head) * num_splits + split  # partials are [S, Hq, splits]
-        dv = tl.arange(0, BLOCK_DV)
-        tl.store(part_ptr + row[:, None] * HEAD_DIM_V + dv[None, :], out,
-                 mask=(hh < group)[:, None] & (dv < HEAD_DIM_V)[None, :])  # fmt: skip
-        tl.store(lse_ptr + row, lse, mask=hh < group)
+        if DIRECT:
+            # One split: the combine kernel's merge reduces to this. Its sink weighs in as one more logit:
+            # out * 2^lse / (2^lse + 2^sink), 0 for an empty range (lse = -inf).
+            if HAS_SINKS:
+                sink = tl.load(sink_ptr + head, mask=hh < group, other=0.0).to(tl.float32)
+                sink = sink * 1.4426950408889634  # log2(e): lse is in base 2
+                out = out * tl.where(nonempty, 1.0 / (1.0 + tl.exp2(sink - lse)), 0.0)[:, None]
+            tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=o_mask)
+        else:
+            row = (seq * num_heads + head) * num_splits + split  # partials are [S, Hq, splits]
+            tl.store(part_ptr + row[:, None] * HEAD_DIM_V + dv[None, :], out, mask=o_mask)
+            tl.store(lse_ptr + row, lse, mask=hh < group)
 
 
 @triton.jit(do_not_specialize=["num_seqs", "num_splits"])
