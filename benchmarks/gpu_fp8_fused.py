@@ -12,8 +12,8 @@ and whether the two agree: the fraction of e4m3 bytes that differ, the largest r
 and the GEMM outputs' relative difference (Inductor's division is div.full.f32 by default, the fused
 kernel's div_rn: rare one-step differences are expected, quant_fused.py's docstring).
 The SiLU kernel's variants (down only; quant_fused.GATED_VARIANTS): each producer alone (`fused_<name>_producer`)
-at M = 1, 16, 256, 2048 and also 1000 and 8192 (there with the current and two-pass producers only), and
-`variant_bytes_differ` / `variant_scales_differ`: its e4m3 bytes and scales that are not the current kernel's
+at M = 1, 16, 256, 2048 and also 1000 and 8192 (there with the default and two-pass producers only), and
+`variant_bytes_differ` / `variant_scales_differ`: its e4m3 bytes and scales that are not the default kernel's
 (0 expected: the variants are bit-exact by construction, quant_fused.GatedVariant).
 qkv and gate_up read the post-attention / input add + RMSNorm's output (hidden 4096); down reads
 SiLU-and-mul of the gate_up output (intermediate 14336, gate and up as strided halves of one [M, 28672]).
@@ -135,7 +135,7 @@ def fused_quant_section(
 
 
 def _variants(m: int, k: int, device: str) -> dict[str, Callable[[], Quant]]:
-    """The SiLU kernel's variants other than the current one, on _producers' inputs (same seed)."""
+    """The SiLU kernel's variants other than the default one, on _producers' inputs (same seed)."""
     from fxllm.backends.triton import quant_fused
 
     gen = torch.Generator(device=device).manual_seed(m)
@@ -144,7 +144,7 @@ def _variants(m: int, k: int, device: str) -> dict[str, Callable[[], Quant]]:
     return {
         name: lambda name=name: quant_fused.silu_and_mul_fp8(gate, up, variant=name)
         for name in quant_fused.GATED_VARIANTS
-        if name != "current"
+        if name != quant_fused.DEFAULT_SILU_VARIANT
     }
 
 
@@ -164,7 +164,7 @@ def _time_paths(
 def _variant_agreement(
     fused: Callable[[], Quant], variants: dict[str, Callable[[], Quant]]
 ) -> dict[str, Any]:
-    """Per variant, how many e4m3 bytes and scales are not the current kernel's (0 expected)."""
+    """Per variant, how many e4m3 bytes and scales are not the default kernel's (0 expected)."""
     out: dict[str, Any] = {"variant_bytes_differ": {}, "variant_scales_differ": {}}
     qa, sa = fused()
     for name, fn in variants.items():
@@ -194,7 +194,7 @@ def _agreement(
 
 def fused_quant_table(rows: dict[str, Any]) -> list[str]:
     """The section's rows as text lines (us; fused speed-up over unfused; e4m3 bytes that differ), then the
-    SiLU variants' producers (us; the best variant's speed-up over the current kernel; bytes not the current's)."""
+    SiLU variants' producers (us; the best variant's speed-up over the default kernel; bytes not the default's)."""
     labels = (
         "bf16",
         "unfused_producer",
@@ -221,7 +221,7 @@ def fused_quant_table(rows: dict[str, Any]) -> list[str]:
     if variant_rows:
         names = list(next(iter(variant_rows.values()))["variant_bytes_differ"])
         labels = ("fused_producer", "fused_2pass_producer", *(f"fused_{name}_producer" for name in names))
-        heads = ("current", "2pass", *names)
+        heads = ("default", "2pass", *names)
         lines.append(
             f"{'silu variants':<16}" + "".join(f" {h:>20}" for h in heads) + f" {'best':>8} {'differ':>10}"
         )
@@ -231,8 +231,8 @@ def fused_quant_table(rows: dict[str, Any]) -> list[str]:
                 for name in names
                 if isinstance(row.get(f"fused_{name}_producer"), float)
             ]
-            current = row.get("fused_producer")
-            best = f"{current / min(times):>8.2f}" if times and isinstance(current, float) else f"{'-':>8}"
+            default = row.get("fused_producer")
+            best = f"{default / min(times):>8.2f}" if times and isinstance(default, float) else f"{'-':>8}"
             diffs = list(row["variant_bytes_differ"].values()) + list(row["variant_scales_differ"].values())
             differ = (
                 sum(d for d in diffs if isinstance(d, int))

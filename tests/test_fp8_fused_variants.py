@@ -1,5 +1,5 @@
 """The SiLU-and-mul + FP8 kernel's launch-time variants (issue 15; quant_fused.GATED_VARIANTS): each must write
-the current kernel's e4m3 bytes and scales bit for bit (float32, bfloat16, float16 rows; one-pass and
+the plain kernel's e4m3 bytes and scales bit for bit (float32, bfloat16, float16 rows; one-pass and
 two-pass widths; 1 and 3 rows), on the GPU or in Triton's interpreter.
 
 The rows are built so that a wrong division shows: silu(32) is exactly 32 (1 + exp(-32) rounds to 1), so
@@ -25,7 +25,7 @@ from fxllm.quantization.fp8 import FP8_MAX, MIN_SCALE
 # Importable here: triton_quant_fused skipped this module where triton is missing and set TRITON_INTERPRET.
 interpreter = pytest.importorskip("triton.runtime.interpreter")
 
-VARIANTS = [name for name in quant_fused.GATED_VARIANTS if name != "current"]
+VARIANTS = [name for name in quant_fused.GATED_VARIANTS if name != "plain"]
 HARD_AMAX = {torch.bfloat16: 392.0, torch.float16: 13.34375, torch.float32: 392.0}
 
 
@@ -138,9 +138,9 @@ def test_the_hard_row_is_hard() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n_cols", [100, 14336, 20000])  # 20000: wider than ONE_PASS_MAX, the two-pass walk
 @pytest.mark.parametrize("n_rows", [1, 3])
-def test_variants_write_the_current_bytes(dtype: torch.dtype, n_cols: int, n_rows: int) -> None:
+def test_variants_write_the_plain_kernels_bytes(dtype: torch.dtype, n_cols: int, n_rows: int) -> None:
     gate, up = _rows(dtype, n_rows, n_cols)
-    q, scale = quant_fused.silu_and_mul_fp8(gate, up)
+    q, scale = quant_fused.silu_and_mul_fp8(gate, up, variant="plain")
     assert float(scale[0]) == max(HARD_AMAX[dtype] / FP8_MAX, MIN_SCALE) or dtype == torch.float32
     assert int(q[0, 1].view(torch.uint8)) == 0x80  # -0 keeps its sign
     for name in VARIANTS:
@@ -151,7 +151,8 @@ def test_variants_write_the_current_bytes(dtype: torch.dtype, n_cols: int, n_row
 
 
 def test_unknown_variant_and_the_defaults() -> None:
-    assert quant_fused.GATED_VARIANTS["current"] == quant_fused.GatedVariant()
+    assert quant_fused.GATED_VARIANTS["plain"] == quant_fused.GatedVariant()
+    assert quant_fused.DEFAULT_SILU_VARIANT in VARIANTS  # the default is a measured variant, checked above
     with pytest.raises(KeyError):
         quant_fused.silu_and_mul_fp8(torch.ones(1, 8, device=DEVICE), torch.ones(1, 8, device=DEVICE), "nope")
 
@@ -202,9 +203,7 @@ def test_variants_compile_for_sm90_as_described() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert (
-        result["current"]["div_rn"] == 33 and result["current"]["ex2_ftz"] == 0
-    )  # 32 per thread + the scale
+    assert result["plain"]["div_rn"] == 33 and result["plain"]["ex2_ftz"] == 0  # 32 per thread + the scale
     for name, variant in quant_fused.GATED_VARIANTS.items():
         got = result[name]
         assert got["v4_loads"] > 0 and got["stack"] == 0, (name, got)

@@ -158,7 +158,7 @@ def _gated_fp8_kernel(
     MIN_S: tl.constexpr,
     BLOCK: tl.constexpr,
     ONE_PASS: tl.constexpr,  # BLOCK >= n_cols: the row stays in registers, read once
-    RECIP: tl.constexpr = False,  # GatedVariant's options; the defaults are the current kernel
+    RECIP: tl.constexpr = False,  # GatedVariant's options; the defaults are the plain kernel
     EXP2: tl.constexpr = False,
     CLAMP: tl.constexpr = True,
 ):
@@ -268,9 +268,9 @@ _ACTS = {"silu": 0, "none": 1, "tanh": 2}  # activations.py's codes
 
 @dataclass(frozen=True)
 class GatedVariant:
-    """Launch-time options of the gated FP8 kernel (issue 15); the defaults are the current kernel.
+    """Launch-time options of the gated FP8 kernel (issue 15); the defaults are the plain kernel.
 
-    Each writes the current kernel's e4m3 bytes and scales bit for bit (tests/test_fp8_fused_variants.py) for
+    Each writes the plain kernel's e4m3 bytes and scales bit for bit (tests/test_fp8_fused_variants.py) for
     every finite row; a row whose act * up overflows float32 to inf (or holds NaN) has scale inf / NaN, and
     its bytes, garbage either way, differ (recip: NaN for the whole row; clamp=False: NaN for that element):
     recip: q = v / scale as q0 = v * inv, inv = div_rn(1, scale) once per row, then one exact FMA
@@ -288,7 +288,7 @@ class GatedVariant:
       exp2 and exp differ in the last bits, so there it keeps tl.exp.
     clamp=False: no +-448 clamp before the cast: |v| <= amax makes |q| <= 448 (1 + 2^-24), which the
       saturating e4m3 cast rounds to 448 anyway.
-    warps / maxnreg: warps per one-pass row (None: the current 16) and ptxas's register cap, which sets
+    warps / maxnreg: warps per one-pass row (None: the plain kernel's 16) and ptxas's register cap, which sets
       how many rows an SM holds (sm_90: 64K registers, 2,048 threads) and, below ~64, how late ptxas
       issues the row's loads (it spreads them through the math to save registers).
     """
@@ -300,14 +300,19 @@ class GatedVariant:
     maxnreg: int | None = None
 
 
-# benchmarks/gpu_fp8_fused.py times each next to "current" (sm_90 compiles: benchmarks/RESULTS.md, silufp8).
+# benchmarks/gpu_fp8_fused.py times each next to the default (sm_90 compiles: benchmarks/RESULTS.md, silufp8).
 GATED_VARIANTS = {
-    "current": GatedVariant(),
+    "plain": GatedVariant(),
     "recip": GatedVariant(recip=True),  # 51 registers, 2 rows per SM
     "lean": GatedVariant(recip=True, exp2=True, clamp=False, maxnreg=64),  # 2 rows per SM, loads first
     "lean_w32": GatedVariant(recip=True, exp2=True, clamp=False, warps=32, maxnreg=32),  # 2 x 32 warps / SM
     "lean_w8": GatedVariant(recip=True, exp2=True, clamp=False, warps=8, maxnreg=80),  # 3 rows per SM
 }
+# SiLU-and-mul + FP8's default. H200, 14,336 columns, us at M = 1 / 256 / 1,000 / 2,048 / 8,192 (gpu_fp8.py
+# --sections fused_quant, fifteenth session): plain 6.5 / 11.1 / 35.4 / 65.5 / 236.2, lean 3.8 / 6.2 / 22.3 /
+# 39.9 / 151.0 (lean_w32 21.2 at 1,000 but 169.9 at 8,192), the same bytes and scales. gelu keeps the plain
+# kernel (its variants were not measured).
+DEFAULT_SILU_VARIANT = "lean"
 
 
 def _interpreted() -> bool:
@@ -315,7 +320,7 @@ def _interpreted() -> bool:
 
 
 def _gated_fp8(
-    gate: Tensor, up: Tensor, act: str, name: str, variant: GatedVariant = GATED_VARIANTS["current"]
+    gate: Tensor, up: Tensor, act: str, name: str, variant: GatedVariant = GATED_VARIANTS["plain"]
 ) -> tuple[Tensor, Tensor]:
     if gate.shape != up.shape or not silu_supported(gate, up):
         raise ValueError(f"{name}: unsupported operands {tuple(gate.shape)} {gate.dtype} / "
@@ -344,7 +349,7 @@ def _gated_fp8(
     return q, scale
 
 
-def silu_and_mul_fp8(gate: Tensor, up: Tensor, variant: str = "current") -> tuple[Tensor, Tensor]:
+def silu_and_mul_fp8(gate: Tensor, up: Tensor, variant: str = DEFAULT_SILU_VARIANT) -> tuple[Tensor, Tensor]:
     """Triton (e4m3 silu(gate) * up, per-token scale); gate and up may be strided slices of one GEMM output."""
     return _gated_fp8(gate, up, "silu", "silu_and_mul_fp8", GATED_VARIANTS[variant])
 
