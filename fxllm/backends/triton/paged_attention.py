@@ -196,17 +196,26 @@ def paged_attention_out(
     rope = cos is not None
     rope_args = _rope_args(cos, sin, q)
     write_in_decode = decode and write_in_decode
+    # A prefill step's q is rotated once, by the KV write kernel, into a buffer the attention kernels read
+    # as is: rotating it in the prefill kernel's prologue held four [128, 128] float32 tiles, 25% of the
+    # kernel's time on an H200 (8B heads, 4 x 2,048: 0.724 ms with RoPE in-kernel, 0.577 without,
+    # benchmarks/gpu_prefill_mix.py). A decode step's one token per sequence stays in-kernel.
+    rotate_q = rope and not decode
+    q_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device) if rotate_q else q
     if not write_in_decode:
         _write_kv_kernel[(num_tokens,)](
             k, v, k_cache, v_cache, slot_mapping, query_start_loc, out,
             num_seqs, num_kv_heads, num_heads, block_size,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1), kc[0], kc[1], kc[2], vc[0], vc[1], vc[2],
             out.stride(0), out.stride(1), ks, vs, sks, svs, *rope_args,
+            q, q.stride(0), q.stride(1), q_rot, q_rot.stride(0), q_rot.stride(1),
             HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
             BLOCK_HKV=triton.next_power_of_2(num_kv_heads), BLOCK_HQ=triton.next_power_of_2(num_heads),
             BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_DV=triton.next_power_of_2(head_dim_v),
-            ZERO_PADDING=not decode, KV_FP8=kv_fp8, ROPE=rope, num_warps=4,
+            ZERO_PADDING=not decode, KV_FP8=kv_fp8, ROPE=rope, ROTATE_Q=rotate_q, num_warps=4,
         )  # fmt: skip
+    if rotate_q:  # the attention kernels below read the rotated q and rotate nothing themselves
+        q, rope, rope_args = q_rot, False, _rope_args(None, None, q)
     # float32 (or mixed) inputs: IEEE float32 dots, not tf32, so float32 stays exact to ~1e-7.
     # FP8 tiles are converted to q's dtype in-kernel, so they dot in q's dtype.
     same_dtype = kv_fp8 or q.dtype == k_cache.dtype == v_cache.dtype

@@ -84,12 +84,21 @@ def _write_kv_kernel(
     sk_t, sk_h, sv_t, sv_h,
     skc_b, skc_s, skc_h, svc_b, svc_s, svc_h,
     so_t, so_h, ks_ptr, vs_ptr, sks_h, svs_h,
-    cos_ptr, sin_ptr, sc_t, sc_d, ss_t, ss_d,
+    cos_ptr, sin_ptr, sc_t, sc_d, ss_t, ss_d, q_ptr, sq_t, sq_h, qr_ptr, sqr_t, sqr_h,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_HKV: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     ZERO_PADDING: tl.constexpr, KV_FP8: tl.constexpr = False, ROPE: tl.constexpr = False,
+    ROTATE_Q: tl.constexpr = False,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
+    if ROTATE_Q:  # token t's query heads, RoPE-rotated into qr for the attention kernels (prefill steps)
+        hq = tl.arange(0, BLOCK_HQ)
+        hq_ok = hq < n_heads
+        d = tl.arange(0, BLOCK_D)
+        qx = _load_heads(q_ptr, t * sq_t + hq * sq_h, hq_ok, t + hq * 0, cos_ptr, sin_ptr,
+                         sc_t, sc_d, ss_t, ss_d, HEAD_DIM, BLOCK_D, True)  # fmt: skip
+        tl.store(qr_ptr + t * sqr_t + hq[:, None] * sqr_h + d[None, :], qx,
+                 mask=hq_ok[:, None] & (d < HEAD_DIM)[None, :])  # fmt: skip
     h = tl.arange(0, BLOCK_HKV)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
