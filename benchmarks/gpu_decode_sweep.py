@@ -70,6 +70,9 @@ VARIANTS: dict[str, tuple[dict[str, bool], tuple[str, ...], float]] = {
     "swap_ab_wide": ({"swap_ab": True, "wide": True}, ("fp8",), 1e-2),
     "fp8_dot": ({"fp8_dot": True}, ("fp8",), 5e-2),
     "fp8_dot+swap_ab": ({"fp8_dot": True, "swap_ab": True}, ("fp8",), 5e-2),
+    # One split (large batches) without DIRECT: partials + the combine kernel, as before DIRECT.
+    "default_combine": ({"swap_ab": False, "fp8_dot": False, "direct": False}, ("bf16",), 1e-2),
+    "swap_ab_wide_combine": ({"swap_ab": True, "wide": True, "direct": False}, ("fp8",), 1e-2),
 }
 
 
@@ -89,6 +92,8 @@ LAUNCHES: dict[str, list[dict[str, int]]] = {
     # upcasts them to f16 mma.sync, i.e. the default loop plus the quantization; two launches show it.
     "fp8_dot": _grid([(32, 4, 2), (64, 4, 3)]),
     "fp8_dot+swap_ab": _grid(_WIDE),
+    "default_combine": [{}],
+    "swap_ab_wide_combine": _grid([(64, 4, 2)]),
 }
 SMOKE_LAUNCHES: dict[str, list[dict[str, int]]] = {
     "default": [{}],
@@ -96,6 +101,8 @@ SMOKE_LAUNCHES: dict[str, list[dict[str, int]]] = {
     "swap_ab_wide": _grid([(32, 4, 2)]),
     "fp8_dot": _grid([(32, 4, 2)]),
     "fp8_dot+swap_ab": _grid([(32, 4, 2)]),
+    "default_combine": [{}],
+    "swap_ab_wide_combine": _grid([(32, 4, 2)]),
 }
 _DOT_RE = re.compile(
     r"\b(wgmma\.mma_async\.sync\.aligned\.m\d+n\d+k\d+\.\w+\.\w+\.\w+|mma\.sync\.aligned\.m\d+n\d+k\d+\S*)"
@@ -305,7 +312,15 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, tiny case")
     parser.add_argument("--sm90", action="store_true",
                         help="no GPU: compile every variant x launch for sm_90a, report dots / registers / spills")  # fmt: skip
+    parser.add_argument("--variants", default=None, help="comma-separated VARIANTS to time (default: all)")
     args = parser.parse_args()
+    if args.variants:  # the default variant always runs first: the others are checked against it
+        keep = {"default", *args.variants.split(",")}
+        unknown = keep - set(VARIANTS)
+        if unknown:
+            parser.error(f"unknown variants {sorted(unknown)}; choose from {sorted(VARIANTS)}")
+        for name in set(VARIANTS) - keep:
+            del VARIANTS[name]
     logging.basicConfig(level=logging.INFO)
     if args.sm90:
         rows = sm90_report()

@@ -159,6 +159,7 @@ def paged_attention_out(
     k_scale: Tensor | None = None, v_scale: Tensor | None = None,
     cos: Tensor | None = None, sin: Tensor | None = None, write_in_decode: bool = True, pdl: bool = False,
     fp8_f16: bool = True, swap_ab: bool | None = None, fp8_dot: bool | None = None, wide: bool | None = None,
+    direct: bool = True,
 ) -> None:  # fmt: skip
     """Write k/v into the caches, then paged attention into `out` [T, Hq, Dv]; launch knobs overridable.
 
@@ -171,7 +172,8 @@ def paged_attention_out(
     transposed scores (K and V^T as the dots' A operand), and over an FP8 cache e4m3 dots with q and P quantized
     in-kernel; also for a mixed step's decode rows. None: the rule of paged_attention_decode_choice.py (swap-AB
     with WIDE over an FP8 cache, the default loop over others: the H200 sweeps' winners). `wide`: the swap-AB loop with its
-    tiles renumbered for wide e4m3 loads (WIDE, implies swap_ab)."""
+    tiles renumbered for wide e4m3 loads (WIDE, implies swap_ab). `direct=False`: a one-split decode still
+    writes partials for the combine kernel (the launch before DIRECT, for comparison)."""
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     head_dim_v = v_cache.shape[-1]
@@ -243,7 +245,7 @@ def paged_attention_out(
                                               q.device)  # fmt: skip
         # One split (a batch that fills the GPU by itself: 1,000 x 8 KV heads on an H200) needs no merge: the
         # decode kernel writes the output, and the combine launch (28 us a layer at 1,024 sequences) is saved.
-        direct = decode and splits == 1
+        direct = direct and decode and splits == 1
         if direct:
             part = lse = out  # not read or written with DIRECT
         else:
