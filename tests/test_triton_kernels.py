@@ -89,10 +89,24 @@ def test_paged_attention(dtype: torch.dtype, case: str) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ["decode gqa", "decode padded seq", "decode window+softcap+sinks"])
-def test_paged_attention_one_split_writes_the_output_itself(dtype: torch.dtype, case: str) -> None:
-    # One split (DIRECT): no combine kernel; the decode kernel normalises, adds the sink and zeroes padding.
+@pytest.mark.parametrize("swap_ab", [True, False])
+def test_paged_attention_one_split(
+    dtype: torch.dtype, case: str, swap_ab: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One split: the swap-AB loops write the output themselves (DIRECT: normalised, the sink's share, zeros for
+    # padding) and no combine kernel runs; the default loop keeps partials + combine (it measured faster).
+    combines: list[tuple] = []
+    kernel = paged_attention._combine_kernel
+
+    class Spy:
+        def __getitem__(self, grid: tuple) -> object:
+            combines.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(paged_attention, "_combine_kernel", Spy())
     c = selfcheck.paged_cases(True, dtype, DEVICE)[case]
-    _assert_ok(selfcheck.check_paged(c, case, block_n=16, num_splits=1))
+    _assert_ok(selfcheck.check_paged(c, case, block_n=32, num_splits=1, swap_ab=swap_ab))
+    assert len(combines) == (0 if swap_ab else 1)
 
 
 @pytest.mark.parametrize("case", ["decode gqa", "prefill chunked gqa +pad"])

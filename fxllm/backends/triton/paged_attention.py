@@ -172,8 +172,8 @@ def paged_attention_out(
     transposed scores (K and V^T as the dots' A operand), and over an FP8 cache e4m3 dots with q and P quantized
     in-kernel; also for a mixed step's decode rows. None: the rule of paged_attention_decode_choice.py (swap-AB
     with WIDE over an FP8 cache, the default loop over others: the H200 sweeps' winners). `wide`: the swap-AB loop with its
-    tiles renumbered for wide e4m3 loads (WIDE, implies swap_ab). `direct=False`: a one-split decode still
-    writes partials for the combine kernel (the launch before DIRECT, for comparison)."""
+    tiles renumbered for wide e4m3 loads (WIDE, implies swap_ab). `direct=False`: a one-split swap-AB decode
+    still writes partials for the combine kernel (the launch before DIRECT, for comparison)."""
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     head_dim_v = v_cache.shape[-1]
@@ -245,7 +245,11 @@ def paged_attention_out(
                                               q.device)  # fmt: skip
         # One split (a batch that fills the GPU by itself: 1,000 x 8 KV heads on an H200) needs no merge: the
         # decode kernel writes the output, and the combine launch (28 us a layer at 1,024 sequences) is saved.
-        direct = direct and decode and splits == 1
+        # Only for the swap-AB loops (the FP8 cache's), where it measured faster: decode + combine 217.0 vs
+        # 223.6 us (1,000 x 129-256), 198.8 vs 225.7 (256 x 1,024), 112.8 vs 119.4 (64 x 2,048); the default
+        # loop (bf16 cache) measured slower with it: 282.0 vs 276.9, 303.6 vs 280.0, 193.2 vs 143.9 (H200,
+        # gpu_decode_sweep.py, fifteenth session; likely the output pointers held across its key loop).
+        direct = direct and decode and splits == 1 and loop.swap_ab
         if direct:
             part = lse = out  # not read or written with DIRECT
         else:
