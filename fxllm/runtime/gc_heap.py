@@ -4,13 +4,14 @@ full collections while `fxllm serve` starts.
 A full (generation 2) collection walks every tracked object of the process. After an engine is built that
 is millions of them (FX graphs, Inductor's generated modules, tokenizer tables), so one full collection
 stops the host for a large fraction of a second, during which the GPU, fed step by step by this host, idles
-(H200, FP8 1,000 x 128/128: two full collections paused the host 0.64 s and left the GPU idle 259 and 230 ms;
-with the heap frozen the longest gap was 25 ms, benchmarks/RESULTS.md thirteenth session). vLLM and SGLang freeze the
-heap after start-up (`gc.freeze()`): what exists then moves to a permanent generation that collections
-skip. fxllm does the same at the end of an engine build (`scheduler.gc_freeze`, default on for CUDA), spaces
-out the full collections that remain (FROZEN_FULL_EVERY), and undoes both in `unfreeze_heap()` at shutdown, so that a process building many engines (the tests) does not keep the
-garbage of earlier ones forever. The pause meter counts collections and their seconds per generation for
-EngineStats, with or without freezing, so a profile's gap can be checked against it.
+(H200, FP8 1,000 x 128/128: two full collections paused the host 0.64 s and left the GPU idle 259 and 230
+ms; with the heap frozen the longest gap was 25 ms, benchmarks/RESULTS.md thirteenth session). vLLM and SGLang
+freeze the heap after start-up (`gc.freeze()`): what exists then moves to a permanent generation that
+collections skip. fxllm does the same at the end of an engine build (`scheduler.gc_freeze`, default on for
+CUDA), spaces out the full collections that remain (FROZEN_FULL_EVERY), and undoes both in `unfreeze_heap()`
+at shutdown, so that a process building many engines (the tests) does not keep the garbage of earlier ones
+forever. The pause meter counts collections and their seconds per generation for EngineStats, with or
+without freezing, so a profile's gap can be checked against it.
 
 Start-up (issue 13): a start allocates millions of objects that live as long as the process: torch's,
 Inductor's and transformers' modules, the graph, the tokenizer. CPython's default thresholds (700, 10, 10)
@@ -116,7 +117,7 @@ def freeze_heap() -> tuple[int, float]:
 
 
 def unfreeze_heap() -> None:
-    """Give the frozen objects back to the collector and its thresholds back (the freezing engine shuts down)."""
+    """Give the collector the frozen objects and its thresholds back (the engine that froze shuts down)."""
     global _thresholds_before_freeze
     gc.unfreeze()
     if _thresholds_before_freeze is not None:

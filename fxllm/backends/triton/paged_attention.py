@@ -268,7 +268,8 @@ def paged_attention_out(
             BLOCK_D=block_d, BLOCK_DV=block_dv, USE_SOFTCAP=use_softcap, USE_WINDOW=use_window,
             F32_DOT=f32_dot, KV_FP8=kv_fp8, ROPE=rope, WRITE_KV=write_in_decode, USE_PDL=pdl, FP8_F16=fp8_f16,
             MIXED=split_mixed, SWAP_AB=loop.swap_ab, FP8_DOT=loop.fp8_dot, WIDE=loop.wide,
-            DIRECT=direct, HAS_SINKS=sinks is not None, num_warps=loop.num_warps, num_stages=loop.num_stages, launch_pdl=pdl,
+            DIRECT=direct, HAS_SINKS=sinks is not None,
+            num_warps=loop.num_warps, num_stages=loop.num_stages, launch_pdl=pdl,
         )  # fmt: skip
         # A captured decode graph fixes its splits, so BLOCK_S follows them; a mixed step's splits change with
         # its batch and contexts, and each BLOCK_S would be one more Triton compile in a user's request: one
