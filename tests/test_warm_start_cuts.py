@@ -14,6 +14,7 @@ import pytest
 from cache_roots import usual_compiled_code_dirs
 from smollm2_tokenizer import smollm2_tokenizer
 
+from fxllm.compiler.standalone import _isa_probe_redundant
 from fxllm.serve.prompts import _decodes_like_its_backend, longest_token_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,11 +77,11 @@ def test_a_warm_artifact_load_skips_the_vector_isa_probe_the_cold_start_passed(c
         pytest.skip("Inductor found no vector ISA on this CPU: there is no probe to skip")
     warm = _warm_start()
     assert warm == {"source": "loaded", "probes": []}
-    # An artifact without the record (written before this change) keeps Inductor's probe.
-    del record["vec_isa"]
-    meta.write_text(json.dumps(record))
-    old = _warm_start()
-    assert old["source"] == "loaded" and old["probes"]
+    # An artifact without the record (written before it existed) or with another ISA keeps Inductor's probe.
+    # (A second warm start showed the probe running for the first: 30-40 s of the suite for this decision.)
+    assert _isa_probe_redundant(record["vec_isa"])
+    assert not _isa_probe_redundant(None) and not _isa_probe_redundant("")
+    assert not _isa_probe_redundant(record["vec_isa"] + "_other")
 
 
 @pytest.fixture(scope="module")
