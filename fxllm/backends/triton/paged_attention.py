@@ -249,8 +249,8 @@ def paged_attention_out(
         # 223.6 us (1,000 x 129-256), 198.8 vs 225.7 (256 x 1,024), 112.8 vs 119.4 (64 x 2,048); the default
         # loop (bf16 cache) measured slower with it: 282.0 vs 276.9, 303.6 vs 280.0, 193.2 vs 143.9 (H200,
         # gpu_decode_sweep.py, fifteenth session): compiled for sm_90 it takes 163 registers instead of 128
-        # (the swap-AB loop 98 instead of 96), so fewer programs fit an SM; forming the output addresses after
-        # the key loop did not change that (161).
+        # (the swap-AB loop 98 instead of 96), so fewer programs fit an SM: any bf16 store from its epilogue does
+        # that (addresses formed after the loop, contiguous or transposed: 161-164), its float32 partials do not.
         direct = direct and decode and splits == 1 and loop.swap_ab
         if direct:
             part = lse = out  # not read or written with DIRECT
