@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gpu_clocks import ClockSampler
+
 
 def child_engine(spec: dict[str, Any], out_file: str) -> None:
     """Build one engine from `spec` and run its scenarios; writes a JSON of the results."""
@@ -53,9 +55,11 @@ def child_engine(spec: dict[str, Any], out_file: str) -> None:
                 params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
                 before = dataclasses.asdict(llm.engine.stats)
                 kernels_before, compiles_before = _triton_kernels(), llm.engine.runner.num_compiles
-                t0 = time.perf_counter()
-                outs = llm.generate(prompts, params)
-                seconds = time.perf_counter() - t0
+                # The clock the case ran at: a power-capped card slows down under load (gpu_clocks.py).
+                with ClockSampler() as clocks:
+                    t0 = time.perf_counter()
+                    outs = llm.generate(prompts, params)
+                    seconds = time.perf_counter() - t0
                 after = dataclasses.asdict(llm.engine.stats)
                 # One-off costs inside the timed run: Triton kernels compiled for the first time (new
                 # constexpr / specialisation variants) and Dynamo recompiles of the forward.
@@ -66,7 +70,8 @@ def child_engine(spec: dict[str, Any], out_file: str) -> None:
                                                                   "gc_full_collections", "gc_pause_seconds")
                           if isinstance(after.get(k), (int, float))},
                        "triton_kernels_compiled": new_kernels,
-                       "forward_recompiles": (llm.engine.runner.num_compiles or 0) - (compiles_before or 0)}  # fmt: skip
+                       "forward_recompiles": (llm.engine.runner.num_compiles or 0) - (compiles_before or 0),
+                       **clocks.summary()}  # fmt: skip
                 result.setdefault("throughput_cases", []).append(row)
                 if i == 0:
                     result["throughput_output_tok_s"] = row["output_tok_s"]
