@@ -143,13 +143,28 @@ def _dots(kernel: Any) -> dict[str, Any]:
 
 _PTR_TYPES = {"q_ptr": "bf16", "bt_ptr": "i32", "lens_ptr": "i32", "qsl_ptr": "i32", "part_ptr": "fp32",
               "lse_ptr": "fp32", "ks_ptr": "fp32", "vs_ptr": "fp32", "cos_ptr": "bf16", "sin_ptr": "bf16",
-              "k_ptr": "bf16", "v_ptr": "bf16", "slot_ptr": "i64"}  # fmt: skip
+              "k_ptr": "bf16", "v_ptr": "bf16", "slot_ptr": "i64", "out_ptr": "bf16", "sink_ptr": "fp32"}  # fmt: skip
 # Arguments that are multiples of 16 in the real launch (Triton specialises them: aligned, vectorised loads).
-_ALIGNED = ("skc_b", "skc_s", "skc_h", "svc_b", "svc_s", "svc_h", "sq_t", "sq_h", "sk_t", "sv_t", "sbt")
+_ALIGNED = (
+    "skc_b",
+    "skc_s",
+    "skc_h",
+    "svc_b",
+    "svc_s",
+    "svc_h",
+    "sq_t",
+    "sq_h",
+    "sk_t",
+    "sv_t",
+    "sbt",
+    "so_t",
+    "so_h",
+)
 
 
 def _compile_sm90(kv: str, launch: dict[str, int], flags: dict[str, bool]) -> Any:
-    """The decode kernel as the sweep launches it (8B heads, WRITE_KV), compiled for sm_90a without a GPU."""
+    """The decode kernel as the sweep launches it (8B heads, WRITE_KV, one split: DIRECT where the launch code
+    uses it), compiled for sm_90a without a GPU."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -160,6 +175,7 @@ def _compile_sm90(kv: str, launch: dict[str, int], flags: dict[str, bool]) -> An
         BLOCK_DV=HEAD_DIM, USE_SOFTCAP=False, USE_WINDOW=False, F32_DOT=False, KV_FP8=fp8, ROPE=False,
         WRITE_KV=True, USE_PDL=False, FP8_F16=fp8 and not flags.get("fp8_dot", False), MIXED=False,
         SWAP_AB=flags.get("swap_ab", False), FP8_DOT=flags.get("fp8_dot", False), WIDE=flags.get("wide", False),
+        DIRECT=flags.get("direct", True) and flags.get("swap_ab", False), HAS_SINKS=False,
     )  # fmt: skip
     signature, attrs = {}, {}
     for i, name in enumerate(tpa._decode_kernel.arg_names):
