@@ -272,7 +272,9 @@ def _print_table(results: dict[str, Any]) -> None:
     for key in [k for k in results if k.startswith("tp8b_")]:
         r = results[key]
         stats = r.get("engine_stats") or {}
-        print(f"{key}: batch-1 {r.get('decode1_tok_s')} tok/s, 1000 x 128/128 {r.get('throughput_output_tok_s')} "
+        first = (r.get("throughput_cases") or [{}])[0]
+        case = f"{first.get('prompts')} x {first.get('input_len')}/{first.get('output_len')}"
+        print(f"{key}: batch-1 {r.get('decode1_tok_s')} tok/s, {case} {r.get('throughput_output_tok_s')} "
               f"out tok/s, build {r.get('build_s')} s, steps {stats.get('num_steps')}, preemptions "
               f"{stats.get('num_preemptions')}, gpu idle {stats.get('gpu_idle_seconds')} s {r.get('error', '')}")  # fmt: skip
         print("    GPU ms by kind in the profiled run:", r.get("profile_gpu_ms_by_kind"))
