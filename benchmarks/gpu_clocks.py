@@ -21,7 +21,7 @@ QUERY = ["--query-gpu=index,clocks.sm,power.draw", "--format=csv,noheader,nounit
 
 
 class ClockSampler:
-    """Runs `nvidia-smi ... -lms PERIOD` for the block's duration; summary() gives per-GPU medians."""
+    """Runs `nvidia-smi ... --loop-ms=PERIOD` for the block's duration; summary() gives per-GPU medians."""
 
     def __init__(self, period_ms: int = 200) -> None:
         self.period_ms = period_ms
