@@ -84,7 +84,7 @@ _WIDE = [(n, w, s) for n in (64, 128) for w in (4, 8) for s in (2, 3)]  # swap_a
 # Per variant: the launches to time ({} is the launch code's default). The default loop's grid was swept in
 # the eleventh session (RESULTS.md): only its best launches are kept here.
 LAUNCHES: dict[str, list[dict[str, int]]] = {
-    "default": [{}, *_grid([(32, 4, 2), (128, 4, 3), (128, 4, 4)])],
+    "default": [{}, *_grid([(32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 8, 2), (64, 8, 3), (128, 4, 3)])],
     "swap_ab": _grid(_WIDE),
     # WIDE's renumbering is laid out for 4 warps (with 8 its V reads are 2 bytes wide): one 8-warp launch.
     "swap_ab_wide": _grid([(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (64, 8, 2)]),
@@ -176,6 +176,7 @@ def _compile_sm90(kv: str, launch: dict[str, int], flags: dict[str, bool]) -> An
         WRITE_KV=True, USE_PDL=False, FP8_F16=fp8 and not flags.get("fp8_dot", False), MIXED=False,
         SWAP_AB=flags.get("swap_ab", False), FP8_DOT=flags.get("fp8_dot", False), WIDE=flags.get("wide", False),
         DIRECT=flags.get("direct", True) and flags.get("swap_ab", False), HAS_SINKS=False,
+        PAGE_ROWS=16,
     )  # fmt: skip
     signature, attrs = {}, {}
     for i, name in enumerate(tpa._decode_kernel.arg_names):

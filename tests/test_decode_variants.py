@@ -56,14 +56,14 @@ FP8_TOL = 5e-2
 K_SCALE, V_SCALE = [0.5, 1.5], [2.0, 0.25]  # per KV head: the scales must reach the right head
 
 
-# The decode kernel as an 8B decode step launches it over an FP8 cache (head dim 128, WRITE_KV), compiled for
+# The decode kernel as an 8B decode step launches it over an FP8 cache (head dim 128, block 16, WRITE_KV), compiled for
 # sm_90 with 4 warps: swap_ab, and swap_ab_wide (the loop benchmarks/fp8_decode_ptx.py counts in detail). A
 # large batch launches it with DIRECT (one split), which changes only the epilogue (its bf16 output store goes
 # through ldmatrix): the checks below are about the key loop, so the PTX is of the partials' epilogue.
 _PTX_CONSTS = dict(HEAD_DIM=128, HEAD_DIM_V=128, BLOCK_H=16, BLOCK_N=64, BLOCK_D=128, BLOCK_DV=128,
                    USE_SOFTCAP=False, USE_WINDOW=False, F32_DOT=False, KV_FP8=True, ROPE=False, WRITE_KV=True,
                    USE_PDL=False, FP8_F16=True, MIXED=False, SWAP_AB=True, FP8_DOT=False, DIRECT=False,
-                   HAS_SINKS=False)  # fmt: skip
+                   HAS_SINKS=False, PAGE_ROWS=16)  # fmt: skip
 _PTX_PTRS = {"kc_ptr": "*fp8e4nv", "vc_ptr": "*fp8e4nv", "bt_ptr": "*i32", "lens_ptr": "*i32", "qsl_ptr": "*i32",
              "part_ptr": "*fp32", "lse_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32", "slot_ptr": "*i64"}  # fmt: skip
 # Cache strides and pointers are multiples of 16 in the real launch (Triton specialises on it: vector loads).
@@ -188,22 +188,22 @@ def test_decode_loop_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     winners); a table choice runs only where its shape conditions hold."""
     from fxllm.backends.triton import paged_attention_decode_choice as choice
 
-    assert choice.choose_decode_loop(True, 128) == (True, False, 64, 4, 2, True)
-    assert choice.choose_decode_loop(False, 128) == (False, False, 64, 4, 3, False)
+    assert choice.choose_decode_loop(True, 128) == (True, False, 64, 4, 3, True)
+    assert choice.choose_decode_loop(False, 128) == (False, False, 64, 8, 2, False)
     # The caller's flags and knobs win; the rest of the launch is the asked loop's own (swap-AB: 2 stages).
     assert choice.choose_decode_loop(False, 128, swap_ab=True, block_n=32) == (True, False, 32, 4, 2, False)
     # wide implies the swap; FP8 dots have no WIDE form.
-    assert choice.choose_decode_loop(True, 128, wide=True) == (True, False, 64, 4, 2, True)
-    assert choice.choose_decode_loop(True, 128, fp8_dot=True, wide=True) == (False, True, 64, 4, 3, False)
+    assert choice.choose_decode_loop(True, 128, wide=True) == (True, False, 64, 4, 3, True)
+    assert choice.choose_decode_loop(True, 128, fp8_dot=True, wide=True) == (False, True, 64, 8, 2, False)
     monkeypatch.setattr(choice, "SKIPPED", {})
     monkeypatch.setitem(choice.DECODE_LOOPS, "fp8", "fp8_dot")
     monkeypatch.setitem(choice.DECODE_LOOPS, "other", "fp8_dot")
     monkeypatch.setitem(choice.LAUNCH, "fp8_dot", (128, 8, 2))
     assert choice.choose_decode_loop(True, 128) == (True, True, 128, 8, 2, False)  # the loop's own launch
     assert choice.choose_decode_loop(True, 128, num_stages=4) == (True, True, 128, 8, 4, False)
-    assert choice.choose_decode_loop(True, 128, block_n=32) == (False, False, 32, 4, 3, False)  # wgmma's M
-    assert choice.choose_decode_loop(True, 16) == (False, False, 64, 4, 3, False)  # the e4m3 dot's K
-    assert choice.choose_decode_loop(False, 128) == (False, False, 64, 4, 3, False)  # no FP8 data to dot
+    assert choice.choose_decode_loop(True, 128, block_n=32) == (False, False, 32, 8, 2, False)  # wgmma's M
+    assert choice.choose_decode_loop(True, 16) == (False, False, 64, 8, 2, False)  # the e4m3 dot's K
+    assert choice.choose_decode_loop(False, 128) == (False, False, 64, 8, 2, False)  # no FP8 data to dot
     assert sorted(reason for _, _, reason in choice.SKIPPED) == [
         "BLOCK_N 32 < 64 (wgmma's M)", "head dim 16 < 32 (the e4m3 dot's K)", "no FP8 cache",
     ]  # fmt: skip

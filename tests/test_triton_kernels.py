@@ -232,3 +232,37 @@ def test_gemv_linear_routes_by_rows_and_shape() -> None:
         gemv.GEMV_MAX_M + 1, 64, dtype=torch.bfloat16, device=DEVICE
     )  # F.linear above the limit
     torch.testing.assert_close(gemv.linear(big, w), torch.nn.functional.linear(big, w))
+
+
+@pytest.mark.parametrize(
+    ("block_size", "block_n", "window", "page_rows"),
+    [
+        (8, 32, -1, 8),  # tiles of 4 whole pages: one block-table entry per page
+        (16, 16, -1, 16),  # one page per tile
+        (12, 32, -1, 0),  # block size not a power of two: one entry per key
+        (32, 16, -1, 0),  # a tile inside a page
+        (8, 32, 21, 0),  # a sliding window starts mid-page
+    ],
+)
+@pytest.mark.parametrize("swap_ab", [True, False])
+def test_decode_whole_page_tiles(
+    block_size: int, block_n: int, window: int, page_rows: int, swap_ab: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decode kernel looks up one block-table entry per page where its key tiles are whole pages, and one
+    per key elsewhere; both agree with the reference (contexts end mid-page, several tiles, two splits)."""
+    launched: list[dict] = []
+    kernel = paged_attention._decode_kernel
+
+    class Spy:
+        def __getitem__(self, grid: tuple) -> object:
+            def launch(*args: object, **kwargs: object) -> None:
+                launched.append(kwargs)
+                kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(paged_attention, "_decode_kernel", Spy())
+    c = selfcheck.make_paged_case([1, 1, 1], [5, 77, 130], 8, 2, 32, block_size=block_size, sliding_window=window,
+                                  pad_tokens=1, pad_seqs=1, seed=11, device=DEVICE)  # fmt: skip
+    _assert_ok(selfcheck.check_paged(c, "decode", block_n=block_n, num_splits=2, swap_ab=swap_ab))
+    assert [kw["PAGE_ROWS"] for kw in launched] == [page_rows]

@@ -118,6 +118,18 @@ def _write_kv_kernel(
 
 
 @triton.jit
+def _tile_pages(bt_ptr, start, hi, BLOCK_N: tl.constexpr, PAGE_ROWS: tl.constexpr):
+    """The cache page and row within it of keys start .. start + BLOCK_N (start a multiple of PAGE_ROWS)."""
+    # One block-table entry per page of the tile, broadcast to the page's rows: per key, the entry's load and
+    # a division by a runtime block size put ~100 integer instructions into every key tile of a decode loop.
+    n_pages: tl.constexpr = BLOCK_N // PAGE_ROWS
+    pidx = start // PAGE_ROWS + tl.arange(0, n_pages)
+    pages = tl.load(bt_ptr + pidx, mask=pidx * PAGE_ROWS < hi, other=0).to(tl.int64)
+    page = tl.reshape(tl.broadcast_to(pages[:, None], (n_pages, PAGE_ROWS)), (BLOCK_N,))
+    return page, tl.arange(0, BLOCK_N) % PAGE_ROWS
+
+
+@triton.jit
 def _attend_range(
     acc, m_i, l_i, q, q_pos, lo, hi,
     bt_ptr, kc_ptr, vc_ptr, kv_head, block_size,
@@ -126,26 +138,39 @@ def _attend_range(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, F32_DOT: tl.constexpr, MASKED: tl.constexpr = True,
+    PAGE_ROWS: tl.constexpr = 0, SUM_AFTER: tl.constexpr = False,
 ):  # fmt: skip
     """Online softmax of q rows against keys [lo, hi) of one sequence; scores in log2 units.
 
     MASKED=False is the fast path for whole BLOCK_N tiles that every row may see in full (below the
     causal diagonal, no window): no bounds, causal or window masks on the loads or the scores.
+    PAGE_ROWS > 0 (the cache's block size, a power of two dividing BLOCK_N; lo a multiple of it): one
+    block-table entry per page of a tile (`_tile_pages`), bounds-masked. SUM_AFTER (l_i must come in as zeros):
+    the row sums are kept per key column and reduced once after the loop; with the keys of a tile spread over
+    the warps (decode: 16 query rows), a sum per tile is a cross-warp reduction, barriers included.
     """
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     d_ok = d < HEAD_DIM
     dv_ok = dv < HEAD_DIM_V
+    if SUM_AFTER:
+        l_acc = tl.zeros((q.shape[0], BLOCK_N), dtype=tl.float32)
     for start in range(lo, hi, BLOCK_N):
         k_pos = start + tl.arange(0, BLOCK_N)
-        off = k_pos % block_size
-        if MASKED:
+        if PAGE_ROWS > 0:
+            k_ok = k_pos < hi
+            page, off = _tile_pages(bt_ptr, start, hi, BLOCK_N, PAGE_ROWS)
+            k = tl.load(kc_ptr + page[:, None] * skc_b + off[:, None] * skc_s + kv_head * skc_h + d[None, :],
+                        mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+        elif MASKED:
+            off = k_pos % block_size
             k_ok = k_pos < hi
             page = tl.load(bt_ptr + k_pos // block_size, mask=k_ok, other=0).to(tl.int64)
             # K is loaded row-major ([tokens, D], each row contiguous in the cache), transposed in registers.
             k = tl.load(kc_ptr + page[:, None] * skc_b + off[:, None] * skc_s + kv_head * skc_h + d[None, :],
                         mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
         else:
+            off = k_pos % block_size
             page = tl.load(bt_ptr + k_pos // block_size).to(tl.int64)
             k = tl.load(kc_ptr + page[:, None] * skc_b + off[:, None] * skc_s + kv_head * skc_h + d[None, :],
                         mask=d_ok[None, :], other=0.0)  # fmt: skip
@@ -167,8 +192,11 @@ def _attend_range(
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if MASKED:
+        if SUM_AFTER:
+            l_acc = l_acc * alpha[:, None] + p
+        else:
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+        if MASKED or PAGE_ROWS > 0:
             v = tl.load(vc_ptr + page[:, None] * svc_b + off[:, None] * svc_s + kv_head * svc_h + dv[None, :],
                         mask=k_ok[:, None] & dv_ok[None, :], other=0.0)  # fmt: skip
         else:
@@ -178,4 +206,6 @@ def _attend_range(
             v = v.to(q.dtype)
         acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, F32_DOT)
         m_i = m_new
+    if SUM_AFTER:
+        l_i = tl.sum(l_acc, axis=1)
     return acc, m_i, l_i

@@ -39,7 +39,7 @@ def _decode_kernel(
     ROPE: tl.constexpr = False, WRITE_KV: tl.constexpr = False, USE_PDL: tl.constexpr = False,
     FP8_F16: tl.constexpr = False, MIXED: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
     FP8_DOT: tl.constexpr = False, WIDE: tl.constexpr = False, DIRECT: tl.constexpr = False,
-    HAS_SINKS: tl.constexpr = False,
+    HAS_SINKS: tl.constexpr = False, PAGE_ROWS: tl.constexpr = 0,
 ):  # fmt: skip
     if (
         USE_PDL
@@ -73,6 +73,16 @@ def _decode_kernel(
         per_split = tl.cdiv(tl.cdiv(seq_len - lo, num_splits), BLOCK_N) * BLOCK_N
         start = lo + split * per_split
         end = tl.minimum(start + per_split, seq_len)
+        # Token `tok` is the sequence's one query; ROPE rotates it here. Loaded before the KV write so that its
+        # latency overlaps the write's (the write ends in a barrier that no load crosses).
+        q = _load_heads(q_ptr, tok * sq_t + head * sq_h, hh < group, tok + hh * 0, cos_ptr, sin_ptr,
+                        sc_t, sc_d, ss_t, ss_d, HEAD_DIM, BLOCK_D, ROPE)  # fmt: skip
+        # e4m3 -> f16 is one instruction; bf16 q -> f16 is exact for |q| in [6e-5, 65504].
+        if KV_FP8 and FP8_F16 and not FP8_DOT:
+            q = q.to(tl.float16)
+        qk = qk_scale
+        if KV_FP8:
+            qk = qk_scale * tl.load(ks_ptr + kv_head * sks_h)
         if WRITE_KV:
             # The program whose slice holds the new token (position seq_len - 1) stores this KV head's k/v
             # (one program per sequence and KV head, so no other CTA reads them), then reads them back from
@@ -89,21 +99,12 @@ def _decode_kernel(
                     HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KV_FP8, ROPE,
                 )  # fmt: skip
             tl.debug_barrier()
-        # Token `tok` is the sequence's one query; ROPE rotates it here.
-        q = _load_heads(q_ptr, tok * sq_t + head * sq_h, hh < group, tok + hh * 0, cos_ptr, sin_ptr,
-                        sc_t, sc_d, ss_t, ss_d, HEAD_DIM, BLOCK_D, ROPE)  # fmt: skip
-        # e4m3 -> f16 is one instruction; bf16 q -> f16 is exact for |q| in [6e-5, 65504].
-        if KV_FP8 and FP8_F16 and not FP8_DOT:
-            q = q.to(tl.float16)
-        qk = qk_scale
-        if KV_FP8:
-            qk = qk_scale * tl.load(ks_ptr + kv_head * sks_h)
         if SWAP_AB or FP8_DOT:  # the alternative key loops (paged_attention_decode_loops.py)
             acc, m_i, l_i = _attend_decode(
                 q, start, end, bt_ptr + seq * sbt, kc_ptr, vc_ptr, kv_head, block_size,
                 skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, qk, softcap,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_H, BLOCK_N, BLOCK_D, BLOCK_DV, USE_SOFTCAP, F32_DOT, SWAP_AB, FP8_DOT,
-                WIDE,
+                WIDE, PAGE_ROWS,
             )  # fmt: skip
         else:
             q_pos = tl.zeros((BLOCK_H,), dtype=tl.int32) + seq_len - 1
@@ -114,6 +115,7 @@ def _decode_kernel(
                 acc, m_i, l_i, q, q_pos, start, end, bt_ptr + seq * sbt, kc_ptr, vc_ptr, kv_head, block_size,
                 skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, qk, softcap, window,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, USE_SOFTCAP, USE_WINDOW, F32_DOT,
+                PAGE_ROWS=PAGE_ROWS, SUM_AFTER=True,
             )  # fmt: skip
         if USE_PDL:  # the combine kernel may start now; it waits for this grid to finish before reading
             gdc_launch_dependents()

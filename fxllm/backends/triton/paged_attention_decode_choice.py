@@ -37,11 +37,16 @@ LOOPS: dict[str, tuple[bool, bool, bool]] = {
 }
 # Cache kind -> loop. "fp8": float8_e4m3fn caches; "other": bf16 / fp16 / fp32 caches.
 DECODE_LOOPS: dict[str, str] = {"fp8": "swap_ab_wide", "other": "default"}
-# Loop -> (BLOCK_N, warps, stages) where the caller passes none; "default" is the eleventh session's launch.
+# Loop -> (BLOCK_N, warps, stages) where the caller passes none.
+# Sixteenth session (whole-page tiles and row sums after the loop, H200 sweep): the default loop's old
+# (64, 4, 3) took 156 registers (3 programs an SM) and 263.9 / 287.0 / 170.0 us at 1,000 x 129-256 /
+# 256 x 1,024 / 64 x 2,048; (64, 8, 2) 258.7 / 275.6 / 143.3, never slower than the old loop's best launch
+# (64, 4, 2) was fastest at the first two, 192.1 at the third). swap_ab_wide with 3 stages: 183.7 / 172.0 /
+# 90.1 against 183.0 / 177.4 / 92.9 with 2.
 LAUNCH: dict[str, tuple[int, int, int]] = {
-    "default": (64, 4, 3),
+    "default": (64, 8, 2),
     "swap_ab": (64, 4, 2),
-    "swap_ab_wide": (64, 4, 2),  # swap_ab's; WIDE's layout assumes 4 warps
+    "swap_ab_wide": (64, 4, 3),  # WIDE's layout assumes 4 warps
     "fp8_dot": (64, 4, 3),
 }
 # (cache kind, the loop asked for, why it did not run) -> launches that ran the default loop instead.

@@ -34,6 +34,12 @@ cp.async, ld.shared.v4 for K, ld.shared.b32 + byte permutes for V, packed e4m3x2
 convert_layout through shared memory (benchmarks/fp8_decode_ptx.py counts them). Laid out for 4 warps
 (one warpgroup along M); with 8 the V reads are 2 bytes wide. Same math as SWAP_AB up to summation order.
 
+PAGE_ROWS (> 0: the cache's block size as a constant, tiles of whole pages; paged_attention_common._tile_pages)
+looks up one block-table entry per page instead of one per key. The row sums l are kept per key lane
+([BLOCK_N, BLOCK_H]) and reduced once after the loop: the keys are spread over the warps, so a sum per tile
+would cross warps through shared memory and barriers (8 barriers per tile before, 5 after; the max still
+needs its reduction).
+
 Decode needs no causal mask (the one query is the last position: every key below seq_len is visible) and
 no window mask (the caller starts the range at seq_len - window), so only k_pos < hi is masked.
 """
@@ -43,7 +49,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fxllm.backends.triton.paged_attention_common import _mma
+from fxllm.backends.triton.paged_attention_common import _mma, _tile_pages
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # jit code reads globals only as tl.constexpr
 # P's power-of-two scale before the e4m3 rounding: p * 256 is at most 256 < 448 (no saturation); the
@@ -97,7 +103,7 @@ def _attend_decode(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, F32_DOT: tl.constexpr, SWAP_AB: tl.constexpr, FP8_DOT: tl.constexpr,
-    WIDE: tl.constexpr = False,
+    WIDE: tl.constexpr = False, PAGE_ROWS: tl.constexpr = 0,
 ):  # fmt: skip
     """Online softmax of the q rows [BLOCK_H, BLOCK_D] over keys [lo, hi); returns (acc, m, l), log2 units."""
     d = tl.arange(0, BLOCK_D)
@@ -114,6 +120,9 @@ def _attend_decode(
         row_scale = row_scale * q_sc
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    if SWAP_AB:
+        # Row sums per key lane, reduced after the loop (module docstring).
+        l_acc = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
     # WIDE renumbers the head dims of q and every K tile alike (the scores are unchanged) and V^T's rows where
     # there are whole 64-row wgmmas of them.
     perm_k: tl.constexpr = WIDE and SWAP_AB and not FP8_DOT
@@ -129,8 +138,11 @@ def _attend_decode(
     for start in range(lo, hi, BLOCK_N):
         k_pos = start + tl.arange(0, BLOCK_N)
         k_ok = k_pos < hi
-        off = k_pos % block_size
-        page = tl.load(bt_ptr + k_pos // block_size, mask=k_ok, other=0).to(tl.int64)
+        if PAGE_ROWS > 0:
+            page, off = _tile_pages(bt_ptr, start, hi, BLOCK_N, PAGE_ROWS)
+        else:
+            off = k_pos % block_size
+            page = tl.load(bt_ptr + k_pos // block_size, mask=k_ok, other=0).to(tl.int64)
         k = tl.load(kc_ptr + page[:, None] * skc_b + off[:, None] * skc_s + kv_head * skc_h + d[None, :],
                     mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
         if perm_k:
@@ -173,7 +185,7 @@ def _attend_decode(
         alpha = tl.exp2(m_i - m_use)
         if SWAP_AB:
             p = tl.exp2(s - m_use[None, :])
-            l_i = l_i * alpha + tl.sum(p, axis=0)
+            l_acc = l_acc * alpha[None, :] + p
         else:
             p = tl.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -198,6 +210,8 @@ def _attend_decode(
                 pv = _mma(p.to(v.dtype), v, F32_DOT)
             acc = acc * alpha[:, None] + pv
         m_i = m_new
+    if SWAP_AB:
+        l_i = tl.sum(l_acc, axis=0)
     if perm_v:
         acc = _unperm_m(acc, BLOCK_DV, BLOCK_H)
     if SWAP_AB:
