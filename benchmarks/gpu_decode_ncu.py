@@ -8,7 +8,7 @@ order given. Cases and variants are the sweep's (CASES, VARIANTS).
 Usage (GPU machine, repo root):
     ncu --clock-control none --profile-from-start off --set full -o $OUT/decode \
         python3 benchmarks/gpu_decode_ncu.py --targets "1000 x 129-256:fp8:swap_ab_wide,1000 x 129-256:bf16:default"
-A target is CASE:KV:VARIANT[:BLOCK_NxWARPSxSTAGES]. Without ncu it prints each launch's time (do_bench).
+A target is CASE:KV:VARIANT[:BLOCK_NxWARPSxSTAGES[rMAX_REGISTERS]]. Without ncu it prints each launch's time (do_bench).
 """
 
 from __future__ import annotations
@@ -45,9 +45,12 @@ def parse_target(text: str) -> tuple[str, str, str, dict[str, int]]:
     if kv not in VARIANTS[variant][1]:
         raise ValueError(f"target {text!r}: variant {variant} runs on {VARIANTS[variant][1]} caches only")
     launch: dict[str, int] = {}
-    if len(parts) == 4:
-        n, w, s = (int(x) for x in parts[3].split("x"))
+    if len(parts) == 4:  # NxWxS, or NxWxSrR with a register cap R
+        knobs, _, cap = parts[3].partition("r")
+        n, w, s = (int(x) for x in knobs.split("x"))
         launch = {"block_n": n, "num_warps": w, "num_stages": s}
+        if cap:
+            launch["max_registers"] = int(cap)
     return case, kv, variant, launch
 
 

@@ -80,14 +80,26 @@ def _grid(triples: list[tuple[int, int, int]]) -> list[dict[str, int]]:
     return [{"block_n": n, "num_warps": w, "num_stages": s} for n, w, s in triples]
 
 
+def _capped(quads: list[tuple[int, int, int, int]]) -> list[dict[str, int]]:
+    """Launches with ptxas's register cap (max_registers): 96 fits 5 four-warp programs an SM, 80 six."""
+    return [{"block_n": n, "num_warps": w, "num_stages": s, "max_registers": r} for n, w, s, r in quads]
+
+
 _WIDE = [(n, w, s) for n in (64, 128) for w in (4, 8) for s in (2, 3)]  # swap_ab: wgmma's M = BLOCK_N >= 64
 # Per variant: the launches to time ({} is the launch code's default). The default loop's grid was swept in
 # the eleventh session (RESULTS.md): only its best launches are kept here.
 LAUNCHES: dict[str, list[dict[str, int]]] = {
-    "default": [{}, *_grid([(32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 8, 2), (64, 8, 3), (128, 4, 3)])],
+    "default": [
+        {},
+        *_grid([(32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 8, 2), (64, 8, 3), (128, 4, 3)]),
+        *_capped([(64, 4, 2, 96), (64, 8, 2, 96), (64, 8, 2, 80)]),
+    ],
     "swap_ab": _grid(_WIDE),
     # WIDE's renumbering is laid out for 4 warps (with 8 its V reads are 2 bytes wide): one 8-warp launch.
-    "swap_ab_wide": _grid([(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (64, 8, 2)]),
+    "swap_ab_wide": [
+        *_grid([(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (64, 8, 2)]),
+        *_capped([(64, 4, 2, 96), (64, 4, 3, 96), (64, 4, 2, 88)]),
+    ],
     # Without SWAP_AB the e4m3 dots have M = BLOCK_H = 16 < wgmma's 64: compiled for sm_90a (--sm90) Triton
     # upcasts them to f16 mma.sync, i.e. the default loop plus the quantization; two launches show it.
     "fp8_dot": _grid([(32, 4, 2), (64, 4, 3)]),
@@ -191,6 +203,8 @@ def _compile_sm90(kv: str, launch: dict[str, int], flags: dict[str, bool]) -> An
         if name.endswith("_ptr") or name in _ALIGNED:
             attrs[(i,)] = [["tt.divisibility", 16]]
     options = {"num_warps": launch.get("num_warps", 4), "num_stages": launch.get("num_stages", 3)}
+    if launch.get("max_registers"):
+        options["maxnreg"] = launch["max_registers"]
     return triton.compile(ASTSource(tpa._decode_kernel, signature, consts, attrs), target=GPUTarget("cuda", 90, 32),
                           options=options)  # fmt: skip
 
@@ -316,6 +330,7 @@ def _print(results: dict[str, Any]) -> None:
                 best = min(mine, key=lambda r: r["us"] or float("inf"))
                 launch = (
                     f"{best.get('block_n', '-')}x{best.get('num_warps', '-')}w{best.get('num_stages', '-')}s"
+                    + (f"r{best['max_registers']}" if best.get("max_registers") else "")
                 )
                 print(f"{name:>16} {kv:>4} {variant:>16} {first['us']:10.1f} {best['us']:8.1f} "
                       f"{best['kv_TBps'] or 0:5.2f} {launch:>12} {max(r['max_diff'] for r in mine):8.3g} "

@@ -159,7 +159,7 @@ def paged_attention_out(
     k_scale: Tensor | None = None, v_scale: Tensor | None = None,
     cos: Tensor | None = None, sin: Tensor | None = None, write_in_decode: bool = True, pdl: bool = False,
     fp8_f16: bool = True, swap_ab: bool | None = None, fp8_dot: bool | None = None, wide: bool | None = None,
-    direct: bool = True,
+    direct: bool = True, max_registers: int | None = None,
 ) -> None:  # fmt: skip
     """Write k/v into the caches, then paged attention into `out` [T, Hq, Dv]; launch knobs overridable.
 
@@ -173,7 +173,8 @@ def paged_attention_out(
     in-kernel; also for a mixed step's decode rows. None: the rule of paged_attention_decode_choice.py (swap-AB
     with WIDE over an FP8 cache, the default loop over others: the H200 sweeps' winners). `wide`: the swap-AB loop with its
     tiles renumbered for wide e4m3 loads (WIDE, implies swap_ab). `direct=False`: a one-split swap-AB decode
-    still writes partials for the combine kernel (the launch before DIRECT, for comparison)."""
+    still writes partials for the combine kernel (the launch before DIRECT, for comparison). `max_registers`
+    (GPU only): ptxas's register cap for a decode launch (Triton's maxnreg), to fit more programs per SM."""
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     head_dim_v = v_cache.shape[-1]
@@ -257,6 +258,8 @@ def paged_attention_out(
         # a compile-time constant; else one entry per key and a runtime division (PAGE_ROWS 0). On an H200 that
         # took the FP8 loop's tile from 628 to 518 instructions and its time from 216.5 to 183.0 us at
         # 1,000 x 129-256 (gpu_decode_sweep.py, sixteenth session; with the row sums below).
+        # Triton's interpreter takes no maxnreg: the cap is a GPU launch option only.
+        reg_cap = {"maxnreg": max_registers} if max_registers and on_gpu else {}
         pow2_pages = block_size & (block_size - 1) == 0 and bn % block_size == 0
         page_rows = block_size if pow2_pages and not use_window else 0
         if direct:
@@ -277,7 +280,7 @@ def paged_attention_out(
             MIXED=split_mixed, SWAP_AB=loop.swap_ab, FP8_DOT=loop.fp8_dot, WIDE=loop.wide,
             DIRECT=direct, HAS_SINKS=sinks is not None,
             PAGE_ROWS=page_rows,
-            num_warps=loop.num_warps, num_stages=loop.num_stages, launch_pdl=pdl,
+            num_warps=loop.num_warps, num_stages=loop.num_stages, launch_pdl=pdl, **reg_cap,
         )  # fmt: skip
         # A captured decode graph fixes its splits, so BLOCK_S follows them; a mixed step's splits change with
         # its batch and contexts, and each BLOCK_S would be one more Triton compile in a user's request: one
