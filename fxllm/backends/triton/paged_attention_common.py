@@ -54,10 +54,7 @@ def _write_token_kv(
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     KV_FP8: tl.constexpr, ROPE: tl.constexpr,
 ):  # fmt: skip
-    """Token t's k/v rows of KV heads `h` (where `h_ok`) into cache slot `slot` (>= 0); k RoPE-rotated with ROPE.
-
-    Returns the rows as stored (the cache dtype's values, in float32; FP8: before the scales), for a caller that
-    attends to the token without reading it back."""
+    """Token t's k/v rows of KV heads `h` (where `h_ok`) into cache slot `slot` (>= 0); k RoPE-rotated with ROPE."""
     blk = slot // block_size
     off = slot % block_size
     d = tl.arange(0, BLOCK_D)
@@ -69,32 +66,15 @@ def _write_token_kv(
     if KV_FP8:  # saturate: e4m3fn has no inf, an out-of-range value would become NaN
         ks = tl.load(ks_ptr + h * sks_h, mask=h_ok, other=1.0)
         kx = tl.clamp(kx.to(tl.float32) / ks[:, None], -448.0, 448.0)
-    kx = kx.to(kc_ptr.dtype.element_ty)
-    tl.store(kc_ptr + blk * skc_b + off * skc_s + h[:, None] * skc_h + d[None, :], kx, mask=km)
+    tl.store(kc_ptr + blk * skc_b + off * skc_s + h[:, None] * skc_h + d[None, :],
+             kx.to(kc_ptr.dtype.element_ty), mask=km)  # fmt: skip
     vm = h_ok[:, None] & (dv < HEAD_DIM_V)[None, :]
     vx = tl.load(v_ptr + t * sv_t + h[:, None] * sv_h + dv[None, :], mask=vm)
     if KV_FP8:
         vs = tl.load(vs_ptr + h * svs_h, mask=h_ok, other=1.0)
         vx = tl.clamp(vx.to(tl.float32) / vs[:, None], -448.0, 448.0)
-    vx = vx.to(vc_ptr.dtype.element_ty)
-    tl.store(vc_ptr + blk * svc_b + off * svc_s + h[:, None] * svc_h + dv[None, :], vx, mask=vm)
-    return kx.to(tl.float32), vx.to(tl.float32)
-
-
-@triton.jit
-def _fold_token(acc, m_i, l_i, q, k_row, v_row, qk_scale, softcap, take, USE_SOFTCAP: tl.constexpr):
-    """The online softmax state (acc, m, l; log2 units) with one more key, k_row / v_row, where `take`."""
-    s = tl.sum(q.to(tl.float32) * k_row[None, :], axis=1)
-    if USE_SOFTCAP:  # as `_attend_range`
-        s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * (s * qk_scale) / softcap) + 1.0)) * 1.4426950408889634
-    else:
-        s = s * (qk_scale * 1.4426950408889634)
-    s = tl.where(take, s, float("-inf"))
-    m_new = tl.maximum(m_i, s)
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use)
-    return acc * alpha[:, None] + p[:, None] * v_row[None, :], m_new, l_i * alpha + p
+    tl.store(vc_ptr + blk * svc_b + off * svc_s + h[:, None] * svc_h + dv[None, :],
+             vx.to(vc_ptr.dtype.element_ty), mask=vm)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["num_seqs"])

@@ -20,12 +20,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from fxllm.backends.triton.paged_attention_common import (
-    _attend_range,
-    _fold_token,
-    _load_heads,
-    _write_token_kv,
-)
+from fxllm.backends.triton.paged_attention_common import _attend_range, _load_heads, _write_token_kv
 from fxllm.backends.triton.paged_attention_decode_loops import _attend_decode
 
 
@@ -78,7 +73,8 @@ def _decode_kernel(
         per_split = tl.cdiv(tl.cdiv(seq_len - lo, num_splits), BLOCK_N) * BLOCK_N
         start = lo + split * per_split
         end = tl.minimum(start + per_split, seq_len)
-        # Token `tok` is the sequence's one query; ROPE rotates it here.
+        # Token `tok` is the sequence's one query; ROPE rotates it here. Loaded before the KV write so that its
+        # latency overlaps the write's (the write ends in a barrier that no load crosses).
         q = _load_heads(q_ptr, tok * sq_t + head * sq_h, hh < group, tok + hh * 0, cos_ptr, sin_ptr,
                         sc_t, sc_d, ss_t, ss_d, HEAD_DIM, BLOCK_D, ROPE)  # fmt: skip
         # e4m3 -> f16 is one instruction; bf16 q -> f16 is exact for |q| in [6e-5, 65504].
@@ -87,30 +83,25 @@ def _decode_kernel(
         qk = qk_scale
         if KV_FP8:
             qk = qk_scale * tl.load(ks_ptr + kv_head * sks_h)
-        hi = end
         if WRITE_KV:
             # The program whose slice holds the new token (position seq_len - 1) stores this KV head's k/v
-            # (one program per sequence and KV head, so no other CTA reads them) and attends to them from
-            # registers after the key loop, which stops one key short: no barrier between the stores and the
-            # loop's loads (with one, the loads of every program waited for its write).
+            # (one program per sequence and KV head, so no other CTA reads them), then reads them back from
+            # the cache like every other key once the barrier has made the stores visible to the whole CTA.
             slot = tl.load(slot_ptr + seq).to(tl.int64)
-            mine = (slot >= 0) & (start <= seq_len - 1) & (seq_len - 1 < end)
-            k_new = tl.zeros((2, BLOCK_D), dtype=tl.float32)
-            v_new = tl.zeros((2, BLOCK_DV), dtype=tl.float32)
-            if mine:
+            if (slot >= 0) & (start <= seq_len - 1) & (seq_len - 1 < end):
                 hk = kv_head + tl.arange(
                     0, 2
                 )  # a two-row tile with one row used: the helper takes [R, D] tiles
-                k_new, v_new = _write_token_kv(
+                _write_token_kv(
                     k_ptr, v_ptr, kc_ptr, vc_ptr, seq, slot, hk, hk == kv_head, block_size,
                     sk_t, sk_h, sv_t, sv_h, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h,
                     ks_ptr, vs_ptr, sks_h, svs_h, cos_ptr, sin_ptr, sc_t, sc_d, ss_t, ss_d,
                     HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KV_FP8, ROPE,
                 )  # fmt: skip
-            hi = tl.where(mine, seq_len - 1, end)
+            tl.debug_barrier()
         if SWAP_AB or FP8_DOT:  # the alternative key loops (paged_attention_decode_loops.py)
             acc, m_i, l_i = _attend_decode(
-                q, start, hi, bt_ptr + seq * sbt, kc_ptr, vc_ptr, kv_head, block_size,
+                q, start, end, bt_ptr + seq * sbt, kc_ptr, vc_ptr, kv_head, block_size,
                 skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, qk, softcap,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_H, BLOCK_N, BLOCK_D, BLOCK_DV, USE_SOFTCAP, F32_DOT, SWAP_AB, FP8_DOT,
                 WIDE, PAGE_ROWS,
@@ -121,16 +112,11 @@ def _decode_kernel(
             m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
             l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
             acc, m_i, l_i = _attend_range(
-                acc, m_i, l_i, q, q_pos, start, hi, bt_ptr + seq * sbt, kc_ptr, vc_ptr, kv_head, block_size,
+                acc, m_i, l_i, q, q_pos, start, end, bt_ptr + seq * sbt, kc_ptr, vc_ptr, kv_head, block_size,
                 skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, qk, softcap, window,
                 HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, USE_SOFTCAP, USE_WINDOW, F32_DOT,
                 PAGE_ROWS=PAGE_ROWS, SUM_AFTER=True,
             )  # fmt: skip
-        if WRITE_KV:
-            first = (tl.arange(0, 2) == 0)[:, None]  # row 0 is this KV head's
-            k_row = tl.sum(tl.where(first, k_new, 0.0), axis=0)
-            v_row = tl.sum(tl.where(first, v_new, 0.0), axis=0)
-            acc, m_i, l_i = _fold_token(acc, m_i, l_i, q, k_row, v_row, qk, softcap, mine, USE_SOFTCAP)
         if USE_PDL:  # the combine kernel may start now; it waits for this grid to finish before reading
             gdc_launch_dependents()
         nonempty = l_i > 0.0
