@@ -257,11 +257,11 @@ def paged_attention_out(
         # page boundary: not with a sliding window) look up one block-table entry per page, with the block size
         # a compile-time constant; else one entry per key and a runtime division (PAGE_ROWS 0). On an H200 that
         # took the FP8 loop's tile from 628 to 518 instructions and its time from 216.5 to 183.0 us at
-        # 1,000 x 129-256 (gpu_decode_sweep.py, sixteenth session; with the row sums below).
-        # Triton's interpreter takes no maxnreg: the cap is a GPU launch option only.
-        reg_cap = {"maxnreg": max_registers} if max_registers and on_gpu else {}
+        # 1,000 x 129-256 (gpu_decode_sweep.py, sixteenth session; with the loops' row sums kept per key lane).
         pow2_pages = block_size & (block_size - 1) == 0 and bn % block_size == 0
         page_rows = block_size if pow2_pages and not use_window else 0
+        # Triton's interpreter takes no maxnreg: the cap is a GPU launch option only.
+        reg_cap = {"maxnreg": max_registers} if max_registers and on_gpu else {}
         if direct:
             part = lse = out  # not read or written with DIRECT
         else:

@@ -40,9 +40,9 @@ DECODE_LOOPS: dict[str, str] = {"fp8": "swap_ab_wide", "other": "default"}
 # Loop -> (BLOCK_N, warps, stages) where the caller passes none.
 # Sixteenth session (whole-page tiles and row sums after the loop, H200 sweep): the default loop's old
 # (64, 4, 3) took 156 registers (3 programs an SM) and 263.9 / 287.0 / 170.0 us at 1,000 x 129-256 /
-# 256 x 1,024 / 64 x 2,048; (64, 8, 2) 258.7 / 275.6 / 143.3, never slower than the old loop's best launch
-# (64, 4, 2) was fastest at the first two, 192.1 at the third). swap_ab_wide with 3 stages: 183.7 / 172.0 /
-# 90.1 against 183.0 / 177.4 / 92.9 with 2.
+# 256 x 1,024 / 64 x 2,048; (64, 8, 2) 258.7 / 275.6 / 143.3, never slower than the old launch; (64, 4, 2) was
+# fastest at the first two (242.6 / 269.4) but took 192.1 at the third. swap_ab_wide with 3 stages: 183.7 /
+# 172.0 / 90.1 against 183.0 / 177.4 / 92.9 with 2.
 LAUNCH: dict[str, tuple[int, int, int]] = {
     "default": (64, 8, 2),
     "swap_ab": (64, 4, 2),
