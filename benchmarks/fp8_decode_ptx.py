@@ -4,7 +4,8 @@ Compiles `_decode_kernel` as benchmarks/gpu_decode_sweep.py launches it (Llama-3
 16 padded query rows, WRITE_KV) for sm_90a with Triton's bundled ptxas, finds the key loop in the PTX (the
 backward branch whose body holds the most wgmma / mma.sync instructions) and counts, in that body, i.e. per
 key tile and thread: cp.async by size, global loads, shared loads and stores by width, ldmatrix, packed e4m3x2
--> f16x2 conversions, byte permutes and the dot instructions; ptxas's registers and the shared memory.
+-> f16x2 conversions, byte permutes and the dot instructions; ptxas's registers and the shared memory; and from
+the cubin (benchmarks/decode_sass.py) the SASS instructions one warp issues per key tile, by opcode.
 Over an FP8 cache the swap-AB loop read its tiles back from shared memory one or two bytes at a time
 (ld.shared.b8 / .b16); the WIDE loop ("swap_ab_wide") is meant to read them 4-16 bytes at a time.
 
@@ -91,6 +92,7 @@ def count(body: str) -> dict[str, dict[str, int]]:
 
 def report(launch: tuple[int, int, int] | None) -> list[dict[str, Any]]:
     """Compile every row of ROWS for sm_90a and count its key loop's instructions."""
+    from benchmarks import decode_sass
     from benchmarks import gpu_decode_sweep as sweep
     from fxllm.backends.triton.paged_attention_decode_choice import LAUNCH
 
@@ -104,6 +106,7 @@ def report(launch: tuple[int, int, int] | None) -> list[dict[str, Any]]:
             ck = sweep._compile_sm90(kv, {"block_n": bn, "num_warps": warps, "num_stages": stages}, flags)
             ptx = ck.asm["ptx"]
             row.update(count(key_loop(ptx)), shared_bytes=ck.metadata.shared, **sweep._ptxas_usage(ptx))
+            row.update(decode_sass.loop_counts(ck.asm["cubin"]))
         except Exception as exc:  # a variant that does not compile here: reported, the others still run
             row["error"] = f"{type(exc).__name__}: {str(exc)[-600:]}"
         logger.info("%s", row)
@@ -136,6 +139,9 @@ def main() -> int:
         print(f"{head}  regs {r['regs']} spill {r['spill_bytes']} smem {r['shared_bytes']}")
         for kind in COUNTED:
             print(f"{'':>31}{kind:>11}  {_cell(r[kind])}")
+        if "sass_loop" in r:
+            print(f"{'':>31}{'SASS':>11}  {r['sass_loop']} per tile and warp ({r['sass_total']} in all): "
+                  f"{_cell(r['sass_loop_ops'])}")  # fmt: skip
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
