@@ -90,8 +90,8 @@ def count(body: str) -> dict[str, dict[str, int]]:
     return out
 
 
-def report(launch: tuple[int, int, int] | None) -> list[dict[str, Any]]:
-    """Compile every row of ROWS for sm_90a and count its key loop's instructions."""
+def report(launch: tuple[int, int, int] | None, rope: bool = False) -> list[dict[str, Any]]:
+    """Compile every row of ROWS for sm_90a (with `rope`, as the fused RoPE op) and count its key loop."""
     from benchmarks import decode_sass
     from benchmarks import gpu_decode_sweep as sweep
     from fxllm.backends.triton.paged_attention_decode_choice import LAUNCH
@@ -103,7 +103,9 @@ def report(launch: tuple[int, int, int] | None) -> list[dict[str, Any]]:
         bn, warps, stages = launch or LAUNCH[loop_name]
         row: dict[str, Any] = {"kv": kv, "variant": variant, "launch": f"{bn}x{warps}w{stages}s"}
         try:
-            ck = sweep._compile_sm90(kv, {"block_n": bn, "num_warps": warps, "num_stages": stages}, flags)
+            ck = sweep._compile_sm90(
+                kv, {"block_n": bn, "num_warps": warps, "num_stages": stages}, flags, rope
+            )
             ptx = ck.asm["ptx"]
             row.update(count(key_loop(ptx)), shared_bytes=ck.metadata.shared, **sweep._ptxas_usage(ptx))
             row.update(decode_sass.loop_counts(ck.asm["cubin"]))
@@ -124,12 +126,15 @@ def main() -> int:
     parser.add_argument("--launch", action="append", default=[],
                         help="BLOCK_N,warps,stages for every variant (repeatable); default: each loop's own")  # fmt: skip
     parser.add_argument("--out", default=None, help="directory for fp8_decode_ptx.json")
+    parser.add_argument(
+        "--rope", action="store_true", help="compile the fused RoPE op's launch (an engine's)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     launches: list[tuple[int, int, int] | None] = [None]
     if args.launch:
         launches = [tuple(int(x) for x in s.split(",")) for s in args.launch]  # type: ignore[misc]
-    rows = [row for launch in launches for row in report(launch)]
+    rows = [row for launch in launches for row in report(launch, args.rope)]
     print("per key tile and thread, in the key loop's PTX body (sm_90a):")
     for r in rows:
         head = f"{r['kv']:>4} {r['variant']:<16} {r['launch']:>8}"

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_decode_sweep import BLOCK, CASES, HEAD_DIM, HEADS, KV_HEADS, VARIANTS
+from gpu_decode_sweep import BLOCK, CASES, HEAD_DIM, HEADS, KV_HEADS, VARIANTS, rope_tables
 
 from fxllm.backends.triton import paged_attention as tpa
 from fxllm.backends.triton.selfcheck import make_paged_case
@@ -58,6 +58,9 @@ def main() -> int:
     """Warm every target, then launch each once inside the profiled range."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", required=True, help="comma-separated CASE:KV:VARIANT[:NxWxS]")
+    parser.add_argument(
+        "--rope", action="store_true", help="the fused RoPE op's launch, as an engine runs decode"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     targets = [parse_target(t) for t in args.targets.split(",")]
@@ -75,9 +78,10 @@ def main() -> int:
         else:
             kc, vc, scales = c.k_cache_ref.clone(), c.v_cache_ref.clone(), {}
         out = torch.empty_like(c.q)
+        tables = rope_tables(c.q.shape[0], "cuda") if args.rope else {}
         run = partial(tpa.paged_attention_out, c.q, c.k, c.v, kc, vc, c.slot_mapping, c.block_tables, c.seq_lens,
                       c.query_start_loc, c.scale, -1, 0.0, None, out, **launch, **scales,
-                      **VARIANTS[variant][0])  # fmt: skip
+                      **VARIANTS[variant][0], **tables)  # fmt: skip
         for _ in range(3):
             run()
         torch.cuda.synchronize()

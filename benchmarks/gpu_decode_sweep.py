@@ -174,9 +174,9 @@ _ALIGNED = (
 )
 
 
-def _compile_sm90(kv: str, launch: dict[str, int], flags: dict[str, bool]) -> Any:
+def _compile_sm90(kv: str, launch: dict[str, int], flags: dict[str, bool], rope: bool = False) -> Any:
     """The decode kernel as the sweep launches it (8B heads, WRITE_KV, one split: DIRECT where the launch code
-    uses it), compiled for sm_90a without a GPU."""
+    uses it; with `rope` the fused RoPE op's launch, as an engine runs it), compiled for sm_90a without a GPU."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -184,11 +184,14 @@ def _compile_sm90(kv: str, launch: dict[str, int], flags: dict[str, bool]) -> An
     fp8 = kv == "fp8"
     consts: dict[str, Any] = dict(
         HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM, BLOCK_H=16, BLOCK_N=launch.get("block_n", 64), BLOCK_D=HEAD_DIM,
-        BLOCK_DV=HEAD_DIM, USE_SOFTCAP=False, USE_WINDOW=False, F32_DOT=False, KV_FP8=fp8, ROPE=False,
+        BLOCK_DV=HEAD_DIM, USE_SOFTCAP=False, USE_WINDOW=False, F32_DOT=False, KV_FP8=fp8, ROPE=rope,
         WRITE_KV=True, USE_PDL=False, FP8_F16=fp8 and not flags.get("fp8_dot", False), MIXED=False,
         SWAP_AB=flags.get("swap_ab", False), FP8_DOT=flags.get("fp8_dot", False), WIDE=flags.get("wide", False),
         DIRECT=flags.get("direct", True) and flags.get("swap_ab", False), HAS_SINKS=False,
         PAGE_ROWS=16,
+        # A contiguous cos/sin table's dim stride is 1, which a real launch specialises; left a runtime value,
+        # ROPE's loads do not compile (Triton 3.6: "Illegal shared layout" in TritonGPUOptimizeDotOperands).
+        sc_d=1, ss_d=1,
     )  # fmt: skip
     signature, attrs = {}, {}
     for i, name in enumerate(tpa._decode_kernel.arg_names):
@@ -227,7 +230,7 @@ def _ptxas_usage(ptx: str) -> dict[str, int]:
     return {"regs": int(regs.group(1)) if regs else -1, "spill_bytes": int(spills.group(1)) if spills else -1}
 
 
-def sm90_report() -> list[dict[str, Any]]:
+def sm90_report(rope: bool = False) -> list[dict[str, Any]]:
     """Every variant x launch of the sweep compiled for sm_90a on this machine: what its dots compiled to."""
     rows = []
     for kv in ("bf16", "fp8"):
@@ -237,7 +240,7 @@ def sm90_report() -> list[dict[str, Any]]:
             for launch in LAUNCHES[variant]:
                 row: dict[str, Any] = {"kv": kv, "variant": variant, **launch}
                 try:
-                    ck = _compile_sm90(kv, launch, flags)
+                    ck = _compile_sm90(kv, launch, flags, rope)
                 except Exception as exc:  # a launch the compiler rejects: the GPU sweep would record it too
                     rows.append({**row, "error": f"{type(exc).__name__}: {_short(exc)}"})
                     continue
@@ -254,10 +257,20 @@ def sm90_report() -> list[dict[str, Any]]:
     return rows
 
 
+def rope_tables(tokens: int, device: str) -> dict[str, torch.Tensor]:
+    """cos/sin [tokens, HEAD_DIM] (rotate-half layout, bf16) for the fused RoPE op's launch."""
+    gen = torch.Generator().manual_seed(2)
+    angles = torch.rand(tokens, HEAD_DIM // 2, generator=gen) * 6.283
+    emb = torch.cat([angles, angles], dim=-1)
+    return {"cos": emb.cos().to(device, torch.bfloat16), "sin": emb.sin().to(device, torch.bfloat16)}
+
+
 def sweep(
-    cases: dict[str, tuple[int, int, int]], smoke: bool, device: str
+    cases: dict[str, tuple[int, int, int]], smoke: bool, device: str, rope: bool = False
 ) -> tuple[dict[str, Any], list[str]]:
-    """Per case, cache dtype, variant and launch: time, KV read rate, difference from the default launch."""
+    """Per case, cache dtype, variant and launch: time, KV read rate, difference from the default launch.
+
+    `rope`: q and k rotated in-kernel (cos/sin tables), the fused op an engine's decode step runs."""
     results: dict[str, Any] = {}
     failures: list[str] = []
     one = torch.ones(1, device=device)
@@ -269,6 +282,7 @@ def sweep(
         c = make_paged_case([1] * seqs, ctx, HEADS, KV_HEADS, HEAD_DIM, block_size=BLOCK,
                             dtype=torch.bfloat16, device=device, seed=1)  # fmt: skip
         meta = (c.slot_mapping, c.block_tables, c.seq_lens, c.query_start_loc, c.scale)
+        tables = rope_tables(c.q.shape[0], device) if rope else {}
         caches = {
             "bf16": (c.k_cache_ref.clone(), c.v_cache_ref.clone(), {}),
             "fp8": (quantize_kv(c.k_cache_ref, one), quantize_kv(c.v_cache_ref, one), {"k_scale": one, "v_scale": one}),
@@ -284,7 +298,7 @@ def sweep(
                     row: dict[str, Any] = {"kv": dtype_name, "variant": variant, **launch}
                     out = torch.empty_like(c.q)
                     run = partial(tpa.paged_attention_out, c.q, c.k, c.v, kc, vc, *meta, -1, 0.0, None, out,
-                                  **launch, **scales, **flags)  # fmt: skip
+                                  **launch, **scales, **flags, **tables)  # fmt: skip
                     before = set(_compiled())
                     try:
                         t0 = time.perf_counter()
@@ -345,6 +359,8 @@ def main() -> int:
     parser.add_argument("--sm90", action="store_true",
                         help="no GPU: compile every variant x launch for sm_90a, report dots / registers / spills")  # fmt: skip
     parser.add_argument("--variants", default=None, help="comma-separated VARIANTS to time (default: all)")
+    parser.add_argument("--rope", action="store_true",
+                        help="the fused RoPE op's launch (q and k rotated in-kernel), as an engine runs decode")  # fmt: skip
     args = parser.parse_args()
     if args.variants:  # the default variant always runs first: the others are checked against it
         keep = {"default", *args.variants.split(",")}
@@ -355,7 +371,7 @@ def main() -> int:
             del VARIANTS[name]
     logging.basicConfig(level=logging.INFO)
     if args.sm90:
-        rows = sm90_report()
+        rows = sm90_report(args.rope)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "decode_sm90.json").write_text(json.dumps(rows, indent=1))
@@ -368,7 +384,7 @@ def main() -> int:
         return 0
     device = "cpu" if args.smoke else "cuda"
     t0 = time.perf_counter()
-    results, failures = sweep(SMOKE_CASES if args.smoke else CASES, args.smoke, device)
+    results, failures = sweep(SMOKE_CASES if args.smoke else CASES, args.smoke, device, args.rope)
     elapsed = time.perf_counter() - t0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
