@@ -22,6 +22,7 @@ import pytest
 import torch
 
 # First: on a CPU it switches Triton's interpreter on before anything below imports triton.
+from triton_interpreted import record_launches
 from triton_paged_attention import DEVICE, paged_attention
 
 # isort: split
@@ -231,18 +232,7 @@ def test_rule_and_op_backend_reach_the_kernel(monkeypatch: pytest.MonkeyPatch) -
 def test_wide_op_backend_reaches_the_launch(monkeypatch: pytest.MonkeyPatch) -> None:
     """The triton_swap_ab_wide op backend's knobs launch the decode kernel with SWAP_AB and WIDE (the
     reference tests above cannot tell: WIDE computes what SWAP_AB computes)."""
-    launched: list[dict] = []
-    kernel = paged_attention._decode_kernel
-
-    class Spy:
-        def __getitem__(self, grid: tuple) -> object:
-            def launch(*args: object, **kwargs: object) -> None:
-                launched.append(kwargs)
-                kernel[grid](*args, **kwargs)
-
-            return launch
-
-    monkeypatch.setattr(paged_attention, "_decode_kernel", Spy())
+    launched = record_launches(monkeypatch, paged_attention, "_decode_kernel")
     c = make_paged_case([1, 1], [20, 70], 8, 2, 64, block_size=8, dtype=torch.bfloat16, device=DEVICE, seed=3)
     meta = (c.slot_mapping, c.block_tables, c.seq_lens, c.query_start_loc, c.scale)
     ref = paged_attention_reference(c.q, c.k, c.v, c.k_cache_ref.clone(), c.v_cache_ref.clone(), *meta, -1,

@@ -16,7 +16,7 @@ import torch
 
 # On a CPU-only machine the kernels run in Triton's interpreter (tests/triton_interpreted.py); with a GPU the
 # same tests run the compiled kernels on CUDA.
-from triton_interpreted import DEVICE, interpreted
+from triton_interpreted import DEVICE, interpreted, record_launches
 
 import fxllm.backends.triton as tb
 from fxllm.backends.registry import OpSite, choose_implementation, op_backends
@@ -250,18 +250,7 @@ def test_decode_whole_page_tiles(
 ) -> None:
     """The decode kernel looks up one block-table entry per page where its key tiles are whole pages, and one
     per key elsewhere; both agree with the reference (contexts end mid-page, several tiles, two splits)."""
-    launched: list[dict] = []
-    kernel = paged_attention._decode_kernel
-
-    class Spy:
-        def __getitem__(self, grid: tuple) -> object:
-            def launch(*args: object, **kwargs: object) -> None:
-                launched.append(kwargs)
-                kernel[grid](*args, **kwargs)
-
-            return launch
-
-    monkeypatch.setattr(paged_attention, "_decode_kernel", Spy())
+    launched = record_launches(monkeypatch, paged_attention, "_decode_kernel")
     c = selfcheck.make_paged_case([1, 1, 1], [5, 77, 130], 8, 2, 32, block_size=block_size, sliding_window=window,
                                   pad_tokens=1, pad_seqs=1, seed=11, device=DEVICE)  # fmt: skip
     _assert_ok(selfcheck.check_paged(c, "decode", block_n=block_n, num_splits=2, swap_ab=swap_ab))

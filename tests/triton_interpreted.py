@@ -46,3 +46,20 @@ def interpreted(*names: str) -> list[ModuleType]:
     left = {m.__name__: _compiled_kernels(m) for m in modules if _compiled_kernels(m)}
     assert not left, f"Triton's interpreter could not be set up; still compiled: {left}"
     return modules
+
+
+def record_launches(monkeypatch: pytest.MonkeyPatch, module: ModuleType, kernel_name: str) -> list[dict]:
+    """The keyword arguments of every launch of `module.kernel_name` during the test; the kernel still runs."""
+    launched: list[dict] = []
+    kernel = getattr(module, kernel_name)
+
+    class Spy:
+        def __getitem__(self, grid: tuple) -> object:
+            def launch(*args: object, **kwargs: object) -> None:
+                launched.append(kwargs)
+                kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(module, kernel_name, Spy())
+    return launched
