@@ -1,7 +1,7 @@
 """The machine code (SASS) of a compiled Triton kernel's key loop, without a GPU: instructions per iteration.
 
-Triton's wheel bundles `nvdisasm`; a kernel compiled for sm_90a (benchmarks/gpu_decode_sweep.py's
-`_compile_sm90`) carries its cubin. The key loop is the backward branch whose body holds the most
+Triton's wheel bundles `nvdisasm`; a kernel compiled for sm_90a (benchmarks/decode_sm90.py's
+`compile_sm90`) carries its cubin. The key loop is the backward branch whose body holds the most
 tensor-core instructions (HGMMA, QGMMA for FP8, HMMA); its length is what one warp issues per key tile. In the
 sixteenth session whole-page tiles and row sums after the loop took the FP8 loop from 628 to 480, measured
 216.5 -> 183.0 us on an H200 (64 x 4 warps x 2 stages, benchmarks/RESULTS.md). It says nothing of registers

@@ -92,7 +92,7 @@ def count(body: str) -> dict[str, dict[str, int]]:
 
 def report(launch: tuple[int, int, int] | None, rope: bool = False) -> list[dict[str, Any]]:
     """Compile every row of ROWS for sm_90a (with `rope`, as the fused RoPE op) and count its key loop."""
-    from benchmarks import decode_sass
+    from benchmarks import decode_sass, decode_sm90
     from benchmarks import gpu_decode_sweep as sweep
     from fxllm.backends.triton.paged_attention_decode_choice import LAUNCH
 
@@ -103,11 +103,11 @@ def report(launch: tuple[int, int, int] | None, rope: bool = False) -> list[dict
         bn, warps, stages = launch or LAUNCH[loop_name]
         row: dict[str, Any] = {"kv": kv, "variant": variant, "launch": f"{bn}x{warps}w{stages}s"}
         try:
-            ck = sweep._compile_sm90(
+            ck = decode_sm90.compile_sm90(
                 kv, {"block_n": bn, "num_warps": warps, "num_stages": stages}, flags, rope
             )
             ptx = ck.asm["ptx"]
-            row.update(count(key_loop(ptx)), shared_bytes=ck.metadata.shared, **sweep._ptxas_usage(ptx))
+            row.update(count(key_loop(ptx)), shared_bytes=ck.metadata.shared, **decode_sm90.ptxas_usage(ptx))
             row.update(decode_sass.loop_counts(ck.asm["cubin"]))
         except Exception as exc:  # a variant that does not compile here: reported, the others still run
             row["error"] = f"{type(exc).__name__}: {str(exc)[-600:]}"
