@@ -157,23 +157,26 @@ def _attend_range(
         l_acc = tl.zeros((q.shape[0], BLOCK_N), dtype=tl.float32)
     for start in range(lo, hi, BLOCK_N):
         k_pos = start + tl.arange(0, BLOCK_N)
+        # Bounds masks on the loads wherever the tile may run past hi (every tile but MASKED=False's).
+        bounded: tl.constexpr = MASKED or PAGE_ROWS > 0
+        k_ok = k_pos < hi
         if PAGE_ROWS > 0:
-            k_ok = k_pos < hi
             page, off = _tile_pages(bt_ptr, start, hi, BLOCK_N, PAGE_ROWS)
-            k = tl.load(kc_ptr + page[:, None] * skc_b + off[:, None] * skc_s + kv_head * skc_h + d[None, :],
-                        mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
-        elif MASKED:
-            off = k_pos % block_size
-            k_ok = k_pos < hi
-            page = tl.load(bt_ptr + k_pos // block_size, mask=k_ok, other=0).to(tl.int64)
-            # K is loaded row-major ([tokens, D], each row contiguous in the cache), transposed in registers.
-            k = tl.load(kc_ptr + page[:, None] * skc_b + off[:, None] * skc_s + kv_head * skc_h + d[None, :],
-                        mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
         else:
             off = k_pos % block_size
-            page = tl.load(bt_ptr + k_pos // block_size).to(tl.int64)
-            k = tl.load(kc_ptr + page[:, None] * skc_b + off[:, None] * skc_s + kv_head * skc_h + d[None, :],
-                        mask=d_ok[None, :], other=0.0)  # fmt: skip
+            if MASKED:
+                page = tl.load(bt_ptr + k_pos // block_size, mask=k_ok, other=0).to(tl.int64)
+            else:
+                page = tl.load(bt_ptr + k_pos // block_size).to(tl.int64)
+        if bounded:
+            k_mask = k_ok[:, None] & d_ok[None, :]
+            v_mask = k_ok[:, None] & dv_ok[None, :]
+        else:
+            k_mask = d_ok[None, :]
+            v_mask = dv_ok[None, :]
+        # K is loaded row-major ([tokens, D], each row contiguous in the cache), transposed in registers.
+        k = tl.load(kc_ptr + page[:, None] * skc_b + off[:, None] * skc_s + kv_head * skc_h + d[None, :],
+                    mask=k_mask, other=0.0)  # fmt: skip
         if k.dtype.is_fp8():  # exact in bf16/fp16/fp32; k_scale is folded into qk_scale by the caller
             k = k.to(q.dtype)
         s = _mma(q, tl.trans(k), F32_DOT)
@@ -196,12 +199,8 @@ def _attend_range(
             l_acc = l_acc * alpha[:, None] + p
         else:
             l_i = l_i * alpha + tl.sum(p, axis=1)
-        if MASKED or PAGE_ROWS > 0:
-            v = tl.load(vc_ptr + page[:, None] * svc_b + off[:, None] * svc_s + kv_head * svc_h + dv[None, :],
-                        mask=k_ok[:, None] & dv_ok[None, :], other=0.0)  # fmt: skip
-        else:
-            v = tl.load(vc_ptr + page[:, None] * svc_b + off[:, None] * svc_s + kv_head * svc_h + dv[None, :],
-                        mask=dv_ok[None, :], other=0.0)  # fmt: skip
+        v = tl.load(vc_ptr + page[:, None] * svc_b + off[:, None] * svc_s + kv_head * svc_h + dv[None, :],
+                    mask=v_mask, other=0.0)  # fmt: skip
         if v.dtype.is_fp8():  # v_scale multiplies the caller's output
             v = v.to(q.dtype)
         acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, F32_DOT)
