@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
 import sys
 from functools import partial
 from pathlib import Path
@@ -23,11 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_decode_sweep import BLOCK, CASES, HEAD_DIM, HEADS, KV_HEADS, VARIANTS, rope_tables
+from gpu_decode_sweep import CASES, VARIANTS, decode_case, kv_bytes, kv_cache, rope_tables
 
 from fxllm.backends.triton import paged_attention as tpa
-from fxllm.backends.triton.selfcheck import make_paged_case
-from fxllm.ops.kv_quant import quantize_kv
 
 logger = logging.getLogger("fxllm.gpu.decode_ncu")
 
@@ -64,19 +61,10 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     targets = [parse_target(t) for t in args.targets.split(",")]
-    one = torch.ones(1, device="cuda")
     runs = []
     for case, kv, variant, launch in targets:
-        seqs, lo, hi = CASES[case]
-        rng = random.Random(0)
-        ctx = [rng.randint(lo, hi) for _ in range(seqs)]
-        c = make_paged_case([1] * seqs, ctx, HEADS, KV_HEADS, HEAD_DIM, block_size=BLOCK,
-                            dtype=torch.bfloat16, device="cuda", seed=1)  # fmt: skip
-        if kv == "fp8":
-            kc, vc = quantize_kv(c.k_cache_ref, one), quantize_kv(c.v_cache_ref, one)
-            scales = {"k_scale": one, "v_scale": one}
-        else:
-            kc, vc, scales = c.k_cache_ref.clone(), c.v_cache_ref.clone(), {}
+        c, ctx = decode_case(*CASES[case], "cuda")
+        kc, vc, scales = kv_cache(c, kv)
         out = torch.empty_like(c.q)
         tables = rope_tables(c.q.shape[0], "cuda") if args.rope else {}
         run = partial(tpa.paged_attention_out, c.q, c.k, c.v, kc, vc, c.slot_mapping, c.block_tables, c.seq_lens,
@@ -88,9 +76,14 @@ def main() -> int:
         from triton.testing import do_bench
 
         us = 1e3 * float(do_bench(run, warmup=10, rep=40))
-        kv_bytes = sum(ctx) * KV_HEADS * HEAD_DIM * 2 * (1 if kv == "fp8" else 2)
         logger.info(
-            "%s %s %s %s: %.1f us, %.2f TB/s of KV", case, kv, variant, launch, us, kv_bytes / us / 1e6
+            "%s %s %s %s: %.1f us, %.2f TB/s of KV",
+            case,
+            kv,
+            variant,
+            launch,
+            us,
+            kv_bytes(ctx, kv) / us / 1e6,
         )
         runs.append(run)
     torch.cuda.synchronize()

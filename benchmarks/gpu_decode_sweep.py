@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from fxllm.backends.triton import paged_attention as tpa
-from fxllm.backends.triton.selfcheck import make_paged_case, rel_err
+from fxllm.backends.triton.selfcheck import PagedCase, make_paged_case, rel_err
 from fxllm.ops.kv_quant import quantize_kv
 
 logger = logging.getLogger("fxllm.gpu.decode_sweep")
@@ -161,6 +161,28 @@ def rope_tables(tokens: int, device: str) -> dict[str, torch.Tensor]:
     return {"cos": emb.cos().to(device, torch.bfloat16), "sin": emb.sin().to(device, torch.bfloat16)}
 
 
+def decode_case(seqs: int, lo: int, hi: int, device: str) -> tuple[PagedCase, list[int]]:
+    """One decode step of `seqs` sequences with contexts drawn in [lo, hi] (seeded: the same case every run)."""
+    rng = random.Random(0)
+    ctx = [rng.randint(lo, hi) for _ in range(seqs)]
+    c = make_paged_case([1] * seqs, ctx, HEADS, KV_HEADS, HEAD_DIM, block_size=BLOCK,
+                        dtype=torch.bfloat16, device=device, seed=1)  # fmt: skip
+    return c, ctx
+
+
+def kv_cache(c: PagedCase, kv: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(k cache, v cache, the scale arguments) of the case as a `kv` cache: its bf16 caches or their e4m3 copies."""
+    if kv == "bf16":
+        return c.k_cache_ref.clone(), c.v_cache_ref.clone(), {}
+    one = torch.ones(1, device=c.q.device)
+    return quantize_kv(c.k_cache_ref, one), quantize_kv(c.v_cache_ref, one), {"k_scale": one, "v_scale": one}
+
+
+def kv_bytes(ctx: list[int], kv: str) -> int:
+    """The K and V bytes a decode step reads over contexts `ctx` from a `kv` cache."""
+    return sum(ctx) * KV_HEADS * HEAD_DIM * 2 * (1 if kv == "fp8" else 2)
+
+
 def sweep(
     cases: dict[str, tuple[int, int, int]], smoke: bool, device: str, rope: bool = False
 ) -> tuple[dict[str, Any], list[str]]:
@@ -169,23 +191,16 @@ def sweep(
     `rope`: q and k rotated in-kernel (cos/sin tables), the fused op an engine's decode step runs."""
     results: dict[str, Any] = {}
     failures: list[str] = []
-    one = torch.ones(1, device=device)
     launches = SMOKE_LAUNCHES if smoke else LAUNCHES
     seen_dots: dict[Any, dict[str, Any]] = {}
     for name, (seqs, lo, hi) in cases.items():
-        rng = random.Random(0)
-        ctx = [rng.randint(lo, hi) for _ in range(seqs)]
-        c = make_paged_case([1] * seqs, ctx, HEADS, KV_HEADS, HEAD_DIM, block_size=BLOCK,
-                            dtype=torch.bfloat16, device=device, seed=1)  # fmt: skip
+        c, ctx = decode_case(seqs, lo, hi, device)
         meta = (c.slot_mapping, c.block_tables, c.seq_lens, c.query_start_loc, c.scale)
         tables = rope_tables(c.q.shape[0], device) if rope else {}
-        caches = {
-            "bf16": (c.k_cache_ref.clone(), c.v_cache_ref.clone(), {}),
-            "fp8": (quantize_kv(c.k_cache_ref, one), quantize_kv(c.v_cache_ref, one), {"k_scale": one, "v_scale": one}),
-        }  # fmt: skip
         rows = []
-        for dtype_name, (kc, vc, scales) in caches.items():
-            kv_bytes = sum(ctx) * KV_HEADS * HEAD_DIM * 2 * (1 if dtype_name == "fp8" else 2)
+        for dtype_name in ("bf16", "fp8"):
+            kc, vc, scales = kv_cache(c, dtype_name)
+            read_bytes = kv_bytes(ctx, dtype_name)
             reference = None
             for variant, (flags, dtypes, tol) in VARIANTS.items():
                 if dtype_name not in dtypes:
@@ -216,7 +231,7 @@ def sweep(
                     if new:
                         seen_dots[key] = _dots(new[0])
                     row.update(seen_dots.get(key, {}))
-                    row["kv_TBps"] = kv_bytes / (row["us"] * 1e-6) / 1e12 if row["us"] else None
+                    row["kv_TBps"] = read_bytes / (row["us"] * 1e-6) / 1e12 if row["us"] else None
                     if not row["rel_err"] <= tol:  # NaN fails too
                         failures.append(f"{name} {dtype_name} {variant} {launch}: relative error "
                                         f"{row['rel_err']:.3g} > {tol} (max abs diff {row['max_diff']:.3g})")  # fmt: skip
