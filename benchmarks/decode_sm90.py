@@ -39,7 +39,7 @@ _ALIGNED = (
 )
 
 
-def compile_sm90(kv: str, launch: dict[str, int], flags: dict[str, bool], rope: bool = False) -> Any:
+def compile_sm90(kv: str, launch: dict[str, int], flags: dict[str, bool | int], rope: bool = False) -> Any:
     """The decode kernel as the sweep launches it (8B heads, WRITE_KV, one split: DIRECT where the launch code
     uses it; with `rope` the fused RoPE op's launch, as an engine runs it), compiled for sm_90a without a GPU."""
     import triton
@@ -53,7 +53,7 @@ def compile_sm90(kv: str, launch: dict[str, int], flags: dict[str, bool], rope: 
         WRITE_KV=True, USE_PDL=False, FP8_F16=fp8 and not flags.get("fp8_dot", False), MIXED=False,
         SWAP_AB=flags.get("swap_ab", False), FP8_DOT=flags.get("fp8_dot", False), WIDE=flags.get("wide", False),
         DIRECT=flags.get("direct", True) and flags.get("swap_ab", False), HAS_SINKS=False,
-        PAGE_ROWS=16,
+        PAGE_ROWS=16, PREFETCH_TILES=int(flags.get("prefetch_tiles", tpa._PREFETCH_TILES)),
         # A contiguous cos/sin table's dim stride is 1, which a real launch specialises; left a runtime value,
         # ROPE's loads do not compile (Triton 3.6: "Illegal shared layout" in TritonGPUOptimizeDotOperands).
         sc_d=1, ss_d=1,
@@ -96,7 +96,7 @@ def ptxas_usage(ptx: str) -> dict[str, int]:
 
 
 def sm90_report(
-    variants: dict[str, tuple[dict[str, bool], tuple[str, ...], float]],
+    variants: dict[str, tuple[dict[str, bool | int], tuple[str, ...], float]],
     launches: dict[str, list[dict[str, int]]],
     rope: bool = False,
 ) -> list[dict[str, Any]]:

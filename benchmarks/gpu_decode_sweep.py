@@ -59,7 +59,7 @@ SMOKE_CASES = {"4 x 20-90": (4, 20, 90)}
 # output roundings, ~2e-3 (the interpreter tests' 1e-2 bound). FP8 dots round q and P to e4m3 (3 mantissa
 # bits, <= 2^-4 relative each): measured 0.024 relative on random data (tests/test_decode_variants.py), 5e-2
 # leaves 2x headroom; a broken variant is off by O(1).
-VARIANTS: dict[str, tuple[dict[str, bool], tuple[str, ...], float]] = {
+VARIANTS: dict[str, tuple[dict[str, bool | int], tuple[str, ...], float]] = {
     "default": (
         {"swap_ab": False, "fp8_dot": False},
         ("bf16", "fp8"),
@@ -73,6 +73,12 @@ VARIANTS: dict[str, tuple[dict[str, bool], tuple[str, ...], float]] = {
     # One split (large batches) without DIRECT: partials + the combine kernel, as before DIRECT.
     "default_combine": ({"swap_ab": False, "fp8_dot": False, "direct": False}, ("bf16",), 1e-2),
     "swap_ab_wide_combine": ({"swap_ab": True, "wide": True, "direct": False}, ("fp8",), 1e-2),
+    # The L2 prefetch of the first key tiles (`prefetch_tiles`, default paged_attention._PREFETCH_TILES): off,
+    # and other depths; the variants above run the default. Same arithmetic: the same bound.
+    "default_pf0": ({"swap_ab": False, "fp8_dot": False, "prefetch_tiles": 0}, ("bf16",), 1e-2),
+    "swap_ab_wide_pf0": ({"swap_ab": True, "wide": True, "prefetch_tiles": 0}, ("fp8",), 1e-2),
+    "swap_ab_wide_pf1": ({"swap_ab": True, "wide": True, "prefetch_tiles": 1}, ("fp8",), 1e-2),
+    "swap_ab_wide_pf4": ({"swap_ab": True, "wide": True, "prefetch_tiles": 4}, ("fp8",), 1e-2),
 }
 
 
@@ -106,6 +112,8 @@ LAUNCHES: dict[str, list[dict[str, int]]] = {
     "fp8_dot+swap_ab": _grid(_WIDE),
     "default_combine": [{}],
     "swap_ab_wide_combine": _grid([(64, 4, 2)]),
+    "default_pf0": [{}, *_grid([(64, 8, 2)])],
+    **{f"swap_ab_wide_pf{n}": [{}, *_grid([(64, 4, 2)])] for n in (0, 1, 4)},
 }
 SMOKE_LAUNCHES: dict[str, list[dict[str, int]]] = {
     "default": [{}],
@@ -115,6 +123,8 @@ SMOKE_LAUNCHES: dict[str, list[dict[str, int]]] = {
     "fp8_dot+swap_ab": _grid([(32, 4, 2)]),
     "default_combine": [{}],
     "swap_ab_wide_combine": _grid([(32, 4, 2)]),
+    "default_pf0": [{}],
+    **{f"swap_ab_wide_pf{n}": _grid([(32, 4, 2)]) for n in (0, 1, 4)},
 }
 _DOT_RE = re.compile(
     r"\b(wgmma\.mma_async\.sync\.aligned\.m\d+n\d+k\d+\.\w+\.\w+\.\w+|mma\.sync\.aligned\.m\d+n\d+k\d+\S*)"

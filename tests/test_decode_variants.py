@@ -18,6 +18,8 @@ reference is float32 math over the same (dequantized) cache. Tolerances on ||out
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -64,16 +66,17 @@ K_SCALE, V_SCALE = [0.5, 1.5], [2.0, 0.25]  # per KV head: the scales must reach
 _PTX_CONSTS = dict(HEAD_DIM=128, HEAD_DIM_V=128, BLOCK_H=16, BLOCK_N=64, BLOCK_D=128, BLOCK_DV=128,
                    USE_SOFTCAP=False, USE_WINDOW=False, F32_DOT=False, KV_FP8=True, ROPE=False, WRITE_KV=True,
                    USE_PDL=False, FP8_F16=True, MIXED=False, SWAP_AB=True, FP8_DOT=False, DIRECT=False,
-                   HAS_SINKS=False, PAGE_ROWS=16)  # fmt: skip
+                   HAS_SINKS=False, PAGE_ROWS=16, PREFETCH_TILES=0)  # fmt: skip
 _PTX_PTRS = {"kc_ptr": "*fp8e4nv", "vc_ptr": "*fp8e4nv", "bt_ptr": "*i32", "lens_ptr": "*i32", "qsl_ptr": "*i32",
              "part_ptr": "*fp32", "lse_ptr": "*fp32", "ks_ptr": "*fp32", "vs_ptr": "*fp32", "slot_ptr": "*i64"}  # fmt: skip
 # Cache strides and pointers are multiples of 16 in the real launch (Triton specialises on it: vector loads).
 _PTX_ALIGNED = ("skc_b", "skc_s", "skc_h", "svc_b", "svc_s", "svc_h", "sq_t", "sq_h", "sk_t", "sv_t", "sbt")
 _PTX_NAMES = paged_attention._decode_kernel.arg_names
-for _wide in (False, True):
-    _consts = {**_PTX_CONSTS, "WIDE": _wide}
+for _name, _extra in {"decode_swap_ab": {"WIDE": False}, "decode_swap_ab_wide": {"WIDE": True},
+                      "decode_swap_ab_wide_prefetch": {"WIDE": True, "PREFETCH_TILES": 2}}.items():  # fmt: skip
+    _consts = {**_PTX_CONSTS, **_extra}
     hopper_ptx.register(
-        f"decode_swap_ab{'_wide' * _wide}", "fxllm.backends.triton.paged_attention_decode", "_decode_kernel",
+        _name, "fxllm.backends.triton.paged_attention_decode", "_decode_kernel",
         {n: "constexpr" if n in _consts else _PTX_PTRS.get(n, "*bf16" if n.endswith("_ptr") else
          "fp32" if n in ("qk_scale", "softcap") else "i32") for n in _PTX_NAMES},
         _consts, tuple(i for i, n in enumerate(_PTX_NAMES) if n.endswith("_ptr") or n in _PTX_ALIGNED),
@@ -253,3 +256,31 @@ def test_wide_ptx() -> None:
     assert not [op for op in narrow if op in wide]
     assert "ld.shared.v4.b32" in wide and "cvt.rn.f16x2.e4m3x2" in wide and "ldmatrix" not in wide
     assert "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16" in wide
+
+
+def _prologue(ptx: str) -> str:
+    """The kernel's PTX up to its first barrier (the KV write's, before the key loop)."""
+    return ptx[ptx.index(".entry") : ptx.index("bar.sync")]
+
+
+def test_decode_prologue_ptx() -> None:
+    """The decode prologue issues all its loads (length, q, this step's k/v, slot, scales) before any branch on
+    a loaded value and before the KV write's stores: a branch or a store between two loads puts a DRAM round
+    trip between them (the A/B is in benchmarks/RESULTS.md, seventeenth session). With PREFETCH_TILES the
+    first tiles' K/V rows are prefetched into L2 (one line each of K and V per thread at 2 x 64 keys, 4 warps),
+    after every load and before the barrier."""
+    for name in ("decode_swap_ab_wide", "decode_swap_ab_wide_prefetch"):
+        head = _prologue(hopper_ptx.ptx(name))
+        first_branch = re.search(r"@%p\d+ bra", head)
+        first_store = head.index("st.global")
+        loads = [m.start() for m in re.finditer(r"ld\.global", head)]
+        # qsl, lens, 2 q rows (+ partner loads without RoPE: none), slot, k and v of the new token, k/v scales
+        assert len(loads) >= 8, name
+        assert first_branch is None or loads[-1] < first_branch.start(), name
+        assert loads[-1] < first_store, name
+    plain = _prologue(hopper_ptx.ptx("decode_swap_ab_wide"))
+    fetched = _prologue(hopper_ptx.ptx("decode_swap_ab_wide_prefetch"))
+    assert "prefetch" not in plain
+    prefetches = [m.start() for m in re.finditer(r"prefetch\.global\.L2", fetched)]
+    assert len(prefetches) == 2
+    assert max(m.start() for m in re.finditer(r"ld\.global", fetched)) < prefetches[0]

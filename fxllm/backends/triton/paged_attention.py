@@ -63,6 +63,8 @@ logger = logging.getLogger(__name__)
 
 
 _MAX_SPLITS = 64
+# Key tiles the decode kernel prefetches into L2 with its first loads (`prefetch_tiles`; GPU, whole-page tiles).
+_PREFETCH_TILES = 2
 # Launch variants, each an op backend of its own (fxllm/backends/triton/__init__.py), so which one runs is
 # the lowering's per-node choice, visible in `fxllm compile --explain`, never a process-wide switch:
 # "triton" (default): the decode kernel writes this step's k/v itself (one launch fewer per layer and step);
@@ -159,7 +161,7 @@ def paged_attention_out(
     k_scale: Tensor | None = None, v_scale: Tensor | None = None,
     cos: Tensor | None = None, sin: Tensor | None = None, write_in_decode: bool = True, pdl: bool = False,
     fp8_f16: bool = True, swap_ab: bool | None = None, fp8_dot: bool | None = None, wide: bool | None = None,
-    direct: bool = True, max_registers: int | None = None,
+    direct: bool = True, max_registers: int | None = None, prefetch_tiles: int | None = None,
 ) -> None:  # fmt: skip
     """Write k/v into the caches, then paged attention into `out` [T, Hq, Dv]; launch knobs overridable.
 
@@ -174,7 +176,9 @@ def paged_attention_out(
     with WIDE over an FP8 cache, the default loop over others: the H200 sweeps' winners). `wide`: the swap-AB loop with its
     tiles renumbered for wide e4m3 loads (WIDE, implies swap_ab). `direct=False`: a one-split swap-AB decode
     still writes partials for the combine kernel (the launch before DIRECT, for comparison). `max_registers`
-    (GPU only): ptxas's register cap for a decode launch (Triton's maxnreg), to fit more programs per SM."""
+    (GPU only): ptxas's register cap for a decode launch (Triton's maxnreg), to fit more programs per SM.
+    `prefetch_tiles` (GPU only, tiles of whole pages): the decode kernel prefetches the K/V rows of its first key
+    tiles into L2 with its first loads; None: `_PREFETCH_TILES` where the tiles are whole pages, else 0."""
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     head_dim_v = v_cache.shape[-1]
@@ -260,6 +264,10 @@ def paged_attention_out(
         # 1,000 x 129-256 (gpu_decode_sweep.py, sixteenth session; with the loops' row sums kept per key lane).
         pow2_pages = block_size & (block_size - 1) == 0 and bn % block_size == 0
         page_rows = block_size if pow2_pages and not use_window else 0
+        # The prefetch is inline PTX (no interpreter); it needs whole-page tiles (the same block-table walk).
+        if prefetch_tiles is None:
+            prefetch_tiles = _PREFETCH_TILES
+        prefetch_tiles = prefetch_tiles if on_gpu and page_rows else 0
         # Triton's interpreter takes no maxnreg: the cap is a GPU launch option only.
         reg_cap = {"maxnreg": max_registers} if max_registers and on_gpu else {}
         if direct:
@@ -271,7 +279,7 @@ def paged_attention_out(
             q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, part, lse,
             num_seqs, num_heads, group, block_size, splits,
             q.stride(0), q.stride(1), kc[0], kc[1], kc[2], vc[0], vc[1], vc[2], block_tables.stride(0),
-            scale, softcap, sliding_window, ks, vs, sks, svs, *rope_args,
+            block_tables.shape[1], scale, softcap, sliding_window, ks, vs, sks, svs, *rope_args,
             k, v, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out, out.stride(0), out.stride(1), sink_arg,
             HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, BLOCK_H=max(16, group_p), BLOCK_N=bn,
@@ -279,7 +287,7 @@ def paged_attention_out(
             F32_DOT=f32_dot, KV_FP8=kv_fp8, ROPE=rope, WRITE_KV=write_in_decode, USE_PDL=pdl, FP8_F16=fp8_f16,
             MIXED=split_mixed, SWAP_AB=loop.swap_ab, FP8_DOT=loop.fp8_dot, WIDE=loop.wide,
             DIRECT=direct, HAS_SINKS=sinks is not None,
-            PAGE_ROWS=page_rows,
+            PAGE_ROWS=page_rows, PREFETCH_TILES=prefetch_tiles,
             num_warps=loop.num_warps, num_stages=loop.num_stages, launch_pdl=pdl, **reg_cap,
         )  # fmt: skip
         # A captured decode graph fixes its splits, so BLOCK_S follows them; a mixed step's splits change with

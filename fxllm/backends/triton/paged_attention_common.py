@@ -47,34 +47,41 @@ def _load_heads(
 
 
 @triton.jit
-def _write_token_kv(
-    k_ptr, v_ptr, kc_ptr, vc_ptr, t, slot, h, h_ok, block_size,
-    sk_t, sk_h, sv_t, sv_h, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h,
-    ks_ptr, vs_ptr, sks_h, svs_h, cos_ptr, sin_ptr, sc_t, sc_d, ss_t, ss_d,
+def _token_kv(
+    k_ptr, v_ptr, t, h, h_ok, sk_t, sk_h, sv_t, sv_h, ks_ptr, vs_ptr, sks_h, svs_h,
+    cos_ptr, sin_ptr, sc_t, sc_d, ss_t, ss_d,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     KV_FP8: tl.constexpr, ROPE: tl.constexpr,
 ):  # fmt: skip
-    """Token t's k/v rows of KV heads `h` (where `h_ok`) into cache slot `slot` (>= 0); k RoPE-rotated with ROPE."""
+    """Token t's k/v rows of KV heads `h` as the cache stores them: k RoPE-rotated with ROPE, FP8-scaled with KV_FP8."""
+    dv = tl.arange(0, BLOCK_DV)
+    # This step's key, RoPE-rotated here when the fused op passes cos/sin: the cache holds rotated keys.
+    kx = _load_heads(k_ptr, t * sk_t + h * sk_h, h_ok, t + h * 0, cos_ptr, sin_ptr,
+                     sc_t, sc_d, ss_t, ss_d, HEAD_DIM, BLOCK_D, ROPE)  # fmt: skip
+    vx = tl.load(v_ptr + t * sv_t + h[:, None] * sv_h + dv[None, :],
+                 mask=h_ok[:, None] & (dv < HEAD_DIM_V)[None, :])  # fmt: skip
+    if KV_FP8:  # saturate: e4m3fn has no inf, an out-of-range value would become NaN
+        ks = tl.load(ks_ptr + h * sks_h, mask=h_ok, other=1.0)
+        vs = tl.load(vs_ptr + h * svs_h, mask=h_ok, other=1.0)
+        kx = tl.clamp(kx.to(tl.float32) / ks[:, None], -448.0, 448.0)
+        vx = tl.clamp(vx.to(tl.float32) / vs[:, None], -448.0, 448.0)
+    return kx, vx
+
+
+@triton.jit
+def _store_token_kv(
+    kx, vx, kc_ptr, vc_ptr, slot, h, h_ok, block_size, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """`_token_kv`'s rows into cache slot `slot` (>= 0)."""
     blk = slot // block_size
     off = slot % block_size
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    km = h_ok[:, None] & (d < HEAD_DIM)[None, :]
-    # This step's key, RoPE-rotated here when the fused op passes cos/sin: the cache holds rotated keys.
-    kx = _load_heads(k_ptr, t * sk_t + h * sk_h, h_ok, t + h * 0, cos_ptr, sin_ptr,
-                     sc_t, sc_d, ss_t, ss_d, HEAD_DIM, BLOCK_D, ROPE)  # fmt: skip
-    if KV_FP8:  # saturate: e4m3fn has no inf, an out-of-range value would become NaN
-        ks = tl.load(ks_ptr + h * sks_h, mask=h_ok, other=1.0)
-        kx = tl.clamp(kx.to(tl.float32) / ks[:, None], -448.0, 448.0)
     tl.store(kc_ptr + blk * skc_b + off * skc_s + h[:, None] * skc_h + d[None, :],
-             kx.to(kc_ptr.dtype.element_ty), mask=km)  # fmt: skip
-    vm = h_ok[:, None] & (dv < HEAD_DIM_V)[None, :]
-    vx = tl.load(v_ptr + t * sv_t + h[:, None] * sv_h + dv[None, :], mask=vm)
-    if KV_FP8:
-        vs = tl.load(vs_ptr + h * svs_h, mask=h_ok, other=1.0)
-        vx = tl.clamp(vx.to(tl.float32) / vs[:, None], -448.0, 448.0)
+             kx.to(kc_ptr.dtype.element_ty), mask=h_ok[:, None] & (d < HEAD_DIM)[None, :])  # fmt: skip
     tl.store(vc_ptr + blk * svc_b + off * svc_s + h[:, None] * svc_h + dv[None, :],
-             vx.to(vc_ptr.dtype.element_ty), mask=vm)  # fmt: skip
+             vx.to(vc_ptr.dtype.element_ty), mask=h_ok[:, None] & (dv < HEAD_DIM_V)[None, :])  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["num_seqs"])
@@ -102,12 +109,11 @@ def _write_kv_kernel(
     h = tl.arange(0, BLOCK_HKV)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
-        _write_token_kv(
-            k_ptr, v_ptr, kc_ptr, vc_ptr, t, slot, h, h < n_kv_heads, block_size,
-            sk_t, sk_h, sv_t, sv_h, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h,
-            ks_ptr, vs_ptr, sks_h, svs_h, cos_ptr, sin_ptr, sc_t, sc_d, ss_t, ss_d,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KV_FP8, ROPE,
-        )  # fmt: skip
+        kx, vx = _token_kv(k_ptr, v_ptr, t, h, h < n_kv_heads, sk_t, sk_h, sv_t, sv_h, ks_ptr, vs_ptr, sks_h, svs_h,
+                           cos_ptr, sin_ptr, sc_t, sc_d, ss_t, ss_d, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KV_FP8,
+                           ROPE)  # fmt: skip
+        _store_token_kv(kx, vx, kc_ptr, vc_ptr, slot, h, h < n_kv_heads, block_size,
+                        skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)  # fmt: skip
     if ZERO_PADDING:  # noqa: SIM102  (a compile-time branch: kept apart so that it folds away)
         if t >= tl.load(qsl_ptr + num_seqs):
             hq = tl.arange(0, BLOCK_HQ)
@@ -127,6 +133,42 @@ def _tile_pages(bt_ptr, start, hi, BLOCK_N: tl.constexpr, PAGE_ROWS: tl.constexp
     pages = tl.load(bt_ptr + pidx, mask=pidx * PAGE_ROWS < hi, other=0).to(tl.int64)
     page = tl.reshape(tl.broadcast_to(pages[:, None], (n_pages, PAGE_ROWS)), (BLOCK_N,))
     return page, tl.arange(0, BLOCK_N) % PAGE_ROWS
+
+
+@triton.jit
+def _prefetch_l2(ptrs, ok):
+    """Hints the lines at `ptrs` (where `ok`) into L2: PTX `prefetch`, no result, no wait (GPU only)."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+        "=r,l,r", [ptrs, ok.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _prefetch_first_tiles(
+    bt_ptr, bt_cols, seq_len, kc_ptr, vc_ptr, kv_head, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, go,
+    KEYS: tl.constexpr, PAGE_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    """Prefetch the K and V rows of keys 0 .. KEYS (those below seq_len) into L2, where `go`.
+
+    Issued with the prologue's first loads, this takes the block-table and K/V round trips of the key loop's
+    first tiles off the chain that runs through the KV write and its barrier: the loop then finds its first
+    pages in L1 and its first tiles in L2. The block-table entries are read without waiting for seq_len (up to
+    the table's width `bt_cols`); an entry past the sequence is never dereferenced (the key mask).
+    """
+    n_pages: tl.constexpr = KEYS // PAGE_ROWS
+    # One prefetch per 128-byte line of a head's row (K and V rows alike: the caches share a dtype).
+    line_elems: tl.constexpr = 1024 // kc_ptr.dtype.element_ty.primitive_bitwidth
+    row_lines: tl.constexpr = max(1, HEAD_DIM // line_elems)
+    pidx = tl.arange(0, n_pages)
+    pages = tl.load(bt_ptr + pidx, mask=pidx < bt_cols, other=0).to(tl.int64)
+    page = tl.reshape(tl.broadcast_to(pages[:, None], (n_pages, PAGE_ROWS)), (KEYS,))
+    key = tl.arange(0, KEYS)
+    line = tl.arange(0, row_lines) * line_elems
+    ok = ((key < seq_len) & go)[:, None] & (line >= 0)[None, :]
+    row = key % PAGE_ROWS
+    _prefetch_l2(kc_ptr + page[:, None] * skc_b + row[:, None] * skc_s + kv_head * skc_h + line[None, :], ok)
+    _prefetch_l2(vc_ptr + page[:, None] * svc_b + row[:, None] * svc_s + kv_head * svc_h + line[None, :], ok)
 
 
 @triton.jit

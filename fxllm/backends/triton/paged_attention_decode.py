@@ -20,16 +20,22 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from fxllm.backends.triton.paged_attention_common import _attend_range, _load_heads, _write_token_kv
+from fxllm.backends.triton.paged_attention_common import (
+    _attend_range,
+    _load_heads,
+    _prefetch_first_tiles,
+    _store_token_kv,
+    _token_kv,
+)
 from fxllm.backends.triton.paged_attention_decode_loops import _attend_decode
 
 
 # sbt varies with the longest context of a mixed step (see _prefill_kernel): not specialised on.
-@triton.jit(do_not_specialize=["num_seqs", "num_splits", "sbt"])
+@triton.jit(do_not_specialize=["num_seqs", "num_splits", "sbt", "bt_cols"])
 def _decode_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, qsl_ptr, part_ptr, lse_ptr,
     num_seqs, num_heads, group, block_size, num_splits,
-    sq_t, sq_h, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, sbt,
+    sq_t, sq_h, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, sbt, bt_cols,
     qk_scale, softcap, window, ks_ptr, vs_ptr, sks_h, svs_h,
     cos_ptr, sin_ptr, sc_t, sc_d, ss_t, ss_d,
     k_ptr, v_ptr, slot_ptr, sk_t, sk_h, sv_t, sv_h, out_ptr, so_t, so_h, sink_ptr,
@@ -39,7 +45,7 @@ def _decode_kernel(
     ROPE: tl.constexpr = False, WRITE_KV: tl.constexpr = False, USE_PDL: tl.constexpr = False,
     FP8_F16: tl.constexpr = False, MIXED: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
     FP8_DOT: tl.constexpr = False, WIDE: tl.constexpr = False, DIRECT: tl.constexpr = False,
-    HAS_SINKS: tl.constexpr = False, PAGE_ROWS: tl.constexpr = 0,
+    HAS_SINKS: tl.constexpr = False, PAGE_ROWS: tl.constexpr = 0, PREFETCH_TILES: tl.constexpr = 0,
 ):  # fmt: skip
     if (
         USE_PDL
@@ -53,19 +59,49 @@ def _decode_kernel(
     if MIXED:
         tok = tl.load(qsl_ptr + seq).to(tl.int64)
         live = tl.load(qsl_ptr + seq + 1) - tok == 1
+        rows_ok = live  # a prefill or padding sequence's tok may be past the step's last token
     else:
         tok = seq
         # Else a padding token: the combine kernel writes its zeros, or with DIRECT this one.
         live = seq < tl.load(qsl_ptr + num_seqs)
+        rows_ok = True  # T == S: tok is a row of q, k and v even for padding
     hh = tl.arange(0, BLOCK_H)
     head = kv_head * group + hh
     dv = tl.arange(0, BLOCK_DV)
     o_mask = (hh < group)[:, None] & (dv < HEAD_DIM_V)[None, :]
     o_ptrs = out_ptr + tok * so_t + head[:, None] * so_h + dv[None, :]
+    # Every load the prologue needs is issued here, before any branch on a loaded value: the sequence's length,
+    # its query rows, this step's k/v (rotated and scaled as the cache stores them), the slot, the scales. Each
+    # branch on a loaded value (live, the slot) had put one more DRAM round trip in front of the key loop,
+    # which at short contexts is a third of the kernel's time (benchmarks/RESULTS.md, seventeenth session).
+    seq_len = tl.load(lens_ptr + seq)
+    # Token `tok` is the sequence's one query; ROPE rotates it here.
+    q = _load_heads(q_ptr, tok * sq_t + head * sq_h, (hh < group) & rows_ok, tok + hh * 0, cos_ptr, sin_ptr,
+                    sc_t, sc_d, ss_t, ss_d, HEAD_DIM, BLOCK_D, ROPE)  # fmt: skip
+    # e4m3 -> f16 is one instruction; bf16 q -> f16 is exact for |q| in [6e-5, 65504].
+    if KV_FP8 and FP8_F16 and not FP8_DOT:
+        q = q.to(tl.float16)
+    qk = qk_scale
+    v_scale = 1.0
+    if KV_FP8:
+        qk = qk_scale * tl.load(ks_ptr + kv_head * sks_h)
+        v_scale = tl.load(vs_ptr + kv_head * svs_h)
+    if WRITE_KV:
+        slot = tl.load(slot_ptr + seq).to(tl.int64)
+        hk = kv_head + tl.arange(0, 2)  # a two-row tile with one row used: the helpers take [R, D] tiles
+        kx, vx = _token_kv(
+            k_ptr, v_ptr, tok, hk, (hk == kv_head) & rows_ok, sk_t, sk_h, sv_t, sv_h, ks_ptr, vs_ptr, sks_h, svs_h,
+            cos_ptr, sin_ptr, sc_t, sc_d, ss_t, ss_d, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KV_FP8, ROPE,
+        )  # fmt: skip
+    # After the loads in program order: the prefetch waits for the block table, which no load above should.
+    if PREFETCH_TILES > 0:  # GPU only (inline PTX); PAGE_ROWS > 0, so no window: split 0 starts at key 0
+        _prefetch_first_tiles(
+            bt_ptr + seq * sbt, bt_cols, seq_len, kc_ptr, vc_ptr, kv_head, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h,
+            live & (split == 0), PREFETCH_TILES * BLOCK_N, PAGE_ROWS, HEAD_DIM,
+        )  # fmt: skip
     if DIRECT and not live:
         tl.store(o_ptrs, tl.zeros((BLOCK_H, BLOCK_DV), dtype=out_ptr.dtype.element_ty), mask=o_mask)
     if live:
-        seq_len = tl.load(lens_ptr + seq)
         lo = 0
         if USE_WINDOW:
             lo = tl.maximum(seq_len - window, 0)
@@ -73,31 +109,13 @@ def _decode_kernel(
         per_split = tl.cdiv(tl.cdiv(seq_len - lo, num_splits), BLOCK_N) * BLOCK_N
         start = lo + split * per_split
         end = tl.minimum(start + per_split, seq_len)
-        # Token `tok` is the sequence's one query; ROPE rotates it here. Loaded before the KV write so that its
-        # latency overlaps the write's (the write ends in a barrier that no load crosses).
-        q = _load_heads(q_ptr, tok * sq_t + head * sq_h, hh < group, tok + hh * 0, cos_ptr, sin_ptr,
-                        sc_t, sc_d, ss_t, ss_d, HEAD_DIM, BLOCK_D, ROPE)  # fmt: skip
-        # e4m3 -> f16 is one instruction; bf16 q -> f16 is exact for |q| in [6e-5, 65504].
-        if KV_FP8 and FP8_F16 and not FP8_DOT:
-            q = q.to(tl.float16)
-        qk = qk_scale
-        if KV_FP8:
-            qk = qk_scale * tl.load(ks_ptr + kv_head * sks_h)
         if WRITE_KV:
             # The program whose slice holds the new token (position seq_len - 1) stores this KV head's k/v
             # (one program per sequence and KV head, so no other CTA reads them), then reads them back from
             # the cache like every other key once the barrier has made the stores visible to the whole CTA.
-            slot = tl.load(slot_ptr + seq).to(tl.int64)
             if (slot >= 0) & (start <= seq_len - 1) & (seq_len - 1 < end):
-                hk = kv_head + tl.arange(
-                    0, 2
-                )  # a two-row tile with one row used: the helper takes [R, D] tiles
-                _write_token_kv(
-                    k_ptr, v_ptr, kc_ptr, vc_ptr, seq, slot, hk, hk == kv_head, block_size,
-                    sk_t, sk_h, sv_t, sv_h, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h,
-                    ks_ptr, vs_ptr, sks_h, svs_h, cos_ptr, sin_ptr, sc_t, sc_d, ss_t, ss_d,
-                    HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, KV_FP8, ROPE,
-                )  # fmt: skip
+                _store_token_kv(kx, vx, kc_ptr, vc_ptr, slot, hk, hk == kv_head, block_size,
+                                skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV)  # fmt: skip
             tl.debug_barrier()
         if SWAP_AB or FP8_DOT:  # the alternative key loops (paged_attention_decode_loops.py)
             acc, m_i, l_i = _attend_decode(
@@ -123,7 +141,7 @@ def _decode_kernel(
         lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
         out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
         if KV_FP8:
-            out = out * tl.load(vs_ptr + kv_head * svs_h)
+            out = out * v_scale
         if DIRECT:
             # One split: the combine kernel's merge reduces to this. Its sink weighs in as one more logit:
             # out * 2^lse / (2^lse + 2^sink), 0 for an empty range (lse = -inf).
