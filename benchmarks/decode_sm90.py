@@ -15,6 +15,7 @@ from typing import Any
 
 from benchmarks.gpu_decode_sweep import _DOT_RE, HEAD_DIM, _short
 from fxllm.backends.triton import paged_attention as tpa
+from fxllm.backends.triton.paged_attention_decode_choice import PREFETCH_TILES
 
 logger = logging.getLogger("fxllm.gpu.decode_sm90")
 
@@ -53,7 +54,7 @@ def compile_sm90(kv: str, launch: dict[str, int], flags: dict[str, bool | int], 
         WRITE_KV=True, USE_PDL=False, FP8_F16=fp8 and not flags.get("fp8_dot", False), MIXED=False,
         SWAP_AB=flags.get("swap_ab", False), FP8_DOT=flags.get("fp8_dot", False), WIDE=flags.get("wide", False),
         DIRECT=flags.get("direct", True) and flags.get("swap_ab", False), HAS_SINKS=False,
-        PAGE_ROWS=16, PREFETCH_TILES=int(flags.get("prefetch_tiles", tpa._PREFETCH_TILES if flags.get("swap_ab") else 0)),
+        PAGE_ROWS=16, PREFETCH_TILES=int(flags.get("prefetch_tiles", PREFETCH_TILES if flags.get("swap_ab") else 0)),
         # A contiguous cos/sin table's dim stride is 1, which a real launch specialises; left a runtime value,
         # ROPE's loads do not compile (Triton 3.6: "Illegal shared layout" in TritonGPUOptimizeDotOperands).
         sc_d=1, ss_d=1,

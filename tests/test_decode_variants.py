@@ -189,25 +189,27 @@ def test_fp8_dot_needs_fp8_cache() -> None:
 
 def test_decode_loop_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     """The launch code's rule: swap-AB with WIDE over FP8 caches, the default loop over others (the H200 sweeps'
-    winners); a table choice runs only where its shape conditions hold."""
+    winners); a table choice runs only where its shape conditions hold. The swap-AB loops prefetch their first
+    2 key tiles into L2 (PREFETCH_TILES), the default loop none."""
     from fxllm.backends.triton import paged_attention_decode_choice as choice
 
-    assert choice.choose_decode_loop(True, 128) == (True, False, 64, 4, 3, True)
-    assert choice.choose_decode_loop(False, 128) == (False, False, 64, 8, 2, False)
+    assert choice.choose_decode_loop(True, 128) == (True, False, 64, 4, 3, True, 2)
+    assert choice.choose_decode_loop(False, 128) == (False, False, 64, 8, 2, False, 0)
     # The caller's flags and knobs win; the rest of the launch is the asked loop's own (swap-AB: 2 stages).
-    assert choice.choose_decode_loop(False, 128, swap_ab=True, block_n=32) == (True, False, 32, 4, 2, False)
+    loop = choice.choose_decode_loop(False, 128, swap_ab=True, block_n=32)
+    assert loop == (True, False, 32, 4, 2, False, 2)
     # wide implies the swap; FP8 dots have no WIDE form.
-    assert choice.choose_decode_loop(True, 128, wide=True) == (True, False, 64, 4, 3, True)
-    assert choice.choose_decode_loop(True, 128, fp8_dot=True, wide=True) == (False, True, 64, 8, 2, False)
+    assert choice.choose_decode_loop(True, 128, wide=True) == (True, False, 64, 4, 3, True, 2)
+    assert choice.choose_decode_loop(True, 128, fp8_dot=True, wide=True) == (False, True, 64, 8, 2, False, 0)
     monkeypatch.setattr(choice, "SKIPPED", {})
     monkeypatch.setitem(choice.DECODE_LOOPS, "fp8", "fp8_dot")
     monkeypatch.setitem(choice.DECODE_LOOPS, "other", "fp8_dot")
     monkeypatch.setitem(choice.LAUNCH, "fp8_dot", (128, 8, 2))
-    assert choice.choose_decode_loop(True, 128) == (True, True, 128, 8, 2, False)  # the loop's own launch
-    assert choice.choose_decode_loop(True, 128, num_stages=4) == (True, True, 128, 8, 4, False)
-    assert choice.choose_decode_loop(True, 128, block_n=32) == (False, False, 32, 8, 2, False)  # wgmma's M
-    assert choice.choose_decode_loop(True, 16) == (False, False, 64, 8, 2, False)  # the e4m3 dot's K
-    assert choice.choose_decode_loop(False, 128) == (False, False, 64, 8, 2, False)  # no FP8 data to dot
+    assert choice.choose_decode_loop(True, 128) == (True, True, 128, 8, 2, False, 2)  # the loop's own launch
+    assert choice.choose_decode_loop(True, 128, num_stages=4) == (True, True, 128, 8, 4, False, 2)
+    assert choice.choose_decode_loop(True, 128, block_n=32) == (False, False, 32, 8, 2, False, 0)  # wgmma's M
+    assert choice.choose_decode_loop(True, 16) == (False, False, 64, 8, 2, False, 0)  # the e4m3 dot's K
+    assert choice.choose_decode_loop(False, 128) == (False, False, 64, 8, 2, False, 0)  # no FP8 data to dot
     assert sorted(reason for _, _, reason in choice.SKIPPED) == [
         "BLOCK_N 32 < 64 (wgmma's M)", "head dim 16 < 32 (the e4m3 dot's K)", "no FP8 cache",
     ]  # fmt: skip

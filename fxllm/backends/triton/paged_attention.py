@@ -63,10 +63,6 @@ logger = logging.getLogger(__name__)
 
 
 _MAX_SPLITS = 64
-# Key tiles the decode kernel prefetches into L2 with its first loads (`prefetch_tiles`; GPU, whole-page tiles,
-# swap-AB loops): FP8 cache, 1,000 x 129-256 (RoPE op, H200 sweep): 176.7 us against 180.5 without, 185.5 before
-# the prologue's loads were hoisted (benchmarks/RESULTS.md, seventeenth session).
-_PREFETCH_TILES = 2
 # Launch variants, each an op backend of its own (fxllm/backends/triton/__init__.py), so which one runs is
 # the lowering's per-node choice, visible in `fxllm compile --explain`, never a process-wide switch:
 # "triton" (default): the decode kernel writes this step's k/v itself (one launch fewer per layer and step);
@@ -180,7 +176,7 @@ def paged_attention_out(
     still writes partials for the combine kernel (the launch before DIRECT, for comparison). `max_registers`
     (GPU only): ptxas's register cap for a decode launch (Triton's maxnreg), to fit more programs per SM.
     `prefetch_tiles` (GPU only, tiles of whole pages): the decode kernel prefetches the K/V rows of its first key
-    tiles into L2 with its first loads; None: `_PREFETCH_TILES` for the swap-AB loops over whole-page tiles."""
+    tiles into L2 with its first loads; None: the loop's (paged_attention_decode_choice.PREFETCH_TILES)."""
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     head_dim_v = v_cache.shape[-1]
@@ -267,11 +263,8 @@ def paged_attention_out(
         pow2_pages = block_size & (block_size - 1) == 0 and bn % block_size == 0
         page_rows = block_size if pow2_pages and not use_window else 0
         # The prefetch is inline PTX (no interpreter); it needs whole-page tiles (the same block-table walk).
-        # By default only for the swap-AB loops (the FP8 cache's): the default loop's 8-warp launch went from 64
-        # to 80 registers with it (3 programs an SM instead of 4) and measured slower under Nsight Compute
-        # (241.3 vs 234.3 us at 1,000 x 129-256, H200, seventeenth session).
         if prefetch_tiles is None:
-            prefetch_tiles = _PREFETCH_TILES if loop.swap_ab else 0
+            prefetch_tiles = loop.prefetch_tiles
         prefetch_tiles = prefetch_tiles if on_gpu and page_rows else 0
         # Triton's interpreter takes no maxnreg: the cap is a GPU launch option only.
         reg_cap = {"maxnreg": max_registers} if max_registers and on_gpu else {}

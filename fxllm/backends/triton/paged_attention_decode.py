@@ -10,8 +10,10 @@ kernel launch once its key loop is done. SWAP_AB / FP8_DOT / WIDE (issue 15) pic
 paged_attention_decode_loops.py (transposed scores; e4m3 dots over an FP8 cache; SWAP_AB with the tiles
 renumbered so that their e4m3 bytes reach registers in wide shared-memory loads). `_combine_kernel`, grid
 (T, Hq), merges the splits, adds the attention sink and writes zeros for padding tokens. DIRECT (a decode
-step with one split: large batches) writes the output itself and no combine kernel runs. The launch is in
-paged_attention.py.
+step with one split: large batches) writes the output itself and no combine kernel runs. The prologue issues
+all its loads before any branch on a loaded value or store (each had cost a dependent DRAM round trip before
+the first key tile); PREFETCH_TILES (GPU only, inline PTX) then hints the first key tiles' K/V rows into L2
+while the KV write and its barrier run. The launch is in paged_attention.py.
 """
 
 from __future__ import annotations
