@@ -16,6 +16,12 @@ from typing import Any
 
 from gpu_clocks import ClockSampler
 
+# EngineStats fields reported per timed run, as deltas: steps, preemptions, GPU idle between steps, garbage
+# collections, and the host's step phases (where a run's host time went, and how long it waited on the GPU).
+_RUN_STATS = ("num_steps", "num_preemptions", "gpu_idle_seconds", "gc_full_collections", "gc_pause_seconds",
+              "schedule_seconds", "inputs_seconds", "forward_seconds", "sample_seconds", "update_seconds",
+              "result_wait_seconds", "overlap_seconds")  # fmt: skip
+
 
 def child_engine(spec: dict[str, Any], out_file: str) -> None:
     """Build one engine from `spec` and run its scenarios; writes a JSON of the results."""
@@ -66,9 +72,7 @@ def child_engine(spec: dict[str, Any], out_file: str) -> None:
                 new_kernels = sorted(_triton_kernels() - kernels_before)
                 row = {"prompts": num, "input_len": input_len, "output_len": output_len, "seconds": seconds,
                        "output_tok_s": sum(len(o.outputs[0].token_ids) for o in outs) / seconds,
-                       **{f"{k}_delta": after[k] - before[k] for k in ("num_steps", "num_preemptions", "gpu_idle_seconds",
-                                                                  "gc_full_collections", "gc_pause_seconds")
-                          if isinstance(after.get(k), (int, float))},
+                       **{f"{k}_delta": after[k] - before[k] for k in _RUN_STATS if isinstance(after.get(k), (int, float))},
                        "triton_kernels_compiled": new_kernels,
                        "forward_recompiles": (llm.engine.runner.num_compiles or 0) - (compiles_before or 0),
                        **clocks.summary()}  # fmt: skip
