@@ -96,6 +96,15 @@ def ptxas_usage(ptx: str) -> dict[str, int]:
     return {"regs": int(regs.group(1)) if regs else -1, "spill_bytes": int(spills.group(1)) if spills else -1}
 
 
+def tile_buffers(ttgir: str) -> list[int]:
+    """How many shared-memory buffers each pipelined 2-D tile gets (K and V; the block-table pages are 1-D).
+
+    Triton's pipeliner spends `num_stages` on the chain block table -> K/V first: on sm_90a the decode launches
+    with 2-4 stages give K and V one buffer each (the next tile is copied in only after the current one reached
+    registers), 5-6 stages two, 7 three (8B heads, seventeenth session)."""
+    return [int(n) for n in re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x\d+x\d+x", ttgir)]
+
+
 def sm90_report(
     variants: dict[str, tuple[dict[str, bool | int], tuple[str, ...], float]],
     launches: dict[str, list[dict[str, int]]],
@@ -121,6 +130,7 @@ def sm90_report(
                 row.update(dots=sorted(set(_DOT_RE.findall(ptx))), wgmma_a=a_from,
                            mma_v2=len(re.findall(r"= tt\.dot ", ttgir)), shared_bytes=ck.metadata.shared,
                            async_copies=ttgir.count("ttg.async_copy_global_to_local"),
+                           tile_buffers=tile_buffers(ttgir),
                            **ptxas_usage(ptx))  # fmt: skip
                 rows.append(row)
                 logger.info("sm90 %s", row)

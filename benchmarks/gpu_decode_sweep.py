@@ -98,12 +98,14 @@ LAUNCHES: dict[str, list[dict[str, int]]] = {
     "default": [
         {},
         *_grid([(32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 8, 2), (64, 8, 3), (128, 4, 3)]),
+        *_grid([(64, 8, 5), (32, 4, 5)]),  # two K/V buffers (decode_sm90.tile_buffers): 2-4 stages give one
         *_capped([(64, 4, 2, 96), (64, 8, 2, 96), (64, 8, 2, 80)]),
     ],
     "swap_ab": _grid(_WIDE),
     # WIDE's renumbering is laid out for 4 warps (with 8 its V reads are 2 bytes wide): one 8-warp launch.
     "swap_ab_wide": [
         *_grid([(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (64, 8, 2)]),
+        *_grid([(64, 4, 5), (64, 4, 7)]),  # two and three K/V buffers (1 with 2-4 stages)
         *_capped([(64, 4, 2, 96), (64, 4, 3, 96), (64, 4, 2, 88)]),
     ],
     # Without SWAP_AB the e4m3 dots have M = BLOCK_H = 16 < wgmma's 64: compiled for sm_90a (--sm90) Triton
@@ -304,6 +306,7 @@ def main() -> int:
             )
             detail = r.get("error") or (f"{','.join(r['dots']) or '-'} A:{'/'.join(r['wgmma_a']) or '-'} "
                                         f"mma_v2 {r['mma_v2']} smem {r['shared_bytes']} async {r['async_copies']} "
+                                        f"buffers {r['tile_buffers']} "
                                         f"regs {r['regs']} spill {r['spill_bytes']}")  # fmt: skip
             print(f"{r['kv']:>4} {r['variant']:>16} {launch:>8}  {detail}")
         return 0

@@ -42,7 +42,10 @@ DECODE_LOOPS: dict[str, str] = {"fp8": "swap_ab_wide", "other": "default"}
 # (64, 4, 3) took 156 registers (3 programs an SM) and 263.9 / 287.0 / 170.0 us at 1,000 x 129-256 /
 # 256 x 1,024 / 64 x 2,048; (64, 8, 2) 258.7 / 275.6 / 143.3, never slower than the old launch; (64, 4, 2) was
 # fastest at the first two (242.6 / 269.4) but took 192.1 at the third. swap_ab_wide with 3 stages: 183.7 /
-# 172.0 / 90.1 against 183.0 / 177.4 / 92.9 with 2.
+# 172.0 / 90.1 against 183.0 / 177.4 / 92.9 with 2. Seventeenth session, from the sm_90a TTGIR: with 2-4 stages
+# Triton's pipeliner gives K and V one shared-memory buffer each (the stages go to the block table -> K chain),
+# so one tile is in flight while the current one is computed; 5-6 stages give two, 7 three, at 123-125
+# registers for swap_ab_wide (still 4 programs an SM): untimed yet (gpu_decode_sweep.py has them).
 LAUNCH: dict[str, tuple[int, int, int]] = {
     "default": (64, 8, 2),
     "swap_ab": (64, 4, 2),
