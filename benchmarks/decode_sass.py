@@ -51,22 +51,32 @@ def instructions(sass: str) -> tuple[list[str], dict[str, int]]:
     return insns, labels
 
 
-def key_loop(sass: str) -> list[str]:
-    """The loop body with the most tensor-core instructions (the shortest such loop where several tie)."""
-    insns, labels = instructions(sass)
-    best: tuple[int, int, int, int] | None = None  # (tensor instructions, -length, start, end)
-    for end, text in enumerate(insns):
-        m = _BRANCH.search(text)
+def densest_loop(
+    lines: list[str], labels: dict[str, int], branch: re.Pattern[str], marker: re.Pattern[str], what: str
+) -> slice:
+    """The body of the backward branch whose lines hold the most `marker` matches (the shortest where several tie).
+
+    `lines`: instructions (SASS) or text lines (PTX); `labels`: label -> index of its body's first line;
+    `branch`: a branch instruction, its target label as group 1. Raises ValueError ("no loop with `what`") where
+    no loop has a match."""
+    best: tuple[int, int, int, int] | None = None  # (matches, -length, start, end)
+    for end, text in enumerate(lines):
+        m = branch.search(text)
         start = labels.get(m.group(1)) if m else None
         if start is None or start > end:  # not a backward branch
             continue
-        body = insns[start : end + 1]
-        cand = (sum(bool(_TENSOR.search(t)) for t in body), start - end, start, end)
+        cand = (sum(len(marker.findall(t)) for t in lines[start : end + 1]), start - end, start, end)
         if best is None or cand > best:
             best = cand
     if best is None or best[0] == 0:
-        raise ValueError("no loop with tensor-core instructions in this SASS")
-    return insns[best[2] : best[3] + 1]
+        raise ValueError(f"no loop with {what}")
+    return slice(best[2], best[3] + 1)
+
+
+def key_loop(sass: str) -> list[str]:
+    """The loop body with the most tensor-core instructions (the shortest such loop where several tie)."""
+    insns, labels = instructions(sass)
+    return insns[densest_loop(insns, labels, _BRANCH, _TENSOR, "tensor-core instructions in this SASS")]
 
 
 def opcode(insn: str) -> str:

@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks import decode_sass
+
 logger = logging.getLogger("fxllm.bench.fp8_decode_ptx")
 
 # (cache dtype, sweep variant name): the bf16 rows show what the same loops look like over a bf16 cache.
@@ -63,18 +65,9 @@ def key_loop(ptx: str) -> str:
     """The PTX of the loop body with the most dot instructions (the innermost such loop where several tie)."""
     lines = ptx.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := _LABEL.match(line))}
-    best: tuple[int, int, int, int] | None = None  # (dots, -length, start, end)
-    for end, line in enumerate(lines):
-        m = _BRANCH.search(line)
-        start = labels.get(m.group(1)) if m else None
-        if start is None or start >= end:  # not a backward branch
-            continue
-        cand = (len(_DOT.findall("\n".join(lines[start : end + 1]))), start - end, start, end)
-        if best is None or cand > best:
-            best = cand
-    if best is None or best[0] == 0:
-        raise ValueError("no loop with dot instructions in this PTX")
-    return "\n".join(lines[best[2] : best[3] + 1])
+    return "\n".join(
+        lines[decode_sass.densest_loop(lines, labels, _BRANCH, _DOT, "dot instructions in this PTX")]
+    )
 
 
 def count(body: str) -> dict[str, dict[str, int]]:
@@ -92,7 +85,7 @@ def count(body: str) -> dict[str, dict[str, int]]:
 
 def report(launch: tuple[int, int, int] | None, rope: bool = False) -> list[dict[str, Any]]:
     """Compile every row of ROWS for sm_90a (with `rope`, as the fused RoPE op) and count its key loop."""
-    from benchmarks import decode_sass, decode_sm90
+    from benchmarks import decode_sm90
     from benchmarks import gpu_decode_sweep as sweep
     from fxllm.backends.triton.paged_attention_decode_choice import LAUNCH
 
