@@ -167,10 +167,11 @@ def test_async_generate_folds_what_queued_up(llm: LLM) -> None:
             if len(outs) == 1:  # fall behind until the other 15 steps' outputs wait in the request's queue
                 # (not until the request leaves the engine: the engine thread publishes a step's outputs
                 # after the step, so the last one can still be on its way then; a lagging run saw 3 outputs)
-                _, queue = llm.async_engine()._streams[request_id]
+                engine = llm.async_engine()
                 deadline = time.monotonic() + 60
-                while queue.qsize() < 15 and time.monotonic() < deadline:
+                while engine.queued(request_id) < 15 and time.monotonic() < deadline:
                     await asyncio.sleep(0.01)
+                assert engine.queued(request_id) == 15 and engine.queued("no-such-request") == 0
         return outs
 
     async def final_only() -> list[RequestOutput]:

@@ -35,6 +35,11 @@ class AsyncEngine:
         """The engine's tokenizer."""
         return self.engine.tokenizer
 
+    def queued(self, request_id: str) -> int:
+        """Outputs of a streaming request waiting for its consumer (0 for a request not streaming here)."""
+        stream = self._streams.get(request_id)
+        return stream[1].qsize() if stream is not None else 0
+
     def _loop(self) -> None:
         while not self._stopped:
             self._drain_commands()
