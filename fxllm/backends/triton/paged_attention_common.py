@@ -156,17 +156,14 @@ def _prefetch_first_tiles(
     pages in L1 and its first tiles in L2. The block-table entries are read without waiting for seq_len (up to
     the table's width `bt_cols`); an entry past the sequence is never dereferenced (the key mask).
     """
-    n_pages: tl.constexpr = KEYS // PAGE_ROWS
     # One prefetch per 128-byte line of a head's row (K and V rows alike: the caches share a dtype).
     line_elems: tl.constexpr = 1024 // kc_ptr.dtype.element_ty.primitive_bitwidth
     row_lines: tl.constexpr = max(1, HEAD_DIM // line_elems)
-    pidx = tl.arange(0, n_pages)
-    pages = tl.load(bt_ptr + pidx, mask=pidx < bt_cols, other=0).to(tl.int64)
-    page = tl.reshape(tl.broadcast_to(pages[:, None], (n_pages, PAGE_ROWS)), (KEYS,))
+    # The key loop's page walk over keys 0 .. KEYS, bounded by the table's width instead of the sequence's length.
+    page, row = _tile_pages(bt_ptr, 0, bt_cols * PAGE_ROWS, KEYS, PAGE_ROWS)
     key = tl.arange(0, KEYS)
     line = tl.arange(0, row_lines) * line_elems
     ok = ((key < seq_len) & go)[:, None] & (line >= 0)[None, :]
-    row = key % PAGE_ROWS
     _prefetch_l2(kc_ptr + page[:, None] * skc_b + row[:, None] * skc_s + kv_head * skc_h + line[None, :], ok)
     _prefetch_l2(vc_ptr + page[:, None] * svc_b + row[:, None] * svc_s + kv_head * svc_h + line[None, :], ok)
 
