@@ -6,7 +6,8 @@ decode rows); `benchmarks/gpu_attention.py` times the same 4 x 2048 tokens at 57
 op (bf16, Llama-3.1-8B heads, block size 16, shuffled block tables: fxllm.backends.triton.selfcheck's case
 builder) on steps built as fxllm's scheduler builds them (decodes first, then prefill chunks filling the
 8,192-token budget), with and without the in-kernel RoPE, alone and right after a bf16 GEMM of the step's
-gate/up shape (a hot, power-limited card, as in the engine), and reports the GPU time of each kernel.
+gate/up shape (a hot, power-limited card, as in the engine), and reports the GPU time of each kernel; also with
+the other key tiling (`page_tiles`, whole cache pages or not) and, with --sweep, every launch in both.
 
     python benchmarks/gpu_prefill_mix.py --out DIR [--cases pure_4x2048,mixed_d252] [--sweep]
 """
@@ -83,6 +84,8 @@ def run_case(name: str, sweep: bool) -> dict[str, Any]:
     c = make_paged_case(q_lens, ctx_lens, HQ, HKV, D, dtype=torch.bfloat16, device="cuda", seed=len(q_lens))
     row: dict[str, Any] = {"q_lens_prefill": [q for q in q_lens if q > 1], "decode_rows": decodes}
     row["check"] = check_paged(c, name)  # the default launch against the float32 reference
+    flip = {"page_tiles": not pa.PREFILL_PAGE_TILES}  # the other key tiling, at the default launch
+    row["check_flipped_page_tiles"] = check_paged(c, name, **flip)
     tokens = c.q.shape[0]
     angles = torch.rand(tokens, D // 2, device="cuda") * 6.283
     cos = torch.cat([angles.cos()] * 2, dim=-1).to(torch.bfloat16)
@@ -91,7 +94,7 @@ def run_case(name: str, sweep: bool) -> dict[str, Any]:
     gate_up = torch.randn(tokens, 4096, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(4096, 28672, device="cuda", dtype=torch.bfloat16) * 0.01
 
-    def op(rope: bool = False, **launch: int) -> None:
+    def op(rope: bool = False, **launch: Any) -> None:
         pa.paged_attention_out(
             c.q, c.k, c.v, c.k_cache, c.v_cache, c.slot_mapping, c.block_tables, c.seq_lens, c.query_start_loc,
             c.scale, -1, 0.0, None, out, cos=cos if rope else None, sin=sin if rope else None, **launch,
@@ -105,19 +108,22 @@ def run_case(name: str, sweep: bool) -> dict[str, Any]:
     row["op_ms"] = triton.testing.do_bench(op, warmup=10, rep=60)
     row["op_rope_ms"] = triton.testing.do_bench(lambda: op(rope=True), warmup=10, rep=60)
     row["kernels_us"] = _kernel_us(lambda: op(rope=True))
+    flipped = triton.testing.do_bench(lambda: op(rope=True, **flip), warmup=10, rep=60)
+    row["op_rope_flipped_page_tiles_ms"] = flipped
+    row["kernels_flipped_page_tiles_us"] = _kernel_us(lambda: op(rope=True, **flip))
     row["kernels_after_gemm_us"] = _kernel_us(after_gemm, calls=20)
     prefill_us = next((v for k, v in row["kernels_us"].items() if "_prefill_kernel" in k), None)
     row["prefill_kernel_tflops"] = flops / (prefill_us * 1e6) if prefill_us else None
     if sweep:
-        grid = itertools.product((64, 128), (32, 64), (4, 8), (2, 3))
+        grid = itertools.product((64, 128), (32, 64), (4, 8), (2, 3), (False, True))
         row["sweep_ms"] = {}
-        for bm, bn, warps, stages in grid:
-            launch = {"block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages}
+        for bm, bn, warps, stages, pages in grid:
+            launch = dict(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages, page_tiles=pages)
             try:
                 ms = triton.testing.do_bench(lambda kw=launch: op(rope=True, **kw), warmup=5, rep=30)
             except Exception as exc:  # a tile that does not fit in shared memory: record it
                 ms = f"{type(exc).__name__}: {str(exc)[:120]}"
-            row["sweep_ms"][f"{bm}x{bn}x{warps}w{stages}s"] = ms
+            row["sweep_ms"][f"{bm}x{bn}x{warps}w{stages}s" + ("_pages" if pages else "")] = ms
     logger.info("%s: op %.3f ms, with RoPE %.3f ms, kernels %s, after a GEMM %s", name, row["op_ms"],
                 row["op_rope_ms"], row["kernels_us"], row["kernels_after_gemm_us"])  # fmt: skip
     return row

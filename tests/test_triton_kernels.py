@@ -255,3 +255,27 @@ def test_decode_whole_page_tiles(
                                   pad_tokens=1, pad_seqs=1, seed=11, device=DEVICE)  # fmt: skip
     _assert_ok(selfcheck.check_paged(c, "decode", block_n=block_n, num_splits=2, swap_ab=swap_ab))
     assert [kw["PAGE_ROWS"] for kw in launched] == [page_rows]
+
+
+@pytest.mark.parametrize(
+    ("block_size", "block_n", "window", "page_tiles", "page_rows"),
+    [
+        (8, 32, -1, True, 8),  # tiles of 4 whole pages
+        (16, 16, -1, True, 16),  # one page per tile
+        (12, 32, -1, True, 0),  # block size not a power of two: one entry per key
+        (32, 16, -1, True, 0),  # a tile inside a page
+        (8, 32, 21, True, 0),  # a sliding window starts mid-page
+        (8, 32, -1, False, 0),  # asked for one entry per key
+    ],
+)
+def test_prefill_whole_page_tiles(
+    block_size: int, block_n: int, window: int, page_tiles: bool, page_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `page_tiles` the prefill kernel's key tiles are whole pages where the cache allows; either way it
+    agrees with the reference: chunked prompts whose unmasked tiles (below the diagonal) and diagonal tiles
+    both cross pages, beside a decode row, contexts ending mid-page."""
+    launched = record_launches(monkeypatch, paged_attention, "_prefill_kernel")
+    c = selfcheck.make_paged_case([6, 40, 1], [6, 83, 130], 8, 2, 32, block_size=block_size, sliding_window=window,
+                                  pad_tokens=2, seed=13, device=DEVICE)  # fmt: skip
+    _assert_ok(selfcheck.check_paged(c, "prefill", block_m=16, block_n=block_n, page_tiles=page_tiles))
+    assert [kw["PAGE_ROWS"] for kw in launched] == [page_rows]

@@ -63,6 +63,9 @@ logger = logging.getLogger(__name__)
 
 
 _MAX_SPLITS = 64
+# The prefill kernel's key tiles as whole cache pages (`page_tiles`): one block-table entry per page and the
+# block size a compile-time constant, as in the decode loops.
+PREFILL_PAGE_TILES = False
 # Launch variants, each an op backend of its own (fxllm/backends/triton/__init__.py), so which one runs is
 # the lowering's per-node choice, visible in `fxllm compile --explain`, never a process-wide switch:
 # "triton" (default): the decode kernel writes this step's k/v itself (one launch fewer per layer and step);
@@ -160,6 +163,7 @@ def paged_attention_out(
     cos: Tensor | None = None, sin: Tensor | None = None, write_in_decode: bool = True, pdl: bool = False,
     fp8_f16: bool = True, swap_ab: bool | None = None, fp8_dot: bool | None = None, wide: bool | None = None,
     direct: bool = True, max_registers: int | None = None, prefetch_tiles: int | None = None,
+    page_tiles: bool | None = None,
 ) -> None:  # fmt: skip
     """Write k/v into the caches, then paged attention into `out` [T, Hq, Dv]; launch knobs overridable.
 
@@ -176,7 +180,9 @@ def paged_attention_out(
     still writes partials for the combine kernel (the launch before DIRECT, for comparison). `max_registers`
     (GPU only): ptxas's register cap for a decode launch (Triton's maxnreg), to fit more programs per SM.
     `prefetch_tiles` (GPU only, tiles of whole pages): the decode kernel prefetches the K/V rows of its first key
-    tiles into L2 with its first loads; None: the loop's (paged_attention_decode_choice.PREFETCH_TILES)."""
+    tiles into L2 with its first loads; None: the loop's (paged_attention_decode_choice.PREFETCH_TILES).
+    `page_tiles`: the prefill kernel's key tiles are whole cache pages where the block size allows (as the decode
+    kernel's always are); None: `PREFILL_PAGE_TILES`."""
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     head_dim_v = v_cache.shape[-1]
@@ -312,6 +318,8 @@ def paged_attention_out(
     warps = num_warps or (4 if small_head else 8 if bm >= 128 else 4)
     stages = num_stages or (2 if small_head else 3)
     block_q = max(1, bm // group_p)
+    page_tiles = PREFILL_PAGE_TILES if page_tiles is None else page_tiles
+    whole_pages = block_size & (block_size - 1) == 0 and bn % block_size == 0 and not use_window
     _prefill_kernel[(num_tokens // block_q + num_seqs, num_kv_heads)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sink_arg, out,
         num_seqs, group, block_size,
@@ -320,7 +328,7 @@ def paged_attention_out(
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, GROUP_P=group_p, BLOCK_Q=block_q, BLOCK_N=bn,
         BLOCK_D=block_d, BLOCK_DV=block_dv, USE_SOFTCAP=use_softcap, USE_WINDOW=use_window,
         HAS_SINKS=sinks is not None, F32_DOT=f32_dot, KV_FP8=kv_fp8, ROPE=rope, SKIP_SINGLE=split_mixed,
-        num_warps=warps, num_stages=stages,
+        PAGE_ROWS=block_size if page_tiles and whole_pages else 0, num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
 

@@ -184,7 +184,7 @@ def _attend_range(
     MASKED=False is the fast path for whole BLOCK_N tiles that every row may see in full (below the
     causal diagonal, no window): no bounds, causal or window masks on the loads or the scores.
     PAGE_ROWS > 0 (the cache's block size, a power of two dividing BLOCK_N; lo a multiple of it): one
-    block-table entry per page of a tile (`_tile_pages`), bounds-masked. SUM_AFTER (l_i must come in as zeros):
+    block-table entry per page of a tile (`_tile_pages`, its loads bounds-masked). SUM_AFTER (l_i must come in as zeros):
     the row sums are kept per key column and reduced once after the loop; with the keys of a tile spread over
     the warps (decode: 16 query rows), a sum per tile is a cross-warp reduction, barriers included.
     """
@@ -196,8 +196,6 @@ def _attend_range(
         l_acc = tl.zeros((q.shape[0], BLOCK_N), dtype=tl.float32)
     for start in range(lo, hi, BLOCK_N):
         k_pos = start + tl.arange(0, BLOCK_N)
-        # Bounds masks on the loads wherever the tile may run past hi (every tile but MASKED=False's).
-        bounded: tl.constexpr = MASKED or PAGE_ROWS > 0
         k_ok = k_pos < hi
         if PAGE_ROWS > 0:
             page, off = _tile_pages(bt_ptr, start, hi, BLOCK_N, PAGE_ROWS)
@@ -207,7 +205,9 @@ def _attend_range(
                 page = tl.load(bt_ptr + k_pos // block_size, mask=k_ok, other=0).to(tl.int64)
             else:
                 page = tl.load(bt_ptr + k_pos // block_size).to(tl.int64)
-        if bounded:
+        # Bounds masks on the loads wherever the tile may run past hi: MASKED=False's tiles are whole tiles below
+        # hi (`_tile_pages` bounds its own block-table loads).
+        if MASKED:
             k_mask = k_ok[:, None] & d_ok[None, :]
             v_mask = k_ok[:, None] & dv_ok[None, :]
         else:

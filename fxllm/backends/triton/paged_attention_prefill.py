@@ -3,7 +3,9 @@
 `_prefill_kernel`, grid (T // BLOCK_Q + S, Hkv): each program finds its (sequence, query block) by binary
 search over query_start_loc, takes BLOCK_Q tokens x G heads as BLOCK_M rows, and runs an online softmax
 over the sequence's paged keys, causal w.r.t. absolute positions (query i of a sequence of length L with
-q_len queries sits at L - q_len + i). The launch is in paged_attention.py.
+q_len queries sits at L - q_len + i). PAGE_ROWS > 0 (the cache's block size, a power of two dividing BLOCK_N;
+no window): key tiles of whole pages, one block-table entry per page (`_tile_pages`). The launch is in
+paged_attention.py.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, USE_WINDOW: tl.constexpr, HAS_SINKS: tl.constexpr, F32_DOT: tl.constexpr,
     KV_FP8: tl.constexpr = False, ROPE: tl.constexpr = False, SKIP_SINGLE: tl.constexpr = False,
+    PAGE_ROWS: tl.constexpr = 0,
 ):  # fmt: skip
     # Last query blocks first: under the causal mask they see the most keys, so the long programs
     # start in the first wave and the short ones fill in behind them.
@@ -86,12 +89,12 @@ def _prefill_kernel(
         acc, m_i, l_i = _attend_range(
             acc, m_i, l_i, q, q_pos, lo, mid, bt_seq, kc_ptr, vc_ptr, kv_head,
             block_size, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, qk, softcap, window,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, USE_SOFTCAP, USE_WINDOW, F32_DOT, False,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, USE_SOFTCAP, USE_WINDOW, F32_DOT, False, PAGE_ROWS,
         )  # fmt: skip
         acc, m_i, l_i = _attend_range(
             acc, m_i, l_i, q, q_pos, mid, hi, bt_seq, kc_ptr, vc_ptr, kv_head,
             block_size, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, qk, softcap, window,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, USE_SOFTCAP, USE_WINDOW, F32_DOT, True,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, USE_SOFTCAP, USE_WINDOW, F32_DOT, True, PAGE_ROWS,
         )  # fmt: skip
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         if KV_FP8:
