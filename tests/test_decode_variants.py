@@ -193,13 +193,13 @@ def test_decode_loop_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     2 key tiles into L2 (PREFETCH_TILES), the default loop none."""
     from fxllm.backends.triton import paged_attention_decode_choice as choice
 
-    assert choice.choose_decode_loop(True, 128) == (True, False, 64, 4, 3, True, 2)
+    assert choice.choose_decode_loop(True, 128) == (True, False, 64, 4, 5, True, 2)
     assert choice.choose_decode_loop(False, 128) == (False, False, 64, 8, 2, False, 0)
     # The caller's flags and knobs win; the rest of the launch is the asked loop's own (swap-AB: 2 stages).
     loop = choice.choose_decode_loop(False, 128, swap_ab=True, block_n=32)
     assert loop == (True, False, 32, 4, 2, False, 2)
     # wide implies the swap; FP8 dots have no WIDE form.
-    assert choice.choose_decode_loop(True, 128, wide=True) == (True, False, 64, 4, 3, True, 2)
+    assert choice.choose_decode_loop(True, 128, wide=True) == (True, False, 64, 4, 5, True, 2)
     assert choice.choose_decode_loop(True, 128, fp8_dot=True, wide=True) == (False, True, 64, 8, 2, False, 0)
     monkeypatch.setattr(choice, "SKIPPED", {})
     monkeypatch.setitem(choice.DECODE_LOOPS, "fp8", "fp8_dot")

@@ -64,8 +64,9 @@ logger = logging.getLogger(__name__)
 
 _MAX_SPLITS = 64
 # The prefill kernel's key tiles as whole cache pages (`page_tiles`): one block-table entry per page and the
-# block size a compile-time constant, as in the decode loops.
-PREFILL_PAGE_TILES = False
+# block size a compile-time constant, as in the decode loops. H200, 8B heads, 4 x 2,048 with RoPE
+# (benchmarks/gpu_prefill_mix.py, eighteenth session): the prefill kernel 549.5 -> 479.9 us at the same launch.
+PREFILL_PAGE_TILES = True
 # Launch variants, each an op backend of its own (fxllm/backends/triton/__init__.py), so which one runs is
 # the lowering's per-node choice, visible in `fxllm compile --explain`, never a process-wide switch:
 # "triton" (default): the decode kernel writes this step's k/v itself (one launch fewer per layer and step);
@@ -311,12 +312,14 @@ def paged_attention_out(
             return
     # H100, Llama-3.1-8B heads (32/8, D 128), causal bf16 (benchmarks/gpu_attention.py sweep, RESULTS.md):
     # 128 x 32 tiles, 4 warps, 2 stages ran 0.85x / 0.92x SDPA flash on 4 x 2048 / 1 x 8192; the
-    # previous 128 x 64 tiles with 8 warps and 3 stages 0.78x / 0.83x.
+    # previous 128 x 64 tiles with 8 warps and 3 stages 0.78x / 0.83x. H200 with whole-page tiles
+    # (gpu_prefill_mix.py --sweep, eighteenth session): 3 stages 0.510 ms against 2 stages' 0.541 (4 x 2,048,
+    # the op with RoPE), 1.060 against 1.095 in a step beside 252 decode rows.
     small_head = on_gpu and head_dim <= 128
     bm = block_m or (128 if small_head else 64)
     bn = block_n or (32 if small_head else 64 if head_dim <= 128 else 32)
     warps = num_warps or (4 if small_head else 8 if bm >= 128 else 4)
-    stages = num_stages or (2 if small_head else 3)
+    stages = num_stages or 3
     block_q = max(1, bm // group_p)
     page_tiles = PREFILL_PAGE_TILES if page_tiles is None else page_tiles
     whole_pages = block_size & (block_size - 1) == 0 and bn % block_size == 0 and not use_window

@@ -45,11 +45,14 @@ DECODE_LOOPS: dict[str, str] = {"fp8": "swap_ab_wide", "other": "default"}
 # 172.0 / 90.1 against 183.0 / 177.4 / 92.9 with 2. Seventeenth session, from the sm_90a TTGIR: with 2-4 stages
 # Triton's pipeliner gives K and V one shared-memory buffer each (the stages go to the block table -> K chain),
 # so one tile is in flight while the current one is computed; 5-6 stages give two, 7 three, at 123-125
-# registers for swap_ab_wide (still 4 programs an SM): untimed yet (gpu_decode_sweep.py has them).
+# registers for swap_ab_wide (still 4 programs an SM). Eighteenth session, the sweep with the fused RoPE op:
+# swap_ab_wide at (64, 4, 5) took 170.5 / 161.3 / 84.8 us against (64, 4, 3)'s 177.5 / 177.6 / 93.2 and
+# (64, 4, 7)'s 177.2 / 162.9 / 88.7; the default loop's (32, 4, 5) (two buffers) 240.6 / 279.1 / 171.4 against
+# (64, 8, 2)'s 259.7 / 280.2 / 145.5 over bf16: no better everywhere, not taken.
 LAUNCH: dict[str, tuple[int, int, int]] = {
     "default": (64, 8, 2),
     "swap_ab": (64, 4, 2),
-    "swap_ab_wide": (64, 4, 3),  # WIDE's layout assumes 4 warps
+    "swap_ab_wide": (64, 4, 5),  # WIDE's layout assumes 4 warps; 5 stages: K and V double-buffered
     "fp8_dot": (64, 4, 3),
 }
 # Key tiles the swap-AB loops prefetch into L2 with the prologue's first loads (GPU only: inline PTX; whole-page
