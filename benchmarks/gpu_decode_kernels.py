@@ -33,11 +33,12 @@ import json
 import logging
 import statistics
 import time
-from collections import defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
+from gpu_kernel_times import cuda_kernels, kernel_us_by, profile_cuda
 from gpu_profile import _kind
 
 from fxllm.config import load_config
@@ -88,27 +89,12 @@ def _replay_ms(graph: Any, iters: int = 50, repeats: int = 5) -> float:
 
 def _kernels(graph: Any, replays: int = 20) -> dict[str, Any]:
     """Kernels per replay and GPU us per replay by kind (gpu_profile.py's kinds), from torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(replays):
-            graph.replay()
-        torch.cuda.synchronize()
-    by_kind: dict[str, float] = defaultdict(float)
-    names: dict[str, int] = defaultdict(int)
-    count = 0
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            by_kind[_kind(event.name)] += event.device_time / replays
-            names[event.name[:60]] += 1
-            count += 1
+    prof = profile_cuda(graph.replay, replays)
+    names = Counter(event.name[:60] for event in cuda_kernels(prof))
     return {
-        "kernels_per_step": count / replays,
-        "us_per_step_by_kind": dict(by_kind),
-        "launches_per_step_by_name": {
-            k: v / replays for k, v in sorted(names.items(), key=lambda kv: -kv[1])[:15]
-        },
+        "kernels_per_step": sum(names.values()) / replays,
+        "us_per_step_by_kind": kernel_us_by(prof, _kind, per=replays),
+        "launches_per_step_by_name": {k: v / replays for k, v in names.most_common(15)},
     }
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gpu_kernel_times import kernel_us_by, profile_cuda  # a sibling script (its folder is sys.path[0])
 
 logger = logging.getLogger("fxllm.gpu.prefill_mix")
 
@@ -56,20 +57,8 @@ def prefill_flops(q_lens: list[int], ctx_lens: list[int]) -> float:
 
 def _kernel_us(fn: Any, calls: int = 5) -> dict[str, float]:
     """GPU microseconds per call of each kernel `fn` launches, from one profiled run of `calls` calls."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    totals: dict[str, float] = {}
-    for e in prof.events():
-        if e.device_type == DeviceType.CUDA:
-            name = e.name[:48]
-            totals[name] = totals.get(name, 0.0) + e.time_range.elapsed_us() / calls
-    return {k: round(v, 1) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+    times = kernel_us_by(profile_cuda(fn, calls), lambda name: name[:48], per=calls)
+    return {k: round(v, 1) for k, v in times.items()}
 
 
 def run_case(name: str, sweep: bool) -> dict[str, Any]:

@@ -8,11 +8,9 @@ batch 1 and 256, and profiles their replays with torch.profiler.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from typing import Any
 
-import torch
-from torch.profiler import ProfilerActivity, profile
+from gpu_kernel_times import cuda_kernels, kernel_us_by, profile_cuda  # a sibling script
 
 logger = logging.getLogger("fxllm.gpu.profile")
 
@@ -52,22 +50,11 @@ def profile_decode(num_layers: int = 4, replays: int = 20) -> dict[str, Any]:
     result: dict[str, Any] = {"num_layers": num_layers, "context_tokens": 512}
     for bucket in graphs.buckets:
         assert bucket.graph is not None
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(replays):
-                bucket.graph.replay()
-            torch.cuda.synchronize()
-        by_kind: dict[str, float] = defaultdict(float)
-        kernels: dict[str, float] = defaultdict(float)
-        count = 0
-        for event in prof.events():
-            if event.device_type == torch.autograd.DeviceType.CUDA:
-                by_kind[_kind(event.name)] += event.device_time / replays
-                kernels[event.name[:80]] += event.device_time / replays
-                count += 1
-        top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
+        prof = profile_cuda(bucket.graph.replay, replays)
+        by_kind = kernel_us_by(prof, _kind, per=replays)
+        top = list(kernel_us_by(prof, lambda name: name[:80], per=replays).items())[:12]
         result[f"batch{bucket.size}"] = {
-            "us_per_step_by_kind": dict(by_kind), "kernels_per_step": count / replays,
+            "us_per_step_by_kind": by_kind, "kernels_per_step": len(cuda_kernels(prof)) / replays,
             "us_per_step_total": sum(by_kind.values()), "top_kernels_us": dict(top),
         }  # fmt: skip
     llm.shutdown()

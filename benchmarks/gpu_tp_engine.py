@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gpu_clocks import ClockSampler
+from gpu_kernel_times import cuda_kernels, kernel_us_by
 
 # EngineStats fields reported per timed run, as deltas: steps, preemptions, GPU idle between steps, garbage
 # collections, and the host's step phases (where a run's host time went, and how long it waited on the GPU).
@@ -151,7 +152,6 @@ def _profile_decode1(llm: Any, prompt: Any, tokens: int = 64) -> dict[str, Any]:
     """GPU time per decode step by kernel (torch.profiler, rank 0), against the step's wall time: what the
     kernels take vs the gaps between them (host, launch, a peer arriving late at a collective)."""
     import torch
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     from fxllm.runtime.sampling_params import SamplingParams
@@ -163,7 +163,7 @@ def _profile_decode1(llm: Any, prompt: Any, tokens: int = 64) -> dict[str, Any]:
     with profile(activities=activities) as prof:
         llm.generate(prompt, params)
     wall = time.perf_counter() - t0
-    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    kernels = cuda_kernels(prof)
     by_name: dict[str, list[float]] = {}
     for event in kernels:
         by_name.setdefault(event.name[:90], []).append(event.time_range.elapsed_us())
@@ -206,26 +206,18 @@ _KINDS = [
 
 def gpu_ms_by_kind(prof: Any) -> dict[str, float]:
     """GPU kernel time of a profile summed by kind (_KINDS; "other" for the rest), in ms."""
-    from torch.autograd import DeviceType
 
-    totals: dict[str, float] = {}
-    for event in prof.events():
-        if event.device_type != DeviceType.CUDA:
-            continue
-        kind = next((k for k, pattern in _KINDS if pattern.search(event.name)), "other")
-        totals[kind] = totals.get(kind, 0.0) + event.time_range.elapsed_us() / 1e3
-    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+    def kind(name: str) -> str:
+        return next((k for k, pattern in _KINDS if pattern.search(name)), "other")
+
+    return kernel_us_by(prof, kind, per=1e3)
 
 
 def kernel_calls_us(prof: Any, name: str) -> list[int]:
     """Durations (us, in launch order) of the GPU kernels whose name contains `name`: how a kind's time
     spreads over a run's steps (e.g. pure prefill steps first, mixed ones later)."""
-    from torch.autograd import DeviceType
-
     calls = sorted(
-        (e.time_range.start, e.time_range.elapsed_us())
-        for e in prof.events()
-        if e.device_type == DeviceType.CUDA and name in e.name
+        (e.time_range.start, e.time_range.elapsed_us()) for e in cuda_kernels(prof) if name in e.name
     )
     return [round(us) for _, us in calls]
 
@@ -233,13 +225,7 @@ def kernel_calls_us(prof: Any, name: str) -> list[int]:
 def gpu_gaps(prof: Any, min_gap_us: float = 200.0, top: int = 12) -> dict[str, Any]:
     """Where the GPU sat idle inside a profile: the span of its kernels minus their union, the gaps of at
     least `min_gap_us` (count, sum) and the longest ones with the kernels on either side."""
-    from torch.autograd import DeviceType
-
-    spans = sorted(
-        (e.time_range.start, e.time_range.end, e.name[:60])
-        for e in prof.events()
-        if e.device_type == DeviceType.CUDA
-    )
+    spans = sorted((e.time_range.start, e.time_range.end, e.name[:60]) for e in cuda_kernels(prof))
     if not spans:
         return {}
     gaps: list[tuple[float, str, str]] = []
