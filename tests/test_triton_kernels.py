@@ -130,6 +130,15 @@ def test_paged_attention_public_op_strided_q() -> None:
     assert bool((out[n:] == 0).all())
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.125, float("nan")])
+def test_paged_attention_rejects_a_scale_that_is_not_positive(scale: float) -> None:
+    """The key loops scale each row's max rather than every score, which holds only for a positive scale."""
+    c = selfcheck.make_paged_case([3, 1], [3, 9], 8, 2, 32, seed=3, device=DEVICE)
+    meta = (c.slot_mapping, c.block_tables, c.seq_lens, c.query_start_loc, scale)
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        paged_attention.paged_attention(c.q, c.k, c.v, c.k_cache, c.v_cache, *meta)
+
+
 def test_public_elementwise_ops_match_reference() -> None:
     gen = torch.Generator().manual_seed(3)
 

@@ -204,6 +204,10 @@ def paged_attention_out(
     kv_fp8 = is_fp8(k_cache.dtype)
     if kv_fp8 and (k_scale is None or v_scale is None):
         raise ValueError("an FP8 KV cache needs k_scale and v_scale (float32 device tensors, [1] or [Hkv])")
+    # The key loops scale each row's max instead of every score (`_attend_range`), which needs a positive
+    # scale (an FP8 cache's k_scale, a device tensor, is an amax / 448 and multiplies it).
+    if not scale > 0:
+        raise ValueError(f"the attention scale must be > 0, got {scale!r}")
     (ks, sks), (vs, svs) = (_scale_args(s, q, num_kv_heads) for s in (k_scale, v_scale))
     rope = cos is not None
     rope_args = _rope_args(cos, sin, q)
