@@ -278,7 +278,12 @@ def test_decode_whole_page_tiles(
     ],
 )
 def test_prefill_whole_page_tiles(
-    block_size: int, block_n: int, window: int, page_tiles: bool, page_rows: int, monkeypatch: pytest.MonkeyPatch
+    block_size: int,
+    block_n: int,
+    window: int,
+    page_tiles: bool,
+    page_rows: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """With `page_tiles` the prefill kernel's key tiles are whole pages where the cache allows; either way it
     agrees with the reference: chunked prompts whose unmasked tiles (below the diagonal) and diagonal tiles
