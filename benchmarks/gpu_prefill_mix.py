@@ -113,6 +113,12 @@ def run_case(name: str, sweep: bool) -> dict[str, Any]:
             except Exception as exc:  # a tile that does not fit in shared memory: record it
                 ms = f"{type(exc).__name__}: {str(exc)[:120]}"
             row["sweep_ms"][f"{bm}x{bn}x{warps}w{stages}s" + ("_pages" if pages else "")] = ms
+        # 8-warp 128 x 64 launches capped to 128 registers (2 programs an SM where shared memory allows: 2 stages;
+        # sm_90a: 116-136 bytes spilled, key loop 449-464 instructions per tile against 406 uncapped at 180).
+        for stages in (2, 3):
+            launch = dict(block_m=128, block_n=64, num_warps=8, num_stages=stages, max_registers=128)
+            ms = triton.testing.do_bench(lambda kw=launch: op(rope=True, **kw), warmup=5, rep=30)
+            row["sweep_ms"][f"128x64x8w{stages}s_pages_r128"] = ms
     logger.info("%s: op %.3f ms, with RoPE %.3f ms, kernels %s, after a GEMM %s", name, row["op_ms"],
                 row["op_rope_ms"], row["kernels_us"], row["kernels_after_gemm_us"])  # fmt: skip
     return row

@@ -179,7 +179,8 @@ def paged_attention_out(
     with WIDE over an FP8 cache, the default loop over others: the H200 sweeps' winners). `wide`: the swap-AB loop with its
     tiles renumbered for wide e4m3 loads (WIDE, implies swap_ab). `direct=False`: a one-split swap-AB decode
     still writes partials for the combine kernel (the launch before DIRECT, for comparison). `max_registers`
-    (GPU only): ptxas's register cap for a decode launch (Triton's maxnreg), to fit more programs per SM.
+    (GPU only): ptxas's register cap for a decode or prefill launch (Triton's maxnreg), to fit more programs per
+    SM.
     `prefetch_tiles` (GPU only, tiles of whole pages): the decode kernel prefetches the K/V rows of its first key
     tiles into L2 with its first loads; None: the loop's (paged_attention_decode_choice.PREFETCH_TILES).
     `page_tiles`: the prefill kernel's key tiles are whole cache pages where the block size allows (as the decode
@@ -190,6 +191,8 @@ def paged_attention_out(
     num_seqs = seq_lens.shape[0]
     if num_tokens == 0:
         return
+    # Triton's interpreter takes no maxnreg: the cap is a GPU launch option only.
+    reg_cap = {"maxnreg": max_registers} if max_registers and q.device.type == "cuda" else {}
     group = num_heads // num_kv_heads
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     block_tables = _unit_last(block_tables)
@@ -277,8 +280,6 @@ def paged_attention_out(
         if prefetch_tiles is None:
             prefetch_tiles = loop.prefetch_tiles
         prefetch_tiles = prefetch_tiles if on_gpu and page_rows else 0
-        # Triton's interpreter takes no maxnreg: the cap is a GPU launch option only.
-        reg_cap = {"maxnreg": max_registers} if max_registers and on_gpu else {}
         if direct:
             part = lse = out  # not read or written with DIRECT
         else:
@@ -335,7 +336,7 @@ def paged_attention_out(
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, GROUP_P=group_p, BLOCK_Q=block_q, BLOCK_N=bn,
         BLOCK_D=block_d, BLOCK_DV=block_dv, USE_SOFTCAP=use_softcap, USE_WINDOW=use_window,
         HAS_SINKS=sinks is not None, F32_DOT=f32_dot, KV_FP8=kv_fp8, ROPE=rope, SKIP_SINGLE=split_mixed,
-        PAGE_ROWS=block_size if page_tiles and whole_pages else 0, num_warps=warps, num_stages=stages,
+        PAGE_ROWS=block_size if page_tiles and whole_pages else 0, num_warps=warps, num_stages=stages, **reg_cap,
     )  # fmt: skip
 
 
