@@ -9,18 +9,17 @@ Three launches, none of which reads a value back to the host (the op runs inside
    (paged_attention_decode.py), split-KV then a merge of the splits.
    Prefill / chunked prefill / mixed: `_prefill_kernel` (paged_attention_prefill.py), flash-style over the
    paged keys, causal w.r.t. absolute positions.
-K/V tiles are BLOCK_N tokens gathered through the block table per token, so any block size works.
+K/V tiles of BLOCK_N tokens are gathered through the block table: one entry per page where the block size is a
+power of two dividing BLOCK_N (`PAGE_ROWS`), else one per token (any block size works).
 Scores and softmax are float32 (exp2, log2(e) = 1.4426950408889634 folded into the scale); P is rounded to the cache
 dtype before P @ V, as the reference rounds its probabilities to v's dtype.
-Arguments that change from step to step (the number of sequences, of KV splits) are not specialised
-(`do_not_specialize`): Triton would otherwise compile another variant for the value 1 and for
-multiples of 16, i.e. again while the decode buckets are captured.
+Step-varying arguments (sequences, KV splits) are `do_not_specialize`: Triton would otherwise compile variants
+for the value 1 and for multiples of 16, i.e. again while the decode buckets are captured.
 FP8 caches (float8_e4m3fn, KV_FP8): the write kernel stores k / k_scale clamped to +-448; the attention kernels
 convert the e4m3 tiles to q's dtype (exact: every e4m3 value is a bf16 value), fold k_scale into the score scale
 and multiply the output by v_scale. Scales are device tensors ([1] or [Hkv], stride 0 or 1), read in-kernel.
-RoPE (`paged_attention_rope`, cos/sin [T, D]): the write kernel rotates k before storing it and the attention
-kernels rotate q as they load it, so the standalone RoPE kernel and its q/k round trip through memory go away
-(one launch fewer per layer and step).
+RoPE (`paged_attention_rope`, cos/sin [T, D]): the write kernel rotates k before storing it and q is rotated
+in-kernel (below), so the standalone RoPE kernel and its q/k round trip through memory go away.
 """
 
 from __future__ import annotations
@@ -315,11 +314,9 @@ def paged_attention_out(
         )  # fmt: skip
         if decode:
             return
-    # H100, Llama-3.1-8B heads (32/8, D 128), causal bf16 (benchmarks/gpu_attention.py sweep, RESULTS.md):
-    # 128 x 32 tiles, 4 warps, 2 stages ran 0.85x / 0.92x SDPA flash on 4 x 2048 / 1 x 8192; the
-    # previous 128 x 64 tiles with 8 warps and 3 stages 0.78x / 0.83x. H200 with whole-page tiles
-    # (gpu_prefill_mix.py --sweep, eighteenth session): 3 stages 0.510 ms against 2 stages' 0.541 (4 x 2,048,
-    # the op with RoPE), 1.060 against 1.095 in a step beside 252 decode rows.
+    # Llama-3.1-8B heads, causal bf16: on an H100 128 x 32 tiles x 4 warps ran 0.85x / 0.92x SDPA flash on
+    # 4 x 2048 / 1 x 8192 (128 x 64 x 8 warps 0.78x / 0.83x); on an H200 with whole-page tiles, 3 stages 0.510 ms
+    # against 2 stages' 0.541 at 4 x 2,048 with RoPE (gpu_attention.py, gpu_prefill_mix.py; RESULTS.md).
     small_head = on_gpu and head_dim <= 128
     bm = block_m or (128 if small_head else 64)
     bn = block_n or (32 if small_head else 64 if head_dim <= 128 else 32)
