@@ -62,9 +62,8 @@ logger = logging.getLogger(__name__)
 
 
 _MAX_SPLITS = 64
-# The prefill kernel's key tiles as whole cache pages (`page_tiles`): one block-table entry per page and the
-# block size a compile-time constant, as in the decode loops. H200, 8B heads, 4 x 2,048 with RoPE
-# (benchmarks/gpu_prefill_mix.py, eighteenth session): the prefill kernel 549.5 -> 479.9 us at the same launch.
+# The prefill kernel's key tiles as whole cache pages where `_page_rows` allows (`page_tiles`), as the decode
+# loops' always are. H200, 8B heads, 4 x 2,048 with RoPE (gpu_prefill_mix.py): 549.5 -> 479.9 us, same launch.
 PREFILL_PAGE_TILES = True
 # Launch variants, each an op backend of its own (fxllm/backends/triton/__init__.py), so which one runs is
 # the lowering's per-node choice, visible in `fxllm compile --explain`, never a process-wide switch:
@@ -101,6 +100,12 @@ def _decode_splits(num_seqs: int, num_kv_heads: int, max_ctx: int, block_n: int,
     # took 190 us, 8 or 16 splits ~135 us); S=1 x 32K ran 1.2x faster with 64 splits than with 32.
     splits = 4 * sms // max(1, num_seqs * num_kv_heads)
     return max(1, min(splits, _MAX_SPLITS, triton.cdiv(max_ctx, block_n)))
+
+
+def _page_rows(block_size: int, block_n: int, use_window: bool) -> int:
+    """The kernels' PAGE_ROWS: block_size if key tiles can be whole pages (power of 2 dividing BLOCK_N, no window), else 0."""
+    pow2 = block_size & (block_size - 1) == 0
+    return block_size if pow2 and block_n % block_size == 0 and not use_window else 0
 
 
 def _unit_last(t: Tensor) -> Tensor:
@@ -268,13 +273,9 @@ def paged_attention_out(
         # (the swap-AB loop 98 instead of 96), so fewer programs fit an SM: any bf16 store from its epilogue does
         # that (addresses formed after the loop, contiguous or transposed: 161-164), its float32 partials do not.
         direct = direct and decode and splits == 1 and loop.swap_ab
-        # Key tiles made of whole cache pages (a power-of-two block size dividing BLOCK_N, tiles starting at a
-        # page boundary: not with a sliding window) look up one block-table entry per page, with the block size
-        # a compile-time constant; else one entry per key and a runtime division (PAGE_ROWS 0). On an H200 that
-        # took the FP8 loop's tile from 628 to 518 instructions and its time from 216.5 to 183.0 us at
-        # 1,000 x 129-256 (gpu_decode_sweep.py, sixteenth session; with the loops' row sums kept per key lane).
-        pow2_pages = block_size & (block_size - 1) == 0 and bn % block_size == 0
-        page_rows = block_size if pow2_pages and not use_window else 0
+        # Whole-page key tiles (`_page_rows`), H200: the FP8 loop's tile 628 -> 518 instructions, 216.5 -> 183.0 us
+        # at 1,000 x 129-256 (gpu_decode_sweep.py, sixteenth session; with the row sums kept per key lane).
+        page_rows = _page_rows(block_size, bn, use_window)
         # The prefetch is inline PTX (no interpreter); it needs whole-page tiles (the same block-table walk).
         if prefetch_tiles is None:
             prefetch_tiles = loop.prefetch_tiles
@@ -324,7 +325,7 @@ def paged_attention_out(
     stages = num_stages or 3
     block_q = max(1, bm // group_p)
     page_tiles = PREFILL_PAGE_TILES if page_tiles is None else page_tiles
-    whole_pages = block_size & (block_size - 1) == 0 and bn % block_size == 0 and not use_window
+    page_rows = _page_rows(block_size, bn, use_window) if page_tiles else 0
     _prefill_kernel[(num_tokens // block_q + num_seqs, num_kv_heads)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, sink_arg, out,
         num_seqs, group, block_size,
@@ -333,7 +334,7 @@ def paged_attention_out(
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, GROUP_P=group_p, BLOCK_Q=block_q, BLOCK_N=bn,
         BLOCK_D=block_d, BLOCK_DV=block_dv, USE_SOFTCAP=use_softcap, USE_WINDOW=use_window,
         HAS_SINKS=sinks is not None, F32_DOT=f32_dot, KV_FP8=kv_fp8, ROPE=rope, SKIP_SINGLE=split_mixed,
-        PAGE_ROWS=block_size if page_tiles and whole_pages else 0, num_warps=warps, num_stages=stages, **reg_cap,
+        PAGE_ROWS=page_rows, num_warps=warps, num_stages=stages, **reg_cap,
     )  # fmt: skip
 
 
