@@ -222,25 +222,21 @@ def _attend_range(
         if USE_SOFTCAP:
             # softcap * tanh(s / softcap), tanh(x) = 1 - 2 / (exp(2x) + 1): saturates cleanly at +-1.
             s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * (s * qk_scale) / softcap) + 1.0)) * 1.4426950408889634
+            c = 1.0  # s is in log2 units already
+        else:
+            # The scale is applied to the row max, not to every score: max(s) * c == max(s * c) for c > 0
+            # (the launch checks the scale), and each score's s * c - m below is then one FMA.
+            c = qk_scale * 1.4426950408889634
         if MASKED:
             allowed = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
             if USE_WINDOW:
                 allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
             s = tl.where(allowed, s, float("-inf"))
-        if USE_SOFTCAP:
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        else:
-            # The scale is applied to the row max, not to every score: max(s) * c == max(s * c) for c > 0
-            # (the launch checks the scale), and each score's s * c - m below is then one FMA.
-            c = qk_scale * 1.4426950408889634
-            m_new = tl.maximum(m_i, tl.max(s, axis=1) * c)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * c)
         # Rows with nothing allowed yet keep m = -inf; shift by 0 there so no inf - inf appears.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_use)
-        if USE_SOFTCAP:
-            p = tl.exp2(s - m_use[:, None])
-        else:
-            p = tl.exp2(s * c - m_use[:, None])
+        p = tl.exp2(s * c - m_use[:, None])
         if SUM_AFTER:
             l_acc = l_acc * alpha[:, None] + p
         else:
