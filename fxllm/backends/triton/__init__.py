@@ -170,6 +170,8 @@ def _register() -> bool:
     # Triton weight stream where it does not (K or N not a multiple of 16) or where compile.op_backends names it.
     register_op_backend("fp8_gemm", "scaled_mm", fp8_gemm.scaled_mm_gemm, _builtin=True, priority=PRIORITY,
                         supports=lambda site: fp8_site(site, fp8_gemm.supported_by_scaled_mm))  # fmt: skip
+    register_op_backend("fp8_gemm", "scaled_mm_fast_accum", fp8_gemm.scaled_mm_fast_accum_gemm, _builtin=True,
+                        priority=0, supports=lambda site: fp8_site(site, fp8_gemm.supported_by_scaled_mm))  # fmt: skip
     register_op_backend("fp8_gemm", BACKEND, fp8_gemm.triton_gemm, _builtin=True, priority=PRIORITY - 5,
                         supports=lambda site: fp8_site(site, fp8_gemm.supported))  # fmt: skip
     return True

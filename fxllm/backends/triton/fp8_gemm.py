@@ -13,6 +13,10 @@ front, fxllm/ops/fp8_gemm.py): `torch._scaled_mm`, and the Triton weight stream 
   * otherwise CUTLASS row-wise: scale_a [M, 1], scale_b [1, N] float32, weight as [K, N] column-major
     (weight.t() of the row-major [N, K]), bfloat16 out; equal to per-tensor at M = 2048 (93.5 vs 90.3 us).
   _scaled_mm needs K and N multiples of 16 (`supported_by_scaled_mm`).
+`scaled_mm_fast_accum_gemm` ("scaled_mm_fast_accum"): the same cases with `use_fast_accum=True`: the FP8
+tensor-core partial sums are not promoted to float32 registers every few K steps (CUTLASS's FP8FastAccum
+schedules, the ones vLLM's FP8 CUTLASS GEMMs use); faster where the GEMM is compute-bound, at the cost of
+the tensor cores' reduced-precision accumulation over the whole K.
 `triton_gemm` ("triton"): gemv.py's kernel with FP8 on, any M, any K and N: the lowering picks it for nodes
 _scaled_mm cannot take (K or N not a multiple of 16); name it in compile.op_backends to compare. It lost to
 _scaled_mm at every measured M (12.6 vs 8.1 us at M = 1, 59.3 vs 18.3 us at M = 16 on qkv).
@@ -90,6 +94,7 @@ def scaled_mm_2d(
     weight_scale: Tensor,
     bias: Tensor | None,
     out_dtype: torch.dtype,
+    fast_accum: bool = False,
 ) -> Tensor:
     """[M, K] e4m3 -> [M, N] out_dtype through torch._scaled_mm (the cases of the module docstring)."""
     m, n = x2.shape[0], weight.shape[0]
@@ -97,14 +102,26 @@ def scaled_mm_2d(
     per_tensor_x = xs.numel() == 1
     if per_tensor_x and ws.numel() == 1 and bias is None:  # cuBLASLt per-tensor, scales in its epilogue
         return torch._scaled_mm(
-            x2, weight.t(), scale_a=xs.reshape(()), scale_b=ws.reshape(()), out_dtype=out_dtype
+            x2,
+            weight.t(),
+            scale_a=xs.reshape(()),
+            scale_b=ws.reshape(()),
+            out_dtype=out_dtype,
+            use_fast_accum=fast_accum,
         )
     if (per_tensor_x and m == 1) or out_dtype != torch.bfloat16:
         # Per-tensor GEMM into float32, then the remaining scales (+ bias) and the cast in one kernel each.
         unit = _unit(x2.device)
         scale_a = xs.reshape(()) if per_tensor_x else unit
         scale_b = ws.reshape(()) if ws.numel() == 1 else unit
-        y = torch._scaled_mm(x2, weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.float32)
+        y = torch._scaled_mm(
+            x2,
+            weight.t(),
+            scale_a=scale_a,
+            scale_b=scale_b,
+            out_dtype=torch.float32,
+            use_fast_accum=fast_accum,
+        )
         if not per_tensor_x:
             y.mul_(xs.reshape(m, 1))
         out = torch.empty((m, n), dtype=out_dtype, device=x2.device)
@@ -119,7 +136,15 @@ def scaled_mm_2d(
     scale_a = xs.reshape(-1, 1).expand(m, 1).contiguous()  # a static [1] scale: one per row
     scale_b = ws.reshape(1, -1).expand(1, n).contiguous()
     bias = None if bias is None else bias.to(out_dtype)
-    return torch._scaled_mm(x2, weight.t(), scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype)
+    return torch._scaled_mm(
+        x2,
+        weight.t(),
+        scale_a=scale_a,
+        scale_b=scale_b,
+        bias=bias,
+        out_dtype=out_dtype,
+        use_fast_accum=fast_accum,
+    )
 
 
 def scaled_mm_gemm(
@@ -131,11 +156,37 @@ def scaled_mm_gemm(
     out_dtype: torch.dtype,
 ) -> Tensor:
     """fxllm::fp8_gemm through torch._scaled_mm."""
+    return _scaled_mm_nd(xq, x_scale, weight, weight_scale, bias, out_dtype, fast_accum=False)
+
+
+def scaled_mm_fast_accum_gemm(
+    xq: Tensor,
+    x_scale: Tensor,
+    weight: Tensor,
+    weight_scale: Tensor,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """fxllm::fp8_gemm through torch._scaled_mm with use_fast_accum (no periodic float32 promotion)."""
+    return _scaled_mm_nd(xq, x_scale, weight, weight_scale, bias, out_dtype, fast_accum=True)
+
+
+def _scaled_mm_nd(
+    xq: Tensor,
+    x_scale: Tensor,
+    weight: Tensor,
+    weight_scale: Tensor,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+    fast_accum: bool,
+) -> Tensor:
     n = weight.shape[0]
     x2 = _rows(xq)
     if x2.shape[0] == 0:
         return torch.empty((*xq.shape[:-1], n), dtype=out_dtype, device=xq.device)
-    return scaled_mm_2d(x2, x_scale, weight, weight_scale, bias, out_dtype).view(*xq.shape[:-1], n)
+    return scaled_mm_2d(x2, x_scale, weight, weight_scale, bias, out_dtype, fast_accum).view(
+        *xq.shape[:-1], n
+    )
 
 
 def triton_gemm(
