@@ -130,11 +130,16 @@ def _site(xq, xs, q, scale, dtype=torch.bfloat16, device="cuda"):  # type: ignor
 
 def test_lowering_picks_per_site() -> None:
     xq, xs, q, scale, _b = _case(4, 64, 96, torch.bfloat16, "channel", False)
-    assert choose_implementation(_site(xq, xs, q, scale)).backend == "scaled_mm"
+    # Fast accumulation by default up to K = FAST_ACCUM_MAX_K (where it measured faster), plain above it.
+    assert choose_implementation(_site(xq, xs, q, scale)).backend == "scaled_mm_fast_accum"
+    assert choose_implementation(_site(xq, xs, q, scale), "scaled_mm").backend == "scaled_mm"
     assert choose_implementation(_site(xq, xs, q, scale), "triton").backend == "triton"
-    # Fast accumulation runs only where compile.op_backends names it.
-    named = choose_implementation(_site(xq, xs, q, scale), "scaled_mm_fast_accum")
-    assert named.backend == "scaled_mm_fast_accum"
+    k_long = fp8_gemm.FAST_ACCUM_MAX_K + 16
+    long_q = torch.zeros(32, k_long, dtype=q.dtype)
+    long_x, long_xs = torch.zeros(2, k_long, dtype=xq.dtype), torch.ones(2, 1)
+    assert choose_implementation(_site(long_x, long_xs, long_q, torch.ones(32, 1))).backend == "scaled_mm"
+    named = choose_implementation(_site(long_x, long_xs, long_q, torch.ones(32, 1)), "scaled_mm_fast_accum")
+    assert named.backend == "scaled_mm_fast_accum"  # named, it runs at any K
     # (One 128 x 128 block covering the whole weight is a per-tensor scale: 256 rows make two blocks.)
     block_q, block_scale = quantize_weight(torch.randn(256, 96), "block")
     assert choose_implementation(_site(xq, xs, block_q, block_scale)).backend == "torch"  # no block scales
@@ -144,4 +149,4 @@ def test_lowering_picks_per_site() -> None:
     assert choose_implementation(_site(xq, xs, q, scale, device="cpu")).backend == "torch"
     # A static input scale as the quantization emits it ([1, 1]) in front of a 3-D activation.
     x3, static = xq.view(2, 2, 96), torch.tensor([0.02]).reshape(1, 1)
-    assert choose_implementation(_site(x3, static, q, scale)).backend == "scaled_mm"
+    assert choose_implementation(_site(x3, static, q, scale)).backend == "scaled_mm_fast_accum"

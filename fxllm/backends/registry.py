@@ -45,6 +45,7 @@ class OpSite:
 
 
 Supports = Callable[[OpSite], bool]
+Priority = int | Callable[[OpSite], int]  # a constant, or per node (e.g. by the weight's shape)
 
 
 @dataclass
@@ -55,7 +56,9 @@ class OpImplementation:
     name: str  # backend name, e.g. "triton"
     load_target: Callable[[], torch._ops.OpOverload | None]  # None: unavailable here (e.g. did not build)
     supports: Supports
-    priority: int = 0  # higher wins when the config does not choose; <= 0: only where the config names it
+    priority: Priority = (
+        0  # higher wins when the config does not choose; <= 0: only where the config names it
+    )
     code: object = None  # the registered fn or target: where a user's kernel is defined (compile cache key)
     builtin: bool = False  # registered by fxllm's own backends (their code is in the key's source digests)
     _target: list[torch._ops.OpOverload | None] = field(default_factory=list, repr=False)
@@ -66,6 +69,10 @@ class OpImplementation:
         while isinstance(code, functools.partial):
             code = code.func
         return code
+
+    def priority_at(self, site: OpSite) -> int:
+        """This implementation's priority for `site`."""
+        return self.priority if isinstance(self.priority, int) else self.priority(site)
 
     def target(self) -> torch._ops.OpOverload | None:
         """The op that lowered nodes call (loaded once)."""
@@ -109,7 +116,7 @@ def register_op_backend(
     *,
     target: torch._ops.OpOverload | Callable[[], torch._ops.OpOverload | None] | None = None,
     supports: Supports | None = None,
-    priority: int = 0,
+    priority: Priority = 0,
     _builtin: bool = False,
 ) -> None:
     """Register backend `name` of canonical op `op`: a Python `fn` with the op's signature (defined as
@@ -117,6 +124,7 @@ def register_op_backend(
 
     The lowering picks it for nodes it `supports` when its priority beats the reference's (0) and
     every other supporting backend's; with priority <= 0 it runs only where compile.op_backends names it.
+    `priority` may be a function of the site: a backend that is the default for some nodes only.
     (`_builtin`: fxllm's own backends, left out of the compile cache key, which digests their sources.)
     """
     if name == REFERENCE:
@@ -190,13 +198,14 @@ def choose_implementation(site: OpSite, preference: str | None = None) -> Choice
                                "(see the log above); choose another backend")  # fmt: skip
         return Choice(preference, "preference (compile.op_backends)")
     unavailable: list[str] = []
-    for impl in sorted(impls.values(), key=lambda i: -i.priority):
-        if impl.priority <= 0 or not impl.supports(site):  # the reference's priority is 0
+    ranked = sorted(((impl.priority_at(site), impl) for impl in impls.values()), key=lambda pi: -pi[0])
+    for priority, impl in ranked:
+        if priority <= 0 or not impl.supports(site):  # the reference's priority is 0
             continue
         if impl.target() is None:
             unavailable.append(impl.name)
             continue
-        return Choice(impl.name, f"priority {impl.priority} on {site.device.type}")
+        return Choice(impl.name, f"priority {priority} on {site.device.type}")
     if unavailable:
         return Choice(REFERENCE, f"fallback: {', '.join(unavailable)} failed to load", fallback=True)
     return Choice(REFERENCE, f"no other backend supports {site.device.type} / {site.dtype}")

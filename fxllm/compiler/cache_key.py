@@ -125,6 +125,13 @@ def _source_file_digest(fn: Any) -> str | None:
     return digest(Path(path).read_bytes()) if path and Path(path).is_file() else None
 
 
+def _priority_key(priority: Any) -> Any:
+    """A backend's priority as the key holds it: the number, or a per-site function's name and file digest."""
+    if isinstance(priority, int):
+        return priority
+    return [getattr(priority, "__qualname__", type(priority).__name__), str(_source_file_digest(priority))]
+
+
 def registered_code() -> tuple[list[Any], list[str]]:
     """What the registries hold that fxllm's own sources do not cover: every user pass and every user op
     backend (where it is defined, a digest of that file, a backend's priority); and the names of passes
@@ -154,7 +161,9 @@ def registered_code() -> tuple[list[Any], list[str]]:
     for op in sorted(canonical_ops()):
         impls = [implementation(op, name) for name in op_backends(op) if name != REFERENCE]
         user = [
-            (i.name, i.priority, str(_source_file_digest(i.defining_code()))) for i in impls if not i.builtin
+            (i.name, _priority_key(i.priority), str(_source_file_digest(i.defining_code())))
+            for i in impls
+            if not i.builtin
         ]
         if user:
             backends[op] = user
