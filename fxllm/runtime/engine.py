@@ -212,16 +212,23 @@ class Engine:
             logits = logits[:num_rows]
         rows = []
         states = []
+        by_seq = self._by_seq
         for index in inputs.sampled:
-            request, state = self._by_seq[scheduled[index].seq.seq_id]
+            request, state = entry = by_seq[scheduled[index].seq.seq_id]
+            states.append(entry)
+            if state.sampling_row is not None:
+                rows.append(state.sampling_row)
+                continue
             seq, params = state.seq, request.params
             # The sampler reads token history only for penalties and min_tokens (its length); copying it
-            # for every row each step would cost O(length) per token.
+            # for every row each step would cost O(length) per token. Without either the row never changes.
             penalized = params.has_penalties
             prompt_ids = seq.token_ids[: seq.num_prompt_tokens] if penalized else []
             output_ids = seq.output_token_ids if penalized or params.min_tokens > 0 else []
-            rows.append(SamplingRow(params, state.generator, prompt_ids, output_ids))
-            states.append((request, state))
+            row = SamplingRow(params, state.generator, prompt_ids, output_ids)
+            if not penalized and params.min_tokens == 0:
+                state.sampling_row = row
+            rows.append(row)
         verifying = self.speculator is not None and any(inputs.draft_counts)
         if verifying:
             seqs = [scheduled[index].seq for index in inputs.sampled]
@@ -277,10 +284,10 @@ class Engine:
             touched[request.request_id] = request
         outputs = []
         for request in touched.values():
-            final_only = finished_only or request.params.output_kind is RequestOutputKind.FINAL_ONLY
-            if request.finished or not final_only:
+            finished = request.finished
+            if finished or not (finished_only or request.params.output_kind is RequestOutputKind.FINAL_ONLY):
                 outputs.append(request.output())
-            if request.finished:
+            if finished:
                 request.metrics.finished_time = now
                 self.requests.pop(request.request_id, None)
                 self.stats.num_finished += 1
@@ -298,8 +305,6 @@ class Engine:
             request.metrics.inter_token_latencies.append(now - state.last_token_time)
         state.last_token_time = now
         seq.append_token(token)
-        # Before a finish frees the blocks: the ones this token completes stay reusable by prefix.
-        self.kv_cache.cache_full_blocks(seq)
         self.stats.num_generated_tokens += 1
         if state.logprobs is not None and logprobs is not None:
             for lp in logprobs.values():
@@ -319,6 +324,9 @@ class Engine:
             if stop_string is not None and (reason is None or reason[0] == "length"):
                 reason = ("stop", stop_string)
         if reason is not None:
+            # Before the finish frees the blocks: the ones its K/V completed stay reusable by prefix (a
+            # sequence that goes on has them cached by `step` right after its launch).
+            self.kv_cache.cache_full_blocks(seq)
             state.finish_reason, state.stop_reason = reason
             seq.status = (
                 SequenceStatus.FINISHED_LENGTH if reason[0] == "length" else SequenceStatus.FINISHED_STOPPED

@@ -203,9 +203,13 @@ class KVCacheManager:
         """Register hashes of seq's blocks that are now full of computed tokens; idempotent."""
         if not self.enable_prefix_caching or not seq.block_table:
             return
-        hashes = self._seq_hashes.setdefault(seq.seq_id, [])
         bs = self.block_size
         num_full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        hashes = self._seq_hashes.get(seq.seq_id)
+        if hashes is None:
+            hashes = self._seq_hashes[seq.seq_id] = []
+        elif len(hashes) >= num_full:  # nothing newly full: the common case, twice per decoded token
+            return
         stored: list[tuple[bytes, tuple[int, ...]]] = []  # this call's newly indexed run, for the observers
         run_parent: bytes | None = None  # the digest before the run's first block
         for i in range(len(hashes), num_full):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -11,6 +12,9 @@ from fxllm.runtime.detokenizer import IncrementalDetokenizer
 from fxllm.runtime.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from fxllm.runtime.sampling_params import RequestOutputKind, SamplingParams
 from fxllm.runtime.sequence import Sequence
+
+if TYPE_CHECKING:
+    from fxllm.runtime.sampler import SamplingRow
 
 
 @dataclass
@@ -30,6 +34,8 @@ class SequenceState:
     sent_tokens: int = 0
     sent_chars: int = 0
     sent_finish: bool = False
+    # The sampler's row when it needs no token history (no penalties, no min_tokens): built once.
+    sampling_row: SamplingRow | None = None
 
     @property
     def num_text_chars(self) -> int:

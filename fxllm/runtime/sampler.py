@@ -266,9 +266,10 @@ class Sampler:
         vocab = logits.shape[1]
         row_idx, token_idx = _min_tokens_mask(rows, self.eos_token_id, vocab)
         if not row_idx and all(_plain_greedy(p) for p in params):
+            # The argmax of the logits as they are: a float32 copy ([N, V], 0.5 GB at 1,000 rows of a
+            # 128k vocabulary) picks the same index, since widening to float32 is exact and keeps ties.
             token_ids = _native_argmax(logits)
-            if token_ids is not None:
-                return PendingSample(token_ids, params)
+            return PendingSample(logits.argmax(dim=-1) if token_ids is None else token_ids, params)
         # All ops below are out-of-place, so the caller's logits are never modified.
         logits = logits.float()
 

@@ -225,18 +225,24 @@ class CapacityScheduler:
         done: set[int] = set()  # ids scheduled or preempted this step
 
         # Decodes before running prefills so a long chunked prefill cannot starve token generation.
-        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
-        prefills = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        decodes: list[tuple[Sequence, int]] = []
+        prefills: list[tuple[Sequence, int]] = []
+        for s in self.running:  # one pass (a thousand sequences a step at large batch)
+            uncomputed = len(s.token_ids) - s.num_computed_tokens
+            if uncomputed == 1:
+                decodes.append((s, 1))
+            elif uncomputed > 1:
+                prefills.append((s, uncomputed))
         prefill_part: list[ScheduledSequence] = []
         for group, target in ((decodes, out.scheduled), (prefills, prefill_part)):
-            for seq in group:
+            for seq, uncomputed in group:
                 if budget <= 0:
                     break
-                if seq.seq_id in done:
+                if seq.seq_id in done:  # preempted earlier in this step (sizes only change by preemption)
                     continue
                 # A decode with drafted tokens verifies them in the same step (speculative decoding); a
                 # tight budget cuts the drafts, never the known token.
-                num_new = min(seq.num_uncomputed_tokens + len(seq.draft_token_ids), budget)
+                num_new = min(uncomputed + len(seq.draft_token_ids), budget)
                 if self._allocate_running(seq, num_new, done, out.preempted):
                     target.append(ScheduledSequence(seq, num_new))
                     done.add(seq.seq_id)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Container
 from dataclasses import dataclass, field
+from itertools import chain
 
+import numpy as np
 import torch
 
 from fxllm.runtime.scheduler import ScheduledSequence
@@ -55,6 +57,22 @@ class StepInputs:
 PENDING_TOKEN = -1
 
 
+def block_table_array(tables: list[list[int]]) -> np.ndarray:
+    """[S, longest] int32 block tables, zero-padded: one vectorised fill (a nested list through
+    torch.tensor took 2 ms for 759 tables of <= 12 blocks, this 0.7 ms)."""
+    lengths = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+    out = np.zeros((len(tables), int(lengths.max(initial=0))), dtype=np.int32)
+    out[np.arange(out.shape[1]) < lengths[:, None]] = np.fromiter(
+        chain.from_iterable(tables), dtype=np.int32, count=int(lengths.sum())
+    )
+    return out
+
+
+def _on_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`: through pinned memory, without waiting, on CUDA."""
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
+
 def build_step_inputs(
     scheduled: list[ScheduledSequence],
     block_size: int,
@@ -84,28 +102,43 @@ def build_step_inputs(
     prompt_rows: list[tuple[int, int, int]] = []
     prompt_indices: list[int] = []
     chunks: list[tuple[int, int, int, int]] = []
-    max_blocks = max(len(item.seq.block_table) for item in scheduled)
     tables: list[list[int]] = []
+    pending = pending_rows or {}
     for index, item in enumerate(scheduled):
-        seq, begin = item.seq, item.seq.num_computed_tokens
-        end = begin + item.num_new_tokens
-        table = seq.block_table
-        chunks.append((seq.seq_id, len(tokens), begin, end - begin))
-        tokens += seq.token_ids[begin:end]
+        seq, begin, count = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
+        end, token_ids, table = begin + count, seq.token_ids, seq.block_table
+        flat = len(tokens)
+        chunks.append((seq.seq_id, flat, begin, count))
+        tables.append(table)
+        seq_lens.append(end)
+        if count == 1 and end == len(token_ids):
+            # A plain decode (most rows of a large batch): one token, sampled, never a prompt-logits row
+            # (its position is past the prompt's last one but one). The general path below gives the same.
+            tokens.append(token_ids[begin])
+            positions.append(begin)
+            slots.append(table[begin // block_size] * block_size + begin % block_size)
+            if seq.seq_id in pending:
+                fill_at.append(flat)
+                fill_from.append(pending[seq.seq_id])
+                tokens[flat] = 0  # a valid id until the device copy below lands
+            starts.append(flat + 1)
+            logits_indices.append(flat)
+            sampled.append(index)
+            draft_counts.append(0)
+            continue
+        tokens += token_ids[begin:end]
         # A decode scheduled past its last known token verifies that many drafts (speculative decoding).
-        num_drafts = max(0, end - seq.num_tokens)
-        if pending_rows and end == seq.num_tokens and seq.seq_id in pending_rows:
+        num_drafts = max(0, end - len(token_ids))
+        if end == len(token_ids) and seq.seq_id in pending:
             fill_at.append(len(tokens) - 1)
-            fill_from.append(pending_rows[seq.seq_id])
-            tokens[-1] = 0  # a valid id until the device copy below lands
+            fill_from.append(pending[seq.seq_id])
+            tokens[-1] = 0
         if num_drafts:
             tokens += seq.draft_token_ids[:num_drafts]
         positions += range(begin, end)
         slots += [table[p // block_size] * block_size + p % block_size for p in range(begin, end)]
-        seq_lens.append(end)
         starts.append(len(tokens))
-        tables.append(table + [0] * (max_blocks - len(table)))
-        if end >= seq.num_tokens:  # the chunk reaches the last known token: its logits are sampled
+        if end >= len(token_ids):  # the chunk reaches the last known token: its logits are sampled
             logits_indices += range(len(tokens) - 1 - num_drafts, len(tokens))
             sampled.append(index)
             draft_counts.append(num_drafts)
@@ -116,8 +149,7 @@ def build_step_inputs(
             prompt_indices += range(chunk_start, chunk_start + last - begin)
 
     def as_tensor(data: list[int] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:
-        tensor = torch.tensor(data, dtype=dtype)
-        return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+        return _on_device(torch.tensor(data, dtype=dtype), device)
 
     # [1, T] tensors of their own, not views of [T] ones: Dynamo guards a view input on its base's
     # sizes, so views here (and none in the decode graphs' static buffers) recompiled the graph for
@@ -132,7 +164,7 @@ def build_step_inputs(
         input_ids=input_ids,
         position_ids=as_tensor([positions], torch.long),
         slot_mapping=as_tensor(slots, torch.long),
-        block_tables=as_tensor(tables, torch.int32),
+        block_tables=_on_device(torch.from_numpy(block_table_array(tables)), device),
         seq_lens=as_tensor(seq_lens, torch.int32),
         query_start_loc=as_tensor(starts, torch.int32),
         logits_indices=as_tensor(logits_indices + prompt_indices, torch.long),
