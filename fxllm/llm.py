@@ -33,14 +33,18 @@ class LLM:
         config_path: str | None = None,
         overrides: list[str] | None = None,
         tokenizer: Any = None,
+        serving: bool = False,
     ) -> None:
+        """`serving`: the engine answers a server's requests (latency-minded automatic batch limits)."""
         self.config = config or load_config(config_path, overrides)
         if model is None or isinstance(model, str):
             if model is not None:
                 self.config.model.model = model
-            self.engine, self.build_info = build_engine(self.config)
+            self.engine, self.build_info = build_engine(self.config, serving=serving)
         else:
-            self.engine, self.build_info = build_engine(self.config, model=model, tokenizer=tokenizer)
+            self.engine, self.build_info = build_engine(
+                self.config, model=model, tokenizer=tokenizer, serving=serving
+            )
         self._async: AsyncEngine | None = None
 
     @property

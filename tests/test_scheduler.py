@@ -306,11 +306,14 @@ def test_automatic_limits_follow_the_device_and_the_pool() -> None:
     auto = SchedulerConfig()
     cpu = resolve_scheduler_limits(auto, "cpu", 10**6)
     assert (cpu.max_num_seqs, cpu.max_num_batched_tokens) == (64, 2048)
-    # CUDA: the pool's tokens / 256, kept between 256 and 1024; 8192 tokens a step.
+    # CUDA: the pool's tokens / 256, kept between 256 and 1024.
     assert resolve_scheduler_limits(auto, "cuda", 400_000).max_num_seqs == 1024
     assert resolve_scheduler_limits(auto, "cuda", 128 * 1024).max_num_seqs == 512
     assert resolve_scheduler_limits(auto, "cuda", 10_000).max_num_seqs == 256
-    assert resolve_scheduler_limits(auto, "cuda", 400_000).max_num_batched_tokens == 8192
+    # Tokens a step on CUDA: 16384 offline, 8192 behind a server (a big prefill chunk delays decodes).
+    assert resolve_scheduler_limits(auto, "cuda", 400_000).max_num_batched_tokens == 16384
+    assert resolve_scheduler_limits(auto, "cuda", 400_000, serving=True).max_num_batched_tokens == 8192
+    assert resolve_scheduler_limits(auto, "cpu", 400_000, serving=True).max_num_batched_tokens == 2048
     explicit = SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=512)
     assert resolve_scheduler_limits(explicit, "cuda", 400_000) == explicit
     # A scheduler built directly (no device known) runs with the CPU's limits.

@@ -51,11 +51,12 @@ def test_serve_builds_the_engine_under_startup_thresholds_and_serves_under_the_d
     thresholds: tuple[int, int, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gc.set_threshold(700, 10, 10)
-    seen: dict[str, tuple[int, int, int]] = {}
+    seen: dict[str, object] = {}
 
     class FakeLLM:
-        def __init__(self, model: str, config: Any) -> None:
+        def __init__(self, model: str, config: Any, serving: bool = False) -> None:
             seen["build"] = gc.get_threshold()
+            seen["serving"] = serving  # the server's batch limits
             self.engine = type("Engine", (), {"runner": None})()
 
     monkeypatch.setattr(fxllm.llm, "LLM", FakeLLM)
@@ -63,7 +64,7 @@ def test_serve_builds_the_engine_under_startup_thresholds_and_serves_under_the_d
         fxllm.serve.server, "run_server", lambda llm, config: seen.update(serve=gc.get_threshold())
     )
     assert serve_main(["tiny-llama"]) == 0
-    assert seen == {"build": STARTUP_THRESHOLDS, "serve": (700, 10, 10)}
+    assert seen == {"build": STARTUP_THRESHOLDS, "serve": (700, 10, 10), "serving": True}
 
 
 _PROBE = """

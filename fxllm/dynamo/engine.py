@@ -71,7 +71,7 @@ class FxllmDynamoEngine(LLMEngine):
             )
         from fxllm.llm import LLM
 
-        self.llm = await asyncio.to_thread(LLM, self.config.model.model, config=self.config)
+        self.llm = await asyncio.to_thread(LLM, self.config.model.model, config=self.config, serving=True)
         engine = self.llm.engine
         engine.kv_cache.observers.append(self.kv_events)  # after warm-up, which resets the prefix cache
         self.llm.async_engine()

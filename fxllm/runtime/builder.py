@@ -66,9 +66,9 @@ def decode_bucket_sizes(configured: list[int], max_num_seqs: int) -> list[int]:
 
 
 def build_engine(
-    config: FxllmConfig, model: torch.nn.Module | None = None, tokenizer: Any = None
+    config: FxllmConfig, model: torch.nn.Module | None = None, tokenizer: Any = None, serving: bool = False
 ) -> tuple[Engine, BuildInfo]:
-    """Create the engine for `config` (or for an already loaded HF `model`)."""
+    """Create the engine for `config` (or for an already loaded HF `model`); `serving`: behind a server."""
     load_plugins(config.compile.plugins)
     device, dtype = resolve_device_dtype(config.model.device, config.model.dtype)
     start = time.perf_counter()
@@ -123,7 +123,9 @@ def build_engine(
     max_model_len = min(config.model.max_model_len or max_positions, max_positions, runner.capacity_tokens)
     # Every EOS id of the generation config ends a request, as in Hugging Face's generate.
     eos_token_ids = resolve_eos_token_ids(generation_config, tokenizer, hf_config)
-    scheduler_config = resolve_scheduler_limits(config.scheduler, device.type, runner.capacity_tokens)
+    scheduler_config = resolve_scheduler_limits(
+        config.scheduler, device.type, runner.capacity_tokens, serving
+    )
     engine = Engine(
         runner,
         tokenizer,

@@ -24,7 +24,8 @@ class SchedulerConfig:
     # None = from the device and the KV pool (`resolve_scheduler_limits`): 64 on the CPU; on CUDA as
     # many sequences as the pool holds at AUTO_TOKENS_PER_SEQ tokens each, between 256 and 1024.
     max_num_seqs: int | None = None
-    # None = 2048 on the CPU, 8192 on CUDA (tokens of one step: prefill chunks plus decodes).
+    # None = 2048 on the CPU; on CUDA 16384 for offline generation (`LLM`) and 8192 behind a server (tokens
+    # of one step: prefill chunks plus decodes; a larger chunk stalls the running decodes longer).
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
     # Launch step N+1 before reading step N's sampled ids (host work overlaps the device's); None = on for
@@ -43,22 +44,28 @@ class SchedulerConfig:
 
 
 CPU_MAX_NUM_SEQS, CPU_MAX_BATCHED_TOKENS = 64, 2048
-CUDA_MAX_NUM_SEQS, CUDA_MIN_NUM_SEQS, CUDA_MAX_BATCHED_TOKENS = 1024, 256, 8192
+CUDA_MAX_NUM_SEQS, CUDA_MIN_NUM_SEQS = 1024, 256
+# Offline 16384: 1,000 x 128/128 on the 8B FP8 preset took 136 instead of 144 steps and ran 1.2% faster
+# on an H200 (benchmarks/RESULTS.md, nineteenth session); vLLM picks the same two values for its LLM class
+# and its API server on 70+ GB GPUs. Serving keeps 8192: a step's prefill chunk delays every decode in it.
+CUDA_MAX_BATCHED_TOKENS, CUDA_SERVING_BATCHED_TOKENS = 16384, 8192
 # A pool of N tokens runs N / 256 sequences without preempting when they average 256 tokens; more
 # would trade throughput for preemptions (issue 14's 128 x 2048-token case preempted at a fixed 256).
 AUTO_TOKENS_PER_SEQ = 256
 
 
 def resolve_scheduler_limits(
-    config: SchedulerConfig, device_type: str, capacity_tokens: int | None = None
+    config: SchedulerConfig, device_type: str, capacity_tokens: int | None = None, serving: bool = False
 ) -> SchedulerConfig:
-    """`config` with every automatic (None) limit replaced by its value for the device and the pool."""
+    """`config` with every automatic (None) limit replaced by its value for the device, the pool and the
+    entry point (`serving`: behind `fxllm serve` or a Dynamo worker, where latency counts)."""
     seqs, tokens = config.max_num_seqs, config.max_num_batched_tokens
     if device_type == "cuda":
         if seqs is None:
             by_pool = (capacity_tokens or 0) // AUTO_TOKENS_PER_SEQ
             seqs = max(CUDA_MIN_NUM_SEQS, min(CUDA_MAX_NUM_SEQS, by_pool))
-        tokens = CUDA_MAX_BATCHED_TOKENS if tokens is None else tokens
+        if tokens is None:
+            tokens = CUDA_SERVING_BATCHED_TOKENS if serving else CUDA_MAX_BATCHED_TOKENS
     else:
         seqs = CPU_MAX_NUM_SEQS if seqs is None else seqs
         tokens = CPU_MAX_BATCHED_TOKENS if tokens is None else tokens

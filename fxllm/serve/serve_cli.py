@@ -87,7 +87,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         from fxllm.llm import LLM
         from fxllm.serve.server import run_server
 
-        llm = LLM(config.model.model, config=config)
+        llm = LLM(config.model.model, config=config, serving=True)
     group = getattr(llm.engine.runner, "group", None)
     if group is not None:  # tensor parallel: a dead rank takes the server down (drained, then exit)
         group.on_death = lambda reason: os.kill(os.getpid(), signal.SIGTERM)
