@@ -5,23 +5,28 @@ front, fxllm/ops/fp8_gemm.py): `torch._scaled_mm`, and the Triton weight stream 
   * both scales single values (a per-tensor weight at M = 1, or a static input scale): cuBLASLt per-tensor,
     output in out_dtype directly;
   * M = 1 (one row: its per-token scale is a per-tensor one) with channel scales, or out_dtype not
-    bfloat16 (CUTLASS row-wise writes bfloat16 only): cuBLASLt per-tensor with the activation scale and a
+    bfloat16 (torch's row-wise path writes bfloat16 only): cuBLASLt per-tensor with the activation scale and a
     unit weight scale into float32, then x the channel scales (+ bias) and one cast. On the H100 the bare
     per-tensor GEMM took 8.1 / 5.9 / 42.0 / 25.5 us at M = 1 on Llama-3.1-8B's qkv / o / gate_up / down
     against 17.2 / 14.9 / 49.9 / 47.4 row-wise and 12.6 / 10.4 / 52.7 / 43.7 for the Triton stream
     (benchmarks/RESULTS.md, "FP8 GEMMs"); the epilogue is one small elementwise kernel (N values).
-  * otherwise CUTLASS row-wise: scale_a [M, 1], scale_b [1, N] float32, weight as [K, N] column-major
-    (weight.t() of the row-major [N, K]), bfloat16 out; equal to per-tensor at M = 2048 (93.5 vs 90.3 us).
+  * otherwise row-wise (CUTLASS in torch's own kernel; on the H200 with torch 2.11 the profile shows
+    cuBLASLt's outer-vector-scaled `nvjet_*_ovscale` kernels): scale_a [M, 1], scale_b [1, N] float32,
+    weight as [K, N] column-major (weight.t() of the row-major [N, K]), bfloat16 out; equal to per-tensor
+    at M = 2048 (93.5 vs 90.3 us).
   _scaled_mm needs K and N multiples of 16 (`supported_by_scaled_mm`).
 `scaled_mm_fast_accum_gemm` ("scaled_mm_fast_accum"): the same cases with `use_fast_accum=True`: the FP8
-tensor-core partial sums are not promoted to float32 registers every few K steps (CUTLASS's FP8FastAccum
-schedules, the ones vLLM's FP8 CUTLASS GEMMs use). The default for weights with K <= FAST_ACCUM_MAX_K
-(`fast_accum_priority`): on the H200 (torch 2.11, benchmarks/RESULTS.md, nineteenth session) row-wise
-fast accumulation took Llama-3.1-8B's gate_up at M = 1,024 / 2,048 / 8,192 from 211 / 415 / 1,699 us to
-193 / 381 / 1,432 and qkv from 47 / 91 / 352 to 41 / 80 / 330, but the down projection (K = 14,336) from
-99 / 199 / 776 to 105 / 207 / 846. Its GEMMs are 2.4e-3 (K = 4,096) to 3.7e-3 (K = 14,336) from the
-float32-accumulated reference, against 7e-4 without: beside the activations' e4m3 rounding (1.5e-2 for
-the whole FP8 linear) this moved the 2-layer FP8 logits from bf16's by 0.1417 -> 0.1418 relative.
+tensor-core partial sums are not promoted to float32 registers every few K steps (cuBLASLt's fast
+accumulation; CUTLASS's FP8FastAccum schedules, the ones vLLM's FP8 CUTLASS GEMMs use). The default for
+weights with K <= FAST_ACCUM_MAX_K (`fast_accum_priority`): on the H200 (torch 2.11, benchmarks/RESULTS.md,
+nineteenth session) row-wise fast accumulation took Llama-3.1-8B's gate_up at M = 1,024 / 2,048 / 8,192 from
+211 / 415 / 1,699 us to 193 / 381 / 1,432 and qkv from 47 / 91 / 352 to 41 / 80 / 330, but the bare down
+projection (K = 14,336) from 99 / 199 / 776 to 105 / 207 / 846 (the same pair timed through these backends
+later in that run read 96 / 203 / 800 -> 94 / 186 / 748: down's rule rests on one noisy comparison; the
+engine A/B with fast accumulation on every node is the next measurement). Its GEMMs are 2.4e-3 (K = 4,096)
+to 3.7e-3 (K = 14,336) from the float32-accumulated reference, against 7e-4 without: beside the activations'
+e4m3 rounding (1.5e-2 for the whole FP8 linear) this moved the 2-layer FP8 logits from bf16's by 0.1417 ->
+0.1418 relative.
 `triton_gemm` ("triton"): gemv.py's kernel with FP8 on, any M, any K and N: the lowering picks it for nodes
 _scaled_mm cannot take (K or N not a multiple of 16); name it in compile.op_backends to compare. It lost to
 _scaled_mm at every measured M (12.6 vs 8.1 us at M = 1, 59.3 vs 18.3 us at M = 16 on qkv).
@@ -144,7 +149,7 @@ def scaled_mm_2d(
         if ws_row is None:
             return torch.add(y, bias.float(), out=out)
         return torch.addcmul(bias.float(), y, ws_row, out=out)  # bias + y * ws in float32, cast once
-    # Row-wise (CUTLASS): scale_a [M, 1] and scale_b [1, N] float32 contiguous (views, no copies here),
+    # Row-wise (CUTLASS or cuBLASLt, the module docstring): scale_a [M, 1] and scale_b [1, N] float32 contiguous (views, no copies here),
     # bfloat16 out; a bias goes into its epilogue (added in float32 before the one rounding to bfloat16).
     scale_a = xs.reshape(-1, 1).expand(m, 1).contiguous()  # a static [1] scale: one per row
     scale_b = ws.reshape(1, -1).expand(1, n).contiguous()
