@@ -56,9 +56,8 @@ class OpImplementation:
     name: str  # backend name, e.g. "triton"
     load_target: Callable[[], torch._ops.OpOverload | None]  # None: unavailable here (e.g. did not build)
     supports: Supports
-    priority: Priority = (
-        0  # higher wins when the config does not choose; <= 0: only where the config names it
-    )
+    # Higher wins when the config does not choose; <= 0: only where the config names it.
+    priority: Priority = 0
     code: object = None  # the registered fn or target: where a user's kernel is defined (compile cache key)
     builtin: bool = False  # registered by fxllm's own backends (their code is in the key's source digests)
     _target: list[torch._ops.OpOverload | None] = field(default_factory=list, repr=False)

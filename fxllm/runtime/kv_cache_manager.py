@@ -208,7 +208,7 @@ class KVCacheManager:
         hashes = self._seq_hashes.get(seq.seq_id)
         if hashes is None:
             hashes = self._seq_hashes[seq.seq_id] = []
-        elif len(hashes) >= num_full:  # nothing newly full: the common case, twice per decoded token
+        elif len(hashes) >= num_full:  # nothing newly full: most calls, one per decoded token
             return
         stored: list[tuple[bytes, tuple[int, ...]]] = []  # this call's newly indexed run, for the observers
         run_parent: bytes | None = None  # the digest before the run's first block

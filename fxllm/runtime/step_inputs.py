@@ -132,7 +132,7 @@ def build_step_inputs(
         if end == len(token_ids) and seq.seq_id in pending:
             fill_at.append(len(tokens) - 1)
             fill_from.append(pending[seq.seq_id])
-            tokens[-1] = 0
+            tokens[-1] = 0  # as above
         if num_drafts:
             tokens += seq.draft_token_ids[:num_drafts]
         positions += range(begin, end)
