@@ -149,8 +149,9 @@ def scaled_mm_2d(
         if ws_row is None:
             return torch.add(y, bias.float(), out=out)
         return torch.addcmul(bias.float(), y, ws_row, out=out)  # bias + y * ws in float32, cast once
-    # Row-wise (CUTLASS or cuBLASLt, the module docstring): scale_a [M, 1] and scale_b [1, N] float32 contiguous (views, no copies here),
-    # bfloat16 out; a bias goes into its epilogue (added in float32 before the one rounding to bfloat16).
+    # Row-wise (CUTLASS or cuBLASLt, the module docstring): scale_a [M, 1] and scale_b [1, N] float32
+    # contiguous (views, no copies here), bfloat16 out; a bias goes into its epilogue (added in float32
+    # before the one rounding to bfloat16).
     scale_a = xs.reshape(-1, 1).expand(m, 1).contiguous()  # a static [1] scale: one per row
     scale_b = ws.reshape(1, -1).expand(1, n).contiguous()
     bias = None if bias is None else bias.to(out_dtype)
