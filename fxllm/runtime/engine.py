@@ -21,7 +21,7 @@ from fxllm.runtime.outputs import RequestOutput
 from fxllm.runtime.prompt_logprobs import record_prompt_logprobs
 from fxllm.runtime.request import Request, SequenceState
 from fxllm.runtime.request_builder import build_request
-from fxllm.runtime.sampler import Sampler, SamplingRow
+from fxllm.runtime.sampler import Sampler
 from fxllm.runtime.sampling_params import RequestOutputKind, SamplingParams
 from fxllm.runtime.scheduler import CapacityScheduler, ScheduledSequence, SchedulerConfig, create_scheduler
 from fxllm.runtime.sequence import SequenceStatus
@@ -216,19 +216,7 @@ class Engine:
         for index in inputs.sampled:
             request, state = entry = by_seq[scheduled[index].seq.seq_id]
             states.append(entry)
-            if state.sampling_row is not None:
-                rows.append(state.sampling_row)
-                continue
-            seq, params = state.seq, request.params
-            # The sampler reads token history only for penalties and min_tokens (its length); copying it
-            # for every row each step would cost O(length) per token. Without either the row never changes.
-            penalized = params.has_penalties
-            prompt_ids = seq.token_ids[: seq.num_prompt_tokens] if penalized else []
-            output_ids = seq.output_token_ids if penalized or params.min_tokens > 0 else []
-            row = SamplingRow(params, state.generator, prompt_ids, output_ids)
-            if not penalized and params.min_tokens == 0:
-                state.sampling_row = row
-            rows.append(row)
+            rows.append(state.sampler_row(request.params))
         verifying = self.speculator is not None and any(inputs.draft_counts)
         if verifying:
             seqs = [scheduled[index].seq for index in inputs.sampled]
@@ -324,8 +312,7 @@ class Engine:
             if stop_string is not None and (reason is None or reason[0] == "length"):
                 reason = ("stop", stop_string)
         if reason is not None:
-            # Before the finish frees the blocks: the ones its K/V completed stay reusable by prefix (a
-            # sequence that goes on has them cached by `step` right after its launch).
+            # Before the finish frees the blocks, they stay reusable by prefix (`step` caches the rest).
             self.kv_cache.cache_full_blocks(seq)
             state.finish_reason, state.stop_reason = reason
             seq.status = (

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from fxllm.runtime.detokenizer import IncrementalDetokenizer
 from fxllm.runtime.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from fxllm.runtime.sampler import SamplingRow
 from fxllm.runtime.sampling_params import RequestOutputKind, SamplingParams
 from fxllm.runtime.sequence import Sequence
-
-if TYPE_CHECKING:
-    from fxllm.runtime.sampler import SamplingRow
 
 
 @dataclass
@@ -36,6 +33,20 @@ class SequenceState:
     sent_finish: bool = False
     # The sampler's row when it needs no token history (no penalties, no min_tokens): built once.
     sampling_row: SamplingRow | None = None
+
+    def sampler_row(self, params: SamplingParams) -> SamplingRow:
+        """This sequence's row of the sampler's batch. The sampler reads the token history only for
+        penalties and min_tokens (its length): copying it every step would cost O(length) per token, and
+        without either the row never changes, so it is built once."""
+        if self.sampling_row is not None:
+            return self.sampling_row
+        seq, penalized = self.seq, params.has_penalties
+        prompt_ids = seq.token_ids[: seq.num_prompt_tokens] if penalized else []
+        output_ids = seq.output_token_ids if penalized or params.min_tokens > 0 else []
+        row = SamplingRow(params, self.generator, prompt_ids, output_ids)
+        if not penalized and params.min_tokens == 0:
+            self.sampling_row = row
+        return row
 
     @property
     def num_text_chars(self) -> int:

@@ -24,8 +24,7 @@ class SchedulerConfig:
     # None = from the device and the KV pool (`resolve_scheduler_limits`): 64 on the CPU; on CUDA as
     # many sequences as the pool holds at AUTO_TOKENS_PER_SEQ tokens each, between 256 and 1024.
     max_num_seqs: int | None = None
-    # None = 2048 on the CPU; on CUDA 16384 for offline generation (`LLM`) and 8192 behind a server (tokens
-    # of one step: prefill chunks plus decodes; a larger chunk stalls the running decodes longer).
+    # Tokens of one step (prefill chunks plus decodes). None = 2048 on the CPU; CUDA 16384 offline, 8192 serving.
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
     # Launch step N+1 before reading step N's sampled ids (host work overlaps the device's); None = on for
@@ -45,9 +44,8 @@ class SchedulerConfig:
 
 CPU_MAX_NUM_SEQS, CPU_MAX_BATCHED_TOKENS = 64, 2048
 CUDA_MAX_NUM_SEQS, CUDA_MIN_NUM_SEQS = 1024, 256
-# Offline 16384: 1,000 x 128/128 on the 8B FP8 preset took 136 instead of 144 steps and ran 1.2% faster
-# on an H200 (benchmarks/RESULTS.md, nineteenth session); vLLM picks the same two values for its LLM class
-# and its API server on 70+ GB GPUs. Serving keeps 8192: a step's prefill chunk delays every decode in it.
+# Offline 16384 (8B FP8 1,000 x 128/128 +1.2% on an H200, RESULTS.md nineteenth session), serving 8192 (a
+# step's prefill chunk delays every decode in it): vLLM's values for its LLM class and API server.
 CUDA_MAX_BATCHED_TOKENS, CUDA_SERVING_BATCHED_TOKENS = 16384, 8192
 # A pool of N tokens runs N / 256 sequences without preempting when they average 256 tokens; more
 # would trade throughput for preemptions (issue 14's 128 x 2048-token case preempted at a fixed 256).
@@ -57,8 +55,7 @@ AUTO_TOKENS_PER_SEQ = 256
 def resolve_scheduler_limits(
     config: SchedulerConfig, device_type: str, capacity_tokens: int | None = None, serving: bool = False
 ) -> SchedulerConfig:
-    """`config` with every automatic (None) limit replaced by its value for the device, the pool and the
-    entry point (`serving`: behind `fxllm serve` or a Dynamo worker, where latency counts)."""
+    """`config` with its automatic (None) limits set for the device, the pool and `serving` (a server's)."""
     seqs, tokens = config.max_num_seqs, config.max_num_batched_tokens
     if device_type == "cuda":
         if seqs is None:
@@ -232,14 +229,8 @@ class CapacityScheduler:
         done: set[int] = set()  # ids scheduled or preempted this step
 
         # Decodes before running prefills so a long chunked prefill cannot starve token generation.
-        decodes: list[tuple[Sequence, int]] = []
-        prefills: list[tuple[Sequence, int]] = []
-        for s in self.running:  # one pass (a thousand sequences a step at large batch)
-            uncomputed = len(s.token_ids) - s.num_computed_tokens
-            if uncomputed == 1:
-                decodes.append((s, 1))
-            elif uncomputed > 1:
-                prefills.append((s, uncomputed))
+        todo = [(s, len(s.token_ids) - s.num_computed_tokens) for s in self.running]  # tokens to compute
+        decodes, prefills = [t for t in todo if t[1] == 1], [t for t in todo if t[1] > 1]
         prefill_part: list[ScheduledSequence] = []
         for group, target in ((decodes, out.scheduled), (prefills, prefill_part)):
             for seq, uncomputed in group:
