@@ -16,12 +16,34 @@ from typing import Any
 
 from gpu_clocks import ClockSampler
 from gpu_kernel_times import cuda_kernels, kernel_us_by
+from roofline import ModelShape, decoder_linear_params, ideal_seconds
 
 # EngineStats fields reported per timed run, as deltas: steps, preemptions, GPU idle between steps, garbage
 # collections, and the host's step phases (where a run's host time went, and how long it waited on the GPU).
 _RUN_STATS = ("num_steps", "num_preemptions", "gpu_idle_seconds", "gc_full_collections", "gc_pause_seconds",
               "schedule_seconds", "inputs_seconds", "forward_seconds", "sample_seconds", "update_seconds",
               "result_wait_seconds", "overlap_seconds")  # fmt: skip
+
+
+def _roofline(
+    spec: dict[str, Any], llm: Any, num: int, input_len: int, output_len: int
+) -> dict[str, float] | None:
+    """benchmarks/roofline.py's ideal for a bf16 run on one GPU of a preset model (None otherwise: the model
+    has bf16 weights, KV and FLOP peaks only)."""
+    import torch
+
+    from fxllm.models.presets import list_presets, preset_config
+
+    config = llm.config
+    bf16 = config.model.dtype in ("auto", "bfloat16") and config.quantization.method == "none"
+    if spec["tp"] != 1 or not bf16 or config.cache.dtype != "auto" or spec["model"] not in list_presets():
+        return None
+    if not torch.cuda.is_available():
+        return None
+    hf = preset_config(spec["model"])
+    shape = ModelShape.from_hf_config(hf, decoder_linear_params(hf))
+    max_seqs = llm.engine.scheduler.config.max_num_seqs
+    return ideal_seconds(shape, num, input_len, output_len, max_seqs, torch.cuda.get_device_name())
 
 
 def child_engine(spec: dict[str, Any], out_file: str) -> None:
@@ -77,6 +99,11 @@ def child_engine(spec: dict[str, Any], out_file: str) -> None:
                        "triton_kernels_compiled": new_kernels,
                        "forward_recompiles": (llm.engine.runner.num_compiles or 0) - (compiles_before or 0),
                        **clocks.summary()}  # fmt: skip
+                ideal = _roofline(spec, llm, num, input_len, output_len)
+                if (
+                    ideal is not None
+                ):  # the fraction of the ideal (issue 14's goal: 0.7 at 128/2048 and 2048/128)
+                    row["roofline"] = {**ideal, "fraction": row["output_tok_s"] / ideal["out_tok_s"]}
                 result.setdefault("throughput_cases", []).append(row)
                 if i == 0:
                     result["throughput_output_tok_s"] = row["output_tok_s"]

@@ -45,6 +45,16 @@ class ModelShape:
         return 4 * self.layers * self.heads * self.head_dim * context
 
 
+def decoder_linear_params(config: Any) -> int:
+    """Matmul weights a Llama-style decoder reads per step, from its HF config: q, k, v, o, gate, up and down
+    of every layer, and the LM head (the embedding table is a lookup)."""
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    per_layer = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * config.intermediate_size
+    return int(config.num_hidden_layers * per_layer + config.vocab_size * hidden)
+
+
 def card_limits(device_name: str) -> tuple[float, float] | None:
     """(bandwidth bytes/s, peak flop/s) of the card, or None when it is not in the table."""
     return next((v for k, v in CARDS.items() if k in device_name), None)
