@@ -18,8 +18,8 @@ def smollm2_tokenizer() -> Any:
     """transformers' fast tokenizer of the embedded SmolLM2 GGUF; skips the test when the package is missing.
 
     transformers reads the whole GGUF for it (16-23 s on the 2-core box); the first call saves the tokenizer it
-    built (`save_pretrained`) in a temp folder keyed by the GGUF's size and mtime and transformers' version, and later calls, in any test
-    process, load that folder (under a second)."""
+    built (`save_pretrained`) in a temp folder keyed by the GGUF's size and mtime and transformers' version, and
+    later calls, in any test process, load that folder (under a second)."""
     import transformers
     from transformers import AutoTokenizer
 

@@ -103,7 +103,8 @@ def _decode_splits(num_seqs: int, num_kv_heads: int, max_ctx: int, block_n: int,
 
 
 def _page_rows(block_size: int, block_n: int, use_window: bool) -> int:
-    """The kernels' PAGE_ROWS: block_size if key tiles can be whole pages (power of 2 dividing BLOCK_N, no window), else 0."""
+    """The kernels' PAGE_ROWS: block_size if key tiles can be whole pages (a power of 2 dividing BLOCK_N, no
+    window), else 0."""
     pow2 = block_size & (block_size - 1) == 0
     return block_size if pow2 and block_n % block_size == 0 and not use_window else 0
 
@@ -195,8 +196,6 @@ def paged_attention_out(
     num_seqs = seq_lens.shape[0]
     if num_tokens == 0:
         return
-    # Triton's interpreter takes no maxnreg: the cap is a GPU launch option only.
-    reg_cap = {"maxnreg": max_registers} if max_registers and q.device.type == "cuda" else {}
     group = num_heads // num_kv_heads
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     block_tables = _unit_last(block_tables)
@@ -247,6 +246,7 @@ def paged_attention_out(
     sink_arg = sinks if sinks is not None else q  # never read without HAS_SINKS
     group_p = triton.next_power_of_2(group)
     on_gpu = q.device.type == "cuda"
+    reg_cap = {"maxnreg": max_registers} if max_registers and on_gpu else {}  # no maxnreg in the interpreter
     fp8_f16 = fp8_f16 and kv_fp8 and q.dtype == torch.bfloat16  # float32 q keeps its precision
     if fp8_dot and not kv_fp8:
         raise ValueError("fp8_dot needs an FP8 KV cache (float8_e4m3fn)")
