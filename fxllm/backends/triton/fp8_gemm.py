@@ -35,6 +35,7 @@ Neither takes 128 x 128 block scales (none in torch 2.11's _scaled_mm): those no
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -173,32 +174,9 @@ def scaled_mm_gemm(
     weight_scale: Tensor,
     bias: Tensor | None,
     out_dtype: torch.dtype,
+    fast_accum: bool = False,
 ) -> Tensor:
-    """fxllm::fp8_gemm through torch._scaled_mm."""
-    return _scaled_mm_nd(xq, x_scale, weight, weight_scale, bias, out_dtype, fast_accum=False)
-
-
-def scaled_mm_fast_accum_gemm(
-    xq: Tensor,
-    x_scale: Tensor,
-    weight: Tensor,
-    weight_scale: Tensor,
-    bias: Tensor | None,
-    out_dtype: torch.dtype,
-) -> Tensor:
-    """fxllm::fp8_gemm through torch._scaled_mm with use_fast_accum (no periodic float32 promotion)."""
-    return _scaled_mm_nd(xq, x_scale, weight, weight_scale, bias, out_dtype, fast_accum=True)
-
-
-def _scaled_mm_nd(
-    xq: Tensor,
-    x_scale: Tensor,
-    weight: Tensor,
-    weight_scale: Tensor,
-    bias: Tensor | None,
-    out_dtype: torch.dtype,
-    fast_accum: bool,
-) -> Tensor:
+    """fxllm::fp8_gemm through torch._scaled_mm (`fast_accum`: use_fast_accum, no periodic float32 promotion)."""
     n = weight.shape[0]
     x2 = _rows(xq)
     if x2.shape[0] == 0:
@@ -206,6 +184,10 @@ def _scaled_mm_nd(
     return scaled_mm_2d(x2, x_scale, weight, weight_scale, bias, out_dtype, fast_accum).view(
         *xq.shape[:-1], n
     )
+
+
+# The "scaled_mm_fast_accum" backend: the same op with fast accumulation (the module docstring says where).
+scaled_mm_fast_accum_gemm = functools.partial(scaled_mm_gemm, fast_accum=True)
 
 
 def triton_gemm(
