@@ -130,16 +130,15 @@ def _site(xq, xs, q, scale, dtype=torch.bfloat16, device="cuda"):  # type: ignor
 
 def test_lowering_picks_per_site() -> None:
     xq, xs, q, scale, _b = _case(4, 64, 96, torch.bfloat16, "channel", False)
-    # Fast accumulation by default up to K = FAST_ACCUM_MAX_K (where it measured faster), plain above it.
+    # Fast accumulation by default at every K (the engine measured it faster), plain where named.
     assert choose_implementation(_site(xq, xs, q, scale)).backend == "scaled_mm_fast_accum"
     assert choose_implementation(_site(xq, xs, q, scale), "scaled_mm").backend == "scaled_mm"
     assert choose_implementation(_site(xq, xs, q, scale), "triton").backend == "triton"
-    k_long = fp8_gemm.FAST_ACCUM_MAX_K + 16
-    long_q = torch.zeros(32, k_long, dtype=q.dtype)
-    long_x, long_xs = torch.zeros(2, k_long, dtype=xq.dtype), torch.ones(2, 1)
-    assert choose_implementation(_site(long_x, long_xs, long_q, torch.ones(32, 1))).backend == "scaled_mm"
-    named = choose_implementation(_site(long_x, long_xs, long_q, torch.ones(32, 1)), "scaled_mm_fast_accum")
-    assert named.backend == "scaled_mm_fast_accum"  # named, it runs at any K
+    long_q = torch.zeros(32, 14336, dtype=q.dtype)  # Llama-3.1-8B's down projection
+    long_x, long_xs = torch.zeros(2, 14336, dtype=xq.dtype), torch.ones(2, 1)
+    long_site = _site(long_x, long_xs, long_q, torch.ones(32, 1))
+    assert choose_implementation(long_site).backend == "scaled_mm_fast_accum"
+    assert choose_implementation(long_site, "scaled_mm").backend == "scaled_mm"
     # (One 128 x 128 block covering the whole weight is a per-tensor scale: 256 rows make two blocks.)
     block_q, block_scale = quantize_weight(torch.randn(256, 96), "block")
     assert choose_implementation(_site(xq, xs, block_q, block_scale)).backend == "torch"  # no block scales

@@ -166,13 +166,13 @@ def _register() -> bool:
         xq, x_scale, weight, weight_scale, _bias, out_dtype = site.args
         return supports(site) and check(xq, x_scale, weight, weight_scale, out_dtype)
 
-    # FP8 GEMMs (fxllm/backends/triton/fp8_gemm.py says why): _scaled_mm wherever it takes the shape, with
-    # fast accumulation where K <= fp8_gemm.FAST_ACCUM_MAX_K; the Triton weight stream where it does not
-    # (K or N not a multiple of 16) or where compile.op_backends names it.
+    # FP8 GEMMs (fxllm/backends/triton/fp8_gemm.py says why): _scaled_mm with fast accumulation wherever it
+    # takes the shape; the Triton weight stream where it does not (K or N not a multiple of 16); plain
+    # _scaled_mm or the stream where compile.op_backends names them.
     register_op_backend("fp8_gemm", "scaled_mm", fp8_gemm.scaled_mm_gemm, _builtin=True, priority=PRIORITY,
                         supports=lambda site: fp8_site(site, fp8_gemm.supported_by_scaled_mm))  # fmt: skip
     register_op_backend("fp8_gemm", "scaled_mm_fast_accum", fp8_gemm.scaled_mm_fast_accum_gemm, _builtin=True,
-                        priority=lambda site: fp8_gemm.fast_accum_priority(site.args[2], PRIORITY),
+                        priority=PRIORITY + 1,
                         supports=lambda site: fp8_site(site, fp8_gemm.supported_by_scaled_mm))  # fmt: skip
     register_op_backend("fp8_gemm", BACKEND, fp8_gemm.triton_gemm, _builtin=True, priority=PRIORITY - 5,
                         supports=lambda site: fp8_site(site, fp8_gemm.supported))  # fmt: skip

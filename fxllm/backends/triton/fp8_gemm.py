@@ -1,7 +1,8 @@
 """CUDA backends of fxllm::fp8_gemm (the GEMM of an FP8 linear; its activation is quantized in ATen in
 front, fxllm/ops/fp8_gemm.py): `torch._scaled_mm`, and the Triton weight stream of gemv.py.
 
-`scaled_mm_gemm` ("scaled_mm", the default on CUDA for K > FAST_ACCUM_MAX_K), per call on the operands:
+`scaled_mm_gemm` ("scaled_mm": float32-promoted accumulation; runs where compile.op_backends names it), per
+call on the operands:
   * both scales single values (a per-tensor weight at M = 1, or a static input scale): cuBLASLt per-tensor,
     output in out_dtype directly;
   * M = 1 (one row: its per-token scale is a per-tensor one) with channel scales, or out_dtype not
@@ -17,16 +18,15 @@ front, fxllm/ops/fp8_gemm.py): `torch._scaled_mm`, and the Triton weight stream 
   _scaled_mm needs K and N multiples of 16 (`supported_by_scaled_mm`).
 `scaled_mm_fast_accum_gemm` ("scaled_mm_fast_accum"): the same cases with `use_fast_accum=True`: the FP8
 tensor-core partial sums are not promoted to float32 registers every few K steps (cuBLASLt's fast
-accumulation; CUTLASS's FP8FastAccum schedules, the ones vLLM's FP8 CUTLASS GEMMs use). The default for
-weights with K <= FAST_ACCUM_MAX_K (`fast_accum_priority`): on the H200 (torch 2.11, benchmarks/RESULTS.md,
-nineteenth session) row-wise fast accumulation took Llama-3.1-8B's gate_up at M = 1,024 / 2,048 / 8,192 from
-211 / 415 / 1,699 us to 193 / 381 / 1,432 and qkv from 47 / 91 / 352 to 41 / 80 / 330, but the bare down
-projection (K = 14,336) from 99 / 199 / 776 to 105 / 207 / 846 (the same pair timed through these backends
-later in that run read 96 / 203 / 800 -> 94 / 186 / 748: down's rule rests on one noisy comparison; the
-engine A/B with fast accumulation on every node is the next measurement). Its GEMMs are 2.4e-3 (K = 4,096)
-to 3.7e-3 (K = 14,336) from the float32-accumulated reference, against 7e-4 without: beside the activations'
-e4m3 rounding (1.5e-2 for the whole FP8 linear) this moved the 2-layer FP8 logits from bf16's by 0.1417 ->
-0.1418 relative.
+accumulation; CUTLASS's FP8FastAccum schedules, the ones vLLM's FP8 CUTLASS GEMMs use): the lowering's
+default wherever _scaled_mm takes the shape. On the H200 (torch 2.11, benchmarks/RESULTS.md, nineteenth session) row-wise fast accumulation took Llama-3.1-8B's gate_up at M = 1,024 / 2,048 / 8,192 from
+211 / 415 / 1,699 us to 193 / 381 / 1,432 and qkv from 47 / 91 / 352 to 41 / 80 / 330; the down projection
+(K = 14,336) read 6-9% slower bare and 2-8% faster through these backends, so until the twentieth session it
+kept plain accumulation. The engine decided it (twentieth session, one call, alternated): the 8B FP8 engine at
+1,000 x 128/128 ran 28,741 tok/s with down on plain accumulation and 29,160 (+1.5%) with fast accumulation on
+every GEMM. Its GEMMs are 2.4e-3 (K = 4,096) to 3.7e-3 (K = 14,336) from the float32-accumulated reference,
+against 7e-4 without: beside the activations' e4m3 rounding (1.5e-2 for the whole FP8 linear) this moved the
+2-layer FP8 logits from bf16's by 0.1417 -> 0.1418 relative.
 `triton_gemm` ("triton"): gemv.py's kernel with FP8 on, any M, any K and N: the lowering picks it for nodes
 _scaled_mm cannot take (K or N not a multiple of 16); name it in compile.op_backends to compare. It lost to
 _scaled_mm at every measured M (12.6 vs 8.1 us at M = 1, 59.3 vs 18.3 us at M = 16 on qkv).
@@ -47,7 +47,6 @@ from fxllm.quantization.fp8 import FP8_DTYPE, weight_granularity
 logger = logging.getLogger(__name__)
 
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-FAST_ACCUM_MAX_K = 8192  # fast accumulation measured faster at K = 4,096 and slower at 14,336 (docstring)
 _UNIT: dict[torch.device, Tensor] = {}  # a 0-dim float32 1.0 per device: the unit scale_b
 
 
@@ -81,13 +80,6 @@ def supported_by_scaled_mm(
     """`supported`, and K and N multiples of 16 (_scaled_mm's rule)."""
     n, k = weight.shape if weight.dim() == 2 else (1, 1)
     return supported(xq, x_scale, weight, weight_scale, out_dtype) and k % 16 == 0 and n % 16 == 0
-
-
-def fast_accum_priority(weight: Tensor, default_priority: int) -> int:
-    """The lowering's priority of fast accumulation for this weight: above `default_priority` (plain
-    _scaled_mm's) where it measured faster, 0 (only where compile.op_backends names it) elsewhere."""
-    in_features = weight.shape[-1] if weight.dim() == 2 else 0
-    return default_priority + 1 if 0 < in_features <= FAST_ACCUM_MAX_K else 0
 
 
 def _rows(xq: Tensor) -> Tensor:
