@@ -2,8 +2,9 @@
 
 fxllm's paged prefill kernel runs at ~1.0x SDPA flash (FA2) at 4 x 2,048 (benchmarks/RESULTS.md). Before
 building a faster one into the op, this times what the easiest case allows: dense causal GQA attention over
-contiguous K/V (no page table), Llama-3.1-8B heads, bf16, one program per (query block, query head), K/V
-tiles through pointer loads or Hopper TMA tensor descriptors, optionally a warp-specialized key loop. Beside
+contiguous K/V, Llama-3.1-8B heads, bf16, one program per (query block, query head) or per (query block,
+KV head) with the group's query heads packed as rows (fxllm's layout), K/V tiles through pointer loads, Hopper
+TMA tensor descriptors, or pointer loads through a shuffled page table (the paged cache's access). Beside
 it: SDPA's flash and cuDNN backends and fxllm's paged kernel on the same data. Every variant is checked
 against SDPA before it is timed.
 
@@ -13,7 +14,6 @@ against SDPA before it is timed.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import sys
@@ -34,34 +34,59 @@ SHAPES = [(4, 2048), (1, 8192)]
 
 
 @triton.jit
+def _kv_tile(k_ptr, v_ptr, k_desc, v_desc, bt_ptr, b, bt_stride, row0, start, kvh, offs_n, d,
+             HKV: tl.constexpr, D: tl.constexpr, TMA: tl.constexpr, PAGED: tl.constexpr):  # fmt: skip
+    if TMA:
+        k = k_desc.load([row0 + start, kvh * D])
+        v = v_desc.load([row0 + start, kvh * D])
+    else:
+        pos = start + offs_n
+        if PAGED:  # pages of 16 rows in a [num_blocks * 16, HKV * D] pool, as the paged cache
+            row = tl.load(bt_ptr + b * bt_stride + pos // 16).to(tl.int64) * 16 + pos % 16
+        else:
+            row = (row0 + pos).to(tl.int64)
+        rows = row[:, None] * (HKV * D) + kvh * D + d[None, :]
+        k = tl.load(k_ptr + rows)
+        v = tl.load(v_ptr + rows)
+    return k, v
+
+
+@triton.jit
 def _dense_causal_fwd(
-    q_ptr, k_ptr, v_ptr, o_ptr, k_desc, v_desc, seq_len, qk_scale,
-    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    TMA: tl.constexpr, WS: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, o_ptr, k_desc, v_desc, bt_ptr, bt_stride, seq_len, qk_scale,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr, TMA: tl.constexpr, PACK: tl.constexpr, PAGED: tl.constexpr,
 ):  # fmt: skip
     # Last query blocks first (they see the most keys), as fxllm's kernel does.
-    m_block = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HQ
-    h = bh % HQ
-    kvh = h // (HQ // HKV)
+    q_block = tl.num_programs(0) - 1 - tl.program_id(0)
+    G: tl.constexpr = HQ // HKV
+    if PACK:  # BLOCK_Q tokens x the G query heads of one KV head as rows, as fxllm's kernel
+        bh = tl.program_id(1)
+        b = bh // HKV
+        kvh = bh % HKV
+        r = tl.arange(0, ROWS)
+        tok = q_block * BLOCK_Q + r // G
+        head = kvh * G + r % G
+    else:
+        bh = tl.program_id(1)
+        b = bh // HQ
+        h = bh % HQ
+        kvh = h // G
+        tok = q_block * BLOCK_Q + tl.arange(0, ROWS)
+        head = h + tok * 0
     row0 = b * seq_len
-    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + (row0 + offs_m)[:, None].to(tl.int64) * (HQ * D) + h * D + d[None, :])
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, D), tl.float32)
-    full_hi = m_block * BLOCK_M  # keys before the block's first query: visible to every row, no mask
-    for start in tl.range(0, full_hi, BLOCK_N, warp_specialize=WS):
-        if TMA:
-            k = k_desc.load([row0 + start, kvh * D])
-            v = v_desc.load([row0 + start, kvh * D])
-        else:
-            rows = (row0 + start + offs_n).to(tl.int64)[:, None] * (HKV * D) + kvh * D + d[None, :]
-            k = tl.load(k_ptr + rows)
-            v = tl.load(v_ptr + rows)
+    q_off = (row0 + tok)[:, None].to(tl.int64) * (HQ * D) + head[:, None] * D + d[None, :]
+    q = tl.load(q_ptr + q_off)
+    m_i = tl.full((ROWS,), float("-inf"), tl.float32)
+    l_i = tl.zeros((ROWS,), tl.float32)
+    acc = tl.zeros((ROWS, D), tl.float32)
+    # Keys before the block's first query are visible to every row: whole tiles there skip the mask.
+    full_hi = q_block * BLOCK_Q // BLOCK_N * BLOCK_N
+    for start in tl.range(0, full_hi, BLOCK_N):
+        k, v = _kv_tile(k_ptr, v_ptr, k_desc, v_desc, bt_ptr, b, bt_stride, row0, start, kvh, offs_n, d,
+                        HKV, D, TMA, PAGED)  # fmt: skip
         s = tl.dot(q, tl.trans(k))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         p = tl.math.exp2(s * qk_scale - m_new[:, None])
@@ -69,12 +94,11 @@ def _dense_causal_fwd(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
-    for start in range(full_hi, full_hi + BLOCK_M, BLOCK_N):  # the diagonal tiles, masked
-        rows = (row0 + start + offs_n).to(tl.int64)[:, None] * (HKV * D) + kvh * D + d[None, :]
-        k = tl.load(k_ptr + rows)
-        v = tl.load(v_ptr + rows)
+    for start in range(full_hi, (q_block + 1) * BLOCK_Q, BLOCK_N):  # the diagonal tiles, masked
+        k, v = _kv_tile(k_ptr, v_ptr, k_desc, v_desc, bt_ptr, b, bt_stride, row0, start, kvh, offs_n, d,
+                        HKV, D, False, PAGED)  # fmt: skip
         s = tl.dot(q, tl.trans(k)) * qk_scale
-        s = tl.where(offs_m[:, None] >= (start + offs_n)[None, :], s, float("-inf"))
+        s = tl.where(tok[:, None] >= (start + offs_n)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -82,25 +106,33 @@ def _dense_causal_fwd(
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
     out = acc / l_i[:, None]
-    tl.store(
-        o_ptr + (row0 + offs_m)[:, None].to(tl.int64) * (HQ * D) + h * D + d[None, :], out.to(tl.bfloat16)
-    )
+    tl.store(o_ptr + q_off, out.to(tl.bfloat16))
 
 
-def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int, length: int, bm: int, bn: int,
-           warps: int, stages: int, tma: bool, ws: bool) -> tuple[torch.Tensor, Any]:  # fmt: skip
+def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int, length: int, bq: int, bn: int,
+           warps: int, stages: int, tma: bool, pack: bool, paged: bool) -> tuple[torch.Tensor, Any]:  # fmt: skip
+    """One launch of the probe kernel; `paged` reads K/V through a shuffled table of 16-row pages."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     out = torch.empty_like(q)
     k2, v2 = k.view(-1, HKV * D), v.view(-1, HKV * D)
+    bt = torch.zeros(1, 1, dtype=torch.int32, device=q.device)
+    if paged:
+        pages = batch * length // 16
+        bt = torch.randperm(pages, device=q.device).to(torch.int32).view(batch, length // 16)
+        pos = torch.arange(length, device=q.device)
+        slots = (bt.long()[:, pos // 16] * 16 + pos % 16).flatten()
+        k2, v2 = torch.empty_like(k2), torch.empty_like(v2)
+        k2[slots], v2[slots] = k.view(-1, HKV * D), v.view(-1, HKV * D)
     kd = TensorDescriptor.from_tensor(k2, [bn, D]) if tma else k2
     vd = TensorDescriptor.from_tensor(v2, [bn, D]) if tma else v2
-    grid = (length // bm, batch * HQ)
+    grid = (length // bq, batch * (HKV if pack else HQ))
 
     def run() -> None:
         _dense_causal_fwd[grid](
-            q, k, v, out, kd, vd, length, D**-0.5 * 1.4426950408889634, HQ=HQ, HKV=HKV, D=D,
-            BLOCK_M=bm, BLOCK_N=bn, TMA=tma, WS=ws, num_warps=warps, num_stages=stages,
+            q, k2, v2, out, kd, vd, bt, bt.stride(0), length, D**-0.5 * 1.4426950408889634, HQ=HQ, HKV=HKV,
+            D=D, BLOCK_Q=bq, BLOCK_N=bn, ROWS=bq * (HQ // HKV if pack else 1), TMA=tma, PACK=pack, PAGED=paged, num_warps=warps,
+            num_stages=stages,
         )  # fmt: skip
 
     run()
@@ -126,6 +158,13 @@ def _sdpa_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int, le
                 return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
 
         runs[name] = run
+    kg, vg = k.view(batch, length, HKV, D).transpose(1, 2), v.view(batch, length, HKV, D).transpose(1, 2)
+
+    def cudnn_gqa() -> torch.Tensor:  # the 8 KV heads as they are (no expansion), where cuDNN takes it
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(qt, kg, vg, is_causal=True, enable_gqa=True)
+
+    runs["sdpa_cudnn_gqa"] = cudnn_gqa
     return runs
 
 
@@ -143,8 +182,11 @@ def _paged_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int, le
 def run() -> dict[str, Any]:
     """Time every variant on each shape; the result rows carry ms, TFLOP/s and error vs SDPA flash."""
     results: dict[str, Any] = {}
-    configs = list(itertools.product((128,), (64, 128), (4, 8), (2, 3, 4), (False, True), (False, True)))
-    configs += list(itertools.product((64,), (64,), (4,), (3, 4), (False, True), (False,)))
+    # (BLOCK_Q, BLOCK_N, warps, stages, pack); each as dense pointer loads, dense TMA, and paged pointer loads.
+    launches = [(64, 64, 4, 3, False), (128, 64, 8, 3, False), (128, 128, 8, 3, False), (16, 64, 4, 3, True),
+                (32, 32, 4, 3, True), (32, 64, 8, 3, True), (32, 64, 4, 3, True), (32, 128, 8, 3, True)]  # fmt: skip
+    configs = [(*launch, tma, paged) for launch in launches for tma, paged in ((False, False), (True, False),
+                                                                               (False, True))]  # fmt: skip
     for batch, length in SHAPES:
         gen = torch.Generator(device="cuda").manual_seed(length)
         q = torch.randn(batch * length, HQ, D, device="cuda", dtype=torch.bfloat16, generator=gen)
