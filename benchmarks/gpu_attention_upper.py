@@ -222,12 +222,13 @@ def run() -> dict[str, Any]:
             record("fxllm_paged", out, fn)
         except Exception as exc:
             row["fxllm_paged"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-        for bm, bn, warps, stages, tma, ws in configs:
-            label = (
-                f"dense bm{bm} bn{bn} w{warps} s{stages}" + (" tma" if tma else "") + (" ws" if ws else "")
+        for bq, bn, warps, stages, pack, tma, paged in configs:
+            label = f"{'paged' if paged else 'dense'} bq{bq} bn{bn} w{warps} s{stages}" + (
+                " pack" if pack else ""
             )
+            label += " tma" if tma else ""
             try:
-                out, fn = _dense(q, k, v, batch, length, bm, bn, warps, stages, tma, ws)
+                out, fn = _dense(q, k, v, batch, length, bq, bn, warps, stages, tma, pack, paged)
                 record(label, out, fn)
             except Exception as exc:
                 row[label] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
