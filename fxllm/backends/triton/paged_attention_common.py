@@ -26,6 +26,16 @@ def _mma(a, b, F32_DOT: tl.constexpr):
 
 
 @triton.jit
+def _mma_acc(a, b, acc, F32_DOT: tl.constexpr):
+    """acc + a @ b, accumulated inside the tensor-core instruction (no separate pass over acc's registers)."""
+    if F32_DOT:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        r = tl.dot(a, b, acc)
+    return r
+
+
+@triton.jit
 def _load_heads(
     ptr, row_off, row_ok, tok, cos_ptr, sin_ptr, sc_t, sc_d, ss_t, ss_d,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr,
@@ -233,8 +243,9 @@ def _attend_range(
                 allowed = allowed & (q_pos[:, None] - k_pos[None, :] < window)
             s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1) * c)
-        # Rows with nothing allowed yet keep m = -inf; shift by 0 there so no inf - inf appears.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        m_use = m_new
+        if MASKED:  # rows with nothing allowed yet keep m = -inf; shift by 0 there so no inf - inf appears
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s * c - m_use[:, None])
         if SUM_AFTER:
@@ -245,7 +256,7 @@ def _attend_range(
                     mask=v_mask, other=0.0)  # fmt: skip
         if v.dtype.is_fp8():  # v_scale multiplies the caller's output
             v = v.to(q.dtype)
-        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, F32_DOT)
+        acc = _mma_acc(p.to(v.dtype), v, acc * alpha[:, None], F32_DOT)
         m_i = m_new
     if SUM_AFTER:
         l_i = tl.sum(l_acc, axis=1)
