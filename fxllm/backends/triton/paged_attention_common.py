@@ -207,12 +207,7 @@ def _attend_range(
     for start in range(lo, hi, BLOCK_N):
         k_pos = start + tl.arange(0, BLOCK_N)
         k_ok = k_pos < hi
-        if PAGE_ROWS > 0 and not MASKED:
-            # A whole tile below hi: each key's entry loaded directly (L1 serves a page's repeats); on the
-            # H200 this ran the prefill kernel faster than `_tile_pages`' broadcast (RESULTS.md, twentieth session).
-            page = tl.load(bt_ptr + k_pos // PAGE_ROWS).to(tl.int64)
-            off = k_pos % PAGE_ROWS
-        elif PAGE_ROWS > 0:
+        if PAGE_ROWS > 0:
             page, off = _tile_pages(bt_ptr, start, hi, BLOCK_N, PAGE_ROWS)
         else:
             off = k_pos % block_size
@@ -228,13 +223,9 @@ def _attend_range(
         else:
             k_mask = d_ok[None, :]
             v_mask = dv_ok[None, :]
-        # K is loaded row-major ([tokens, D], each row contiguous in the cache), transposed in registers. Whole
-        # tiles of heads that fill the columns load with no mask at all.
-        k_ptrs = kc_ptr + page[:, None] * skc_b + off[:, None] * skc_s + kv_head * skc_h + d[None, :]
-        if MASKED or BLOCK_D != HEAD_DIM:
-            k = tl.load(k_ptrs, mask=k_mask, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
+        # K is loaded row-major ([tokens, D], each row contiguous in the cache), transposed in registers.
+        k = tl.load(kc_ptr + page[:, None] * skc_b + off[:, None] * skc_s + kv_head * skc_h + d[None, :],
+                    mask=k_mask, other=0.0)  # fmt: skip
         if k.dtype.is_fp8():  # exact in bf16/fp16/fp32; k_scale is folded into qk_scale by the caller
             k = k.to(q.dtype)
         s = _mma(q, tl.trans(k), F32_DOT)
@@ -261,11 +252,8 @@ def _attend_range(
             l_acc = l_acc * alpha[:, None] + p
         else:
             l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_ptrs = vc_ptr + page[:, None] * svc_b + off[:, None] * svc_s + kv_head * svc_h + dv[None, :]
-        if MASKED or BLOCK_DV != HEAD_DIM_V:
-            v = tl.load(v_ptrs, mask=v_mask, other=0.0)
-        else:
-            v = tl.load(v_ptrs)
+        v = tl.load(vc_ptr + page[:, None] * svc_b + off[:, None] * svc_s + kv_head * svc_h + dv[None, :],
+                    mask=v_mask, other=0.0)  # fmt: skip
         if v.dtype.is_fp8():  # v_scale multiplies the caller's output
             v = v.to(q.dtype)
         acc = _mma_acc(p.to(v.dtype), v, acc * alpha[:, None], F32_DOT)
