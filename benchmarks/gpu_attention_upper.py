@@ -131,8 +131,8 @@ def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int, length
     def run() -> None:
         _dense_causal_fwd[grid](
             q, k2, v2, out, kd, vd, bt, bt.stride(0), length, D**-0.5 * 1.4426950408889634, HQ=HQ, HKV=HKV,
-            D=D, BLOCK_Q=bq, BLOCK_N=bn, ROWS=bq * (HQ // HKV if pack else 1), TMA=tma, PACK=pack, PAGED=paged, num_warps=warps,
-            num_stages=stages,
+            D=D, BLOCK_Q=bq, BLOCK_N=bn, ROWS=bq * (HQ // HKV if pack else 1), TMA=tma, PACK=pack, PAGED=paged,
+            num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
     run()
@@ -184,7 +184,8 @@ def run() -> dict[str, Any]:
     results: dict[str, Any] = {}
     # (BLOCK_Q, BLOCK_N, warps, stages, pack); each as dense pointer loads, dense TMA, and paged pointer loads.
     launches = [(64, 64, 4, 3, False), (128, 64, 8, 3, False), (128, 128, 8, 3, False), (16, 64, 4, 3, True),
-                (32, 32, 4, 3, True), (32, 64, 8, 3, True), (32, 64, 4, 3, True), (32, 128, 8, 3, True)]  # fmt: skip
+                (32, 32, 4, 3, True), (32, 64, 8, 3, True), (32, 64, 4, 3, True),
+                (32, 128, 8, 3, True)]  # fmt: skip
     configs = [(*launch, tma, paged) for launch in launches for tma, paged in ((False, False), (True, False),
                                                                                (False, True))]  # fmt: skip
     for batch, length in SHAPES:

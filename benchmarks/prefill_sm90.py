@@ -28,7 +28,7 @@ HQ, HKV, HEAD_DIM, PAGE = 32, 8, 128, 16
 _POINTERS = {"q_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16", "bt_ptr": "*i32", "lens_ptr": "*i32",
              "qsl_ptr": "*i32", "sink_ptr": "*fp32", "out_ptr": "*bf16", "ks_ptr": "*fp32", "vs_ptr": "*fp32",
              "cos_ptr": "*bf16", "sin_ptr": "*bf16"}  # fmt: skip
-# The cache's strides in elements ([blocks, 16, 8, 128]): passed as values where the kernel takes them as constexprs.
+# The cache's strides in elements ([blocks, 16, 8, 128]): values where the kernel takes them as constexprs.
 _CACHE_STRIDES = {"b": PAGE * HKV * HEAD_DIM, "s": HKV * HEAD_DIM, "h": HEAD_DIM}
 # Runtime integers that are multiples of 16 in the real launch (Triton specialises them: aligned, vector loads).
 _ALIGNED = {"skc_b", "skc_s", "skc_h", "svc_b", "svc_s", "svc_h", "sq_t", "sq_h", "sbt", "so_t", "so_h",

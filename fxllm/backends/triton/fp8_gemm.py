@@ -19,8 +19,9 @@ call on the operands:
 `scaled_mm_fast_accum_gemm` ("scaled_mm_fast_accum"): the same cases with `use_fast_accum=True`: the FP8
 tensor-core partial sums are not promoted to float32 registers every few K steps (cuBLASLt's fast
 accumulation; CUTLASS's FP8FastAccum schedules, the ones vLLM's FP8 CUTLASS GEMMs use): the lowering's
-default wherever _scaled_mm takes the shape. On the H200 (torch 2.11, benchmarks/RESULTS.md, nineteenth session) row-wise fast accumulation took Llama-3.1-8B's gate_up at M = 1,024 / 2,048 / 8,192 from
-211 / 415 / 1,699 us to 193 / 381 / 1,432 and qkv from 47 / 91 / 352 to 41 / 80 / 330; the down projection
+default wherever _scaled_mm takes the shape. On the H200 (torch 2.11, benchmarks/RESULTS.md, nineteenth
+session) row-wise fast accumulation took Llama-3.1-8B's gate_up at M = 1,024 / 2,048 / 8,192 from 211 / 415 /
+1,699 us to 193 / 381 / 1,432 and qkv from 47 / 91 / 352 to 41 / 80 / 330; the down projection
 (K = 14,336) read 6-9% slower bare and 2-8% faster through these backends, so until the twentieth session it
 kept plain accumulation. The engine decided it (twentieth session, one call, alternated): the 8B FP8 engine at
 1,000 x 128/128 ran 28,741 tok/s with down on plain accumulation and 29,160 (+1.5%) with fast accumulation on
