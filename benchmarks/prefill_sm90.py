@@ -57,19 +57,22 @@ def _compile(fn: Any, consts: dict[str, Any], pointer_type: Any, warps: int, sta
     )
 
 
-def compile_prefill(block_n: int, warps: int, stages: int, block_q: int = 32) -> Any:
-    """fxllm's `_prefill_kernel` at BLOCK_Q tokens x 4 heads of rows and BLOCK_N keys a tile."""
+def compile_prefill(block_n: int, warps: int, stages: int, block_q: int = 32, kv: str = "bf16") -> Any:
+    """fxllm's `_prefill_kernel` at BLOCK_Q tokens x 4 heads of rows and BLOCK_N keys a tile, over a bf16 or an
+    FP8 (e4m3) cache."""
     from fxllm.backends.triton.paged_attention_prefill import _prefill_kernel
 
     consts: dict[str, Any] = dict(
         HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM, GROUP_P=HQ // HKV, BLOCK_Q=block_q, BLOCK_N=block_n,
         BLOCK_D=HEAD_DIM, BLOCK_DV=HEAD_DIM, USE_SOFTCAP=False, USE_WINDOW=False, HAS_SINKS=False, F32_DOT=False,
-        KV_FP8=False, ROPE=False, SKIP_SINGLE=True, PAGE_ROWS=PAGE,
+        KV_FP8=kv == "fp8", ROPE=False, SKIP_SINGLE=True, PAGE_ROWS=PAGE,
     )  # fmt: skip
     for param in _prefill_kernel.params:
         if param.is_constexpr and param.name[:4] in ("skc_", "svc_"):
             consts[param.name] = _CACHE_STRIDES[param.name[-1]]
-    return _compile(_prefill_kernel, consts, lambda name: _POINTERS[name], warps, stages)
+    cache = "*fp8e4nv" if kv == "fp8" else "*bf16"
+    return _compile(_prefill_kernel, consts, lambda name: cache if name in ("kc_ptr", "vc_ptr") else _POINTERS[name],
+                    warps, stages)  # fmt: skip
 
 
 def compile_probe(block_n: int, warps: int, stages: int, block_q: int = 32) -> Any:
@@ -106,13 +109,14 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--launches", default="32x4x3,64x4x3,64x8x3,128x8x3")
     parser.add_argument("--probe", action="store_true", help="also compile the probe kernel at each launch")
+    parser.add_argument("--kv", choices=("bf16", "fp8"), default="bf16", help="fxllm's kernel's cache dtype")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rows = []
     for launch in args.launches.split(","):
         block_n, warps, stages = (int(x) for x in launch.split("x"))
-        kernels = {"fxllm": compile_prefill}
+        kernels = {f"fxllm {args.kv}": lambda bn, w, st: compile_prefill(bn, w, st, kv=args.kv)}
         if args.probe:
             kernels["probe"] = compile_probe
         for name, build in kernels.items():
