@@ -5,8 +5,9 @@ building a faster one into the op, this times what the easiest case allows: dens
 contiguous K/V, Llama-3.1-8B heads, bf16, one program per (query block, query head) or per (query block,
 KV head) with the group's query heads packed as rows (fxllm's layout), K/V tiles through pointer loads, Hopper
 TMA tensor descriptors, or pointer loads through a shuffled page table (the paged cache's access). Beside
-it: SDPA's flash and cuDNN backends and fxllm's paged kernel on the same data. Every variant is checked
-against SDPA before it is timed.
+it: SDPA's flash and cuDNN backends and fxllm's paged attention op on the same data (the op also writes this
+step's K/V into the cache, as it does in an engine; the probe only reads). Every variant is checked against SDPA
+before it is timed.
 
     python benchmarks/gpu_attention_upper.py --out DIR
 """
