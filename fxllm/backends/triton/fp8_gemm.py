@@ -169,7 +169,8 @@ def scaled_mm_gemm(
     out_dtype: torch.dtype,
     fast_accum: bool = False,
 ) -> Tensor:
-    """fxllm::fp8_gemm through torch._scaled_mm (`fast_accum`: use_fast_accum, no periodic float32 promotion)."""
+    """fxllm::fp8_gemm through torch._scaled_mm (`fast_accum`: use_fast_accum, no periodic float32
+    promotion)."""
     n = weight.shape[0]
     x2 = _rows(xq)
     if x2.shape[0] == 0:

@@ -17,17 +17,8 @@ import triton.language as tl
 
 
 @triton.jit
-def _mma(a, b, F32_DOT: tl.constexpr):
-    if F32_DOT:
-        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        r = tl.dot(a, b)
-    return r
-
-
-@triton.jit
-def _mma_acc(a, b, acc, F32_DOT: tl.constexpr):
-    """acc + a @ b, accumulated inside the tensor-core instruction (no separate pass over acc's registers)."""
+def _mma(a, b, F32_DOT: tl.constexpr, acc=None):
+    """a @ b (+ acc, accumulated inside the tensor-core instruction: no separate pass over acc's registers)."""
     if F32_DOT:
         r = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
@@ -256,7 +247,7 @@ def _attend_range(
                     mask=v_mask, other=0.0)  # fmt: skip
         if v.dtype.is_fp8():  # v_scale multiplies the caller's output
             v = v.to(q.dtype)
-        acc = _mma_acc(p.to(v.dtype), v, acc * alpha[:, None], F32_DOT)
+        acc = _mma(p.to(v.dtype), v, F32_DOT, acc * alpha[:, None])
         m_i = m_new
     if SUM_AFTER:
         l_i = tl.sum(l_acc, axis=1)
