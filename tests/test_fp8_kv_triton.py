@@ -19,9 +19,13 @@ from fxllm.backends.triton.selfcheck import make_paged_case, rel_err
 from fxllm.ops.kv_quant import FP8_KV_DTYPE, quantize_kv
 from fxllm.ops.paged_attention import paged_attention_reference
 
+SMALL_LAUNCH = {"num_splits": 3, "block_m": 16, "block_n": 16}
+# The GPU's default prefill launch (head dim <= 128): query blocks ending mid-block, whole unmasked key tiles.
+GPU_PREFILL_LAUNCH = {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3}
 CASES = {
-    "decode": ([1, 1, 1], [20, 9, 33]),
-    "prefill chunked": ([5, 9, 2], [20, 9, 33]),
+    "decode": ([1, 1, 1], [20, 9, 33], SMALL_LAUNCH),
+    "prefill chunked": ([5, 9, 2], [20, 9, 33], SMALL_LAUNCH),
+    "prefill, the GPU's launch": ([70, 1, 130], [90, 33, 190], GPU_PREFILL_LAUNCH),
 }
 SCALES = {
     "per tensor": ([0.5], [2.0]),
@@ -34,7 +38,7 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 @pytest.mark.parametrize("scales", list(SCALES))
 @pytest.mark.parametrize("case", list(CASES))
 def test_triton_fp8_cache_matches_reference(case: str, scales: str, dtype: torch.dtype) -> None:
-    q_lens, ctx_lens = CASES[case]
+    q_lens, ctx_lens, launch = CASES[case]
     c = make_paged_case(q_lens, ctx_lens, 4, 2, 32, block_size=8, dtype=dtype, device=DEVICE, seed=2)
     k_scale, v_scale = (torch.tensor(s, device=DEVICE) for s in SCALES[scales])
     k_ref, v_ref = quantize_kv(c.k_cache_ref, k_scale), quantize_kv(c.v_cache_ref, v_scale)
@@ -44,7 +48,7 @@ def test_triton_fp8_cache_matches_reference(case: str, scales: str, dtype: torch
     out = torch.full_like(c.q, float("nan"))
     paged_attention.paged_attention_out(
         c.q, c.k, c.v, k_fp8, v_fp8, *meta, -1, 0.0, None, out,
-        num_splits=3, block_m=16, block_n=16, k_scale=k_scale, v_scale=v_scale,
+        k_scale=k_scale, v_scale=v_scale, **launch,
     )  # fmt: skip
     assert k_fp8.dtype == FP8_KV_DTYPE
     assert torch.equal(k_fp8.view(torch.uint8), k_ref.view(torch.uint8))

@@ -293,3 +293,13 @@ def test_prefill_whole_page_tiles(
                                   pad_tokens=2, seed=13, device=DEVICE)  # fmt: skip
     _assert_ok(selfcheck.check_paged(c, "prefill", block_m=16, block_n=block_n, page_tiles=page_tiles))
     assert [kw["PAGE_ROWS"] for kw in launched] == [page_rows]
+
+
+def test_prefill_gpu_default_launch() -> None:
+    """The GPU's default prefill launch for head dims <= 128 (128 query rows x 64 keys, 4 warps) agrees with the
+    reference: query blocks that end mid-block (the store rebuilds its rows from scalars and must mask them),
+    whole unmasked tiles (page entries loaded per key) and diagonal tiles, GQA groups packed as rows, contexts
+    ending mid-page. tests/test_fp8_kv_triton.py runs the same launch over an FP8 cache."""
+    c = selfcheck.make_paged_case([70, 1, 200], [90, 33, 260], 8, 2, 32, block_size=16, pad_tokens=3, seed=5,
+                                  device=DEVICE)  # fmt: skip
+    _assert_ok(selfcheck.check_paged(c, "prefill", block_m=128, block_n=64, num_warps=4, num_stages=3))

@@ -317,10 +317,12 @@ def paged_attention_out(
             return
     # Llama-3.1-8B heads, causal bf16: on an H100 128 x 32 tiles x 4 warps ran 0.85x / 0.92x SDPA flash on
     # 4 x 2048 / 1 x 8192 (128 x 64 x 8 warps 0.78x / 0.83x); on an H200 with whole-page tiles, 3 stages 0.510 ms
-    # against 2 stages' 0.541 at 4 x 2,048 with RoPE (gpu_attention.py, gpu_prefill_mix.py; RESULTS.md).
+    # against 2 stages' 0.541 at 4 x 2,048 with RoPE. Once the key loop stopped spilling (constexpr cache
+    # strides, the store's rows from scalars), 128 x 64 x 4 warps took the op 0.466 -> 0.389-0.395 ms on the H200
+    # (gpu_attention.py --sweep, gpu_prefill_mix.py; RESULTS.md, twenty-first session).
     small_head = on_gpu and head_dim <= 128
     bm = block_m or (128 if small_head else 64)
-    bn = block_n or (32 if small_head else 64 if head_dim <= 128 else 32)
+    bn = block_n or (64 if head_dim <= 128 else 32)
     warps = num_warps or (4 if small_head else 8 if bm >= 128 else 4)
     stages = num_stages or 3
     block_q = max(1, bm // group_p)

@@ -198,7 +198,12 @@ def _attend_range(
     for start in range(lo, hi, BLOCK_N):
         k_pos = start + tl.arange(0, BLOCK_N)
         k_ok = k_pos < hi
-        if PAGE_ROWS > 0:
+        if PAGE_ROWS > 0 and not MASKED:
+            # A whole tile below hi: each key's entry loaded directly (L1 serves a page's repeats); fewer live
+            # registers in the prefill kernel's loop than `_tile_pages`' broadcast (sm_90a, twentieth session).
+            page = tl.load(bt_ptr + k_pos // PAGE_ROWS).to(tl.int64)
+            off = k_pos % PAGE_ROWS
+        elif PAGE_ROWS > 0:
             page, off = _tile_pages(bt_ptr, start, hi, BLOCK_N, PAGE_ROWS)
         else:
             off = k_pos % block_size

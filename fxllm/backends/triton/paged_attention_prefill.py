@@ -17,12 +17,15 @@ from fxllm.backends.triton.paged_attention_common import _attend_range, _load_he
 
 
 # sbt (the block table's row stride) is the step's longest context in blocks: specialising on it (== 1, % 16)
-# compiled a new variant when a real run's first long prompt arrived (H200, 256 x 2048/128).
+# compiled a new variant when a real run's first long prompt arrived (H200, 256 x 2048/128). The cache strides
+# are constexprs instead: fixed by the model's cache layout (one compile per model), and as runtime values they
+# held registers that spilled inside the key loop at 128 x 64 x 4 warps (sm_90a SASS, prefill_sm90.py).
 @triton.jit(do_not_specialize=["num_seqs", "sbt"])
 def _prefill_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, lens_ptr, qsl_ptr, sink_ptr, out_ptr,
     num_seqs, group, block_size,
-    sq_t, sq_h, skc_b, skc_s, skc_h, svc_b, svc_s, svc_h, sbt, so_t, so_h,
+    sq_t, sq_h, skc_b: tl.constexpr, skc_s: tl.constexpr, skc_h: tl.constexpr, svc_b: tl.constexpr,
+    svc_s: tl.constexpr, svc_h: tl.constexpr, sbt, so_t, so_h,
     qk_scale, softcap, window, ks_ptr, vs_ptr, sks_h, svs_h,
     cos_ptr, sin_ptr, sc_t, sc_d, ss_t, ss_d,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, GROUP_P: tl.constexpr, BLOCK_Q: tl.constexpr,
@@ -99,6 +102,11 @@ def _prefill_kernel(
         out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         if KV_FP8:
             out = out * tl.load(vs_ptr + kv_head * svs_h)
+        # The store's rows from scalars and a fresh arange, not the row vectors of the q load: kept live across
+        # the key loops, those spilled inside them (sm_90a, 128 x 64 x 4 warps: 41 local loads a key tile).
+        out_base = (q_start + q_block * BLOCK_Q).to(tl.int64) * so_t + (kv_head * group) * so_h
+        ro = tl.arange(0, BLOCK_Q * GROUP_P)
+        rows_ok = (ro // GROUP_P < q_len - q_block * BLOCK_Q) & (ro % GROUP_P < group)
         dv = tl.arange(0, BLOCK_DV)
-        tl.store(out_ptr + flat_tok[:, None] * so_t + head[:, None] * so_h + dv[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (dv < HEAD_DIM_V)[None, :])  # fmt: skip
+        tl.store(out_ptr + out_base + ((ro // GROUP_P) * so_t + (ro % GROUP_P) * so_h)[:, None] + dv[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=rows_ok[:, None] & (dv < HEAD_DIM_V)[None, :])  # fmt: skip
