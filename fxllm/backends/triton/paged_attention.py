@@ -315,11 +315,9 @@ def paged_attention_out(
         )  # fmt: skip
         if decode:
             return
-    # Llama-3.1-8B heads, causal bf16: on an H100 128 x 32 tiles x 4 warps ran 0.85x / 0.92x SDPA flash on
-    # 4 x 2048 / 1 x 8192 (128 x 64 x 8 warps 0.78x / 0.83x); on an H200 with whole-page tiles, 3 stages 0.510 ms
-    # against 2 stages' 0.541 at 4 x 2,048 with RoPE. Once the key loop stopped spilling (constexpr cache
-    # strides, the store's rows from scalars), 128 x 64 x 4 warps took the op 0.466 -> 0.389-0.395 ms on the H200
-    # (gpu_attention.py --sweep, gpu_prefill_mix.py; RESULTS.md, twenty-first session).
+    # Llama-3.1-8B heads, causal bf16, H200, once the key loop stopped spilling: 128 x 64 tiles x 4 warps x 3
+    # stages ran 0.395 / 1.18 ms at 4 x 2,048 / 1 x 8,192 against SDPA flash's 0.484 / 1.71, within 0.5% of the
+    # sweep's best (gpu_attention.py --sweep; RESULTS.md, twenty-first session).
     small_head = on_gpu and head_dim <= 128
     bm = block_m or (128 if small_head else 64)
     bn = block_n or (64 if head_dim <= 128 else 32)
