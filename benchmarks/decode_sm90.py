@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,36 @@ _ALIGNED = (
 )
 
 
-def compile_sm90(kv: str, launch: dict[str, int], flags: dict[str, bool | int], rope: bool = False) -> Any:
-    """The decode kernel as the sweep launches it (8B heads, WRITE_KV, one split: DIRECT where the launch code
-    uses it; with `rope` the fused RoPE op's launch, as an engine runs it), compiled for sm_90a without a GPU."""
+def compile_for_sm90(
+    fn: Any, consts: dict[str, Any], pointer_type: Callable[[str], str], aligned: Collection[str],
+    options: dict[str, int],
+) -> Any:  # fmt: skip
+    """Any Triton kernel compiled for sm_90a without a GPU: `consts` become constexprs, pointers take
+    `pointer_type(name)`, pointers and the `aligned` integers are marked multiples of 16 (as a real launch
+    specialises them), the other scalars are i32 (fp32 for qk_scale / softcap). benchmarks/prefill_sm90.py uses it
+    too."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name.endswith(("_ptr", "_desc")):
+            signature[name] = pointer_type(name)
+        else:
+            signature[name] = "fp32" if name in ("qk_scale", "softcap") else "i32"
+        if name.endswith("_ptr") or name in aligned:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return triton.compile(
+        ASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", 90, 32), options=options
+    )
+
+
+def compile_sm90(kv: str, launch: dict[str, int], flags: dict[str, bool | int], rope: bool = False) -> Any:
+    """The decode kernel as the sweep launches it (8B heads, WRITE_KV, one split: DIRECT where the launch code
+    uses it; with `rope` the fused RoPE op's launch, as an engine runs it), compiled for sm_90a without a GPU."""
     fp8 = kv == "fp8"
     consts: dict[str, Any] = dict(
         HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM, BLOCK_H=16, BLOCK_N=launch.get("block_n", 64), BLOCK_D=HEAD_DIM,
@@ -59,23 +83,14 @@ def compile_sm90(kv: str, launch: dict[str, int], flags: dict[str, bool | int], 
         # ROPE's loads do not compile (Triton 3.6: "Illegal shared layout" in TritonGPUOptimizeDotOperands).
         sc_d=1, ss_d=1,
     )  # fmt: skip
-    signature, attrs = {}, {}
-    for i, name in enumerate(tpa._decode_kernel.arg_names):
-        if name in consts:
-            signature[name] = "constexpr"
-        elif name in ("kc_ptr", "vc_ptr"):
-            signature[name] = "*fp8e4nv" if fp8 else "*bf16"
-        elif name.endswith("_ptr"):
-            signature[name] = "*" + _PTR_TYPES[name]
-        else:
-            signature[name] = "fp32" if name in ("qk_scale", "softcap") else "i32"
-        if name.endswith("_ptr") or name in _ALIGNED:
-            attrs[(i,)] = [["tt.divisibility", 16]]
+    cache = "*fp8e4nv" if fp8 else "*bf16"
     options = {"num_warps": launch.get("num_warps", 4), "num_stages": launch.get("num_stages", 3)}
     if launch.get("max_registers"):
         options["maxnreg"] = launch["max_registers"]
-    return triton.compile(ASTSource(tpa._decode_kernel, signature, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                          options=options)  # fmt: skip
+    return compile_for_sm90(
+        tpa._decode_kernel, consts, lambda name: cache if name in ("kc_ptr", "vc_ptr") else "*" + _PTR_TYPES[name],
+        _ALIGNED, options,
+    )  # fmt: skip
 
 
 def ptxas_usage(ptx: str) -> dict[str, int]:

@@ -36,25 +36,9 @@ _ALIGNED = {"skc_b", "skc_s", "skc_h", "svc_b", "svc_s", "svc_h", "sq_t", "sq_h"
 
 
 def _compile(fn: Any, consts: dict[str, Any], pointer_type: Any, warps: int, stages: int) -> Any:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from decode_sm90 import compile_for_sm90
 
-    signature, attrs = {}, {}
-    for i, param in enumerate(fn.params):
-        name = param.name
-        if name in consts:
-            signature[name] = "constexpr"
-        elif name.endswith(("_ptr", "_desc")):
-            signature[name] = pointer_type(name)
-        else:
-            signature[name] = "fp32" if name in ("qk_scale", "softcap") else "i32"
-        if name.endswith("_ptr") or name in _ALIGNED:
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    source = ASTSource(fn, signature, consts, attrs)
-    return triton.compile(
-        source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages}
-    )
+    return compile_for_sm90(fn, consts, pointer_type, _ALIGNED, {"num_warps": warps, "num_stages": stages})
 
 
 def compile_prefill(block_n: int, warps: int, stages: int, block_q: int = 32, kv: str = "bf16") -> Any:
