@@ -15,13 +15,14 @@ import torch
 from triton_paged_attention import DEVICE, paged_attention
 
 # isort: split
+from fxllm.backends.triton.paged_attention_prefill import prefill_launch
 from fxllm.backends.triton.selfcheck import make_paged_case, rel_err
 from fxllm.ops.kv_quant import FP8_KV_DTYPE, quantize_kv
 from fxllm.ops.paged_attention import paged_attention_reference
 
 SMALL_LAUNCH = {"num_splits": 3, "block_m": 16, "block_n": 16}
 # The GPU's default prefill launch (head dim <= 128): query blocks ending mid-block, whole unmasked key tiles.
-GPU_PREFILL_LAUNCH = {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3}
+GPU_PREFILL_LAUNCH = prefill_launch(32, on_gpu=True)._asdict()
 CASES = {
     "decode": ([1, 1, 1], [20, 9, 33], SMALL_LAUNCH),
     "prefill chunked": ([5, 9, 2], [20, 9, 33], SMALL_LAUNCH),

@@ -20,6 +20,7 @@ from triton_interpreted import DEVICE, interpreted, record_launches
 
 import fxllm.backends.triton as tb
 from fxllm.backends.registry import OpSite, choose_implementation, op_backends
+from fxllm.backends.triton.paged_attention_prefill import prefill_launch
 from fxllm.ops import paged_attention_reference, rms_norm_reference, rotary_embedding_reference
 
 activations, gemv, norms, paged_attention, rotary, selfcheck = interpreted(
@@ -300,6 +301,9 @@ def test_prefill_gpu_default_launch() -> None:
     reference: query blocks that end mid-block (the store rebuilds its rows from scalars and must mask them),
     whole unmasked tiles (page entries loaded per key) and diagonal tiles, GQA groups packed as rows, contexts
     ending mid-page. tests/test_fp8_kv_triton.py runs the same launch over an FP8 cache."""
+    launch = prefill_launch(32, on_gpu=True)
+    # The launch these cases were chosen for: a new default wants them reread.
+    assert launch == (128, 64, 4, 3)
     c = selfcheck.make_paged_case([70, 1, 200], [90, 33, 260], 8, 2, 32, block_size=16, pad_tokens=3, seed=5,
                                   device=DEVICE)  # fmt: skip
-    _assert_ok(selfcheck.check_paged(c, "prefill", block_m=128, block_n=64, num_warps=4, num_stages=3))
+    _assert_ok(selfcheck.check_paged(c, "prefill", **launch._asdict()))

@@ -56,7 +56,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 from fxllm.backends.triton.paged_attention_common import _write_kv_kernel
 from fxllm.backends.triton.paged_attention_decode import _combine_kernel, _decode_kernel
 from fxllm.backends.triton.paged_attention_decode_choice import choose_decode_loop
-from fxllm.backends.triton.paged_attention_prefill import _prefill_kernel
+from fxllm.backends.triton.paged_attention_prefill import _prefill_kernel, prefill_launch
 
 logger = logging.getLogger(__name__)
 
@@ -315,14 +315,7 @@ def paged_attention_out(
         )  # fmt: skip
         if decode:
             return
-    # Llama-3.1-8B heads, causal bf16, H200, once the key loop stopped spilling: 128 x 64 tiles x 4 warps x 3
-    # stages ran 0.395 / 1.18 ms at 4 x 2,048 / 1 x 8,192 against SDPA flash's 0.484 / 1.71, within 0.5% of the
-    # sweep's best (gpu_attention.py --sweep; RESULTS.md, twenty-first session).
-    small_head = on_gpu and head_dim <= 128
-    bm = block_m or (128 if small_head else 64)
-    bn = block_n or (64 if head_dim <= 128 else 32)
-    warps = num_warps or (4 if small_head else 8 if bm >= 128 else 4)
-    stages = num_stages or 3
+    bm, bn, warps, stages = prefill_launch(head_dim, on_gpu, block_m, block_n, num_warps, num_stages)
     block_q = max(1, bm // group_p)
     page_tiles = PREFILL_PAGE_TILES if page_tiles is None else page_tiles
     page_rows = _page_rows(block_size, bn, use_window) if page_tiles else 0

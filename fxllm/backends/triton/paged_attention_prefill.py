@@ -5,15 +5,41 @@ search over query_start_loc, takes BLOCK_Q tokens x G heads as BLOCK_M rows, and
 over the sequence's paged keys, causal w.r.t. absolute positions (query i of a sequence of length L with
 q_len queries sits at L - q_len + i). PAGE_ROWS > 0 (the cache's block size, a power of two dividing BLOCK_N;
 no window): key tiles of whole pages, one block-table entry per page (`_tile_pages`). The launch is in
-paged_attention.py.
+paged_attention.py, its default tiles and warps here (`prefill_launch`).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import triton
 import triton.language as tl
 
 from fxllm.backends.triton.paged_attention_common import _attend_range, _load_heads
+
+
+class PrefillLaunch(NamedTuple):
+    """The prefill kernel's tiles and launch (the keyword names of `paged_attention_out`)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def prefill_launch(
+    head_dim: int, on_gpu: bool, block_m: int | None = None, block_n: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None,
+) -> PrefillLaunch:  # fmt: skip
+    """The prefill kernel's launch: the caller's values where given, else the defaults."""
+    # Llama-3.1-8B heads, causal bf16, H200, once the key loop stopped spilling: 128 x 64 tiles x 4 warps x 3
+    # stages ran 0.395 / 1.18 ms at 4 x 2,048 / 1 x 8,192 against SDPA flash's 0.484 / 1.71, within 0.5% of the
+    # sweep's best (gpu_attention.py --sweep; RESULTS.md, twenty-first session).
+    small_head = on_gpu and head_dim <= 128
+    bm = block_m or (128 if small_head else 64)
+    bn = block_n or (64 if head_dim <= 128 else 32)
+    warps = num_warps or (4 if small_head else 8 if bm >= 128 else 4)
+    return PrefillLaunch(bm, bn, warps, num_stages or 3)
 
 
 # sbt (the block table's row stride) is the step's longest context in blocks: specialising on it (== 1, % 16)
